@@ -1,0 +1,240 @@
+//! The XDP fast path: drops floods and banned sources to the API ports before
+//! the kernel allocates an skb, and passes everything else untouched.
+//!
+//! Per API packet the program does one lookup in the per-source LRU hash, which
+//! holds the ceiling counters, the cached allow/ban policy and the auto-ban
+//! together. The allow and ban tries are read only when a source is new or the
+//! policy generation changed. Non-API traffic touches no hash map at all.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    Global,
+    bindings::xdp_action,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    macros::{map, xdp},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use limiter_common::{
+    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN,
+    SourceKey, SourceState, mode, reason, stat_index, verdict,
+};
+
+use crate::parse::{Packet, Source, parse};
+
+/// 1 when `bpf_ktime_get_coarse_ns` exists (Linux 5.11+); set by the loader.
+#[unsafe(no_mangle)]
+static USE_COARSE_CLOCK: Global<u8> = Global::new(1);
+
+#[map(name = "config")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "sources")]
+static SOURCES: LruHashMap<SourceKey, SourceState> =
+    LruHashMap::with_max_entries(SOURCES_CAPACITY, 0);
+
+#[map(name = "allow")]
+static ALLOW: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(ALLOW_CAPACITY, 0);
+
+#[map(name = "bans")]
+static BANS: LpmTrie<SourceKey, Ban> = LpmTrie::with_max_entries(BANS_CAPACITY, 0);
+
+#[map(name = "stats")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[xdp]
+pub fn limiter(ctx: XdpContext) -> u32 {
+    let (verdict, reason) = classify(&ctx);
+    if let Some(counter) = STATS.get_ptr_mut(stat_index(verdict, reason)) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *counter += 1 };
+    }
+    if verdict == verdict::DROP {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// Samples jiffies and `CLOCK_MONOTONIC` at one instant into the frame, for
+/// userspace to calibrate [`limiter_common::Clock`]. Run only through
+/// `BPF_PROG_TEST_RUN`; never attached.
+#[xdp]
+pub fn limiter_clock(ctx: XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + CLOCK_SAMPLE_LEN > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let out = start as *mut u64;
+    // SAFETY: the bounds check above covers both words.
+    unsafe {
+        *out = bpf_jiffies64();
+        *out.add(1) = bpf_ktime_get_ns();
+    }
+    xdp_action::XDP_PASS
+}
+
+/// `CLOCK_MONOTONIC` ns with one tick of resolution (see `Clock` for why).
+#[inline(always)]
+fn now_ns(config: &Config) -> u64 {
+    if config.clock.ns_per_jiffy != 0 {
+        // Inlined by the verifier into a load: no call.
+        config.clock.at(unsafe { bpf_jiffies64() })
+    } else if USE_COARSE_CLOCK.load() != 0 {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    }
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> (u32, u32) {
+    let Some(config) = CONFIG.get(0) else {
+        return (verdict::PASS, reason::NON_API);
+    };
+    let mut src = Source::default();
+    match parse(ctx, config, &mut src) {
+        Packet::Other => (verdict::PASS, reason::NON_API),
+        Packet::Malformed => (verdict::PASS, reason::MALFORMED),
+        Packet::Fragment => fragment(config, &source_key(config, &src)),
+        Packet::Api { syn } => {
+            let key = source_key(config, &src);
+            let reason = match SOURCES.get_ptr_mut(&key) {
+                Some(state) => account(config, unsafe { &mut *state }, &key, syn),
+                None => {
+                    let mut state = SourceState::default();
+                    let reason = account(config, &mut state, &key, syn);
+                    // Racing CPUs may both insert a new source; the last one wins,
+                    // which costs at most one packet of accounting.
+                    let _ = SOURCES.insert(&key, &state, 0);
+                    reason
+                }
+            };
+            enforce(config, reason)
+        }
+    }
+}
+
+/// The per-source key: IPv6 sources grouped by the configured prefix.
+#[inline(always)]
+fn source_key(config: &Config, src: &Source) -> SourceKey {
+    if src.ipv6 {
+        src.key.masked(&config.ipv6_mask)
+    } else {
+        src.key
+    }
+}
+
+/// Turns a reason into the verdict for the current mode.
+#[inline(always)]
+fn enforce(config: &Config, reason: u32) -> (u32, u32) {
+    match reason {
+        reason::API | reason::ALLOWLISTED => (verdict::PASS, reason),
+        _ if config.mode == mode::OBSERVE => (verdict::WOULD_DROP, reason),
+        _ => (verdict::DROP, reason),
+    }
+}
+
+/// Re-reads the allow list and the ban trie for `key` into `state`.
+#[inline(always)]
+fn refresh_policy(config: &Config, state: &mut SourceState, key: &SourceKey) {
+    let lookup = Key::new(128, *key);
+    state.flags = if ALLOW.get(&lookup).is_some() {
+        SOURCE_ALLOWED
+    } else {
+        0
+    };
+    state.ban_until_ns = BANS.get(&lookup).map_or(0, |ban| ban.until_ns);
+    state.policy_gen = config.policy_gen;
+}
+
+/// Counts an API packet against its source and returns the reason for its verdict.
+#[inline(always)]
+fn account(config: &Config, state: &mut SourceState, key: &SourceKey, syn: bool) -> u32 {
+    // A new source has policy_gen 0, and userspace starts generations at 1.
+    if state.policy_gen != config.policy_gen || state.window_start_ns == 0 {
+        refresh_policy(config, state, key);
+    }
+    if state.flags & SOURCE_ALLOWED != 0 {
+        return reason::ALLOWLISTED;
+    }
+    let now = now_ns(config);
+    if state.banned_at(now) {
+        return reason::BANNED;
+    }
+    let elapsed = now.wrapping_sub(state.window_start_ns);
+    if elapsed >= config.window_ns {
+        // A window that went over, followed directly by this one, keeps the strikes.
+        if !over_ceiling(config, state) || elapsed >= 2 * config.window_ns {
+            state.strikes = 0;
+        }
+        state.window_start_ns = now;
+        state.packets = 0;
+        state.syns = 0;
+    }
+    let was_over = over_ceiling(config, state);
+    state.packets = state.packets.saturating_add(1);
+    if syn {
+        state.syns = state.syns.saturating_add(1);
+    }
+    if !was_over && over_ceiling(config, state) {
+        state.strikes = state.strikes.saturating_add(1);
+        if config.autoban_ns != 0 && state.strikes >= config.autoban_after_windows.max(1) {
+            state.autoban_until_ns = now + config.autoban_ns;
+        }
+    }
+    if syn && config.max_syns != 0 && state.syns > config.max_syns {
+        reason::SYN_CEILING
+    } else if config.max_packets != 0 && state.packets > config.max_packets {
+        reason::PACKET_CEILING
+    } else {
+        reason::API
+    }
+}
+
+#[inline(always)]
+fn over_ceiling(config: &Config, state: &SourceState) -> bool {
+    (config.max_packets != 0 && state.packets > config.max_packets)
+        || (config.max_syns != 0 && state.syns > config.max_syns)
+}
+
+/// Fragments carry no reliable port: drop them only when their source is banned.
+#[inline(always)]
+fn fragment(config: &Config, key: &SourceKey) -> (u32, u32) {
+    let (allowed, ban_until) = match SOURCES.get_ptr_mut(key) {
+        Some(state) => {
+            let state = unsafe { &mut *state };
+            if state.policy_gen != config.policy_gen {
+                refresh_policy(config, state, key);
+            }
+            (
+                state.flags & SOURCE_ALLOWED != 0,
+                state.ban_until_ns.max(state.autoban_until_ns),
+            )
+        }
+        None => {
+            let lookup = Key::new(128, *key);
+            (
+                ALLOW.get(&lookup).is_some(),
+                BANS.get(&lookup).map_or(0, |ban| ban.until_ns),
+            )
+        }
+    };
+    if allowed || ban_until <= now_ns(config) {
+        return (verdict::PASS, reason::FRAGMENT);
+    }
+    enforce(config, reason::BANNED)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,243 @@
+//! Header parsing: Ethernet (with up to two VLAN tags), IPv4 (with options),
+//! IPv6 (with extension headers), TCP. Every read goes through [`ptr_at`], the one
+//! bounds check the verifier needs to see.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use limiter_common::{Config, SourceKey};
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// IPv6 extension headers walked before giving up (and counting the packet as
+/// malformed): enough for any chain a real stack sends.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// What the parser found out about a packet. A plain value rather than an enum
+/// carrying the source: LLVM merges the variants of such an enum through
+/// registers the verifier sees as uninitialised, so the source goes to an
+/// out-parameter the caller zeroes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Packet {
+    /// Not TCP to an API port (or not IP at all): never limited.
+    Other,
+    /// A header was truncated or invalid.
+    Malformed,
+    /// An IP fragment: its transport header is not (reliably) there.
+    Fragment,
+    /// A TCP segment to an API port; `syn` for SYN without ACK.
+    Api { syn: bool },
+}
+
+/// The source of a fragment or API packet, filled in by [`parse`].
+#[derive(Clone, Copy, Default)]
+pub struct Source {
+    pub key: SourceKey,
+    pub ipv6: bool,
+}
+
+/// Returns a pointer to a `T` at `offset` when the whole `T` lies inside the packet.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Reads a `T` at `offset`. Packet loads may be misaligned (IPv4 options, VLAN
+/// tags); the verifier allows that on architectures with efficient unaligned
+/// access, and word-sized loads cost a fraction of the byte-wise ones that
+/// `read_unaligned` compiles to here.
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { *p })
+}
+
+/// Parses `ctx` far enough to classify it against `config`'s API ports.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, config: &Config, src: &mut Source) -> Packet {
+    match parse_l2(ctx, config, src) {
+        Some(packet) => packet,
+        None => Packet::Malformed,
+    }
+}
+
+#[inline(always)]
+fn parse_l2(ctx: &XdpContext, config: &Config, src: &mut Source) -> Option<Packet> {
+    // Destination and source MACs, then the EtherType (or a VLAN TPID).
+    let mut offset = 12;
+    let mut ethertype = u16::from_be(read::<u16>(ctx, offset)?);
+    offset += 2;
+    // Up to two tags: 802.1ad outer + 802.1Q inner (QinQ), or a single 802.1Q.
+    for _ in 0..2 {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        // TCI (2 bytes) then the encapsulated EtherType.
+        ethertype = u16::from_be(read::<u16>(ctx, offset + 2)?);
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_IPV4 => parse_ipv4(ctx, config, offset, src),
+        ETH_P_IPV6 => parse_ipv6(ctx, config, offset, src),
+        _ => Some(Packet::Other),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    tos: u8,
+    total_len: u16,
+    id: u16,
+    frag_off: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[inline(always)]
+fn parse_ipv4(
+    ctx: &XdpContext,
+    config: &Config,
+    offset: usize,
+    src: &mut Source,
+) -> Option<Packet> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, offset)?;
+    // SAFETY: ptr_at checked that the whole header is inside the packet.
+    let (version_ihl, frag_off, protocol, saddr) =
+        unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr) };
+    let ihl = usize::from(version_ihl & 0x0f);
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        return None;
+    }
+    // Options included: the whole header must be there.
+    let header_len = ihl * 4;
+    ptr_at::<u8>(ctx, offset + header_len - 1)?;
+    // The address stays in network order: its in-memory bytes are the wire bytes.
+    src.key = SourceKey::from_v4(saddr.to_ne_bytes());
+    // More-fragments flag or a non-zero offset.
+    if u16::from_be(frag_off) & 0x3fff != 0 {
+        return Some(Packet::Fragment);
+    }
+    if protocol != IPPROTO_TCP {
+        return Some(Packet::Other);
+    }
+    api_tcp(ctx, config, offset + header_len)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    version_class_flow: [u8; 4],
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+#[inline(always)]
+fn parse_ipv6(
+    ctx: &XdpContext,
+    config: &Config,
+    offset: usize,
+    src: &mut Source,
+) -> Option<Packet> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, offset)?;
+    // SAFETY: ptr_at checked that the whole header is inside the packet.
+    let (version, next_header, saddr) =
+        unsafe { ((*ip).version_class_flow[0], (*ip).next_header, (*ip).saddr) };
+    if version >> 4 != 6 {
+        return None;
+    }
+    src.key = SourceKey::from_v6_words(saddr);
+    src.ipv6 = true;
+    let mut next = next_header;
+    let mut offset = offset + size_of::<Ipv6Hdr>();
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                // Next header, then the length in 8-octet units, not counting the first 8.
+                let [nh, len]: [u8; 2] = read(ctx, offset)?;
+                next = nh;
+                offset += (usize::from(len) + 1) * 8;
+            }
+            IPPROTO_AH => {
+                // Length in 4-octet units, minus 2 (RFC 4302).
+                let [nh, len]: [u8; 2] = read(ctx, offset)?;
+                next = nh;
+                offset += (usize::from(len) + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let header: [u8; 4] = read(ctx, offset)?;
+                // Fragment offset (13 bits) and the M flag; an atomic fragment
+                // (both zero) carries a whole packet.
+                if u16::from_be_bytes([header[2], header[3]]) & 0xfff9 != 0 {
+                    return Some(Packet::Fragment);
+                }
+                next = header[0];
+                offset += 8;
+            }
+            _ => break,
+        }
+    }
+    match next {
+        IPPROTO_TCP => api_tcp(ctx, config, offset),
+        // Still inside the extension-header chain after the walk: give up.
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            None
+        }
+        _ => Some(Packet::Other),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHdr {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    data_offset: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg: u16,
+}
+
+/// Classifies the TCP header at `offset`; `None` when truncated or invalid.
+#[inline(always)]
+fn api_tcp(ctx: &XdpContext, config: &Config, offset: usize) -> Option<Packet> {
+    let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
+    // SAFETY: ptr_at checked that the whole header is inside the packet.
+    let (dport_be, data_offset, flags) = unsafe { ((*tcp).dport, (*tcp).data_offset, (*tcp).flags) };
+    if data_offset >> 4 < 5 {
+        return None;
+    }
+    if !config.is_api_port(dport_be) {
+        return Some(Packet::Other);
+    }
+    Some(Packet::Api {
+        syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+    })
+}

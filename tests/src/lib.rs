@@ -1,0 +1,29 @@
+//! Shared test support: a loaded instance of the XDP program driven through
+//! `BPF_PROG_TEST_RUN` ([`xdp`]), and hand-built packets ([`packet`]).
+
+pub mod packet;
+pub mod xdp;
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock the program's deadlines use.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+    u64::try_from(ts.tv_sec).expect("monotonic seconds") * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).expect("monotonic nanoseconds")
+}
+
+/// Panics with a clear message unless the process can load BPF programs.
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "{what} needs root (CAP_BPF, CAP_NET_ADMIN) to load XDP programs; run the tests as root (`sudo cargo xtask test`)"
+    );
+}

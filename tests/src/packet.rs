@@ -1,0 +1,210 @@
+//! Hand-built frames for the XDP tests: Ethernet with optional VLAN tags, IPv4
+//! with options and fragment fields, IPv6 with extension headers, TCP or UDP.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const PSH: u8 = 0x08;
+
+/// The network layer of a frame.
+#[derive(Clone, Debug)]
+pub enum Ip {
+    V4 {
+        src: Ipv4Addr,
+        /// Raw option bytes (padded to a multiple of 4 by the builder).
+        options: Vec<u8>,
+        /// The 16-bit flags + fragment offset field, host order.
+        frag: u16,
+    },
+    V6 {
+        src: Ipv6Addr,
+        /// Extension headers in order: (header type, total length in bytes).
+        ext: Vec<(u8, usize)>,
+    },
+}
+
+/// The transport layer of a frame.
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp { dport: u16, flags: u8 },
+    Udp { dport: u16 },
+}
+
+/// A frame under construction.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub vlans: Vec<u16>,
+    pub ip: Ip,
+    pub l4: L4,
+}
+
+impl Frame {
+    /// TCP from an IPv4 source to `dport` with `flags`.
+    #[must_use]
+    pub fn tcp4(src: [u8; 4], dport: u16, flags: u8) -> Self {
+        Self {
+            vlans: Vec::new(),
+            ip: Ip::V4 {
+                src: Ipv4Addr::from(src),
+                options: Vec::new(),
+                frag: 0x4000, // DF
+            },
+            l4: L4::Tcp { dport, flags },
+        }
+    }
+
+    /// TCP from an IPv6 source to `dport` with `flags`.
+    #[must_use]
+    pub fn tcp6(src: &str, dport: u16, flags: u8) -> Self {
+        Self {
+            vlans: Vec::new(),
+            ip: Ip::V6 {
+                src: src.parse().expect("IPv6 literal"),
+                ext: Vec::new(),
+            },
+            l4: L4::Tcp { dport, flags },
+        }
+    }
+
+    /// Replaces the transport layer by UDP to `dport`.
+    #[must_use]
+    pub fn udp(mut self, dport: u16) -> Self {
+        self.l4 = L4::Udp { dport };
+        self
+    }
+
+    /// Adds VLAN tags, outermost first (TPID 0x88a8 for an outer tag of two).
+    #[must_use]
+    pub fn vlans(mut self, ids: &[u16]) -> Self {
+        self.vlans = ids.to_vec();
+        self
+    }
+
+    /// IPv4 options (raw bytes, padded with End-of-Options to 4-byte words).
+    #[must_use]
+    pub fn ipv4_options(mut self, bytes: &[u8]) -> Self {
+        if let Ip::V4 { options, .. } = &mut self.ip {
+            *options = bytes.to_vec();
+        }
+        self
+    }
+
+    /// IPv4 flags + fragment offset field (host order): 0x2000 = MF, low 13 bits offset.
+    #[must_use]
+    pub fn ipv4_frag(mut self, field: u16) -> Self {
+        if let Ip::V4 { frag, .. } = &mut self.ip {
+            *frag = field;
+        }
+        self
+    }
+
+    /// Appends an IPv6 extension header of `header_type` spanning `len` bytes
+    /// (a multiple of 8; a fragment header is always 8).
+    #[must_use]
+    pub fn ipv6_ext(mut self, header_type: u8, len: usize) -> Self {
+        if let Ip::V6 { ext, .. } = &mut self.ip {
+            ext.push((header_type, len));
+        }
+        self
+    }
+
+    /// The frame's bytes. A fragment header (type 44) gets `frag_field` as its
+    /// offset/M field.
+    #[must_use]
+    pub fn build_with_ipv6_frag(&self, frag_field: u16) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]); // dst MAC
+        out.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]); // src MAC
+        let ethertype: u16 = match self.ip {
+            Ip::V4 { .. } => 0x0800,
+            Ip::V6 { .. } => 0x86dd,
+        };
+        for (i, id) in self.vlans.iter().enumerate() {
+            let tpid: u16 = if i == 0 && self.vlans.len() > 1 {
+                0x88a8
+            } else {
+                0x8100
+            };
+            out.extend_from_slice(&tpid.to_be_bytes());
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        out.extend_from_slice(&ethertype.to_be_bytes());
+        let l4 = self.l4_bytes();
+        let l4_proto: u8 = match self.l4 {
+            L4::Tcp { .. } => 6,
+            L4::Udp { .. } => 17,
+        };
+        match &self.ip {
+            Ip::V4 { src, options, frag } => {
+                let mut opts = options.clone();
+                while opts.len() % 4 != 0 {
+                    opts.push(0);
+                }
+                let ihl = 5 + opts.len() / 4;
+                let total = u16::try_from(ihl * 4 + l4.len()).expect("small frame");
+                out.push(0x40 | u8::try_from(ihl).expect("ihl"));
+                out.push(0);
+                out.extend_from_slice(&total.to_be_bytes());
+                out.extend_from_slice(&[0x12, 0x34]);
+                out.extend_from_slice(&frag.to_be_bytes());
+                out.push(64);
+                out.push(l4_proto);
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&src.octets());
+                out.extend_from_slice(&[127, 0, 0, 1]);
+                out.extend_from_slice(&opts);
+            }
+            Ip::V6 { src, ext } => {
+                let ext_len: usize = ext.iter().map(|(_, len)| *len).sum();
+                let payload = u16::try_from(ext_len + l4.len()).expect("small frame");
+                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                out.extend_from_slice(&payload.to_be_bytes());
+                out.push(ext.first().map_or(l4_proto, |(t, _)| *t));
+                out.push(64);
+                out.extend_from_slice(&src.octets());
+                out.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+                for (i, (header_type, len)) in ext.iter().enumerate() {
+                    let next = ext.get(i + 1).map_or(l4_proto, |(t, _)| *t);
+                    let mut header = vec![0u8; *len];
+                    header[0] = next;
+                    match header_type {
+                        44 => header[2..4].copy_from_slice(&frag_field.to_be_bytes()),
+                        51 => header[1] = u8::try_from(len / 4 - 2).expect("AH length"),
+                        _ => header[1] = u8::try_from(len / 8 - 1).expect("ext length"),
+                    }
+                    out.extend_from_slice(&header);
+                }
+            }
+        }
+        out.extend_from_slice(&l4);
+        out
+    }
+
+    /// The frame's bytes.
+    #[must_use]
+    pub fn build(&self) -> Vec<u8> {
+        self.build_with_ipv6_frag(0)
+    }
+
+    fn l4_bytes(&self) -> Vec<u8> {
+        match self.l4 {
+            L4::Tcp { dport, flags } => {
+                let mut tcp = vec![0u8; 20];
+                tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+                tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+                tcp[12] = 5 << 4;
+                tcp[13] = flags;
+                tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                tcp
+            }
+            L4::Udp { dport } => {
+                let mut udp = vec![0u8; 8];
+                udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+                udp[2..4].copy_from_slice(&dport.to_be_bytes());
+                udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+                udp
+            }
+        }
+    }
+}
