@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN,
-    SourceKey, SourceState, mode, reason, stat_index, verdict,
+    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, SOURCE_ALLOWED, SOURCES_CAPACITY,
+    STATS_LEN, SourceKey, SourceState, mode, reason, stat_index, verdict,
 };
 
 use crate::parse::{Packet, Source, parse};

@@ -124,8 +124,14 @@ fn parse_ipv4(
 ) -> Option<Packet> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, offset)?;
     // SAFETY: ptr_at checked that the whole header is inside the packet.
-    let (version_ihl, frag_off, protocol, saddr) =
-        unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).saddr) };
+    let (version_ihl, frag_off, protocol, saddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).frag_off,
+            (*ip).protocol,
+            (*ip).saddr,
+        )
+    };
     let ihl = usize::from(version_ihl & 0x0f);
     if version_ihl >> 4 != 4 || ihl < 5 {
         return None;
@@ -204,9 +210,7 @@ fn parse_ipv6(
     match next {
         IPPROTO_TCP => api_tcp(ctx, config, offset),
         // Still inside the extension-header chain after the walk: give up.
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
-            None
-        }
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => None,
         _ => Some(Packet::Other),
     }
 }
@@ -230,7 +234,8 @@ struct TcpHdr {
 fn api_tcp(ctx: &XdpContext, config: &Config, offset: usize) -> Option<Packet> {
     let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
     // SAFETY: ptr_at checked that the whole header is inside the packet.
-    let (dport_be, data_offset, flags) = unsafe { ((*tcp).dport, (*tcp).data_offset, (*tcp).flags) };
+    let (dport_be, data_offset, flags) =
+        unsafe { ((*tcp).dport, (*tcp).data_offset, (*tcp).flags) };
     if data_offset >> 4 < 5 {
         return None;
     }

@@ -235,7 +235,8 @@ impl Harness {
         let mut map: LpmTrie<&mut MapData, SourceKey, Ban> =
             LpmTrie::try_from(self.ebpf.map_mut(map_names::BANS).expect("bans map"))
                 .expect("bans trie");
-        map.remove(&Key::new(prefix_len, key)).expect("removing a ban");
+        map.remove(&Key::new(prefix_len, key))
+            .expect("removing a ban");
         self.update_config(|c| c.policy_gen += 1);
     }
 

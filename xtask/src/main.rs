@@ -1,1 +1,37 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, so that every task is one command.
+
+mod bench;
+mod build_ebpf;
+mod cmd;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "limiter project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install everything the eBPF build and the tests need (idempotent; root).
+    Setup(setup::Options),
+    /// Build the XDP object; prints its path as the last line.
+    BuildEbpf(build_ebpf::Options),
+    /// The whole test suite: setup, fmt, clippy, every test.
+    Test(test::Options),
+    /// Benchmarks; results go to target/bench/<name>.json.
+    Bench(bench::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(options) => setup::run(&options),
+        Command::BuildEbpf(options) => build_ebpf::run(&options),
+        Command::Test(options) => test::run(&options),
+        Command::Bench(options) => bench::run(&options),
+    }
+}

@@ -42,7 +42,9 @@ fn parse_args() -> Args {
             "--repeat" => parsed.repeat = value("--repeat").parse().expect("--repeat N"),
             "--singles" => parsed.singles = value("--singles").parse().expect("--singles N"),
             other if !other.starts_with('-') => parsed.out = PathBuf::from(other),
-            other => panic!("unknown argument {other}; usage: xdp-bench [OUT.json] [--rounds N] [--repeat N] [--singles N]"),
+            other => panic!(
+                "unknown argument {other}; usage: xdp-bench [OUT.json] [--rounds N] [--repeat N] [--singles N]"
+            ),
         }
     }
     parsed
@@ -62,7 +64,10 @@ fn looped(h: &Harness, frame: &[u8], args: &Args, expect: u32) -> f64 {
     let samples = (0..args.rounds)
         .map(|_| {
             let run = h.run_repeat(frame, args.repeat);
-            assert_eq!(run.action, expect, "unexpected XDP action while benchmarking");
+            assert_eq!(
+                run.action, expect,
+                "unexpected XDP action while benchmarking"
+            );
             nanos(run.per_packet)
         })
         .collect();
@@ -85,14 +90,21 @@ fn main() {
     let known = api([198, 51, 100, 2]);
     let banned = api([198, 51, 100, 3]);
     assert_eq!(h.run(&known), XDP_PASS);
-    h.ban(SourceKey::from_v4([198, 51, 100, 3]), 128, monotonic_ns() + 3_600_000_000_000);
+    h.ban(
+        SourceKey::from_v4([198, 51, 100, 3]),
+        128,
+        monotonic_ns() + 3_600_000_000_000,
+    );
     assert_eq!(h.run(&banned), XDP_DROP);
 
     let mut cases: Vec<(&str, f64)> = Vec::new();
     // Interleave the rounds of every case so drift on a noisy machine hits all alike.
     let mut samples: [Vec<f64>; 4] = Default::default();
     for _ in 0..args.rounds {
-        let one = Args { rounds: 1, ..args_copy(&args) };
+        let one = Args {
+            rounds: 1,
+            ..args_copy(&args)
+        };
         samples[0].push(looped(&trivial_h, &known, &one, XDP_PASS));
         samples[1].push(looped(&h, &non_api, &one, XDP_PASS));
         samples[2].push(looped(&h, &known, &one, XDP_PASS));
@@ -129,7 +141,13 @@ fn main() {
     for (name, ns) in &cases {
         println!("{name:<20} {ns:>10.2} {:>12.2}", ns / trivial);
     }
-    let ratio = |name: &str| cases.iter().find(|(n, _)| *n == name).map(|(_, ns)| ns / trivial).unwrap_or(f64::NAN);
+    let ratio = |name: &str| {
+        cases
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, ns)| ns / trivial)
+            .unwrap_or(f64::NAN)
+    };
     for (name, target) in [("api_known_source", 4.0), ("non_api", 1.5)] {
         let r = ratio(name);
         let verdict = if r <= target { "meets" } else { "misses" };
@@ -144,8 +162,11 @@ fn main() {
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).expect("creating the output directory");
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&json).expect("json") + "\n")
-        .expect("writing the results");
+    std::fs::write(
+        &args.out,
+        serde_json::to_string_pretty(&json).expect("json") + "\n",
+    )
+    .expect("writing the results");
     println!("wrote {}", args.out.display());
 }
 

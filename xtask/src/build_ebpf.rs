@@ -1,0 +1,55 @@
+//! `cargo xtask build-ebpf`: the XDP object on its own (the agent's build.rs
+//! builds the same object to embed it).
+
+use std::path::PathBuf;
+
+use crate::{cmd, setup};
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Build without optimisations (the kernel may reject an unoptimised object).
+    #[arg(long)]
+    debug: bool,
+}
+
+/// Builds the object and returns its path.
+pub fn build(debug: bool) -> anyhow::Result<PathBuf> {
+    setup::ensure()?;
+    let mut command = cmd::nightly_cargo();
+    command.args([
+        "build",
+        "--package",
+        "limiter-ebpf",
+        "--bins",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]);
+    if !debug {
+        command.arg("--release");
+    }
+    // The same flags aya-build passes, so both builds produce the same object.
+    command.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        [
+            "--cfg=bpf_target_arch=\"x86_64\"",
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+        ]
+        .join("\x1f"),
+    );
+    cmd::run(&mut command)?;
+    let profile = if debug { "debug" } else { "release" };
+    Ok(cmd::workspace_root()
+        .join("target/bpfel-unknown-none")
+        .join(profile)
+        .join("limiter"))
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let object = build(options.debug)?;
+    anyhow::ensure!(object.is_file(), "no object at {}", object.display());
+    println!("{}", object.display());
+    Ok(())
+}

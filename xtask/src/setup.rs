@@ -1,0 +1,184 @@
+//! `cargo xtask setup`: installs what the eBPF build and the tests need, and
+//! nothing when it is all there (a second's worth of checks).
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+/// Debian packages: LLVM 22 for bpf-linker (the LLVM of nightly rustc),
+/// bpftool and iproute2 for inspecting and wiring up XDP in the tests.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+    "iproute2",
+];
+
+/// bpf-linker must link with the same LLVM major as nightly rustc.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Only report what is missing; install nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+/// What is missing, in install order.
+#[derive(Debug, Default)]
+pub struct Missing {
+    packages: Vec<&'static str>,
+    nightly: bool,
+    components: Vec<&'static str>,
+    bpf_linker: bool,
+}
+
+impl Missing {
+    fn is_empty(&self) -> bool {
+        self.packages.is_empty() && !self.nightly && self.components.is_empty() && !self.bpf_linker
+    }
+
+    fn describe(&self) -> String {
+        let mut parts: Vec<String> = self
+            .packages
+            .iter()
+            .map(|p| format!("apt package {p}"))
+            .collect();
+        if self.nightly {
+            parts.push("the nightly Rust toolchain".into());
+        }
+        parts.extend(
+            self.components
+                .iter()
+                .map(|c| format!("nightly component {c}")),
+        );
+        if self.bpf_linker {
+            parts.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"));
+        }
+        parts.join(", ")
+    }
+}
+
+/// Checks every requirement without changing anything.
+pub fn missing() -> Missing {
+    let mut missing = Missing::default();
+    let installed = cmd::output(
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
+            .args(APT_PACKAGES),
+    )
+    .unwrap_or_default();
+    missing.packages = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.lines().any(|l| l == format!("{p} installed")))
+        .collect();
+    let toolchains =
+        cmd::output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    missing.nightly = !toolchains.lines().any(|l| l.starts_with("nightly"));
+    let components = cmd::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    missing.components = ["rust-src", "rustfmt", "clippy"]
+        .into_iter()
+        .filter(|c| !components.lines().any(|l| l.starts_with(c)))
+        .collect();
+    missing.bpf_linker = !cmd::output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    missing
+}
+
+pub fn run(options: &Options) -> anyhow::Result<()> {
+    let missing = missing();
+    if missing.is_empty() {
+        eprintln!("setup: everything is installed");
+        return Ok(());
+    }
+    if options.check {
+        bail!("missing: {}", missing.describe());
+    }
+    install(&missing)
+}
+
+/// Runs setup when something is missing (as root), or explains what to do.
+pub fn ensure() -> anyhow::Result<()> {
+    let missing = missing();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !missing.packages.is_empty() && !cmd::is_root() {
+        bail!(
+            "missing: {}; run `sudo cargo xtask setup` first",
+            missing.describe()
+        );
+    }
+    install(&missing)
+}
+
+fn install(missing: &Missing) -> anyhow::Result<()> {
+    eprintln!("setup: installing {}", missing.describe());
+    if !missing.packages.is_empty() {
+        if !cmd::is_root() {
+            bail!("installing apt packages needs root: run `sudo cargo xtask setup`");
+        }
+        cmd::run(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing.packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if missing.nightly {
+        cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    if !missing.components.is_empty() {
+        cmd::run(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", "nightly"])
+                .args(&missing.components),
+        )?;
+    }
+    if missing.bpf_linker {
+        cmd::run(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "--force",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env_remove("RUSTUP_TOOLCHAIN"),
+        )
+        .context("building bpf-linker against LLVM 22")?;
+    }
+    let left = self::missing();
+    if !left.is_empty() {
+        bail!("still missing after setup: {}", left.describe());
+    }
+    eprintln!("setup: done");
+    Ok(())
+}
