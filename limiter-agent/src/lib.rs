@@ -1,5 +1,14 @@
-//! The limiter agent as a library: the embedded XDP object and the modules the
-//! binary is made of.
+//! The limiter agent as a library: the modules the binary is made of, and the
+//! embedded XDP object.
 
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod headers;
+pub mod identity;
 pub mod kernel;
+pub mod limit;
 pub mod object;
+pub mod proxy;
+pub mod route;
+pub mod server;

@@ -25,6 +25,8 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     ]))?;
     // The standalone object must build too: it is what operators inspect.
     build_ebpf::build(false)?;
+    // The end-to-end tests run the agent binary as a real process.
+    cmd::run(cmd::cargo().args(["build", "--package", "limiter-agent", "--bins"]))?;
     cmd::run(cmd::cargo().args(["test", "--workspace", "--exclude", "limiter-ebpf"]))?;
     eprintln!("xtask test: all checks passed");
     Ok(())

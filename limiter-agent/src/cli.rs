@@ -1,0 +1,56 @@
+//! The command line (stable interface, see the design notes).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+/// Rate limiter for HTTP APIs with an XDP fast path.
+#[derive(Parser, Debug)]
+#[command(name = "limiter-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (and, unless --no-xdp, the kernel fast path).
+    Run(RunArgs),
+    /// Validate a config file: prints the effective tier table or one error (exit 64).
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+    /// Serve only the built-in stand-in upstream (what --demo-upstream runs in-process).
+    #[command(hide = true)]
+    DemoUpstream {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The TOML config file; without it, the built-in reference config
+    /// (examples/concurred.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides [server] listen).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Upstream URL (overrides [server] upstream).
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Admin address (overrides [admin] listen).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Serve a built-in stand-in for the API and proxy to it.
+    #[arg(long)]
+    pub demo_upstream: bool,
+    /// Run without the kernel fast path.
+    #[arg(long)]
+    pub no_xdp: bool,
+    /// Attach XDP to this interface (repeatable; adds to [xdp] interfaces).
+    #[arg(long = "interface")]
+    pub interfaces: Vec<String>,
+}

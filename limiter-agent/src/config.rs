@@ -1,0 +1,652 @@
+//! The TOML configuration: parsed with serde, validated once into typed values
+//! ([`Config`]) so raw strings never reach the request path.
+
+use std::{
+    collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::route::{PathPolicy, RouteTable};
+
+/// Why a config file was refused. Each message names the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a field of the wrong type or name.
+    #[error("{0}")]
+    Parse(String),
+    /// A field has a value outside what it accepts.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    xdp: RawXdp,
+    #[serde(default)]
+    tier: Vec<RawTier>,
+    #[serde(default)]
+    key: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    #[serde(default = "default_upstream")]
+    upstream: String,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    ietf_headers: bool,
+    #[serde(default)]
+    upstream_paths: Option<String>,
+    #[serde(default = "default_upstream_timeout")]
+    upstream_timeout: String,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: String,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+fn default_upstream() -> String {
+    "http://127.0.0.1:9000".into()
+}
+fn default_upstream_timeout() -> String {
+    "30s".into()
+}
+fn default_header_read_timeout() -> String {
+    "10s".into()
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(default = "default_key_headers")]
+    api_key_headers: Vec<String>,
+    #[serde(default = "default_ipv6_prefix")]
+    ipv6_prefix: u8,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            api_key_headers: default_key_headers(),
+            ipv6_prefix: default_ipv6_prefix(),
+        }
+    }
+}
+
+fn default_key_headers() -> Vec<String> {
+    vec!["authorization".into(), "x-api-key".into()]
+}
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "default_store_kind")]
+    kind: String,
+    url: Option<String>,
+    #[serde(default = "default_on_error")]
+    on_error: String,
+    #[serde(default = "default_max_buckets")]
+    max_buckets: usize,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            kind: default_store_kind(),
+            url: None,
+            on_error: default_on_error(),
+            max_buckets: default_max_buckets(),
+        }
+    }
+}
+
+fn default_store_kind() -> String {
+    "memory".into()
+}
+fn default_on_error() -> String {
+    "allow".into()
+}
+fn default_max_buckets() -> usize {
+    4_000_000
+}
+
+/// `[xdp]`: read and validated here; the kernel side applies it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdpSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_interfaces")]
+    pub interfaces: Vec<String>,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub max_packets_per_second: u32,
+    #[serde(default)]
+    pub max_syns_per_second: u32,
+    #[serde(default)]
+    pub escalate_after_rejections: u32,
+    #[serde(default = "default_ban_seconds")]
+    pub ban_seconds: u64,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+type RawXdp = XdpSection;
+
+impl Default for XdpSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: default_interfaces(),
+            mode: default_mode(),
+            ports: Vec::new(),
+            max_packets_per_second: 0,
+            max_syns_per_second: 0,
+            escalate_after_rejections: 0,
+            ban_seconds: default_ban_seconds(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_interfaces() -> Vec<String> {
+    vec!["lo".into()]
+}
+fn default_mode() -> String {
+    "enforce".into()
+}
+fn default_ban_seconds() -> u64 {
+    60
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    route: String,
+    limit: u32,
+    window: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    key_sha256: String,
+    multiplier: Option<f64>,
+    #[serde(default)]
+    limits: HashMap<String, u32>,
+}
+
+/// One rate-limit tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub route: String,
+    pub limit: NonZeroU32,
+    pub window: Duration,
+}
+
+/// Per-key limits ("enterprise limits"): a multiplier and/or exact limits per route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyOverride {
+    pub multiplier: Option<f64>,
+    /// Limit by tier index.
+    pub limits: HashMap<usize, NonZeroU32>,
+}
+
+/// Which store decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis { url: String },
+}
+
+/// What to do when the shared store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Fall back to the local in-memory store.
+    Allow,
+    /// Refuse with 503.
+    Deny,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: http::Uri,
+    pub trusted_proxies: Vec<IpNet>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub ietf_headers: bool,
+    pub path_policy: PathPolicy,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub admin_listen: SocketAddr,
+    pub api_key_headers: Vec<http::HeaderName>,
+    pub ipv6_prefix: u8,
+    pub store: StoreKind,
+    pub on_error: OnError,
+    pub max_buckets: usize,
+    pub xdp: XdpSection,
+    pub tiers: Vec<Tier>,
+    /// Overrides by lowercase hex SHA-256 of the key.
+    pub keys: HashMap<String, KeyOverride>,
+}
+
+/// Parses a duration like `500ms`, `10s`, `1m`, `1h`, `1d`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis = match unit.trim() {
+        "ms" => number,
+        "s" => number.checked_mul(1_000)?,
+        "m" => number.checked_mul(60_000)?,
+        "h" => number.checked_mul(3_600_000)?,
+        "d" => number.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    (millis > 0).then(|| Duration::from_millis(millis))
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).ok_or_else(|| {
+        invalid(
+            field,
+            format!("`{text}` is not a duration (a positive whole number with ms, s, m, h or d)"),
+        )
+    })
+}
+
+fn socket_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(field, format!("`{text}` is not an IP:port address")))
+}
+
+fn cidr(field: &str, text: &str) -> Result<IpNet, ConfigError> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| invalid(field, format!("`{text}` is not an IP address or CIDR")))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string().trim().into()))?;
+        raw.validate()
+    }
+
+    /// The tier table as a route table (tier indexes into `tiers`).
+    pub fn route_table(&self) -> Result<RouteTable, ConfigError> {
+        let routes: Vec<(&str, usize)> = self
+            .tiers
+            .iter()
+            .enumerate()
+            .map(|(i, tier)| (tier.route.as_str(), i))
+            .collect();
+        RouteTable::new(&routes, self.path_policy).map_err(|e| invalid("tier", e.to_string()))
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let server = self.server;
+        let listen = socket_addr("server.listen", &server.listen)?;
+        let upstream: http::Uri = server.upstream.parse().map_err(|_| {
+            invalid(
+                "server.upstream",
+                format!("`{}` is not a URL", server.upstream),
+            )
+        })?;
+        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+            return Err(invalid(
+                "server.upstream",
+                format!("`{}` must be an http://host:port URL", server.upstream),
+            ));
+        }
+        let trusted_proxies = server
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, t)| cidr(&format!("server.trusted_proxies[{i}]"), t))
+            .collect::<Result<_, _>>()?;
+        let tls = match (server.tls_cert, server.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("server.tls_key", "required with tls_cert")),
+            (None, Some(_)) => return Err(invalid("server.tls_cert", "required with tls_key")),
+        };
+        let path_policy = match server.upstream_paths.as_deref() {
+            None | Some("lenient") => PathPolicy::Lenient,
+            Some("strict") => PathPolicy::Strict,
+            Some(other) => {
+                return Err(invalid(
+                    "server.upstream_paths",
+                    format!("`{other}` is not \"lenient\" or \"strict\""),
+                ));
+            }
+        };
+        if server.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be at least 1024"));
+        }
+        if server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        let api_key_headers = self
+            .identity
+            .api_key_headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    invalid(
+                        format!("identity.api_key_headers[{i}]"),
+                        format!("`{h}` is not a header name"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if self.identity.ipv6_prefix == 0 || self.identity.ipv6_prefix > 128 {
+            return Err(invalid("identity.ipv6_prefix", "must be between 1 and 128"));
+        }
+        let store = match self.store.kind.as_str() {
+            "memory" => StoreKind::Memory,
+            "redis" => StoreKind::Redis {
+                url: self
+                    .store
+                    .url
+                    .ok_or_else(|| invalid("store.url", "required with kind = \"redis\""))?,
+            },
+            other => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("`{other}` is not \"memory\" or \"redis\""),
+                ));
+            }
+        };
+        let on_error = match self.store.on_error.as_str() {
+            "allow" => OnError::Allow,
+            "deny" => OnError::Deny,
+            other => {
+                return Err(invalid(
+                    "store.on_error",
+                    format!("`{other}` is not \"allow\" or \"deny\""),
+                ));
+            }
+        };
+        if self.store.max_buckets == 0 {
+            return Err(invalid("store.max_buckets", "must be at least 1"));
+        }
+        let xdp = self.xdp;
+        if !matches!(xdp.mode.as_str(), "enforce" | "observe") {
+            return Err(invalid(
+                "xdp.mode",
+                format!("`{}` is not \"enforce\" or \"observe\"", xdp.mode),
+            ));
+        }
+        if xdp.ports.len() > limiter_common::MAX_PORTS || xdp.ports.contains(&0) {
+            return Err(invalid(
+                "xdp.ports",
+                format!("at most {} non-zero ports", limiter_common::MAX_PORTS),
+            ));
+        }
+        for (i, a) in xdp.allow.iter().enumerate() {
+            cidr(&format!("xdp.allow[{i}]"), a)?;
+        }
+        if self.tier.is_empty() {
+            return Err(invalid("tier", "at least one [[tier]] is required"));
+        }
+        let tiers = self
+            .tier
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Ok(Tier {
+                    route: t.route.clone(),
+                    limit: NonZeroU32::new(t.limit)
+                        .ok_or_else(|| invalid(format!("tier[{i}].limit"), "must be at least 1"))?,
+                    window: duration(&format!("tier[{i}].window"), &t.window)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let mut config = Config {
+            listen,
+            upstream,
+            trusted_proxies,
+            tls,
+            ietf_headers: server.ietf_headers,
+            path_policy,
+            upstream_timeout: duration("server.upstream_timeout", &server.upstream_timeout)?,
+            header_read_timeout: duration(
+                "server.header_read_timeout",
+                &server.header_read_timeout,
+            )?,
+            max_header_bytes: server.max_header_bytes,
+            max_connections: server.max_connections,
+            admin_listen: socket_addr("admin.listen", &self.admin.listen)?,
+            api_key_headers,
+            ipv6_prefix: self.identity.ipv6_prefix,
+            store,
+            on_error,
+            max_buckets: self.store.max_buckets,
+            xdp,
+            tiers,
+            keys: HashMap::new(),
+        };
+        // Compiling the table here rejects ambiguous tables at load time.
+        config.route_table()?;
+        config.keys = validate_keys(&self.key, &config.tiers, config.path_policy)?;
+        Ok(config)
+    }
+}
+
+fn validate_keys(
+    keys: &[RawKey],
+    tiers: &[Tier],
+    policy: PathPolicy,
+) -> Result<HashMap<String, KeyOverride>, ConfigError> {
+    let canonical_routes: Vec<Option<String>> = tiers
+        .iter()
+        .map(|t| crate::route::canonicalize(&t.route, policy).ok())
+        .collect();
+    let mut out = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        let field = |name: &str| format!("key[{i}].{name}");
+        let hash = key.key_sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(field("key_sha256"), "must be 64 hex digits"));
+        }
+        if let Some(m) = key.multiplier {
+            if !(m.is_finite() && m > 0.0) {
+                return Err(invalid(field("multiplier"), "must be a positive number"));
+            }
+        }
+        if key.multiplier.is_none() && key.limits.is_empty() {
+            return Err(invalid(field("multiplier"), "give a multiplier or limits"));
+        }
+        let mut limits = HashMap::new();
+        for (route, limit) in &key.limits {
+            let canonical = crate::route::canonicalize(route, policy)
+                .map_err(|e| invalid(field("limits"), format!("`{route}`: {e}")))?;
+            let tier = canonical_routes
+                .iter()
+                .position(|r| r.as_deref() == Some(canonical.as_str()))
+                .ok_or_else(|| {
+                invalid(
+                    field("limits"),
+                    format!("`{route}` is not the route of a [[tier]]"),
+                )
+            })?;
+            let limit = NonZeroU32::new(*limit)
+                .ok_or_else(|| invalid(field("limits"), format!("`{route}`: must be at least 1")))?;
+            limits.insert(tier, limit);
+        }
+        if out
+            .insert(
+                hash,
+                KeyOverride {
+                    multiplier: key.multiplier,
+                    limits,
+                },
+            )
+            .is_some()
+        {
+            return Err(invalid(field("key_sha256"), "listed twice"));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n[[tier]]\nroute = \"/api/chat\"\nlimit = 10\nwindow = \"1m\"\n";
+
+    fn error(text: &str) -> String {
+        Config::parse(text).expect_err("config must be refused").to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(config.ipv6_prefix, 64);
+        assert_eq!(config.store, StoreKind::Memory);
+        assert_eq!(config.on_error, OnError::Allow);
+        assert_eq!(config.tiers[0].window, Duration::from_secs(60));
+        assert_eq!(config.tiers[0].limit.get(), 10);
+        assert!(config.xdp.enabled);
+    }
+
+    #[test]
+    fn reference_example_is_valid() {
+        let text = include_str!("../../examples/concurred.toml");
+        let config = Config::parse(text).expect("examples/concurred.toml is valid");
+        assert_eq!(config.tiers.len(), 8);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("1w"), None);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(error("").contains("server"));
+        assert!(error("[server]\nlisten = \"127.0.0.1:8080\"\n").contains("[[tier]]"));
+        assert!(error(&MINIMAL.replace("10\n", "0\n")).contains("tier[0].limit"));
+        assert!(error(&MINIMAL.replace("1m", "soon")).contains("tier[0].window"));
+        assert!(error(&MINIMAL.replace("127.0.0.1:8080", "nowhere")).contains("server.listen"));
+        assert!(error(&format!("{MINIMAL}[store]\nkind = \"disk\"\n")).contains("store.kind"));
+        assert!(error(&format!("{MINIMAL}[store]\nkind = \"redis\"\n")).contains("store.url"));
+        assert!(error(&format!("{MINIMAL}[xdp]\nmode = \"block\"\n")).contains("xdp.mode"));
+        assert!(error(&format!("{MINIMAL}[xdp]\nallow = [\"x\"]\n")).contains("xdp.allow[0]"));
+        assert!(error(&format!("{MINIMAL}[identity]\nipv6_prefix = 0\n")).contains("ipv6_prefix"));
+        assert!(error(&MINIMAL.replace("listen", "lisen")).contains("lisen"));
+        let ambiguous = format!("{MINIMAL}[[tier]]\nroute = \"/api/chat\"\nlimit = 5\nwindow = \"1s\"\n");
+        assert!(error(&ambiguous).contains("tier"));
+    }
+
+    #[test]
+    fn key_overrides_resolve_routes_to_tiers() {
+        let text = format!(
+            "{MINIMAL}[[key]]\nkey_sha256 = \"{}\"\nlimits = {{ \"/api/chat\" = 100 }}\n",
+            "ab".repeat(32)
+        );
+        let config = Config::parse(&text).expect("valid");
+        let key = &config.keys[&"ab".repeat(32)];
+        assert_eq!(key.limits[&0].get(), 100);
+        let bad = format!(
+            "{MINIMAL}[[key]]\nkey_sha256 = \"{}\"\nlimits = {{ \"/nope\" = 1 }}\n",
+            "ab".repeat(32)
+        );
+        assert!(error(&bad).contains("key[0].limits"));
+        let short = format!("{MINIMAL}[[key]]\nkey_sha256 = \"abc\"\nmultiplier = 2\n");
+        assert!(error(&short).contains("key[0].key_sha256"));
+    }
+}

@@ -1,0 +1,92 @@
+//! `--demo-upstream`: a stand-in for the API so a first run needs nothing else.
+//! Every route answers 200 with a JSON echo of method and path;
+//! `POST /api/v1/chat/completions` with `"stream": true` answers
+//! `text/event-stream` with 5 events 100 ms apart.
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Binds `addr` and serves the stand-in until the process ends.
+pub async fn spawn(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer))
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let streaming = req.method() == http::Method::POST && path == "/api/v1/chat/completions";
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let wants_stream = streaming
+        && serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+            == Some(true);
+    if wants_stream {
+        return Ok(event_stream());
+    }
+    let echo = serde_json::json!({ "method": method, "path": path }).to_string();
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(echo)).boxed())
+        .expect("static response"))
+}
+
+fn event_stream() -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    tokio::spawn(async move {
+        for i in 0..5 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let event = format!("data: {{\"index\":{i}}}\n\n");
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream_from(rx);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(StreamBody::new(stream).boxed())
+        .expect("static response")
+}
+
+/// A `Stream` over an mpsc receiver (what tokio-stream's wrapper does, in a few lines).
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_core::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,202 @@
+//! Rate-limit response headers (X-RateLimit-* and the IETF draft's `RateLimit` fields) and the JSON error bodies.
+
+use std::fmt::Write as _;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::limit::Decision;
+
+const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Adds X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset (Unix seconds, rounded UP from `reset_ms`) to `headers`;
+/// with `ietf = true` also `RateLimit-Policy: <limit>;w=<window secs>` and `RateLimit: limit=<limit>, remaining=<remaining>, reset=<secs to reset>` (draft-ietf-httpapi-ratelimit-headers style).
+///
+/// Exact formats (draft-07 style, the last draft with these parameter names):
+/// - `RateLimit-Policy: 100;w=60`: the window in whole seconds, rounded up, at least 1.
+/// - `RateLimit: limit=100, remaining=99, reset=60`: `reset` is `retry_after_secs`, so on
+///   a 429 it equals Retry-After.
+///
+/// Existing headers of these names (say, from the upstream) are replaced.
+pub fn apply(
+    headers: &mut HeaderMap,
+    decision: &Decision,
+    window_ms: u64,
+    now_ms: u64,
+    ietf: bool,
+) {
+    headers.insert(X_LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(X_REMAINING, HeaderValue::from(decision.remaining));
+    headers.insert(X_RESET, HeaderValue::from(reset_secs(decision)));
+    if !ietf {
+        return;
+    }
+    let window_secs = window_ms.div_ceil(1000).max(1);
+    let mut policy = String::with_capacity(24);
+    // Writing into a String cannot fail.
+    let _ = write!(policy, "{};w={window_secs}", decision.limit);
+    let mut state = String::with_capacity(48);
+    let _ = write!(
+        state,
+        "limit={}, remaining={}, reset={}",
+        decision.limit,
+        decision.remaining,
+        retry_after_secs(decision, now_ms)
+    );
+    // Digits, `;`, `=`, `,` and spaces are always valid header bytes.
+    if let (Ok(policy), Ok(state)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
+        headers.insert(POLICY, policy);
+        headers.insert(RATELIMIT, state);
+    }
+}
+
+/// The X-RateLimit-Reset value: the reset rounded up to a whole Unix second, so a client
+/// waking at that second is never early.
+fn reset_secs(decision: &Decision) -> u64 {
+    decision.reset_ms.div_ceil(1000)
+}
+
+/// Seconds until the client may retry: X-RateLimit-Reset (rounded-up seconds) minus the current whole second (floor of now), at least 1 — so now + Retry-After is never earlier than X-RateLimit-Reset.
+#[must_use]
+pub fn retry_after_secs(decision: &Decision, now_ms: u64) -> u64 {
+    reset_secs(decision).saturating_sub(now_ms / 1000).max(1)
+}
+
+/// The exact 429 body: `{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":N}}}`
+#[must_use]
+pub fn too_many_requests_body(retry_after_secs: u64) -> String {
+    format!(
+        r#"{{"error":{{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{{"retryAfter":{retry_after_secs}}}}}}}"#
+    )
+}
+
+/// A JSON error body of the same shape for other errors: `{"error":{"code":CODE,"message":MESSAGE}}`, properly JSON-escaped.
+#[must_use]
+pub fn error_body(code: &str, message: &str) -> String {
+    // Built by hand so the key order is fixed whatever serde_json features are enabled;
+    // serde_json does the string escaping.
+    let code = serde_json::Value::from(code);
+    let message = serde_json::Value::from(message);
+    format!(r#"{{"error":{{"code":{code},"message":{message}}}}}"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NOW: u64 = 1_706_540_000_250;
+
+    fn decision(allowed: bool, remaining: u32, reset_ms: u64) -> Decision {
+        Decision {
+            allowed,
+            limit: 100,
+            remaining,
+            reset_ms,
+            rejected: u32::from(!allowed),
+        }
+    }
+
+    fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+        headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    #[test]
+    fn exact_header_values() {
+        let d = decision(true, 99, 1_706_540_059_001);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-limit", HeaderValue::from_static("7"));
+        apply(&mut headers, &d, 60_000, NOW, false);
+        assert_eq!(
+            header(&headers, "x-ratelimit-limit"),
+            Some("100"),
+            "replaced, not appended"
+        );
+        assert_eq!(headers.get_all("x-ratelimit-limit").iter().count(), 1);
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), Some("99"));
+        assert_eq!(header(&headers, "x-ratelimit-reset"), Some("1706540060"));
+        assert_eq!(header(&headers, "ratelimit"), None);
+        assert_eq!(header(&headers, "ratelimit-policy"), None);
+
+        apply(&mut headers, &d, 60_000, NOW, true);
+        assert_eq!(header(&headers, "ratelimit-policy"), Some("100;w=60"));
+        assert_eq!(
+            header(&headers, "ratelimit"),
+            Some("limit=100, remaining=99, reset=60")
+        );
+        assert_eq!(headers.len(), 5);
+
+        let rejected = decision(false, 0, NOW + 1_500);
+        apply(&mut headers, &rejected, 1_500, NOW, true);
+        assert_eq!(header(&headers, "ratelimit-policy"), Some("100;w=2"));
+        assert_eq!(
+            header(&headers, "ratelimit"),
+            Some("limit=100, remaining=0, reset=2")
+        );
+    }
+
+    #[test]
+    fn reset_rounds_up_to_the_second() {
+        assert_eq!(
+            reset_secs(&decision(true, 1, 1_706_540_059_001)),
+            1_706_540_060
+        );
+        assert_eq!(
+            reset_secs(&decision(true, 1, 1_706_540_060_000)),
+            1_706_540_060
+        );
+        assert_eq!(
+            reset_secs(&decision(true, 1, 1_706_540_060_999)),
+            1_706_540_061
+        );
+    }
+
+    #[test]
+    fn retry_after_is_at_least_one() {
+        assert_eq!(retry_after_secs(&decision(false, 0, NOW), NOW), 1);
+        assert_eq!(retry_after_secs(&decision(false, 0, NOW - 5_000), NOW), 1);
+        // Reset at ...060.000, now ...000.250: 60 s from the current whole second.
+        assert_eq!(
+            retry_after_secs(&decision(false, 0, 1_706_540_060_000), NOW),
+            60
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn retry_after_never_earlier_than_reset(now in 0u64..1 << 42, ahead in 0u64..100_000_000) {
+            let d = decision(false, 0, now + ahead);
+            let retry = retry_after_secs(&d, now);
+            prop_assert!(retry >= 1);
+            prop_assert!(now / 1000 + retry >= reset_secs(&d), "whole-second now + Retry-After");
+            prop_assert!(now + retry * 1000 >= d.reset_ms, "exact now + Retry-After");
+        }
+    }
+
+    #[test]
+    fn too_many_requests_body_is_exact_json() {
+        let body = too_many_requests_body(60);
+        assert_eq!(
+            body,
+            r#"{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":60}}}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["error"]["details"]["retryAfter"], 60);
+    }
+
+    #[test]
+    fn error_body_escapes() {
+        let body = error_body("BAD_REQUEST", "bad \"path\"\\\n");
+        assert_eq!(
+            body,
+            r#"{"error":{"code":"BAD_REQUEST","message":"bad \"path\"\\\n"}}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["error"]["message"], "bad \"path\"\\\n");
+        assert_eq!(parsed["error"]["code"], "BAD_REQUEST");
+    }
+}

@@ -1,0 +1,694 @@
+//! Fixed-window rate-limit decisions and the embedded, sharded in-memory bucket store.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+/// Time source, injected so tests are exact and instant. Milliseconds since the Unix epoch; must never go backwards.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+/// The real clock: the Unix time at construction plus a monotonic `Instant` elapsed since (so it never jumps back).
+#[derive(Debug)]
+pub struct SystemClock {
+    epoch_ms: u64,
+    start: Instant,
+}
+
+impl SystemClock {
+    #[must_use]
+    pub fn new() -> Self {
+        // A wall clock before 1970 is a broken host; 0 keeps the arithmetic total.
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            epoch_ms,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.epoch_ms.saturating_add(elapsed)
+    }
+}
+
+/// A clock tests move by hand (interior mutability, `AtomicU64`).
+#[derive(Debug)]
+pub struct FakeClock(AtomicU64);
+
+impl FakeClock {
+    #[must_use]
+    pub fn new(start_ms: u64) -> Self {
+        Self(AtomicU64::new(start_ms))
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// Sets the time; keeping it non-decreasing is the test's job.
+    pub fn set(&self, ms: u64) {
+        self.0.store(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Identifies a bucket: a keyed hash of (client identity, tier), computed by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BucketKey(pub u64);
+
+/// The outcome of one request against one bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u32,
+    /// Requests left in the window after this one (0 when rejected).
+    pub remaining: u32,
+    /// When the window resets, Unix ms.
+    pub reset_ms: u64,
+    /// Rejected requests in this window so far, including this one if rejected.
+    pub rejected: u32,
+}
+
+/// Reset times are kept in 43 bits (up to year 2248); later ones saturate.
+const RESET_BITS: u32 = 43;
+const RESET_MAX: u64 = (1 << RESET_BITS) - 1;
+/// Set when an expired bucket was renewed in place, so its queue entry sits too early.
+const RENEWED: u64 = 1 << RESET_BITS;
+/// The rest of the word counts rejections, saturating at 2^20 - 1 per window.
+const REJECTED_SHIFT: u32 = RESET_BITS + 1;
+const REJECTED_MAX: u64 = u64::MAX >> REJECTED_SHIFT;
+
+const DEFAULT_SHARDS: usize = 64;
+/// Shard index bits start at 32: the map takes its slot index from the low bits and a 7-bit
+/// tag from the top 7, so a shard index taken from either would leave them constant per shard.
+const SHARD_SHIFT: u32 = 32;
+const MAX_SHARDS: usize = 1 << 16;
+/// Distinct window lengths with their own queue per shard (tiers are few); beyond this the
+/// last queue is shared, which only delays reclaim (see `Shard::queue_for`).
+const MAX_QUEUES: usize = 8;
+/// Queue entries examined per lock hold in `reclaim`, so requests interleave with it.
+const RECLAIM_BATCH: usize = 4096;
+
+/// The map's key. Packed to 4-byte alignment so that with a `Bucket` a map slot is 20 bytes,
+/// not 24: the memory budget (64 bytes per bucket, map and queue) has no room for padding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C, packed(4))]
+struct SlotKey(u64);
+
+/// One bucket: 12 bytes. The limit is not kept (it comes with each call), which is what
+/// makes 12 possible; the window length is implied by the reset time.
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
+struct Bucket {
+    /// Reset ms | `RENEWED` | rejected << `REJECTED_SHIFT`.
+    packed: u64,
+    count: u32,
+}
+
+const _: () = assert!(size_of::<(SlotKey, Bucket)>() == 20);
+
+impl Bucket {
+    fn new(reset_ms: u64, flags: u64) -> Self {
+        Self {
+            packed: reset_ms.min(RESET_MAX) | flags,
+            count: 0,
+        }
+    }
+
+    fn reset_ms(self) -> u64 {
+        self.packed & RESET_MAX
+    }
+
+    fn rejected(self) -> u32 {
+        u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
+    }
+
+    /// Counts one request; the check and the increment happen under the shard lock.
+    fn admit(&mut self, limit: u32) -> Decision {
+        let allowed = self.count < limit;
+        if allowed {
+            self.count += 1;
+        } else if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
+            self.packed += 1 << REJECTED_SHIFT;
+        }
+        Decision {
+            allowed,
+            remaining: if allowed { limit - self.count } else { 0 },
+            ..self.state(limit)
+        }
+    }
+
+    /// `allowed` here says whether a request now would be admitted.
+    fn state(self, limit: u32) -> Decision {
+        Decision {
+            allowed: self.count < limit,
+            limit,
+            remaining: limit.saturating_sub(self.count),
+            reset_ms: self.reset_ms(),
+            rejected: self.rejected(),
+        }
+    }
+}
+
+/// `BucketKey` is already a keyed hash, so the map uses it as is.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    /// Only reached if the key type ever stops being a `u64`.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Keys of the buckets created with one window length, oldest first. As windows are
+/// anchored at first use, this is also (nearly: threads read the clock before locking)
+/// expiry order, which makes reclaim and eviction pop from the front.
+struct Queue {
+    window_ms: u64,
+    keys: VecDeque<u64>,
+}
+
+/// Invariant: every key in `map` is in exactly one queue exactly once, and keys leave the
+/// map only when popped from a queue front, so the queues cost 8 bytes per bucket.
+#[derive(Default)]
+struct Shard {
+    map: HashMap<SlotKey, Bucket, BuildHasherDefault<KeyHasher>>,
+    queues: Vec<Queue>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Empty,
+    Live,
+    Expired,
+    Requeued,
+    Evicted,
+}
+
+impl Shard {
+    fn queue_for(&mut self, window_ms: u64) -> usize {
+        if let Some(q) = self.queues.iter().position(|q| q.window_ms == window_ms) {
+            q
+        } else if self.queues.len() < MAX_QUEUES {
+            self.queues.push(Queue {
+                window_ms,
+                keys: VecDeque::new(),
+            });
+            self.queues.len() - 1
+        } else {
+            // Mixed windows make this queue unsorted; a long-lived front then only delays
+            // reclaim of what is behind it, and nothing live is ever reclaimed.
+            MAX_QUEUES - 1
+        }
+    }
+
+    /// Handles the front of queue `q`: removes it if expired (or, with `evict`, if live),
+    /// moves a renewed bucket to the back, or reports it live and leaves it.
+    fn step(&mut self, q: usize, now_ms: u64, evict: bool) -> Step {
+        let keys = &mut self.queues[q].keys;
+        let Some(&key) = keys.front() else {
+            return Step::Empty;
+        };
+        let Some(bucket) = self.map.get_mut(&SlotKey(key)) else {
+            // Unreachable under the invariant; dropping the entry keeps the queue moving.
+            keys.pop_front();
+            return Step::Requeued;
+        };
+        if bucket.reset_ms() <= now_ms {
+            self.map.remove(&SlotKey(key));
+            keys.pop_front();
+            Step::Expired
+        } else if bucket.packed & RENEWED != 0 {
+            // Each renewal is requeued at most once, so loops over `step` terminate.
+            bucket.packed &= !RENEWED;
+            keys.pop_front();
+            keys.push_back(key);
+            Step::Requeued
+        } else if evict {
+            self.map.remove(&SlotKey(key));
+            keys.pop_front();
+            Step::Evicted
+        } else {
+            Step::Live
+        }
+    }
+
+    /// Frees one slot when the shard is at `cap`: an expired front goes first, else the
+    /// front bucket nearest to expiry is evicted. Looks only at queue fronts.
+    fn make_room(&mut self, cap: usize, now_ms: u64) -> u64 {
+        let mut evicted = 0;
+        while self.map.len() >= cap {
+            let nearest = (0..self.queues.len())
+                .filter_map(|q| {
+                    let key = self.queues[q].keys.front()?;
+                    Some((self.map.get(&SlotKey(*key)).map_or(0, |b| b.reset_ms()), q))
+                })
+                .min();
+            let Some((_, q)) = nearest else { break };
+            if self.step(q, now_ms, true) == Step::Evicted {
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+
+    /// Pops expired fronts, at most `budget` steps; returns (removed, budget ran out).
+    fn reclaim(&mut self, now_ms: u64, budget: usize) -> (usize, bool) {
+        let (mut removed, mut steps) = (0, 0);
+        for q in 0..self.queues.len() {
+            loop {
+                if steps == budget {
+                    return (removed, true);
+                }
+                steps += 1;
+                match self.step(q, now_ms, false) {
+                    Step::Expired => removed += 1,
+                    Step::Requeued | Step::Evicted => {}
+                    Step::Empty | Step::Live => break,
+                }
+            }
+        }
+        (removed, false)
+    }
+
+    /// Returns memory after a spike has drained; the rehash is O(live) and runs only in
+    /// the background task, once per fourfold drop.
+    fn shrink(&mut self) {
+        if self.map.capacity() / 4 > self.map.len().max(1024) {
+            self.map.shrink_to(self.map.len() * 2);
+        }
+        for q in &mut self.queues {
+            if q.keys.capacity() / 4 > q.keys.len().max(1024) {
+                q.keys.shrink_to(q.keys.len() * 2);
+            }
+        }
+    }
+}
+
+/// Keeps each shard's lock on its own cache lines.
+#[repr(align(128))]
+struct Slot(Mutex<Shard>);
+
+/// Sharded map of buckets; each decision locks one shard.
+pub struct MemoryStore {
+    shards: Box<[Slot]>,
+    mask: u64,
+    shard_cap: usize,
+    evicted: AtomicU64,
+}
+
+impl MemoryStore {
+    /// `max_buckets`: cap on live buckets (memory bound), split evenly over 64 shards
+    /// (at least one bucket per shard).
+    #[must_use]
+    pub fn new(max_buckets: usize) -> Self {
+        Self::with_shards(max_buckets, DEFAULT_SHARDS)
+    }
+
+    /// As `new`, with `shards` rounded up to a power of two (at most 65,536).
+    #[must_use]
+    pub fn with_shards(max_buckets: usize, shards: usize) -> Self {
+        let shards = shards.clamp(1, MAX_SHARDS).next_power_of_two();
+        Self {
+            shards: (0..shards).map(|_| Slot(Mutex::default())).collect(),
+            mask: (shards - 1) as u64,
+            shard_cap: (max_buckets / shards).max(1),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, key: BucketKey) -> MutexGuard<'_, Shard> {
+        let index = usize::try_from((key.0 >> SHARD_SHIFT) & self.mask).unwrap_or(0);
+        lock(&self.shards[index])
+    }
+
+    /// Admits or rejects one request: fixed window of `window_ms` anchored at the bucket's first request (`reset_ms` = first request time + `window_ms`); exactly `limit` admitted per window under any concurrency; rejections do not consume quota (they only increment `rejected`); an expired bucket starts a fresh window at `now_ms`.
+    ///
+    /// A `window_ms` of 0 counts as 1, so a bucket is always live right after its decision.
+    pub fn decide(&self, key: BucketKey, limit: u32, window_ms: u64, now_ms: u64) -> Decision {
+        let window_ms = window_ms.max(1);
+        let reset_ms = now_ms.saturating_add(window_ms);
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        if let Some(bucket) = shard.map.get_mut(&SlotKey(key.0)) {
+            if bucket.reset_ms() <= now_ms {
+                // Expired but not reclaimed yet: renew in place. Its queue entry stays at the
+                // old, earlier position; the flag tells the front-popper to requeue it.
+                *bucket = Bucket::new(reset_ms, RENEWED);
+            }
+            return bucket.admit(limit);
+        }
+        let evicted = shard.make_room(self.shard_cap, now_ms);
+        let q = shard.queue_for(window_ms);
+        let mut bucket = Bucket::new(reset_ms, 0);
+        let decision = bucket.admit(limit);
+        shard.map.insert(SlotKey(key.0), bucket);
+        shard.queues[q].keys.push_back(key.0);
+        drop(guard);
+        if evicted > 0 {
+            self.evicted.fetch_add(evicted, Ordering::Relaxed);
+        }
+        decision
+    }
+
+    /// Current state of a bucket without changing it (None if absent or expired).
+    /// The store does not keep limits, so `limit` is the caller's, as for `decide`;
+    /// `allowed` says whether a request now would be admitted.
+    #[must_use]
+    pub fn peek(&self, key: BucketKey, limit: u32, now_ms: u64) -> Option<Decision> {
+        let shard = self.shard(key);
+        let bucket = shard
+            .map
+            .get(&SlotKey(key.0))
+            .filter(|b| b.reset_ms() > now_ms)?;
+        Some(bucket.state(limit))
+    }
+
+    /// Live buckets (approximate is fine while other threads write).
+    /// Expired buckets not yet reclaimed are counted: they hold memory until `reclaim`.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reclaims expired buckets; called by a background task every second, never on the request path.
+    /// Work is O(expired + renewed) per call, in batches that release the shard lock.
+    pub fn reclaim(&self, now_ms: u64) -> usize {
+        let mut removed = 0;
+        for slot in &*self.shards {
+            loop {
+                let mut shard = lock(slot);
+                let (n, more) = shard.reclaim(now_ms, RECLAIM_BATCH);
+                removed += n;
+                if !more {
+                    shard.shrink();
+                    break;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Buckets evicted because the cap was reached (a counter for metrics).
+    #[must_use]
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+/// Nothing panics between two consistent states under the lock (short of allocation failure,
+/// which aborts), so a poisoned shard is still sound and keeps serving.
+fn lock(slot: &Slot) -> MutexGuard<'_, Shard> {
+    slot.0.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const T0: u64 = 1_706_540_000_000;
+    const KEY: BucketKey = BucketKey(0x1234_5678_9abc_def0);
+
+    /// Distinct well-spread keys, as the caller's keyed hash gives.
+    fn key(i: u64) -> BucketKey {
+        let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        BucketKey(z ^ (z >> 31))
+    }
+
+    #[test]
+    fn admits_exactly_limit_counting_remaining_down() {
+        let store = MemoryStore::new(1000);
+        let clock = FakeClock::new(T0);
+        for i in 1..=5 {
+            let d = store.decide(KEY, 5, 60_000, clock.now_ms());
+            assert!(d.allowed);
+            assert_eq!((d.limit, d.remaining, d.rejected), (5, 5 - i, 0));
+            assert_eq!(d.reset_ms, T0 + 60_000, "anchored at the first request");
+            clock.advance(1000);
+        }
+        for i in 1..=3 {
+            let d = store.decide(KEY, 5, 60_000, clock.now_ms());
+            assert!(!d.allowed);
+            assert_eq!((d.remaining, d.rejected, d.reset_ms), (0, i, T0 + 60_000));
+        }
+        let (allowed, remaining, rejected, reset_ms) = (false, 0, 3, T0 + 60_000);
+        let expected = Decision {
+            allowed,
+            limit: 5,
+            remaining,
+            reset_ms,
+            rejected,
+        };
+        assert_eq!(store.peek(KEY, 5, clock.now_ms()), Some(expected));
+    }
+
+    #[test]
+    fn rejections_do_not_consume_and_expiry_starts_a_new_window() {
+        let store = MemoryStore::new(1000);
+        let clock = FakeClock::new(T0);
+        for _ in 0..3 {
+            assert!(store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+        }
+        for _ in 0..50 {
+            assert!(!store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+        }
+        clock.advance(9_999);
+        assert!(
+            !store.decide(KEY, 3, 10_000, clock.now_ms()).allowed,
+            "still in the window"
+        );
+        clock.advance(1 + 2_500); // 2.5 s after the reset: the new window anchors here
+        let first = store.decide(KEY, 3, 10_000, clock.now_ms());
+        assert_eq!(
+            (first.allowed, first.remaining, first.rejected),
+            (true, 2, 0)
+        );
+        assert_eq!(first.reset_ms, clock.now_ms() + 10_000);
+        assert!(store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+        assert!(store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+        assert!(!store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn edge_cases() {
+        let store = MemoryStore::new(1000);
+        let d = store.decide(KEY, 0, 0, T0);
+        assert_eq!(
+            (d.allowed, d.remaining, d.rejected, d.reset_ms),
+            (false, 0, 1, T0 + 1)
+        );
+        let mut bucket = Bucket::new(T0, (REJECTED_MAX - 1) << REJECTED_SHIFT);
+        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1);
+        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1, "saturates");
+        assert_eq!(bucket.reset_ms(), T0);
+        let clock = SystemClock::new();
+        let (a, b) = (clock.now_ms(), clock.now_ms());
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(a <= b && u128::from(b).abs_diff(wall) < 1_000);
+    }
+
+    #[test]
+    fn keys_are_independent() {
+        let store = MemoryStore::new(1000);
+        assert!(store.decide(key(1), 1, 1000, T0).allowed);
+        assert!(!store.decide(key(1), 1, 1000, T0).allowed);
+        assert!(store.decide(key(2), 1, 1000, T0).allowed);
+        assert_eq!(store.peek(key(3), 5, T0), None);
+    }
+
+    #[test]
+    fn concurrent_requests_admit_exactly_limit() {
+        let store = MemoryStore::new(1000);
+        let allowed: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..100)
+                            .filter(|_| store.decide(KEY, 60, 60_000, T0).allowed)
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(allowed, 60);
+        assert_eq!(store.peek(KEY, 60, T0).unwrap().rejected, 16 * 100 - 60);
+    }
+
+    #[test]
+    fn reclaim_removes_only_expired_buckets() {
+        let store = MemoryStore::with_shards(1000, 1);
+        store.decide(key(1), 5, 1_000, T0);
+        store.decide(key(2), 5, 60_000, T0); // another window length: its own queue
+        store.decide(key(3), 5, 1_000, T0 + 500);
+        assert_eq!(store.reclaim(T0 + 999), 0);
+        assert_eq!(store.reclaim(T0 + 1_000), 1);
+        assert_eq!(
+            store.peek(key(3), 5, T0 + 1_000).map(|d| d.reset_ms),
+            Some(T0 + 1_500)
+        );
+        assert_eq!(store.reclaim(T0 + 1_500), 1);
+        assert_eq!(
+            (store.len(), store.peek(key(2), 5, T0 + 1_500).is_some()),
+            (1, true)
+        );
+        // A renewed bucket's stale queue position neither stops nor misleads reclaim.
+        store.decide(key(4), 5, 1_000, T0 + 2_000);
+        store.decide(key(5), 5, 1_000, T0 + 2_100);
+        store.decide(key(4), 5, 1_000, T0 + 3_050); // renewed: expires at 4_050
+        assert_eq!(store.reclaim(T0 + 3_100), 1, "key 5 only");
+        assert!(store.peek(key(4), 5, T0 + 3_100).is_some());
+        assert_eq!(store.reclaim(T0 + 4_050), 1);
+        assert_eq!(store.reclaim(T0 + 60_000), 1);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn cap_reuses_expired_then_evicts_nearest_expiry() {
+        let store = MemoryStore::with_shards(3, 1);
+        for i in 0..3 {
+            store.decide(key(i), 5, 10_000, T0 + i);
+        }
+        store.decide(key(9), 5, 1_000, T0 + 5);
+        // Not yet expired: evicts key 0 (nearest expiry) for key 9.
+        assert_eq!((store.len(), store.evicted()), (3, 1));
+        assert!(store.peek(key(0), 5, T0 + 5).is_none());
+        // Key 9 has expired by now: its slot is reused without an eviction.
+        store.decide(key(10), 5, 10_000, T0 + 1_005);
+        assert_eq!((store.len(), store.evicted()), (3, 1));
+        assert!(store.peek(key(9), 5, T0 + 1_005).is_none());
+        for i in [1, 2, 10] {
+            assert!(store.peek(key(i), 5, T0 + 1_005).is_some());
+        }
+        // Many new keys on a tiny store keep it at the cap.
+        for i in 100..200 {
+            store.decide(key(i), 5, 10_000, T0 + 2_000);
+        }
+        assert_eq!((store.len(), store.evicted()), (3, 101));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Request(u64),
+        Reclaim(u64),
+    }
+
+    fn op(window: u64) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0..window * 2).prop_map(Op::Request),
+            1 => (0..window * 2).prop_map(Op::Reclaim),
+        ]
+    }
+
+    proptest! {
+        /// Compared with a reference model of the fixed window after every step.
+        #[test]
+        fn matches_the_fixed_window_model(
+            (limit, window, ops) in (0u32..8, 1u64..5_000)
+                .prop_flat_map(|(l, w)| (Just(l), Just(w), prop::collection::vec(op(w), 1..200)))
+        ) {
+            let store = MemoryStore::with_shards(16, 1);
+            let clock = FakeClock::new(T0);
+            let (mut start, mut admitted) = (None::<u64>, 0u32);
+            for op in ops {
+                match op {
+                    Op::Reclaim(ms) => {
+                        clock.advance(ms);
+                        store.reclaim(clock.now_ms());
+                        continue;
+                    }
+                    Op::Request(ms) => clock.advance(ms),
+                }
+                let now = clock.now_ms();
+                if start.is_none_or(|s| now >= s + window) {
+                    start = Some(now);
+                    admitted = 0;
+                }
+                let true_reset = start.unwrap() + window;
+                let d = store.decide(KEY, limit, window, now);
+                prop_assert_eq!(d.allowed, admitted < limit);
+                admitted += u32::from(d.allowed);
+                prop_assert!(admitted <= limit, "more than limit admitted in one window");
+                prop_assert!(d.remaining <= limit);
+                prop_assert_eq!(d.remaining, if d.allowed { limit - admitted } else { 0 });
+                prop_assert!(d.reset_ms >= true_reset, "reset earlier than the true reset");
+                prop_assert_eq!(d.reset_ms, true_reset);
+            }
+        }
+
+        /// Many keys, renewals, and more window lengths than queues (so one queue is mixed):
+        /// reclaim never drops a live bucket (every decision still matches the model) and in
+        /// the end drops every expired one.
+        #[test]
+        fn reclaim_keeps_live_buckets(ops in prop::collection::vec((0u64..24, 0u64..1_500, any::<bool>()), 1..300)) {
+            let store = MemoryStore::with_shards(1_000, 2);
+            let mut model = HashMap::new();
+            let mut now = T0;
+            for (k, advance, reclaim) in ops {
+                now += advance;
+                if reclaim {
+                    store.reclaim(now);
+                    let live = model.values().filter(|&&(reset, _)| reset > now).count();
+                    prop_assert!(store.len() >= live);
+                }
+                let window = 100 * (k % 12 + 1);
+                let (reset, admitted) = model.entry(k).or_insert((0, 0));
+                if now >= *reset {
+                    (*reset, *admitted) = (now + window, 0);
+                }
+                let d = store.decide(key(k), 2, window, now);
+                prop_assert_eq!((d.allowed, d.reset_ms), (*admitted < 2, *reset));
+                *admitted += u32::from(d.allowed);
+            }
+            store.reclaim(now + 1_200);
+            prop_assert!(store.is_empty());
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The listener: accepts connections (plain or TLS), enforces the connection
+//! cap and the header limits, and hands requests to the [`Proxy`].
+
+use std::{io::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    headers,
+    proxy::{Peer, Proxy},
+};
+
+/// Loads the certificate chain and key and offers h2 and http/1.1 by ALPN.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?,
+    ))
+    .with_context(|| format!("reading the key from {}", key.display()))?
+    .with_context(|| format!("no private key in {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("TLS certificate and key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Raw response for a connection refused before HTTP starts (over the cap).
+fn raw_response(status: &str, code: &str, message: &str) -> Vec<u8> {
+    let body = headers::error_body(code, message);
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Accepts connections forever.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    tls: Option<TlsAcceptor>,
+) -> anyhow::Result<()> {
+    let config = proxy.config();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            connection(stream, addr, proxy, builder, tls).await;
+        });
+    }
+}
+
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let response = raw_response(
+        "503 Service Unavailable",
+        "OVERLOADED",
+        "Too many connections; try again later.",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+) {
+    let peer = Peer {
+        addr,
+        tls: tls.is_some(),
+    };
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+    });
+    match tls {
+        Some(acceptor) => {
+            let handshake_timeout = Duration::from_secs(10);
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+            else {
+                return;
+            };
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+        None => {
+            // A second handle on the socket, to answer 408 after hyper gives up
+            // on a client that never finished its headers (hyper just closes).
+            let spare = stream
+                .into_std()
+                .and_then(|std| Ok((std.try_clone()?, std)))
+                .and_then(|(spare, std)| Ok((spare, tokio::net::TcpStream::from_std(std)?)));
+            let Ok((mut spare, stream)) = spare else {
+                return;
+            };
+            let result = builder.serve_connection(TokioIo::new(stream), service).await;
+            if let Err(e) = result {
+                if is_header_timeout(&*e) {
+                    let _ = spare.set_nonblocking(false);
+                    let _ = spare.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = spare.write_all(&raw_response(
+                        "408 Request Timeout",
+                        "REQUEST_TIMEOUT",
+                        "The request headers took too long.",
+                    ));
+                    let _ = spare.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(hyper_error) = e.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_timeout() {
+                return true;
+            }
+        }
+        current = e.source();
+    }
+    false
+}

@@ -1,0 +1,524 @@
+//! End to end: the real `limiter-agent` binary in front of a real upstream
+//! process, driven over HTTP/1.1, HTTP/2 and TLS.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use limiter_tests::agent::{
+    Process, agent, agent_binary, demo_upstream, free_port, reference_config,
+};
+use reqwest::{Client, Response, StatusCode};
+
+const BODY_429: &str = r#"{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":"#;
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+fn url(agent: &Process, path: &str) -> String {
+    format!("http://{}{path}", agent.addr)
+}
+
+fn header(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ASCII header").to_owned())
+}
+
+fn header_u64(response: &Response, name: &str) -> u64 {
+    header(response, name)
+        .unwrap_or_else(|| panic!("missing {name}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number"))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+fn small_config(route: &str, limit: u32, window: &str, extra_server: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n{extra_server}\n[xdp]\nenabled = false\n\n[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}\"\n"
+    )
+}
+
+/// Sends raw bytes and returns everything the agent answers before closing.
+fn raw_request(addr: SocketAddr, request: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+async fn get(client: &Client, url: &str, headers: &[(&str, &str)]) -> Response {
+    let mut request = client.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.expect("request")
+}
+
+/// Sends `limit` requests that must pass with the remaining count going down,
+/// then one that must be a 429 with the exact body and headers.
+async fn exhaust(client: &Client, url: &str, key: &str, limit: u64, window_secs: u64) {
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str())];
+    let mut reset = 0;
+    for i in 0..limit {
+        let response = get(client, url, &headers).await;
+        assert_eq!(response.status(), StatusCode::OK, "{url} request {i}");
+        assert_eq!(header_u64(&response, "x-ratelimit-limit"), limit, "{url}");
+        assert_eq!(
+            header_u64(&response, "x-ratelimit-remaining"),
+            limit - i - 1,
+            "{url}"
+        );
+        let r = header_u64(&response, "x-ratelimit-reset");
+        if i == 0 {
+            reset = r;
+            let now = unix_now();
+            assert!(
+                r > now && r <= now + window_secs + 1,
+                "{url}: reset {r} vs now {now}"
+            );
+        }
+        assert_eq!(r, reset, "{url}: the reset stays fixed within the window");
+    }
+    let response = get(client, url, &headers).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "{url} request {limit}"
+    );
+    assert_eq!(
+        header(&response, "content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(header_u64(&response, "x-ratelimit-remaining"), 0);
+    assert_eq!(header_u64(&response, "x-ratelimit-reset"), reset);
+    let retry = header_u64(&response, "retry-after");
+    assert!(
+        retry >= 1 && retry <= window_secs + 1,
+        "{url}: retry-after {retry}"
+    );
+    assert!(
+        unix_now() + retry >= reset,
+        "retry-after is never earlier than the reset"
+    );
+    let body = response.text().await.expect("body");
+    assert_eq!(
+        body,
+        format!("{BODY_429}{retry}}}}}}}"),
+        "{url}: exact 429 body"
+    );
+}
+
+#[tokio::test]
+async fn every_reference_row_admits_exactly_its_limit() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &reference_config().replace("enabled = true", "enabled = false"),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    for (path, limit, window) in [
+        ("/api/health", 120, 60),
+        ("/api/v1/chat/completions", 60, 60),
+        ("/api/v1/media/a/b", 60, 60),
+        ("/api/v1/vision", 60, 60),
+        ("/api/v1/fashion/run", 30, 60),
+        ("/api/v1/fashion/subscribe", 30, 60),
+        ("/api/v1/fashion/status/42", 40, 10),
+        ("/api/chat", 10, 60),
+    ] {
+        exhaust(&client, &url(&agent, path), path, limit, window).await;
+    }
+    // Shared buckets: another media path and another status id are already spent.
+    let media = get(
+        &client,
+        &url(&agent, "/api/v1/media/other"),
+        &[("authorization", "Bearer /api/v1/media/a/b")],
+    )
+    .await;
+    assert_eq!(media.status(), StatusCode::TOO_MANY_REQUESTS);
+    let status = get(
+        &client,
+        &url(&agent, "/api/v1/fashion/status/7"),
+        &[("authorization", "Bearer /api/v1/fashion/status/42")],
+    )
+    .await;
+    assert_eq!(status.status(), StatusCode::TOO_MANY_REQUESTS);
+    // The upstream saw the request: its echo comes back.
+    let echo = get(&client, &url(&agent, "/api/v1/vision?x=1"), &[]).await;
+    assert_eq!(
+        echo.text().await.unwrap(),
+        r#"{"method":"GET","path":"/api/v1/vision"}"#
+    );
+}
+
+#[tokio::test]
+async fn a_short_window_resets_and_rejections_do_not_consume() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 3, "1s", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let u = url(&agent, "/api/chat");
+    for _ in 0..3 {
+        assert_eq!(get(&client, &u, &[]).await.status(), StatusCode::OK);
+    }
+    // Many rejections in the window...
+    for _ in 0..20 {
+        assert_eq!(
+            get(&client, &u, &[]).await.status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // ...and the next window still has the full quota.
+    for i in 0..3 {
+        let response = get(&client, &u, &[]).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "request {i} after the reset"
+        );
+        assert_eq!(header_u64(&response, "x-ratelimit-remaining"), 2 - i);
+    }
+    assert_eq!(
+        get(&client, &u, &[]).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_requests_admit_exactly_the_limit() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/v1/chat/completions", 60, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let u = url(&agent, "/api/v1/chat/completions");
+    let requests = (0..100).map(|_| {
+        let client = client.clone();
+        let u = u.clone();
+        tokio::spawn(async move { client.get(&u).send().await.expect("request").status() })
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    let ok = statuses
+        .iter()
+        .filter(|s| *s.as_ref().unwrap() == StatusCode::OK)
+        .count();
+    let limited = statuses
+        .iter()
+        .filter(|s| *s.as_ref().unwrap() == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((ok, limited), (60, 40));
+}
+
+#[tokio::test]
+async fn keys_and_ips_have_separate_buckets() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 2, "1m", "trusted_proxies = [\"127.0.0.1/32\"]"),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let u = url(&agent, "/api/chat");
+    for (name, value) in [
+        ("x-api-key", "alpha"),
+        ("authorization", "Bearer beta"),
+        ("x-forwarded-for", "203.0.113.1"),
+        ("x-forwarded-for", "203.0.113.2"),
+    ] {
+        for _ in 0..2 {
+            assert_eq!(
+                get(&client, &u, &[(name, value)]).await.status(),
+                StatusCode::OK,
+                "{value}"
+            );
+        }
+        assert_eq!(
+            get(&client, &u, &[(name, value)]).await.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{value}"
+        );
+    }
+    // The same key through either header is one client.
+    assert_eq!(
+        get(&client, &u, &[("authorization", "Bearer alpha")])
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn ipv6_clients_are_grouped_by_prefix() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 2, "1m", "trusted_proxies = [\"127.0.0.1/32\"]"),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let u = url(&agent, "/api/chat");
+    let xff = |ip: &'static str| [("x-forwarded-for", ip)];
+    assert_eq!(
+        get(&client, &u, &xff("2001:db8:1:2::1")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&client, &u, &xff("2001:db8:1:2:ffff::9"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    // A third address in the same /64 is the same client.
+    assert_eq!(
+        get(&client, &u, &xff("2001:db8:1:2:abcd::7"))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        get(&client, &u, &xff("2001:db8:1:3::1")).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 2, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let u = url(&agent, "/api/chat");
+    for (i, ip) in ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
+        .iter()
+        .enumerate()
+    {
+        let expected = if i < 2 {
+            StatusCode::OK
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
+        };
+        let forwarded = format!("for={ip}");
+        let response = get(
+            &client,
+            &u,
+            &[("x-forwarded-for", ip), ("forwarded", &forwarded)],
+        )
+        .await;
+        assert_eq!(response.status(), expected, "rotating {ip}");
+    }
+}
+
+#[tokio::test]
+async fn no_spelling_of_a_path_escapes_its_tier() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 5, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    for path in [
+        "/api/chat",
+        "/API/Chat",
+        "//api//chat/",
+        "/api/./chat",
+        "/api/x/../chat",
+    ] {
+        let response = get(&client, &url(&agent, path), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert!(
+            header(&response, "x-ratelimit-limit").is_some(),
+            "{path} is limited"
+        );
+    }
+    for path in ["/api/cha%74", "/api/chat;x=1", "/api/chat?x=2"] {
+        let response = get(&client, &url(&agent, path), &[]).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+    }
+    for path in [
+        "/api%2Fchat",
+        "/api/chat%00",
+        "/api/%zz",
+        "/api/%252Fchat",
+    ] {
+        let response = get(&client, &url(&agent, path), &[]).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(
+            header(&response, "content-type").as_deref(),
+            Some("application/json")
+        );
+        let body: serde_json::Value = response.json().await.expect("JSON error body");
+        assert_eq!(body["error"]["code"], "BAD_REQUEST", "{path}");
+    }
+    // HTTP clients resolve dot segments themselves: send this one raw.
+    let raw = raw_request(agent.addr, "GET /../api/chat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(raw.starts_with("HTTP/1.1 400 "), "{raw}");
+    assert!(raw.contains("path escapes the root"), "{raw}");
+    // Unmatched routes are proxied without limit headers.
+    let other = get(&client, &url(&agent, "/other"), &[]).await;
+    assert_eq!(other.status(), StatusCode::OK);
+    assert!(header(&other, "x-ratelimit-limit").is_none());
+}
+
+#[tokio::test]
+async fn server_sent_events_stream_through_event_by_event() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &reference_config().replace("enabled = true", "enabled = false"),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let start = Instant::now();
+    let mut response = client
+        .post(url(&agent, "/api/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(r#"{"stream": true}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        header(&response, "content-type").as_deref(),
+        Some("text/event-stream")
+    );
+    assert_eq!(header_u64(&response, "x-ratelimit-remaining"), 59);
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        arrivals.push(start.elapsed());
+        text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    }
+    assert_eq!(text.matches("data: ").count(), 5, "{text}");
+    let first = arrivals[0];
+    let last = *arrivals.last().unwrap();
+    assert!(
+        first < Duration::from_millis(300),
+        "first event after {first:?}"
+    );
+    assert!(
+        last - first >= Duration::from_millis(300),
+        "events arrived together: {arrivals:?}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent_502 = agent(&small_config("/api/chat", 5, "1m", ""), Some(dead), &[]);
+    let client = client();
+    let response = get(&client, &url(&agent_502, "/api/chat"), &[]).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE");
+
+    // An upstream that accepts and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().take(4) {
+            held.push(stream);
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let agent_504 = agent(
+        &small_config("/api/chat", 5, "1m", "upstream_timeout = \"500ms\""),
+        Some(silent_addr),
+        &[],
+    );
+    let start = Instant::now();
+    let response = get(&client, &url(&agent_504, "/api/chat"), &[]).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "UPSTREAM_TIMEOUT");
+}
+
+#[tokio::test]
+async fn tls_termination_speaks_http2_by_alpn() {
+    let upstream = demo_upstream();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+    let dir = std::env::temp_dir().join(format!("limiter-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert_path.display(),
+        key_path.display()
+    );
+    let agent = agent(
+        &small_config("/api/chat", 2, "1m", &tls),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", agent.addr)
+        .build()
+        .unwrap();
+    let u = format!("https://localhost:{}/api/chat", agent.addr.port());
+    let response = client.get(&u).send().await.expect("TLS request");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(header_u64(&response, "x-ratelimit-remaining"), 1);
+    client.get(&u).send().await.unwrap();
+    assert_eq!(
+        client.get(&u).send().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[test]
+fn a_bad_config_is_refused_with_exit_64_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("limiter-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, small_config("/api/chat", 0, "1m", "")).unwrap();
+    let output = std::process::Command::new(agent_binary())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("check-config");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("tier[0].limit"), "{stderr}");
+    let good = std::process::Command::new(agent_binary())
+        .arg("check-config")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/concurred.toml"
+        ))
+        .output()
+        .expect("check-config");
+    assert!(good.status.success());
+}
