@@ -1,9 +1,7 @@
 //! The TOML configuration: parsed with serde, validated once into typed values
 //! ([`Config`]) so raw strings never reach the request path.
 
-use std::{
-    collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -299,6 +297,7 @@ pub struct Config {
 }
 
 /// Parses a duration like `500ms`, `10s`, `1m`, `1h`, `1d`.
+#[must_use]
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -365,6 +364,10 @@ impl Config {
 }
 
 impl RawConfig {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one flat pass over the sections reads better than a helper per field"
+    )]
     fn validate(self) -> Result<Config, ConfigError> {
         let server = self.server;
         let listen = socket_addr("server.listen", &server.listen)?;
@@ -532,10 +535,10 @@ fn validate_keys(
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid(field("key_sha256"), "must be 64 hex digits"));
         }
-        if let Some(m) = key.multiplier {
-            if !(m.is_finite() && m > 0.0) {
-                return Err(invalid(field("multiplier"), "must be a positive number"));
-            }
+        if let Some(m) = key.multiplier
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(invalid(field("multiplier"), "must be a positive number"));
         }
         if key.multiplier.is_none() && key.limits.is_empty() {
             return Err(invalid(field("multiplier"), "give a multiplier or limits"));
@@ -548,13 +551,14 @@ fn validate_keys(
                 .iter()
                 .position(|r| r.as_deref() == Some(canonical.as_str()))
                 .ok_or_else(|| {
-                invalid(
-                    field("limits"),
-                    format!("`{route}` is not the route of a [[tier]]"),
-                )
+                    invalid(
+                        field("limits"),
+                        format!("`{route}` is not the route of a [[tier]]"),
+                    )
+                })?;
+            let limit = NonZeroU32::new(*limit).ok_or_else(|| {
+                invalid(field("limits"), format!("`{route}`: must be at least 1"))
             })?;
-            let limit = NonZeroU32::new(*limit)
-                .ok_or_else(|| invalid(field("limits"), format!("`{route}`: must be at least 1")))?;
             limits.insert(tier, limit);
         }
         if out
@@ -580,7 +584,9 @@ mod tests {
     const MINIMAL: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n[[tier]]\nroute = \"/api/chat\"\nlimit = 10\nwindow = \"1m\"\n";
 
     fn error(text: &str) -> String {
-        Config::parse(text).expect_err("config must be refused").to_string()
+        Config::parse(text)
+            .expect_err("config must be refused")
+            .to_string()
     }
 
     #[test]
@@ -591,7 +597,7 @@ mod tests {
         assert_eq!(config.ipv6_prefix, 64);
         assert_eq!(config.store, StoreKind::Memory);
         assert_eq!(config.on_error, OnError::Allow);
-        assert_eq!(config.tiers[0].window, Duration::from_secs(60));
+        assert_eq!(config.tiers[0].window, Duration::from_mins(1));
         assert_eq!(config.tiers[0].limit.get(), 10);
         assert!(config.xdp.enabled);
     }
@@ -606,8 +612,8 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_mins(1)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_hours(1)));
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("0s"), None);
         assert_eq!(parse_duration("10"), None);
@@ -628,7 +634,8 @@ mod tests {
         assert!(error(&format!("{MINIMAL}[xdp]\nallow = [\"x\"]\n")).contains("xdp.allow[0]"));
         assert!(error(&format!("{MINIMAL}[identity]\nipv6_prefix = 0\n")).contains("ipv6_prefix"));
         assert!(error(&MINIMAL.replace("listen", "lisen")).contains("lisen"));
-        let ambiguous = format!("{MINIMAL}[[tier]]\nroute = \"/api/chat\"\nlimit = 5\nwindow = \"1s\"\n");
+        let ambiguous =
+            format!("{MINIMAL}[[tier]]\nroute = \"/api/chat\"\nlimit = 5\nwindow = \"1s\"\n");
         assert!(error(&ambiguous).contains("tier"));
     }
 

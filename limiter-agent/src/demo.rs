@@ -44,7 +44,7 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         .into_body()
         .collect()
         .await
-        .map(|b| b.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let wants_stream = streaming
         && serde_json::from_slice::<serde_json::Value>(&body)

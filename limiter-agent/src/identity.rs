@@ -51,7 +51,9 @@ impl IdentityResolver {
             let value = headers.get(name)?.to_str().ok()?.trim();
             let key = if *name == header::AUTHORIZATION {
                 let (scheme, token) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())?
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())?
             } else {
                 value
             };
@@ -190,15 +192,27 @@ mod tests {
         let r = resolver(&[]);
         let expected = Identity::Key(sha256_hex(b"secret"));
         let peer = ip("192.0.2.1");
-        assert_eq!(r.resolve(&headers(&[("authorization", "Bearer secret")]), peer), expected);
-        assert_eq!(r.resolve(&headers(&[("authorization", "bearer  secret ")]), peer), expected);
-        assert_eq!(r.resolve(&headers(&[("x-api-key", "secret")]), peer), expected);
+        assert_eq!(
+            r.resolve(&headers(&[("authorization", "Bearer secret")]), peer),
+            expected
+        );
+        assert_eq!(
+            r.resolve(&headers(&[("authorization", "bearer  secret ")]), peer),
+            expected
+        );
+        assert_eq!(
+            r.resolve(&headers(&[("x-api-key", "secret")]), peer),
+            expected
+        );
         // Basic auth is not an API key; an empty key is no key.
         assert_eq!(
             r.resolve(&headers(&[("authorization", "Basic c2VjcmV0")]), peer),
             Identity::Ip(peer)
         );
-        assert_eq!(r.resolve(&headers(&[("x-api-key", "  ")]), peer), Identity::Ip(peer));
+        assert_eq!(
+            r.resolve(&headers(&[("x-api-key", "  ")]), peer),
+            Identity::Ip(peer)
+        );
         assert_eq!(
             sha256_hex(b"secret"),
             "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
@@ -245,14 +259,20 @@ mod tests {
         let h = headers(&[("x-forwarded-for", "203.0.113.7, garbage, 10.0.0.3")]);
         assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("10.0.0.3"));
         // No header: the proxy itself.
-        assert_eq!(r.client_ip(&HeaderMap::new(), ip("10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(
+            r.client_ip(&HeaderMap::new(), ip("10.0.0.1")),
+            ip("10.0.0.1")
+        );
     }
 
     #[test]
     fn forwarded_header_wins_and_parses_rfc7239() {
         let r = resolver(&["10.0.0.0/8"]);
         let h = headers(&[
-            ("forwarded", "for=1.1.1.1, for=\"[2001:db8::7]:4711\";proto=https"),
+            (
+                "forwarded",
+                "for=1.1.1.1, for=\"[2001:db8::7]:4711\";proto=https",
+            ),
             ("x-forwarded-for", "203.0.113.7"),
         ]);
         assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("2001:db8::7"));

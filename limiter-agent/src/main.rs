@@ -13,7 +13,7 @@ use limiter_agent::{
     server,
 };
 
-/// `EX_CONFIG`-style exit status for a refused config (sysexits' EX_USAGE).
+/// Exit status for a refused config (`EX_USAGE` of sysexits).
 const EXIT_BAD_CONFIG: u8 = 64;
 
 /// The built-in reference config: used when `run` gets no `--config`.
@@ -33,12 +33,7 @@ fn main() -> ExitCode {
             Ok(config) => {
                 println!("{}: ok", file.display());
                 for tier in &config.tiers {
-                    println!(
-                        "  {} {} per {:?}",
-                        tier.route,
-                        tier.limit,
-                        tier.window
-                    );
+                    println!("  {} {} per {:?}", tier.route, tier.limit, tier.window);
                 }
                 ExitCode::SUCCESS
             }
@@ -47,14 +42,17 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::DemoUpstream { listen } => runtime().and_then(|rt| {
-            rt.block_on(async {
-                let addr = demo::spawn(listen).await.context("binding the demo upstream")?;
-                tracing::info!(%addr, "demo upstream listening");
-                tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+        Command::DemoUpstream { listen } => runtime()
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let addr = demo::spawn(listen)
+                        .await
+                        .context("binding the demo upstream")?;
+                    tracing::info!(%addr, "demo upstream listening");
+                    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+                })
             })
-        })
-        .map_or_else(report, |()| ExitCode::SUCCESS),
+            .map_or_else(|e| report(&e), |()| ExitCode::SUCCESS),
         Command::Run(args) => {
             let config = match load(&args) {
                 Ok(config) => config,
@@ -65,12 +63,12 @@ fn main() -> ExitCode {
             };
             runtime()
                 .and_then(|rt| rt.block_on(run(args, config)))
-                .map_or_else(report, |()| ExitCode::SUCCESS)
+                .map_or_else(|e| report(&e), |()| ExitCode::SUCCESS)
         }
     }
 }
 
-fn report(e: anyhow::Error) -> ExitCode {
+fn report(e: &anyhow::Error) -> ExitCode {
     eprintln!("limiter-agent: {e:#}");
     ExitCode::FAILURE
 }
@@ -86,8 +84,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn load(args: &RunArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        None => Config::parse(DEFAULT_CONFIG)
-            .map_err(|e| anyhow::anyhow!("built-in config: {e}"))?,
+        None => {
+            Config::parse(DEFAULT_CONFIG).map_err(|e| anyhow::anyhow!("built-in config: {e}"))?
+        }
     };
     if let Some(listen) = args.listen {
         config.listen = listen;
@@ -100,9 +99,14 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
             .parse()
             .ok()
             .filter(|u: &http::Uri| u.scheme_str() == Some("http") && u.authority().is_some())
-            .ok_or_else(|| anyhow::anyhow!("--upstream: `{upstream}` must be an http://host:port URL"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("--upstream: `{upstream}` must be an http://host:port URL")
+            })?;
     }
-    config.xdp.interfaces.extend(args.interfaces.iter().cloned());
+    config
+        .xdp
+        .interfaces
+        .extend(args.interfaces.iter().cloned());
     Ok(config)
 }
 
@@ -149,7 +153,7 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
     });
     tokio::select! {
         result = server::serve(listener, proxy, tls) => result,
-        _ = shutdown_signal() => {
+        () = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
         }

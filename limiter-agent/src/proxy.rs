@@ -61,7 +61,7 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_mins(1))
             .build(connector);
         Ok(Self {
             store: MemoryStore::new(config.max_buckets),
@@ -100,9 +100,9 @@ impl Proxy {
         let limit = self.effective_limit(&identity, tier_index);
         let window_ms = u64::try_from(tier.window.as_millis()).unwrap_or(u64::MAX);
         let now_ms = self.clock.now_ms();
-        let decision = self
-            .store
-            .decide(self.bucket(&identity, tier_index), limit, window_ms, now_ms);
+        let decision =
+            self.store
+                .decide(self.bucket(&identity, tier_index), limit, window_ms, now_ms);
         if !decision.allowed {
             tracing::debug!(tier = %tier.route, "rate limited");
             return self.too_many(&decision, window_ms, now_ms);
@@ -143,7 +143,9 @@ impl Proxy {
                 clippy::cast_sign_loss,
                 reason = "clamped to 1..=u32::MAX before the cast"
             )]
-            let scaled = (f64::from(base) * m).round().clamp(1.0, f64::from(u32::MAX)) as u32;
+            let scaled = (f64::from(base) * m)
+                .round()
+                .clamp(1.0, f64::from(u32::MAX)) as u32;
             scaled
         })
     }
@@ -187,15 +189,18 @@ impl Proxy {
         if let Ok(built) = std::mem::take(&mut uri).build() {
             parts.uri = built;
         } else {
-            return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid request target");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "invalid request target",
+            );
         }
         // HTTP/2 clients send :authority; the upstream speaks HTTP/1.1 and needs Host.
-        if !parts.headers.contains_key(header::HOST) {
-            if let Some(authority) = parts.uri.authority().cloned() {
-                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                    parts.headers.insert(header::HOST, value);
-                }
-            }
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, value);
         }
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
@@ -270,6 +275,7 @@ fn append_forwarded(headers: &mut HeaderMap, peer: Peer) {
 }
 
 /// A small JSON response.
+#[must_use]
 pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(body))
@@ -285,6 +291,7 @@ pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
 }
 
 /// A JSON error response: `{"error":{"code":…,"message":…}}`.
+#[must_use]
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json_response(status, headers::error_body(code, message))
 }

@@ -123,19 +123,17 @@ async fn connection(
         let proxy = proxy.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
     });
-    match tls {
-        Some(acceptor) => {
-            let handshake_timeout = Duration::from_secs(10);
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-            else {
-                return;
-            };
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-        None => {
+    if let Some(acceptor) = tls {
+        let handshake_timeout = Duration::from_secs(10);
+        let Ok(Ok(stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+        else {
+            return;
+        };
+        let _ = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    } else {
+        {
             // A second handle on the socket, to answer 408 after hyper gives up
             // on a client that never finished its headers (hyper just closes).
             let spare = stream
@@ -145,9 +143,13 @@ async fn connection(
             let Ok((mut spare, stream)) = spare else {
                 return;
             };
-            let result = builder.serve_connection(TokioIo::new(stream), service).await;
-            if let Err(e) = result {
-                if is_header_timeout(&*e) {
+            let result = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = result
+                && is_header_timeout(&*e)
+            {
+                {
                     let _ = spare.set_nonblocking(false);
                     let _ = spare.set_write_timeout(Some(Duration::from_secs(1)));
                     let _ = spare.write_all(&raw_response(
@@ -165,10 +167,10 @@ async fn connection(
 fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {
-        if let Some(hyper_error) = e.downcast_ref::<hyper::Error>() {
-            if hyper_error.is_timeout() {
-                return true;
-            }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
         }
         current = e.source();
     }

@@ -12,6 +12,14 @@
 //! `CLOCK_MONOTONIC` nanoseconds, the clock of `bpf_ktime_get_ns` and
 //! `bpf_ktime_get_coarse_ns`.
 #![cfg_attr(not(test), no_std)]
+#![expect(
+    clippy::inline_always,
+    reason = "helpers run per packet in the XDP program: a BPF-to-BPF call costs a call and a return"
+)]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "padding is written out as public `_pad` fields so values can be built with struct literals"
+)]
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "limiter";
@@ -350,11 +358,11 @@ mod tests {
 
     #[test]
     fn sizes_match_the_kernel_layout() {
-        assert_eq!(core::mem::size_of::<SourceKey>(), 16);
-        assert_eq!(core::mem::size_of::<Config>(), 88);
-        assert_eq!(core::mem::size_of::<SourceState>(), 40);
-        assert_eq!(core::mem::align_of::<SourceState>(), 8);
-        assert_eq!(core::mem::size_of::<Ban>(), 8);
+        assert_eq!(size_of::<SourceKey>(), 16);
+        assert_eq!(size_of::<Config>(), 88);
+        assert_eq!(size_of::<SourceState>(), 40);
+        assert_eq!(align_of::<SourceState>(), 8);
+        assert_eq!(size_of::<Ban>(), 8);
         assert_eq!(core::mem::offset_of!(Config, ipv6_mask), 16);
         assert_eq!(core::mem::offset_of!(SourceState, packets), 24);
     }

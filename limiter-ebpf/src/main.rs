@@ -7,6 +7,18 @@
 //! policy generation changed. Non-API traffic touches no hash map at all.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "every helper runs per packet: a BPF-to-BPF call costs a call and a return"
+)]
+#![expect(
+    clippy::single_match_else,
+    reason = "hit and miss of the per-source lookup are two equal paths, not a special case"
+)]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] entry point's signature is fixed by aya"
+)]
 
 mod parse;
 
@@ -102,14 +114,15 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
         Packet::Fragment => fragment(config, &source_key(config, &src)),
         Packet::Api { syn } => {
             let key = source_key(config, &src);
-            let reason = match SOURCES.get_ptr_mut(&key) {
+            let reason = match SOURCES.get_ptr_mut(key) {
                 Some(state) => account(config, unsafe { &mut *state }, &key, syn),
                 None => {
                     let mut state = SourceState::default();
+                    refresh_policy(config, &mut state, &key);
                     let reason = account(config, &mut state, &key, syn);
                     // Racing CPUs may both insert a new source; the last one wins,
                     // which costs at most one packet of accounting.
-                    let _ = SOURCES.insert(&key, &state, 0);
+                    let _ = SOURCES.insert(key, state, 0);
                     reason
                 }
             };
@@ -154,8 +167,10 @@ fn refresh_policy(config: &Config, state: &mut SourceState, key: &SourceKey) {
 /// Counts an API packet against its source and returns the reason for its verdict.
 #[inline(always)]
 fn account(config: &Config, state: &mut SourceState, key: &SourceKey, syn: bool) -> u32 {
-    // A new source has policy_gen 0, and userspace starts generations at 1.
-    if state.policy_gen != config.policy_gen || state.window_start_ns == 0 {
+    // The tries are read for a new source (by the caller) and again only when
+    // userspace has changed them: allowed and banned sources never start a
+    // window, so nothing else may trigger a re-read.
+    if state.policy_gen != config.policy_gen {
         refresh_policy(config, state, key);
     }
     if state.flags & SOURCE_ALLOWED != 0 {

@@ -1,6 +1,12 @@
 //! Shared test support: a loaded instance of the XDP program driven through
 //! `BPF_PROG_TEST_RUN` ([`xdp`]), and hand-built packets ([`packet`]).
 
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "test support panics with a message rather than returning errors"
+)]
+
+pub mod agent;
 pub mod packet;
 pub mod xdp;
 

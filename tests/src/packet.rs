@@ -7,6 +7,19 @@ pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const PSH: u8 = 0x08;
 
+/// A bare Ethernet frame: destination and source MACs, `ethertype`, then
+/// `payload` as is (for `EtherTypes` the [`Frame`] builder does not know, e.g.
+/// ARP `0x0806`).
+#[must_use]
+pub fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14 + payload.len());
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]); // dst MAC
+    out.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]); // src MAC
+    out.extend_from_slice(&ethertype.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
 /// The network layer of a frame.
 #[derive(Clone, Debug)]
 pub enum Ip {

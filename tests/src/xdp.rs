@@ -8,6 +8,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{TestRun, TestRunOptions, Xdp},
 };
+use limiter_agent::kernel::clock::ClockError;
 use limiter_common::{
     Ban, Clock, Config, GLOBAL_USE_COARSE_CLOCK, PROGRAM_NAME, SourceKey, SourceState, ipv6_mask,
     map_names, stat_index,
@@ -34,10 +35,15 @@ pub struct Harness {
 
 /// The calibrated program clock, measured once per process (the mapping from
 /// jiffies to `CLOCK_MONOTONIC` is the kernel's, shared by every instance).
+///
+/// Over one second: 100 ms cannot tell `HZ=250` from `HZ=256` (25 vs 25.6
+/// ticks), and a wrong tick makes the program's clock drift 2.3% away from
+/// `CLOCK_MONOTONIC` (see `clock_calibration_finds_the_kernel_tick_every_time`
+/// in `tests/xdp.rs`).
 fn clock(ebpf: &mut Ebpf) -> Clock {
     static CLOCK: OnceLock<Clock> = OnceLock::new();
     *CLOCK.get_or_init(|| {
-        limiter_agent::kernel::clock::calibrate(ebpf, Duration::from_millis(100))
+        limiter_agent::kernel::clock::calibrate(ebpf, Duration::from_secs(1))
             .expect("calibrating the program clock")
     })
 }
@@ -87,6 +93,12 @@ impl Harness {
             ..test_config()
         });
         harness
+    }
+
+    /// Runs the agent's clock calibration over `span` on this instance's
+    /// `limiter_clock` program (the config is left as it is).
+    pub fn calibrate_clock(&mut self, span: Duration) -> Result<Clock, ClockError> {
+        limiter_agent::kernel::clock::calibrate(&mut self.ebpf, span)
     }
 
     /// Loads the trivial `XDP_PASS` program (the benchmark baseline).
@@ -247,6 +259,16 @@ impl Harness {
                 .expect("allow trie");
         map.insert(&Key::new(prefix_len, key), 1, 0)
             .expect("writing an allow entry");
+        self.update_config(|c| c.policy_gen += 1);
+    }
+
+    /// Removes an allow-list entry and bumps the policy generation.
+    pub fn disallow(&mut self, key: SourceKey, prefix_len: u32) {
+        let mut map: LpmTrie<&mut MapData, SourceKey, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::ALLOW).expect("allow map"))
+                .expect("allow trie");
+        map.remove(&Key::new(prefix_len, key))
+            .expect("removing an allow entry");
         self.update_config(|c| c.policy_gen += 1);
     }
 }

@@ -103,7 +103,8 @@ fn main() {
     for _ in 0..args.rounds {
         let one = Args {
             rounds: 1,
-            ..args_copy(&args)
+            out: PathBuf::new(),
+            ..args
         };
         samples[0].push(looped(&trivial_h, &known, &one, XDP_PASS));
         samples[1].push(looped(&h, &non_api, &one, XDP_PASS));
@@ -145,8 +146,7 @@ fn main() {
         cases
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, ns)| ns / trivial)
-            .unwrap_or(f64::NAN)
+            .map_or(f64::NAN, |(_, ns)| ns / trivial)
     };
     for (name, target) in [("api_known_source", 4.0), ("non_api", 1.5)] {
         let r = ratio(name);
@@ -168,13 +168,4 @@ fn main() {
     )
     .expect("writing the results");
     println!("wrote {}", args.out.display());
-}
-
-fn args_copy(args: &Args) -> Args {
-    Args {
-        out: args.out.clone(),
-        rounds: args.rounds,
-        repeat: args.repeat,
-        singles: args.singles,
-    }
 }
