@@ -36,10 +36,11 @@ pub struct Harness {
 /// The calibrated program clock, measured once per process (the mapping from
 /// jiffies to `CLOCK_MONOTONIC` is the kernel's, shared by every instance).
 ///
-/// Over one second: 100 ms cannot tell `HZ=250` from `HZ=256` (25 vs 25.6
-/// ticks), and a wrong tick makes the program's clock drift 2.3% away from
-/// `CLOCK_MONOTONIC` (see `clock_calibration_finds_the_kernel_tick_every_time`
-/// in `tests/xdp.rs`).
+/// Over one second: this runs while the suite's first tests load their programs
+/// on every core, when a tick edge can be seen milliseconds late (a delayed
+/// jiffies update), and over 100 ms a 1.2 ms error already snaps `HZ=250` to
+/// `HZ=256`, after which the program's clock drifts 2.3% from `CLOCK_MONOTONIC`
+/// (`clock_calibration_finds_the_kernel_tick_every_time` in `tests/xdp.rs`).
 fn clock(ebpf: &mut Ebpf) -> Clock {
     static CLOCK: OnceLock<Clock> = OnceLock::new();
     *CLOCK.get_or_init(|| {

@@ -1083,12 +1083,12 @@ fn a_known_source_reads_the_tries_only_when_the_generation_changes() {
 
 #[test]
 fn a_banned_source_reads_the_tries_only_when_the_generation_changes() {
-    // The README promises the tries are read "only for a new source or when
-    // userspace bumps the policy generation". A banned source's entry never
-    // starts a window (window_start_ns stays 0), and `account` re-reads both
-    // tries whenever window_start_ns is 0: every packet of a banned flood costs
-    // two LPM lookups. Seen here as the trie change (without a generation bump)
-    // being picked up at once.
+    // The tries are read "only for a new source or when userspace bumps the
+    // policy generation" (README), banned sources included. A banned source's
+    // entry never starts a window (window_start_ns stays 0), and the program
+    // once re-read both tries whenever window_start_ns was 0: every packet of a
+    // banned flood cost two LPM lookups. That shows as a trie change without a
+    // generation bump being picked up at once.
     let mut h = Harness::new();
     let src = [203, 0, 113, 8];
     let key = v4(src);
@@ -1106,8 +1106,8 @@ fn a_banned_source_reads_the_tries_only_when_the_generation_changes() {
 
 #[test]
 fn an_allowed_source_reads_the_tries_only_when_the_generation_changes() {
-    // Same as for banned sources: an allowed source's entry keeps
-    // window_start_ns 0, so both tries are re-read on every packet.
+    // As for banned sources: an allowed source's entry keeps window_start_ns 0
+    // too, and must not re-read the tries on every packet either.
     let mut h = Harness::new();
     let src = [203, 0, 113, 9];
     let key = v4(src);
@@ -1462,26 +1462,27 @@ fn the_program_clock_follows_clock_monotonic() {
 
 #[test]
 fn clock_calibration_finds_the_kernel_tick_every_time() {
-    // `calibrate` divides the monotonic time between two samples by the jiffies
-    // between them and snaps the quotient to the nearest HZ. Over 100 ms (the
-    // span the harness used, "enough to tell every HZ apart") HZ=250 and HZ=256
-    // are 25 and 25.6 ticks: a span of 100-102.8 ms that holds 26 tick edges
-    // measures under 3.953 ms and snaps to HZ=256 on an HZ=250 kernel (and the
-    // like for other neighbours), after which the program's clock drifts 2.3%
-    // from CLOCK_MONOTONIC, and with it every ban deadline userspace writes.
+    // Calibration snaps the measured tick to the nearest HZ, and HZ=250 and
+    // HZ=256 are 2.3% apart: a wrong pick makes the program's clock drift 2.3%
+    // from CLOCK_MONOTONIC, and every ban deadline userspace writes with it.
+    // Tick edges can be seen a millisecond or more late (a delayed jiffies
+    // update in a VM), which over 100 ms picked the wrong HZ now and then; over
+    // the 1 s span the agent and the harness use, such an error is 0.1%.
+    // Calibrations run while the rest of the suite loads the machine must all
+    // agree with one over 3 s.
     let mut h = Harness::new();
     let reference = h
-        .calibrate_clock(Duration::from_secs(2))
-        .expect("calibrating over 2 s")
+        .calibrate_clock(Duration::from_secs(3))
+        .expect("calibrating over 3 s")
         .ns_per_jiffy;
-    let ticks: Vec<u64> = (0..20u64)
+    let ticks: Vec<u64> = (0..4u64)
         .map(|i| {
-            h.calibrate_clock(Duration::from_micros(100_000 + i * 150))
+            h.calibrate_clock(Duration::from_micros(1_000_000 + i * 150))
                 .map_or(0, |clock| clock.ns_per_jiffy)
         })
         .collect();
     assert!(
         ticks.iter().all(|&tick| tick == reference),
-        "100 ms calibrations found ticks {ticks:?}; over 2 s the tick is {reference} ns"
+        "1 s calibrations found ticks {ticks:?}; over 3 s the tick is {reference} ns"
     );
 }
