@@ -27,7 +27,50 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     build_ebpf::build(false)?;
     // The end-to-end tests run the agent binary as a real process.
     cmd::run(cmd::cargo().args(["build", "--package", "limiter-agent", "--bins"]))?;
-    cmd::run(cmd::cargo().args(["test", "--workspace", "--exclude", "limiter-ebpf"]))?;
-    eprintln!("xtask test: all checks passed");
+    let (passed, failed) = cargo_test()?;
+    // One closing line for the whole suite: cargo's own last line is that of
+    // whichever test binary ran last (often the doc tests, with no test).
+    println!("tests: {passed} passed, {failed} failed");
+    anyhow::ensure!(failed == 0 && passed > 0, "the test suite failed");
     Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and sums the per-binary results.
+fn cargo_test() -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut command = cmd::cargo();
+    command
+        .args(["test", "--workspace", "--exclude", "limiter-ebpf"])
+        .stdout(std::process::Stdio::piped());
+    eprintln!("+ cargo test --workspace --exclude limiter-ebpf");
+    let mut child = command.spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            passed += count(summary, " passed");
+            failed += count(summary, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        failed = failed.max(1);
+    }
+    Ok((passed, failed))
+}
+
+/// The number before `label` in a cargo summary like `ok. 3 passed; 0 failed; …`.
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim_start())
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
