@@ -1,6 +1,7 @@
 //! The limiter agent as a library: the modules the binary is made of, and the
 //! embedded XDP object.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -8,6 +9,7 @@ pub mod headers;
 pub mod identity;
 pub mod kernel;
 pub mod limit;
+pub mod metrics;
 pub mod object;
 pub mod proxy;
 pub mod route;

@@ -5,10 +5,12 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use clap::Parser as _;
 use limiter_agent::{
+    admin::{self, Admin},
     cli::{Cli, Command, RunArgs},
-    config::Config,
+    config::{Config, StoreKind},
     demo,
-    limit::{Clock, SystemClock},
+    limit::{Clock, Store, SystemClock},
+    metrics::{Metrics, ReloadLabels},
     proxy::Proxy,
     server,
 };
@@ -110,6 +112,9 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// How long in-flight requests get to finish after SIGTERM/SIGINT.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
     if config.xdp.enabled && !args.no_xdp {
         anyhow::bail!(
@@ -117,46 +122,108 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
              (or set [xdp] enabled = false)"
         );
     }
-    if args.demo_upstream {
+    let demo_upstream = if args.demo_upstream {
         let addr = demo::spawn("127.0.0.1:0".parse()?)
             .await
             .context("starting the demo upstream")?;
-        config.upstream = format!("http://{addr}").parse()?;
         tracing::info!(%addr, "demo upstream listening");
+        Some(format!("http://{addr}").parse::<http::Uri>()?)
+    } else {
+        None
+    };
+    if let Some(upstream) = &demo_upstream {
+        config.upstream = upstream.clone();
     }
     let tls = match &config.tls {
         Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
         None => None,
     };
+    let store: Option<Arc<dyn Store>> = match &config.store {
+        StoreKind::Memory => None,
+        StoreKind::Redis { .. } => {
+            anyhow::bail!("[store] kind = \"redis\" is not supported by this build")
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
     let local = listener.local_addr()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = %local,
+        admin = %admin_listener.local_addr()?,
         upstream = %config.upstream,
         tiers = config.tiers.len(),
         tls = tls.is_some(),
         store = ?config.store,
         "limiter-agent started"
     );
-    let proxy = Arc::new(Proxy::new(config, clock.clone())?);
-    let reclaimer = proxy.clone();
+    let metrics = Metrics::new();
+    let proxy = Arc::new(Proxy::new(config, clock, store, metrics)?);
+    let housekeeper = proxy.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tick.tick().await;
-            reclaimer.store().reclaim(clock.now_ms());
+            housekeeper.housekeeping();
         }
     });
-    tokio::select! {
-        result = server::serve(listener, proxy, tls) => result,
-        () = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+    let admin = Arc::new(Admin::new(proxy.clone(), Vec::new()));
+    tokio::spawn(admin::serve(admin_listener, admin));
+    tokio::spawn(reload_on_hangup(args, demo_upstream, proxy.clone()));
+    server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-reads the config file and swaps it in whole; a bad file is
+/// refused (logged and counted) and the running config stays.
+async fn reload_on_hangup(args: RunArgs, demo_upstream: Option<http::Uri>, proxy: Arc<Proxy>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: config reload disabled");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let result = load(&args).and_then(|mut config| {
+            if let Some(upstream) = &demo_upstream {
+                config.upstream = upstream.clone();
+            }
+            let running = proxy.state();
+            for (what, changed) in [
+                ("listen", config.listen != running.config.listen),
+                (
+                    "admin.listen",
+                    config.admin_listen != running.config.admin_listen,
+                ),
+                ("tls", config.tls != running.config.tls),
+                ("store", config.store != running.config.store),
+            ] {
+                if changed {
+                    tracing::warn!(
+                        setting = what,
+                        "changed in the file; takes effect on restart"
+                    );
+                }
+            }
+            proxy.reload(config).map_err(anyhow::Error::from)
+        });
+        let outcome = if let Err(e) = result {
+            tracing::error!("config reload refused, keeping the running config: {e:#}");
+            "error"
+        } else {
+            tracing::info!(tiers = proxy.state().config.tiers.len(), "config reloaded");
+            "ok"
+        };
+        proxy
+            .metrics()
+            .reloads
+            .get_or_create(&ReloadLabels { result: outcome })
+            .inc();
     }
 }
 

@@ -4,11 +4,12 @@
 use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hash, Hasher},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -17,12 +18,14 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
+use prometheus_client::metrics::counter::Counter;
 
 use crate::{
-    config::Config,
+    config::{Config, ConfigError, OnError},
     headers,
     identity::{Identity, IdentityResolver},
-    limit::{BucketKey, Clock, Decision, MemoryStore},
+    limit::{Ask, BucketKey, Clock, Decision, MemoryStore, Store},
+    metrics::Metrics,
     route::{RouteTable, canonicalize},
 };
 
@@ -30,16 +33,47 @@ use crate::{
 pub type Body = BoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Everything a request needs, shared by all connections.
+/// Told about every rejected request, to escalate sources that keep hammering.
+pub trait RejectionSink: Send + Sync + 'static {
+    /// `decision.rejected` counts this bucket's rejections in its window so far.
+    fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, window_ms: u64);
+}
+
+/// Everything a request needs, shared by all connections. The config half is
+/// swapped whole on reload; the store, client and metrics live across reloads.
 pub struct Proxy {
-    config: Config,
-    routes: RouteTable,
-    identity: IdentityResolver,
-    store: MemoryStore,
+    state: ArcSwap<State>,
+    store: Arc<dyn Store>,
+    /// Decides when a shared store fails and `on_error = "allow"`.
+    fallback: Option<MemoryStore>,
     clock: Arc<dyn Clock>,
     client: Client<HttpConnector, Incoming>,
-    /// Keys the bucket hash so clients cannot aim for collisions.
+    /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
+    /// process, so a reload keeps the buckets of unchanged tiers.
     hasher: RandomState,
+    metrics: Metrics,
+    rejections: Option<Arc<dyn RejectionSink>>,
+}
+
+/// The part of the proxy a reload replaces, validated as a whole.
+pub struct State {
+    pub config: Config,
+    routes: RouteTable,
+    identity: IdentityResolver,
+    tiers: Vec<TierState>,
+    unlimited: Counter,
+}
+
+/// A tier ready for the hot path.
+struct TierState {
+    /// Route and window: the same on every host and across reloads.
+    id: String,
+    /// Keyed hash of `id`, mixed into bucket keys.
+    hash: u64,
+    window_ms: u64,
+    allowed: Counter,
+    rejected: Counter,
+    store_error: Counter,
 }
 
 /// Connection facts the request path needs.
@@ -50,13 +84,26 @@ pub struct Peer {
 }
 
 impl Proxy {
-    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, crate::config::ConfigError> {
-        let routes = config.route_table()?;
-        let identity = IdentityResolver::new(
-            config.api_key_headers.clone(),
-            config.trusted_proxies.clone(),
-            config.ipv6_prefix,
-        );
+    /// A proxy deciding in `store` (the in-memory store when `None`).
+    pub fn new(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        store: Option<Arc<dyn Store>>,
+        metrics: Metrics,
+    ) -> Result<Self, ConfigError> {
+        let hasher = RandomState::new();
+        let state = State::new(config, &hasher, &metrics)?;
+        let (store, fallback) = match store {
+            Some(shared) => (
+                shared,
+                (state.config.on_error == OnError::Allow)
+                    .then(|| MemoryStore::new(state.config.max_buckets)),
+            ),
+            None => (
+                Arc::new(MemoryStore::new(state.config.max_buckets)) as Arc<dyn Store>,
+                None,
+            ),
+        };
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -64,65 +111,230 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_mins(1))
             .build(connector);
         Ok(Self {
-            store: MemoryStore::new(config.max_buckets),
-            config,
-            routes,
-            identity,
+            state: ArcSwap::from_pointee(state),
+            store,
+            fallback,
             clock,
             client,
-            hasher: RandomState::new(),
+            hasher,
+            metrics,
+            rejections: None,
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// Reports rejections to `sink` (kernel escalation).
+    #[must_use]
+    pub fn with_rejection_sink(mut self, sink: Arc<dyn RejectionSink>) -> Self {
+        self.rejections = Some(sink);
+        self
     }
 
-    pub fn store(&self) -> &MemoryStore {
-        &self.store
+    /// The config in force now.
+    #[must_use]
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Swaps in a new config: routes, tiers, identity rules, overrides and the
+    /// upstream change at once; buckets of tiers with the same route and window
+    /// keep their counts. Listener, TLS and store settings need a restart.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let state = State::new(config, &self.hasher, &self.metrics)?;
+        self.state.store(Arc::new(state));
+        Ok(())
+    }
+
+    /// Reclaims expired buckets and refreshes the store gauges (every second).
+    pub fn housekeeping(&self) {
+        let now = self.clock.now_ms();
+        self.store.reclaim(now);
+        let mut buckets = self.store.local_buckets();
+        if let Some(fallback) = &self.fallback {
+            fallback.reclaim(now);
+            buckets += fallback.len();
+        }
+        self.metrics
+            .buckets
+            .set(i64::try_from(buckets).unwrap_or(i64::MAX));
+        self.metrics
+            .store_healthy
+            .set(i64::from(self.store.healthy()));
     }
 
     /// Serves one request.
     pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let state = self.state.load_full();
         let target = req
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned());
-        let canonical = match canonicalize(&target, self.config.path_policy) {
+        let canonical = match canonicalize(&target, state.config.path_policy) {
             Ok(path) => path,
             Err(e) => return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
         };
-        let Some(tier_index) = self.routes.lookup(&canonical) else {
-            return self.forward(req, peer).await;
+        let Some(tier_index) = state.routes.lookup(&canonical) else {
+            state.unlimited.inc();
+            return self.forward(&state, req, peer).await;
         };
-        let identity = self.identity.resolve(req.headers(), peer.addr.ip());
-        let tier = &self.config.tiers[tier_index];
-        let limit = self.effective_limit(&identity, tier_index);
-        let window_ms = u64::try_from(tier.window.as_millis()).unwrap_or(u64::MAX);
+        let started = Instant::now();
+        let identity = state.identity.resolve(req.headers(), peer.addr.ip());
+        let tier = &state.tiers[tier_index];
+        let ask = Ask {
+            key: self.bucket(&identity, tier.hash),
+            tier: &tier.id,
+            identity: &identity,
+            limit: state.effective_limit(&identity, tier_index),
+            window_ms: tier.window_ms,
+        };
         let now_ms = self.clock.now_ms();
-        let decision =
-            self.store
-                .decide(self.bucket(&identity, tier_index), limit, window_ms, now_ms);
+        let decision = match self.store.decide(ask, now_ms).await {
+            Ok(decision) => decision,
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::debug!(error = %e, "store failed");
+                let Some(fallback) = &self.fallback else {
+                    tier.store_error.inc();
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "STORE_UNAVAILABLE",
+                        "The rate-limit store is unavailable; try again later.",
+                    );
+                };
+                fallback.decide(ask.key, ask.limit, ask.window_ms, now_ms)
+            }
+        };
+        self.metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
         if !decision.allowed {
-            tracing::debug!(tier = %tier.route, "rate limited");
-            return self.too_many(&decision, window_ms, now_ms);
+            tier.rejected.inc();
+            if let Some(sink) = &self.rejections {
+                sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
+            }
+            return too_many(&decision, tier.window_ms, now_ms, state.config.ietf_headers);
         }
-        let mut response = self.forward(req, peer).await;
+        tier.allowed.inc();
+        let mut response = self.forward(&state, req, peer).await;
         headers::apply(
             response.headers_mut(),
             &decision,
-            window_ms,
+            tier.window_ms,
             now_ms,
-            self.config.ietf_headers,
+            state.config.ietf_headers,
         );
         response
     }
 
-    fn bucket(&self, identity: &Identity, tier: usize) -> BucketKey {
+    fn bucket(&self, identity: &Identity, tier_hash: u64) -> BucketKey {
         let mut h = self.hasher.build_hasher();
         identity.hash(&mut h);
-        tier.hash(&mut h);
+        tier_hash.hash(&mut h);
         BucketKey(h.finish())
+    }
+
+    /// Forwards to the upstream; 502 when it can't be reached, 504 when it
+    /// doesn't answer in time. The body streams in both directions.
+    async fn forward(&self, state: &State, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let mut uri = Uri::builder()
+            .scheme("http")
+            .authority(
+                state
+                    .config
+                    .upstream
+                    .authority()
+                    .map_or("127.0.0.1", http::uri::Authority::as_str),
+            )
+            .path_and_query(path);
+        if let Ok(built) = std::mem::take(&mut uri).build() {
+            parts.uri = built;
+        } else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "invalid request target",
+            );
+        }
+        // HTTP/2 clients send :authority; the upstream speaks HTTP/1.1 and needs Host.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, value);
+        }
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        append_forwarded(&mut parts.headers, peer);
+        let request = Request::from_parts(parts, body);
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(state.config.upstream_timeout, self.client.request(request)).await;
+        self.metrics
+            .upstream_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UPSTREAM_TIMEOUT",
+                "The upstream did not answer in time.",
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "UPSTREAM_UNAVAILABLE",
+                    "The upstream could not be reached.",
+                )
+            }
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(Into::into).boxed())
+            }
+        }
+    }
+}
+
+impl State {
+    fn new(config: Config, hasher: &RandomState, metrics: &Metrics) -> Result<Self, ConfigError> {
+        let routes = config.route_table()?;
+        let identity = IdentityResolver::new(
+            config.api_key_headers.clone(),
+            config.trusted_proxies.clone(),
+            config.ipv6_prefix,
+        );
+        let tiers = config
+            .tiers
+            .iter()
+            .map(|tier| {
+                let window_ms = u64::try_from(tier.window.as_millis()).unwrap_or(u64::MAX);
+                let id = format!("{}|{window_ms}", tier.route);
+                TierState {
+                    hash: hasher.hash_one(&id),
+                    id,
+                    window_ms,
+                    allowed: metrics.request_counter(&tier.route, "allowed"),
+                    rejected: metrics.request_counter(&tier.route, "rejected"),
+                    store_error: metrics.request_counter(&tier.route, "store_error"),
+                }
+            })
+            .collect();
+        Ok(Self {
+            unlimited: metrics.request_counter("none", "unlimited"),
+            config,
+            routes,
+            identity,
+            tiers,
+        })
     }
 
     /// The tier's limit, or the key's override of it.
@@ -149,85 +361,20 @@ impl Proxy {
             scaled
         })
     }
+}
 
-    fn too_many(&self, decision: &Decision, window_ms: u64, now_ms: u64) -> Response<Body> {
-        let retry = headers::retry_after_secs(decision, now_ms);
-        let mut response = json_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            headers::too_many_requests_body(retry),
-        );
-        headers::apply(
-            response.headers_mut(),
-            decision,
-            window_ms,
-            now_ms,
-            self.config.ietf_headers,
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry));
-        response
-    }
-
-    /// Forwards to the upstream; 502 when it can't be reached, 504 when it
-    /// doesn't answer in time. The body streams in both directions.
-    async fn forward(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let mut uri = Uri::builder()
-            .scheme("http")
-            .authority(
-                self.config
-                    .upstream
-                    .authority()
-                    .map_or("127.0.0.1", http::uri::Authority::as_str),
-            )
-            .path_and_query(path);
-        if let Ok(built) = std::mem::take(&mut uri).build() {
-            parts.uri = built;
-        } else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                "invalid request target",
-            );
-        }
-        // HTTP/2 clients send :authority; the upstream speaks HTTP/1.1 and needs Host.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, value);
-        }
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        append_forwarded(&mut parts.headers, peer);
-        let request = Request::from_parts(parts, body);
-        match tokio::time::timeout(self.config.upstream_timeout, self.client.request(request)).await
-        {
-            Err(_) => error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "UPSTREAM_TIMEOUT",
-                "The upstream did not answer in time.",
-            ),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    "UPSTREAM_UNAVAILABLE",
-                    "The upstream could not be reached.",
-                )
-            }
-            Ok(Ok(response)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(Into::into).boxed())
-            }
-        }
-    }
+/// The 429: the exact body, `Retry-After` and the limit headers.
+fn too_many(decision: &Decision, window_ms: u64, now_ms: u64, ietf: bool) -> Response<Body> {
+    let retry = headers::retry_after_secs(decision, now_ms);
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        headers::too_many_requests_body(retry),
+    );
+    headers::apply(response.headers_mut(), decision, window_ms, now_ms, ietf);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    response
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),

@@ -7,7 +7,10 @@ use anyhow::Context as _;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -51,50 +54,77 @@ fn raw_response(status: &str, code: &str, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Accepts connections forever.
+/// Accepts connections until `shutdown` completes, then stops accepting, asks
+/// every open connection to finish its in-flight requests (HTTP/1 closes after
+/// the current response, HTTP/2 sends GOAWAY) and waits up to `drain` for them.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) -> anyhow::Result<()> {
-    let config = proxy.config();
-    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let (max_connections, header_read_timeout, max_header_bytes) = {
+        let state = proxy.state();
+        (
+            state.config.max_connections,
+            state.config.header_read_timeout,
+            state.config.max_header_bytes,
+        )
+    };
+    let slots = Arc::new(Semaphore::new(max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(8192))
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(max_header_bytes.max(8192))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            proxy.metrics().connections_refused.inc();
             tokio::spawn(refuse(stream));
             continue;
         };
         let proxy = proxy.clone();
         let builder = builder.clone();
         let tls = tls.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
-            connection(stream, addr, proxy, builder, tls).await;
+            connection(stream, addr, proxy, &builder, tls, watcher).await;
         });
     }
+    drop(listener);
+    tracing::info!(deadline = ?drain, "draining open connections");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the drain deadline; closing them");
+    }
+    Ok(())
 }
 
 async fn refuse(mut stream: tokio::net::TcpStream) {
@@ -112,8 +142,9 @@ async fn connection(
     stream: tokio::net::TcpStream,
     addr: SocketAddr,
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: &auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
+    watcher: Watcher,
 ) {
     let peer = Peer {
         addr,
@@ -129,8 +160,8 @@ async fn connection(
         else {
             return;
         };
-        let _ = builder
-            .serve_connection(TokioIo::new(stream), service)
+        let _ = watcher
+            .watch(builder.serve_connection(TokioIo::new(stream), service))
             .await;
     } else {
         {
@@ -143,8 +174,8 @@ async fn connection(
             let Ok((mut spare, stream)) = spare else {
                 return;
             };
-            let result = builder
-                .serve_connection(TokioIo::new(stream), service)
+            let result = watcher
+                .watch(builder.serve_connection(TokioIo::new(stream), service))
                 .await;
             if let Err(e) = result
                 && is_header_timeout(&*e)

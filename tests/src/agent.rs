@@ -6,6 +6,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -37,31 +38,100 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str) {
+fn wait_for_port(addr: SocketAddr, process: &mut Process, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut stderr = String::new();
-            if let Some(err) = child.stderr.take() {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    stderr.push_str(&line);
-                    stderr.push('\n');
-                }
-            }
-            panic!("{what} exited with {status} before listening on {addr}:\n{stderr}");
+        if let Ok(Some(status)) = process.child.try_wait() {
+            // Give the drain thread a moment to collect the last lines.
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "{what} exited with {status} before listening on {addr}:\n{}",
+                process.log()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{what} did not listen on {addr} within 15 s");
 }
 
-/// A child process killed when dropped.
+/// A child process, killed when dropped. Its stderr is collected in the
+/// background (so a chatty child never blocks on a full pipe).
 pub struct Process {
     child: Child,
     pub addr: SocketAddr,
+    /// The agent's admin listener.
+    pub admin: Option<SocketAddr>,
+    /// The agent's config file (rewrite it and send SIGHUP to reload).
+    pub config_path: Option<PathBuf>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Process {
+    fn spawn(mut command: Command, addr: SocketAddr, what: &str) -> Self {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap_or_else(PoisonError::into_inner);
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut process = Self {
+            child,
+            addr,
+            admin: None,
+            config_path: None,
+            log,
+        };
+        wait_for_port(addr, &mut process, what);
+        process
+    }
+
+    /// Everything the process wrote to stderr so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits i32");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its status, or None.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
 }
 
 impl Drop for Process {
@@ -77,19 +147,14 @@ pub fn demo_upstream() -> Process {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
         .parse()
         .expect("address");
-    let mut child = Command::new(agent_binary())
-        .args(["demo-upstream", "--listen", &addr.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the demo upstream");
-    wait_for_port(addr, &mut child, "the demo upstream");
-    Process { child, addr }
+    let mut command = Command::new(agent_binary());
+    command.args(["demo-upstream", "--listen", &addr.to_string()]);
+    Process::spawn(command, addr, "the demo upstream")
 }
 
-/// Starts the agent with `config` (TOML text; `[server] listen` is overridden
-/// by a free port, and `upstream` by `upstream` when given), without XDP.
+/// Starts the agent with `config` (TOML text; `[server] listen` and the admin
+/// listener are overridden by free ports, and `upstream` by `upstream` when
+/// given), without XDP.
 #[must_use]
 pub fn agent(config: &str, upstream: Option<SocketAddr>, extra: &[&str]) -> Process {
     let dir = std::env::temp_dir().join(format!(
@@ -103,22 +168,24 @@ pub fn agent(config: &str, upstream: Option<SocketAddr>, extra: &[&str]) -> Proc
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
         .parse()
         .expect("address");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
     let mut command = Command::new(agent_binary());
     command
         .args(["run", "--no-xdp", "--config"])
         .arg(&path)
         .args(["--listen", &addr.to_string()])
+        .args(["--admin", &admin.to_string()])
         .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("RUST_LOG", "info");
     if let Some(upstream) = upstream {
         command.args(["--upstream", &format!("http://{upstream}")]);
     }
-    let mut child = command.spawn().expect("starting the agent");
-    wait_for_port(addr, &mut child, "the agent");
-    Process { child, addr }
+    let mut process = Process::spawn(command, addr, "the agent");
+    process.admin = Some(admin);
+    process.config_path = Some(path);
+    process
 }
 
 /// The reference tier table (`examples/concurred.toml`).

@@ -1,4 +1,4 @@
-//! Fixed-window rate-limit decisions and the embedded, sharded in-memory bucket store.
+//! The embedded store: a sharded in-memory map of fixed-window buckets.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -7,90 +7,9 @@ use std::{
         Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-/// Time source, injected so tests are exact and instant. Milliseconds since the Unix epoch; must never go backwards.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> u64;
-}
-
-/// The real clock: the Unix time at construction plus a monotonic `Instant` elapsed since (so it never jumps back).
-#[derive(Debug)]
-pub struct SystemClock {
-    epoch_ms: u64,
-    start: Instant,
-}
-
-impl SystemClock {
-    #[must_use]
-    pub fn new() -> Self {
-        // A wall clock before 1970 is a broken host; 0 keeps the arithmetic total.
-        let epoch_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self {
-            epoch_ms,
-            start: Instant::now(),
-        }
-    }
-}
-
-impl Default for SystemClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.epoch_ms.saturating_add(elapsed)
-    }
-}
-
-/// A clock tests move by hand (interior mutability, `AtomicU64`).
-#[derive(Debug)]
-pub struct FakeClock(AtomicU64);
-
-impl FakeClock {
-    #[must_use]
-    pub fn new(start_ms: u64) -> Self {
-        Self(AtomicU64::new(start_ms))
-    }
-
-    pub fn advance(&self, ms: u64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-
-    /// Sets the time; keeping it non-decreasing is the test's job.
-    pub fn set(&self, ms: u64) {
-        self.0.store(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for FakeClock {
-    fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Identifies a bucket: a keyed hash of (client identity, tier), computed by the caller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct BucketKey(pub u64);
-
-/// The outcome of one request against one bucket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub allowed: bool,
-    pub limit: u32,
-    /// Requests left in the window after this one (0 when rejected).
-    pub remaining: u32,
-    /// When the window resets, Unix ms.
-    pub reset_ms: u64,
-    /// Rejected requests in this window so far, including this one if rejected.
-    pub rejected: u32,
-}
+use super::{Ask, BucketKey, Decision, Store, StoreFuture};
 
 /// Reset times are kept in 43 bits (up to year 2248); later ones saturate.
 const RESET_BITS: u32 = 43;
@@ -435,6 +354,21 @@ impl MemoryStore {
     }
 }
 
+impl Store for MemoryStore {
+    fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a> {
+        let decision = MemoryStore::decide(self, ask.key, ask.limit, ask.window_ms, now_ms);
+        Box::pin(std::future::ready(Ok(decision)))
+    }
+
+    fn reclaim(&self, now_ms: u64) {
+        MemoryStore::reclaim(self, now_ms);
+    }
+
+    fn local_buckets(&self) -> usize {
+        self.len()
+    }
+}
+
 /// Nothing panics between two consistent states under the lock (short of allocation failure,
 /// which aborts), so a poisoned shard is still sound and keeps serving.
 fn lock(slot: &Slot) -> MutexGuard<'_, Shard> {
@@ -443,9 +377,12 @@ fn lock(slot: &Slot) -> MutexGuard<'_, Shard> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
     use proptest::prelude::*;
 
     use super::*;
+    use crate::limit::{Clock as _, FakeClock, SystemClock};
 
     const T0: u64 = 1_706_540_000_000;
     const KEY: BucketKey = BucketKey(0x1234_5678_9abc_def0);

@@ -1,0 +1,137 @@
+//! The admin listener (localhost by default): `/healthz`, `/metrics`
+//! (Prometheus text) and `/status` (JSON).
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::proxy::Proxy;
+
+/// Adds a section to `/status` (the kernel side reports its interfaces, ceilings, bans).
+pub trait StatusReport: Send + Sync + 'static {
+    /// The section's key in the `/status` object.
+    fn name(&self) -> &'static str;
+    fn report(&self) -> serde_json::Value;
+}
+
+/// What the admin endpoints read.
+pub struct Admin {
+    proxy: Arc<Proxy>,
+    started: Instant,
+    sections: Vec<Arc<dyn StatusReport>>,
+}
+
+impl Admin {
+    #[must_use]
+    pub fn new(proxy: Arc<Proxy>, sections: Vec<Arc<dyn StatusReport>>) -> Self {
+        Self {
+            proxy,
+            started: Instant::now(),
+            sections,
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let state = self.proxy.state();
+        let config = &state.config;
+        let tiers: Vec<_> = config
+            .tiers
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "route": t.route,
+                    "limit": t.limit.get(),
+                    "window_seconds": t.window.as_secs_f64(),
+                })
+            })
+            .collect();
+        let mut status = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "listen": config.listen.to_string(),
+            "upstream": config.upstream.to_string(),
+            "store": {
+                "kind": match config.store {
+                    crate::config::StoreKind::Memory => "memory",
+                    crate::config::StoreKind::Redis { .. } => "redis",
+                },
+                "healthy": self.proxy.metrics().store_healthy.get() == 1,
+                "local_buckets": self.proxy.metrics().buckets.get(),
+            },
+            "tiers": tiers,
+        });
+        for section in &self.sections {
+            status[section.name()] = section.report();
+        }
+        status
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            );
+        }
+        match req.uri().path() {
+            "/healthz" => text(
+                StatusCode::OK,
+                "application/json",
+                r#"{"status":"ok"}"#.into(),
+            ),
+            "/metrics" => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.proxy.metrics().encode(),
+            ),
+            "/status" => text(
+                StatusCode::OK,
+                "application/json",
+                format!("{:#}\n", self.status()),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /healthz, /metrics or /status\n".into(),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// Serves the admin endpoints until the task is dropped.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let response = admin.respond(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,256 @@
+//! Prometheus metrics: request decisions per tier, latency histograms, store
+//! health, reloads, and (when the kernel side is attached) the XDP counters,
+//! read from the maps at scrape time.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// Labels of `limiter_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The tier's route, or `none` for unmatched paths.
+    pub tier: String,
+    /// `allowed`, `rejected` (429), `unlimited` (no tier) or `store_error` (503).
+    pub decision: &'static str,
+}
+
+/// Labels of `limiter_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// What the kernel side reports at scrape time.
+pub trait KernelStats: Send + Sync + std::fmt::Debug + 'static {
+    /// `(verdict, reason, packets)` summed over CPUs.
+    fn xdp_packets(&self) -> Vec<(&'static str, &'static str, u64)>;
+    /// Ban entries whose deadline has not passed.
+    fn bans_active(&self) -> u64;
+}
+
+/// Every metric the agent exports. Cheap handles: clones share the values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub decision_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    pub store_errors: Counter,
+    pub store_healthy: Gauge,
+    pub buckets: Gauge,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub connections_refused: Counter,
+    pub escalations: Counter,
+    kernel: Arc<OnceLock<Arc<dyn KernelStats>>>,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "limiter_requests",
+            "Requests by tier and decision",
+            requests.clone(),
+        );
+        // 10 µs .. ~80 ms: decisions are microseconds in memory, a round trip with Redis.
+        let decision_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 14));
+        registry.register(
+            "limiter_decision_duration_seconds",
+            "Time to decide one request (store lookup included)",
+            decision_seconds.clone(),
+        );
+        // 100 µs .. ~52 s: until the upstream's response headers.
+        let upstream_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        registry.register(
+            "limiter_upstream_duration_seconds",
+            "Time until the upstream's response headers",
+            upstream_seconds.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "limiter_store_errors",
+            "Store calls that failed or timed out",
+            store_errors.clone(),
+        );
+        let store_healthy = Gauge::default();
+        store_healthy.set(1);
+        registry.register(
+            "limiter_store_healthy",
+            "1 when the store answers, 0 while it is down",
+            store_healthy.clone(),
+        );
+        let buckets = Gauge::default();
+        registry.register(
+            "limiter_buckets",
+            "Live buckets held in this agent's memory",
+            buckets.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "limiter_config_reloads",
+            "Config reloads (SIGHUP) by result",
+            reloads.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "limiter_connections_refused",
+            "Connections answered 503 because the connection cap was reached",
+            connections_refused.clone(),
+        );
+        let escalations = Counter::default();
+        registry.register(
+            "limiter_escalations",
+            "Sources banned in the kernel for ignoring 429s",
+            escalations.clone(),
+        );
+        let kernel: Arc<OnceLock<Arc<dyn KernelStats>>> = Arc::default();
+        registry.register_collector(Box::new(KernelCollector(kernel.clone())));
+        Self {
+            requests,
+            decision_seconds,
+            upstream_seconds,
+            store_errors,
+            store_healthy,
+            buckets,
+            reloads,
+            connections_refused,
+            escalations,
+            kernel,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The counter for one tier and decision (resolve once, keep the handle).
+    #[must_use]
+    pub fn request_counter(&self, tier: &str, decision: &'static str) -> Counter {
+        self.requests
+            .get_or_create(&RequestLabels {
+                tier: tier.to_owned(),
+                decision,
+            })
+            .clone()
+    }
+
+    /// Adds the kernel counters to every later scrape (once; later calls are ignored).
+    pub fn set_kernel(&self, stats: Arc<dyn KernelStats>) {
+        let _ = self.kernel.set(stats);
+    }
+
+    /// The Prometheus text exposition.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Reads the kernel counters at scrape time.
+#[derive(Debug)]
+struct KernelCollector(Arc<OnceLock<Arc<dyn KernelStats>>>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdpLabels {
+    verdict: &'static str,
+    reason: &'static str,
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = self.0.get() else {
+            return Ok(());
+        };
+        let packets = stats.xdp_packets();
+        let mut family = encoder.encode_descriptor(
+            "limiter_xdp_packets",
+            "Packets seen by the XDP program, by verdict and reason (all CPUs)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (verdict, reason, value) in packets {
+            let labels = XdpLabels { verdict, reason };
+            let metric = family.encode_family(&labels)?;
+            ConstCounter::new(value).encode(metric)?;
+        }
+        let bans = ConstGauge::new(i64::try_from(stats.bans_active()).unwrap_or(i64::MAX));
+        let metric = encoder.encode_descriptor(
+            "limiter_bans_active",
+            "Kernel bans in force",
+            None,
+            bans.metric_type(),
+        )?;
+        bans.encode(metric)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed;
+
+    impl KernelStats for Fixed {
+        fn xdp_packets(&self) -> Vec<(&'static str, &'static str, u64)> {
+            vec![("drop", "banned", 7), ("pass", "api", 3)]
+        }
+
+        fn bans_active(&self) -> u64 {
+            2
+        }
+    }
+
+    #[test]
+    fn exposition_has_the_design_names() {
+        let metrics = Metrics::new();
+        metrics.request_counter("/api/chat", "allowed").inc();
+        metrics.request_counter("/api/chat", "rejected").inc_by(2);
+        metrics.store_errors.inc();
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"limiter_requests_total{tier="/api/chat",decision="allowed"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"limiter_requests_total{tier="/api/chat",decision="rejected"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains("limiter_store_errors_total 1"), "{text}");
+        assert!(
+            text.contains("limiter_decision_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("limiter_xdp_packets"),
+            "no kernel side yet: {text}"
+        );
+        metrics.set_kernel(Arc::new(Fixed));
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"limiter_xdp_packets_total{verdict="drop",reason="banned"} 7"#),
+            "{text}"
+        );
+        assert!(text.contains("limiter_bans_active 2"), "{text}");
+    }
+}
