@@ -188,6 +188,28 @@ pub fn agent(config: &str, upstream: Option<SocketAddr>, extra: &[&str]) -> Proc
     process
 }
 
+/// A config with one tier, XDP off, and `extra_server` lines in `[server]`.
+#[must_use]
+pub fn small_config(route: &str, limit: u32, window: &str, extra_server: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n{extra_server}\n[xdp]\nenabled = false\n\n[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}\"\n"
+    )
+}
+
+/// Sends raw bytes and returns everything the agent answers before closing.
+#[must_use]
+pub fn raw_request(addr: SocketAddr, request: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// The reference tier table (`examples/concurred.toml`).
 #[must_use]
 pub fn reference_config() -> String {

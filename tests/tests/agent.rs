@@ -7,7 +7,8 @@ use std::{
 };
 
 use limiter_tests::agent::{
-    Process, agent, agent_binary, demo_upstream, free_port, reference_config,
+    Process, agent, agent_binary, demo_upstream, free_port, raw_request, reference_config,
+    small_config,
 };
 use reqwest::{Client, Response, StatusCode};
 
@@ -43,25 +44,6 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
-}
-
-fn small_config(route: &str, limit: u32, window: &str, extra_server: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:1\"\n{extra_server}\n[xdp]\nenabled = false\n\n[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}\"\n"
-    )
-}
-
-/// Sends raw bytes and returns everything the agent answers before closing.
-fn raw_request(addr: SocketAddr, request: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream.write_all(request.as_bytes()).expect("write");
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 async fn get(client: &Client, url: &str, headers: &[(&str, &str)]) -> Response {

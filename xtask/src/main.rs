@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod cmd;
+mod run;
 mod setup;
 mod test;
 
@@ -21,6 +22,8 @@ enum Command {
     Setup(setup::Options),
     /// Build the XDP object; prints its path as the last line.
     BuildEbpf(build_ebpf::Options),
+    /// Build and run the agent on examples/concurred.toml with the demo upstream.
+    Run(run::Options),
     /// The whole test suite: setup, fmt, clippy, every test.
     Test(test::Options),
     /// Benchmarks; results go to target/bench/<name>.json.
@@ -31,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup(options) => setup::run(&options),
         Command::BuildEbpf(options) => build_ebpf::run(&options),
+        Command::Run(options) => run::run(&options),
         Command::Test(options) => test::run(&options),
         Command::Bench(options) => bench::run(&options),
     }

@@ -1,0 +1,339 @@
+//! End to end, the operational side of the agent: connection and header limits,
+//! per-key overrides, the admin listener, SIGHUP reloads and graceful shutdown.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use limiter_tests::agent::{Process, agent, demo_upstream, raw_request, small_config};
+use reqwest::{Client, StatusCode};
+use sha2::Digest as _;
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTP client")
+}
+
+fn url(agent: &Process, path: &str) -> String {
+    format!("http://{}{path}", agent.addr)
+}
+
+fn admin(agent: &Process, path: &str) -> String {
+    format!(
+        "http://{}{path}",
+        agent.admin.expect("agent has an admin listener")
+    )
+}
+
+async fn status_of(client: &Client, url: &str, key: Option<&str>) -> (StatusCode, Option<u64>) {
+    let mut request = client.get(url);
+    if let Some(key) = key {
+        request = request.header("x-api-key", key);
+    }
+    let response = request.send().await.expect("request");
+    let limit = response
+        .headers()
+        .get("x-ratelimit-limit")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (response.status(), limit)
+}
+
+/// Requests until the first 429; returns how many were admitted.
+async fn admitted(client: &Client, url: &str, key: Option<&str>, at_most: u32) -> u32 {
+    for i in 0..at_most {
+        let (status, _) = status_of(client, url, key).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return i;
+        }
+        assert_eq!(status, StatusCode::OK);
+    }
+    at_most
+}
+
+#[test]
+fn oversized_headers_get_431_and_slow_headers_get_408() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config(
+            "/api/chat",
+            5,
+            "1m",
+            "max_header_bytes = 4096\nheader_read_timeout = \"1s\"",
+        ),
+        Some(upstream.addr),
+        &[],
+    );
+    let big = "a".repeat(8192);
+    let answer = raw_request(
+        agent.addr,
+        &format!("GET /api/chat HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n"),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "oversized headers: {answer:?}"
+    );
+
+    // A client that starts a request and never finishes its headers.
+    let mut slow = TcpStream::connect(agent.addr).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    slow.write_all(b"GET /api/chat HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let waited = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "slow headers: {answer:?}"
+    );
+    assert!(answer.contains("REQUEST_TIMEOUT"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "408 after {waited:?}"
+    );
+
+    // The agent is still serving.
+    let ok = raw_request(
+        agent.addr,
+        "GET /api/chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+}
+
+#[test]
+fn connections_over_the_cap_get_503_and_the_cap_frees_up() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 50, "1m", "max_connections = 2"),
+        Some(upstream.addr),
+        &[],
+    );
+    // Two idle keep-alive connections hold both slots.
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(agent.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /api/chat HTTP/1.1\r\nhost: x\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).expect("first response");
+            assert_eq!(&buf, b"HTTP/1.1 200");
+            s
+        })
+        .collect();
+    let refused = raw_request(
+        agent.addr,
+        "GET /api/chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains(r#""code":"OVERLOADED""#), "{refused}");
+    held.clear();
+    std::thread::sleep(Duration::from_millis(200));
+    let served = raw_request(
+        agent.addr,
+        "GET /api/chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+}
+
+#[tokio::test]
+async fn key_overrides_raise_and_set_limits() {
+    let upstream = demo_upstream();
+    let hex = |key: &str| format!("{:x}", sha2::Sha256::digest(key.as_bytes()));
+    let config = format!(
+        "{}\n[[tier]]\nroute = \"/api/v1/vision\"\nlimit = 4\nwindow = \"1m\"\n\n\
+         [[key]]\nkey_sha256 = \"{}\"\nmultiplier = 3\n\n\
+         [[key]]\nkey_sha256 = \"{}\"\nlimits = {{ \"/api/v1/vision\" = 1 }}\n",
+        small_config("/api/chat", 2, "1m", ""),
+        hex("enterprise"),
+        hex("trial"),
+    );
+    let agent = agent(&config, Some(upstream.addr), &[]);
+    let client = client();
+    let chat = url(&agent, "/api/chat");
+    let vision = url(&agent, "/api/v1/vision");
+    assert_eq!(admitted(&client, &chat, Some("enterprise"), 20).await, 6);
+    assert_eq!(admitted(&client, &vision, Some("enterprise"), 20).await, 12);
+    assert_eq!(admitted(&client, &chat, Some("trial"), 20).await, 2);
+    assert_eq!(admitted(&client, &vision, Some("trial"), 20).await, 1);
+    assert_eq!(admitted(&client, &chat, Some("anyone"), 20).await, 2);
+    let (_, limit) = status_of(&client, &vision, Some("enterprise")).await;
+    assert_eq!(limit, Some(12), "the header shows the key's own limit");
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_health_metrics_and_status() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 2, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    assert_eq!(
+        admitted(&client, &url(&agent, "/api/chat"), None, 5).await,
+        2
+    );
+    let _ = status_of(&client, &url(&agent, "/elsewhere"), None).await;
+
+    let health = client.get(admin(&agent, "/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    let metrics = client.get(admin(&agent, "/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.unwrap();
+    for line in [
+        r#"limiter_requests_total{tier="/api/chat",decision="allowed"} 2"#,
+        r#"limiter_requests_total{tier="/api/chat",decision="rejected"} 1"#,
+        r#"limiter_requests_total{tier="none",decision="unlimited"} 1"#,
+        "limiter_decision_duration_seconds_count 3",
+        "limiter_upstream_duration_seconds_count 3",
+        "limiter_store_errors_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+
+    let status: serde_json::Value = client
+        .get(admin(&agent, "/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["tiers"][0]["route"], "/api/chat");
+    assert_eq!(status["tiers"][0]["limit"], 2);
+    assert_eq!(status["store"]["kind"], "memory");
+    assert_eq!(status["listen"], agent.addr.to_string());
+}
+
+#[tokio::test]
+async fn sighup_reloads_keeping_counts_and_refuses_a_broken_file() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 3, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let chat = url(&agent, "/api/chat");
+    assert_eq!(
+        admitted(&client, &chat, None, 2).await,
+        2,
+        "two of three used"
+    );
+    let path = agent.config_path.clone().expect("config path");
+
+    // Same route and window, higher limit, one more tier: the count carries over.
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[[tier]]\nroute = \"/api/v1/vision\"\nlimit = 1\nwindow = \"1m\"\n",
+            small_config("/api/chat", 5, "1m", "")
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for_log(&agent, "config reloaded");
+    assert_eq!(
+        admitted(&client, &chat, None, 10).await,
+        3,
+        "5 - 2 already used"
+    );
+    let vision = url(&agent, "/api/v1/vision");
+    assert_eq!(
+        admitted(&client, &vision, None, 5).await,
+        1,
+        "new tier live"
+    );
+
+    // A broken file is refused; the running config stays.
+    std::fs::write(&path, small_config("/api/chat", 0, "1m", "")).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for_log(&agent, "config reload refused");
+    assert!(
+        agent.log().contains("tier[0].limit"),
+        "the refusal names the field:\n{}",
+        agent.log()
+    );
+    let (status, limit) = status_of(&client, &vision, None).await;
+    assert_eq!(
+        (status, limit),
+        (StatusCode::TOO_MANY_REQUESTS, Some(1)),
+        "old config still in force"
+    );
+    let metrics = client
+        .get(admin(&agent, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"limiter_config_reloads_total{result="error"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"limiter_config_reloads_total{result="ok"} 1"#),
+        "{metrics}"
+    );
+}
+
+fn wait_for_log(agent: &Process, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if agent.log().contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no `{needle}` in the agent's log:\n{}", agent.log());
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    let upstream = demo_upstream();
+    let mut agent = agent(
+        &small_config("/api/v1/chat/completions", 60, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = client();
+    let mut stream = client
+        .post(url(&agent, "/api/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(r#"{"stream": true}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stream.status(), StatusCode::OK);
+    let first = stream.chunk().await.expect("chunk").expect("first event");
+    agent.signal(libc::SIGTERM);
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = stream.chunk().await.expect("the stream completes") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(
+        text.matches("data: ").count(),
+        5,
+        "every event arrived: {text}"
+    );
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("the agent exits after draining");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        TcpStream::connect_timeout(&agent.addr, Duration::from_millis(300)).is_err(),
+        "the listener is closed"
+    );
+}
