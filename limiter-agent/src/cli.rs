@@ -21,6 +21,35 @@ pub enum Command {
         /// The TOML config file.
         file: PathBuf,
     },
+    /// Show the kernel side from the pinned maps: mode, interfaces, ports,
+    /// ceilings, top sources, bans, drop counters (works without a running agent).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Sources to list, by packets in their current window.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ban an address or network at the API ports, in the pinned maps.
+    Ban {
+        #[command(flatten)]
+        target: Target,
+        /// `IP` or `IP/LEN`.
+        net: String,
+        /// How long: "90s", "10m", "1h"…
+        #[arg(long = "for")]
+        duration: String,
+    },
+    /// Lift a ban set by `ban` or by escalation.
+    Unban {
+        #[command(flatten)]
+        target: Target,
+        /// `IP` or `IP/LEN`, as banned.
+        net: String,
+    },
     /// Serve only the built-in stand-in upstream (what --demo-upstream runs in-process).
     #[command(hide = true)]
     DemoUpstream {
@@ -53,4 +82,18 @@ pub struct RunArgs {
     /// Attach XDP to this interface (repeatable; adds to [xdp] interfaces).
     #[arg(long = "interface")]
     pub interfaces: Vec<String>,
+    /// Pin directory name under /sys/fs/bpf/limiter/ (overrides [xdp] instance).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Leave XDP attached when the agent exits (overrides [xdp] persist).
+    #[arg(long)]
+    pub persist: bool,
+}
+
+/// Which agent instance a maps command acts on.
+#[derive(clap::Args, Debug)]
+pub struct Target {
+    /// The instance (pin directory under /sys/fs/bpf/limiter/).
+    #[arg(long, default_value = "default")]
+    pub instance: String,
 }

@@ -189,6 +189,22 @@ pub struct XdpSection {
     pub ban_seconds: u64,
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Names the pin directory `/sys/fs/bpf/limiter/<instance>/`.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    /// Leave the program attached (links pinned) when the agent exits.
+    #[serde(default)]
+    pub persist: bool,
+    /// Escalate clients identified by API key to a ban of their source address
+    /// (off: behind a shared NAT that would ban everyone else too).
+    #[serde(default)]
+    pub ban_keyed_clients: bool,
+    /// Cap on an escalation ban, which doubles with each repeat offence.
+    #[serde(default = "default_max_ban_seconds")]
+    pub max_ban_seconds: u64,
+    /// Consecutive seconds over a ceiling before the kernel bans a source itself.
+    #[serde(default = "default_autoban_after")]
+    pub autoban_after_seconds: u16,
 }
 
 type RawXdp = XdpSection;
@@ -205,6 +221,11 @@ impl Default for XdpSection {
             escalate_after_rejections: 0,
             ban_seconds: default_ban_seconds(),
             allow: Vec::new(),
+            instance: default_instance(),
+            persist: false,
+            ban_keyed_clients: false,
+            max_ban_seconds: default_max_ban_seconds(),
+            autoban_after_seconds: default_autoban_after(),
         }
     }
 }
@@ -220,6 +241,25 @@ fn default_mode() -> String {
 }
 fn default_ban_seconds() -> u64 {
     60
+}
+fn default_instance() -> String {
+    "default".into()
+}
+fn default_max_ban_seconds() -> u64 {
+    3600
+}
+fn default_autoban_after() -> u16 {
+    3
+}
+
+/// Whether `name` can name a pin directory (letters, digits, `-`, `_`).
+#[must_use]
+pub fn valid_instance(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +511,21 @@ impl RawConfig {
         }
         for (i, a) in xdp.allow.iter().enumerate() {
             cidr(&format!("xdp.allow[{i}]"), a)?;
+        }
+        if !valid_instance(&xdp.instance) {
+            return Err(invalid(
+                "xdp.instance",
+                "use 1 to 64 letters, digits, `-` or `_`",
+            ));
+        }
+        if xdp.ban_seconds == 0 {
+            return Err(invalid("xdp.ban_seconds", "must be at least 1"));
+        }
+        if xdp.max_ban_seconds < xdp.ban_seconds {
+            return Err(invalid(
+                "xdp.max_ban_seconds",
+                "must be at least xdp.ban_seconds",
+            ));
         }
         if self.tier.is_empty() {
             return Err(invalid("tier", "at least one [[tier]] is required"));

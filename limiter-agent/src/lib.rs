@@ -11,6 +11,7 @@ pub mod kernel;
 pub mod limit;
 pub mod metrics;
 pub mod object;
+pub mod ops;
 pub mod proxy;
 pub mod route;
 pub mod server;

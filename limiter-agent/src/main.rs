@@ -5,12 +5,14 @@ use std::{process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use clap::Parser as _;
 use limiter_agent::{
-    admin::{self, Admin},
+    admin::{self, Admin, StatusReport},
     cli::{Cli, Command, RunArgs},
     config::{Config, StoreKind},
     demo,
+    kernel::{Escalation, Kernel},
     limit::{Clock, Store, SystemClock},
     metrics::{Metrics, ReloadLabels},
+    ops,
     proxy::Proxy,
     server,
 };
@@ -55,6 +57,15 @@ fn main() -> ExitCode {
                 })
             })
             .map_or_else(|e| report(&e), |()| ExitCode::SUCCESS),
+        Command::Status { target, top, json } => {
+            maps_command(|| ops::status(&target.instance, top, json))
+        }
+        Command::Ban {
+            target,
+            net,
+            duration,
+        } => maps_command(|| ops::ban(&target.instance, &net, &duration)),
+        Command::Unban { target, net } => maps_command(|| ops::unban(&target.instance, &net)),
         Command::Run(args) => {
             let config = match load(&args) {
                 Ok(config) => config,
@@ -66,6 +77,22 @@ fn main() -> ExitCode {
             runtime()
                 .and_then(|rt| rt.block_on(run(args, config)))
                 .map_or_else(|e| report(&e), |()| ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs a command on the pinned maps: bad input exits 64, a missing or
+/// unreadable pin 1.
+fn maps_command(f: impl FnOnce() -> Result<(), ops::OpsError>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ops::OpsError::Usage(_)) => {
+            eprintln!("limiter-agent: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("limiter-agent: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -105,10 +132,22 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
                 anyhow::anyhow!("--upstream: `{upstream}` must be an http://host:port URL")
             })?;
     }
-    config
-        .xdp
-        .interfaces
-        .extend(args.interfaces.iter().cloned());
+    for interface in &args.interfaces {
+        if !config.xdp.interfaces.contains(interface) {
+            config.xdp.interfaces.push(interface.clone());
+        }
+    }
+    if let Some(instance) = &args.instance {
+        anyhow::ensure!(
+            limiter_agent::config::valid_instance(instance),
+            "--instance: use 1 to 64 letters, digits, `-` or `_`"
+        );
+        config.xdp.instance.clone_from(instance);
+    }
+    config.xdp.persist |= args.persist;
+    if args.no_xdp {
+        config.xdp.enabled = false;
+    }
     Ok(config)
 }
 
@@ -116,12 +155,6 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
-    if config.xdp.enabled && !args.no_xdp {
-        anyhow::bail!(
-            "the kernel fast path is not wired into the agent yet: run with --no-xdp \
-             (or set [xdp] enabled = false)"
-        );
-    }
     let demo_upstream = if args.demo_upstream {
         let addr = demo::spawn("127.0.0.1:0".parse()?)
             .await
@@ -163,26 +196,90 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
         "limiter-agent started"
     );
     let metrics = Metrics::new();
-    let proxy = Arc::new(Proxy::new(config, clock, store, metrics)?);
-    let housekeeper = proxy.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            housekeeper.housekeeping();
-        }
-    });
-    let admin = Arc::new(Admin::new(proxy.clone(), Vec::new()));
+    let kernel = start_kernel(&config, &metrics).await?;
+    let escalation = kernel
+        .as_ref()
+        .map(|k| Arc::new(Escalation::new(k.clone(), &config, metrics.clone())));
+    let mut proxy = Proxy::new(config, clock, store, metrics)?;
+    if let Some(escalation) = &escalation {
+        proxy = proxy.with_rejection_sink(escalation.clone());
+    }
+    let proxy = Arc::new(proxy);
+    spawn_housekeeping(proxy.clone(), kernel.clone(), escalation.clone());
+    let sections: Vec<Arc<dyn StatusReport>> = kernel
+        .iter()
+        .map(|k| k.clone() as Arc<dyn StatusReport>)
+        .collect();
+    let admin = Arc::new(Admin::new(proxy.clone(), sections));
     tokio::spawn(admin::serve(admin_listener, admin));
-    tokio::spawn(reload_on_hangup(args, demo_upstream, proxy.clone()));
-    server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await?;
+    tokio::spawn(reload_on_hangup(
+        args,
+        demo_upstream,
+        proxy.clone(),
+        kernel.clone(),
+        escalation,
+    ));
+    let served = server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await;
+    if let Some(kernel) = &kernel {
+        kernel.shutdown();
+    }
+    served?;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// Loads and attaches the XDP program unless it is off.
+async fn start_kernel(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<Arc<Kernel>>> {
+    if !config.xdp.enabled {
+        tracing::info!("kernel fast path off (--no-xdp or [xdp] enabled = false)");
+        return Ok(None);
+    }
+    let config = config.clone();
+    let kernel = tokio::task::spawn_blocking(move || {
+        Kernel::start(
+            &config,
+            &config.xdp.instance,
+            &config.xdp.interfaces,
+            config.xdp.persist,
+        )
+    })
+    .await?
+    .context("starting the kernel fast path (run as root, or use --no-xdp)")?;
+    let kernel = Arc::new(kernel);
+    metrics.set_kernel(kernel.clone());
+    Ok(Some(kernel))
+}
+
+/// Once a second: expired buckets, bans and offenders; store and bucket gauges.
+fn spawn_housekeeping(
+    proxy: Arc<Proxy>,
+    kernel: Option<Arc<Kernel>>,
+    escalation: Option<Arc<Escalation>>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            proxy.housekeeping();
+            if let Some(kernel) = &kernel {
+                kernel.housekeeping();
+            }
+            if let Some(escalation) = &escalation {
+                escalation.housekeeping();
+            }
+        }
+    });
+}
+
 /// SIGHUP: re-reads the config file and swaps it in whole; a bad file is
 /// refused (logged and counted) and the running config stays.
-async fn reload_on_hangup(args: RunArgs, demo_upstream: Option<http::Uri>, proxy: Arc<Proxy>) {
+async fn reload_on_hangup(
+    args: RunArgs,
+    demo_upstream: Option<http::Uri>,
+    proxy: Arc<Proxy>,
+    kernel: Option<Arc<Kernel>>,
+    escalation: Option<Arc<Escalation>>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         tracing::warn!("no SIGHUP handler: config reload disabled");
@@ -202,6 +299,18 @@ async fn reload_on_hangup(args: RunArgs, demo_upstream: Option<http::Uri>, proxy
                 ),
                 ("tls", config.tls != running.config.tls),
                 ("store", config.store != running.config.store),
+                (
+                    "xdp.interfaces",
+                    config.xdp.interfaces != running.config.xdp.interfaces,
+                ),
+                (
+                    "xdp.instance",
+                    config.xdp.instance != running.config.xdp.instance,
+                ),
+                (
+                    "xdp.enabled",
+                    config.xdp.enabled != running.config.xdp.enabled,
+                ),
             ] {
                 if changed {
                     tracing::warn!(
@@ -210,7 +319,16 @@ async fn reload_on_hangup(args: RunArgs, demo_upstream: Option<http::Uri>, proxy
                     );
                 }
             }
-            proxy.reload(config).map_err(anyhow::Error::from)
+            proxy.reload(config.clone())?;
+            if let Some(kernel) = &kernel {
+                kernel
+                    .sync(&config)
+                    .context("pushing the new config to the kernel")?;
+            }
+            if let Some(escalation) = &escalation {
+                escalation.update(&config);
+            }
+            Ok(())
         });
         let outcome = if let Err(e) = result {
             tracing::error!("config reload refused, keeping the running config: {e:#}");

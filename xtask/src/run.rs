@@ -1,5 +1,6 @@
 //! `cargo xtask run`: builds the agent and runs it on the reference config with
-//! the built-in demo upstream, listening on 127.0.0.1:8080.
+//! the built-in demo upstream, listening on 127.0.0.1:8080, with the XDP
+//! program attached to `lo` (generic mode; needs root, `-- --no-xdp` without).
 
 use crate::{cmd, setup};
 
@@ -17,7 +18,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         cmd::cargo()
             .args(["run", "--package", "limiter-agent", "--", "run", "--config"])
             .arg(root.join("examples/concurred.toml"))
-            .args(["--demo-upstream", "--no-xdp"])
+            .arg("--demo-upstream")
             .args(&options.args),
     )
 }

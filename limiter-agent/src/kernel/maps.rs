@@ -1,0 +1,319 @@
+//! Typed access to the program's maps, from a freshly loaded object or from
+//! the pins under `/sys/fs/bpf/limiter/<instance>/`. Nothing else in the agent
+//! touches raw map handles.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+};
+use ipnet::IpNet;
+use limiter_common::{
+    Ban, Config, SourceKey, SourceState, V4_MAPPED_PREFIX_LEN, map_names, reason, stat_index,
+    verdict,
+};
+
+/// A map could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// No pinned map at the path: no agent ever ran with this instance.
+    #[error(
+        "no pinned map at {0} (is the agent running, or was it ever started with this instance?)"
+    )]
+    NotPinned(PathBuf),
+    /// The object lacks a map the agent needs (a build mismatch).
+    #[error("the XDP object has no `{0}` map")]
+    Missing(&'static str),
+    /// A map syscall failed.
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// The five maps of one instance.
+pub struct Maps {
+    config: Array<MapData, Config>,
+    sources: HashMap<MapData, SourceKey, SourceState>,
+    allow: LpmTrie<MapData, SourceKey, u8>,
+    bans: LpmTrie<MapData, SourceKey, Ban>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// One source's current window, as `status` shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceView {
+    pub addr: IpAddr,
+    pub state: SourceState,
+}
+
+/// One entry of the ban trie.
+#[derive(Clone, Copy, Debug)]
+pub struct BanView {
+    pub net: IpNet,
+    pub until_ns: u64,
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
+        Self::from_maps(
+            take(map_names::CONFIG)?,
+            take(map_names::SOURCES)?,
+            take(map_names::ALLOW)?,
+            take(map_names::BANS)?,
+            take(map_names::STATS)?,
+        )
+    }
+
+    /// Opens the maps pinned in `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        let open = |name: &'static str| {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(MapsError::NotPinned(path));
+            }
+            MapData::from_pin(&path).map_err(map_err(name))
+        };
+        Self::from_maps(
+            Map::Array(open(map_names::CONFIG)?),
+            Map::LruHashMap(open(map_names::SOURCES)?),
+            Map::LpmTrie(open(map_names::ALLOW)?),
+            Map::LpmTrie(open(map_names::BANS)?),
+            Map::PerCpuArray(open(map_names::STATS)?),
+        )
+    }
+
+    fn from_maps(
+        config: Map,
+        sources: Map,
+        allow: Map,
+        bans: Map,
+        stats: Map,
+    ) -> Result<Self, MapsError> {
+        Ok(Self {
+            config: Array::try_from(config).map_err(map_err(map_names::CONFIG))?,
+            sources: HashMap::try_from(sources).map_err(map_err(map_names::SOURCES))?,
+            allow: LpmTrie::try_from(allow).map_err(map_err(map_names::ALLOW))?,
+            bans: LpmTrie::try_from(bans).map_err(map_err(map_names::BANS))?,
+            stats: PerCpuArray::try_from(stats).map_err(map_err(map_names::STATS))?,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, MapsError> {
+        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Writes `config`, first bumping `policy_gen` past the one in the map so
+    /// every source re-reads the tries (a `ban` from another process may have
+    /// bumped it meanwhile).
+    pub fn write_config(&mut self, config: &Config) -> Result<(), MapsError> {
+        let current = self.config()?;
+        let config = Config {
+            policy_gen: current
+                .policy_gen
+                .max(config.policy_gen)
+                .wrapping_add(1)
+                .max(1),
+            ..*config
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
+    fn bump_policy(&mut self) -> Result<(), MapsError> {
+        let config = self.config()?;
+        self.write_config(&config)
+    }
+
+    /// Bans `net` until `until_ns` (`CLOCK_MONOTONIC`). IPv6 bans are widened
+    /// to `ipv6_prefix`: the program looks sources up at that grouping.
+    pub fn ban(&mut self, net: IpNet, until_ns: u64, ipv6_prefix: u8) -> Result<IpNet, MapsError> {
+        let net = widen(net, ipv6_prefix);
+        self.bans
+            .insert(&trie_key(net), Ban { until_ns }, 0)
+            .map_err(map_err(map_names::BANS))?;
+        self.bump_policy()?;
+        Ok(net)
+    }
+
+    /// Lifts the ban on exactly `net` (as widened by [`Maps::ban`]); false if none.
+    pub fn unban(&mut self, net: IpNet, ipv6_prefix: u8) -> Result<bool, MapsError> {
+        let net = widen(net, ipv6_prefix);
+        match self.bans.remove(&trie_key(net)) {
+            Ok(()) => {
+                self.bump_policy()?;
+                Ok(true)
+            }
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_err(map_names::BANS)(e)),
+        }
+    }
+
+    /// Every ban entry, expired ones included.
+    pub fn bans(&self) -> Vec<BanView> {
+        self.bans
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, ban)| BanView {
+                net: from_trie_key(&key),
+                until_ns: ban.until_ns,
+            })
+            .collect()
+    }
+
+    /// Removes bans that ended before `now_ns`; how many.
+    pub fn remove_expired_bans(&mut self, now_ns: u64) -> usize {
+        let expired: Vec<_> = self
+            .bans()
+            .into_iter()
+            .filter(|b| b.until_ns <= now_ns)
+            .collect();
+        let mut removed = 0;
+        for ban in expired {
+            if self.bans.remove(&trie_key(ban.net)).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Replaces the allow list with `nets` (IPv6 entries widened like bans).
+    pub fn set_allow(&mut self, nets: &[IpNet], ipv6_prefix: u8) -> Result<(), MapsError> {
+        let wanted: Vec<IpNet> = nets.iter().map(|n| widen(*n, ipv6_prefix)).collect();
+        let present: Vec<IpNet> = self
+            .allow
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| from_trie_key(&k))
+            .collect();
+        for net in present.iter().filter(|n| !wanted.contains(n)) {
+            let _ = self.allow.remove(&trie_key(*net));
+        }
+        for net in &wanted {
+            self.allow
+                .insert(&trie_key(*net), 1, 0)
+                .map_err(map_err(map_names::ALLOW))?;
+        }
+        Ok(())
+    }
+
+    /// The allow list.
+    pub fn allow_list(&self) -> Vec<IpNet> {
+        self.allow
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| from_trie_key(&k))
+            .collect()
+    }
+
+    /// Live source entries (LRU order is the kernel's; sort as needed).
+    pub fn sources(&self) -> Vec<SourceView> {
+        self.sources
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, state)| SourceView {
+                addr: source_addr(&key),
+                state,
+            })
+            .collect()
+    }
+
+    /// The state of one source (as the program keys it).
+    #[must_use]
+    pub fn source(&self, addr: IpAddr, ipv6_prefix: u8) -> Option<SourceState> {
+        let key = match widen(IpNet::from(addr), ipv6_prefix) {
+            IpNet::V4(n) => SourceKey::from_v4(n.addr().octets()),
+            IpNet::V6(n) => SourceKey::from_v6(n.network().octets()),
+        };
+        self.sources.get(&key, 0).ok()
+    }
+
+    /// Packets by (verdict, reason), summed over CPUs; zero rows included.
+    #[must_use]
+    pub fn stats(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for v in 0..verdict::COUNT {
+            for r in 0..reason::COUNT {
+                let sum = self
+                    .stats
+                    .get(&stat_index(v, r), 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
+                out.push((verdict::NAMES[v as usize], reason::NAMES[r as usize], sum));
+            }
+        }
+        out
+    }
+}
+
+/// IPv6 networks longer than the grouping prefix are cut to it.
+fn widen(net: IpNet, ipv6_prefix: u8) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() > ipv6_prefix => {
+            IpNet::V6(ipnet::Ipv6Net::new(n.addr(), ipv6_prefix).map_or(n, |w| w.trunc()))
+        }
+        other => other.trunc(),
+    }
+}
+
+fn trie_key(net: IpNet) -> Key<SourceKey> {
+    match net {
+        IpNet::V4(n) => Key::new(
+            V4_MAPPED_PREFIX_LEN + u32::from(n.prefix_len()),
+            SourceKey::from_v4(n.network().octets()),
+        ),
+        IpNet::V6(n) => Key::new(
+            u32::from(n.prefix_len()),
+            SourceKey::from_v6(n.network().octets()),
+        ),
+    }
+}
+
+fn source_addr(key: &SourceKey) -> IpAddr {
+    key.as_v4()
+        .map_or_else(|| IpAddr::from(key.addr), IpAddr::from)
+}
+
+fn from_trie_key(key: &Key<SourceKey>) -> IpNet {
+    let data = key.data();
+    let len = key.prefix_len();
+    match data.as_v4() {
+        Some(v4) if len >= V4_MAPPED_PREFIX_LEN => {
+            IpNet::new(IpAddr::from(v4), (len - V4_MAPPED_PREFIX_LEN) as u8)
+        }
+        _ => IpNet::new(IpAddr::from(data.addr), len.min(128) as u8),
+    }
+    .unwrap_or_else(|_| IpNet::from(IpAddr::from(data.addr)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trie_keys_round_trip_and_v6_is_widened() {
+        for text in ["10.1.2.3/32", "10.1.0.0/16", "2001:db8::/48", "0.0.0.0/0"] {
+            let net: IpNet = text.parse().unwrap();
+            assert_eq!(from_trie_key(&trie_key(widen(net, 64))), net, "{text}");
+        }
+        let host: IpNet = "2001:db8:1:2:3:4:5:6/128".parse().unwrap();
+        assert_eq!(
+            widen(host, 64),
+            "2001:db8:1:2::/64".parse::<IpNet>().unwrap()
+        );
+        let v4: IpNet = "10.1.2.3/24".parse().unwrap();
+        assert_eq!(widen(v4, 64), "10.1.2.0/24".parse::<IpNet>().unwrap());
+    }
+}

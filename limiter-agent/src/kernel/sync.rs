@@ -1,0 +1,146 @@
+//! The agent's config as the program sees it: API ports, ceilings (derived
+//! from the tier table when left at 0), IPv6 grouping, mode, auto-ban.
+
+use ipnet::IpNet;
+use limiter_common::{Clock, mode};
+
+use crate::config::Config;
+
+/// Packets a client sends for one request at most on a fresh connection (SYN,
+/// ACK, request, ACKs of the response, FIN, final ACK) with room for
+/// retransmissions and a modest body.
+pub const PACKETS_PER_REQUEST: u32 = 10;
+/// Floors of the derived ceilings, so small tables don't cut normal use of
+/// unlimited routes.
+pub const MIN_PACKETS_PER_SECOND: u32 = 1000;
+pub const MIN_SYNS_PER_SECOND: u32 = 100;
+
+/// Requests one client may legitimately send within one second: every tier's
+/// whole quota (fixed windows allow a window's quota as one burst).
+#[must_use]
+pub fn burst_requests(config: &Config) -> u32 {
+    config
+        .tiers
+        .iter()
+        .map(|t| t.limit.get())
+        .fold(0u32, u32::saturating_add)
+}
+
+/// `max_packets_per_second`, or when 0: `max(1000, 10 × Σ tier limits)`.
+#[must_use]
+pub fn packet_ceiling(config: &Config) -> u32 {
+    match config.xdp.max_packets_per_second {
+        0 => burst_requests(config)
+            .saturating_mul(PACKETS_PER_REQUEST)
+            .max(MIN_PACKETS_PER_SECOND),
+        set => set,
+    }
+}
+
+/// `max_syns_per_second`, or when 0: `max(100, 2 × Σ tier limits)` (a new
+/// connection per request, each SYN possibly retransmitted once).
+#[must_use]
+pub fn syn_ceiling(config: &Config) -> u32 {
+    match config.xdp.max_syns_per_second {
+        0 => burst_requests(config)
+            .saturating_mul(2)
+            .max(MIN_SYNS_PER_SECOND),
+        set => set,
+    }
+}
+
+/// The API ports: `[xdp] ports`, or the listen port.
+#[must_use]
+pub fn ports(config: &Config) -> Vec<u16> {
+    if config.xdp.ports.is_empty() {
+        vec![config.listen.port()]
+    } else {
+        config.xdp.ports.clone()
+    }
+}
+
+/// The program's config for `config`, keeping `clock` (calibrated once per boot).
+#[must_use]
+pub fn kernel_config(config: &Config, clock: Clock) -> limiter_common::Config {
+    let mut out = limiter_common::Config {
+        ipv6_mask: limiter_common::ipv6_mask(config.ipv6_prefix),
+        window_ns: 1_000_000_000,
+        autoban_ns: config.xdp.ban_seconds.saturating_mul(1_000_000_000),
+        clock,
+        max_packets: packet_ceiling(config),
+        max_syns: syn_ceiling(config),
+        policy_gen: 1,
+        autoban_after_windows: config.xdp.autoban_after_seconds,
+        mode: if config.xdp.mode == "observe" {
+            mode::OBSERVE
+        } else {
+            mode::ENFORCE
+        },
+        ..limiter_common::Config::default()
+    };
+    for (slot, port) in out.ports.iter_mut().zip(ports(config)) {
+        *slot = port.to_be();
+    }
+    out
+}
+
+/// `[xdp] allow` as networks (validated when the config was loaded).
+#[must_use]
+pub fn allow_list(config: &Config) -> Vec<IpNet> {
+    config
+        .xdp
+        .allow
+        .iter()
+        .filter_map(|a| super::parse_net(a).ok())
+        .collect()
+}
+
+/// Rejections in one window after which a client is banned in the kernel:
+/// `escalate_after_rejections`, or when 0 the bucket's own limit (a client
+/// that collected as many 429s as it had requests is not reading them), at
+/// least 10.
+#[must_use]
+pub fn escalation_threshold(config: &Config, limit: u32) -> u32 {
+    match config.xdp.escalate_after_rejections {
+        0 => limit.max(10),
+        set => set,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_ceilings_follow_the_reference_table() {
+        let config = Config::parse(include_str!("../../../examples/concurred.toml")).unwrap();
+        // 120 + 60 + 60 + 60 + 30 + 30 + 40 + 10
+        assert_eq!(burst_requests(&config), 410);
+        assert_eq!(packet_ceiling(&config), 4100);
+        assert_eq!(syn_ceiling(&config), 820);
+        assert_eq!(ports(&config), vec![8080]);
+        let k = kernel_config(&config, Clock::default());
+        assert_eq!(k.ports[0], 8080u16.to_be());
+        assert_eq!(k.ports[1], 0);
+        assert_eq!(k.max_packets, 4100);
+        assert_eq!(k.mode, mode::ENFORCE);
+        assert_eq!(k.autoban_ns, 60_000_000_000);
+        assert_eq!(escalation_threshold(&config, 60), 60);
+        assert_eq!(escalation_threshold(&config, 3), 10);
+    }
+
+    #[test]
+    fn explicit_values_win_and_small_tables_get_the_floors() {
+        let text = "[server]\nlisten = \"127.0.0.1:8080\"\n[xdp]\nports = [443, 8443]\nmax_syns_per_second = 7\n\
+                    mode = \"observe\"\nescalate_after_rejections = 4\n\
+                    [[tier]]\nroute = \"/a\"\nlimit = 5\nwindow = \"1m\"\n";
+        let config = Config::parse(text).unwrap();
+        assert_eq!(packet_ceiling(&config), MIN_PACKETS_PER_SECOND);
+        assert_eq!(syn_ceiling(&config), 7);
+        assert_eq!(ports(&config), vec![443, 8443]);
+        let k = kernel_config(&config, Clock::default());
+        assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
+        assert_eq!(k.mode, mode::OBSERVE);
+        assert_eq!(escalation_threshold(&config, 100), 4);
+    }
+}
