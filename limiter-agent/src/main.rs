@@ -177,6 +177,9 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
             anyhow::bail!("[store] kind = \"redis\" is not supported by this build")
         }
     };
+    // The kernel side first: once the listener accepts, XDP is in place.
+    let metrics = Metrics::new();
+    let kernel = start_kernel(&config, &metrics).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -195,8 +198,6 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
         store = ?config.store,
         "limiter-agent started"
     );
-    let metrics = Metrics::new();
-    let kernel = start_kernel(&config, &metrics).await?;
     let escalation = kernel
         .as_ref()
         .map(|k| Arc::new(Escalation::new(k.clone(), &config, metrics.clone())));

@@ -38,10 +38,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(addr: SocketAddr, process: &mut Process, what: &str) {
+fn wait_for_port(
+    addr: SocketAddr,
+    process: &mut Process,
+    what: &str,
+    probe: &dyn Fn(SocketAddr) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if probe(addr) {
             return;
         }
         if let Ok(Some(status)) = process.child.try_wait() {
@@ -70,7 +75,19 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(mut command: Command, addr: SocketAddr, what: &str) -> Self {
+    fn spawn(command: Command, addr: SocketAddr, what: &str) -> Self {
+        Self::spawn_with_probe(command, addr, what, |addr| {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+    }
+
+    /// Spawns `command` and waits until `probe(addr)` says it is listening.
+    pub fn spawn_with_probe(
+        mut command: Command,
+        addr: SocketAddr,
+        what: &str,
+        probe: impl Fn(SocketAddr) -> bool,
+    ) -> Self {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -95,7 +112,7 @@ impl Process {
             config_path: None,
             log,
         };
-        wait_for_port(addr, &mut process, what);
+        wait_for_port(addr, &mut process, what, &probe);
         process
     }
 

@@ -1,0 +1,475 @@
+//! Network namespaces for end-to-end tests of the kernel side: a host running
+//! the agent, a client and an attacker, each joined to the host by a veth
+//! pair. Everything is removed on drop, also when a test fails; nothing is
+//! attached to or sent through the machine's own interfaces.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use crate::agent::{Process, agent_binary, free_port};
+
+/// Host-side interfaces: `hc` faces the client, `ha` the attacker.
+pub const HOST_CLIENT_IF: &str = "hc";
+pub const HOST_ATTACKER_IF: &str = "ha";
+pub const HOST_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 1, 1);
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 1, 2);
+pub const HOST_ATTACKER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 2, 1);
+pub const ATTACKER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 2, 2);
+/// The agent's listen port inside the host namespace.
+pub const API_PORT: u16 = 8080;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running `ip` (iproute2 installed?): {e}"));
+    assert!(
+        output.status.success(),
+        "`ip {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// One network namespace, by name.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (network only:
+    /// the mount namespace, and so /sys/fs/bpf, stays the test's).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .expect("thread in the namespace panicked")
+    }
+
+    /// Output of `cmd args…` run inside this namespace (network only).
+    #[must_use]
+    pub fn output(&self, cmd: &str, args: &[&str]) -> String {
+        let mut command = Command::new(cmd);
+        command.args(args);
+        self.enter_on_exec(&mut command);
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+        assert!(
+            output.status.success(),
+            "`{cmd} {}` in {} failed: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Makes `command` enter this network namespace just before it execs.
+    pub fn enter_on_exec(&self, command: &mut Command) {
+        let file = std::fs::File::open(self.path()).expect("namespace file");
+        // SAFETY: setns(2) is async-signal-safe; `file` is moved into the closure
+        // and stays open until the exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+}
+
+fn enter(path: &std::path::Path) {
+    let file = std::fs::File::open(path).expect("namespace file");
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// The three namespaces and their links. Dropping it deletes them all, the
+/// instance's pins and run-state file too.
+pub struct Topology {
+    pub host: Netns,
+    pub client: Netns,
+    pub attacker: Netns,
+    /// The agent instance name (pin directory) for this topology.
+    pub instance: String,
+}
+
+impl Topology {
+    #[must_use]
+    pub fn new() -> Self {
+        crate::require_root("network-namespace tests");
+        let id = format!(
+            "{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let topology = Self {
+            host: Netns {
+                name: format!("lim-h{id}"),
+            },
+            client: Netns {
+                name: format!("lim-c{id}"),
+            },
+            attacker: Netns {
+                name: format!("lim-a{id}"),
+            },
+            instance: format!("test{id}"),
+        };
+        for ns in [&topology.host, &topology.client, &topology.attacker] {
+            ip(&["netns", "add", &ns.name]);
+            ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        }
+        let h = &topology.host.name;
+        for (host_if, peer, peer_if, host_addr, peer_addr) in [
+            (
+                HOST_CLIENT_IF,
+                &topology.client.name,
+                "vc",
+                HOST_CLIENT_ADDR,
+                CLIENT_ADDR,
+            ),
+            (
+                HOST_ATTACKER_IF,
+                &topology.attacker.name,
+                "va",
+                HOST_ATTACKER_ADDR,
+                ATTACKER_ADDR,
+            ),
+        ] {
+            ip(&[
+                "-n", h, "link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns",
+                peer,
+            ]);
+            ip(&[
+                "-n",
+                h,
+                "addr",
+                "add",
+                &format!("{host_addr}/24"),
+                "dev",
+                host_if,
+            ]);
+            ip(&["-n", h, "link", "set", host_if, "up"]);
+            ip(&[
+                "-n",
+                peer,
+                "addr",
+                "add",
+                &format!("{peer_addr}/24"),
+                "dev",
+                peer_if,
+            ]);
+            ip(&["-n", peer, "link", "set", peer_if, "up"]);
+        }
+        // Carrier comes up asynchronously; frames sent before it are refused.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for (ns, interface) in [
+            (&topology.host, HOST_CLIENT_IF),
+            (&topology.host, HOST_ATTACKER_IF),
+            (&topology.client, "vc"),
+            (&topology.attacker, "va"),
+        ] {
+            while !ns
+                .output("ip", &["-o", "link", "show", "dev", interface])
+                .contains("state UP")
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{interface} in {} never came up",
+                    ns.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        topology
+    }
+
+    /// Starts the agent in the host namespace on `API_PORT`, with `config`
+    /// (its `[xdp] interfaces` should name `hc`/`ha`), this topology's
+    /// instance, the in-process demo upstream, and `extra` arguments.
+    #[must_use]
+    pub fn agent(&self, config: &str, extra: &[&str]) -> Process {
+        let dir = std::env::temp_dir().join(format!("limiter-{}", self.instance));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("limiter.toml");
+        if !path.exists() {
+            std::fs::write(&path, config).expect("writing the config");
+        }
+        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let mut command = Command::new(agent_binary());
+        command
+            .args(["run", "--demo-upstream", "--config"])
+            .arg(&path)
+            .args(["--listen", &format!("0.0.0.0:{API_PORT}")])
+            .args(["--admin", &admin.to_string()])
+            .args(["--instance", &self.instance])
+            .args(extra)
+            .env("RUST_LOG", "info");
+        self.host.enter_on_exec(&mut command);
+        let target = SocketAddr::from((HOST_CLIENT_ADDR, API_PORT));
+        let client = self.client.clone();
+        let mut process = Process::spawn_with_probe(command, target, "the agent", move |addr| {
+            client
+                .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
+        });
+        process.admin = Some(admin);
+        process.config_path = Some(path);
+        process
+    }
+
+    /// `limiter-agent ARGS… --instance <this>` in the test's own namespace;
+    /// (success, stdout + stderr).
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let output = Command::new(agent_binary())
+            .args(args)
+            .args(["--instance", &self.instance])
+            .output()
+            .expect("running limiter-agent");
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    }
+
+    /// The host interface's `ip link` line (shows `xdp`/`xdpgeneric` when attached).
+    #[must_use]
+    pub fn link(&self, interface: &str) -> String {
+        self.host.output("ip", &["link", "show", "dev", interface])
+    }
+
+    /// `bpftool map dump pinned` of one of this instance's maps.
+    #[must_use]
+    pub fn dump(&self, map: &str) -> String {
+        let path = format!("/sys/fs/bpf/limiter/{}/{map}", self.instance);
+        let output = Command::new("bpftool")
+            .args(["map", "dump", "pinned", &path])
+            .output()
+            .expect("running bpftool (installed by cargo xtask setup)");
+        assert!(
+            output.status.success(),
+            "bpftool map dump pinned {path}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.host, &self.client, &self.attacker] {
+            let _ = Command::new("ip").args(["netns", "del", &ns.name]).status();
+        }
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{}", self.instance));
+        let _ = std::fs::remove_file(format!("/run/limiter/{}.json", self.instance));
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("limiter-{}", self.instance)),
+        );
+    }
+}
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` on a fresh connection from inside `ns`; Err when the connection
+/// can't be made or nothing comes back within `timeout`.
+pub fn get(
+    ns: &Netns,
+    addr: SocketAddrV4,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<HttpResponse> {
+    let path = path.to_owned();
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n"
+        )?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw)?;
+        parse_response(&raw).ok_or_else(|| std::io::Error::other(format!("bad response: {raw:?}")))
+    })
+}
+
+fn parse_response(raw: &str) -> Option<HttpResponse> {
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Some(HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+/// Whether a TCP connection to `addr` from `ns` completes within `timeout`.
+#[must_use]
+pub fn connects(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> bool {
+    ns.run(move || TcpStream::connect_timeout(&addr.into(), timeout).is_ok())
+}
+
+/// Sends `count` TCP SYNs from the attacker's veth to the host's API port, as
+/// fast as one thread can, from rotating source ports; returns how long it took.
+#[must_use]
+pub fn syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
+    let dst_mac = mac(host, HOST_ATTACKER_IF);
+    let src_mac = mac(attacker, "va");
+    attacker.run(move || {
+        // SAFETY: plain socket(2) call; the fd is closed below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from(u16::to_be(0x0003)), // ETH_P_ALL
+            )
+        };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let name = std::ffi::CString::new("va").expect("interface name");
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "no interface va");
+        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = i32::try_from(ifindex).expect("ifindex fits i32");
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&dst_mac);
+        let started = std::time::Instant::now();
+        for i in 0..count {
+            let frame = syn_frame(src_mac, dst_mac, 20_000 + (i % 40_000) as u16, i);
+            // SAFETY: frame and address are valid for the lengths given.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert!(sent >= 0, "sendto: {}", std::io::Error::last_os_error());
+        }
+        let took = started.elapsed();
+        // SAFETY: closing the fd we opened.
+        unsafe { libc::close(fd) };
+        took
+    })
+}
+
+fn mac(ns: &Netns, interface: &str) -> [u8; 6] {
+    // /sys shows the test's own namespace; ask ip instead.
+    let out = ns.output("ip", &["-o", "link", "show", "dev", interface]);
+    let field = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("a MAC address");
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(field.split(':')) {
+        *byte = u8::from_str_radix(part, 16).expect("hex byte");
+    }
+    mac
+}
+
+/// Ethernet + IPv4 + TCP SYN from the attacker to the host's API port, with
+/// valid checksums.
+fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], sport: u16, seq: u32) -> Vec<u8> {
+    let src = ATTACKER_ADDR.octets();
+    let dst = HOST_ATTACKER_ADDR.octets();
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&API_PORT.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = crate::packet::SYN;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let sum = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::with_capacity(54);
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -1,0 +1,397 @@
+//! End to end with the kernel side: the agent attached by XDP to veth pairs in
+//! network namespaces it shares with a client and an attacker (see
+//! `limiter_tests::netns`). Root needed; every namespace is removed on drop.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    time::{Duration, Instant},
+};
+
+use limiter_tests::netns::{
+    API_PORT, ATTACKER_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF, HOST_CLIENT_ADDR,
+    HOST_CLIENT_IF, Topology, connects, get, syn_flood,
+};
+
+const SHORT: Duration = Duration::from_secs(1);
+
+fn api(addr: Ipv4Addr) -> SocketAddrV4 {
+    SocketAddrV4::new(addr, API_PORT)
+}
+
+fn config(tier_limit: u32, xdp_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"0.0.0.0:{API_PORT}\"\n\n[xdp]\ninterfaces = [\"{HOST_CLIENT_IF}\", \"{HOST_ATTACKER_IF}\"]\n{xdp_extra}\n\n\
+         [[tier]]\nroute = \"/api/chat\"\nlimit = {tier_limit}\nwindow = \"1m\"\n"
+    )
+}
+
+/// `status --json` of the topology's instance.
+fn status(topology: &Topology) -> serde_json::Value {
+    let (ok, text) = topology.cli(&["status", "--json"]);
+    assert!(ok, "status failed: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}: {text}"))
+}
+
+/// The counter for (verdict, reason) in a status report.
+fn counter(status: &serde_json::Value, verdict: &str, reason: &str) -> u64 {
+    status["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .find(|c| c["verdict"] == verdict && c["reason"] == reason)
+        .map_or(0, |c| c["packets"].as_u64().expect("packets"))
+}
+
+#[test]
+fn the_client_is_served_with_headers_through_the_attached_interfaces() {
+    let topology = Topology::new();
+    let agent = topology.agent(&config(5, ""), &[]);
+    let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
+        .expect("the client is served");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(response.header("x-ratelimit-remaining"), Some("4"));
+    assert!(response.header("x-ratelimit-reset").is_some());
+    for interface in [HOST_CLIENT_IF, HOST_ATTACKER_IF] {
+        let link = topology.link(interface);
+        assert!(link.contains("xdp"), "no XDP on {interface}: {link}");
+    }
+    let net = topology.host.output("bpftool", &["net", "show"]);
+    let id = net
+        .lines()
+        .find(|l| l.starts_with(HOST_CLIENT_IF))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "id").nth(1))
+        .unwrap_or_else(|| panic!("no XDP program on {HOST_CLIENT_IF} in bpftool net show: {net}"));
+    let prog = topology.host.output("bpftool", &["prog", "show", "id", id]);
+    assert!(
+        prog.contains("xdp") && prog.contains("name limiter"),
+        "{prog}"
+    );
+    let status = status(&topology);
+    assert_eq!(status["ports"], serde_json::json!([API_PORT]));
+    assert_eq!(status["mode"], "enforce");
+    let modes: Vec<_> = status["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .map(|a| {
+            (
+                a["interface"].as_str().unwrap().to_owned(),
+                a["mode"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(modes.len(), 2, "{status}");
+    assert!(
+        modes.iter().all(|(_, m)| m == "native" || m == "generic"),
+        "{modes:?}"
+    );
+    assert!(counter(&status, "pass", "api") >= 4, "{status}");
+    assert!(
+        agent.log().contains("XDP attached"),
+        "attach logged with its mode:\n{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn a_syn_flood_is_dropped_in_xdp_while_the_client_keeps_being_served() {
+    let topology = Topology::new();
+    let _agent = topology.agent(&config(1000, "max_syns_per_second = 100"), &[]);
+    let flood = {
+        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
+        std::thread::spawn(move || syn_flood(&host, &attacker, 40_000))
+    };
+    // The client opens a connection per request, about 15 a second: under
+    // the 100 SYNs/s ceiling that the attacker's flood far exceeds.
+    let mut served = 0;
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    while !flood.is_finished() || served < 10 {
+        let sent = Instant::now();
+        let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
+            .expect("the client is served during the flood without a lost SYN");
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(response.status, 200);
+        served += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "flood too slow"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    eprintln!("served {served} during the flood, slowest {slowest:?}");
+    let took = flood.join().expect("flood thread");
+    let status = status(&topology);
+    let dropped = counter(&status, "drop", "syn_ceiling");
+    assert!(
+        dropped >= 35_000,
+        "{dropped} of 40000 SYNs dropped in XDP ({took:?}): {status}"
+    );
+    let attacker = status["top_sources"]
+        .as_array()
+        .expect("sources")
+        .iter()
+        .any(|s| s["addr"] == ATTACKER_ADDR.to_string());
+    let sources = topology.dump("sources");
+    assert!(
+        attacker || sources.contains("0a 5b 02 02"),
+        "attacker in the sources map: {sources}"
+    );
+    assert!(served >= 10);
+}
+
+#[test]
+fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
+    let topology = Topology::new();
+    let _agent = topology.agent(
+        &config(2, "escalate_after_rejections = 3\nban_seconds = 3"),
+        &[],
+    );
+    // Another service on the host, on a port that is not an API port.
+    let other = topology
+        .host
+        .run(|| TcpListener::bind("0.0.0.0:7000").expect("bind 7000"));
+    let mut statuses = Vec::new();
+    let banned_at = loop {
+        match get(
+            &topology.attacker,
+            api(HOST_ATTACKER_ADDR),
+            "/api/chat",
+            SHORT,
+        ) {
+            Ok(response) => statuses.push(response.status),
+            Err(_) => break Instant::now(),
+        }
+        assert!(statuses.len() < 20, "never banned: {statuses:?}");
+    };
+    assert_eq!(
+        statuses,
+        [200, 200, 429, 429, 429, 429],
+        "2 admitted, 4 rejections > 3"
+    );
+    let bans = topology.dump("bans");
+    assert!(
+        bans.contains("0a 5b 02 02"),
+        "ban visible to bpftool: {bans}"
+    );
+    assert!(
+        !connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT),
+        "API connections from the banned source fail"
+    );
+    assert!(
+        connects(
+            &topology.attacker,
+            SocketAddrV4::new(HOST_ATTACKER_ADDR, 7000),
+            SHORT
+        ),
+        "the ban covers the API ports only"
+    );
+    assert!(
+        get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok(),
+        "other clients unaffected"
+    );
+    drop(other);
+    // The ban ends by itself after ban_seconds.
+    let deadline = banned_at + Duration::from_secs(10);
+    loop {
+        if connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ban did not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        banned_at.elapsed() >= Duration::from_secs(2),
+        "lifted after {:?}",
+        banned_at.elapsed()
+    );
+}
+
+#[test]
+fn observe_mode_drops_nothing_and_counts_what_it_would_drop() {
+    let topology = Topology::new();
+    let _agent = topology.agent(
+        &config(1000, "mode = \"observe\"\nmax_syns_per_second = 50"),
+        &[],
+    );
+    let _ = syn_flood(&topology.host, &topology.attacker, 5_000);
+    assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+    let status = status(&topology);
+    assert_eq!(status["mode"], "observe");
+    assert!(
+        counter(&status, "would_drop", "syn_ceiling") >= 4_000,
+        "{status}"
+    );
+    let dropped: u64 = status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["verdict"] == "drop")
+        .map(|c| c["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped, 0, "{status}");
+}
+
+#[test]
+fn ban_unban_and_status_work_on_the_pinned_maps() {
+    let topology = Topology::new();
+    let _agent = topology.agent(&config(100, ""), &[]);
+    assert!(connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT));
+    let (ok, text) = topology.cli(&["ban", &ATTACKER_ADDR.to_string(), "--for", "5m"]);
+    assert!(ok, "{text}");
+    assert!(!connects(
+        &topology.attacker,
+        api(HOST_ATTACKER_ADDR),
+        SHORT
+    ));
+    assert!(connects(&topology.client, api(HOST_CLIENT_ADDR), SHORT));
+    let (ok, text) = topology.cli(&["status"]);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("{ATTACKER_ADDR}/32")), "{text}");
+    assert!(text.contains("s left"), "{text}");
+    assert!(text.contains("drop        banned"), "{text}");
+    let (ok, text) = topology.cli(&["unban", &ATTACKER_ADDR.to_string()]);
+    assert!(ok, "{text}");
+    assert!(connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT));
+    let (ok, text) = topology.cli(&["unban", &ATTACKER_ADDR.to_string()]);
+    assert!(!ok, "unbanning twice is an error: {text}");
+    let (ok, text) = topology.cli(&["ban", "not-an-ip", "--for", "1m"]);
+    assert!(!ok && text.contains("not an IP"), "{text}");
+}
+
+#[test]
+fn a_restart_keeps_bans_and_counters_and_a_clean_stop_detaches() {
+    let topology = Topology::new();
+    let mut agent = topology.agent(&config(100, ""), &[]);
+    for _ in 0..3 {
+        assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+    }
+    let (ok, text) = topology.cli(&["ban", &ATTACKER_ADDR.to_string(), "--for", "5m"]);
+    assert!(ok, "{text}");
+    let before = counter(&status(&topology), "pass", "api");
+    agent.signal(libc::SIGTERM);
+    let exit = agent
+        .wait_exit(Duration::from_secs(15))
+        .expect("agent stops");
+    assert!(exit.success(), "{exit}");
+    for interface in [HOST_CLIENT_IF, HOST_ATTACKER_IF] {
+        let link = topology.link(interface);
+        assert!(
+            !link.contains("xdp"),
+            "still attached after a clean stop: {link}"
+        );
+    }
+    // Maps stay pinned: status works without an agent.
+    let (ok, text) = topology.cli(&["status"]);
+    assert!(ok && text.contains("agent not running"), "{text}");
+
+    let _agent = topology.agent(&config(100, ""), &[]);
+    let after = status(&topology);
+    assert!(
+        counter(&after, "pass", "api") >= before,
+        "counters survive: {before} then {after}"
+    );
+    assert!(
+        after["bans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["net"] == format!("{ATTACKER_ADDR}/32")),
+        "ban survives: {after}"
+    );
+    assert!(
+        !connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT),
+        "and is enforced"
+    );
+    assert!(connects(&topology.client, api(HOST_CLIENT_ADDR), SHORT));
+}
+
+#[test]
+fn sighup_syncs_the_kernel_and_a_broken_file_keeps_the_old_config() {
+    let topology = Topology::new();
+    let agent = topology.agent(&config(100, "max_syns_per_second = 77"), &[]);
+    assert_eq!(status(&topology)["max_syns_per_second"], 77);
+    let path = agent.config_path.clone().expect("config path");
+    std::fs::write(
+        &path,
+        config(100, "max_syns_per_second = 88\nmode = \"observe\""),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&topology)["max_syns_per_second"] != 88 {
+        assert!(
+            Instant::now() < deadline,
+            "reload not applied: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&topology)["mode"], "observe");
+    assert!(
+        topology.link(HOST_CLIENT_IF).contains("xdp"),
+        "still attached"
+    );
+
+    std::fs::write(
+        &path,
+        config(100, "max_syns_per_second = 99\nmode = \"sideways\""),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.log().contains("config reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.log().contains("xdp.mode"), "{}", agent.log());
+    let status = status(&topology);
+    assert_eq!(status["max_syns_per_second"], 88, "old config kept");
+    assert_eq!(status["mode"], "observe");
+    assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+}
+
+#[test]
+fn a_killed_agent_fails_open_and_persist_leaves_the_program_attached() {
+    let topology = Topology::new();
+    let agent = topology.agent(&config(100, ""), &[]);
+    drop(agent); // SIGKILL
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !topology.link(HOST_CLIENT_IF).contains("xdp"),
+        "the link went with the process"
+    );
+
+    let mut agent = topology.agent(&config(100, ""), &["--persist"]);
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(15)).is_some());
+    assert!(
+        topology.link(HOST_CLIENT_IF).contains("xdp"),
+        "--persist leaves the program attached"
+    );
+    let (ok, text) = topology.cli(&["ban", &ATTACKER_ADDR.to_string(), "--for", "5m"]);
+    assert!(ok, "{text}");
+    assert!(
+        !connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT),
+        "the persisted program enforces bans with no agent running"
+    );
+    // The next agent takes the pinned links over, and without --persist detaches.
+    let mut agent = topology.agent(&config(100, ""), &[]);
+    let status = status(&topology);
+    assert!(
+        status["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["mode"] == "replaced"),
+        "{status}"
+    );
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(15)).is_some());
+    assert!(!topology.link(HOST_CLIENT_IF).contains("xdp"));
+}
