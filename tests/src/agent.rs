@@ -10,12 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The agent binary next to the test executable (`cargo xtask test` builds it
-/// before running the tests).
+/// The agent binary of the same build profile: beside the running executable
+/// (benchmark binaries in `target/<profile>/`) or one level up (test executables
+/// in `target/<profile>/deps/`). `cargo xtask test` builds it before the tests.
 #[must_use]
 pub fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/limiter-agent
+    let beside = exe.with_file_name("limiter-agent");
+    if beside.is_file() {
+        return beside;
+    }
     let binary = exe
         .parent()
         .and_then(std::path::Path::parent)

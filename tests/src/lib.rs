@@ -7,6 +7,7 @@
 )]
 
 pub mod agent;
+pub mod bench;
 pub mod netns;
 pub mod packet;
 pub mod xdp;

@@ -361,6 +361,25 @@ pub fn connects(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> bool {
 /// fast as one thread can, from rotating source ports; returns how long it took.
 #[must_use]
 pub fn syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
+    let started = std::time::Instant::now();
+    let sent = flood(host, attacker, move |sent| sent >= u64::from(count));
+    assert_eq!(sent, u64::from(count));
+    started.elapsed()
+}
+
+/// Floods the host's API port with SYNs from the attacker for `duration`;
+/// returns how many were sent.
+#[must_use]
+pub fn syn_flood_for(host: &Netns, attacker: &Netns, duration: Duration) -> u64 {
+    let deadline = std::time::Instant::now() + duration;
+    flood(host, attacker, move |sent| {
+        sent % 256 == 0 && std::time::Instant::now() >= deadline
+    })
+}
+
+/// Sends SYNs through an `AF_PACKET` socket on the attacker's veth until
+/// `done(sent)`; returns how many were sent.
+fn flood(host: &Netns, attacker: &Netns, done: impl Fn(u64) -> bool + Send + 'static) -> u64 {
     let dst_mac = mac(host, HOST_ATTACKER_IF);
     let src_mac = mac(attacker, "va");
     attacker.run(move || {
@@ -387,11 +406,15 @@ pub fn syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
         to.sll_ifindex = i32::try_from(ifindex).expect("ifindex fits i32");
         to.sll_halen = 6;
         to.sll_addr[..6].copy_from_slice(&dst_mac);
-        let started = std::time::Instant::now();
-        for i in 0..count {
-            let frame = syn_frame(src_mac, dst_mac, 20_000 + (i % 40_000) as u16, i);
+        // 40,000 distinct frames (source ports), built once.
+        let frames: Vec<Vec<u8>> = (0..40_000u32)
+            .map(|i| syn_frame(src_mac, dst_mac, 20_000 + i as u16, i))
+            .collect();
+        let mut sent = 0u64;
+        while !done(sent) {
+            let frame = &frames[(sent % 40_000) as usize];
             // SAFETY: frame and address are valid for the lengths given.
-            let sent = unsafe {
+            let rc = unsafe {
                 libc::sendto(
                     fd,
                     frame.as_ptr().cast(),
@@ -401,12 +424,20 @@ pub fn syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
                     size_of::<libc::sockaddr_ll>() as u32,
                 )
             };
-            assert!(sent >= 0, "sendto: {}", std::io::Error::last_os_error());
+            if rc < 0 {
+                let error = std::io::Error::last_os_error();
+                // A full device queue under flood: retry.
+                assert!(
+                    error.raw_os_error() == Some(libc::ENOBUFS),
+                    "sendto: {error}"
+                );
+                continue;
+            }
+            sent += 1;
         }
-        let took = started.elapsed();
         // SAFETY: closing the fd we opened.
         unsafe { libc::close(fd) };
-        took
+        sent
     })
 }
 

@@ -1,0 +1,322 @@
+//! Support for the side-by-side benchmarks (`cargo xtask bench proxy | flood |
+//! memory`): peers started from their Debian packages with generated configs,
+//! `wrk` runs pinned to a core, and the results as JSON.
+
+use std::{
+    fmt::Write as _,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The reference tier table as (route, limit, window seconds), the same rows
+/// as `examples/concurred.toml`.
+pub const TIERS: &[(&str, u32, u32)] = &[
+    ("/api/health", 120, 60),
+    ("/api/v1/chat/completions", 60, 60),
+    ("/api/v1/media/*", 60, 60),
+    ("/api/v1/vision", 60, 60),
+    ("/api/v1/fashion/run", 30, 60),
+    ("/api/v1/fashion/subscribe", 30, 60),
+    ("/api/v1/fashion/status/:id", 40, 10),
+    ("/api/chat", 10, 60),
+];
+
+/// The path every benchmark request goes to (the chat-completions tier).
+pub const BENCH_PATH: &str = "/api/v1/chat/completions";
+
+/// A regex matching exactly the paths of `route` (for nginx and `HAProxy`).
+#[must_use]
+pub fn route_regex(route: &str) -> String {
+    let mut out = String::from("^");
+    for segment in route.split('/').skip(1) {
+        out.push('/');
+        match segment {
+            "*" => out.push_str(".+"),
+            s if s.starts_with(':') => out.push_str("[^/]+"),
+            s => out.push_str(&s.replace('.', "\\.")),
+        }
+    }
+    out.push('$');
+    out
+}
+
+/// A scratch directory under `target/bench/run/<name>`, emptied first.
+#[must_use]
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench/run")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Peer {
+    pub name: String,
+    child: Child,
+}
+
+impl Peer {
+    /// Starts `program args…` pinned to `cpu` and waits until `addr` accepts.
+    #[must_use]
+    pub fn start(name: &str, cpu: u32, program: &str, args: &[&str], addr: SocketAddr) -> Self {
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", &cpu.to_string(), program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", "warn");
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({program}): {e}"));
+        let mut peer = Self {
+            name: name.to_owned(),
+            child,
+        };
+        peer.wait_for(addr);
+        peer
+    }
+
+    fn wait_for(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before listening on {addr}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{} did not listen on {addr} within 20 s", self.name);
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the process with SIGTERM (a clean stop) and waits for it.
+    pub fn stop(mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `wrk` run's result.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub seconds: f64,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Responses that were not 2xx/3xx (the 429s).
+    pub non_2xx: u64,
+    /// Connect, read, write and timeout errors.
+    pub errors: u64,
+}
+
+const WRK_REPORT: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+end
+"#;
+
+/// Runs `wrk` (pinned to `cpu`) against `url` with `connections` for `seconds`;
+/// `prefix` runs it through another command (e.g. `ip netns exec NS`).
+#[must_use]
+pub fn wrk(prefix: &[&str], cpu: u32, url: &str, connections: u32, seconds: u32) -> WrkResult {
+    let script = std::env::temp_dir().join("limiter-wrk-report.lua");
+    std::fs::write(&script, WRK_REPORT).expect("wrk script");
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest);
+            c.arg("taskset");
+            c
+        }
+        None => Command::new("taskset"),
+    };
+    command
+        .args(["-c", &cpu.to_string(), "wrk", "-t1"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"))
+        .args(["--timeout", "2s", "-s"])
+        .arg(&script)
+        .arg(url);
+    let output = command
+        .output()
+        .expect("running wrk (installed by the bench)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("WRK "))
+        .unwrap_or_else(|| {
+            panic!(
+                "wrk printed no summary: {text}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    let n: Vec<f64> = line
+        .split_whitespace()
+        .map(|v| v.parse().expect("wrk number"))
+        .collect();
+    let seconds = n[1] / 1e6;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "wrk prints non-negative integers"
+    )]
+    WrkResult {
+        requests: n[0] as u64,
+        seconds,
+        rps: n[0] / seconds.max(1e-9),
+        p50_ms: n[2] / 1e3,
+        p99_ms: n[3] / 1e3,
+        non_2xx: n[4] as u64,
+        errors: n[5] as u64,
+    }
+}
+
+/// The median of `values` (upper median for even counts).
+#[must_use]
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The result whose rps is the median of `runs`.
+#[must_use]
+pub fn median_run(runs: &[WrkResult]) -> WrkResult {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
+/// Resident set size of `pid` in bytes.
+#[must_use]
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// A value from a Prometheus text exposition: the first sample whose line
+/// starts with `prefix` (name plus labels).
+#[must_use]
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// GETs `http://addr/path` with a plain HTTP/1.0 request; the body.
+#[must_use]
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    raw.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The machine line for the results: kernel and CPUs.
+#[must_use]
+pub fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let mut out = String::new();
+    let _ = write!(out, "Linux {kernel}, {cpus} CPUs ({model})");
+    out
+}
+
+/// Writes `value` as pretty JSON to `target/bench/<name>.json` and returns the path.
+#[must_use]
+pub fn write_json(name: &str, value: &serde_json::Value) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench")
+        .join(format!("{name}.json"));
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("target/bench");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(value).expect("JSON") + "\n",
+    )
+    .expect("writing the results");
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_regexes_match_like_the_router() {
+        assert_eq!(
+            route_regex("/api/v1/fashion/status/:id"),
+            "^/api/v1/fashion/status/[^/]+$"
+        );
+        assert_eq!(route_regex("/api/v1/media/*"), "^/api/v1/media/.+$");
+        assert_eq!(route_regex("/api/health"), "^/api/health$");
+    }
+
+    #[test]
+    fn metrics_are_read_by_prefix() {
+        let text = "# HELP x\nlimiter_buckets 42\nlimiter_xdp_packets_total{verdict=\"drop\",reason=\"banned\"} 7\n";
+        assert_eq!(metric(text, "limiter_buckets"), Some(42.0));
+        assert_eq!(
+            metric(
+                text,
+                "limiter_xdp_packets_total{verdict=\"drop\",reason=\"banned\"}"
+            ),
+            Some(7.0)
+        );
+        assert_eq!(metric(text, "nope"), None);
+    }
+}

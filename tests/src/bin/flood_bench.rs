@@ -1,0 +1,196 @@
+//! `cargo xtask bench flood`: a legitimate client's throughput and p99 through
+//! the agent while an attacker namespace floods the API port with SYNs as fast
+//! as one thread can, under: no flood (baseline), no kernel protection, an
+//! iptables `hashlimit` rule with the same SYN ceiling, and the XDP program.
+//!
+//! Topology as in the kernel tests (`limiter_tests::netns`): the agent runs in
+//! a host namespace with the demo upstream, the client (wrk, keep-alive, pinned
+//! to CPU 0) and the attacker (pinned to CPU 1) in their own namespaces.
+//!
+//! Usage: `flood-bench [--seconds S] [--rounds N]`; writes `target/bench/flood.json`.
+
+use std::time::Duration;
+
+use limiter_tests::{
+    bench::{BENCH_PATH, WrkResult, machine, median_run, write_json, wrk},
+    netns::{
+        API_PORT, HOST_ATTACKER_IF, HOST_CLIENT_ADDR, HOST_CLIENT_IF, Topology, syn_flood_for,
+    },
+};
+use serde_json::json;
+
+/// The SYN ceiling every protection uses (per source, per second).
+const SYN_CEILING: u32 = 200;
+
+fn config(xdp: bool) -> String {
+    format!(
+        "[server]\nlisten = \"0.0.0.0:{API_PORT}\"\n\n[xdp]\nenabled = {xdp}\n\
+         interfaces = [\"{HOST_CLIENT_IF}\", \"{HOST_ATTACKER_IF}\"]\n\
+         max_syns_per_second = {SYN_CEILING}\n\n\
+         [[tier]]\nroute = \"{BENCH_PATH}\"\nlimit = 1000000000\nwindow = \"1m\"\n"
+    )
+}
+
+/// Pins the calling thread to `cpu` (the attacker's flood thread).
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity
+    // operate on the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+struct Outcome {
+    legit: WrkResult,
+    attacker_pps: f64,
+    dropped_pps: f64,
+}
+
+fn xdp_drops(topology: &Topology) -> u64 {
+    let (ok, text) = topology.cli(&["status", "--json"]);
+    assert!(ok, "status: {text}");
+    let status: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
+    status["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .filter(|c| c["verdict"] == "drop")
+        .map(|c| c["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn run(scenario: &str, seconds: u32) -> Outcome {
+    let topology = Topology::new();
+    let xdp = scenario == "with_xdp";
+    let _agent = topology.agent(&config(xdp), if xdp { &[] } else { &["--no-xdp"] });
+    if scenario == "iptables_hashlimit" {
+        let _ = topology.host.output(
+            "iptables",
+            &[
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &API_PORT.to_string(),
+                "--syn",
+                "-m",
+                "hashlimit",
+                "--hashlimit-above",
+                &format!("{SYN_CEILING}/sec"),
+                "--hashlimit-burst",
+                &SYN_CEILING.to_string(),
+                "--hashlimit-mode",
+                "srcip",
+                "--hashlimit-name",
+                "limiter_bench",
+                "-j",
+                "DROP",
+            ],
+        );
+    }
+    let flood = (scenario != "baseline").then(|| {
+        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
+        // The flood outlasts the client's run on both ends.
+        let duration = Duration::from_secs(u64::from(seconds) + 2);
+        std::thread::spawn(move || {
+            pin(1);
+            syn_flood_for(&host, &attacker, duration)
+        })
+    });
+    if flood.is_some() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let drops_before = if xdp { xdp_drops(&topology) } else { 0 };
+    let client_ns = topology.client.name.clone();
+    let url = format!("http://{HOST_CLIENT_ADDR}:{API_PORT}{BENCH_PATH}");
+    let legit = wrk(&["ip", "netns", "exec", &client_ns], 0, &url, 8, seconds);
+    let drops_after = if xdp { xdp_drops(&topology) } else { 0 };
+    let sent = flood.map_or(0, |f| f.join().expect("flood thread"));
+    #[expect(clippy::cast_precision_loss, reason = "packet counts far below 2^52")]
+    Outcome {
+        legit,
+        attacker_pps: sent as f64 / (f64::from(seconds) + 2.0),
+        dropped_pps: (drops_after - drops_before) as f64 / legit.seconds.max(1e-9),
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut seconds, mut rounds) = (8, 3);
+    while let Some(arg) = args.next() {
+        let value: u32 = args
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{arg} needs a number"));
+        match arg.as_str() {
+            "--seconds" => seconds = value,
+            "--rounds" => rounds = value,
+            other => {
+                panic!("unknown argument {other}; usage: flood-bench [--seconds S] [--rounds N]")
+            }
+        }
+    }
+    limiter_tests::require_root("the flood benchmark (namespaces, XDP, iptables)");
+    let scenarios = [
+        "baseline",
+        "no_protection",
+        "iptables_hashlimit",
+        "with_xdp",
+    ];
+    let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (i, scenario) in scenarios.iter().enumerate() {
+            eprintln!("flood: round {round}/{rounds}: {scenario}…");
+            let outcome = run(scenario, seconds);
+            eprintln!(
+                "  legit {:.0} req/s, p99 {:.2} ms; attacker {:.0} pps, XDP dropped {:.0} pps",
+                outcome.legit.rps, outcome.legit.p99_ms, outcome.attacker_pps, outcome.dropped_pps
+            );
+            results[i].push(outcome);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (i, scenario) in scenarios.iter().enumerate() {
+        let runs: Vec<WrkResult> = results[i].iter().map(|o| o.legit).collect();
+        let median = median_run(&runs);
+        let chosen = results[i]
+            .iter()
+            .find(|o| o.legit.rps.total_cmp(&median.rps).is_eq())
+            .expect("the median run");
+        let mut entry = json!({
+            "legit_rps": (median.rps * 10.0).round() / 10.0,
+            "legit_p99_ms": (median.p99_ms * 1000.0).round() / 1000.0,
+            "legit_errors": median.errors,
+        });
+        if *scenario != "baseline" {
+            entry["attacker_pps"] = json!(chosen.attacker_pps.round());
+        }
+        if *scenario == "with_xdp" {
+            entry["dropped_pps"] = json!(chosen.dropped_pps.round());
+        }
+        out.insert((*scenario).to_owned(), entry);
+    }
+    let baseline = out["baseline"]["legit_rps"].as_f64().unwrap_or(0.0);
+    let ratio = |s: &str| {
+        let rps = out[s]["legit_rps"].as_f64().unwrap_or(0.0);
+        if baseline > 0.0 { rps / baseline } else { 0.0 }
+    };
+    let ratios = json!({
+        "no_protection": ratio("no_protection"),
+        "iptables_hashlimit": ratio("iptables_hashlimit"),
+        "with_xdp": ratio("with_xdp"),
+    });
+    let with_xdp = ratio("with_xdp");
+    out.insert("ratios_to_baseline".into(), ratios);
+    out.insert("machine".into(), json!(machine()));
+    out.insert("seconds".into(), json!(seconds));
+    out.insert("rounds".into(), json!(rounds));
+    out.insert("syn_ceiling".into(), json!(SYN_CEILING));
+    let path = write_json("flood", &serde_json::Value::Object(out));
+    let verdict = if with_xdp >= 0.9 { "meets" } else { "misses" };
+    println!("flood: legit client with XDP at {with_xdp:.2}x baseline (target >= 0.9x): {verdict}");
+    println!("{}", path.display());
+}

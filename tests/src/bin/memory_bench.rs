@@ -1,0 +1,166 @@
+//! `cargo xtask bench memory`: the agent's RSS growth per live bucket with the
+//! in-memory store. A load generator sends requests with distinct API keys
+//! (one bucket each) over pipelined keep-alive connections; RSS is read after
+//! a warm-up and again once the buckets are live.
+//!
+//! Usage: `memory-bench [--buckets N]` (default 1,000,000); writes
+//! `target/bench/memory.json`.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    agent::{agent_binary, free_port},
+    bench::{Peer, http_get, machine, metric, rss_bytes, scratch, write_json},
+};
+use serde_json::json;
+
+const WARMUP: u64 = 20_000;
+const CONNECTIONS: u64 = 8;
+const PIPELINE: u64 = 64;
+
+/// Sends requests for keys `from..to` over `CONNECTIONS` connections.
+fn fill(addr: SocketAddr, from: u64, to: u64) {
+    let per = (to - from).div_ceil(CONNECTIONS);
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let start = from + c * per;
+            let end = (start + per).min(to);
+            std::thread::spawn(move || send(addr, start, end))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("load thread");
+    }
+}
+
+fn send(addr: SocketAddr, start: u64, end: u64) {
+    let stream = TcpStream::connect(addr).expect("connect to the agent");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::with_capacity(1 << 16, stream);
+    let mut key = start;
+    while key < end {
+        let batch = (end - key).min(PIPELINE);
+        let mut out = Vec::with_capacity(usize::try_from(batch).unwrap_or(64) * 80);
+        for k in key..key + batch {
+            write!(
+                out,
+                "GET /api/chat HTTP/1.1\r\nhost: bench\r\nx-api-key: bucket-{k}\r\n\r\n"
+            )
+            .expect("format");
+        }
+        writer.write_all(&out).expect("send");
+        for _ in 0..batch {
+            read_response(&mut reader);
+        }
+        key += batch;
+    }
+}
+
+fn read_response(reader: &mut BufReader<TcpStream>) {
+    let mut line = String::new();
+    let mut length = 0usize;
+    let mut status_seen = false;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("response line");
+        assert!(!line.is_empty(), "the agent closed the connection");
+        if !status_seen {
+            assert!(line.starts_with("HTTP/1.1 200"), "unexpected: {line}");
+            status_seen = true;
+            continue;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("content-length");
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).expect("body");
+}
+
+fn buckets(admin: SocketAddr) -> f64 {
+    // The gauge is refreshed every second.
+    std::thread::sleep(Duration::from_millis(2200));
+    metric(&http_get(admin, "/metrics"), "limiter_buckets").expect("limiter_buckets")
+}
+
+fn main() {
+    let mut buckets_wanted: u64 = 1_000_000;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--buckets" => {
+                buckets_wanted = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--buckets N");
+            }
+            other => panic!("unknown argument {other}; usage: memory-bench [--buckets N]"),
+        }
+    }
+    let dir = scratch("memory");
+    let (port, admin, upstream) = (free_port(), free_port(), free_port());
+    let local = |p: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
+    let binary = agent_binary().display().to_string();
+    let _upstream = Peer::start(
+        "demo upstream",
+        0,
+        &binary,
+        &["demo-upstream", "--listen", &local(upstream).to_string()],
+        local(upstream),
+    );
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[xdp]\nenabled = false\n\n\
+         [[tier]]\nroute = \"/api/chat\"\nlimit = 1000\nwindow = \"1h\"\n"
+    );
+    let path = dir.join("limiter.toml");
+    std::fs::write(&path, config).expect("config");
+    let agent = Peer::start(
+        "limiter (memory store)",
+        1,
+        &binary,
+        &["run", "--config", &path.display().to_string()],
+        local(port),
+    );
+    eprintln!("memory: warming up with {WARMUP} buckets…");
+    fill(local(port), 0, WARMUP);
+    let before_buckets = buckets(local(admin));
+    let before_rss = rss_bytes(agent.pid());
+    eprintln!("memory: {buckets_wanted} more buckets…");
+    let started = Instant::now();
+    fill(local(port), WARMUP, WARMUP + buckets_wanted);
+    let took = started.elapsed();
+    let after_buckets = buckets(local(admin));
+    let after_rss = rss_bytes(agent.pid());
+    let live = after_buckets - before_buckets;
+    #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
+    let per_bucket = (after_rss.saturating_sub(before_rss)) as f64 / live.max(1.0);
+    let result = json!({
+        "machine": machine(),
+        "buckets": live,
+        "bytes_per_bucket": (per_bucket * 10.0).round() / 10.0,
+        "rss_before_bytes": before_rss,
+        "rss_after_bytes": after_rss,
+        "fill_seconds": took.as_secs_f64(),
+    });
+    let path = write_json("memory", &result);
+    let verdict = if per_bucket <= 64.0 {
+        "meets"
+    } else {
+        "misses"
+    };
+    println!(
+        "memory: {per_bucket:.1} bytes per bucket at {live} live buckets (target <= 64): {verdict}"
+    );
+    println!("{}", path.display());
+}

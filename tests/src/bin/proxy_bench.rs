@@ -1,0 +1,352 @@
+//! `cargo xtask bench proxy`: wrk through the limiter (without and with XDP on
+//! `lo`), nginx `limit_req` and `HAProxy` stick tables configured with the same
+//! tiers, in front of the same static upstream; scenarios `allowed` (limits too
+//! high to reject anything) and `rejected` (one client far over its limit).
+//!
+//! Core budget: every contender is pinned to CPU 1 with one worker (nginx
+//! `worker_processes 1`, `HAProxy` `nbthread 1`, the agent's runtime sized by
+//! its affinity mask); wrk and the upstream share CPU 0. Rounds are interleaved
+//! across contenders and the median round is reported.
+//!
+//! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use limiter_tests::{
+    agent::free_port,
+    bench::{
+        BENCH_PATH, Peer, TIERS, WrkResult, http_get, machine, median_run, metric, route_regex,
+        scratch, write_json, wrk,
+    },
+};
+use serde_json::json;
+
+const CONTENDER_CPU: u32 = 1;
+const LOAD_CPU: u32 = 0;
+const CONNECTIONS: u32 = 50;
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+fn nginx_common(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 8192; }}\n"
+    )
+}
+
+fn nginx_temp(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "access_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n"
+    )
+}
+
+/// The fast static upstream every contender proxies to.
+fn upstream(dir: &Path, port: u16) -> Peer {
+    let conf = format!(
+        "{}http {{\n{}keepalive_requests 1000000;\nserver {{\nlisten 127.0.0.1:{port};\n\
+         location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }}\n}}\n}}\n",
+        nginx_common(dir),
+        nginx_temp(dir)
+    );
+    let path = dir.join("upstream.conf");
+    std::fs::write(&path, conf).expect("upstream config");
+    Peer::start(
+        "upstream (nginx static)",
+        LOAD_CPU,
+        "nginx",
+        &[
+            "-p",
+            &dir.display().to_string(),
+            "-c",
+            &path.display().to_string(),
+        ],
+        local(port),
+    )
+}
+
+/// nginx with one `limit_req` zone per tier, keyed by client address.
+fn nginx(dir: &Path, port: u16, upstream: u16, scale: u32) -> Peer {
+    let mut http = nginx_temp(dir);
+    let _ = writeln!(http, "keepalive_requests 1000000;\nlimit_req_status 429;");
+    let _ = writeln!(
+        http,
+        "upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}"
+    );
+    for (i, (_, limit, window)) in TIERS.iter().enumerate() {
+        // nginx meters a rate (leaky bucket); burst = the window's quota makes
+        // a whole window's requests admissible at once, like a fixed window.
+        let per_minute = u64::from(*limit) * u64::from(scale) * 60 / u64::from(*window);
+        let _ = writeln!(
+            http,
+            "limit_req_zone $binary_remote_addr zone=t{i}:10m rate={per_minute}r/m;"
+        );
+    }
+    let _ = writeln!(http, "server {{\nlisten 127.0.0.1:{port} reuseport;");
+    let proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";";
+    for (i, (route, limit, _)) in TIERS.iter().enumerate() {
+        let burst = u64::from(*limit) * u64::from(scale);
+        let _ = writeln!(
+            http,
+            "location ~ {} {{ limit_req zone=t{i} burst={burst} nodelay; {proxy} }}",
+            route_regex(route)
+        );
+    }
+    let _ = writeln!(http, "location / {{ {proxy} }}\n}}");
+    let conf = format!("{}http {{\n{http}}}\n", nginx_common(dir));
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("nginx config");
+    Peer::start(
+        "nginx limit_req",
+        CONTENDER_CPU,
+        "nginx",
+        &[
+            "-p",
+            &dir.display().to_string(),
+            "-c",
+            &path.display().to_string(),
+        ],
+        local(port),
+    )
+}
+
+/// `HAProxy` with one stick table per tier (`http_req_rate` over the window).
+fn haproxy(dir: &Path, port: u16, upstream: u16, scale: u32) -> Peer {
+    let mut conf = String::from(
+        "global\n  nbthread 1\n  maxconn 8000\n\ndefaults\n  mode http\n  timeout connect 5s\n  \
+         timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\n",
+    );
+    let _ = writeln!(conf, "frontend api\n  bind 127.0.0.1:{port}");
+    for (i, (route, _, _)) in TIERS.iter().enumerate() {
+        let _ = writeln!(
+            conf,
+            "  http-request track-sc0 src table t{i} if {{ path_reg {} }}",
+            route_regex(route)
+        );
+    }
+    for (i, (route, limit, _)) in TIERS.iter().enumerate() {
+        let limit = u64::from(*limit) * u64::from(scale);
+        let _ = writeln!(
+            conf,
+            "  http-request deny deny_status 429 if {{ path_reg {} }} {{ sc_http_req_rate(0,t{i}) gt {limit} }}",
+            route_regex(route)
+        );
+    }
+    let _ = writeln!(
+        conf,
+        "  default_backend up\n\nbackend up\n  http-reuse always\n  server s1 127.0.0.1:{upstream}\n"
+    );
+    for (i, (_, _, window)) in TIERS.iter().enumerate() {
+        let _ = writeln!(
+            conf,
+            "backend t{i}\n  stick-table type ip size 1m expire {window}s store http_req_rate({window}s)\n"
+        );
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf).expect("haproxy config");
+    Peer::start(
+        "HAProxy stick tables",
+        CONTENDER_CPU,
+        "haproxy",
+        &["-db", "-f", &path.display().to_string()],
+        local(port),
+    )
+}
+
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let binary = exe.with_file_name("limiter-agent");
+    assert!(
+        binary.is_file(),
+        "{} is missing: `cargo build --release -p limiter-agent` (cargo xtask bench does)",
+        binary.display()
+    );
+    binary
+}
+
+/// The agent with the reference tiers scaled by `scale`; with XDP on `lo`
+/// (instance `instance`) when given.
+fn limiter(
+    dir: &Path,
+    port: u16,
+    admin: u16,
+    upstream: u16,
+    scale: u32,
+    xdp: Option<&str>,
+) -> Peer {
+    let mut conf = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
+         max_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n"
+    );
+    match xdp {
+        Some(instance) => {
+            let _ = writeln!(
+                conf,
+                "[xdp]\nenabled = true\ninterfaces = [\"lo\"]\ninstance = \"{instance}\"\n"
+            );
+        }
+        None => conf.push_str("[xdp]\nenabled = false\n\n"),
+    }
+    for (route, limit, window) in TIERS {
+        let limit = u64::from(*limit) * u64::from(scale);
+        let _ = writeln!(
+            conf,
+            "[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}s\"\n"
+        );
+    }
+    let name = xdp.map_or("limiter.toml", |_| "limiter-xdp.toml");
+    let path = dir.join(name);
+    std::fs::write(&path, conf).expect("limiter config");
+    let binary = agent_binary();
+    Peer::start(
+        if xdp.is_some() {
+            "limiter (XDP on lo)"
+        } else {
+            "limiter (--no-xdp)"
+        },
+        CONTENDER_CPU,
+        &binary.display().to_string(),
+        &["run", "--config", &path.display().to_string()],
+        local(port),
+    )
+}
+
+fn entry(result: &WrkResult) -> serde_json::Value {
+    json!({
+        "rps": (result.rps * 10.0).round() / 10.0,
+        "p50_ms": (result.p50_ms * 1000.0).round() / 1000.0,
+        "p99_ms": (result.p99_ms * 1000.0).round() / 1000.0,
+        "requests": result.requests,
+        "non_2xx": result.non_2xx,
+        "errors": result.errors,
+    })
+}
+
+/// One scenario: every contender up at once, `rounds` interleaved wrk runs.
+fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> serde_json::Value {
+    let dir = scratch(&format!("proxy-{name}"));
+    let (up_port, nginx_port, haproxy_port) = (free_port(), free_port(), free_port());
+    let (lim_port, lim_admin, xdp_port, xdp_admin) =
+        (free_port(), free_port(), free_port(), free_port());
+    let instance = format!("bench-{name}");
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    let upstream_dir = dir.join("upstream");
+    let nginx_dir = dir.join("nginx");
+    for d in [&upstream_dir, &nginx_dir] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let _upstream = upstream(&upstream_dir, up_port);
+    let _nginx = nginx(&nginx_dir, nginx_port, up_port, scale);
+    let _haproxy = haproxy(&dir, haproxy_port, up_port, scale);
+    let _limiter = limiter(&dir, lim_port, lim_admin, up_port, scale, None);
+    let limiter_xdp = limiter(&dir, xdp_port, xdp_admin, up_port, scale, Some(&instance));
+    let mut contenders = vec![
+        ("limiter", lim_port),
+        ("limiter_xdp", xdp_port),
+        ("nginx", nginx_port),
+        ("haproxy", haproxy_port),
+    ];
+    if direct {
+        contenders.push(("direct", up_port));
+    }
+    let mut runs: Vec<Vec<WrkResult>> = vec![Vec::new(); contenders.len()];
+    for round in 1..=rounds {
+        for (i, (contender, port)) in contenders.iter().enumerate() {
+            eprintln!("proxy/{name}: round {round}/{rounds}: {contender}…");
+            let url = format!("http://127.0.0.1:{port}{BENCH_PATH}");
+            let result = wrk(&[], LOAD_CPU, &url, CONNECTIONS, seconds);
+            eprintln!(
+                "  {:.0} req/s, p99 {:.2} ms, {} non-2xx, {} errors",
+                result.rps, result.p99_ms, result.non_2xx, result.errors
+            );
+            runs[i].push(result);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (i, (contender, _)) in contenders.iter().enumerate() {
+        out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
+    }
+    let metrics = http_get(local(xdp_admin), "/metrics");
+    let dropped: f64 = ["banned", "packet_ceiling", "syn_ceiling"]
+        .iter()
+        .map(|r| {
+            let name = format!("limiter_xdp_packets_total{{verdict=\"drop\",reason=\"{r}\"}}");
+            metric(&metrics, &name).unwrap_or(0.0)
+        })
+        .sum();
+    let kernel = json!({
+        "dropped_packets": dropped,
+        "escalations": metric(&metrics, "limiter_escalations_total").unwrap_or(0.0),
+    });
+    if let Some(serde_json::Value::Object(xdp)) = out.get_mut("limiter_xdp") {
+        xdp.insert("kernel".into(), kernel);
+    }
+    limiter_xdp.stop();
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    serde_json::Value::Object(out)
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut rounds, mut seconds) = (3, 8);
+    while let Some(arg) = args.next() {
+        let value: u32 = args
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{arg} needs a number"));
+        match arg.as_str() {
+            "--rounds" => rounds = value,
+            "--seconds" => seconds = value,
+            other => {
+                panic!("unknown argument {other}; usage: proxy-bench [--rounds N] [--seconds S]")
+            }
+        }
+    }
+    limiter_tests::require_root("the proxy benchmark (XDP on lo)");
+    // Limits far above what the run can send, then the reference limits.
+    let allowed = scenario("allowed", 1_000_000, rounds, seconds, true);
+    let rejected = scenario("rejected", 1, rounds, seconds, false);
+    let ratio = |scenario: &serde_json::Value, key: &str| {
+        let ours = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
+        let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
+        if theirs > 0.0 { ours / theirs } else { 0.0 }
+    };
+    let result = json!({
+        "machine": machine(),
+        "rounds": rounds,
+        "seconds": seconds,
+        "connections": CONNECTIONS,
+        "path": BENCH_PATH,
+        "allowed": allowed,
+        "rejected": rejected,
+        "ratios": {
+            "allowed_vs_nginx": ratio(&allowed, "nginx"),
+            "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
+            "rejected_vs_nginx": ratio(&rejected, "nginx"),
+            "rejected_vs_haproxy": ratio(&rejected, "haproxy"),
+        },
+    });
+    let path = write_json("proxy", &result);
+    let verdict = |r: f64, target: f64| if r >= target { "meets" } else { "misses" };
+    let a = result["ratios"]["allowed_vs_nginx"].as_f64().unwrap_or(0.0);
+    let r = result["ratios"]["rejected_vs_nginx"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!(
+        "proxy allowed: limiter {a:.2}x nginx (target >= 1.0x): {}",
+        verdict(a, 1.0)
+    );
+    println!(
+        "proxy rejected: limiter {r:.2}x nginx (target >= 2.0x): {}",
+        verdict(r, 2.0)
+    );
+    println!("{}", path.display());
+}
