@@ -6,11 +6,14 @@ use anyhow::bail;
 use crate::{cmd, setup};
 
 /// The benchmark parts, in the order `cargo xtask bench` runs them.
-const PARTS: &[&str] = &["xdp"];
+const PARTS: &[&str] = &["xdp", "proxy", "flood", "memory"];
+
+/// The peers the side-by-side parts measure against, from Debian packages.
+const PEER_PACKAGES: &[&str] = &["nginx", "haproxy", "wrk", "iptables"];
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// One part to run (default: all of them): xdp.
+    /// One part to run (default: all of them): xdp, proxy, flood, memory.
     name: Option<String>,
     /// A short smoke run: fewer rounds and repetitions.
     #[arg(long)]
@@ -27,13 +30,92 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             PARTS.join(", ")
         ),
     };
+    if parts.iter().any(|p| matches!(*p, "proxy" | "flood")) {
+        setup::ensure_apt(PEER_PACKAGES)?;
+    }
+    // The agent and the benchmark programs, optimised.
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "limiter-agent",
+        "--package",
+        "limiter-tests",
+        "--bins",
+    ]))?;
     for part in parts {
+        eprintln!("== bench {part}");
         match part {
             "xdp" => xdp(options.quick)?,
+            "proxy" => bench_bin(
+                "proxy-bench",
+                if options.quick {
+                    &["--rounds", "1", "--seconds", "3"]
+                } else {
+                    &[]
+                },
+            )?,
+            "flood" => bench_bin(
+                "flood-bench",
+                if options.quick {
+                    &["--rounds", "1", "--seconds", "3"]
+                } else {
+                    &[]
+                },
+            )?,
+            "memory" => bench_bin(
+                "memory-bench",
+                if options.quick {
+                    &["--buckets", "100000"]
+                } else {
+                    &[]
+                },
+            )?,
             _ => unreachable!("PARTS lists only implemented parts"),
         }
     }
-    Ok(())
+    report()
+}
+
+/// Runs one of the release benchmark programs built above.
+fn bench_bin(name: &str, args: &[&str]) -> anyhow::Result<()> {
+    let binary = cmd::workspace_root().join("target/release").join(name);
+    cmd::run(std::process::Command::new(binary).args(args))
+}
+
+/// Regenerates `bench/RESULTS.md` and `bench/flood.svg` from every part's
+/// latest JSON, and copies the configs the proxy part generated.
+fn report() -> anyhow::Result<()> {
+    let root = cmd::workspace_root();
+    let out = root.join("bench");
+    for scenario in ["allowed", "rejected"] {
+        let run = root
+            .join("target/bench/run")
+            .join(format!("proxy-{scenario}"));
+        if !run.is_dir() {
+            continue;
+        }
+        let dest = out.join("configs").join(scenario);
+        std::fs::create_dir_all(&dest)?;
+        for file in [
+            "upstream/upstream.conf",
+            "nginx/nginx.conf",
+            "haproxy.cfg",
+            "limiter.toml",
+            "limiter-xdp.toml",
+        ] {
+            let from = run.join(file);
+            if from.is_file() {
+                let name = std::path::Path::new(file).file_name().expect("file name");
+                std::fs::copy(&from, dest.join(name))?;
+            }
+        }
+    }
+    cmd::run(
+        std::process::Command::new(root.join("target/release/bench-report"))
+            .arg(root.join("target/bench"))
+            .arg(&out),
+    )
 }
 
 /// Per-packet cost through `BPF_PROG_TEST_RUN` beside a trivial XDP program.

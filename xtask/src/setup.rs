@@ -182,3 +182,38 @@ fn install(missing: &Missing) -> anyhow::Result<()> {
     eprintln!("setup: done");
     Ok(())
 }
+
+/// Installs the Debian `packages` that are missing (root), for tools only some
+/// commands need (the benchmarks' peers).
+pub fn ensure_apt(packages: &[&str]) -> anyhow::Result<()> {
+    let installed = cmd::output(
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
+            .args(packages),
+    )
+    .unwrap_or_default();
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !installed.lines().any(|l| l == format!("{p} installed")))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        bail!("missing apt packages {}: run as root", missing.join(", "));
+    }
+    eprintln!("setup: installing {}", missing.join(", "));
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing the benchmark peers")
+}

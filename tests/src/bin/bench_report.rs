@@ -1,0 +1,276 @@
+//! `cargo xtask bench` writes `bench/RESULTS.md` and `bench/flood.svg` from the
+//! parts' JSON in `target/bench/` with this program: a table per part, the
+//! ratios, a verdict per target, the machine and the commands and configs used.
+//!
+//! Usage: `bench-report TARGET_BENCH_DIR OUT_DIR`.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde_json::Value;
+
+fn read(dir: &Path, name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn f(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(0.0)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "**meets**" } else { "**misses**" }
+}
+
+fn xdp_section(out: &mut String, xdp: &Value) {
+    let _ = writeln!(out, "## xdp: cost per packet (`BPF_PROG_TEST_RUN`)\n");
+    let _ = writeln!(out, "| case | ns/packet | × trivial |\n|---|---:|---:|");
+    let mut known = 0.0;
+    let mut non_api = 0.0;
+    for case in xdp["cases"].as_array().into_iter().flatten() {
+        let name = case["name"].as_str().unwrap_or("?");
+        let ratio = f(&case["ratio"]);
+        match name {
+            "api_known_source" => known = ratio,
+            "non_api" => non_api = ratio,
+            _ => {}
+        }
+        let _ = writeln!(out, "| {name} | {:.1} | {ratio:.2} |", f(&case["ns"]));
+    }
+    let _ = writeln!(
+        out,
+        "\n- API packet of a known source ≤ 4× trivial: {known:.2}× — {}\n- non-API packet ≤ 1.5× trivial: {non_api:.2}× — {}",
+        verdict(known > 0.0 && known <= 4.0),
+        verdict(non_api > 0.0 && non_api <= 1.5)
+    );
+    let _ = writeln!(
+        out,
+        "\nCommand: `cargo xtask bench xdp` ({} rounds × {} packets, median; see `target/bench/xdp.json`).\n",
+        xdp["rounds"], xdp["repeat"]
+    );
+}
+
+fn proxy_section(out: &mut String, proxy: &Value) {
+    let _ = writeln!(out, "## proxy: wrk through each contender\n");
+    for scenario in ["allowed", "rejected"] {
+        let s = &proxy[scenario];
+        let nginx = f(&s["nginx"]["rps"]);
+        let _ = writeln!(
+            out,
+            "### {scenario}\n\n| contender | req/s | p50 ms | p99 ms | non-2xx | errors | × nginx |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for contender in ["limiter", "limiter_xdp", "nginx", "haproxy", "direct"] {
+            let c = &s[contender];
+            if c.is_null() {
+                continue;
+            }
+            let ratio = if nginx > 0.0 {
+                f(&c["rps"]) / nginx
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                out,
+                "| {contender} | {:.0} | {:.2} | {:.2} | {} | {} | {ratio:.2} |",
+                f(&c["rps"]),
+                f(&c["p50_ms"]),
+                f(&c["p99_ms"]),
+                c["non_2xx"],
+                c["errors"]
+            );
+        }
+        let kernel = &s["limiter_xdp"]["kernel"];
+        if !kernel.is_null() {
+            let _ = writeln!(
+                out,
+                "\nlimiter_xdp: {} packets dropped in the kernel, {} escalation ban(s).",
+                f(&kernel["dropped_packets"]),
+                f(&kernel["escalations"])
+            );
+        }
+        let _ = writeln!(out);
+    }
+    let allowed = f(&proxy["ratios"]["allowed_vs_nginx"]);
+    let rejected = f(&proxy["ratios"]["rejected_vs_nginx"]);
+    let _ = writeln!(
+        out,
+        "- allowed path, limiter ≥ 1.0× nginx: {allowed:.2}× — {}\n- rejected path, limiter ≥ 2.0× nginx: {rejected:.2}× — {}\n",
+        verdict(allowed >= 1.0),
+        verdict(rejected >= 2.0)
+    );
+    let _ = writeln!(
+        out,
+        "Command: `cargo xtask bench proxy` ({} rounds of {} s, {} connections, `GET {}`). \
+         Each contender is pinned to CPU 1 with one worker; wrk and the static upstream (nginx) \
+         share CPU 0. Configs: [`bench/configs/`](configs/).\n",
+        proxy["rounds"],
+        proxy["seconds"],
+        proxy["connections"],
+        proxy["path"].as_str().unwrap_or("")
+    );
+}
+
+fn flood_section(out: &mut String, flood: &Value) {
+    let _ = writeln!(
+        out,
+        "## flood: a legitimate client while another source floods\n"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | legit req/s | legit p99 ms | × baseline | attacker pps | XDP dropped pps |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let baseline = f(&flood["baseline"]["legit_rps"]);
+    for scenario in [
+        "baseline",
+        "no_protection",
+        "iptables_hashlimit",
+        "with_xdp",
+    ] {
+        let s = &flood[scenario];
+        let ratio = if baseline > 0.0 {
+            f(&s["legit_rps"]) / baseline
+        } else {
+            0.0
+        };
+        let dash = |v: &Value| {
+            if v.is_null() {
+                "–".to_owned()
+            } else {
+                format!("{:.0}", f(v))
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {scenario} | {:.0} | {:.2} | {ratio:.2} | {} | {} |",
+            f(&s["legit_rps"]),
+            f(&s["legit_p99_ms"]),
+            dash(&s["attacker_pps"]),
+            dash(&s["dropped_pps"])
+        );
+    }
+    let with_xdp = f(&flood["ratios_to_baseline"]["with_xdp"]);
+    let _ = writeln!(
+        out,
+        "\n![legit throughput under flood](flood.svg)\n\n- with XDP, legit ≥ 0.9× baseline: {with_xdp:.2}× — {}\n",
+        verdict(with_xdp >= 0.9)
+    );
+    let _ = writeln!(
+        out,
+        "Command: `cargo xtask bench flood` ({} rounds of {} s). The client runs wrk (8 keep-alive \
+         connections, CPU 0) in its namespace; the attacker sends SYNs to the API port from one \
+         thread (CPU 1) through an `AF_PACKET` socket on its veth; the agent runs unpinned in the \
+         host namespace with the demo upstream. SYN ceiling {} per source per second for both \
+         XDP and `iptables -A INPUT -p tcp --dport 8080 --syn -m hashlimit --hashlimit-above {}/sec \
+         --hashlimit-burst {} --hashlimit-mode srcip -j DROP`. A veth delivers in the sender's \
+         context, so what the host spends on each flood packet also slows the attacker: its \
+         rate is part of the result.\n",
+        flood["rounds"],
+        flood["seconds"],
+        flood["syn_ceiling"],
+        flood["syn_ceiling"],
+        flood["syn_ceiling"]
+    );
+}
+
+fn memory_section(out: &mut String, memory: &Value) {
+    let per = f(&memory["bytes_per_bucket"]);
+    let _ = writeln!(
+        out,
+        "## memory: in-memory store\n\n| live buckets | RSS before | RSS after | bytes per bucket |\n|---:|---:|---:|---:|\n| {:.0} | {:.1} MiB | {:.1} MiB | {per:.1} |\n",
+        f(&memory["buckets"]),
+        f(&memory["rss_before_bytes"]) / 1_048_576.0,
+        f(&memory["rss_after_bytes"]) / 1_048_576.0
+    );
+    let _ = writeln!(
+        out,
+        "- ≤ 64 bytes per live bucket: {per:.1} — {}\n\nCommand: `cargo xtask bench memory`: \
+         requests with distinct API keys (one bucket each) over 8 pipelined keep-alive \
+         connections; RSS of the agent after a 20,000-bucket warm-up and after the fill.\n",
+        verdict(per <= 64.0)
+    );
+}
+
+fn redis_section(out: &mut String, redis: &Value) {
+    let _ = writeln!(
+        out,
+        "## redis: shared store\n\n```json\n{}\n```\n\nCommand: `cargo xtask bench redis`.\n",
+        serde_json::to_string_pretty(redis).unwrap_or_default()
+    );
+}
+
+/// A bar chart of the client's throughput per flood scenario.
+fn flood_svg(flood: &Value) -> String {
+    let scenarios = [
+        ("baseline", "no flood"),
+        ("no_protection", "no protection"),
+        ("iptables_hashlimit", "iptables hashlimit"),
+        ("with_xdp", "XDP"),
+    ];
+    let max = scenarios
+        .iter()
+        .map(|(s, _)| f(&flood[*s]["legit_rps"]))
+        .fold(1.0, f64::max);
+    let (width, bar_h, gap, left) = (640.0, 36.0, 16.0, 150.0);
+    let height = 60.0 + (bar_h + gap) * 4.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <text x=\"10\" y=\"22\" font-size=\"15\">Legitimate client under a SYN flood (req/s, higher is better)</text>\n"
+    );
+    for (i, (key, label)) in scenarios.iter().enumerate() {
+        let rps = f(&flood[*key]["legit_rps"]);
+        #[expect(clippy::cast_precision_loss, reason = "four rows")]
+        let y = 40.0 + (bar_h + gap) * i as f64;
+        let w = (width - left - 90.0) * rps / max;
+        let color = if *key == "with_xdp" {
+            "#2b8a3e"
+        } else {
+            "#868e96"
+        };
+        let _ = writeln!(
+            svg,
+            "<text x=\"10\" y=\"{:.0}\">{label}</text>\n<rect x=\"{left}\" y=\"{y:.0}\" width=\"{w:.0}\" height=\"{bar_h}\" fill=\"{color}\"/>\n<text x=\"{:.0}\" y=\"{:.0}\">{rps:.0}</text>",
+            y + bar_h * 0.65,
+            left + w + 6.0,
+            y + bar_h * 0.65
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [bench_dir, out_dir] = args.as_slice() else {
+        panic!("usage: bench-report TARGET_BENCH_DIR OUT_DIR");
+    };
+    let (bench_dir, out_dir) = (Path::new(bench_dir), Path::new(out_dir));
+    std::fs::create_dir_all(out_dir).expect("output directory");
+    let machine = ["proxy", "flood", "memory"]
+        .iter()
+        .find_map(|p| read(bench_dir, p).and_then(|v| v["machine"].as_str().map(str::to_owned)))
+        .unwrap_or_else(limiter_tests::bench::machine);
+    let mut out = format!(
+        "# Benchmark results\n\nProduced by `cargo xtask bench` (this file is written by it). \
+         Machine: {machine}. Every number is a median over interleaved rounds on a shared, \
+         noisy 2-core machine: compare the ratios, measured in the same run, more than the \
+         absolute values.\n\n"
+    );
+    if let Some(xdp) = read(bench_dir, "xdp") {
+        xdp_section(&mut out, &xdp);
+    }
+    if let Some(proxy) = read(bench_dir, "proxy") {
+        proxy_section(&mut out, &proxy);
+    }
+    if let Some(flood) = read(bench_dir, "flood") {
+        flood_section(&mut out, &flood);
+        std::fs::write(out_dir.join("flood.svg"), flood_svg(&flood)).expect("flood.svg");
+    }
+    if let Some(memory) = read(bench_dir, "memory") {
+        memory_section(&mut out, &memory);
+    }
+    if let Some(redis) = read(bench_dir, "redis") {
+        redis_section(&mut out, &redis);
+    }
+    let path = out_dir.join("RESULTS.md");
+    std::fs::write(&path, out).expect("RESULTS.md");
+    println!("{}", path.display());
+}
