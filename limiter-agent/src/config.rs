@@ -68,6 +68,8 @@ struct RawServer {
     upstream_timeout: String,
     #[serde(default = "default_header_read_timeout")]
     header_read_timeout: String,
+    #[serde(default = "default_body_read_timeout")]
+    body_read_timeout: String,
     #[serde(default = "default_max_header_bytes")]
     max_header_bytes: usize,
     #[serde(default = "default_max_connections")]
@@ -78,6 +80,9 @@ fn default_upstream() -> String {
     "http://127.0.0.1:9000".into()
 }
 fn default_upstream_timeout() -> String {
+    "30s".into()
+}
+fn default_body_read_timeout() -> String {
     "30s".into()
 }
 fn default_header_read_timeout() -> String {
@@ -322,6 +327,8 @@ pub struct Config {
     pub path_policy: PathPolicy,
     pub upstream_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub admin_listen: SocketAddr,
@@ -555,6 +562,7 @@ impl RawConfig {
                 "server.header_read_timeout",
                 &server.header_read_timeout,
             )?,
+            body_read_timeout: duration("server.body_read_timeout", &server.body_read_timeout)?,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,
             admin_listen: socket_addr("admin.listen", &self.admin.listen)?,

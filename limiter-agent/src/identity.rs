@@ -39,21 +39,23 @@ impl IdentityResolver {
     #[must_use]
     pub fn resolve(&self, headers: &HeaderMap, peer: IpAddr) -> Identity {
         match self.api_key(headers) {
-            Some(key) => Identity::Key(sha256_hex(key.as_bytes())),
+            Some(key) => Identity::Key(sha256_hex(key)),
             None => Identity::Ip(self.group(self.client_ip(headers, peer))),
         }
     }
 
-    /// The first configured header that carries a key. `Authorization` counts
-    /// only with the `Bearer` scheme.
-    fn api_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
+    /// The first configured header that carries a key, as raw bytes (keys with
+    /// bytes outside visible ASCII are keys too, hashed like any other).
+    /// `Authorization` counts only with the `Bearer` scheme.
+    fn api_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
         self.key_headers.iter().find_map(|name| {
-            let value = headers.get(name)?.to_str().ok()?.trim();
+            let value = headers.get(name)?.as_bytes().trim_ascii();
             let key = if *name == header::AUTHORIZATION {
-                let (scheme, token) = value.split_once(' ')?;
+                let space = value.iter().position(|b| *b == b' ')?;
+                let (scheme, token) = value.split_at(space);
                 scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then_some(token.trim())?
+                    .eq_ignore_ascii_case(b"bearer")
+                    .then_some(token.trim_ascii())?
             } else {
                 value
             };
@@ -216,6 +218,26 @@ mod tests {
         assert_eq!(
             sha256_hex(b"secret"),
             "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+        );
+    }
+
+    #[test]
+    fn keys_with_bytes_beyond_ascii_are_keys_hashed_as_bytes() {
+        let r = resolver(&[]);
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_bytes(b"k\xff\xfe").unwrap());
+        assert_eq!(
+            r.resolve(&h, ip("192.0.2.1")),
+            Identity::Key(sha256_hex(b"k\xff\xfe"))
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer  \xe9t\xe9 ").unwrap(),
+        );
+        assert_eq!(
+            r.resolve(&h, ip("192.0.2.1")),
+            Identity::Key(sha256_hex(b"\xe9t\xe9"))
         );
     }
 

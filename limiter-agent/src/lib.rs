@@ -2,6 +2,7 @@
 //! embedded XDP object.
 
 pub mod admin;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -21,6 +21,7 @@ use hyper_util::{
 use prometheus_client::metrics::counter::Counter;
 
 use crate::{
+    body::{ClientBody, ClientBodyError, client_fault},
     config::{Config, ConfigError, OnError},
     headers,
     identity::{Identity, IdentityResolver},
@@ -47,7 +48,7 @@ pub struct Proxy {
     /// Decides when a shared store fails and `on_error = "allow"`.
     fallback: Option<MemoryStore>,
     clock: Arc<dyn Clock>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ClientBody>,
     /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
     /// process, so a reload keeps the buckets of unchanged tiers.
     hasher: RandomState,
@@ -169,6 +170,17 @@ impl Proxy {
     /// Serves one request.
     pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let state = self.state.load_full();
+        // Both framings at once is how requests get smuggled past a proxy
+        // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "Content-Length and Transfer-Encoding together are ambiguous.",
+            );
+        }
         let target = req
             .uri()
             .path_and_query()
@@ -274,7 +286,8 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded(&mut parts.headers, peer);
-        let request = Request::from_parts(parts, body);
+        let request =
+            Request::from_parts(parts, ClientBody::new(body, state.config.body_read_timeout));
         let started = Instant::now();
         let result =
             tokio::time::timeout(state.config.upstream_timeout, self.client.request(request)).await;
@@ -287,14 +300,26 @@ impl Proxy {
                 "UPSTREAM_TIMEOUT",
                 "The upstream did not answer in time.",
             ),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    "UPSTREAM_UNAVAILABLE",
-                    "The upstream could not be reached.",
-                )
-            }
+            Ok(Err(e)) => match client_fault(&e) {
+                Some(ClientBodyError::Stalled(_)) => error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "REQUEST_TIMEOUT",
+                    "The request body took too long.",
+                ),
+                Some(ClientBodyError::Malformed(_)) => error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    "The request body is malformed.",
+                ),
+                None => {
+                    tracing::warn!(error = %e, "upstream request failed");
+                    error(
+                        StatusCode::BAD_GATEWAY,
+                        "UPSTREAM_UNAVAILABLE",
+                        "The upstream could not be reached.",
+                    )
+                }
+            },
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

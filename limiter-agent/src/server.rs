@@ -1,7 +1,15 @@
 //! The listener: accepts connections (plain or TLS), enforces the connection
 //! cap and the header limits, and hands requests to the [`Proxy`].
 
-use std::{io::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use hyper::{body::Incoming, service::service_fn};
@@ -150,19 +158,27 @@ async fn connection(
         addr,
         tls: tls.is_some(),
     };
+    // Past hyper's own HTTP/1 header timeout (which answers 408), so this
+    // catches what that one doesn't: HTTP/2 clients that never complete a request.
+    let first_request_deadline = proxy.state().config.header_read_timeout + Duration::from_secs(1);
+    let started = Arc::new(AtomicBool::new(false));
+    let seen = started.clone();
     let service = service_fn(move |req: hyper::Request<Incoming>| {
+        seen.store(true, Ordering::Relaxed);
         let proxy = proxy.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
     });
+    let idle = no_request_by(first_request_deadline, started);
     if let Some(acceptor) = tls {
         let handshake_timeout = Duration::from_secs(10);
         let Ok(Ok(stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
         else {
             return;
         };
-        let _ = watcher
-            .watch(builder.serve_connection(TokioIo::new(stream), service))
-            .await;
+        tokio::select! {
+            _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)) => {}
+            () = idle => {}
+        }
     } else {
         {
             // A second handle on the socket, to answer 408 after hyper gives up
@@ -174,9 +190,10 @@ async fn connection(
             let Ok((mut spare, stream)) = spare else {
                 return;
             };
-            let result = watcher
-                .watch(builder.serve_connection(TokioIo::new(stream), service))
-                .await;
+            let result = tokio::select! {
+                result = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)) => result,
+                () = idle => return,
+            };
             if let Err(e) = result
                 && is_header_timeout(&*e)
             {
@@ -192,6 +209,14 @@ async fn connection(
                 }
             }
         }
+    }
+}
+
+/// Resolves at `deadline` unless a request has started by then (then never).
+async fn no_request_by(deadline: Duration, started: Arc<AtomicBool>) {
+    tokio::time::sleep(deadline).await;
+    if started.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -104,23 +104,27 @@ impl Peer {
         self.child.id()
     }
 
-    /// Stops the process with SIGTERM (a clean stop) and waits for it.
-    pub fn stop(mut self) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// Stops the process cleanly (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(self) {
+        drop(self);
     }
 }
 
 impl Drop for Peer {
+    /// SIGTERM first (nginx's master only takes its workers down on a signal
+    /// it can handle), SIGKILL after a grace period.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

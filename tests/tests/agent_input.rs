@@ -1,0 +1,341 @@
+//! End to end, bad HTTP input against the real agent binary: every malformed
+//! request gets a 4xx (or a closed connection), never a crash, a hang or a
+//! request smuggled to the upstream; slow clients can't starve others.
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use limiter_tests::agent::{Process, agent, demo_upstream, small_config};
+
+/// Sends raw bytes and returns everything answered before the agent closes
+/// (which it must within 5 s: the header timeout is 2 s).
+fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(bytes).expect("write");
+    let mut answer = Vec::new();
+    let started = Instant::now();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the agent neither answered nor closed: {bytes:?}"
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status(answer: &str) -> Option<u16> {
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+}
+
+/// A 4xx, or a connection closed without an answer; a body, if any, is JSON.
+fn assert_refused(answer: &str, what: &str) {
+    if answer.is_empty() {
+        return;
+    }
+    let code = status(answer).unwrap_or_else(|| panic!("{what}: not HTTP: {answer:?}"));
+    assert!(
+        (400..500).contains(&code) || code == 505,
+        "{what}: {answer}"
+    );
+    let (head, rest) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    // The first response only: a kept-alive connection may answer again later.
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let body = rest.get(..length).unwrap_or(rest);
+    if !body.is_empty() {
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{what}: a body that is not JSON: {answer}"
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(body).is_ok(),
+            "{what}: {body}"
+        );
+    }
+}
+
+fn still_serving(agent: &Process) {
+    let answer = exchange(
+        agent.addr,
+        b"GET /api/chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(status(&answer), Some(200), "{answer}");
+}
+
+fn start() -> (Process, Process) {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config(
+            "/api/chat",
+            1000,
+            "1m",
+            "max_header_bytes = 8192\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"1s\"",
+        ),
+        Some(upstream.addr),
+        &[],
+    );
+    (upstream, agent)
+}
+
+#[test]
+fn malformed_requests_get_a_4xx_or_a_closed_connection() {
+    let (_upstream, agent) = start();
+    let long_path = format!(
+        "GET /api/{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let mut many_headers = String::from("GET /api/chat HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..200 {
+        let _ = write!(many_headers, "x-h{i}: v\r\n");
+    }
+    many_headers.push_str("\r\n");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage request line", b"GARBAGE\r\n\r\n".to_vec()),
+        ("no version", b"GET /api/chat\r\n\r\n".to_vec()),
+        (
+            "invalid method",
+            b"G@T /api/chat HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "unknown version",
+            b"GET /api/chat HTTP/9.9\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "control byte in the path",
+            b"GET /api/\x01chat HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "control byte in a header",
+            b"GET /api/chat HTTP/1.1\r\nhost: x\r\nx-a: a\x01b\r\n\r\n".to_vec(),
+        ),
+        (
+            "space before the colon",
+            b"GET /api/chat HTTP/1.1\r\nhost : x\r\n\r\n".to_vec(),
+        ),
+        (
+            "conflicting content-length",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!".to_vec(),
+        ),
+        (
+            "invalid content-length",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n".to_vec(),
+        ),
+        (
+            "negative content-length",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n".to_vec(),
+        ),
+        (
+            "unknown transfer-encoding",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n".to_vec(),
+        ),
+        (
+            "bad chunk size",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+        ),
+        ("oversized path", long_path.into_bytes()),
+        ("too many headers", many_headers.into_bytes()),
+        (
+            "invalid percent-encoding",
+            b"GET /api/%zzchat HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "encoded slash in a segment",
+            b"GET /api%2fchat HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "encoded NUL",
+            b"GET /api/chat%00 HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "non-UTF-8 path bytes",
+            b"GET /api/\xff\xfe HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let answer = exchange(agent.addr, &bytes);
+        assert_refused(&answer, what);
+        still_serving(&agent);
+    }
+    // HTTP/2 with prior knowledge, then half a frame: the agent speaks HTTP/2
+    // back (its SETTINGS) and closes once no request has started in time
+    // (`exchange` fails if it holds the connection 5 s).
+    let _ = exchange(agent.addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00");
+    still_serving(&agent);
+}
+
+#[test]
+fn non_utf8_api_keys_are_keys_with_their_own_bucket() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 1, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let with_key = |key: &[u8]| {
+        let mut request =
+            b"GET /api/chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-api-key: ".to_vec();
+        request.extend_from_slice(key);
+        request.extend_from_slice(b"\r\n\r\n");
+        status(&exchange(agent.addr, &request))
+    };
+    assert_eq!(with_key(b"\xff\xfe"), Some(200));
+    assert_eq!(
+        with_key(b"\xff\xfe"),
+        Some(429),
+        "the same key, the same bucket"
+    );
+    assert_eq!(
+        with_key(b"\xff\xfd"),
+        Some(200),
+        "another key, another bucket"
+    );
+}
+
+/// Counts the upstream's echoes of `path` in everything the agent answered.
+fn echoes(answer: &str, path: &str) -> usize {
+    answer.matches(&format!("\"path\":\"{path}\"")).count()
+}
+
+#[test]
+fn ambiguous_framing_smuggles_nothing_to_the_upstream() {
+    let (_upstream, agent) = start();
+    let attempts: Vec<(&str, &[u8])> = vec![
+        (
+            "CL.TE",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+        (
+            "TE.CL",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\ncontent-length: 4\r\n\r\n5c\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\ncontent-length: 15\r\n\r\nx=1\r\n0\r\n\r\n",
+        ),
+        (
+            "TE obfuscated",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: xchunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+        (
+            "TE with a space",
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding : chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+        (
+            "bare LF in the header block",
+            b"POST /api/chat HTTP/1.1\nhost: x\ncontent-length: 0\n\nGET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+    ];
+    for (what, bytes) in attempts {
+        let answer = exchange(agent.addr, bytes);
+        // A pipelined second request is fine only when the agent itself parsed
+        // it as one (then it is limited and forwarded as a request of its own,
+        // and the first request's body holds none of it).
+        let first_echoes = echoes(&answer, "/api/chat");
+        let smuggled = echoes(&answer, "/smuggled");
+        assert!(
+            smuggled == 0 || (first_echoes == 1 && answer.matches("HTTP/1.1 ").count() >= 2),
+            "{what}: {answer}"
+        );
+        assert!(
+            !answer.contains("GET /smuggled"),
+            "{what}: a request reached the upstream inside a body: {answer}"
+        );
+        still_serving(&agent);
+    }
+}
+
+#[test]
+fn slow_clients_cannot_starve_the_others() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config(
+            "/api/chat",
+            100_000,
+            "1m",
+            "header_read_timeout = \"1s\"\nmax_connections = 64",
+        ),
+        Some(upstream.addr),
+        &[],
+    );
+    // Slowloris: 40 connections that trickle header bytes and never finish.
+    let mut slow: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(agent.addr).expect("connect");
+            s.write_all(b"GET /api/chat HTTP/1.1\r\nhost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        for s in &mut slow {
+            let _ = s.write_all(b"x-slow: 1\r\n");
+        }
+        let sent = Instant::now();
+        still_serving(&agent);
+        assert!(
+            sent.elapsed() < Duration::from_millis(500),
+            "a normal request waited {:?} behind slow clients",
+            sent.elapsed()
+        );
+        served += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served >= 10);
+    // The header timeout closed every slow connection (with a 408).
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_request_body_is_cut_off_with_408() {
+    let (_upstream, agent) = start();
+    let mut stream = TcpStream::connect(agent.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Chunked, so the upstream reads the body before it answers; then silence.
+    stream
+        .write_all(
+            b"POST /api/chat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let waited = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        waited < Duration::from_secs(4),
+        "the stalled connection was held for {waited:?}"
+    );
+    assert_eq!(status(&answer), Some(408), "{answer}");
+    assert!(answer.contains("REQUEST_TIMEOUT"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "cut off after {waited:?}"
+    );
+    still_serving(&agent);
+}
