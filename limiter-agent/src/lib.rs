@@ -13,6 +13,7 @@ pub mod limit;
 pub mod metrics;
 pub mod object;
 pub mod ops;
+pub mod privilege;
 pub mod proxy;
 pub mod route;
 pub mod server;

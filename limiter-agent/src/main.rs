@@ -12,7 +12,7 @@ use limiter_agent::{
     kernel::{Escalation, Kernel},
     limit::{Clock, Store, SystemClock},
     metrics::{Metrics, ReloadLabels},
-    ops,
+    ops, privilege,
     proxy::Proxy,
     server,
 };
@@ -74,8 +74,21 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            // Attach before any thread exists, then drop what is no longer needed:
+            // the runtime's threads inherit the reduced capabilities.
+            let kernel = match start_kernel(&config) {
+                Ok(kernel) => kernel,
+                Err(e) => return report(&e),
+            };
+            let keep = privilege::needed(
+                kernel.is_some(),
+                &[config.listen.port(), config.admin_listen.port()],
+            );
+            if let Err(e) = privilege::drop_to(&keep) {
+                return report(&anyhow::anyhow!("dropping capabilities: {e}"));
+            }
             runtime()
-                .and_then(|rt| rt.block_on(run(args, config)))
+                .and_then(|rt| rt.block_on(run(args, config, kernel)))
                 .map_or_else(|e| report(&e), |()| ExitCode::SUCCESS)
         }
     }
@@ -154,7 +167,7 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
 /// How long in-flight requests get to finish after SIGTERM/SIGINT.
 const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
+async fn run(args: RunArgs, mut config: Config, kernel: Option<Arc<Kernel>>) -> anyhow::Result<()> {
     let demo_upstream = if args.demo_upstream {
         let addr = demo::spawn("127.0.0.1:0".parse()?)
             .await
@@ -177,9 +190,11 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
             anyhow::bail!("[store] kind = \"redis\" is not supported by this build")
         }
     };
-    // The kernel side first: once the listener accepts, XDP is in place.
+    // The kernel side is already attached: once the listener accepts, XDP is in place.
     let metrics = Metrics::new();
-    let kernel = start_kernel(&config, &metrics).await?;
+    if let Some(kernel) = &kernel {
+        metrics.set_kernel(kernel.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -196,6 +211,7 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
         tiers = config.tiers.len(),
         tls = tls.is_some(),
         store = ?config.store,
+        capabilities = ?privilege::effective(),
         "limiter-agent started"
     );
     let escalation = kernel
@@ -230,25 +246,19 @@ async fn run(args: RunArgs, mut config: Config) -> anyhow::Result<()> {
 }
 
 /// Loads and attaches the XDP program unless it is off.
-async fn start_kernel(config: &Config, metrics: &Metrics) -> anyhow::Result<Option<Arc<Kernel>>> {
+fn start_kernel(config: &Config) -> anyhow::Result<Option<Arc<Kernel>>> {
     if !config.xdp.enabled {
         tracing::info!("kernel fast path off (--no-xdp or [xdp] enabled = false)");
         return Ok(None);
     }
-    let config = config.clone();
-    let kernel = tokio::task::spawn_blocking(move || {
-        Kernel::start(
-            &config,
-            &config.xdp.instance,
-            &config.xdp.interfaces,
-            config.xdp.persist,
-        )
-    })
-    .await?
+    let kernel = Kernel::start(
+        config,
+        &config.xdp.instance,
+        &config.xdp.interfaces,
+        config.xdp.persist,
+    )
     .context("starting the kernel fast path (run as root, or use --no-xdp)")?;
-    let kernel = Arc::new(kernel);
-    metrics.set_kernel(kernel.clone());
-    Ok(Some(kernel))
+    Ok(Some(Arc::new(kernel)))
 }
 
 /// Once a second: expired buckets, bans and offenders; store and bucket gauges.

@@ -4,6 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    os::unix::fs::PermissionsExt as _,
     time::{Duration, Instant},
 };
 
@@ -87,6 +88,31 @@ fn the_client_is_served_with_headers_through_the_attached_interfaces() {
         "{modes:?}"
     );
     assert!(counter(&status, "pass", "api") >= 4, "{status}");
+
+    // Least privilege: only CAP_NET_ADMIN (12), CAP_PERFMON (38) and CAP_BPF
+    // (39) are left, in the effective, permitted and bounding sets.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let caps = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or_else(
+                || panic!("no {name} in {proc_status}"),
+                |v| u64::from_str_radix(v.trim(), 16).expect("hex capability mask"),
+            )
+    };
+    let expected = (1u64 << 12) | (1 << 38) | (1 << 39);
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(caps(set), expected, "{set} {:#x}", caps(set));
+    }
+    assert_eq!(caps("CapInh:"), 0);
+    // Pins are the owner's only.
+    let dir = format!("/sys/fs/bpf/limiter/{}", topology.instance);
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "{dir}");
+    for map in ["config", "sources", "allow", "bans", "stats"] {
+        assert_eq!(mode(&format!("{dir}/{map}")), 0o600, "{map}");
+    }
     assert!(
         agent.log().contains("XDP attached"),
         "attach logged with its mode:\n{}",
