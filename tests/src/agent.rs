@@ -168,6 +168,12 @@ pub fn demo_upstream() -> Process {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
         .parse()
         .expect("address");
+    demo_upstream_at(addr)
+}
+
+/// Starts the stand-in upstream on `addr`.
+#[must_use]
+pub fn demo_upstream_at(addr: SocketAddr) -> Process {
     let mut command = Command::new(agent_binary());
     command.args(["demo-upstream", "--listen", &addr.to_string()]);
     Process::spawn(command, addr, "the demo upstream")

@@ -339,3 +339,65 @@ fn a_stalled_request_body_is_cut_off_with_408() {
     );
     still_serving(&agent);
 }
+
+#[tokio::test]
+async fn http2_multiplexing_on_one_connection_admits_exactly_the_limit() {
+    let upstream = demo_upstream();
+    let agent = agent(
+        &small_config("/api/chat", 25, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    // Cleartext HTTP/2 with prior knowledge: every request one stream of a
+    // single connection.
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let url = format!("http://{}/api/chat", agent.addr);
+    let requests = (0..100).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let response = client.get(&url).send().await.expect("request");
+            assert_eq!(response.version(), reqwest::Version::HTTP_2);
+            response.status().as_u16()
+        })
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|s| s.expect("task"))
+        .collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((admitted, limited), (25, 75));
+}
+
+#[test]
+fn many_requests_on_one_keep_alive_connection_admit_exactly_the_limit() {
+    let (_upstream, agent) = {
+        let upstream = demo_upstream();
+        let agent = agent(
+            &small_config("/api/chat", 7, "1m", ""),
+            Some(upstream.addr),
+            &[],
+        );
+        (upstream, agent)
+    };
+    let mut stream = TcpStream::connect(agent.addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Twenty pipelined requests, the last one closing the connection.
+    let mut requests = String::new();
+    for i in 0..20 {
+        let close = if i == 19 { "connection: close\r\n" } else { "" };
+        let _ = write!(requests, "GET /api/chat HTTP/1.1\r\nhost: x\r\n{close}\r\n");
+    }
+    stream.write_all(requests.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 7, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 429").count(), 13, "{answer}");
+}

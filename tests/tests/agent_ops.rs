@@ -337,3 +337,20 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
         "the listener is closed"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_that_dies_and_returns_is_used_again_without_a_restart() {
+    let upstream = demo_upstream();
+    let addr = upstream.addr;
+    let agent = agent(&small_config("/api/chat", 100, "1m", ""), Some(addr), &[]);
+    let client = client();
+    let chat = url(&agent, "/api/chat");
+    assert_eq!(status_of(&client, &chat, None).await.0, StatusCode::OK);
+    drop(upstream);
+    let (status, limit) = status_of(&client, &chat, None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(limit, Some(100), "every response of a limited route has the headers");
+    // The same address comes back.
+    let _again = limiter_tests::agent::demo_upstream_at(addr);
+    assert_eq!(status_of(&client, &chat, None).await.0, StatusCode::OK);
+}
