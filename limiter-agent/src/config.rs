@@ -190,6 +190,10 @@ pub struct XdpSection {
     pub max_syns_per_second: u32,
     #[serde(default)]
     pub escalate_after_rejections: u32,
+    /// Sources the kernel may start tracking per second, all CPUs together;
+    /// 0 = derived from the per-source map's capacity.
+    #[serde(default)]
+    pub max_new_sources_per_second: u32,
     #[serde(default = "default_ban_seconds")]
     pub ban_seconds: u64,
     #[serde(default)]
@@ -224,6 +228,7 @@ impl Default for XdpSection {
             max_packets_per_second: 0,
             max_syns_per_second: 0,
             escalate_after_rejections: 0,
+            max_new_sources_per_second: 0,
             ban_seconds: default_ban_seconds(),
             allow: Vec::new(),
             instance: default_instance(),

@@ -37,6 +37,9 @@ pub mod map_names {
     pub const BANS: &str = "bans";
     /// Per-CPU array of `u64` packet counters, indexed by [`crate::stat_index`].
     pub const STATS: &str = "stats";
+    /// Per-CPU array with one [`crate::NewSources`]: this CPU's new-source
+    /// budget in the current window (not pinned: it restarts with the program).
+    pub const NEW_SOURCES: &str = "new_sources";
 }
 
 /// Default capacity of the per-source LRU hash (overridable at load time).
@@ -176,8 +179,27 @@ pub struct Config {
     /// [`mode::ENFORCE`] or [`mode::OBSERVE`].
     pub mode: u8,
     pub _pad: u8,
+    /// Sources each CPU may add to the per-source map per window; 0 = no
+    /// limit. Over it, packets of sources not yet in the map are dropped
+    /// (allow-listed ones excepted) without creating an entry, so a flood
+    /// from more spoofed addresses than the map holds cannot evict the
+    /// sources it already tracks, nor escape the ceilings by being forgotten.
+    pub max_new_sources: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Config>() == 88);
+const _: () = assert!(size_of::<Config>() == 96);
+
+/// Value of the per-CPU `new_sources` array: sources added in this window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NewSources {
+    /// Start of the window (`CLOCK_MONOTONIC` ns).
+    pub window_start_ns: u64,
+    /// Sources added in it on this CPU.
+    pub count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<NewSources>() == 16);
 
 /// How the program tells the time.
 ///
@@ -319,7 +341,9 @@ pub mod reason {
     pub const MALFORMED: u32 = 6;
     /// An IP fragment (ports unknown) from a source that is not banned.
     pub const FRAGMENT: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A source not yet in the map while the new-source budget is spent.
+    pub const NEW_SOURCE_CEILING: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "non_api",
         "api",
@@ -329,6 +353,7 @@ pub mod reason {
         "syn_ceiling",
         "malformed",
         "fragment",
+        "new_source_ceiling",
     ];
 }
 
@@ -350,6 +375,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SourceState {}
     unsafe impl aya::Pod for super::Ban {}
+    unsafe impl aya::Pod for super::NewSources {}
 }
 
 #[cfg(test)]
@@ -359,7 +385,9 @@ mod tests {
     #[test]
     fn sizes_match_the_kernel_layout() {
         assert_eq!(size_of::<SourceKey>(), 16);
-        assert_eq!(size_of::<Config>(), 88);
+        assert_eq!(size_of::<Config>(), 96);
+        assert_eq!(core::mem::offset_of!(Config, max_new_sources), 88);
+        assert_eq!(size_of::<NewSources>(), 16);
         assert_eq!(size_of::<SourceState>(), 40);
         assert_eq!(align_of::<SourceState>(), 8);
         assert_eq!(size_of::<Ban>(), 8);

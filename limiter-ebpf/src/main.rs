@@ -31,8 +31,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, SOURCE_ALLOWED, SOURCES_CAPACITY,
-    STATS_LEN, SourceKey, SourceState, mode, reason, stat_index, verdict,
+    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, NewSources, SOURCE_ALLOWED,
+    SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, mode, reason, stat_index, verdict,
 };
 
 use crate::parse::{Packet, Source, parse};
@@ -56,6 +56,9 @@ static BANS: LpmTrie<SourceKey, Ban> = LpmTrie::with_max_entries(BANS_CAPACITY, 
 
 #[map(name = "stats")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[map(name = "new_sources")]
+static NEW_SOURCES: PerCpuArray<NewSources> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn limiter(ctx: XdpContext) -> u32 {
@@ -117,6 +120,13 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
             let reason = match SOURCES.get_ptr_mut(key) {
                 Some(state) => account(config, unsafe { &mut *state }, &key, syn),
                 None => {
+                    if !admit_new_source(config) {
+                        // No entry: the map keeps the sources it tracks.
+                        if ALLOW.get(Key::new(128, key)).is_some() {
+                            return (verdict::PASS, reason::ALLOWLISTED);
+                        }
+                        return enforce(config, reason::NEW_SOURCE_CEILING);
+                    }
                     let mut state = SourceState::default();
                     refresh_policy(config, &mut state, &key);
                     let reason = account(config, &mut state, &key, syn);
@@ -149,6 +159,30 @@ fn enforce(config: &Config, reason: u32) -> (u32, u32) {
         _ if config.mode == mode::OBSERVE => (verdict::WOULD_DROP, reason),
         _ => (verdict::DROP, reason),
     }
+}
+
+/// Takes one unit of this CPU's new-source budget for the current window;
+/// false when it is spent.
+#[inline(always)]
+fn admit_new_source(config: &Config) -> bool {
+    if config.max_new_sources == 0 {
+        return true;
+    }
+    let Some(budget) = NEW_SOURCES.get_ptr_mut(0) else {
+        return true;
+    };
+    // Per-CPU slot: no other CPU writes it.
+    let budget = unsafe { &mut *budget };
+    let now = now_ns(config);
+    if now.wrapping_sub(budget.window_start_ns) >= config.window_ns {
+        budget.window_start_ns = now;
+        budget.count = 0;
+    }
+    if budget.count >= config.max_new_sources {
+        return false;
+    }
+    budget.count += 1;
+    true
 }
 
 /// Re-reads the allow list and the ban trie for `key` into `state`.

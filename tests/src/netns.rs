@@ -362,7 +362,7 @@ pub fn connects(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> bool {
 #[must_use]
 pub fn syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
     let started = std::time::Instant::now();
-    let sent = flood(host, attacker, move |sent| sent >= u64::from(count));
+    let sent = flood(host, attacker, false, move |sent| sent >= u64::from(count));
     assert_eq!(sent, u64::from(count));
     started.elapsed()
 }
@@ -372,14 +372,31 @@ pub fn syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
 #[must_use]
 pub fn syn_flood_for(host: &Netns, attacker: &Netns, duration: Duration) -> u64 {
     let deadline = std::time::Instant::now() + duration;
-    flood(host, attacker, move |sent| {
+    flood(host, attacker, false, move |sent| {
         sent % 256 == 0 && std::time::Instant::now() >= deadline
     })
 }
 
+/// Sends `count` SYNs from the attacker's veth, each from a different spoofed
+/// source address (10.100.0.0 upwards): more sources than the per-source map
+/// holds when `count` exceeds its capacity.
+#[must_use]
+pub fn spoofed_syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration {
+    let started = std::time::Instant::now();
+    let sent = flood(host, attacker, true, move |sent| sent >= u64::from(count));
+    assert_eq!(sent, u64::from(count));
+    started.elapsed()
+}
+
 /// Sends SYNs through an `AF_PACKET` socket on the attacker's veth until
-/// `done(sent)`; returns how many were sent.
-fn flood(host: &Netns, attacker: &Netns, done: impl Fn(u64) -> bool + Send + 'static) -> u64 {
+/// `done(sent)` (from spoofed, ever-new source addresses when `spoofed`);
+/// returns how many were sent.
+fn flood(
+    host: &Netns,
+    attacker: &Netns,
+    spoofed: bool,
+    done: impl Fn(u64) -> bool + Send + 'static,
+) -> u64 {
     let dst_mac = mac(host, HOST_ATTACKER_IF);
     let src_mac = mac(attacker, "va");
     attacker.run(move || {
@@ -408,11 +425,18 @@ fn flood(host: &Netns, attacker: &Netns, done: impl Fn(u64) -> bool + Send + 'st
         to.sll_addr[..6].copy_from_slice(&dst_mac);
         // 40,000 distinct frames (source ports), built once.
         let frames: Vec<Vec<u8>> = (0..40_000u32)
-            .map(|i| syn_frame(src_mac, dst_mac, 20_000 + i as u16, i))
+            .map(|i| syn_frame(src_mac, dst_mac, ATTACKER_ADDR, 20_000 + i as u16, i))
             .collect();
         let mut sent = 0u64;
         while !done(sent) {
-            let frame = &frames[(sent % 40_000) as usize];
+            let fresh;
+            let frame = if spoofed {
+                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + sent as u32);
+                fresh = syn_frame(src_mac, dst_mac, src, 20_000, sent as u32);
+                &fresh
+            } else {
+                &frames[(sent % 40_000) as usize]
+            };
             // SAFETY: frame and address are valid for the lengths given.
             let rc = unsafe {
                 libc::sendto(
@@ -458,8 +482,8 @@ fn mac(ns: &Netns, interface: &str) -> [u8; 6] {
 
 /// Ethernet + IPv4 + TCP SYN from the attacker to the host's API port, with
 /// valid checksums.
-fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], sport: u16, seq: u32) -> Vec<u8> {
-    let src = ATTACKER_ADDR.octets();
+fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, sport: u16, seq: u32) -> Vec<u8> {
+    let src = src.octets();
     let dst = HOST_ATTACKER_ADDR.octets();
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;

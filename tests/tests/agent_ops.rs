@@ -349,7 +349,11 @@ async fn an_upstream_that_dies_and_returns_is_used_again_without_a_restart() {
     drop(upstream);
     let (status, limit) = status_of(&client, &chat, None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert_eq!(limit, Some(100), "every response of a limited route has the headers");
+    assert_eq!(
+        limit,
+        Some(100),
+        "every response of a limited route has the headers"
+    );
     // The same address comes back.
     let _again = limiter_tests::agent::demo_upstream_at(addr);
     assert_eq!(status_of(&client, &chat, None).await.0, StatusCode::OK);

@@ -9,8 +9,8 @@ use std::{
 };
 
 use limiter_tests::netns::{
-    API_PORT, ATTACKER_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF, HOST_CLIENT_ADDR,
-    HOST_CLIENT_IF, Topology, connects, get, syn_flood,
+    API_PORT, ATTACKER_ADDR, CLIENT_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF, HOST_CLIENT_ADDR,
+    HOST_CLIENT_IF, Topology, connects, get, spoofed_syn_flood, syn_flood,
 };
 
 const SHORT: Duration = Duration::from_secs(1);
@@ -420,4 +420,51 @@ fn a_killed_agent_fails_open_and_persist_leaves_the_program_attached() {
     agent.signal(libc::SIGTERM);
     assert!(agent.wait_exit(Duration::from_secs(15)).is_some());
     assert!(!topology.link(HOST_CLIENT_IF).contains("xdp"));
+}
+
+#[test]
+fn a_spoofed_flood_from_more_sources_than_the_map_holds_cannot_evict_a_known_client() {
+    let topology = Topology::new();
+    // 2,048 new sources a second (the default) against 200,000 spoofed ones:
+    // more than the 131,072 entries of the per-source map.
+    let _agent = topology.agent(&config(1_000_000, ""), &[]);
+    assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+    let flood = {
+        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
+        std::thread::spawn(move || spoofed_syn_flood(&host, &attacker, 200_000))
+    };
+    let mut served = 0;
+    while !flood.is_finished() {
+        let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
+            .expect("the known client is served during the spoofed flood");
+        assert_eq!(response.status, 200);
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = flood.join().expect("flood thread");
+    let status = status(&topology);
+    let dropped = counter(&status, "drop", "new_source_ceiling");
+    let admitted = counter(&status, "pass", "api");
+    eprintln!(
+        "spoofed flood of 200000 sources in {took:?}: {dropped} dropped at the new-source \
+         ceiling, {admitted} API packets passed, client served {served} times"
+    );
+    // At most the budget per second (plus the client's own packets) passed.
+    let seconds = took.as_secs() + 2;
+    assert!(
+        dropped >= 200_000 - 2048 * seconds,
+        "{dropped} dropped: {status}"
+    );
+    let sources = topology.dump("sources");
+    let client_key = CLIENT_ADDR
+        .octets()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        sources.contains(&client_key),
+        "the client kept its entry ({client_key})"
+    );
+    assert!(served >= 1);
 }

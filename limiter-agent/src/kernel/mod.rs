@@ -143,7 +143,7 @@ impl Kernel {
                 Err(e) => tracing::warn!("program clock not calibrated, using the helper: {e}"),
             }
         }
-        let wanted = sync::kernel_config(config, current.clock);
+        let wanted = sync::kernel_config(config, current.clock, possible_cpus());
         maps.write_config(&wanted)?;
         maps.set_allow(&sync::allow_list(config), config.ipv6_prefix)?;
         let program = program_mut(&mut ebpf)?;
@@ -189,7 +189,7 @@ impl Kernel {
     pub fn sync(&self, config: &Config) -> Result<(), KernelError> {
         let mut maps = self.maps();
         let clock = maps.config()?.clock;
-        maps.write_config(&sync::kernel_config(config, clock))?;
+        maps.write_config(&sync::kernel_config(config, clock, possible_cpus()))?;
         maps.set_allow(&sync::allow_list(config), config.ipv6_prefix)?;
         *self
             .ipv6_prefix
@@ -415,6 +415,14 @@ fn ensure_bpffs() -> Result<(), KernelError> {
     } else {
         Err(KernelError::Bpffs(std::io::Error::last_os_error()))
     }
+}
+
+/// CPUs the kernel may run the program on (per-CPU budgets are split over them).
+fn possible_cpus() -> u32 {
+    aya::util::nr_cpus()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1)
 }
 
 /// `bpf_ktime_get_coarse_ns` exists from Linux 5.11.

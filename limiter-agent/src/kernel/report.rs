@@ -20,6 +20,8 @@ pub struct Report {
     pub ipv6_prefix: u32,
     pub max_packets_per_second: u32,
     pub max_syns_per_second: u32,
+    /// New sources each CPU may start tracking per second.
+    pub max_new_sources_per_cpu: u32,
     pub autoban_after_seconds: u16,
     pub autoban_seconds: u64,
     /// `jiffies` (calibrated tick clock) or `helper`.
@@ -105,6 +107,7 @@ impl Report {
             ipv6_prefix: config.ipv6_mask.iter().map(|b| b.count_ones()).sum(),
             max_packets_per_second: config.max_packets,
             max_syns_per_second: config.max_syns,
+            max_new_sources_per_cpu: config.max_new_sources,
             autoban_after_seconds: config.autoban_after_windows,
             autoban_seconds: config.autoban_ns / 1_000_000_000,
             clock: if config.clock.ns_per_jiffy == 0 {
@@ -159,6 +162,11 @@ impl Report {
             self.max_syns_per_second,
             self.autoban_seconds,
             self.autoban_after_seconds
+        );
+        let _ = writeln!(
+            out,
+            "new sources: {} per second per CPU",
+            self.max_new_sources_per_cpu
         );
         let _ = writeln!(
             out,

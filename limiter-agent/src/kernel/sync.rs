@@ -49,6 +49,24 @@ pub fn syn_ceiling(config: &Config) -> u32 {
     }
 }
 
+/// `max_new_sources_per_second`, or when 0: the per-source map's capacity / 64
+/// (2,048 a second): a flood of fresh (spoofed) addresses then needs over a
+/// minute to cycle the whole map, so a client sending at least once a minute
+/// keeps its entry, its counters and its ban.
+#[must_use]
+pub fn new_source_ceiling(config: &Config) -> u32 {
+    match config.xdp.max_new_sources_per_second {
+        0 => limiter_common::SOURCES_CAPACITY / 64,
+        set => set,
+    }
+}
+
+/// The per-CPU share of the new-source ceiling (the program counts per CPU).
+#[must_use]
+pub fn new_sources_per_cpu(config: &Config, cpus: u32) -> u32 {
+    new_source_ceiling(config).div_ceil(cpus.max(1))
+}
+
 /// The API ports: `[xdp] ports`, or the listen port.
 #[must_use]
 pub fn ports(config: &Config) -> Vec<u16> {
@@ -59,9 +77,10 @@ pub fn ports(config: &Config) -> Vec<u16> {
     }
 }
 
-/// The program's config for `config`, keeping `clock` (calibrated once per boot).
+/// The program's config for `config`, keeping `clock` (calibrated once per
+/// boot), for a machine with `cpus` possible CPUs.
 #[must_use]
-pub fn kernel_config(config: &Config, clock: Clock) -> limiter_common::Config {
+pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common::Config {
     let mut out = limiter_common::Config {
         ipv6_mask: limiter_common::ipv6_mask(config.ipv6_prefix),
         window_ns: 1_000_000_000,
@@ -71,6 +90,7 @@ pub fn kernel_config(config: &Config, clock: Clock) -> limiter_common::Config {
         max_syns: syn_ceiling(config),
         policy_gen: 1,
         autoban_after_windows: config.xdp.autoban_after_seconds,
+        max_new_sources: new_sources_per_cpu(config, cpus),
         mode: if config.xdp.mode == "observe" {
             mode::OBSERVE
         } else {
@@ -119,7 +139,8 @@ mod tests {
         assert_eq!(packet_ceiling(&config), 4100);
         assert_eq!(syn_ceiling(&config), 820);
         assert_eq!(ports(&config), vec![8080]);
-        let k = kernel_config(&config, Clock::default());
+        let k = kernel_config(&config, Clock::default(), 2);
+        assert_eq!(k.max_new_sources, 1024, "2048 a second over two CPUs");
         assert_eq!(k.ports[0], 8080u16.to_be());
         assert_eq!(k.ports[1], 0);
         assert_eq!(k.max_packets, 4100);
@@ -138,7 +159,8 @@ mod tests {
         assert_eq!(packet_ceiling(&config), MIN_PACKETS_PER_SECOND);
         assert_eq!(syn_ceiling(&config), 7);
         assert_eq!(ports(&config), vec![443, 8443]);
-        let k = kernel_config(&config, Clock::default());
+        let k = kernel_config(&config, Clock::default(), 3);
+        assert_eq!(k.max_new_sources, 683, "2048 a second over three CPUs");
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
         assert_eq!(k.mode, mode::OBSERVE);
         assert_eq!(escalation_threshold(&config, 100), 4);
