@@ -468,3 +468,33 @@ fn a_spoofed_flood_from_more_sources_than_the_map_holds_cannot_evict_a_known_cli
     );
     assert!(served >= 1);
 }
+
+#[test]
+fn with_persist_a_killed_agent_leaves_the_program_enforcing_bans_that_still_expire() {
+    let topology = Topology::new();
+    let agent = topology.agent(&config(100, ""), &["--persist"]);
+    let (ok, text) = topology.cli(&["ban", &ATTACKER_ADDR.to_string(), "--for", "3s"]);
+    assert!(ok, "{text}");
+    let banned_at = Instant::now();
+    drop(agent); // SIGKILL
+    // Something else answers on the API port now that the agent is gone.
+    let listener = topology
+        .host
+        .run(|| TcpListener::bind(("0.0.0.0", API_PORT)).expect("bind the API port"));
+    assert!(
+        topology.link(HOST_CLIENT_IF).contains("xdp"),
+        "still attached after SIGKILL with --persist"
+    );
+    assert!(connects(&topology.client, api(HOST_CLIENT_ADDR), SHORT));
+    assert!(
+        !connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT),
+        "the ban holds with no agent running"
+    );
+    let deadline = banned_at + Duration::from_secs(10);
+    while !connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT) {
+        assert!(Instant::now() < deadline, "the ban never expired");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(banned_at.elapsed() >= Duration::from_secs(2));
+    drop(listener);
+}
