@@ -149,6 +149,17 @@ struct RawStore {
     on_error: String,
     #[serde(default = "default_max_buckets")]
     max_buckets: usize,
+    /// Redis Cluster seed nodes (`redis://host:port`); set, the store talks Cluster.
+    #[serde(default)]
+    cluster_nodes: Vec<String>,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    #[serde(default = "default_store_timeout")]
+    timeout: String,
+    #[serde(default = "default_breaker_failures")]
+    breaker_failures: u32,
+    #[serde(default = "default_breaker_cooldown")]
+    breaker_cooldown: String,
 }
 
 impl Default for RawStore {
@@ -158,6 +169,11 @@ impl Default for RawStore {
             url: None,
             on_error: default_on_error(),
             max_buckets: default_max_buckets(),
+            cluster_nodes: Vec::new(),
+            key_prefix: default_key_prefix(),
+            timeout: default_store_timeout(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown: default_breaker_cooldown(),
         }
     }
 }
@@ -170,6 +186,18 @@ fn default_on_error() -> String {
 }
 fn default_max_buckets() -> usize {
     4_000_000
+}
+fn default_key_prefix() -> String {
+    "limiter:".into()
+}
+fn default_store_timeout() -> String {
+    "50ms".into()
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> String {
+    "1s".into()
 }
 
 /// `[xdp]`: read and validated here; the kernel side applies it.
@@ -309,7 +337,25 @@ pub struct KeyOverride {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Memory,
-    Redis { url: String },
+    Redis(RedisSettings),
+}
+
+/// `[store] kind = "redis"`: where the shared counters live and how hard to try.
+/// Its `Debug` (the startup line) hides URL passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL of one server (or the first Cluster seed).
+    pub url: Option<String>,
+    /// Redis Cluster seed nodes; non-empty means Cluster mode.
+    pub cluster_nodes: Vec<String>,
+    /// Prepended to every key, outside the hash tag.
+    pub key_prefix: String,
+    /// Budget for one decision's round trip.
+    pub timeout: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before one probe is let through.
+    pub breaker_cooldown: Duration,
 }
 
 /// What to do when the shared store fails.
@@ -480,14 +526,10 @@ impl RawConfig {
         if self.identity.ipv6_prefix == 0 || self.identity.ipv6_prefix > 128 {
             return Err(invalid("identity.ipv6_prefix", "must be between 1 and 128"));
         }
+        let (on_error, max_buckets) = (self.store.on_error.clone(), self.store.max_buckets);
         let store = match self.store.kind.as_str() {
             "memory" => StoreKind::Memory,
-            "redis" => StoreKind::Redis {
-                url: self
-                    .store
-                    .url
-                    .ok_or_else(|| invalid("store.url", "required with kind = \"redis\""))?,
-            },
+            "redis" => StoreKind::Redis(redis_settings(self.store)?),
             other => {
                 return Err(invalid(
                     "store.kind",
@@ -495,7 +537,7 @@ impl RawConfig {
                 ));
             }
         };
-        let on_error = match self.store.on_error.as_str() {
+        let on_error = match on_error.as_str() {
             "allow" => OnError::Allow,
             "deny" => OnError::Deny,
             other => {
@@ -505,7 +547,7 @@ impl RawConfig {
                 ));
             }
         };
-        if self.store.max_buckets == 0 {
+        if max_buckets == 0 {
             return Err(invalid("store.max_buckets", "must be at least 1"));
         }
         let xdp = self.xdp;
@@ -575,7 +617,7 @@ impl RawConfig {
             ipv6_prefix: self.identity.ipv6_prefix,
             store,
             on_error,
-            max_buckets: self.store.max_buckets,
+            max_buckets,
             xdp,
             tiers,
             keys: HashMap::new(),
@@ -585,6 +627,80 @@ impl RawConfig {
         config.keys = validate_keys(&self.key, &config.tiers, config.path_policy)?;
         Ok(config)
     }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn redact(url: &str) -> String {
+            match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}***{}", &url[..scheme + 3], &url[at..])
+                }
+                _ => url.to_owned(),
+            }
+        }
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url.as_deref().map(redact))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .finish()
+    }
+}
+
+/// The `[store]` keys of `kind = "redis"`.
+fn redis_settings(raw: RawStore) -> Result<RedisSettings, ConfigError> {
+    if raw.url.is_none() && raw.cluster_nodes.is_empty() {
+        return Err(invalid(
+            "store.url",
+            "required with kind = \"redis\" (or give store.cluster_nodes)",
+        ));
+    }
+    if let Some(url) = &raw.url {
+        redis_url("store.url", url)?;
+    }
+    for (i, node) in raw.cluster_nodes.iter().enumerate() {
+        redis_url(&format!("store.cluster_nodes[{i}]"), node)?;
+    }
+    if raw.key_prefix.contains(['{', '}']) {
+        return Err(invalid(
+            "store.key_prefix",
+            "must not contain `{` or `}` (the store adds the hash tag itself)",
+        ));
+    }
+    if raw.breaker_failures == 0 {
+        return Err(invalid("store.breaker_failures", "must be at least 1"));
+    }
+    Ok(RedisSettings {
+        url: raw.url,
+        cluster_nodes: raw.cluster_nodes,
+        key_prefix: raw.key_prefix,
+        timeout: duration("store.timeout", &raw.timeout)?,
+        breaker_failures: raw.breaker_failures,
+        breaker_cooldown: duration("store.breaker_cooldown", &raw.breaker_cooldown)?,
+    })
+}
+
+fn redis_url(field: &str, url: &str) -> Result<(), ConfigError> {
+    use redis::IntoConnectionInfo as _;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid(
+            field,
+            format!("`{url}` is not a redis:// or rediss:// URL"),
+        ));
+    }
+    url.into_connection_info()
+        .map(drop)
+        .map_err(|e| invalid(field, format!("`{url}`: {e}")))
 }
 
 fn validate_keys(
@@ -671,6 +787,34 @@ mod tests {
     }
 
     #[test]
+    fn redis_store_gets_defaults() {
+        let text = format!("{MINIMAL}[store]\nkind = \"redis\"\nurl = \"rediss://cache:6380\"\n");
+        let StoreKind::Redis(redis) = Config::parse(&text).expect("valid").store else {
+            panic!("kind = \"redis\" must give the Redis store");
+        };
+        assert_eq!(redis.url.as_deref(), Some("rediss://cache:6380"));
+        assert!(redis.cluster_nodes.is_empty());
+        assert_eq!(redis.key_prefix, "limiter:");
+        assert_eq!(redis.timeout, Duration::from_millis(50));
+        assert_eq!(redis.breaker_failures, 5);
+        assert_eq!(redis.breaker_cooldown, Duration::from_secs(1));
+        let cluster = format!(
+            "{MINIMAL}[store]\nkind = \"redis\"\ncluster_nodes = [\"redis://a:7000\", \"redis://b:7001\"]\n"
+        );
+        let StoreKind::Redis(redis) = Config::parse(&cluster).expect("valid").store else {
+            panic!("kind = \"redis\" must give the Redis store");
+        };
+        assert_eq!(redis.url, None);
+        assert_eq!(redis.cluster_nodes.len(), 2);
+        let secret = format!(
+            "{MINIMAL}[store]\nkind = \"redis\"\nurl = \"redis://user:hunter2@cache:6379/0\"\n"
+        );
+        let shown = format!("{:?}", Config::parse(&secret).expect("valid").store);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://***@cache:6379/0"), "{shown}");
+    }
+
+    #[test]
     fn reference_example_is_valid() {
         let text = include_str!("../../examples/concurred.toml");
         let config = Config::parse(text).expect("examples/concurred.toml is valid");
@@ -698,6 +842,20 @@ mod tests {
         assert!(error(&MINIMAL.replace("127.0.0.1:8080", "nowhere")).contains("server.listen"));
         assert!(error(&format!("{MINIMAL}[store]\nkind = \"disk\"\n")).contains("store.kind"));
         assert!(error(&format!("{MINIMAL}[store]\nkind = \"redis\"\n")).contains("store.url"));
+        let redis =
+            format!("{MINIMAL}[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n");
+        assert!(error(&redis.replace("redis://", "http://")).contains("store.url"));
+        assert!(error(&format!("{redis}timeout = \"fast\"\n")).contains("store.timeout"));
+        assert!(error(&format!("{redis}key_prefix = \"a{{b}}:\"\n")).contains("store.key_prefix"));
+        assert!(
+            error(&format!("{redis}breaker_failures = 0\n")).contains("store.breaker_failures")
+        );
+        assert!(
+            error(&format!(
+                "{redis}cluster_nodes = [\"redis://a:1\", \"b:2\"]\n"
+            ))
+            .contains("store.cluster_nodes[1]")
+        );
         assert!(error(&format!("{MINIMAL}[xdp]\nmode = \"block\"\n")).contains("xdp.mode"));
         assert!(error(&format!("{MINIMAL}[xdp]\nallow = [\"x\"]\n")).contains("xdp.allow[0]"));
         assert!(error(&format!("{MINIMAL}[identity]\nipv6_prefix = 0\n")).contains("ipv6_prefix"));

@@ -10,7 +10,7 @@ use limiter_agent::{
     config::{Config, StoreKind},
     demo,
     kernel::{Escalation, Kernel},
-    limit::{Clock, Store, SystemClock},
+    limit::{Clock, RedisStore, Store, SystemClock},
     metrics::{Metrics, ReloadLabels},
     ops, privilege,
     proxy::Proxy,
@@ -184,10 +184,17 @@ async fn run(args: RunArgs, mut config: Config, kernel: Option<Arc<Kernel>>) -> 
         Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
         None => None,
     };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let store: Option<Arc<dyn Store>> = match &config.store {
         StoreKind::Memory => None,
-        StoreKind::Redis { .. } => {
-            anyhow::bail!("[store] kind = \"redis\" is not supported by this build")
+        StoreKind::Redis(settings) => {
+            let store = RedisStore::new(settings, clock.clone(), config.max_buckets)
+                .context("setting up the redis store")?;
+            // Down at boot is not fatal: the breaker opens and recovery is automatic.
+            if let Err(e) = store.probe().await {
+                tracing::warn!(error = %e, on_error = ?config.on_error, "redis store unreachable at startup");
+            }
+            Some(Arc::new(store))
         }
     };
     // The kernel side is already attached: once the listener accepts, XDP is in place.
@@ -202,7 +209,6 @@ async fn run(args: RunArgs, mut config: Config, kernel: Option<Arc<Kernel>>) -> 
         .await
         .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
     let local = listener.local_addr()?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = %local,

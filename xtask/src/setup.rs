@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker (the LLVM of nightly rustc),
-/// bpftool and iproute2 for inspecting and wiring up XDP in the tests.
+/// bpftool and iproute2 for inspecting and wiring up XDP in the tests,
+/// redis-server (with redis-cli) for the shared-store tests and bench.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "bpftool",
     "iproute2",
+    "redis-server",
 ];
 
 /// bpf-linker must link with the same LLVM major as nightly rustc.

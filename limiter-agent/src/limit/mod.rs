@@ -1,7 +1,9 @@
 //! Fixed-window rate-limit decisions: the clock, the decision, and the [`Store`]
-//! trait the stores implement (the embedded [`MemoryStore`] by default).
+//! trait the stores implement (the embedded [`MemoryStore`] by default, the
+//! shared [`RedisStore`] for several hosts).
 
 mod memory;
+mod redis;
 
 use std::{
     future::Future,
@@ -12,6 +14,7 @@ use std::{
 
 pub use memory::MemoryStore;
 
+pub use self::redis::{RedisStore, bucket_key};
 use crate::identity::Identity;
 
 /// Time source, injected so tests are exact and instant. Milliseconds since the Unix epoch; must never go backwards.

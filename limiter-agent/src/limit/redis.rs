@@ -1,0 +1,598 @@
+//! The shared store for several hosts: Redis, Valkey or Redis Cluster, one
+//! server-side script (one round trip) per decision, a local cache of buckets
+//! known to be over their limit, and a circuit breaker around the connection.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use redis::{
+    Client, RedisError, RedisResult, Script,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
+
+use super::{Ask, BucketKey, Clock, Decision, Store, StoreError, StoreFuture};
+use crate::{config::RedisSettings, identity::Identity};
+
+/// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
+/// `ARGV[1]`: the limit; `ARGV[2]`: the window in ms. Admits (and counts) only
+/// under the limit, so rejections consume nothing; the first hit starts the
+/// window (`PEXPIRE`), anchoring it at the client's first request. Returns
+/// `{admitted (0|1), count, ms until reset}`.
+const DECIDE_LUA: &str = r"
+local limit = tonumber(ARGV[1])
+local count = tonumber(redis.call('GET', KEYS[1]) or 0)
+local admitted = 0
+if count < limit then
+  admitted = 1
+  count = redis.call('INCR', KEYS[1])
+  if count == 1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, 1, tonumber(ARGV[2])}
+  end
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  -- -1: a counter without expiry (written by something else); never let it live forever.
+  if ttl == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+  ttl = tonumber(ARGV[2])
+end
+return {admitted, count, ttl}
+";
+
+/// Over-limit cache shards (each a mutex over a small map).
+const CACHE_SHARDS: usize = 16;
+
+/// The Redis key of a bucket: the same on every host, since it is built from the
+/// tier's stable name and the client identity (never the process-local hash).
+/// The whole bucket is the hash tag, so a Cluster keeps each bucket on one slot.
+#[must_use]
+pub fn bucket_key(prefix: &str, tier: &str, identity: &Identity) -> String {
+    match identity {
+        Identity::Key(sha256) => format!("{prefix}{{{tier}|k:{sha256}}}"),
+        Identity::Ip(ip) => format!("{prefix}{{{tier}|ip:{ip}}}"),
+    }
+}
+
+/// Whether a call may go to Redis, and in which breaker state it went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Permit {
+    /// The breaker is closed: a normal call.
+    Closed,
+    /// The breaker was open and its cooldown is over: the one trial call.
+    Probe,
+}
+
+/// Consecutive-failure circuit breaker: `threshold` failures in a row open it;
+/// while open every call is refused without touching the network; after
+/// `cooldown_ms` one probe goes through, and its outcome closes the breaker or
+/// opens it for another cooldown.
+#[derive(Debug)]
+struct Breaker {
+    threshold: u32,
+    cooldown_ms: u64,
+    failures: u32,
+    /// Set while open: when the next probe may go.
+    open_until: Option<u64>,
+    probing: bool,
+}
+
+impl Breaker {
+    fn new(threshold: u32, cooldown_ms: u64) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            cooldown_ms,
+            failures: 0,
+            open_until: None,
+            probing: false,
+        }
+    }
+
+    fn acquire(&mut self, now_ms: u64) -> Option<Permit> {
+        match self.open_until {
+            None => Some(Permit::Closed),
+            Some(until) if now_ms >= until && !self.probing => {
+                self.probing = true;
+                Some(Permit::Probe)
+            }
+            Some(_) => None,
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.open_until = None;
+        self.probing = false;
+    }
+
+    fn failed(&mut self, permit: Permit, now_ms: u64) {
+        self.failures = self.failures.saturating_add(1);
+        let trip = match permit {
+            Permit::Probe => true,
+            Permit::Closed => self.open_until.is_none() && self.failures >= self.threshold,
+        };
+        if trip {
+            self.open_until = Some(now_ms.saturating_add(self.cooldown_ms));
+            self.probing = false;
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.open_until.is_none()
+    }
+}
+
+/// A bucket known to be over its limit until `reset_ms` (local clock).
+#[derive(Clone, Copy, Debug)]
+struct OverLimit {
+    reset_ms: u64,
+    /// The limit it was rejected under: a raised limit (reload, override) must ask Redis again.
+    limit: u32,
+    /// This host's rejections of the bucket in its window.
+    rejected: u32,
+}
+
+/// Buckets over their limit, answered locally until their reset so rejected
+/// traffic costs no round trip. At most `cap` entries (beyond that, rejections
+/// simply go to Redis).
+struct OverLimitCache {
+    shards: Box<[Mutex<HashMap<BucketKey, OverLimit>>]>,
+    shard_cap: usize,
+}
+
+impl OverLimitCache {
+    fn new(cap: usize) -> Self {
+        Self {
+            shards: (0..CACHE_SHARDS).map(|_| Mutex::default()).collect(),
+            shard_cap: (cap / CACHE_SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, key: BucketKey) -> MutexGuard<'_, HashMap<BucketKey, OverLimit>> {
+        let index = usize::try_from(key.0 >> 60).unwrap_or(0) % CACHE_SHARDS;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The rejection for `key` if it is cached, live and still applies to `limit`.
+    fn check(&self, key: BucketKey, limit: u32, now_ms: u64) -> Option<Decision> {
+        let mut shard = self.shard(key);
+        let entry = shard.get_mut(&key)?;
+        if entry.reset_ms <= now_ms {
+            shard.remove(&key);
+            return None;
+        }
+        if limit > entry.limit {
+            return None;
+        }
+        entry.rejected = entry.rejected.saturating_add(1);
+        Some(Decision {
+            allowed: false,
+            limit,
+            remaining: 0,
+            reset_ms: entry.reset_ms,
+            rejected: entry.rejected,
+        })
+    }
+
+    /// Records a rejection Redis made; returns this host's rejections of the bucket so far.
+    fn insert(&self, key: BucketKey, limit: u32, reset_ms: u64) -> u32 {
+        let mut shard = self.shard(key);
+        if let Some(entry) = shard.get_mut(&key) {
+            entry.rejected = entry.rejected.saturating_add(1);
+            entry.reset_ms = reset_ms;
+            entry.limit = limit;
+            return entry.rejected;
+        }
+        if shard.len() < self.shard_cap {
+            shard.insert(
+                key,
+                OverLimit {
+                    reset_ms,
+                    limit,
+                    rejected: 1,
+                },
+            );
+        }
+        1
+    }
+
+    fn reclaim(&self, now_ms: u64) {
+        for shard in &*self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|_, entry| entry.reset_ms > now_ms);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+/// The connection: a single server through the crate's reconnecting manager, or
+/// a Cluster client connected on first use (so the agent starts with Redis down).
+enum Backend {
+    Single(ConnectionManager),
+    Cluster(Box<LazyCluster>),
+}
+
+struct LazyCluster {
+    client: ClusterClient,
+    /// Set once connected; the connection then follows the cluster's topology itself.
+    connection: ArcSwapOption<ClusterConnection>,
+    /// Serialises connection attempts.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Backend {
+    /// The Cluster connection, connecting it first if needed (one attempt at a time).
+    async fn cluster(cluster: &LazyCluster) -> RedisResult<ClusterConnection> {
+        if let Some(connection) = &*cluster.connection.load() {
+            return Ok(ClusterConnection::clone(connection));
+        }
+        let _connecting = cluster.connecting.lock().await;
+        if let Some(connection) = &*cluster.connection.load() {
+            return Ok(ClusterConnection::clone(connection));
+        }
+        let connected = cluster.client.get_async_connection().await?;
+        cluster.connection.store(Some(Arc::new(connected.clone())));
+        Ok(connected)
+    }
+
+    async fn decide(
+        &self,
+        script: &Script,
+        key: &str,
+        limit: u32,
+        window_ms: u64,
+    ) -> RedisResult<(u8, u64, u64)> {
+        let mut invocation = script.key(key);
+        invocation.arg(limit).arg(window_ms);
+        match self {
+            // Concurrent calls share one multiplexed connection: they are pipelined.
+            Self::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
+            Self::Cluster(cluster) => {
+                let mut connection = Self::cluster(cluster).await?;
+                invocation.invoke_async(&mut connection).await
+            }
+        }
+    }
+
+    async fn ping(&self) -> RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            Self::Single(manager) => ping.query_async(&mut manager.clone()).await,
+            Self::Cluster(cluster) => {
+                let mut connection = Self::cluster(cluster).await?;
+                ping.query_async(&mut connection).await
+            }
+        }
+    }
+}
+
+/// The Redis store. Cheap to share: everything lives behind one `Arc`.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    script: Script,
+    prefix: String,
+    timeout: Duration,
+    breaker: Mutex<Breaker>,
+    over_limit: OverLimitCache,
+    clock: Arc<dyn Clock>,
+}
+
+impl RedisStore {
+    /// A store for `settings`; connects lazily, so Redis may be down now.
+    /// `max_buckets` caps the over-limit cache. Needs a tokio runtime.
+    pub fn new(
+        settings: &RedisSettings,
+        clock: Arc<dyn Clock>,
+        max_buckets: usize,
+    ) -> Result<Self, StoreError> {
+        let backend_error = |e: RedisError| StoreError::Backend(e.to_string());
+        let tls = settings
+            .url
+            .iter()
+            .chain(&settings.cluster_nodes)
+            .any(|url| url.starts_with("rediss://"));
+        if tls {
+            // rediss:// builds a rustls client config from the process default provider;
+            // an error only means one is installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        // Connecting gets more time than a call (a handshake, maybe TLS); the
+        // per-call timeout still bounds what a request waits.
+        let connect_timeout = settings.timeout.max(Duration::from_millis(500));
+        let backend = if settings.cluster_nodes.is_empty() {
+            let url = settings.url.as_deref().unwrap_or_default();
+            let client = Client::open(url).map_err(backend_error)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(settings.timeout))
+                .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_secs(1));
+            Backend::Single(
+                ConnectionManager::new_lazy_with_config(client, config).map_err(backend_error)?,
+            )
+        } else {
+            let nodes: Vec<&str> = settings
+                .url
+                .iter()
+                .chain(&settings.cluster_nodes)
+                .map(String::as_str)
+                .collect();
+            let client = ClusterClient::builder(nodes)
+                .connection_timeout(connect_timeout)
+                .response_timeout(settings.timeout)
+                .retries(1)
+                .build()
+                .map_err(backend_error)?;
+            Backend::Cluster(Box::new(LazyCluster {
+                client,
+                connection: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
+            }))
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                backend,
+                script: Script::new(DECIDE_LUA),
+                prefix: settings.key_prefix.clone(),
+                timeout: settings.timeout,
+                breaker: Mutex::new(Breaker::new(
+                    settings.breaker_failures,
+                    u64::try_from(settings.breaker_cooldown.as_millis()).unwrap_or(u64::MAX),
+                )),
+                over_limit: OverLimitCache::new(max_buckets),
+                clock,
+            }),
+        })
+    }
+
+    /// Pings Redis through the breaker (startup and the background probe).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.inner.probe().await
+    }
+}
+
+impl Inner {
+    fn breaker(&self) -> MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `call` if the breaker lets it, within the timeout, and tells the breaker.
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let Some(permit) = self.breaker().acquire(self.clock.now_ms()) else {
+            return Err(StoreError::Unavailable);
+        };
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
+            Ok(Err(e)) => Err(StoreError::Backend(e.to_string())),
+            Err(_) => Err(StoreError::Timeout),
+        };
+        let mut breaker = self.breaker();
+        match &result {
+            Ok(_) => breaker.succeeded(),
+            Err(e) => {
+                let was_closed = breaker.is_closed();
+                breaker.failed(permit, self.clock.now_ms());
+                if was_closed && !breaker.is_closed() {
+                    tracing::warn!(error = %e, "redis store marked down; calls refused until a probe succeeds");
+                }
+            }
+        }
+        if result.is_ok() && permit == Permit::Probe {
+            tracing::info!("redis store reachable again");
+        }
+        result
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.guarded(self.backend.ping()).await
+    }
+
+    async fn decide(&self, ask: Ask<'_>, now_ms: u64) -> Result<Decision, StoreError> {
+        if let Some(rejection) = self.over_limit.check(ask.key, ask.limit, now_ms) {
+            return Ok(rejection);
+        }
+        let key = bucket_key(&self.prefix, ask.tier, ask.identity);
+        let window_ms = ask.window_ms.max(1);
+        let (admitted, count, ttl_ms) = self
+            .guarded(
+                self.backend
+                    .decide(&self.script, &key, ask.limit, window_ms),
+            )
+            .await?;
+        // Redis's clock ran the window; its TTL becomes a local deadline at answer
+        // time, off by the one-way latency (and never earlier than the request).
+        let reset_ms = self
+            .clock
+            .now_ms()
+            .max(now_ms)
+            .saturating_add(ttl_ms.max(1));
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        if admitted == 1 {
+            return Ok(Decision {
+                allowed: true,
+                limit: ask.limit,
+                remaining: ask.limit.saturating_sub(count),
+                reset_ms,
+                rejected: 0,
+            });
+        }
+        let rejected = self.over_limit.insert(ask.key, ask.limit, reset_ms);
+        Ok(Decision {
+            allowed: false,
+            limit: ask.limit,
+            remaining: 0,
+            reset_ms,
+            rejected,
+        })
+    }
+}
+
+impl Store for RedisStore {
+    fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a> {
+        Box::pin(self.inner.decide(ask, now_ms))
+    }
+
+    /// Drops expired over-limit entries and, while the breaker is open, sends
+    /// the probe that brings the store back without waiting for traffic.
+    fn reclaim(&self, now_ms: u64) {
+        self.inner.over_limit.reclaim(now_ms);
+        if !self.inner.breaker().is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let inner = self.inner.clone();
+            runtime.spawn(async move { inner.probe().await });
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.breaker().is_closed()
+    }
+
+    fn local_buckets(&self) -> usize {
+        self.inner.over_limit.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn keys_are_host_independent_and_hash_tagged_whole() {
+        let ip = Identity::Ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
+        assert_eq!(
+            bucket_key("limiter:", "/api/chat|60000", &ip),
+            "limiter:{/api/chat|60000|ip:192.0.2.7}"
+        );
+        let v6 = Identity::Ip(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, 0)));
+        assert_eq!(
+            bucket_key("x:", "/api/chat|60000", &v6),
+            "x:{/api/chat|60000|ip:2001:db8:1:2::}"
+        );
+        let key = Identity::Key("ab".repeat(32));
+        let built = bucket_key("limiter:", "/api/v1/media/*|60000", &key);
+        assert_eq!(
+            built,
+            format!("limiter:{{/api/v1/media/*|60000|k:{}}}", "ab".repeat(32))
+        );
+        // The hash tag is everything between the first `{` and the next `}`:
+        // the tier and the identity, so each bucket hashes to one slot.
+        let tag = &built[built.find('{').unwrap() + 1..built.find('}').unwrap()];
+        assert_eq!(tag, format!("/api/v1/media/*|60000|k:{}", "ab".repeat(32)));
+        // Different windows of one route are different buckets.
+        assert_ne!(
+            bucket_key("limiter:", "/api/chat|60000", &ip),
+            bucket_key("limiter:", "/api/chat|10000", &ip)
+        );
+    }
+
+    #[test]
+    fn breaker_opens_after_threshold_and_probes_once_per_cooldown() {
+        let mut b = Breaker::new(3, 1_000);
+        for _ in 0..2 {
+            assert_eq!(b.acquire(0), Some(Permit::Closed));
+            b.failed(Permit::Closed, 0);
+        }
+        assert!(b.is_closed(), "two failures are under the threshold");
+        assert_eq!(b.acquire(10), Some(Permit::Closed));
+        b.failed(Permit::Closed, 10);
+        assert!(!b.is_closed(), "the third failure in a row opens it");
+        assert_eq!(b.acquire(500), None, "open: refused without a call");
+        assert_eq!(b.acquire(1_009), None);
+        assert_eq!(
+            b.acquire(1_010),
+            Some(Permit::Probe),
+            "cooldown over: one probe"
+        );
+        assert_eq!(b.acquire(1_011), None, "only one probe at a time");
+        b.failed(Permit::Probe, 1_020);
+        assert!(!b.is_closed());
+        assert_eq!(
+            b.acquire(2_019),
+            None,
+            "a failed probe restarts the cooldown"
+        );
+        assert_eq!(b.acquire(2_020), Some(Permit::Probe));
+        b.succeeded();
+        assert!(b.is_closed(), "a successful probe closes it");
+        assert_eq!(b.acquire(2_021), Some(Permit::Closed));
+    }
+
+    #[test]
+    fn breaker_counts_only_consecutive_failures() {
+        let mut b = Breaker::new(2, 1_000);
+        b.failed(Permit::Closed, 0);
+        b.succeeded();
+        b.failed(Permit::Closed, 0);
+        assert!(b.is_closed(), "a success in between resets the count");
+        b.failed(Permit::Closed, 0);
+        assert!(!b.is_closed());
+        // Late failures of calls admitted before it opened don't push the deadline.
+        b.failed(Permit::Closed, 900);
+        assert_eq!(b.acquire(1_000), Some(Permit::Probe));
+    }
+
+    #[test]
+    fn over_limit_cache_answers_until_reset_and_counts_rejections() {
+        let cache = OverLimitCache::new(1_000);
+        let key = BucketKey(0xdead_beef_0000_0001);
+        assert!(cache.check(key, 10, 0).is_none(), "nothing cached yet");
+        assert_eq!(cache.insert(key, 10, 5_000), 1);
+        let hit = cache.check(key, 10, 4_999).expect("cached until reset");
+        assert!(!hit.allowed);
+        assert_eq!((hit.remaining, hit.reset_ms, hit.rejected), (0, 5_000, 2));
+        assert_eq!(
+            cache.check(key, 5, 4_999).map(|d| d.limit),
+            Some(5),
+            "a lower limit still rejects"
+        );
+        assert!(
+            cache.check(key, 11, 4_999).is_none(),
+            "a raised limit asks Redis again"
+        );
+        assert!(cache.check(key, 10, 5_000).is_none(), "gone at reset");
+        assert_eq!(cache.len(), 0, "an expired entry is dropped when seen");
+    }
+
+    #[test]
+    fn over_limit_cache_is_bounded_and_reclaimed() {
+        let cache = OverLimitCache::new(CACHE_SHARDS);
+        // Keys of one shard (top 4 bits equal): only one fits.
+        assert_eq!(cache.insert(BucketKey(1), 1, 100), 1);
+        assert_eq!(cache.insert(BucketKey(2), 1, 100), 1);
+        assert!(
+            cache.check(BucketKey(2), 1, 0).is_none(),
+            "over the cap: not cached"
+        );
+        assert_eq!(cache.insert(BucketKey(1 << 60), 1, 200), 1);
+        assert_eq!(cache.len(), 2);
+        cache.reclaim(100);
+        assert_eq!(cache.len(), 1);
+        cache.reclaim(200);
+        assert_eq!(cache.len(), 0);
+    }
+}
