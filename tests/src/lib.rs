@@ -1,5 +1,6 @@
 //! Shared test support: a loaded instance of the XDP program driven through
-//! `BPF_PROG_TEST_RUN` ([`xdp`]), and hand-built packets ([`packet`]).
+//! `BPF_PROG_TEST_RUN` ([`xdp`]), hand-built packets ([`packet`]), real agent
+//! processes ([`agent`]) and real Redis servers ([`redis`]).
 
 #![expect(
     clippy::missing_panics_doc,
@@ -10,6 +11,7 @@ pub mod agent;
 pub mod bench;
 pub mod netns;
 pub mod packet;
+pub mod redis;
 pub mod xdp;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock the program's deadlines use.

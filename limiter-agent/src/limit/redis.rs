@@ -71,7 +71,8 @@ enum Permit {
 /// Consecutive-failure circuit breaker: `threshold` failures in a row open it;
 /// while open every call is refused without touching the network; after
 /// `cooldown_ms` one probe goes through, and its outcome closes the breaker or
-/// opens it for another cooldown.
+/// opens it for another cooldown. It starts open with the probe due: the store
+/// is healthy only once Redis has answered.
 #[derive(Debug)]
 struct Breaker {
     threshold: u32,
@@ -88,7 +89,7 @@ impl Breaker {
             threshold: threshold.max(1),
             cooldown_ms,
             failures: 0,
-            open_until: None,
+            open_until: Some(0),
             probing: false,
         }
     }
@@ -511,8 +512,29 @@ mod tests {
     }
 
     #[test]
-    fn breaker_opens_after_threshold_and_probes_once_per_cooldown() {
+    fn breaker_starts_with_a_probe() {
         let mut b = Breaker::new(3, 1_000);
+        assert!(!b.is_closed(), "not healthy before Redis has answered");
+        assert_eq!(b.acquire(0), Some(Permit::Probe));
+        assert_eq!(b.acquire(0), None, "others wait for the probe's outcome");
+        b.failed(Permit::Probe, 5);
+        assert_eq!(b.acquire(1_004), None, "down at startup: a cooldown first");
+        assert_eq!(b.acquire(1_005), Some(Permit::Probe));
+        b.succeeded();
+        assert!(b.is_closed());
+    }
+
+    /// A breaker that has seen Redis answer.
+    fn closed(threshold: u32) -> Breaker {
+        let mut b = Breaker::new(threshold, 1_000);
+        assert_eq!(b.acquire(0), Some(Permit::Probe));
+        b.succeeded();
+        b
+    }
+
+    #[test]
+    fn breaker_opens_after_threshold_and_probes_once_per_cooldown() {
+        let mut b = closed(3);
         for _ in 0..2 {
             assert_eq!(b.acquire(0), Some(Permit::Closed));
             b.failed(Permit::Closed, 0);
@@ -544,7 +566,7 @@ mod tests {
 
     #[test]
     fn breaker_counts_only_consecutive_failures() {
-        let mut b = Breaker::new(2, 1_000);
+        let mut b = closed(2);
         b.failed(Permit::Closed, 0);
         b.succeeded();
         b.failed(Permit::Closed, 0);

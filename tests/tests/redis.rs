@@ -1,0 +1,448 @@
+//! The shared Redis store end to end: real `redis-server` processes started on
+//! free ports, real agents, a real upstream. Exact shared limits across two
+//! agents, rejections that consume nothing, Redis dying and coming back under
+//! load in both failure modes, and a three-node Redis Cluster.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use futures_util::future::join_all;
+use limiter_tests::{
+    agent::{Process, agent, demo_upstream, free_port},
+    redis::{RedisCluster, RedisServer, redis_cli},
+};
+use reqwest::{Client, StatusCode};
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// One `/api/chat` tier of `limit` per `window`, decided in Redis at `store`
+/// (`url = …` or `cluster_nodes = […]`).
+fn config(store: &str, on_error: &str, limit: u32, window: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n\n[store]\nkind = \"redis\"\n{store}\non_error = \"{on_error}\"\n\
+         timeout = \"500ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"200ms\"\n\n\
+         [xdp]\nenabled = false\n\n[[tier]]\nroute = \"/api/chat\"\nlimit = {limit}\nwindow = \"{window}\"\n"
+    )
+}
+
+fn url_store(redis: &RedisServer) -> String {
+    format!("url = \"{}\"", redis.url())
+}
+
+/// What one request got: status, the limit headers, and the body of an error.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    remaining: Option<u64>,
+    reset: Option<u64>,
+    body: String,
+}
+
+async fn ask(client: &Client, agent: &Process, key: &str) -> Answer {
+    let response = client
+        .get(format!("http://{}/api/chat", agent.addr))
+        .header("authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request to the agent at {}: {e}", agent.addr));
+    let number = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII").parse::<u64>().expect("a number"))
+    };
+    let (remaining, reset) = (number("x-ratelimit-remaining"), number("x-ratelimit-reset"));
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    Answer {
+        status,
+        remaining,
+        reset,
+        body,
+    }
+}
+
+/// `n` concurrent requests for `key`, alternating between `agents`.
+async fn burst(client: &Client, agents: &[&Process], key: &str, n: usize) -> Vec<Answer> {
+    join_all((0..n).map(|i| ask(client, agents[i % agents.len()], key))).await
+}
+
+fn count(answers: &[Answer], status: StatusCode) -> usize {
+    answers.iter().filter(|a| a.status == status).count()
+}
+
+fn statuses(answers: &[Answer]) -> BTreeMap<u16, usize> {
+    let mut map = BTreeMap::new();
+    for a in answers {
+        *map.entry(a.status.as_u16()).or_default() += 1;
+    }
+    map
+}
+
+/// A value of the agent's Prometheus metrics (the first line starting with `name `).
+async fn metric(client: &Client, agent: &Process, name: &str) -> f64 {
+    let admin: SocketAddr = agent.admin.expect("agent admin address");
+    let text = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics request")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+        .trim()
+        .parse()
+        .expect("a metric value")
+}
+
+/// Waits (up to 10 s) until the agent reports the store healthy or not.
+async fn wait_store_healthy(client: &Client, agent: &Process, healthy: bool) {
+    let want = if healthy { 1.0 } else { 0.0 };
+    for _ in 0..100 {
+        if (metric(client, agent, "limiter_store_healthy").await - want).abs() < f64::EPSILON {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the agent did not report limiter_store_healthy {want} within 10 s:\n{}",
+        agent.log()
+    );
+}
+
+/// The one bucket counter in Redis under the default prefix, and its value.
+fn only_bucket(redis: &RedisServer) -> (String, u64) {
+    let keys = redis.cli(&["--scan", "--pattern", "limiter:*"]);
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "expected one bucket key in Redis, got {keys:?}"
+    );
+    let value = redis
+        .cli(&["GET", keys[0]])
+        .trim()
+        .parse()
+        .expect("a counter");
+    (keys[0].to_owned(), value)
+}
+
+/// Asserts that exactly `limit` of `answers` were admitted and the rest got
+/// the 429, with one reset time (±1 s) whichever agent answered.
+fn assert_exact(answers: &[Answer], limit: usize) {
+    assert_eq!(
+        count(answers, StatusCode::OK),
+        limit,
+        "exactly the limit is admitted in total: {:?}",
+        statuses(answers)
+    );
+    assert_eq!(
+        count(answers, StatusCode::TOO_MANY_REQUESTS),
+        answers.len() - limit,
+        "everything else is a 429: {:?}",
+        statuses(answers)
+    );
+    let resets: Vec<u64> = answers.iter().filter_map(|a| a.reset).collect();
+    assert_eq!(
+        resets.len(),
+        answers.len(),
+        "every answer carries X-RateLimit-Reset"
+    );
+    let (min, max) = (resets.iter().min().unwrap(), resets.iter().max().unwrap());
+    assert!(
+        max - min <= 1,
+        "both agents report one reset (±1 s): {min}..={max}"
+    );
+}
+
+#[tokio::test]
+async fn two_agents_admit_exactly_the_limit_in_total() {
+    let redis = RedisServer::start();
+    let upstream = demo_upstream();
+    let text = config(&url_store(&redis), "allow", 30, "1m");
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let b = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+
+    let answers = burst(&client, &[&a, &b], "shared-key", 100).await;
+    assert_exact(&answers, 30);
+    let remaining: Vec<u64> = answers
+        .iter()
+        .filter(|x| x.status == StatusCode::OK)
+        .map(|x| x.remaining.expect("X-RateLimit-Remaining"))
+        .collect();
+    let mut sorted = remaining.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..30).collect::<Vec<u64>>(),
+        "each admitted request saw a distinct remaining count"
+    );
+    let (key, value) = only_bucket(&redis);
+    assert_eq!(value, 30, "rejections did not increment {key}");
+    assert!(key.starts_with("limiter:{/api/chat|60000|k:"), "{key}");
+    let ttl: u64 = redis.cli(&["PTTL", &key]).trim().parse().expect("a TTL");
+    assert!(
+        (50_000..=60_000).contains(&ttl),
+        "the window is set on the first hit: {ttl} ms left"
+    );
+    for agent in [&a, &b] {
+        assert!(
+            metric(&client, agent, "limiter_store_errors_total")
+                .await
+                .abs()
+                < f64::EPSILON,
+            "no store errors: {}",
+            agent.log()
+        );
+    }
+    // The other agent rejects from its over-limit cache too, with the same reset.
+    let later = burst(&client, &[&a, &b], "shared-key", 10).await;
+    assert_eq!(count(&later, StatusCode::TOO_MANY_REQUESTS), 10);
+    let reset = answers[0].reset.unwrap();
+    assert!(later.iter().all(|x| x.reset.unwrap().abs_diff(reset) <= 1));
+}
+
+#[tokio::test]
+async fn rejections_do_not_consume_quota() {
+    let redis = RedisServer::start();
+    let upstream = demo_upstream();
+    let text = config(&url_store(&redis), "allow", 5, "2s");
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let b = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+
+    let first = burst(&client, &[&a, &b], "patient", 5).await;
+    assert_eq!(count(&first, StatusCode::OK), 5, "{:?}", statuses(&first));
+    // Hammer the full bucket from both hosts: none of it may count.
+    let hammer = burst(&client, &[&a, &b], "patient", 40).await;
+    assert_eq!(
+        count(&hammer, StatusCode::TOO_MANY_REQUESTS),
+        40,
+        "{:?}",
+        statuses(&hammer)
+    );
+    assert_eq!(
+        only_bucket(&redis).1,
+        5,
+        "rejections left the counter alone"
+    );
+
+    // Wait for the window to end (the reset header rounds up to the second).
+    let reset = first.iter().filter_map(|x| x.reset).max().expect("a reset");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "a Unix time in seconds")]
+    let wait = (reset as f64 - now).max(0.0) + 0.2;
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+
+    let again = burst(&client, &[&a, &b], "patient", 8).await;
+    assert_eq!(
+        count(&again, StatusCode::OK),
+        5,
+        "the full quota is back after the reset: {:?}",
+        statuses(&again)
+    );
+    assert_eq!(count(&again, StatusCode::TOO_MANY_REQUESTS), 3);
+}
+
+/// Keeps `agents` busy with many clients until `stop`, returning every answer.
+async fn load(
+    client: Client,
+    agents: [&Process; 2],
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<Answer> {
+    let mut all = Vec::new();
+    let mut round = 0usize;
+    while !*stop.borrow() {
+        let keys: Vec<String> = (0..10).map(|i| format!("loader-{round}-{i}")).collect();
+        let answers = join_all(
+            keys.iter()
+                .enumerate()
+                .map(|(i, key)| ask(&client, agents[i % 2], key)),
+        )
+        .await;
+        all.extend(answers);
+        round += 1;
+    }
+    all
+}
+
+#[tokio::test]
+async fn redis_dying_under_load_allow_keeps_limiting_locally_then_resumes_shared() {
+    let mut redis = RedisServer::start();
+    let upstream = demo_upstream();
+    let text = config(&url_store(&redis), "allow", 10, "1m");
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let b = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let loader = {
+        let (client, a, b) = (client.clone(), &a, &b);
+        async move { load(client, [a, b], stop).await }
+    };
+    let chaos = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop_tx.send(true).expect("stop the load");
+    };
+    let (answers, ()) = tokio::join!(loader, chaos);
+    let failed: Vec<&Answer> = answers
+        .iter()
+        .filter(|x| x.status.is_server_error())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "no 5xx in allow mode while Redis dies ({} of {}): {:?}",
+        failed.len(),
+        answers.len(),
+        failed.first()
+    );
+    assert!(
+        answers.len() > 50,
+        "the load ran: {} requests",
+        answers.len()
+    );
+
+    // Down: each agent limits on its own (its local store, a limit per host).
+    wait_store_healthy(&client, &a, false).await;
+    assert!(metric(&client, &a, "limiter_store_errors_total").await >= 1.0);
+    let local = burst(&client, &[&a], "while-down", 15).await;
+    assert_eq!(count(&local, StatusCode::OK), 10, "{:?}", statuses(&local));
+    assert_eq!(count(&local, StatusCode::TOO_MANY_REQUESTS), 5);
+
+    // Back (empty, same port): shared limits resume without restarting the agents.
+    redis.restart();
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
+    let shared = burst(&client, &[&a, &b], "after-recovery", 100).await;
+    assert_exact(&shared, 10);
+    assert_eq!(only_bucket(&redis).1, 10, "decided in Redis again");
+}
+
+#[tokio::test]
+async fn redis_dying_with_deny_answers_503_then_recovers() {
+    let mut redis = RedisServer::start();
+    let upstream = demo_upstream();
+    let text = config(&url_store(&redis), "deny", 10, "1m");
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+
+    assert_eq!(ask(&client, &a, "k").await.status, StatusCode::OK);
+    redis.kill();
+    let down = burst(&client, &[&a], "k", 20).await;
+    assert!(
+        down.iter()
+            .all(|x| x.status == StatusCode::SERVICE_UNAVAILABLE),
+        "{:?}",
+        statuses(&down)
+    );
+    let body: serde_json::Value = serde_json::from_str(&down[0].body).expect("a JSON error body");
+    assert_eq!(body["error"]["code"], "STORE_UNAVAILABLE", "{body}");
+    wait_store_healthy(&client, &a, false).await;
+
+    redis.restart();
+    wait_store_healthy(&client, &a, true).await;
+    let back = burst(&client, &[&a], "k", 12).await;
+    assert_eq!(count(&back, StatusCode::OK), 10, "{:?}", statuses(&back));
+    assert_eq!(count(&back, StatusCode::TOO_MANY_REQUESTS), 2);
+}
+
+#[tokio::test]
+async fn agent_starts_with_redis_down_and_picks_it_up() {
+    let port = free_port();
+    let upstream = demo_upstream();
+    let text = config(
+        &format!("url = \"redis://127.0.0.1:{port}\""),
+        "allow",
+        3,
+        "1m",
+    );
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let b = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+
+    // Nothing there: each agent decides locally (3 each), never a 5xx.
+    let local = burst(&client, &[&a, &b], "early", 10).await;
+    assert_eq!(count(&local, StatusCode::OK), 6, "{:?}", statuses(&local));
+    assert!(a.log().contains("unreachable at startup"), "{}", a.log());
+    wait_store_healthy(&client, &a, false).await;
+    wait_store_healthy(&client, &b, false).await;
+
+    let redis = RedisServer::start_with(port, &[]);
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
+    let shared = burst(&client, &[&a, &b], "late", 20).await;
+    assert_exact(&shared, 3);
+    assert_eq!(only_bucket(&redis).1, 3);
+}
+
+#[tokio::test]
+async fn redis_cluster_keeps_limits_exact_across_slots() {
+    let cluster = RedisCluster::start();
+    let upstream = demo_upstream();
+    // Seed with one node only: the client learns the others from it.
+    let nodes = format!("cluster_nodes = [\"{}\"]", cluster.urls()[0]);
+    let text = config(&nodes, "allow", 7, "1m");
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let b = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+
+    let keys: Vec<String> = (0..12).map(|i| format!("cluster-client-{i}")).collect();
+    let both = [&a, &b];
+    let rounds = join_all(keys.iter().map(|key| burst(&client, &both, key, 20))).await;
+    for (key, answers) in keys.iter().zip(&rounds) {
+        assert_eq!(
+            count(answers, StatusCode::OK),
+            7,
+            "{key}: {:?}",
+            statuses(answers)
+        );
+        assert_eq!(count(answers, StatusCode::TOO_MANY_REQUESTS), 13, "{key}");
+    }
+    let per_node: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).trim().parse().expect("DBSIZE"))
+        .collect();
+    assert_eq!(
+        per_node.iter().sum::<u64>(),
+        12,
+        "one key per bucket: {per_node:?}"
+    );
+    assert!(
+        per_node.iter().filter(|&&n| n > 0).count() >= 2,
+        "buckets spread over the cluster's slots: {per_node:?}"
+    );
+    for agent in [&a, &b] {
+        assert!(
+            metric(&client, agent, "limiter_store_errors_total")
+                .await
+                .abs()
+                < f64::EPSILON,
+            "no store errors: {}",
+            agent.log()
+        );
+    }
+    // Each bucket's key lives on the node that owns its hash tag's slot.
+    let node = &cluster.nodes[0];
+    for key in node
+        .cli(&["--scan", "--pattern", "limiter:*"])
+        .lines()
+        .filter(|l| !l.is_empty())
+    {
+        let value = redis_cli(node.port, &["GET", key]);
+        assert_eq!(value.trim(), "7", "{key}");
+    }
+}
