@@ -6,14 +6,14 @@ use anyhow::bail;
 use crate::{cmd, setup};
 
 /// The benchmark parts, in the order `cargo xtask bench` runs them.
-const PARTS: &[&str] = &["xdp", "proxy", "flood", "memory"];
+const PARTS: &[&str] = &["xdp", "proxy", "flood", "memory", "redis"];
 
 /// The peers the side-by-side parts measure against, from Debian packages.
 const PEER_PACKAGES: &[&str] = &["nginx", "haproxy", "wrk", "iptables"];
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// One part to run (default: all of them): xdp, proxy, flood, memory.
+    /// One part to run (default: all of them): xdp, proxy, flood, memory, redis.
     name: Option<String>,
     /// A short smoke run: fewer rounds and repetitions.
     #[arg(long)]
@@ -71,6 +71,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                     &[]
                 },
             )?,
+            "redis" => redis(options.quick)?,
             _ => unreachable!("PARTS lists only implemented parts"),
         }
     }
@@ -137,4 +138,16 @@ fn xdp(quick: bool) -> anyhow::Result<()> {
         command.args(["--rounds", "3", "--repeat", "200000", "--singles", "2000"]);
     }
     cmd::run(&mut command)
+}
+
+/// Decisions per second and added latency of the Redis store beside the
+/// in-memory store, against a throwaway local `redis-server`.
+fn redis(quick: bool) -> anyhow::Result<()> {
+    let out = cmd::workspace_root().join("target/bench/redis.json");
+    let out = out.to_string_lossy();
+    let mut args = vec![out.as_ref()];
+    if quick {
+        args.extend(["--seconds", "0.5"]);
+    }
+    bench_bin("redis-bench", &args)
 }
