@@ -184,6 +184,17 @@ pub fn demo_upstream_at(addr: SocketAddr) -> Process {
 /// given), without XDP.
 #[must_use]
 pub fn agent(config: &str, upstream: Option<SocketAddr>, extra: &[&str]) -> Process {
+    agent_with_env(config, upstream, extra, &[])
+}
+
+/// As [`agent`], with extra environment variables for the agent process.
+#[must_use]
+pub fn agent_with_env(
+    config: &str,
+    upstream: Option<SocketAddr>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Process {
     let dir = std::env::temp_dir().join(format!(
         "limiter-test-{}-{}",
         std::process::id(),
@@ -205,7 +216,8 @@ pub fn agent(config: &str, upstream: Option<SocketAddr>, extra: &[&str]) -> Proc
         .args(["--listen", &addr.to_string()])
         .args(["--admin", &admin.to_string()])
         .args(extra)
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied());
     if let Some(upstream) = upstream {
         command.args(["--upstream", &format!("http://{upstream}")]);
     }

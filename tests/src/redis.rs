@@ -3,7 +3,7 @@
 
 use std::{
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -35,6 +35,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    /// `redis-cli` options to reach it (TLS).
+    cli_options: Vec<String>,
 }
 
 impl RedisServer {
@@ -54,6 +56,51 @@ impl RedisServer {
             port,
             dir,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            cli_options: Vec::new(),
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts a server that speaks only TLS on a free port, with the PEM files
+    /// `cert` and `key`, its chain trusted through `ca` (clients need no certificate).
+    #[must_use]
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> Self {
+        let port = free_port();
+        let (port_text, cert, key, ca) = (
+            port.to_string(),
+            cert.to_string_lossy(),
+            key.to_string_lossy(),
+            ca.to_string_lossy(),
+        );
+        let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis temp dir");
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+            // Later options win: the plain port is closed.
+            extra: [
+                "--port",
+                "0",
+                "--tls-port",
+                &port_text,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+            cli_options: ["--tls", "--cacert", &ca]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         };
         server.restart();
         server
@@ -115,7 +162,9 @@ impl RedisServer {
     /// Runs `redis-cli` against this server and returns its output.
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> String {
-        redis_cli(self.port, args)
+        let mut all: Vec<&str> = self.cli_options.iter().map(String::as_str).collect();
+        all.extend(args);
+        redis_cli(self.port, &all)
     }
 }
 

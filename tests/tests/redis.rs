@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use futures_util::future::join_all;
 use limiter_tests::{
-    agent::{Process, agent, demo_upstream, free_port},
+    agent::{Process, agent, agent_with_env, demo_upstream, free_port},
     redis::{RedisCluster, RedisServer, redis_cli},
 };
 use reqwest::{Client, StatusCode};
@@ -445,4 +445,82 @@ async fn redis_cluster_keeps_limits_exact_across_slots() {
         let value = redis_cli(node.port, &["GET", key]);
         assert_eq!(value.trim(), "7", "{key}");
     }
+}
+
+/// A private CA and a server certificate for 127.0.0.1 it signed, as PEM files
+/// (ca.pem, server.pem, server.key) in a fresh directory.
+fn private_ca() -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!(
+        "limiter-redis-tls-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "limiter test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let server_key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("server params")
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server certificate");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
+    std::fs::write(dir.join("server.pem"), server.pem()).expect("server.pem");
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).expect("server.key");
+    dir
+}
+
+#[tokio::test]
+async fn rediss_verifies_the_server_certificate() {
+    let certs = private_ca();
+    let ca = certs.join("ca.pem");
+    let redis = RedisServer::start_tls(&certs.join("server.pem"), &certs.join("server.key"), &ca);
+    let upstream = demo_upstream();
+    let text = config(
+        &format!("url = \"rediss://127.0.0.1:{}\"", redis.port),
+        "deny",
+        3,
+        "1m",
+    );
+    let client = client();
+
+    // The CA is trusted through the system roots' SSL_CERT_FILE: decisions go over TLS.
+    let ca_text = ca.to_string_lossy();
+    let trusting = agent_with_env(
+        &text,
+        Some(upstream.addr),
+        &[],
+        &[("SSL_CERT_FILE", &ca_text)],
+    );
+    let answers = burst(&client, &[&trusting], "tls-client", 5).await;
+    assert_eq!(
+        count(&answers, StatusCode::OK),
+        3,
+        "{:?}\n{}",
+        statuses(&answers),
+        trusting.log()
+    );
+    assert_eq!(count(&answers, StatusCode::TOO_MANY_REQUESTS), 2);
+    assert_eq!(only_bucket(&redis).1, 3, "counted in the TLS Redis");
+
+    // Without it the certificate is refused: nothing is decided over an unverified link.
+    let doubting = agent(&text, Some(upstream.addr), &[]);
+    let refused = ask(&client, &doubting, "tls-client-2").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        doubting.log()
+    );
+    assert!(
+        doubting.log().contains("UnknownIssuer"),
+        "{}",
+        doubting.log()
+    );
+    let _ = std::fs::remove_dir_all(certs);
 }

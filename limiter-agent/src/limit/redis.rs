@@ -401,7 +401,7 @@ impl Inner {
             }
         }
         if result.is_ok() && permit == Permit::Probe {
-            tracing::info!("redis store reachable again");
+            tracing::info!("redis store answering");
         }
         result
     }
