@@ -819,6 +819,10 @@ mod tests {
         let text = include_str!("../../examples/concurred.toml");
         let config = Config::parse(text).expect("examples/concurred.toml is valid");
         assert_eq!(config.tiers.len(), 8);
+        let shared = Config::parse(include_str!("../../examples/several-hosts.toml"))
+            .expect("examples/several-hosts.toml is valid");
+        assert_eq!(shared.tiers, config.tiers, "the same reference table");
+        assert!(matches!(shared.store, StoreKind::Redis(_)));
     }
 
     #[test]

@@ -134,6 +134,21 @@ fn only_bucket(redis: &RedisServer) -> (String, u64) {
     (keys[0].to_owned(), value)
 }
 
+/// Script calls Redis has run (EVALSHA and EVAL), from `INFO commandstats`.
+fn script_calls(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .map(|l| {
+            let calls = l.split("calls=").nth(1).expect("calls=");
+            calls[..calls.find(',').unwrap_or(calls.len())]
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum()
+}
+
 /// Asserts that exactly `limit` of `answers` were admitted and the rest got
 /// the 429, with one reset time (±1 s) whichever agent answered.
 fn assert_exact(answers: &[Answer], limit: usize) {
@@ -203,9 +218,16 @@ async fn two_agents_admit_exactly_the_limit_in_total() {
             agent.log()
         );
     }
-    // The other agent rejects from its over-limit cache too, with the same reset.
+    // Both agents now answer this bucket from their over-limit caches: more
+    // rejections, the same reset, and not one more script call in Redis.
+    let scripts_before = script_calls(&redis);
     let later = burst(&client, &[&a, &b], "shared-key", 10).await;
     assert_eq!(count(&later, StatusCode::TOO_MANY_REQUESTS), 10);
+    assert_eq!(
+        script_calls(&redis),
+        scripts_before,
+        "rejected traffic cost no round trip"
+    );
     let reset = answers[0].reset.unwrap();
     assert!(later.iter().all(|x| x.reset.unwrap().abs_diff(reset) <= 1));
 }
