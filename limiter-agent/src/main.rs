@@ -228,6 +228,8 @@ async fn run(args: RunArgs, mut config: Config, kernel: Option<Arc<Kernel>>) -> 
         proxy = proxy.with_rejection_sink(escalation.clone());
     }
     let proxy = Arc::new(proxy);
+    // Gauges (store health above all) are right before the admin listener serves.
+    proxy.housekeeping();
     spawn_housekeeping(proxy.clone(), kernel.clone(), escalation.clone());
     let sections: Vec<Arc<dyn StatusReport>> = kernel
         .iter()

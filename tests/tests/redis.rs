@@ -24,7 +24,7 @@ fn client() -> Client {
 fn config(store: &str, on_error: &str, limit: u32, window: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:1\"\n\n[store]\nkind = \"redis\"\n{store}\non_error = \"{on_error}\"\n\
-         timeout = \"500ms\"\nbreaker_failures = 3\nbreaker_cooldown = \"200ms\"\n\n\
+         timeout = \"2s\"\nbreaker_failures = 3\nbreaker_cooldown = \"200ms\"\n\n\
          [xdp]\nenabled = false\n\n[[tier]]\nroute = \"/api/chat\"\nlimit = {limit}\nwindow = \"{window}\"\n"
     )
 }
@@ -185,6 +185,8 @@ async fn two_agents_admit_exactly_the_limit_in_total() {
     let a = agent(&text, Some(upstream.addr), &[]);
     let b = agent(&text, Some(upstream.addr), &[]);
     let client = client();
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
 
     let answers = burst(&client, &[&a, &b], "shared-key", 100).await;
     assert_exact(&answers, 30);
@@ -240,6 +242,8 @@ async fn rejections_do_not_consume_quota() {
     let a = agent(&text, Some(upstream.addr), &[]);
     let b = agent(&text, Some(upstream.addr), &[]);
     let client = client();
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
 
     let first = burst(&client, &[&a, &b], "patient", 5).await;
     assert_eq!(count(&first, StatusCode::OK), 5, "{:?}", statuses(&first));
@@ -307,6 +311,8 @@ async fn redis_dying_under_load_allow_keeps_limiting_locally_then_resumes_shared
     let a = agent(&text, Some(upstream.addr), &[]);
     let b = agent(&text, Some(upstream.addr), &[]);
     let client = client();
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let loader = {
@@ -360,6 +366,7 @@ async fn redis_dying_with_deny_answers_503_then_recovers() {
     let text = config(&url_store(&redis), "deny", 10, "1m");
     let a = agent(&text, Some(upstream.addr), &[]);
     let client = client();
+    wait_store_healthy(&client, &a, true).await;
 
     assert_eq!(ask(&client, &a, "k").await.status, StatusCode::OK);
     redis.kill();
@@ -420,6 +427,8 @@ async fn redis_cluster_keeps_limits_exact_across_slots() {
     let a = agent(&text, Some(upstream.addr), &[]);
     let b = agent(&text, Some(upstream.addr), &[]);
     let client = client();
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
 
     let keys: Vec<String> = (0..12).map(|i| format!("cluster-client-{i}")).collect();
     let both = [&a, &b];
@@ -519,6 +528,7 @@ async fn rediss_verifies_the_server_certificate() {
         &[],
         &[("SSL_CERT_FILE", &ca_text)],
     );
+    wait_store_healthy(&client, &trusting, true).await;
     let answers = burst(&client, &[&trusting], "tls-client", 5).await;
     assert_eq!(
         count(&answers, StatusCode::OK),

@@ -290,6 +290,8 @@ struct Inner {
     script: Script,
     prefix: String,
     timeout: Duration,
+    /// Probes are off the request path: they may wait for a (TLS) connection.
+    probe_timeout: Duration,
     breaker: Mutex<Breaker>,
     over_limit: OverLimitCache,
     clock: Arc<dyn Clock>,
@@ -354,6 +356,7 @@ impl RedisStore {
                 script: Script::new(DECIDE_LUA),
                 prefix: settings.key_prefix.clone(),
                 timeout: settings.timeout,
+                probe_timeout: connect_timeout,
                 breaker: Mutex::new(Breaker::new(
                     settings.breaker_failures,
                     u64::try_from(settings.breaker_cooldown.as_millis()).unwrap_or(u64::MAX),
@@ -378,12 +381,13 @@ impl Inner {
     /// Runs `call` if the breaker lets it, within the timeout, and tells the breaker.
     async fn guarded<T>(
         &self,
+        timeout: Duration,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
         let Some(permit) = self.breaker().acquire(self.clock.now_ms()) else {
             return Err(StoreError::Unavailable);
         };
-        let result = match tokio::time::timeout(self.timeout, call).await {
+        let result = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout),
             Ok(Err(e)) => Err(StoreError::Backend(e.to_string())),
@@ -407,7 +411,7 @@ impl Inner {
     }
 
     async fn probe(&self) -> Result<(), StoreError> {
-        self.guarded(self.backend.ping()).await
+        self.guarded(self.probe_timeout, self.backend.ping()).await
     }
 
     async fn decide(&self, ask: Ask<'_>, now_ms: u64) -> Result<Decision, StoreError> {
@@ -418,6 +422,7 @@ impl Inner {
         let window_ms = ask.window_ms.max(1);
         let (admitted, count, ttl_ms) = self
             .guarded(
+                self.timeout,
                 self.backend
                     .decide(&self.script, &key, ask.limit, window_ms),
             )
