@@ -2,8 +2,10 @@
 //! server-side script (one round trip) per decision, a local cache of buckets
 //! known to be over their limit, and a circuit breaker around the connection.
 
+mod breaker;
+mod over_limit;
+
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
@@ -16,7 +18,11 @@ use redis::{
     cluster_async::ClusterConnection,
 };
 
-use super::{Ask, BucketKey, Clock, Decision, Store, StoreError, StoreFuture};
+use self::{
+    breaker::{Breaker, Permit},
+    over_limit::OverLimitCache,
+};
+use super::{Ask, Clock, Decision, Store, StoreError, StoreFuture};
 use crate::{config::RedisSettings, identity::Identity};
 
 /// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
@@ -45,9 +51,6 @@ end
 return {admitted, count, ttl}
 ";
 
-/// Over-limit cache shards (each a mutex over a small map).
-const CACHE_SHARDS: usize = 16;
-
 /// The Redis key of a bucket: the same on every host, since it is built from the
 /// tier's stable name and the client identity (never the process-local hash).
 /// The whole bucket is the hash tag, so a Cluster keeps each bucket on one slot.
@@ -56,166 +59,6 @@ pub fn bucket_key(prefix: &str, tier: &str, identity: &Identity) -> String {
     match identity {
         Identity::Key(sha256) => format!("{prefix}{{{tier}|k:{sha256}}}"),
         Identity::Ip(ip) => format!("{prefix}{{{tier}|ip:{ip}}}"),
-    }
-}
-
-/// Whether a call may go to Redis, and in which breaker state it went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Permit {
-    /// The breaker is closed: a normal call.
-    Closed,
-    /// The breaker was open and its cooldown is over: the one trial call.
-    Probe,
-}
-
-/// Consecutive-failure circuit breaker: `threshold` failures in a row open it;
-/// while open every call is refused without touching the network; after
-/// `cooldown_ms` one probe goes through, and its outcome closes the breaker or
-/// opens it for another cooldown. It starts open with the probe due: the store
-/// is healthy only once Redis has answered.
-#[derive(Debug)]
-struct Breaker {
-    threshold: u32,
-    cooldown_ms: u64,
-    failures: u32,
-    /// Set while open: when the next probe may go.
-    open_until: Option<u64>,
-    probing: bool,
-}
-
-impl Breaker {
-    fn new(threshold: u32, cooldown_ms: u64) -> Self {
-        Self {
-            threshold: threshold.max(1),
-            cooldown_ms,
-            failures: 0,
-            open_until: Some(0),
-            probing: false,
-        }
-    }
-
-    fn acquire(&mut self, now_ms: u64) -> Option<Permit> {
-        match self.open_until {
-            None => Some(Permit::Closed),
-            Some(until) if now_ms >= until && !self.probing => {
-                self.probing = true;
-                Some(Permit::Probe)
-            }
-            Some(_) => None,
-        }
-    }
-
-    fn succeeded(&mut self) {
-        self.failures = 0;
-        self.open_until = None;
-        self.probing = false;
-    }
-
-    fn failed(&mut self, permit: Permit, now_ms: u64) {
-        self.failures = self.failures.saturating_add(1);
-        let trip = match permit {
-            Permit::Probe => true,
-            Permit::Closed => self.open_until.is_none() && self.failures >= self.threshold,
-        };
-        if trip {
-            self.open_until = Some(now_ms.saturating_add(self.cooldown_ms));
-            self.probing = false;
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        self.open_until.is_none()
-    }
-}
-
-/// A bucket known to be over its limit until `reset_ms` (local clock).
-#[derive(Clone, Copy, Debug)]
-struct OverLimit {
-    reset_ms: u64,
-    /// The limit it was rejected under: a raised limit (reload, override) must ask Redis again.
-    limit: u32,
-    /// This host's rejections of the bucket in its window.
-    rejected: u32,
-}
-
-/// Buckets over their limit, answered locally until their reset so rejected
-/// traffic costs no round trip. At most `cap` entries (beyond that, rejections
-/// simply go to Redis).
-struct OverLimitCache {
-    shards: Box<[Mutex<HashMap<BucketKey, OverLimit>>]>,
-    shard_cap: usize,
-}
-
-impl OverLimitCache {
-    fn new(cap: usize) -> Self {
-        Self {
-            shards: (0..CACHE_SHARDS).map(|_| Mutex::default()).collect(),
-            shard_cap: (cap / CACHE_SHARDS).max(1),
-        }
-    }
-
-    fn shard(&self, key: BucketKey) -> MutexGuard<'_, HashMap<BucketKey, OverLimit>> {
-        let index = usize::try_from(key.0 >> 60).unwrap_or(0) % CACHE_SHARDS;
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The rejection for `key` if it is cached, live and still applies to `limit`.
-    fn check(&self, key: BucketKey, limit: u32, now_ms: u64) -> Option<Decision> {
-        let mut shard = self.shard(key);
-        let entry = shard.get_mut(&key)?;
-        if entry.reset_ms <= now_ms {
-            shard.remove(&key);
-            return None;
-        }
-        if limit > entry.limit {
-            return None;
-        }
-        entry.rejected = entry.rejected.saturating_add(1);
-        Some(Decision {
-            allowed: false,
-            limit,
-            remaining: 0,
-            reset_ms: entry.reset_ms,
-            rejected: entry.rejected,
-        })
-    }
-
-    /// Records a rejection Redis made; returns this host's rejections of the bucket so far.
-    fn insert(&self, key: BucketKey, limit: u32, reset_ms: u64) -> u32 {
-        let mut shard = self.shard(key);
-        if let Some(entry) = shard.get_mut(&key) {
-            entry.rejected = entry.rejected.saturating_add(1);
-            entry.reset_ms = reset_ms;
-            entry.limit = limit;
-            return entry.rejected;
-        }
-        if shard.len() < self.shard_cap {
-            shard.insert(
-                key,
-                OverLimit {
-                    reset_ms,
-                    limit,
-                    rejected: 1,
-                },
-            );
-        }
-        1
-    }
-
-    fn reclaim(&self, now_ms: u64) {
-        for shard in &*self.shards {
-            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            shard.retain(|_, entry| entry.reset_ms > now_ms);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
     }
 }
 
@@ -514,112 +357,5 @@ mod tests {
             bucket_key("limiter:", "/api/chat|60000", &ip),
             bucket_key("limiter:", "/api/chat|10000", &ip)
         );
-    }
-
-    #[test]
-    fn breaker_starts_with_a_probe() {
-        let mut b = Breaker::new(3, 1_000);
-        assert!(!b.is_closed(), "not healthy before Redis has answered");
-        assert_eq!(b.acquire(0), Some(Permit::Probe));
-        assert_eq!(b.acquire(0), None, "others wait for the probe's outcome");
-        b.failed(Permit::Probe, 5);
-        assert_eq!(b.acquire(1_004), None, "down at startup: a cooldown first");
-        assert_eq!(b.acquire(1_005), Some(Permit::Probe));
-        b.succeeded();
-        assert!(b.is_closed());
-    }
-
-    /// A breaker that has seen Redis answer.
-    fn closed(threshold: u32) -> Breaker {
-        let mut b = Breaker::new(threshold, 1_000);
-        assert_eq!(b.acquire(0), Some(Permit::Probe));
-        b.succeeded();
-        b
-    }
-
-    #[test]
-    fn breaker_opens_after_threshold_and_probes_once_per_cooldown() {
-        let mut b = closed(3);
-        for _ in 0..2 {
-            assert_eq!(b.acquire(0), Some(Permit::Closed));
-            b.failed(Permit::Closed, 0);
-        }
-        assert!(b.is_closed(), "two failures are under the threshold");
-        assert_eq!(b.acquire(10), Some(Permit::Closed));
-        b.failed(Permit::Closed, 10);
-        assert!(!b.is_closed(), "the third failure in a row opens it");
-        assert_eq!(b.acquire(500), None, "open: refused without a call");
-        assert_eq!(b.acquire(1_009), None);
-        assert_eq!(
-            b.acquire(1_010),
-            Some(Permit::Probe),
-            "cooldown over: one probe"
-        );
-        assert_eq!(b.acquire(1_011), None, "only one probe at a time");
-        b.failed(Permit::Probe, 1_020);
-        assert!(!b.is_closed());
-        assert_eq!(
-            b.acquire(2_019),
-            None,
-            "a failed probe restarts the cooldown"
-        );
-        assert_eq!(b.acquire(2_020), Some(Permit::Probe));
-        b.succeeded();
-        assert!(b.is_closed(), "a successful probe closes it");
-        assert_eq!(b.acquire(2_021), Some(Permit::Closed));
-    }
-
-    #[test]
-    fn breaker_counts_only_consecutive_failures() {
-        let mut b = closed(2);
-        b.failed(Permit::Closed, 0);
-        b.succeeded();
-        b.failed(Permit::Closed, 0);
-        assert!(b.is_closed(), "a success in between resets the count");
-        b.failed(Permit::Closed, 0);
-        assert!(!b.is_closed());
-        // Late failures of calls admitted before it opened don't push the deadline.
-        b.failed(Permit::Closed, 900);
-        assert_eq!(b.acquire(1_000), Some(Permit::Probe));
-    }
-
-    #[test]
-    fn over_limit_cache_answers_until_reset_and_counts_rejections() {
-        let cache = OverLimitCache::new(1_000);
-        let key = BucketKey(0xdead_beef_0000_0001);
-        assert!(cache.check(key, 10, 0).is_none(), "nothing cached yet");
-        assert_eq!(cache.insert(key, 10, 5_000), 1);
-        let hit = cache.check(key, 10, 4_999).expect("cached until reset");
-        assert!(!hit.allowed);
-        assert_eq!((hit.remaining, hit.reset_ms, hit.rejected), (0, 5_000, 2));
-        assert_eq!(
-            cache.check(key, 5, 4_999).map(|d| d.limit),
-            Some(5),
-            "a lower limit still rejects"
-        );
-        assert!(
-            cache.check(key, 11, 4_999).is_none(),
-            "a raised limit asks Redis again"
-        );
-        assert!(cache.check(key, 10, 5_000).is_none(), "gone at reset");
-        assert_eq!(cache.len(), 0, "an expired entry is dropped when seen");
-    }
-
-    #[test]
-    fn over_limit_cache_is_bounded_and_reclaimed() {
-        let cache = OverLimitCache::new(CACHE_SHARDS);
-        // Keys of one shard (top 4 bits equal): only one fits.
-        assert_eq!(cache.insert(BucketKey(1), 1, 100), 1);
-        assert_eq!(cache.insert(BucketKey(2), 1, 100), 1);
-        assert!(
-            cache.check(BucketKey(2), 1, 0).is_none(),
-            "over the cap: not cached"
-        );
-        assert_eq!(cache.insert(BucketKey(1 << 60), 1, 200), 1);
-        assert_eq!(cache.len(), 2);
-        cache.reclaim(100);
-        assert_eq!(cache.len(), 1);
-        cache.reclaim(200);
-        assert_eq!(cache.len(), 0);
     }
 }
