@@ -32,6 +32,9 @@ pub enum PathError {
     /// `%3B`: routers disagree on whether it starts a path parameter.
     #[error("encoded semicolon")]
     EncodedSemicolon,
+    /// `%3F` or `%23`: a stack that decodes before splitting would end the path there.
+    #[error("encoded question mark or hash")]
+    EncodedDelimiter,
     /// A decoded `%XX` sequence, which a stack that decodes twice would decode again.
     #[error("double percent-encoding")]
     DoubleEncoding,
@@ -168,6 +171,7 @@ fn decode(raw: &str) -> Result<String, PathError> {
         match b {
             b'/' | b'\\' => return Err(PathError::EncodedSeparator),
             b';' => return Err(PathError::EncodedSemicolon),
+            b'?' | b'#' => return Err(PathError::EncodedDelimiter),
             _ if b.is_ascii_control() => return Err(PathError::ControlChar),
             _ => out.push(b),
         }
@@ -483,6 +487,12 @@ mod tests {
         let cases: &[(E, &[&str])] = &[
             (E::EncodedSeparator, &["/a%2Fb", "/a%2fb", "/a%5Cb"]),
             (E::EncodedSemicolon, &["/api/chat%3Bx", "/api/chat%3b"]),
+            // Found by fuzzing: `%23` decoded into a segment made a canonical
+            // path that a decode-then-split stack would cut at the `#`.
+            (
+                E::EncodedDelimiter,
+                &["/api/%23ttp:/", "/api/v1/media%3Fx", "/api/v1/media%23/a"],
+            ),
             (E::ControlChar, &["/a%00", "/a%7f", "/a\0", "/\tb"]),
             (E::InvalidEscape, &["/%zz", "/%4", "/a%", "/%G1", "/%u00"]),
             (E::DoubleEncoding, &["/a%252F", "/%2561", "/%25%36%31"]),
