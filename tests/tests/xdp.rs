@@ -1571,3 +1571,26 @@ fn clock_calibration_finds_the_kernel_tick_every_time() {
         "1 s calibrations found ticks {ticks:?}; over 3 s the tick is {reference} ns"
     );
 }
+
+#[test]
+fn the_coarse_clock_global_follows_the_kernel() {
+    // The harness (like the agent) sets USE_COARSE_CLOCK from a probe. The
+    // probe must be right both ways: a kernel that has the helper accepts the
+    // program with the global set, one without it (Linux 5.10) refuses it, so
+    // loading there depends on the global making the branch dead.
+    let supported = limiter_tests::xdp::coarse_clock();
+    let forced = limiter_tests::xdp::load_with_coarse_clock(1);
+    if supported {
+        forced.expect("the kernel has bpf_ktime_get_coarse_ns, yet refuses the program using it");
+    } else {
+        let refusal = forced.expect_err(
+            "the probe found no bpf_ktime_get_coarse_ns, yet the kernel accepts a program calling it",
+        );
+        assert!(
+            refusal.contains("func"),
+            "the kernel refused the program for another reason than the helper: {refusal}"
+        );
+    }
+    limiter_tests::xdp::load_with_coarse_clock(0)
+        .expect("the program loads with the coarse clock disabled");
+}

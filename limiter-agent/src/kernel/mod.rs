@@ -6,6 +6,7 @@
 pub mod clock;
 mod escalate;
 pub mod maps;
+pub mod probe;
 pub mod report;
 pub mod state;
 pub mod sync;
