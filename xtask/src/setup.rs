@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker (the LLVM of nightly rustc),
-/// bpftool and iproute2 for inspecting and wiring up XDP in the tests.
+/// bpftool and iproute2 for inspecting and wiring up XDP in the tests; qemu,
+/// busybox and xz for the VMs of `vm-test` (xz unpacks trixie's modules).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,9 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "bpftool",
     "iproute2",
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
 ];
 
 /// bpf-linker must link with the same LLVM major as nightly rustc.
