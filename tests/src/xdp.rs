@@ -57,15 +57,30 @@ fn clock(ebpf: &mut Ebpf) -> Clock {
 pub fn coarse_clock() -> bool {
     static COARSE: OnceLock<bool> = OnceLock::new();
     *COARSE.get_or_init(|| {
-        let unlimited = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: `unlimited` is a valid rlimit for the duration of the call.
-        let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
-        assert_eq!(rc, 0, "lifting RLIMIT_MEMLOCK for BPF maps");
+        lift_memlock();
         limiter_agent::kernel::probe::coarse_clock().expect("probing for bpf_ktime_get_coarse_ns")
     })
+}
+
+/// Lifts `RLIMIT_MEMLOCK` as far as this process may: to infinity with
+/// `CAP_SYS_RESOURCE`, else the soft limit to the hard one. Where that is not
+/// enough (Linux 5.10 only), creating the per-source map fails with `EPERM`,
+/// and the test that loads it says so.
+fn lift_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: both calls get a valid rlimit for the duration of the call.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) != 0 {
+            let mut limit = unlimited;
+            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit);
+            }
+        }
+    }
 }
 
 /// Loads the `limiter` program with `USE_COARSE_CLOCK` forced to `coarse`,
