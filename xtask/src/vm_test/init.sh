@@ -61,10 +61,10 @@ for module in /modules/*.ko; do
 done
 [ $ok = 1 ] && report modules ok "$(ls /modules | tr '\n' ' ')"
 
-# The XDP suite through BPF_PROG_TEST_RUN, exactly as on the host.
-xdp-tests --test-threads=2 > /tmp/suite.log 2>&1
-rc=$?
-cat /tmp/suite.log
+# The XDP suite through BPF_PROG_TEST_RUN, exactly as on the host; its output
+# streams to the console, so a hang shows which test it was in.
+{ xdp-tests --test-threads=2 2>&1; echo $? > /tmp/suite.rc; } | tee /tmp/suite.log
+rc=$(cat /tmp/suite.rc)
 summary=$(grep '^test result:' /tmp/suite.log | tail -n 1)
 if [ $rc -eq 0 ] && echo "$summary" | grep -q '^test result: ok\.'; then
     report suite ok "${summary#test result: }"
