@@ -28,9 +28,9 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     // The end-to-end tests run the agent binary as a real process.
     cmd::run(cmd::cargo().args(["build", "--package", "limiter-agent", "--bins"]))?;
     let (passed, failed) = cargo_test()?;
-    // The XDP suite and a real attach in a VM of bookworm's 6.1: about two
-    // minutes under TCG. The whole matrix (`cargo xtask vm-test`) takes about
-    // seven on these 2-core machines.
+    // The XDP suite and a real attach in a VM of bookworm's 6.1: 1.5 to 2.5
+    // minutes under TCG. The whole matrix (`cargo xtask vm-test`) takes 6 to 9
+    // on these shared 2-core machines.
     let matrix = vm_test::run(&vm_test::Options::kernel("6.1"));
     if let Err(e) = &matrix {
         eprintln!("{e:#}");

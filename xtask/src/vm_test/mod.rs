@@ -53,7 +53,7 @@ pub struct Options {
     update_readme: bool,
 }
 
-/// A VM runs for about two minutes under TCG on a loaded 2-core machine.
+/// A VM runs for 1.5 to 3.5 minutes under TCG on a loaded 2-core machine.
 const TIMEOUT_S: u64 = 420;
 
 impl Options {
