@@ -54,6 +54,8 @@ pub const MAX_PORTS: usize = 8;
 /// Load-time global: `1` when the kernel has `bpf_ktime_get_coarse_ns` (Linux
 /// 5.11+), `0` to fall back to `bpf_ktime_get_ns`. The verifier removes the
 /// branch not taken, so the object loads on kernels without the coarse clock.
+/// The object's own value is 0; loaders set it from a probe
+/// (`limiter_agent::kernel::probe::coarse_clock`).
 pub const GLOBAL_USE_COARSE_CLOCK: &str = "USE_COARSE_CLOCK";
 
 /// Prefix length of an IPv4 address inside its IPv4-mapped [`SourceKey`].

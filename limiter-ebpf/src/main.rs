@@ -37,9 +37,13 @@ use limiter_common::{
 
 use crate::parse::{Packet, Source, parse};
 
-/// 1 when `bpf_ktime_get_coarse_ns` exists (Linux 5.11+); set by the loader.
+/// 1 when `bpf_ktime_get_coarse_ns` exists (Linux 5.11+); set by the loader
+/// from a probe. 0 by default, so the object loads on every supported kernel
+/// even when a loader does not probe: Linux 5.10's verifier refuses the call
+/// (`invalid func unknown#160`) on a branch never taken unless this makes the
+/// branch dead.
 #[unsafe(no_mangle)]
-static USE_COARSE_CLOCK: Global<u8> = Global::new(1);
+static USE_COARSE_CLOCK: Global<u8> = Global::new(0);
 
 #[map(name = "config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

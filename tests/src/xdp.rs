@@ -49,6 +49,44 @@ fn clock(ebpf: &mut Ebpf) -> Clock {
     })
 }
 
+/// Whether this kernel has `bpf_ktime_get_coarse_ns` for XDP (probed once):
+/// the value the harness gives the object's `USE_COARSE_CLOCK` global, as the
+/// agent does. Also lifts `RLIMIT_MEMLOCK`, which charges BPF maps before Linux
+/// 5.11 (the per-source map alone is larger than the default limit there).
+#[must_use]
+pub fn coarse_clock() -> bool {
+    static COARSE: OnceLock<bool> = OnceLock::new();
+    *COARSE.get_or_init(|| {
+        limiter_agent::kernel::probe::lift_memlock();
+        limiter_agent::kernel::probe::coarse_clock().expect("probing for bpf_ktime_get_coarse_ns")
+    })
+}
+
+/// Loads the `limiter` program with `USE_COARSE_CLOCK` forced to `coarse`,
+/// returning the verifier's refusal (with its log) as text.
+pub fn load_with_coarse_clock(coarse: u8) -> Result<(), String> {
+    crate::require_root("loading the XDP program");
+    let _ = coarse_clock();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true)
+        .load(limiter_agent::object::LIMITER)
+        .map_err(|e| format!("{e:#}"))?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .expect("program in object")
+        .try_into()
+        .expect("an XDP program");
+    program.load().map_err(|e| match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            format!("{io_error}: {verifier_log}")
+        }
+        other => other.to_string(),
+    })
+}
+
 /// The config the tests start from: port 8080, /64 grouping, 1 s windows,
 /// no ceilings, enforce mode, policy generation 1, the calibrated clock.
 #[must_use]
@@ -78,7 +116,7 @@ impl Harness {
         if let Some(capacity) = capacity {
             loader.map_max_entries(map_names::SOURCES, capacity);
         }
-        let coarse: u8 = 1;
+        let coarse = u8::from(coarse_clock());
         loader.override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true);
         let mut ebpf = loader
             .load(limiter_agent::object::LIMITER)

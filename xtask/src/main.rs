@@ -6,6 +6,7 @@ mod cmd;
 mod run;
 mod setup;
 mod test;
+mod vm_test;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Test(test::Options),
     /// Benchmarks; results go to target/bench/<name>.json.
     Bench(bench::Options),
+    /// The kernel matrix: the XDP suite and a real attach in a VM per kernel.
+    VmTest(vm_test::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run(options) => run::run(&options),
         Command::Test(options) => test::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::VmTest(options) => vm_test::run(&options),
     }
 }

@@ -9,7 +9,8 @@ use crate::cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker (the LLVM of nightly rustc),
 /// bpftool and iproute2 for inspecting and wiring up XDP in the tests,
-/// redis-server (with redis-cli) for the shared-store tests and bench.
+/// redis-server (with redis-cli) for the shared-store tests and bench; qemu,
+/// busybox and xz for the VMs of `vm-test` (xz unpacks trixie's modules).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "redis-server",
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
 ];
 
 /// bpf-linker must link with the same LLVM major as nightly rustc.

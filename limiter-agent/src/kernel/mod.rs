@@ -6,6 +6,7 @@
 pub mod clock;
 mod escalate;
 pub mod maps;
+pub mod probe;
 pub mod report;
 pub mod state;
 pub mod sync;
@@ -114,9 +115,11 @@ impl Kernel {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        // Kernels without the coarse-clock helper still get the jiffies clock
-        // once calibrated; until then the precise helper is the fallback.
-        let coarse = u8::from(coarse_clock_helper_available());
+        // Kernels without the coarse-clock helper (before 5.11) still get the
+        // jiffies clock once calibrated; until then the precise helper is the
+        // fallback. Those kernels also charge maps to RLIMIT_MEMLOCK.
+        probe::lift_memlock();
+        let coarse = u8::from(probe::coarse_clock().unwrap_or(false));
         loader.override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true);
         let mut ebpf = loader
             .load(crate::object::LIMITER)
@@ -423,17 +426,6 @@ fn possible_cpus() -> u32 {
         .ok()
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(1)
-}
-
-/// `bpf_ktime_get_coarse_ns` exists from Linux 5.11.
-fn coarse_clock_helper_available() -> bool {
-    kernel_release().is_some_and(|(major, minor)| (major, minor) >= (5, 11))
-}
-
-fn kernel_release() -> Option<(u32, u32)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(['.', '-']);
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of every deadline in the maps.
