@@ -115,8 +115,16 @@ fn report(e: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// One worker per CPU the process may run on; on a single CPU, a
+/// current-thread runtime (no work-stealing, no cross-thread wake-ups).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -178,15 +178,20 @@ pub fn wrk(prefix: &[&str], cpu: u32, url: &str, connections: u32, seconds: u32)
         .output()
         .expect("running wrk (installed by the bench)");
     let text = String::from_utf8_lossy(&output.stdout);
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("WRK "))
-        .unwrap_or_else(|| {
-            panic!(
-                "wrk printed no summary: {text}\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
+    let Some(line) = text.lines().find_map(|l| l.strip_prefix("WRK ")) else {
+        // wrk gives up without a summary when no connection can be made at
+        // all (a source banned in the kernel): nothing was served.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("unable to connect") || text.contains("unable to connect"),
+            "wrk printed no summary: {text}\n{stderr}"
+        );
+        return WrkResult {
+            seconds: f64::from(seconds),
+            errors: u64::from(connections),
+            ..WrkResult::default()
+        };
+    };
     let n: Vec<f64> = line
         .split_whitespace()
         .map(|v| v.parse().expect("wrk number"))
