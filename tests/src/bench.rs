@@ -286,12 +286,16 @@ pub fn machine() -> String {
     out
 }
 
-/// Writes `value` as pretty JSON to `target/bench/<name>.json` and returns the path.
+/// Writes `value` as pretty JSON to `<dir>/<name>.json`, where `dir` is
+/// `LIMITER_BENCH_OUT` (set by `cargo xtask bench`) or `target/bench`, and
+/// returns the path.
 #[must_use]
 pub fn write_json(name: &str, value: &serde_json::Value) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/bench")
-        .join(format!("{name}.json"));
+    let dir = std::env::var_os("LIMITER_BENCH_OUT").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
+        PathBuf::from,
+    );
+    let path = dir.join(format!("{name}.json"));
     std::fs::create_dir_all(path.parent().expect("parent")).expect("target/bench");
     std::fs::write(
         &path,

@@ -20,6 +20,22 @@ pub struct Options {
     quick: bool,
 }
 
+/// Every part with `--quick`, results under `target/bench/quick/` (the test
+/// command's smoke run: it must work end to end, whatever the figures).
+pub fn smoke() -> anyhow::Result<()> {
+    run(&Options {
+        name: None,
+        quick: true,
+    })
+}
+
+/// Where results go: `target/bench/`, or `target/bench/quick/` for smoke runs
+/// (which must not replace a real run's figures).
+fn out_dir(quick: bool) -> std::path::PathBuf {
+    let dir = cmd::workspace_root().join("target/bench");
+    if quick { dir.join("quick") } else { dir }
+}
+
 pub fn run(options: &Options) -> anyhow::Result<()> {
     setup::ensure()?;
     let parts: Vec<&str> = match options.name.as_deref() {
@@ -54,6 +70,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 } else {
                     &[]
                 },
+                options.quick,
             )?,
             "flood" => bench_bin(
                 "flood-bench",
@@ -62,6 +79,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 } else {
                     &[]
                 },
+                options.quick,
             )?,
             "memory" => bench_bin(
                 "memory-bench",
@@ -70,24 +88,39 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 } else {
                     &[]
                 },
+                options.quick,
             )?,
             "redis" => redis(options.quick)?,
             _ => unreachable!("PARTS lists only implemented parts"),
         }
     }
-    report()
+    report(options.quick)
 }
 
-/// Runs one of the release benchmark programs built above.
-fn bench_bin(name: &str, args: &[&str]) -> anyhow::Result<()> {
+/// Runs one of the release benchmark programs built above (they write their
+/// JSON to `LIMITER_BENCH_OUT`).
+fn bench_bin(name: &str, args: &[&str], quick: bool) -> anyhow::Result<()> {
     let binary = cmd::workspace_root().join("target/release").join(name);
-    cmd::run(std::process::Command::new(binary).args(args))
+    cmd::run(
+        std::process::Command::new(binary)
+            .args(args)
+            .env("LIMITER_BENCH_OUT", out_dir(quick)),
+    )
 }
 
 /// Regenerates `bench/RESULTS.md` and `bench/flood.svg` from every part's
-/// latest JSON, and copies the configs the proxy part generated.
-fn report() -> anyhow::Result<()> {
+/// latest JSON, and copies the configs the proxy part generated. A quick run
+/// writes its report beside its JSON instead.
+fn report(quick: bool) -> anyhow::Result<()> {
     let root = cmd::workspace_root();
+    if quick {
+        let dir = out_dir(true);
+        return cmd::run(
+            std::process::Command::new(root.join("target/release/bench-report"))
+                .arg(&dir)
+                .arg(&dir),
+        );
+    }
     let out = root.join("bench");
     for scenario in ["allowed", "rejected"] {
         let run = root
@@ -121,7 +154,7 @@ fn report() -> anyhow::Result<()> {
 
 /// Per-packet cost through `BPF_PROG_TEST_RUN` beside a trivial XDP program.
 fn xdp(quick: bool) -> anyhow::Result<()> {
-    let out = cmd::workspace_root().join("target/bench/xdp.json");
+    let out = out_dir(quick).join("xdp.json");
     let mut command = cmd::cargo();
     command.args([
         "run",
@@ -143,11 +176,11 @@ fn xdp(quick: bool) -> anyhow::Result<()> {
 /// Decisions per second and added latency of the Redis store beside the
 /// in-memory store, against a throwaway local `redis-server`.
 fn redis(quick: bool) -> anyhow::Result<()> {
-    let out = cmd::workspace_root().join("target/bench/redis.json");
+    let out = out_dir(quick).join("redis.json");
     let out = out.to_string_lossy();
     let mut args = vec![out.as_ref()];
     if quick {
         args.extend(["--seconds", "0.5"]);
     }
-    bench_bin("redis-bench", &args)
+    bench_bin("redis-bench", &args, quick)
 }

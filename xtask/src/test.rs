@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the project's one test command (what CI runs).
 
-use crate::{build_ebpf, cmd, setup, vm_test};
+use crate::{bench, build_ebpf, cmd, setup, vm_test};
 
 #[derive(clap::Args)]
 pub struct Options {}
@@ -35,12 +35,22 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     if let Err(e) = &matrix {
         eprintln!("{e:#}");
     }
+    // Every benchmark part, briefly, as a smoke test: it must run end to end
+    // (peers installed, started, measured, torn down); the figures don't count.
+    let smoke = bench::smoke();
+    if let Err(e) = &smoke {
+        eprintln!("{e:#}");
+    }
     // One closing line for the whole suite: cargo's own last line is that of
     // whichever test binary ran last (often the doc tests, with no test).
-    let matrix_result = if matrix.is_ok() { "passed" } else { "FAILED" };
-    println!("tests: {passed} passed, {failed} failed; vm-test (Linux 6.1) {matrix_result}");
+    let verdict = |ok: bool| if ok { "passed" } else { "FAILED" };
+    println!(
+        "tests: {passed} passed, {failed} failed; vm-test (Linux 6.1) {}; bench --quick {}",
+        verdict(matrix.is_ok()),
+        verdict(smoke.is_ok())
+    );
     anyhow::ensure!(
-        failed == 0 && passed > 0 && matrix.is_ok(),
+        failed == 0 && passed > 0 && matrix.is_ok() && smoke.is_ok(),
         "the test suite failed"
     );
     Ok(())
