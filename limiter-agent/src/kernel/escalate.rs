@@ -24,17 +24,13 @@ struct Offender {
     banned_until_ns: u64,
 }
 
-/// The settings a reload can change.
-#[derive(Clone, Debug)]
-struct Settings {
-    config: Config,
-}
-
 /// The [`RejectionSink`] that bans sources in the kernel.
 pub struct Escalation {
     kernel: Arc<Kernel>,
     metrics: Metrics,
-    settings: Mutex<Settings>,
+    /// The config a reload can change; shared so a rejection takes a
+    /// reference count, not a copy of the whole config.
+    settings: Mutex<Arc<Config>>,
     offenders: Mutex<HashMap<IpAddr, Offender>>,
 }
 
@@ -44,19 +40,14 @@ impl Escalation {
         Self {
             kernel,
             metrics,
-            settings: Mutex::new(Settings {
-                config: config.clone(),
-            }),
+            settings: Mutex::new(Arc::new(config.clone())),
             offenders: Mutex::default(),
         }
     }
 
     /// Takes the thresholds and ban lengths of a reloaded config.
     pub fn update(&self, config: &Config) {
-        self.settings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .config = config.clone();
+        *self.settings.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(config.clone());
     }
 
     /// Forgets offenders whose last ban ended long ago.
@@ -93,12 +84,7 @@ impl Escalation {
 
 impl RejectionSink for Escalation {
     fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, _window_ms: u64) {
-        let config = self
-            .settings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .config
-            .clone();
+        let config = Arc::clone(&self.settings.lock().unwrap_or_else(PoisonError::into_inner));
         if decision.rejected <= escalation_threshold(&config, decision.limit) {
             return;
         }
