@@ -2,8 +2,10 @@
 //!
 //! Security invariant: every spelling of a path that an upstream router could route to some
 //! handler must canonicalise to the same string that router matched, or be rejected. Where
-//! routers disagree (encoded separators, double encoding, Unicode), we refuse rather than guess.
-//! The canonical string is a lookup key, not a path to forward: proxy the original target.
+//! routers disagree (dot segments, `;` parameters, backslashes, encoded separators, whitespace at
+//! a segment's edge, double encoding, Unicode), we refuse rather than guess. The canonical string
+//! is a lookup key, not a path to forward: proxy the original target. Checked against real
+//! routers (Express, Starlette, Flask, nginx) by `tests/tests/paths.rs`.
 
 use std::{cmp::Ordering, collections::HashMap};
 
@@ -56,16 +58,33 @@ pub enum PathError {
     /// Neither origin-form (`/...`), absolute-form (`scheme://host/...`) nor `*`.
     #[error("path must start with '/'")]
     NotAbsolute,
-    /// A raw `\` under [`PathPolicy::Strict`], where it is neither a separator nor safe to keep.
+    /// A raw `\`: IIS separates segments with it, Express, Starlette, Flask and nginx on Linux
+    /// keep it inside one (`/status/a\b` is one `:id` to them, two segments to IIS).
     #[error("backslash in path")]
     Backslash,
-    /// A segment of dots and spaces other than `.` or `..` (e.g. `...`, `.. `), which IIS may
-    /// trim into a dot segment.
-    #[error("ambiguous dot segment")]
+    /// Under [`PathPolicy::Lenient`], a dot segment (`.`, `..`, `%2e`…) below the root, or a
+    /// segment of dots and spaces (`...`, `.. `): nginx resolves them, Express, Starlette and
+    /// Flask match them as a segment (`/media/x/..` is media to the latter, `/media/` to nginx,
+    /// and `/media/../../chat` is media or chat), IIS trims `.. ` into `..`.
+    #[error("dot segment")]
     DotSegment,
+    /// Under [`PathPolicy::Lenient`], a raw `;`: Tomcat and Jetty cut a path parameter there,
+    /// other routers keep it in the segment (`/status/;1` is a `:id` to Express and nginx).
+    #[error("semicolon in path")]
+    Semicolon,
+    /// Under [`PathPolicy::Lenient`], a segment that starts or ends with a space (`%20`) or ends
+    /// with a dot: IIS trims them, other routers keep them (`/status/%20` is a `:id`).
+    #[error("segment starts or ends with a space, or ends with a dot")]
+    Trimmable,
 }
 
 /// Canonicalises the request-target's path (the query string, if any, is ignored).
+///
+/// Both policies percent-decode (refusing what decodes ambiguously), merge repeated slashes and
+/// keep one trailing slash (so that `/media/*` can match `/media/`, an empty remainder, as nginx
+/// and Starlette do). [`PathPolicy::Lenient`] also lowercases (Express is case-insensitive) and
+/// refuses what the common routers disagree on: dot segments, `;`, and trimmable segment edges.
+/// [`PathPolicy::Strict`] resolves dot segments per RFC 3986 and keeps everything else.
 ///
 /// # Errors
 /// Any [`PathError`]: the request should be answered with 400 rather than routed.
@@ -80,24 +99,25 @@ pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathErro
             return Err(PathError::ControlChar);
         } else if !b.is_ascii() {
             return Err(PathError::NonAscii);
-        } else if b == b'\\' && !lenient {
+        } else if b == b'\\' {
             return Err(PathError::Backslash);
+        } else if b == b';' && lenient {
+            return Err(PathError::Semicolon);
         }
     }
     let mut segs: Vec<String> = Vec::new();
-    // Strict keeps a trailing slash; per RFC 3986 a final `.` or `..` also leaves one
-    // ("/a/b/.." -> "/a/"). Lenient drops it (Express non-strict routing: `/a/` is `/a`).
+    // Kept, so `*` can match an empty remainder. Per RFC 3986 a final `.` or `..` also leaves
+    // one ("/a/b/.." -> "/a/"); only Strict gets that far with them.
     let mut trailing_slash = false;
-    // Strict has rejected `\` above, so splitting on it only matters for Lenient (IIS separator).
-    for raw in path.split(['/', '\\']) {
-        // Tomcat strips `;params` before decoding and before dot-segment removal (`/..;/` is `..`).
-        let params = if lenient { raw.find(';') } else { None };
-        let mut seg = decode(&raw[..params.unwrap_or(raw.len())])?;
+    for raw in path.split('/') {
+        let mut seg = decode(raw)?;
         trailing_slash = matches!(seg.as_str(), "" | "." | "..");
         match seg.as_str() {
+            ".." if segs.is_empty() => return Err(PathError::EscapesRoot),
+            "." | ".." if lenient => return Err(PathError::DotSegment),
             "" | "." => continue,
             ".." => {
-                segs.pop().ok_or(PathError::EscapesRoot)?;
+                segs.pop();
                 continue;
             }
             _ => {}
@@ -106,10 +126,8 @@ pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathErro
             if seg.bytes().all(|b| b == b'.' || b == b' ') && seg.contains('.') {
                 return Err(PathError::DotSegment);
             }
-            // IIS trims trailing dots and spaces; a segment left empty is like `//`.
-            seg.truncate(seg.trim_end_matches(['.', ' ']).len());
-            if seg.is_empty() {
-                continue;
+            if seg.starts_with(' ') || seg.ends_with([' ', '.']) {
+                return Err(PathError::Trimmable);
             }
             seg.make_ascii_lowercase();
         }
@@ -120,7 +138,7 @@ pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathErro
         out.push('/');
         out.push_str(seg);
     }
-    if out.is_empty() || (!lenient && trailing_slash) {
+    if out.is_empty() || trailing_slash {
         out.push('/');
     }
     Ok(out)
@@ -240,7 +258,7 @@ impl Pattern {
         for seg in &self.segs {
             let part = parts.next();
             let ok = match seg {
-                // One or more segments; a Strict trailing slash ("/media/") counts as one.
+                // One or more segments; a trailing slash ("/media/") counts as one.
                 Seg::Wild => return part.is_some(),
                 Seg::Param => part.is_some_and(|p| !p.is_empty()),
                 Seg::Lit(lit) => part == Some(lit.as_str()),
@@ -271,6 +289,9 @@ pub struct RouteTable {
     exact: HashMap<String, usize>,
     /// Patterns with a `:param` or `*`, sorted by [`specificity`].
     patterns: Vec<Pattern>,
+    /// Lenient routing: a trailing slash is optional, as in Express's default (non-strict)
+    /// routing, except that it also lets `*` match an empty remainder (`/media/`).
+    optional_slash: bool,
 }
 
 impl RouteTable {
@@ -284,6 +305,7 @@ impl RouteTable {
         let mut table = RouteTable {
             exact: HashMap::new(),
             patterns: Vec::new(),
+            optional_slash: policy == PathPolicy::Lenient,
         };
         for &(pattern, tier) in routes {
             let (canonical, segs) = parse_pattern(pattern, policy)?;
@@ -306,12 +328,18 @@ impl RouteTable {
     /// The tier index of the most specific route matching an already-canonical path.
     #[must_use]
     pub fn lookup(&self, canonical_path: &str) -> Option<usize> {
-        if let Some(&tier) = self.exact.get(canonical_path) {
+        let bare = match canonical_path.strip_suffix('/') {
+            Some(bare) if self.optional_slash && !bare.is_empty() => bare,
+            _ => canonical_path,
+        };
+        if let Some(&tier) = self.exact.get(bare) {
             return Some(tier);
         }
+        // Most specific pattern first, with or without the slash: `/a/b/` is both `/a/:x` (the
+        // slash dropped) and `/a/b/*` (an empty remainder), and the latter wins.
         self.patterns
             .iter()
-            .find(|p| p.matches(canonical_path))
+            .find(|p| p.matches(bare) || p.matches(canonical_path))
             .map(|p| p.tier)
     }
 }
@@ -397,24 +425,22 @@ mod tests {
         table.lookup(&canonicalize(target, policy).unwrap())
     }
 
-    /// Spellings that a lenient upstream routes like `path`.
+    /// Spellings that a lenient upstream routes like `path`. Dot segments, `;` parameters,
+    /// backslashes, a trailing dot and `%20` at a segment's edge used to be here, resolved the
+    /// way nginx, Tomcat or IIS would; Express, Starlette and Flask route them differently
+    /// (`tests/tests/paths.rs` found `/media/x/..`, `/status/;1`, `/status/a\b`, `/status/%20`
+    /// served unlimited), so they are refused now: see `routers_disagree_so_we_refuse`.
     fn spellings(path: &str) -> Vec<String> {
-        let (dir, last) = path.rsplit_once('/').unwrap();
         let (stem, ch) = path.split_at(path.len() - 1);
         vec![
             path.to_owned(),
             path.to_ascii_uppercase(),
             format!("/{}/", path.replace('/', "//")),
-            format!("{dir}/./{last}"),
-            format!("{dir}/x/../{last}"),
-            format!("{dir}/%2e/y/%2E%2E/{last}"),
-            format!("{dir}/x/..;/{last}"),
             format!("{stem}%{:02X}", ch.as_bytes()[0]),
-            format!("{path};foo=bar"),
-            format!("{path}."),
-            format!("{path}%20/"),
-            format!("/{}", path[1..].replace('/', "\\")),
+            format!("{stem}%{:02x}", ch.as_bytes()[0]),
+            format!("{path}/"),
             format!("{path}?x=1"),
+            format!("{path}?/../../x;y"),
             format!("{path}#frag"),
             format!("http://example.com{path}?q"),
         ]
@@ -438,8 +464,66 @@ mod tests {
                 assert_eq!(tier(&table, &s, Lenient), Some(want), "{s}");
             }
         }
-        let iis = lenient("/api\\v1\\chat\\completions");
-        assert_eq!(iis.as_deref(), Ok("/api/v1/chat/completions"));
+    }
+
+    /// The spellings of the issue that real routers served as a tier while we counted none
+    /// (or another), and their kin: all refused now.
+    #[test]
+    fn routers_disagree_so_we_refuse() {
+        let cases: &[(E, &[&str])] = &[
+            (
+                E::DotSegment,
+                &[
+                    "/api/v1/media/.",
+                    "/api/v1/media/x/..",
+                    "/api/v1/media/../../chat",
+                    "/api/v1/fashion/status/..",
+                    "/api/v1/fashion/status/%2e",
+                    "/api/v1/fashion/status/%2E%2e",
+                    "/api/./chat",
+                    "/api/x/../chat",
+                    "/api/chat/.",
+                ],
+            ),
+            (
+                E::Semicolon,
+                &[
+                    "/api/v1/media/;x",
+                    "/api/v1/fashion/status/;1",
+                    "/api/chat;x=1",
+                ],
+            ),
+            (
+                E::Trimmable,
+                &[
+                    "/api/v1/media/%20",
+                    "/api/v1/fashion/status/%20",
+                    "/api/v1/fashion/status/1%20",
+                    "/api/v1/fashion/status/%201",
+                    "/api/chat.",
+                    "/api/chat%2e",
+                ],
+            ),
+            (
+                E::Backslash,
+                &["/api/v1/fashion/status/a\\b", "/api\\v1\\chat\\completions"],
+            ),
+        ];
+        for (want, targets) in cases {
+            for target in *targets {
+                assert_eq!(lenient(target).as_ref(), Err(want), "{target:?}");
+            }
+        }
+        // Inside a segment every router keeps a space or a dot: no disagreement there.
+        let table = RouteTable::new(REFERENCE, Lenient).unwrap();
+        for (path, want) in [
+            ("/api/v1/media/my%20photo.jpg", 2),
+            ("/api/v1/fashion/status/a%20b", 6),
+            ("/api/v1/fashion/status/.a", 6),
+            ("/api/v1/fashion/status/a%2eb", 6),
+        ] {
+            assert_eq!(tier(&table, path, Lenient), Some(want), "{path}");
+        }
     }
 
     #[test]
@@ -447,6 +531,8 @@ mod tests {
         let table = RouteTable::new(REFERENCE, Lenient).unwrap();
         for (path, want) in [
             ("/api/v1/fashion/status", None),
+            ("/api/v1/fashion/status/", None),
+            ("/api/v1/fashion/status//", None),
             ("/api/v1/fashion/status/1/x", None),
             ("/api/v1/media", None),
             ("/api/v1/chat", None),
@@ -454,8 +540,15 @@ mod tests {
             ("/", None),
             ("/api/v1/fashion/status/1", Some(6)),
             ("/api/v1/fashion/status/2", Some(6)),
+            ("/api/v1/fashion/status/1/", Some(6)),
             ("/api/v1/media/a", Some(2)),
             ("/api/v1/media/b/c", Some(2)),
+            // An empty remainder: nginx (`location /api/v1/media/`) and Starlette
+            // (`{rest:path}`) serve it as media, so it counts as media.
+            ("/api/v1/media/", Some(2)),
+            ("/api/v1/media//", Some(2)),
+            ("/API/V1/MEDIA/", Some(2)),
+            ("/api/chat/", Some(7)),
         ] {
             assert_eq!(tier(&table, path, Lenient), want, "{path}");
         }
@@ -476,6 +569,14 @@ mod tests {
             ("/a/b/c", Some(5)),
             ("/", Some(6)),
             ("/a", None),
+            // A trailing slash is optional, and gives `*` an empty remainder. Where both apply
+            // (`/a/b/`: `/a/b` or `/a/b/*`?) routers differ (Express: `/a/b`; nginx, Starlette:
+            // the subtree); the literal wins, as everywhere else. The reference table has no such
+            // pair.
+            ("/a/z/", Some(1)),
+            ("/a/b/", Some(0)),
+            ("/a/b/c/", Some(5)),
+            ("/a/", Some(2)),
         ] {
             assert_eq!(table.lookup(path), want, "{path}");
         }
@@ -496,7 +597,8 @@ mod tests {
             (E::ControlChar, &["/a%00", "/a%7f", "/a\0", "/\tb"]),
             (E::InvalidEscape, &["/%zz", "/%4", "/a%", "/%G1", "/%u00"]),
             (E::DoubleEncoding, &["/a%252F", "/%2561", "/%25%36%31"]),
-            (E::EscapesRoot, &["/..", "/api/../../x", "/%2e%2e/x"]),
+            // `..` below the root is a `DotSegment` (`routers_disagree_so_we_refuse`).
+            (E::EscapesRoot, &["/..", "/../api/chat", "/%2e%2e/x"]),
             (E::NonAscii, &["/api/caf\u{e9}", "/api/caf%C3%A9"]),
             (E::NonUtf8, &["/api/%FF", "/%C0%AF"]),
             (E::NotAbsolute, &["api/chat", "\\api\\chat", "://x/a"]),
@@ -521,8 +623,9 @@ mod tests {
             ("*", "/"),
             ("/?x", "/"),
             ("http://h", "/"),
-            ("https://h:8/A/b/?q", "/a/b"),
-            ("/a/%20/b", "/a/b"),
+            // The trailing slash is kept (it lets `*` match an empty remainder).
+            ("https://h:8/A/b/?q", "/a/b/"),
+            ("//a//b//", "/a/b/"),
             ("/a/b%25c", "/a/b%c"),
             ("/a/%7Euser", "/a/~user"),
         ] {
@@ -595,8 +698,26 @@ mod tests {
         assert_eq!(reason("/a/*/b"), "'*' must be the last segment");
         assert_eq!(reason("/a/b*"), "'*' must be a whole segment");
         assert_eq!(reason("/a/:"), "empty parameter name");
-        for pattern in ["/a/./b", "/a/../b", "/a;x", "/a.", "/%61", "/a?x", "/a\\b"] {
+        for pattern in ["/%61", "/a?x", "/a#x"] {
             assert_eq!(reason(pattern), "not in canonical form", "{pattern}");
+        }
+        // Refused by `canonicalize` itself now, like the requests that would spell them.
+        for (pattern, want) in [
+            ("/a/./b", E::DotSegment),
+            ("/a/../b", E::DotSegment),
+            ("/a;x", E::Semicolon),
+            ("/a.", E::Trimmable),
+            ("/a\\b", E::Backslash),
+        ] {
+            let err = RouteTable::new(&[(pattern, 0)], Lenient).unwrap_err();
+            let pattern = pattern.to_owned();
+            assert_eq!(
+                err,
+                RouteError::Path {
+                    pattern,
+                    source: want
+                }
+            );
         }
         let err = RouteTable::new(&[("/a%2F", 0)], Lenient).unwrap_err();
         let (pattern, source) = ("/a%2F".to_owned(), E::EncodedSeparator);

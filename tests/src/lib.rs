@@ -1,6 +1,7 @@
 //! Shared test support: a loaded instance of the XDP program driven through
 //! `BPF_PROG_TEST_RUN` ([`xdp`]), hand-built packets ([`packet`]), real agent
-//! processes ([`agent`]) and real Redis servers ([`redis`]).
+//! processes ([`agent`]), real Redis servers ([`redis`]), and real routers
+//! ([`routers`]) for the path spellings ([`spellings`]) of the differential suite.
 
 #![expect(
     clippy::missing_panics_doc,
@@ -12,6 +13,8 @@ pub mod bench;
 pub mod netns;
 pub mod packet;
 pub mod redis;
+pub mod routers;
+pub mod spellings;
 pub mod xdp;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock the program's deadlines use.

@@ -1,7 +1,10 @@
 //! `cargo xtask setup`: installs what the eBPF build and the tests need, and
 //! nothing when it is all there (a second's worth of checks).
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -10,7 +13,8 @@ use crate::cmd;
 /// Debian packages: LLVM 22 for bpf-linker (the LLVM of nightly rustc),
 /// bpftool and iproute2 for inspecting and wiring up XDP in the tests,
 /// redis-server (with redis-cli) for the shared-store tests and bench; qemu,
-/// busybox and xz for the VMs of `vm-test` (xz unpacks trixie's modules).
+/// busybox and xz for the VMs of `vm-test` (xz unpacks trixie's modules);
+/// nginx, one of the real routers of the path suite (`tests/tests/paths.rs`).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +26,7 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "xz-utils",
+    "nginx",
 ];
 
 /// bpf-linker must link with the same LLVM major as nightly rustc.
@@ -42,11 +47,17 @@ pub struct Missing {
     nightly: bool,
     components: Vec<&'static str>,
     bpf_linker: bool,
+    /// The path suite's routers (`tests/routers/`).
+    routers: Vec<&'static Routers>,
 }
 
 impl Missing {
     fn is_empty(&self) -> bool {
-        self.packages.is_empty() && !self.nightly && self.components.is_empty() && !self.bpf_linker
+        self.packages.is_empty()
+            && !self.nightly
+            && self.components.is_empty()
+            && !self.bpf_linker
+            && self.routers.is_empty()
     }
 
     fn describe(&self) -> String {
@@ -66,6 +77,11 @@ impl Missing {
         if self.bpf_linker {
             parts.push(format!("bpf-linker {BPF_LINKER_VERSION} (LLVM 22)"));
         }
+        parts.extend(
+            self.routers
+                .iter()
+                .map(|r| format!("{} for the path suite", r.what)),
+        );
         parts.join(", ")
     }
 }
@@ -101,7 +117,77 @@ pub fn missing() -> Missing {
         .collect();
     missing.bpf_linker = !cmd::output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    missing.routers = ROUTERS.iter().filter(|r| !installed_from(r)).collect();
     missing
+}
+
+/// The real routers of the path suite (`tests/tests/paths.rs`), each installed into
+/// `tests/routers/` from a pinned list.
+#[derive(Debug)]
+struct Routers {
+    what: &'static str,
+    /// The pinned list, in `tests/routers/`.
+    list: &'static str,
+    /// Where they install, in `tests/routers/`.
+    dir: &'static str,
+    /// A file that exists once they have.
+    installed: &'static str,
+    install: fn(&Path) -> anyhow::Result<()>,
+}
+
+const ROUTERS: [Routers; 2] = [
+    Routers {
+        what: "Express (npm)",
+        list: "package-lock.json",
+        dir: "node_modules",
+        installed: "node_modules/express/package.json",
+        install: |dir| {
+            cmd::run(
+                Command::new("npm")
+                    .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+                    .arg(dir),
+            )
+            .context("installing Express for the path suite (needs node and npm)")
+        },
+    },
+    Routers {
+        what: "Starlette, uvicorn and Flask (pip)",
+        list: "requirements.txt",
+        dir: ".venv",
+        installed: ".venv/bin/python",
+        install: |dir| {
+            let venv = dir.join(".venv");
+            if !venv.join("bin/python").is_file() {
+                cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+                    .context("creating the path suite's venv (needs python3)")?;
+            }
+            cmd::run(
+                Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                    .arg(dir.join("requirements.txt")),
+            )
+            .context("installing Starlette, uvicorn and Flask for the path suite")
+        },
+    },
+];
+
+fn routers_dir() -> PathBuf {
+    cmd::workspace_root().join("tests/routers")
+}
+
+/// Written after an install: a copy of the list it installed, so a changed list reinstalls.
+fn stamp(routers: &Routers) -> PathBuf {
+    routers_dir()
+        .join(routers.dir)
+        .join(".limiter-installed-from")
+}
+
+fn installed_from(routers: &Routers) -> bool {
+    let dir = routers_dir();
+    let list = std::fs::read(dir.join(routers.list)).ok();
+    dir.join(routers.installed).is_file()
+        && list.is_some()
+        && std::fs::read(stamp(routers)).ok() == list
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -180,6 +266,10 @@ fn install(missing: &Missing) -> anyhow::Result<()> {
                 .env_remove("RUSTUP_TOOLCHAIN"),
         )
         .context("building bpf-linker against LLVM 22")?;
+    }
+    for routers in &missing.routers {
+        (routers.install)(&routers_dir())?;
+        std::fs::copy(routers_dir().join(routers.list), stamp(routers))?;
     }
     let left = self::missing();
     if !left.is_empty() {
