@@ -1,13 +1,13 @@
-//! Identity extraction on arbitrary headers: never a panic; with no key
-//! header the identity is an address; an untrusted peer is never replaced by
-//! what its headers claim; IPv6 identities are always grouped.
+//! Identity extraction on arbitrary headers: never a panic; a key only from
+//! a key header; an untrusted peer is never replaced by what its headers
+//! claim; IPv6 identities are always grouped.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use limiter_agent::identity::{Identity, IdentityResolver};
+use limiter_agent::identity::{ClientIpHeader, IdentityResolver};
 
 const NAMES: [&str; 5] = [
     "authorization",
@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
             HeaderName::from_static("authorization"),
             HeaderName::from_static("x-api-key"),
         ],
+        ClientIpHeader::new(HeaderName::from_static("x-forwarded-for")),
         vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
         64,
     );
@@ -44,27 +45,25 @@ fuzz_target!(|data: &[u8]| {
     ];
     let has_key = headers.contains_key("authorization") || headers.contains_key("x-api-key");
     for peer in peers {
-        let identity = resolver.resolve(&headers, peer);
-        let client = resolver.client_ip(&headers, peer);
         let trusted = match peer {
             IpAddr::V4(v4) => v4.octets()[0] == 10,
             IpAddr::V6(v6) => v6.segments()[..2] == [0x2001, 0xdb8],
         };
+        let client = resolver.client_ip(&headers, peer);
         if !trusted {
-            assert_eq!(client, peer, "an untrusted peer's headers were believed");
+            assert_eq!(client, Ok(peer), "an untrusted peer's headers were believed");
         }
-        match identity {
-            Identity::Key(hash) => {
-                assert!(has_key);
-                assert_eq!(hash.len(), 64);
-                assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
-            }
-            Identity::Ip(ip) => {
-                assert_eq!(ip, resolver.group(client));
-                if let IpAddr::V6(v6) = ip {
-                    assert_eq!(u128::from(v6) & ((1u128 << 64) - 1), 0, "not grouped");
-                }
-            }
+        let Ok(requester) = resolver.resolve(&headers, peer) else {
+            continue;
+        };
+        if let Some(hash) = &requester.key {
+            assert!(has_key);
+            assert_eq!(hash.len(), 64);
+            assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_eq!(Ok(requester.ip), client.map(|c| resolver.group(c)));
+        if let IpAddr::V6(v6) = requester.ip {
+            assert_eq!(u128::from(v6) & ((1u128 << 64) - 1), 0, "not grouped");
         }
     }
 });

@@ -55,6 +55,10 @@ pub enum Command {
     DemoUpstream {
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: SocketAddr,
+        /// Authenticate like a real API: requests without one of these keys
+        /// (`Authorization: Bearer` or `X-API-Key`) get 401. Repeatable.
+        #[arg(long = "api-key")]
+        api_keys: Vec<String>,
     },
 }
 

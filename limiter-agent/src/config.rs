@@ -6,7 +6,10 @@ use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf,
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::route::{PathPolicy, RouteTable};
+use crate::{
+    identity::ClientIpHeader,
+    route::{PathPolicy, RouteTable},
+};
 
 /// Why a config file was refused. Each message names the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,15 @@ struct RawServer {
     max_header_bytes: usize,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    /// With no request in flight, how long a connection stays open.
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: String,
+    /// Connections one source (address, IPv6 prefix) may hold open.
+    #[serde(default = "default_max_connections_per_source")]
+    max_connections_per_source: usize,
+    /// Connections one trusted proxy may hold open; default `max_connections`.
+    #[serde(default)]
+    max_connections_per_proxy: Option<usize>,
 }
 
 fn default_upstream() -> String {
@@ -93,6 +105,12 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_max_connections_per_source() -> usize {
+    100
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +139,16 @@ struct RawIdentity {
     api_key_headers: Vec<String>,
     #[serde(default = "default_ipv6_prefix")]
     ipv6_prefix: u8,
+    /// The one header a trusted proxy writes the client address into.
+    #[serde(default = "default_client_ip_header")]
+    client_ip_header: String,
+    /// When a key is a bucket of its own: `upstream`, `config` or `none`.
+    #[serde(default = "default_verify_keys")]
+    verify_keys: String,
+    #[serde(default = "default_verified_keys_max")]
+    verified_keys_max: usize,
+    #[serde(default = "default_verified_key_ttl")]
+    verified_key_ttl: String,
 }
 
 impl Default for RawIdentity {
@@ -128,8 +156,25 @@ impl Default for RawIdentity {
         Self {
             api_key_headers: default_key_headers(),
             ipv6_prefix: default_ipv6_prefix(),
+            client_ip_header: default_client_ip_header(),
+            verify_keys: default_verify_keys(),
+            verified_keys_max: default_verified_keys_max(),
+            verified_key_ttl: default_verified_key_ttl(),
         }
     }
+}
+
+fn default_client_ip_header() -> String {
+    "x-forwarded-for".into()
+}
+fn default_verify_keys() -> String {
+    "upstream".into()
+}
+fn default_verified_keys_max() -> usize {
+    100_000
+}
+fn default_verified_key_ttl() -> String {
+    "1h".into()
 }
 
 fn default_key_headers() -> Vec<String> {
@@ -358,6 +403,19 @@ pub struct RedisSettings {
     pub breaker_cooldown: Duration,
 }
 
+/// When an API key is a bucket of its own (`[identity] verify_keys`); until
+/// then its requests are charged to the client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyVerification {
+    /// Keys declared in `[[key]]`, and keys the upstream accepted (answered
+    /// 2xx or 3xx), per tier.
+    Upstream,
+    /// Only keys declared in `[[key]]`.
+    Config,
+    /// Every well-formed key, unverified (one address can mint buckets).
+    Off,
+}
+
 /// What to do when the shared store fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnError {
@@ -382,9 +440,22 @@ pub struct Config {
     pub body_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// With no request in flight (HTTP/1 between requests, HTTP/2 with no
+    /// open stream; pings are not requests), how long a connection stays open.
+    pub idle_timeout: Duration,
+    /// Connections one source (IPv4 address, IPv6 `ipv6_prefix`) may hold.
+    pub max_connections_per_source: usize,
+    /// Connections one trusted proxy may hold (it carries many clients).
+    pub max_connections_per_proxy: usize,
     pub admin_listen: SocketAddr,
     pub api_key_headers: Vec<http::HeaderName>,
     pub ipv6_prefix: u8,
+    pub client_ip_header: ClientIpHeader,
+    pub verify_keys: KeyVerification,
+    /// (key, tier) verifications remembered at most.
+    pub verified_keys_max: usize,
+    /// How long an upstream's acceptance of a key is trusted.
+    pub verified_key_ttl: Duration,
     pub store: StoreKind,
     pub on_error: OnError,
     pub max_buckets: usize,
@@ -449,6 +520,45 @@ impl Config {
         raw.validate()
     }
 
+    /// The settings that differ from `running` but take effect only on
+    /// restart (a reload applies everything else and logs these).
+    #[must_use]
+    pub fn needs_restart(&self, running: &Self) -> Vec<&'static str> {
+        [
+            ("server.listen", self.listen != running.listen),
+            ("admin.listen", self.admin_listen != running.admin_listen),
+            ("server.tls_cert/tls_key", self.tls != running.tls),
+            (
+                "server.max_header_bytes",
+                self.max_header_bytes != running.max_header_bytes,
+            ),
+            (
+                "server.max_connections",
+                self.max_connections != running.max_connections,
+            ),
+            ("store", self.store != running.store),
+            ("store.max_buckets", self.max_buckets != running.max_buckets),
+            (
+                "identity.verified_keys_max",
+                self.verified_keys_max != running.verified_keys_max,
+            ),
+            (
+                "identity.verified_key_ttl",
+                self.verified_key_ttl != running.verified_key_ttl,
+            ),
+            ("xdp.enabled", self.xdp.enabled != running.xdp.enabled),
+            (
+                "xdp.interfaces",
+                self.xdp.interfaces != running.xdp.interfaces,
+            ),
+            ("xdp.instance", self.xdp.instance != running.xdp.instance),
+            ("xdp.persist", self.xdp.persist != running.xdp.persist),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// The tier table as a route table (tier indexes into `tiers`).
     pub fn route_table(&self) -> Result<RouteTable, ConfigError> {
         let routes: Vec<(&str, usize)> = self
@@ -509,6 +619,21 @@ impl RawConfig {
         if server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
+        if server.max_connections_per_source == 0 {
+            return Err(invalid(
+                "server.max_connections_per_source",
+                "must be at least 1",
+            ));
+        }
+        let max_connections_per_proxy = server
+            .max_connections_per_proxy
+            .unwrap_or(server.max_connections);
+        if max_connections_per_proxy == 0 {
+            return Err(invalid(
+                "server.max_connections_per_proxy",
+                "must be at least 1",
+            ));
+        }
         let api_key_headers = self
             .identity
             .api_key_headers
@@ -526,6 +651,35 @@ impl RawConfig {
         if self.identity.ipv6_prefix == 0 || self.identity.ipv6_prefix > 128 {
             return Err(invalid("identity.ipv6_prefix", "must be between 1 and 128"));
         }
+        let client_ip_header = http::HeaderName::from_bytes(
+            self.identity
+                .client_ip_header
+                .to_ascii_lowercase()
+                .as_bytes(),
+        )
+        .map(ClientIpHeader::new)
+        .map_err(|_| {
+            invalid(
+                "identity.client_ip_header",
+                format!("`{}` is not a header name", self.identity.client_ip_header),
+            )
+        })?;
+        let verify_keys = match self.identity.verify_keys.as_str() {
+            "upstream" => KeyVerification::Upstream,
+            "config" => KeyVerification::Config,
+            "none" => KeyVerification::Off,
+            other => {
+                return Err(invalid(
+                    "identity.verify_keys",
+                    format!("`{other}` is not \"upstream\", \"config\" or \"none\""),
+                ));
+            }
+        };
+        if self.identity.verified_keys_max == 0 {
+            return Err(invalid("identity.verified_keys_max", "must be at least 1"));
+        }
+        let verified_key_ttl =
+            duration("identity.verified_key_ttl", &self.identity.verified_key_ttl)?;
         let (on_error, max_buckets) = (self.store.on_error.clone(), self.store.max_buckets);
         let store = match self.store.kind.as_str() {
             "memory" => StoreKind::Memory,
@@ -612,9 +766,16 @@ impl RawConfig {
             body_read_timeout: duration("server.body_read_timeout", &server.body_read_timeout)?,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,
+            idle_timeout: duration("server.idle_timeout", &server.idle_timeout)?,
+            max_connections_per_source: server.max_connections_per_source,
+            max_connections_per_proxy,
             admin_listen: socket_addr("admin.listen", &self.admin.listen)?,
             api_key_headers,
             ipv6_prefix: self.identity.ipv6_prefix,
+            client_ip_header,
+            verify_keys,
+            verified_keys_max: self.identity.verified_keys_max,
+            verified_key_ttl,
             store,
             on_error,
             max_buckets,
@@ -724,9 +885,6 @@ fn validate_keys(
         {
             return Err(invalid(field("multiplier"), "must be a positive number"));
         }
-        if key.multiplier.is_none() && key.limits.is_empty() {
-            return Err(invalid(field("multiplier"), "give a multiplier or limits"));
-        }
         let mut limits = HashMap::new();
         for (route, limit) in &key.limits {
             let canonical = crate::route::canonicalize(route, policy)
@@ -774,6 +932,51 @@ mod tests {
     }
 
     #[test]
+    fn identity_settings_parse_and_default_safe() {
+        let config = Config::parse(MINIMAL).unwrap();
+        assert_eq!(config.verify_keys, KeyVerification::Upstream);
+        assert_eq!(
+            config.client_ip_header,
+            ClientIpHeader::List(http::HeaderName::from_static("x-forwarded-for"))
+        );
+        let config = Config::parse(&format!(
+            "{MINIMAL}[identity]\nclient_ip_header = \"Forwarded\"\nverify_keys = \"none\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.client_ip_header, ClientIpHeader::Forwarded);
+        assert_eq!(config.verify_keys, KeyVerification::Off);
+        assert!(
+            error(&format!("{MINIMAL}[identity]\nverify_keys = \"maybe\"\n"))
+                .contains("identity.verify_keys")
+        );
+        assert!(
+            error(&format!(
+                "{MINIMAL}[identity]\nclient_ip_header = \"a b\"\n"
+            ))
+            .contains("identity.client_ip_header")
+        );
+    }
+
+    #[test]
+    fn a_reload_names_every_setting_that_needs_a_restart() {
+        let running = Config::parse(MINIMAL).unwrap();
+        assert!(running.needs_restart(&running).is_empty());
+        let changed = Config::parse(&MINIMAL.replace(
+            "[[tier]]",
+            "max_connections = 5\nmax_header_bytes = 2048\n[store]\nmax_buckets = 64\non_error = \"deny\"\n[[tier]]",
+        ))
+        .unwrap();
+        assert_eq!(
+            changed.needs_restart(&running),
+            [
+                "server.max_header_bytes",
+                "server.max_connections",
+                "store.max_buckets"
+            ]
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = Config::parse(MINIMAL).expect("valid");
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
@@ -784,6 +987,38 @@ mod tests {
         assert_eq!(config.tiers[0].window, Duration::from_mins(1));
         assert_eq!(config.tiers[0].limit.get(), 10);
         assert!(config.xdp.enabled);
+    }
+
+    #[test]
+    fn connection_settings_default_to_a_cap_per_source_and_proxies_exempt() {
+        let config = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(config.idle_timeout, Duration::from_mins(1));
+        assert_eq!(config.max_connections_per_source, 100);
+        assert_eq!(config.max_connections_per_proxy, config.max_connections);
+        let set = Config::parse(&MINIMAL.replace(
+            "[[tier]]",
+            "idle_timeout = \"5s\"\nmax_connections = 50\nmax_connections_per_source = 4\n\
+             max_connections_per_proxy = 20\n[[tier]]",
+        ))
+        .expect("valid");
+        assert_eq!(set.idle_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (
+                set.max_connections_per_source,
+                set.max_connections_per_proxy
+            ),
+            (4, 20)
+        );
+        let with = |line: &str| MINIMAL.replace("[[tier]]", &format!("{line}\n[[tier]]"));
+        assert!(error(&with("idle_timeout = \"0s\"")).contains("server.idle_timeout"));
+        assert!(
+            error(&with("max_connections_per_source = 0"))
+                .contains("server.max_connections_per_source")
+        );
+        assert!(
+            error(&with("max_connections_per_proxy = 0"))
+                .contains("server.max_connections_per_proxy")
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `--demo-upstream`: a stand-in for the API so a first run needs nothing else.
 //! Every route answers 200 with a JSON echo of method and path;
 //! `POST /api/v1/chat/completions` with `"stream": true` answers
-//! `text/event-stream` with 5 events 100 ms apart.
+//! `text/event-stream` with 5 events 100 ms apart. Given API keys, it
+//! authenticates like a real API: any other key, or none, gets 401.
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -18,17 +19,20 @@ use tokio::net::TcpListener;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Binds `addr` and serves the stand-in until the process ends.
-pub async fn spawn(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+pub async fn spawn(addr: SocketAddr, api_keys: Vec<String>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let api_keys: Arc<[String]> = api_keys.into();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let api_keys = api_keys.clone();
             tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| answer(req, api_keys.clone()));
                 let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(answer))
+                    .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
@@ -36,7 +40,17 @@ pub async fn spawn(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     Ok(local)
 }
 
-async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    api_keys: Arc<[String]>,
+) -> Result<Response<Body>, Infallible> {
+    if !api_keys.is_empty() && !authenticated(req.headers(), &api_keys) {
+        return Ok(Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(br#"{"error":"invalid API key"}"#)).boxed())
+            .expect("static response"));
+    }
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let streaming = req.method() == http::Method::POST && path == "/api/v1/chat/completions";
@@ -60,6 +74,19 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(echo)).boxed())
         .expect("static response"))
+}
+
+/// A known key in `X-API-Key` or as `Authorization: Bearer`.
+fn authenticated(headers: &http::HeaderMap, api_keys: &[String]) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let header_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    [bearer, header_key]
+        .into_iter()
+        .flatten()
+        .any(|key| api_keys.iter().any(|k| k == key))
 }
 
 fn event_stream() -> Response<Body> {

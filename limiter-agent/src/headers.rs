@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::limit::Decision;
+use crate::limit::{Decision, Now};
 
 const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
@@ -12,7 +12,7 @@ const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// Adds X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset (Unix seconds, rounded UP from `reset_ms`) to `headers`;
+/// Adds X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset (Unix seconds, rounded UP) to `headers`;
 /// with `ietf = true` also `RateLimit-Policy: <limit>;w=<window secs>` and `RateLimit: limit=<limit>, remaining=<remaining>, reset=<secs to reset>` (draft-ietf-httpapi-ratelimit-headers style).
 ///
 /// Exact formats (draft-07 style, the last draft with these parameter names):
@@ -20,17 +20,16 @@ const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// - `RateLimit: limit=100, remaining=99, reset=60`: `reset` is `retry_after_secs`, so on
 ///   a 429 it equals Retry-After.
 ///
+/// `now` is both clocks read at answer time: the window ran on the monotonic
+/// clock, and its reset is told as the wall clock now plus the monotonic time
+/// left ([`Now::unix_at`]), so a wall-clock step since the decision (NTP) is in
+/// the Unix times and the seconds left are exact.
+///
 /// Existing headers of these names (say, from the upstream) are replaced.
-pub fn apply(
-    headers: &mut HeaderMap,
-    decision: &Decision,
-    window_ms: u64,
-    now_ms: u64,
-    ietf: bool,
-) {
+pub fn apply(headers: &mut HeaderMap, decision: &Decision, window_ms: u64, now: Now, ietf: bool) {
     headers.insert(X_LIMIT, HeaderValue::from(decision.limit));
     headers.insert(X_REMAINING, HeaderValue::from(decision.remaining));
-    headers.insert(X_RESET, HeaderValue::from(reset_secs(decision)));
+    headers.insert(X_RESET, HeaderValue::from(reset_secs(decision, now)));
     if !ietf {
         return;
     }
@@ -44,7 +43,7 @@ pub fn apply(
         "limit={}, remaining={}, reset={}",
         decision.limit,
         decision.remaining,
-        retry_after_secs(decision, now_ms)
+        retry_after_secs(decision, now)
     );
     // Digits, `;`, `=`, `,` and spaces are always valid header bytes.
     if let (Ok(policy), Ok(state)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
@@ -53,16 +52,18 @@ pub fn apply(
     }
 }
 
-/// The X-RateLimit-Reset value: the reset rounded up to a whole Unix second, so a client
-/// waking at that second is never early.
-fn reset_secs(decision: &Decision) -> u64 {
-    decision.reset_ms.div_ceil(1000)
+/// The X-RateLimit-Reset value: the reset as a Unix time on the wall clock `now`,
+/// rounded up to a whole second, so a client waking at that second is never early.
+fn reset_secs(decision: &Decision, now: Now) -> u64 {
+    now.unix_at(decision.reset_ms).div_ceil(1000)
 }
 
-/// Seconds until the client may retry: X-RateLimit-Reset (rounded-up seconds) minus the current whole second (floor of now), at least 1 — so now + Retry-After is never earlier than X-RateLimit-Reset.
+/// Seconds until the client may retry: X-RateLimit-Reset (rounded-up seconds) minus the current whole second on the wall clock (floor of now), at least 1 — so now + Retry-After is never earlier than X-RateLimit-Reset.
 #[must_use]
-pub fn retry_after_secs(decision: &Decision, now_ms: u64) -> u64 {
-    reset_secs(decision).saturating_sub(now_ms / 1000).max(1)
+pub fn retry_after_secs(decision: &Decision, now: Now) -> u64 {
+    reset_secs(decision, now)
+        .saturating_sub(now.unix_ms / 1000)
+        .max(1)
 }
 
 /// The exact 429 body: `{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":N}}}`
@@ -88,8 +89,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::limit::{Clock as _, FakeClock};
 
     const NOW: u64 = 1_706_540_000_250;
+
+    /// Both clocks at `ms`: no wall-clock step since the decision.
+    fn at(ms: u64) -> Now {
+        Now {
+            mono_ms: ms,
+            unix_ms: ms,
+        }
+    }
 
     fn decision(allowed: bool, remaining: u32, reset_ms: u64) -> Decision {
         Decision {
@@ -110,7 +120,7 @@ mod tests {
         let d = decision(true, 99, 1_706_540_059_001);
         let mut headers = HeaderMap::new();
         headers.insert("x-ratelimit-limit", HeaderValue::from_static("7"));
-        apply(&mut headers, &d, 60_000, NOW, false);
+        apply(&mut headers, &d, 60_000, at(NOW), false);
         assert_eq!(
             header(&headers, "x-ratelimit-limit"),
             Some("100"),
@@ -122,7 +132,7 @@ mod tests {
         assert_eq!(header(&headers, "ratelimit"), None);
         assert_eq!(header(&headers, "ratelimit-policy"), None);
 
-        apply(&mut headers, &d, 60_000, NOW, true);
+        apply(&mut headers, &d, 60_000, at(NOW), true);
         assert_eq!(header(&headers, "ratelimit-policy"), Some("100;w=60"));
         assert_eq!(
             header(&headers, "ratelimit"),
@@ -131,7 +141,7 @@ mod tests {
         assert_eq!(headers.len(), 5);
 
         let rejected = decision(false, 0, NOW + 1_500);
-        apply(&mut headers, &rejected, 1_500, NOW, true);
+        apply(&mut headers, &rejected, 1_500, at(NOW), true);
         assert_eq!(header(&headers, "ratelimit-policy"), Some("100;w=2"));
         assert_eq!(
             header(&headers, "ratelimit"),
@@ -141,39 +151,90 @@ mod tests {
 
     #[test]
     fn reset_rounds_up_to_the_second() {
+        let now = at(NOW);
         assert_eq!(
-            reset_secs(&decision(true, 1, 1_706_540_059_001)),
+            reset_secs(&decision(true, 1, 1_706_540_059_001), now),
             1_706_540_060
         );
         assert_eq!(
-            reset_secs(&decision(true, 1, 1_706_540_060_000)),
+            reset_secs(&decision(true, 1, 1_706_540_060_000), now),
             1_706_540_060
         );
         assert_eq!(
-            reset_secs(&decision(true, 1, 1_706_540_060_999)),
+            reset_secs(&decision(true, 1, 1_706_540_060_999), now),
             1_706_540_061
+        );
+        assert_eq!(
+            reset_secs(&decision(true, 1, NOW - 1), now),
+            1_706_540_001,
+            "a reset already passed is now, rounded up"
         );
     }
 
     #[test]
     fn retry_after_is_at_least_one() {
-        assert_eq!(retry_after_secs(&decision(false, 0, NOW), NOW), 1);
-        assert_eq!(retry_after_secs(&decision(false, 0, NOW - 5_000), NOW), 1);
+        assert_eq!(retry_after_secs(&decision(false, 0, NOW), at(NOW)), 1);
+        assert_eq!(
+            retry_after_secs(&decision(false, 0, NOW - 5_000), at(NOW)),
+            1
+        );
         // Reset at ...060.000, now ...000.250: 60 s from the current whole second.
         assert_eq!(
-            retry_after_secs(&decision(false, 0, 1_706_540_060_000), NOW),
+            retry_after_secs(&decision(false, 0, 1_706_540_060_000), at(NOW)),
             60
         );
     }
 
+    /// Issue 12 item 8: the wall clock steps (NTP) while a window runs. The window
+    /// keeps its length on the monotonic clock; the Unix times sent to the client
+    /// are the wall clock at answer time plus the time left. (Before, the Unix
+    /// epoch was read once at start: these headers stayed off by the step.)
+    #[test]
+    fn unix_times_follow_a_wall_clock_step_and_the_window_does_not() {
+        let clock = FakeClock::new(NOW);
+        let d = decision(false, 0, clock.now_ms() + 60_000);
+        clock.advance(10_000);
+        let mut headers = HeaderMap::new();
+        let check = |headers: &mut HeaderMap, now: Now, reset: &str, retry: u64| {
+            apply(headers, &d, 60_000, now, true);
+            assert_eq!(header(headers, "x-ratelimit-reset"), Some(reset));
+            assert_eq!(retry_after_secs(&d, now), retry);
+            let state = format!("limit=100, remaining=0, reset={retry}");
+            assert_eq!(header(headers, "ratelimit"), Some(state.as_str()));
+        };
+        // No step: ...000.250 + 60 s, rounded up; 51 s from the whole second ...010.
+        check(&mut headers, clock.now(), "1706540061", 51);
+
+        clock.step_wall(3_600_000);
+        assert_eq!(
+            clock.now_ms(),
+            NOW + 10_000,
+            "the monotonic clock did not step"
+        );
+        check(&mut headers, clock.now(), "1706543661", 51);
+
+        clock.step_wall(-7_200_000);
+        check(&mut headers, clock.now(), "1706536461", 51);
+
+        // Time passes on both clocks: the same window, 30 s closer.
+        clock.advance(30_000);
+        check(&mut headers, clock.now(), "1706536461", 21);
+    }
+
     proptest! {
         #[test]
-        fn retry_after_never_earlier_than_reset(now in 0u64..1 << 42, ahead in 0u64..100_000_000) {
-            let d = decision(false, 0, now + ahead);
+        fn retry_after_never_earlier_than_reset(
+            mono in 0u64..1 << 42,
+            wall in 0u64..1 << 42,
+            ahead in 0u64..100_000_000,
+        ) {
+            let d = decision(false, 0, mono + ahead);
+            let now = Now { mono_ms: mono, unix_ms: wall };
             let retry = retry_after_secs(&d, now);
             prop_assert!(retry >= 1);
-            prop_assert!(now / 1000 + retry >= reset_secs(&d), "whole-second now + Retry-After");
-            prop_assert!(now + retry * 1000 >= d.reset_ms, "exact now + Retry-After");
+            prop_assert!(wall / 1000 + retry >= reset_secs(&d, now), "whole-second now + Retry-After");
+            prop_assert!(wall + retry * 1000 >= wall + ahead, "exact now + Retry-After");
+            prop_assert!(retry * 1000 < ahead + 2_000, "and not a second more than needed");
         }
     }
 

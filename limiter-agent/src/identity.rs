@@ -1,10 +1,11 @@
 //! Who a request counts against: its API key (hashed, never kept raw) or its
-//! client IP (IPv6 grouped by prefix), with forwarding headers believed only
-//! from trusted proxies.
+//! client IP (IPv6 grouped by prefix), with the client address taken from the
+//! one forwarding header the operator's proxy writes, believed only from
+//! trusted proxies. Ambiguous identities are errors, never a fresh bucket.
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use http::{HeaderMap, HeaderName, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
@@ -17,100 +18,187 @@ pub enum Identity {
     Ip(IpAddr),
 }
 
+/// What a request says about its sender, before key verification picks the
+/// bucket: the client address (grouped) and the hashed API key, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requester {
+    /// The client address, IPv6 masked to the grouping prefix.
+    pub ip: IpAddr,
+    /// Lowercase hex SHA-256 of the API key.
+    pub key: Option<String>,
+}
+
+/// The one header a trusted proxy's client address is read from
+/// (`[identity] client_ip_header`); every other forwarding header is ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientIpHeader {
+    /// A comma-separated list of addresses, appended to by each proxy
+    /// (`X-Forwarded-For`, or a header like `X-Real-IP` holding one address).
+    List(HeaderName),
+    /// RFC 7239 `Forwarded`, its `for=` parameters.
+    Forwarded,
+}
+
+impl ClientIpHeader {
+    /// `forwarded` is RFC 7239; any other header name is an address list.
+    #[must_use]
+    pub fn new(name: HeaderName) -> Self {
+        if name == header::FORWARDED {
+            Self::Forwarded
+        } else {
+            Self::List(name)
+        }
+    }
+
+    #[must_use]
+    pub fn name(&self) -> HeaderName {
+        match self {
+            Self::List(name) => name.clone(),
+            Self::Forwarded => header::FORWARDED,
+        }
+    }
+}
+
+/// Why a request's identity could not be settled (answered 400, before the
+/// upstream sees the request).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    /// Two key headers, or two lines of one, carry different keys: the
+    /// upstream might authenticate one while we count the other.
+    #[error("the request carries more than one API key")]
+    ConflictingKeys,
+    /// A key header that is not one well-formed key (`Bearer <token68>`, or one
+    /// token of visible ASCII for other headers).
+    #[error("malformed API key in {0}")]
+    MalformedKey(HeaderName),
+    /// The client-address header from a trusted proxy has a hop that is not an
+    /// address where the walk needs one (`unknown`, obfuscated, garbage).
+    #[error("unparsable client address in {0}")]
+    BadClientAddress(HeaderName),
+}
+
 /// Resolves identities with the configured headers, proxies and IPv6 prefix.
 #[derive(Clone, Debug)]
 pub struct IdentityResolver {
     key_headers: Vec<HeaderName>,
+    client_ip_header: ClientIpHeader,
     trusted: Vec<IpNet>,
     ipv6_prefix: u8,
 }
 
 impl IdentityResolver {
     #[must_use]
-    pub fn new(key_headers: Vec<HeaderName>, trusted: Vec<IpNet>, ipv6_prefix: u8) -> Self {
+    pub fn new(
+        key_headers: Vec<HeaderName>,
+        client_ip_header: ClientIpHeader,
+        trusted: Vec<IpNet>,
+        ipv6_prefix: u8,
+    ) -> Self {
         Self {
             key_headers,
+            client_ip_header,
             trusted,
             ipv6_prefix,
         }
     }
 
-    /// The identity of a request from `peer` carrying `headers`.
-    #[must_use]
-    pub fn resolve(&self, headers: &HeaderMap, peer: IpAddr) -> Identity {
-        match self.api_key(headers) {
-            Some(key) => Identity::Key(sha256_hex(key)),
-            None => Identity::Ip(self.group(self.client_ip(headers, peer))),
-        }
+    /// The client behind a request from `peer` carrying `headers`.
+    ///
+    /// # Errors
+    /// [`IdentityError`] when the key headers or the client-address header are
+    /// ambiguous or malformed.
+    pub fn resolve(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Requester, IdentityError> {
+        let key = self.api_key(headers)?.map(sha256_hex);
+        let ip = group(self.client_ip(headers, peer)?, self.ipv6_prefix);
+        Ok(Requester { ip, key })
     }
 
-    /// The first configured header that carries a key, as raw bytes (keys with
-    /// bytes outside visible ASCII are keys too, hashed like any other).
-    /// `Authorization` counts only with the `Bearer` scheme.
-    fn api_key<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
-        self.key_headers.iter().find_map(|name| {
-            let value = headers.get(name)?.as_bytes().trim_ascii();
-            let key = if *name == header::AUTHORIZATION {
-                let space = value.iter().position(|b| *b == b' ')?;
-                let (scheme, token) = value.split_at(space);
-                scheme
-                    .eq_ignore_ascii_case(b"bearer")
-                    .then_some(token.trim_ascii())?
-            } else {
-                value
-            };
-            (!key.is_empty()).then_some(key)
-        })
+    /// The one API key of the request, as raw bytes, from every configured
+    /// header and every line of each. `Authorization` counts only with the
+    /// `Bearer` scheme (other schemes are not API keys: the address decides).
+    fn api_key<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h [u8]>, IdentityError> {
+        let mut found: Option<&[u8]> = None;
+        for name in &self.key_headers {
+            for value in headers.get_all(name) {
+                let key = if *name == header::AUTHORIZATION {
+                    bearer_token(value)
+                } else {
+                    plain_key(value)
+                }
+                .map_err(|()| IdentityError::MalformedKey(name.clone()))?;
+                match (found, key) {
+                    (Some(a), Some(b)) if a != b => return Err(IdentityError::ConflictingKeys),
+                    (None, Some(b)) => found = Some(b),
+                    _ => {}
+                }
+            }
+        }
+        Ok(found)
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    /// The client address: the peer, unless the peer is a trusted proxy, in
-    /// which case the forwarding chain is walked from the right and the first
-    /// untrusted hop is the client. `Forwarded` wins over `X-Forwarded-For`.
+    /// Whether `peer` is a trusted proxy (its connections carry many clients).
     #[must_use]
-    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+    pub fn is_trusted_peer(&self, peer: IpAddr) -> bool {
+        self.is_trusted(peer.to_canonical())
+    }
+
+    /// The client address: the peer, unless the peer is a trusted proxy, in
+    /// which case the configured header is walked from the right and the first
+    /// untrusted hop is the client. No header from a trusted peer: the peer
+    /// itself (a request of the proxy's own).
+    ///
+    /// # Errors
+    /// [`IdentityError::BadClientAddress`] when the walk meets a hop that is
+    /// not an address: what is left of it cannot be trusted, and the proxy's
+    /// address would put every client behind it in one bucket.
+    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> Result<IpAddr, IdentityError> {
         let peer = peer.to_canonical();
         if !self.is_trusted(peer) {
-            return peer;
+            return Ok(peer);
         }
-        let hops: Vec<Option<IpAddr>> = if headers.contains_key(header::FORWARDED) {
-            forwarded_for(headers)
-        } else {
-            headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
-                .map(|hop| parse_hop(hop.trim()))
-                .collect()
-        };
+        let values = headers.get_all(self.client_ip_header.name());
+        let hops: Vec<&[u8]> = values
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .collect();
         let mut client = peer;
         for hop in hops.iter().rev() {
-            // An unparsable hop ends the walk: nothing left of it can be trusted.
-            let Some(ip) = *hop else { break };
-            let ip = ip.to_canonical();
+            let parsed = match self.client_ip_header {
+                ClientIpHeader::List(_) => parse_hop(hop),
+                ClientIpHeader::Forwarded => forwarded_for(hop),
+            };
+            let ip = parsed
+                .ok_or_else(|| IdentityError::BadClientAddress(self.client_ip_header.name()))?
+                .to_canonical();
             client = ip;
             if !self.is_trusted(ip) {
                 break;
             }
         }
-        client
+        Ok(client)
     }
 
     /// IPv6 addresses masked to the grouping prefix; IPv4 as is.
     #[must_use]
     pub fn group(&self, ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6);
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.ipv6_prefix))
-                    .unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(bits & mask))
-            }
+        group(ip, self.ipv6_prefix)
+    }
+}
+
+/// IPv6 addresses masked to `prefix` bits; IPv4 (and IPv4-mapped) as is.
+#[must_use]
+pub fn group(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
         }
     }
 }
@@ -127,10 +215,47 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         })
 }
 
-/// One hop of `X-Forwarded-For` or a `for=` value: an address, optionally
-/// bracketed and with a port.
-fn parse_hop(hop: &str) -> Option<IpAddr> {
-    let hop = hop.trim().trim_matches('"');
+/// `Bearer <token68>` (scheme in any case, one space): the token. Another
+/// scheme is no API key (`Ok(None)`); a Bearer credential that is not exactly
+/// one token68 is malformed, since an upstream that splits it differently
+/// would authenticate a key other than the one counted.
+fn bearer_token(value: &HeaderValue) -> Result<Option<&[u8]>, ()> {
+    let value = value.as_bytes().trim_ascii();
+    let scheme_end = value.iter().position(|b| *b == b' ').unwrap_or(value.len());
+    if !value[..scheme_end].eq_ignore_ascii_case(b"bearer") {
+        return Ok(None);
+    }
+    let token = value.get(scheme_end + 1..).ok_or(())?;
+    is_token68(token).then_some(Some(token)).ok_or(())
+}
+
+/// RFC 9110 token68: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
+fn is_token68(token: &[u8]) -> bool {
+    let body = token.len() - token.iter().rev().take_while(|b| **b == b'=').count();
+    body > 0
+        && token[..body]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(b))
+}
+
+/// A key header other than `Authorization`: one token of visible ASCII without
+/// commas (a list would be read differently by different upstreams). Empty is
+/// no key.
+fn plain_key(value: &HeaderValue) -> Result<Option<&[u8]>, ()> {
+    let value = value.as_bytes().trim_ascii();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .iter()
+        .all(|b| b.is_ascii_graphic() && *b != b',')
+        .then_some(Some(value))
+        .ok_or(())
+}
+
+/// One hop of an address list: an address, optionally bracketed and with a port.
+fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?.trim().trim_matches('"');
     if let Ok(ip) = hop.parse() {
         return Some(ip);
     }
@@ -142,33 +267,32 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     host.parse().ok()
 }
 
-/// The `for=` hops of every `Forwarded` element (RFC 7239), left to right.
-/// Obfuscated identifiers and `unknown` parse as `None`.
-fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    headers
-        .get_all(header::FORWARDED)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("for=invalid").split(','))
-        .map(|element| {
-            element.split(';').find_map(|pair| {
-                let (name, value) = pair.trim().split_once('=')?;
-                name.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| parse_hop(value))
-            })?
-        })
-        .collect()
+/// The `for=` address of one `Forwarded` element (RFC 7239). Obfuscated
+/// identifiers, `unknown` and elements without `for=` are `None`.
+fn forwarded_for(element: &[u8]) -> Option<IpAddr> {
+    element.split(|b| *b == b';').find_map(|pair| {
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let (name, value) = (pair[..eq].trim_ascii(), &pair[eq + 1..]);
+        if name.eq_ignore_ascii_case(b"for") {
+            parse_hop(value)
+        } else {
+            None
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::*;
 
     fn resolver(trusted: &[&str]) -> IdentityResolver {
+        resolver_with(trusted, "x-forwarded-for")
+    }
+
+    fn resolver_with(trusted: &[&str], client_ip_header: &'static str) -> IdentityResolver {
         IdentityResolver::new(
             vec![header::AUTHORIZATION, HeaderName::from_static("x-api-key")],
+            ClientIpHeader::new(HeaderName::from_static(client_ip_header)),
             trusted.iter().map(|t| t.parse().unwrap()).collect(),
             64,
         )
@@ -189,32 +313,35 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn key_of(
+        r: &IdentityResolver,
+        pairs: &[(&str, &str)],
+    ) -> Result<Option<String>, IdentityError> {
+        r.resolve(&headers(pairs), ip("192.0.2.1")).map(|c| c.key)
+    }
+
     #[test]
     fn bearer_and_header_keys_are_hashed() {
         let r = resolver(&[]);
-        let expected = Identity::Key(sha256_hex(b"secret"));
-        let peer = ip("192.0.2.1");
+        let expected = Ok(Some(sha256_hex(b"secret")));
+        assert_eq!(key_of(&r, &[("authorization", "Bearer secret")]), expected);
+        assert_eq!(key_of(&r, &[("authorization", "bEaReR secret")]), expected);
+        assert_eq!(key_of(&r, &[("x-api-key", "secret")]), expected);
+        // The same key in both headers, or twice, is one key.
         assert_eq!(
-            r.resolve(&headers(&[("authorization", "Bearer secret")]), peer),
+            key_of(
+                &r,
+                &[("authorization", "Bearer secret"), ("x-api-key", "secret")]
+            ),
             expected
         );
         assert_eq!(
-            r.resolve(&headers(&[("authorization", "bearer  secret ")]), peer),
-            expected
-        );
-        assert_eq!(
-            r.resolve(&headers(&[("x-api-key", "secret")]), peer),
+            key_of(&r, &[("x-api-key", "secret"), ("x-api-key", "secret")]),
             expected
         );
         // Basic auth is not an API key; an empty key is no key.
-        assert_eq!(
-            r.resolve(&headers(&[("authorization", "Basic c2VjcmV0")]), peer),
-            Identity::Ip(peer)
-        );
-        assert_eq!(
-            r.resolve(&headers(&[("x-api-key", "  ")]), peer),
-            Identity::Ip(peer)
-        );
+        assert_eq!(key_of(&r, &[("authorization", "Basic c2VjcmV0")]), Ok(None));
+        assert_eq!(key_of(&r, &[("x-api-key", "  ")]), Ok(None));
         assert_eq!(
             sha256_hex(b"secret"),
             "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
@@ -222,46 +349,88 @@ mod tests {
     }
 
     #[test]
-    fn keys_with_bytes_beyond_ascii_are_keys_hashed_as_bytes() {
+    fn keys_that_disagree_are_refused() {
         let r = resolver(&[]);
+        assert_eq!(
+            key_of(
+                &r,
+                &[("authorization", "Bearer junk1"), ("x-api-key", "real")]
+            ),
+            Err(IdentityError::ConflictingKeys)
+        );
+        assert_eq!(
+            key_of(&r, &[("x-api-key", "real"), ("x-api-key", "other")]),
+            Err(IdentityError::ConflictingKeys)
+        );
+        assert_eq!(
+            key_of(
+                &r,
+                &[("authorization", "Bearer a"), ("authorization", "Bearer b")]
+            ),
+            Err(IdentityError::ConflictingKeys)
+        );
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        let r = resolver(&[]);
+        let bad_auth = Err(IdentityError::MalformedKey(header::AUTHORIZATION));
+        for value in [
+            "Bearer real junk",
+            "Bearer  real",
+            "Bearer",
+            "Bearer ",
+            "Bearer a,b",
+            "Bearer =abc",
+            "Bearer a=b",
+            "Bearer é",
+        ] {
+            assert_eq!(
+                key_of(&r, &[("authorization", value)]),
+                bad_auth,
+                "{value:?}"
+            );
+        }
+        // token68 padding is part of the token.
+        assert_eq!(
+            key_of(&r, &[("authorization", "Bearer ab+/c==")]),
+            Ok(Some(sha256_hex(b"ab+/c==")))
+        );
+        let bad_key = Err(IdentityError::MalformedKey(HeaderName::from_static(
+            "x-api-key",
+        )));
+        for value in ["real junk", "real,junk", "a\tb"] {
+            assert_eq!(key_of(&r, &[("x-api-key", value)]), bad_key, "{value:?}");
+        }
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_bytes(b"k\xff\xfe").unwrap());
-        assert_eq!(
-            r.resolve(&h, ip("192.0.2.1")),
-            Identity::Key(sha256_hex(b"k\xff\xfe"))
-        );
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_bytes(b"Bearer  \xe9t\xe9 ").unwrap(),
-        );
-        assert_eq!(
-            r.resolve(&h, ip("192.0.2.1")),
-            Identity::Key(sha256_hex(b"\xe9t\xe9"))
-        );
+        assert_eq!(r.resolve(&h, ip("192.0.2.1")).map(|c| c.key), bad_key);
     }
 
     #[test]
     fn ipv6_is_grouped_by_prefix() {
         let r = resolver(&[]);
-        let a = r.resolve(&HeaderMap::new(), ip("2001:db8:1:2:aaaa::1"));
-        let b = r.resolve(&HeaderMap::new(), ip("2001:db8:1:2:bbbb::2"));
-        let c = r.resolve(&HeaderMap::new(), ip("2001:db8:1:3::1"));
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a, Identity::Ip(ip("2001:db8:1:2::")));
-        // IPv4-mapped peers count as IPv4.
+        let client = |a: &str| r.resolve(&HeaderMap::new(), ip(a)).unwrap().ip;
         assert_eq!(
-            r.resolve(&HeaderMap::new(), ip("::ffff:192.0.2.9")),
-            Identity::Ip(ip("192.0.2.9"))
+            client("2001:db8:1:2:aaaa::1"),
+            client("2001:db8:1:2:bbbb::2")
         );
+        assert_ne!(client("2001:db8:1:2:aaaa::1"), client("2001:db8:1:3::1"));
+        assert_eq!(client("2001:db8:1:2:aaaa::1"), ip("2001:db8:1:2::"));
+        // IPv4-mapped peers count as IPv4.
+        assert_eq!(client("::ffff:192.0.2.9"), ip("192.0.2.9"));
     }
 
     #[test]
-    fn forwarded_for_is_ignored_from_untrusted_peers() {
+    fn forwarding_headers_are_ignored_from_untrusted_peers() {
         let r = resolver(&["10.0.0.0/8"]);
-        let h = headers(&[("x-forwarded-for", "203.0.113.7")]);
-        assert_eq!(r.client_ip(&h, ip("198.51.100.1")), ip("198.51.100.1"));
+        let h = headers(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        assert_eq!(r.client_ip(&h, ip("198.51.100.1")), Ok(ip("198.51.100.1")));
+        let h = headers(&[("x-forwarded-for", "garbage")]);
+        assert_eq!(r.client_ip(&h, ip("198.51.100.1")), Ok(ip("198.51.100.1")));
     }
 
     #[test]
@@ -270,26 +439,51 @@ mod tests {
         // A client-supplied spoof on the left is skipped: the first untrusted hop
         // from the right is the client.
         let h = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.7, 10.0.0.2")]);
-        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("203.0.113.7"));
+        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), Ok(ip("203.0.113.7")));
         // Several header lines form one list.
         let h = headers(&[
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "203.0.113.8"),
         ]);
-        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("203.0.113.8"));
-        // Garbage stops the walk at the last trusted hop.
-        let h = headers(&[("x-forwarded-for", "203.0.113.7, garbage, 10.0.0.3")]);
-        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("10.0.0.3"));
+        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), Ok(ip("203.0.113.8")));
+        // Garbage left of the client is never read.
+        let h = headers(&[("x-forwarded-for", "garbage, 203.0.113.9")]);
+        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), Ok(ip("203.0.113.9")));
         // No header: the proxy itself.
         assert_eq!(
             r.client_ip(&HeaderMap::new(), ip("10.0.0.1")),
-            ip("10.0.0.1")
+            Ok(ip("10.0.0.1"))
         );
     }
 
     #[test]
-    fn forwarded_header_wins_and_parses_rfc7239() {
+    fn an_unparsable_hop_the_walk_reaches_is_an_error_not_the_proxy() {
         let r = resolver(&["10.0.0.0/8"]);
+        let bad = Err(IdentityError::BadClientAddress(HeaderName::from_static(
+            "x-forwarded-for",
+        )));
+        for value in ["garbage, 10.0.0.3", "unknown", "", "10.0.0.2,"] {
+            let h = headers(&[("x-forwarded-for", value)]);
+            assert_eq!(r.client_ip(&h, ip("10.0.0.1")), bad, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_configured_header_is_believed() {
+        // Behind a proxy that appends X-Forwarded-For, a client's own Forwarded
+        // header is ignored whatever it says.
+        let r = resolver(&["127.0.0.1/32"]);
+        for forwarded in [
+            "for=198.51.100.1",
+            "for=unknown",
+            "for=127.0.0.1",
+            "for=_hidden",
+        ] {
+            let h = headers(&[("x-forwarded-for", "203.0.113.7"), ("forwarded", forwarded)]);
+            assert_eq!(r.client_ip(&h, ip("127.0.0.1")), Ok(ip("203.0.113.7")));
+        }
+        // Configured for Forwarded, X-Forwarded-For is ignored and RFC 7239 parsed.
+        let r = resolver_with(&["10.0.0.0/8"], "forwarded");
         let h = headers(&[
             (
                 "forwarded",
@@ -297,10 +491,17 @@ mod tests {
             ),
             ("x-forwarded-for", "203.0.113.7"),
         ]);
-        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("2001:db8::7"));
+        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), Ok(ip("2001:db8::7")));
         let h = headers(&[("forwarded", "for=192.0.2.60:8080;by=10.0.0.1")]);
-        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("192.0.2.60"));
+        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), Ok(ip("192.0.2.60")));
         let h = headers(&[("forwarded", "for=unknown")]);
-        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(
+            r.client_ip(&h, ip("10.0.0.1")),
+            Err(IdentityError::BadClientAddress(header::FORWARDED))
+        );
+        // A single-address header such as X-Real-IP.
+        let r = resolver_with(&["10.0.0.0/8"], "x-real-ip");
+        let h = headers(&[("x-real-ip", "203.0.113.5"), ("x-forwarded-for", "1.1.1.1")]);
+        assert_eq!(r.client_ip(&h, ip("10.0.0.1")), Ok(ip("203.0.113.5")));
     }
 }

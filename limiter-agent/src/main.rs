@@ -46,10 +46,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::DemoUpstream { listen } => runtime()
+        Command::DemoUpstream { listen, api_keys } => runtime()
             .and_then(|rt| {
                 rt.block_on(async {
-                    let addr = demo::spawn(listen)
+                    let addr = demo::spawn(listen, api_keys)
                         .await
                         .context("binding the demo upstream")?;
                     tracing::info!(%addr, "demo upstream listening");
@@ -177,7 +177,7 @@ const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn run(args: RunArgs, mut config: Config, kernel: Option<Arc<Kernel>>) -> anyhow::Result<()> {
     let demo_upstream = if args.demo_upstream {
-        let addr = demo::spawn("127.0.0.1:0".parse()?)
+        let addr = demo::spawn("127.0.0.1:0".parse()?, Vec::new())
             .await
             .context("starting the demo upstream")?;
         tracing::info!(%addr, "demo upstream listening");
@@ -318,40 +318,21 @@ async fn reload_on_hangup(
                 config.upstream = upstream.clone();
             }
             let running = proxy.state();
-            for (what, changed) in [
-                ("listen", config.listen != running.config.listen),
-                (
-                    "admin.listen",
-                    config.admin_listen != running.config.admin_listen,
-                ),
-                ("tls", config.tls != running.config.tls),
-                ("store", config.store != running.config.store),
-                (
-                    "xdp.interfaces",
-                    config.xdp.interfaces != running.config.xdp.interfaces,
-                ),
-                (
-                    "xdp.instance",
-                    config.xdp.instance != running.config.xdp.instance,
-                ),
-                (
-                    "xdp.enabled",
-                    config.xdp.enabled != running.config.xdp.enabled,
-                ),
-            ] {
-                if changed {
-                    tracing::warn!(
-                        setting = what,
-                        "changed in the file; takes effect on restart"
-                    );
+            for setting in config.needs_restart(&running.config) {
+                tracing::warn!(setting, "changed in the file; takes effect on restart");
+            }
+            // All or nothing: the proxy switches only once the kernel has the
+            // new config; a kernel that refuses it gets the running one back.
+            let prepared = proxy.prepare(config.clone())?;
+            if let Some(kernel) = &kernel
+                && let Err(e) = kernel.sync(&config)
+            {
+                if let Err(undo) = kernel.sync(&running.config) {
+                    tracing::error!(error = %undo, "restoring the running config in the kernel failed");
                 }
+                return Err(anyhow::Error::new(e).context("pushing the new config to the kernel"));
             }
-            proxy.reload(config.clone())?;
-            if let Some(kernel) = &kernel {
-                kernel
-                    .sync(&config)
-                    .context("pushing the new config to the kernel")?;
-            }
+            proxy.install(prepared);
             if let Some(escalation) = &escalation {
                 escalation.update(&config);
             }

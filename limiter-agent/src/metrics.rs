@@ -25,11 +25,28 @@ pub struct RequestLabels {
     pub decision: &'static str,
 }
 
+/// Labels of `limiter_requests_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `path` (a spelling routers disagree on), `api_key` (conflicting or
+    /// malformed key headers), `client_address` (a forwarding hop that is not an
+    /// address) or `store_full` (no room for a new bucket).
+    pub reason: &'static str,
+}
+
 /// Labels of `limiter_config_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `ok` or `error`.
     pub result: &'static str,
+}
+
+/// Labels of `limiter_connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusedLabels {
+    /// The setting whose cap was reached: `max_connections`,
+    /// `max_connections_per_source` or `max_connections_per_proxy`.
+    pub cap: &'static str,
 }
 
 /// What the kernel side reports at scrape time.
@@ -50,8 +67,9 @@ pub struct Metrics {
     pub store_healthy: Gauge,
     pub buckets: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
-    pub connections_refused: Counter,
+    pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
     pub escalations: Counter,
+    pub refused: Family<RefusedLabels, Counter>,
     kernel: Arc<OnceLock<Arc<dyn KernelStats>>>,
     registry: Arc<Registry>,
 }
@@ -111,10 +129,10 @@ impl Metrics {
             "Config reloads (SIGHUP) by result",
             reloads.clone(),
         );
-        let connections_refused = Counter::default();
+        let connections_refused = Family::<ConnectionRefusedLabels, Counter>::default();
         registry.register(
             "limiter_connections_refused",
-            "Connections answered 503 because the connection cap was reached",
+            "Connections answered 503 because a connection cap was reached, by cap",
             connections_refused.clone(),
         );
         let escalations = Counter::default();
@@ -122,6 +140,12 @@ impl Metrics {
             "limiter_escalations",
             "Sources banned in the kernel for ignoring 429s",
             escalations.clone(),
+        );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "limiter_requests_refused",
+            "Requests refused before a decision (400 or 503), by reason",
+            refused.clone(),
         );
         let kernel: Arc<OnceLock<Arc<dyn KernelStats>>> = Arc::default();
         registry.register_collector(Box::new(KernelCollector(kernel.clone())));
@@ -135,6 +159,7 @@ impl Metrics {
             reloads,
             connections_refused,
             escalations,
+            refused,
             kernel,
             registry: Arc::new(registry),
         }
@@ -149,6 +174,18 @@ impl Metrics {
                 decision,
             })
             .clone()
+    }
+
+    /// Counts one request refused before a decision.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// Counts a connection refused by the cap named `cap` (its setting).
+    pub fn connection_refused(&self, cap: &'static str) {
+        self.connections_refused
+            .get_or_create(&ConnectionRefusedLabels { cap })
+            .inc();
     }
 
     /// Adds the kernel counters to every later scrape (once; later calls are ignored).
@@ -227,6 +264,7 @@ mod tests {
         metrics.request_counter("/api/chat", "allowed").inc();
         metrics.request_counter("/api/chat", "rejected").inc_by(2);
         metrics.store_errors.inc();
+        metrics.connection_refused("max_connections_per_source");
         let text = metrics.encode();
         assert!(
             text.contains(r#"limiter_requests_total{tier="/api/chat",decision="allowed"} 1"#),
@@ -237,6 +275,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("limiter_store_errors_total 1"), "{text}");
+        assert!(
+            text.contains(
+                r#"limiter_connections_refused_total{cap="max_connections_per_source"} 1"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("limiter_decision_duration_seconds_bucket"),
             "{text}"

@@ -5,7 +5,10 @@ use std::{
     collections::hash_map::RandomState,
     hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -22,10 +25,13 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::{
     body::{ClientBody, ClientBodyError, client_fault},
-    config::{Config, ConfigError, OnError},
+    config::{Config, ConfigError, KeyVerification, OnError},
     headers,
-    identity::{Identity, IdentityResolver},
-    limit::{Ask, BucketKey, Clock, Decision, MemoryStore, Store},
+    identity::{Identity, IdentityError, IdentityResolver, Requester},
+    limit::{
+        Ask, BucketKey, Clock, Decision, MemoryStore, Now, Store, StoreError, StoreFull,
+        VerifiedKeys,
+    },
     metrics::Metrics,
     route::{RouteTable, canonicalize},
 };
@@ -45,8 +51,13 @@ pub trait RejectionSink: Send + Sync + 'static {
 pub struct Proxy {
     state: ArcSwap<State>,
     store: Arc<dyn Store>,
-    /// Decides when a shared store fails and `on_error = "allow"`.
+    /// Decides when a shared store fails and `on_error = "allow"` (the
+    /// setting is read per request, so a reload may change it).
     fallback: Option<MemoryStore>,
+    /// (key, tier) pairs whose key the upstream has accepted.
+    verified: VerifiedKeys,
+    /// When the last "store full" warning was logged (ms), to log at most every 10 s.
+    full_logged: AtomicU64,
     clock: Arc<dyn Clock>,
     client: Client<HttpConnector, ClientBody>,
     /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
@@ -77,6 +88,16 @@ struct TierState {
     store_error: Counter,
 }
 
+/// What the upstream's answer may teach about the request's key.
+enum KeyCheck {
+    /// No key, or one whose standing does not depend on the upstream.
+    None,
+    /// Charged to the address; a 2xx/3xx verifies it. (entry, key hash)
+    Unverified(u64, String),
+    /// Its own bucket; a 401/403 revokes it. (entry, key hash)
+    Verified(u64, String),
+}
+
 /// Connection facts the request path needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
@@ -95,11 +116,8 @@ impl Proxy {
         let hasher = RandomState::new();
         let state = State::new(config, &hasher, &metrics)?;
         let (store, fallback) = match store {
-            Some(shared) => (
-                shared,
-                (state.config.on_error == OnError::Allow)
-                    .then(|| MemoryStore::new(state.config.max_buckets)),
-            ),
+            // Allocated lazily: empty until the shared store first fails.
+            Some(shared) => (shared, Some(MemoryStore::new(state.config.max_buckets))),
             None => (
                 Arc::new(MemoryStore::new(state.config.max_buckets)) as Arc<dyn Store>,
                 None,
@@ -111,10 +129,16 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_mins(1))
             .build(connector);
+        let verified = VerifiedKeys::new(
+            state.config.verified_keys_max,
+            u64::try_from(state.config.verified_key_ttl.as_millis()).unwrap_or(u64::MAX),
+        );
         Ok(Self {
             state: ArcSwap::from_pointee(state),
             store,
             fallback,
+            verified,
+            full_logged: AtomicU64::new(0),
             clock,
             client,
             hasher,
@@ -145,9 +169,19 @@ impl Proxy {
     /// upstream change at once; buckets of tiers with the same route and window
     /// keep their counts. Listener, TLS and store settings need a restart.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
-        let state = State::new(config, &self.hasher, &self.metrics)?;
-        self.state.store(Arc::new(state));
+        self.install(self.prepare(config)?);
         Ok(())
+    }
+
+    /// Validates and builds a config's state without putting it in force, so a
+    /// reload can check every other part (the kernel) before switching.
+    pub fn prepare(&self, config: Config) -> Result<State, ConfigError> {
+        State::new(config, &self.hasher, &self.metrics)
+    }
+
+    /// Puts a prepared config in force for every request that starts from now.
+    pub fn install(&self, state: State) {
+        self.state.store(Arc::new(state));
     }
 
     /// Reclaims expired buckets and refreshes the store gauges (every second).
@@ -159,6 +193,7 @@ impl Proxy {
             fallback.reclaim(now);
             buckets += fallback.len();
         }
+        self.verified.reclaim(now);
         self.metrics
             .buckets
             .set(i64::try_from(buckets).unwrap_or(i64::MAX));
@@ -187,15 +222,29 @@ impl Proxy {
             .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned());
         let canonical = match canonicalize(&target, state.config.path_policy) {
             Ok(path) => path,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
+            Err(e) => {
+                self.metrics.refuse("path");
+                return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string());
+            }
         };
         let Some(tier_index) = state.routes.lookup(&canonical) else {
             state.unlimited.inc();
             return self.forward(&state, req, peer).await;
         };
         let started = Instant::now();
-        let identity = state.identity.resolve(req.headers(), peer.addr.ip());
+        let client = match state.identity.resolve(req.headers(), peer.addr.ip()) {
+            Ok(client) => client,
+            Err(e) => {
+                self.metrics.refuse(match e {
+                    IdentityError::BadClientAddress(_) => "client_address",
+                    IdentityError::ConflictingKeys | IdentityError::MalformedKey(_) => "api_key",
+                });
+                return error(StatusCode::BAD_REQUEST, "BAD_IDENTITY", &e.to_string());
+            }
+        };
         let tier = &state.tiers[tier_index];
+        let now_ms = self.clock.now_ms();
+        let (identity, check) = self.identify(&state, client, tier, now_ms).await;
         let ask = Ask {
             key: self.bucket(&identity, tier.hash),
             tier: &tier.id,
@@ -203,43 +252,137 @@ impl Proxy {
             limit: state.effective_limit(&identity, tier_index),
             window_ms: tier.window_ms,
         };
-        let now_ms = self.clock.now_ms();
         let decision = match self.store.decide(ask, now_ms).await {
-            Ok(decision) => decision,
+            Ok(decision) => Ok(decision),
+            Err(StoreError::Full) => Err(StoreFull),
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::debug!(error = %e, "store failed");
-                let Some(fallback) = &self.fallback else {
-                    tier.store_error.inc();
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "STORE_UNAVAILABLE",
-                        "The rate-limit store is unavailable; try again later.",
-                    );
-                };
-                fallback.decide(ask.key, ask.limit, ask.window_ms, now_ms)
+                match &self.fallback {
+                    Some(fallback) if state.config.on_error == OnError::Allow => {
+                        fallback.decide(ask.key, ask.limit, ask.window_ms, now_ms)
+                    }
+                    _ => {
+                        tier.store_error.inc();
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "STORE_UNAVAILABLE",
+                            "The rate-limit store is unavailable; try again later.",
+                        );
+                    }
+                }
             }
         };
         self.metrics
             .decision_seconds
             .observe(started.elapsed().as_secs_f64());
+        let Ok(decision) = decision else {
+            return self.store_full(tier);
+        };
         if !decision.allowed {
             tier.rejected.inc();
             if let Some(sink) = &self.rejections {
                 sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
             }
-            return too_many(&decision, tier.window_ms, now_ms, state.config.ietf_headers);
+            let now = self.clock.now();
+            return too_many(&decision, tier.window_ms, now, state.config.ietf_headers);
         }
         tier.allowed.inc();
         let mut response = self.forward(&state, req, peer).await;
+        self.learn(&state, tier, check, response.status());
+        // Both clocks read as the answer leaves: the reset is told as the wall
+        // clock now plus the monotonic time left (the upstream took some of it).
         headers::apply(
             response.headers_mut(),
             &decision,
             tier.window_ms,
-            now_ms,
+            self.clock.now(),
             state.config.ietf_headers,
         );
         response
+    }
+
+    /// The bucket identity: a verified key (or any key with `verify_keys =
+    /// "none"`) is its own bucket; an unverified key is charged to the client
+    /// address, so random keys cannot mint quota. Verification is per tier:
+    /// an endpoint that accepts any key (a health check) verifies nothing for
+    /// the others.
+    async fn identify(
+        &self,
+        state: &State,
+        client: Requester,
+        tier: &TierState,
+        now_ms: u64,
+    ) -> (Identity, KeyCheck) {
+        let Some(key) = client.key else {
+            return (Identity::Ip(client.ip), KeyCheck::None);
+        };
+        match state.config.verify_keys {
+            KeyVerification::Off => return (Identity::Key(key), KeyCheck::None),
+            _ if state.config.keys.contains_key(&key) => {
+                return (Identity::Key(key), KeyCheck::None);
+            }
+            KeyVerification::Config => return (Identity::Ip(client.ip), KeyCheck::None),
+            KeyVerification::Upstream => {}
+        }
+        let entry = self.hasher.hash_one((&key, tier.hash));
+        let verified = self.verified.contains(entry, now_ms) || {
+            let shared = self.store.key_verified(&tier.id, &key).await;
+            if shared {
+                self.verified.insert(entry, now_ms);
+            }
+            shared
+        };
+        if verified {
+            (Identity::Key(key.clone()), KeyCheck::Verified(entry, key))
+        } else {
+            (Identity::Ip(client.ip), KeyCheck::Unverified(entry, key))
+        }
+    }
+
+    /// What the upstream's answer says about the request's key: a 2xx or 3xx
+    /// verifies it for this tier; 401 or 403 revokes a verification. Other
+    /// answers (404, 400, 429…) may come before authentication and say nothing.
+    fn learn(&self, state: &State, tier: &TierState, check: KeyCheck, status: StatusCode) {
+        let accepted = status.is_success() || status.is_redirection();
+        let refused = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+        match check {
+            KeyCheck::Unverified(entry, key) if accepted => {
+                self.verified.insert(entry, self.clock.now_ms());
+                self.store
+                    .share_verification(&tier.id, &key, Some(state.config.verified_key_ttl));
+            }
+            KeyCheck::Verified(entry, key) if refused => {
+                self.verified.remove(entry);
+                self.store.share_verification(&tier.id, &key, None);
+            }
+            _ => {}
+        }
+    }
+
+    /// 503 for a new client when every bucket slot holds a live window: the
+    /// store never forgets a window that has counted requests to make room.
+    fn store_full(&self, tier: &TierState) -> Response<Body> {
+        self.metrics.refuse("store_full");
+        tier.store_error.inc();
+        let now = self.clock.now_ms();
+        let last = self.full_logged.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && self
+                .full_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                max_buckets = self.state().config.max_buckets,
+                "bucket store full of live windows: new clients answered 503 (raise [store] max_buckets)"
+            );
+        }
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "STORE_FULL",
+            "The rate limiter is at capacity; try again later.",
+        )
     }
 
     fn bucket(&self, identity: &Identity, tier_hash: u64) -> BucketKey {
@@ -330,10 +473,17 @@ impl Proxy {
 }
 
 impl State {
+    /// The identity rules in force (the listener asks which peers are proxies).
+    #[must_use]
+    pub fn identity(&self) -> &IdentityResolver {
+        &self.identity
+    }
+
     fn new(config: Config, hasher: &RandomState, metrics: &Metrics) -> Result<Self, ConfigError> {
         let routes = config.route_table()?;
         let identity = IdentityResolver::new(
             config.api_key_headers.clone(),
+            config.client_ip_header.clone(),
             config.trusted_proxies.clone(),
             config.ipv6_prefix,
         );
@@ -388,14 +538,15 @@ impl State {
     }
 }
 
-/// The 429: the exact body, `Retry-After` and the limit headers.
-fn too_many(decision: &Decision, window_ms: u64, now_ms: u64, ietf: bool) -> Response<Body> {
-    let retry = headers::retry_after_secs(decision, now_ms);
+/// The 429: the exact body, `Retry-After` and the limit headers, stamped with
+/// both clocks read at answer time (`now`).
+fn too_many(decision: &Decision, window_ms: u64, now: Now, ietf: bool) -> Response<Body> {
+    let retry = headers::retry_after_secs(decision, now);
     let mut response = json_response(
         StatusCode::TOO_MANY_REQUESTS,
         headers::too_many_requests_body(retry),
     );
-    headers::apply(response.headers_mut(), decision, window_ms, now_ms, ietf);
+    headers::apply(response.headers_mut(), decision, window_ms, now, ietf);
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry));

@@ -1,32 +1,36 @@
 //! The listener: accepts connections (plain or TLS), enforces the connection
-//! cap and the header limits, and hands requests to the [`Proxy`].
+//! caps (in all and per source), the header and idle timeouts, and hands
+//! requests to the [`Proxy`].
 
-use std::{
-    io::Write as _,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+mod activity;
+mod sources;
+
+use std::{io::Write as _, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+    server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+};
 use tokio_rustls::TlsAcceptor;
 
+use self::{
+    activity::{Expiry, Timeouts, Tracked, Tracker, Watched},
+    sources::{Cap, Caps, Source, Sources},
+};
 use crate::{
     headers,
     proxy::{Peer, Proxy},
 };
+
+/// Longest TLS handshake before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Loads the certificate chain and key and offers h2 and http/1.1 by ALPN.
 pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
@@ -52,7 +56,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Raw response for a connection refused before HTTP starts (over the cap).
+/// Raw response for a connection refused before HTTP starts (over a cap).
 fn raw_response(status: &str, code: &str, message: &str) -> Vec<u8> {
     let body = headers::error_body(code, message);
     format!(
@@ -65,6 +69,10 @@ fn raw_response(status: &str, code: &str, message: &str) -> Vec<u8> {
 /// Accepts connections until `shutdown` completes, then stops accepting, asks
 /// every open connection to finish its in-flight requests (HTTP/1 closes after
 /// the current response, HTTP/2 sends GOAWAY) and waits up to `drain` for them.
+///
+/// Connection caps and timeouts are read from the config in force when each
+/// connection is accepted, so a reload applies them to new connections; the
+/// total cap (`max_connections`) is fixed at start.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -72,20 +80,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<()> {
-    let (max_connections, header_read_timeout, max_header_bytes) = {
+    let (max_connections, max_header_bytes) = {
         let state = proxy.state();
-        (
-            state.config.max_connections,
-            state.config.header_read_timeout,
-            state.config.max_header_bytes,
-        )
+        (state.config.max_connections, state.config.max_header_bytes)
     };
     let slots = Arc::new(Semaphore::new(max_connections));
+    let sources = Arc::new(Sources::default());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        // The header timeout is ours (`activity`): hyper's would also run
+        // while a keep-alive connection waits for its next request, and
+        // answer 408 to a client that did nothing wrong.
+        .header_read_timeout(None)
         .max_buf_size(max_header_bytes.max(8192))
         .keep_alive(true);
     builder
@@ -94,8 +102,9 @@ pub async fn serve(
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
+    // Every connection holds a receiver; the drain waits for the last one.
+    let (stop, _) = watch::channel(());
+    let mut shutdown = pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -110,125 +119,173 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let (source, timeouts) = {
+            let state = proxy.state();
+            let config = &state.config;
+            (
+                Source::of(
+                    addr.ip(),
+                    state.identity().is_trusted_peer(addr.ip()),
+                    config.ipv6_prefix,
+                    Caps {
+                        per_source: config.max_connections_per_source,
+                        per_proxy: config.max_connections_per_proxy,
+                    },
+                ),
+                Timeouts {
+                    header_read: config.header_read_timeout,
+                    idle: config.idle_timeout,
+                },
+            )
+        };
+        // The source's own cap first: a source over it is told so even when
+        // the total is full too.
+        let Some(source_slot) = sources.acquire(source) else {
+            refused(&proxy, stream, source.cap);
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            proxy.metrics().connections_refused.inc();
-            tokio::spawn(refuse(stream));
+            refused(&proxy, stream, Cap::Total);
             continue;
         };
         let proxy = proxy.clone();
         let builder = builder.clone();
         let tls = tls.clone();
-        let watcher = graceful.watcher();
+        let stop = stop.subscribe();
         tokio::spawn(async move {
-            let _permit = permit;
-            connection(stream, addr, proxy, &builder, tls, watcher).await;
+            let _slots = (permit, source_slot);
+            connection(stream, addr, proxy, &builder, tls, timeouts, stop).await;
         });
     }
     drop(listener);
     tracing::info!(deadline = ?drain, "draining open connections");
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    stop.send_replace(());
+    if tokio::time::timeout(drain, stop.closed()).await.is_err() {
         tracing::warn!("connections still open at the drain deadline; closing them");
     }
     Ok(())
 }
 
-async fn refuse(mut stream: tokio::net::TcpStream) {
+/// Counts a connection refused by `cap` and answers it 503 in the background.
+fn refused(proxy: &Proxy, mut stream: TcpStream, cap: Cap) {
     use tokio::io::AsyncWriteExt as _;
-    let response = raw_response(
-        "503 Service Unavailable",
-        "OVERLOADED",
-        "Too many connections; try again later.",
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
-    let _ = stream.shutdown().await;
+    proxy.metrics().connection_refused(cap.setting());
+    let message = match cap {
+        Cap::Total => "Too many connections; try again later.",
+        Cap::PerSource | Cap::PerProxy => {
+            "Too many connections from this address; try again later."
+        }
+    };
+    let response = raw_response("503 Service Unavailable", "OVERLOADED", message);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
+        let _ = stream.shutdown().await;
+    });
+}
+
+/// How [`drive`] let go of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// Closed by either side, or cut after the close grace.
+    Closed,
+    /// A request's headers (or the first request) did not arrive in time.
+    HeaderTimeout,
 }
 
 async fn connection(
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
-    watcher: Watcher,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<()>,
 ) {
     let peer = Peer {
         addr,
         tls: tls.is_some(),
     };
-    // Past hyper's own HTTP/1 header timeout (which answers 408), so this
-    // catches what that one doesn't: HTTP/2 clients that never complete a request.
-    let first_request_deadline = proxy.state().config.header_read_timeout + Duration::from_secs(1);
-    let started = Arc::new(AtomicBool::new(false));
-    let seen = started.clone();
-    let service = service_fn(move |req: hyper::Request<Incoming>| {
-        seen.store(true, Ordering::Relaxed);
-        let proxy = proxy.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-    });
-    let idle = no_request_by(first_request_deadline, started);
     if let Some(acceptor) = tls {
-        let handshake_timeout = Duration::from_secs(10);
-        let Ok(Ok(stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+        let Ok(Ok(stream)) =
+            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
         else {
             return;
         };
+        // Header timeouts close TLS connections without a 408: the TLS
+        // stream is gone with the connection.
+        let tracker = Tracker::new(timeouts);
+        drive(stream, &tracker, peer, proxy, builder, &mut stop).await;
+        return;
+    }
+    // A second handle on the socket, to answer 408 after the HTTP connection
+    // is dropped for a client that never finished its headers.
+    let spare = stream
+        .into_std()
+        .and_then(|std| Ok((std.try_clone()?, std)))
+        .and_then(|(spare, std)| Ok((spare, TcpStream::from_std(std)?)));
+    let Ok((mut spare, stream)) = spare else {
+        return;
+    };
+    let tracker = Tracker::new(timeouts);
+    let ended = drive(stream, &tracker, peer, proxy, builder, &mut stop).await;
+    if ended == Ended::HeaderTimeout && !tracker.is_h2() {
+        let _ = spare.set_nonblocking(false);
+        let _ = spare.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = spare.write_all(&raw_response(
+            "408 Request Timeout",
+            "REQUEST_TIMEOUT",
+            "The request headers took too long.",
+        ));
+        let _ = spare.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Serves HTTP on `io` until the connection closes, its timer cuts it, or the
+/// agent stops. Idle connections and a stopping agent close gracefully (HTTP/2
+/// GOAWAY); requests in flight, streams included, are never cut here.
+async fn drive<I>(
+    io: I,
+    tracker: &Arc<Tracker>,
+    peer: Peer,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    stop: &mut watch::Receiver<()>,
+) -> Ended
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let requests = tracker.clone();
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let in_flight = requests.request();
+        let proxy = proxy.clone();
+        async move {
+            let response = proxy.handle(req, peer).await;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+        }
+    });
+    let io = TokioIo::new(Watched::new(io, tracker.clone()));
+    let mut connection = pin!(builder.serve_connection(io, service));
+    loop {
         tokio::select! {
-            _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)) => {}
-            () = idle => {}
-        }
-    } else {
-        {
-            // A second handle on the socket, to answer 408 after hyper gives up
-            // on a client that never finished its headers (hyper just closes).
-            let spare = stream
-                .into_std()
-                .and_then(|std| Ok((std.try_clone()?, std)))
-                .and_then(|(spare, std)| Ok((spare, tokio::net::TcpStream::from_std(std)?)));
-            let Ok((mut spare, stream)) = spare else {
-                return;
-            };
-            let result = tokio::select! {
-                result = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)) => result,
-                () = idle => return,
-            };
-            if let Err(e) = result
-                && is_header_timeout(&*e)
-            {
-                {
-                    let _ = spare.set_nonblocking(false);
-                    let _ = spare.set_write_timeout(Some(Duration::from_secs(1)));
-                    let _ = spare.write_all(&raw_response(
-                        "408 Request Timeout",
-                        "REQUEST_TIMEOUT",
-                        "The request headers took too long.",
-                    ));
-                    let _ = spare.shutdown(std::net::Shutdown::Both);
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
                 }
+                return Ended::Closed;
             }
+            // `Err` means the server is gone: stop all the same.
+            _ = stop.changed(), if !tracker.is_closing() => {
+                connection.as_mut().graceful_shutdown();
+                tracker.closing();
+            }
+            expiry = tracker.expired() => match expiry {
+                Expiry::Idle => {
+                    connection.as_mut().graceful_shutdown();
+                    tracker.closing();
+                }
+                Expiry::Headers => return Ended::HeaderTimeout,
+                Expiry::Abort => return Ended::Closed,
+            },
         }
     }
-}
-
-/// Resolves at `deadline` unless a request has started by then (then never).
-async fn no_request_by(deadline: Duration, started: Arc<AtomicBool>) {
-    tokio::time::sleep(deadline).await;
-    if started.load(Ordering::Relaxed) {
-        std::future::pending::<()>().await;
-    }
-}
-
-fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if e.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout)
-        {
-            return true;
-        }
-        current = e.source();
-    }
-    false
 }

@@ -238,8 +238,12 @@ pub fn small_config(route: &str, limit: u32, window: &str, extra_server: &str) -
 /// Sends raw bytes and returns everything the agent answers before closing.
 #[must_use]
 pub fn raw_request(addr: SocketAddr, request: &str) -> String {
+    exchange(TcpStream::connect(addr).expect("connect"), request)
+}
+
+/// Writes `request` and reads until the peer closes (5 s at most per read).
+fn exchange(mut stream: TcpStream, request: &str) -> String {
     use std::io::{Read as _, Write as _};
-    let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -257,4 +261,48 @@ pub fn reference_config() -> String {
         "/../examples/concurred.toml"
     ))
     .expect("examples/concurred.toml")
+}
+
+/// A TCP connection to `to` from the local address `from` (any of
+/// 127.0.0.0/8 on loopback), so one machine can play many clients.
+pub async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("socket");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .unwrap_or_else(|e| panic!("binding {from}: {e}"));
+    socket.connect(to).await.expect("connect")
+}
+
+/// As [`raw_request`], from the local address `from` (see [`connect_from`]).
+#[must_use]
+pub fn raw_request_from(from: std::net::IpAddr, addr: SocketAddr, request: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    let stream = runtime
+        .block_on(connect_from(from, addr))
+        .into_std()
+        .expect("std stream");
+    stream.set_nonblocking(false).expect("blocking");
+    exchange(stream, request)
+}
+
+/// Starts the stand-in upstream authenticating like a real API: only
+/// `api_keys` are accepted, anything else gets 401.
+#[must_use]
+pub fn demo_upstream_with_keys(api_keys: &[&str]) -> Process {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
+    let mut command = Command::new(agent_binary());
+    command.args(["demo-upstream", "--listen", &addr.to_string()]);
+    for key in api_keys {
+        command.args(["--api-key", key]);
+    }
+    Process::spawn(command, addr, "the demo upstream")
 }

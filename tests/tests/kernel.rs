@@ -26,6 +26,20 @@ fn config(tier_limit: u32, xdp_extra: &str) -> String {
     )
 }
 
+/// Sends SIGHUP and waits for the agent to log that it refused the file.
+fn hangup_refused(agent: &limiter_tests::agent::Process) {
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("config reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `status --json` of the topology's instance.
 fn status(topology: &Topology) -> serde_json::Value {
     let (ok, text) = topology.cli(&["status", "--json"]);
@@ -365,16 +379,7 @@ fn sighup_syncs_the_kernel_and_a_broken_file_keeps_the_old_config() {
         config(100, "max_syns_per_second = 99\nmode = \"sideways\""),
     )
     .unwrap();
-    agent.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !agent.log().contains("config reload refused") {
-        assert!(
-            Instant::now() < deadline,
-            "no refusal logged: {}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    hangup_refused(&agent);
     assert!(agent.log().contains("xdp.mode"), "{}", agent.log());
     let status = status(&topology);
     assert_eq!(status["max_syns_per_second"], 88, "old config kept");
@@ -497,4 +502,42 @@ fn with_persist_a_killed_agent_leaves_the_program_enforcing_bans_that_still_expi
     }
     assert!(banned_at.elapsed() >= Duration::from_secs(2));
     drop(listener);
+}
+
+#[test]
+fn a_reload_the_kernel_refuses_changes_nothing_in_the_proxy_or_the_kernel() {
+    let topology = Topology::new();
+    let agent = topology.agent(&config(100, "max_syns_per_second = 77"), &[]);
+    let limit = || {
+        let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
+            .expect("the client is served");
+        response.header("x-ratelimit-limit").map(str::to_owned)
+    };
+    assert_eq!(limit().as_deref(), Some("100"));
+    // Valid as a file, but one entry more than the kernel's allow list holds:
+    // the kernel takes the new ceiling, then fails on the list.
+    let allow: Vec<String> = (0..=limiter_common::ALLOW_CAPACITY)
+        .map(|i| format!("\"10.{}.{}.{}\"", i >> 16 & 255, i >> 8 & 255, i & 255))
+        .collect();
+    let path = agent.config_path.clone().expect("config path");
+    std::fs::write(
+        &path,
+        config(
+            7,
+            &format!("max_syns_per_second = 99\nallow = [{}]", allow.join(", ")),
+        ),
+    )
+    .unwrap();
+    hangup_refused(&agent);
+    // Neither half moved: the proxy keeps its tiers, the kernel its ceiling
+    // and its (empty) allow list.
+    assert_eq!(limit().as_deref(), Some("100"), "{}", agent.log());
+    let status = status(&topology);
+    assert_eq!(status["max_syns_per_second"], 77, "{status}");
+    assert_eq!(
+        status["allow"].as_array().map(Vec::len),
+        Some(0),
+        "allow list not restored: {}",
+        status["allow"]
+    );
 }

@@ -1,13 +1,23 @@
 //! The shared Redis store end to end: real `redis-server` processes started on
 //! free ports, real agents, a real upstream. Exact shared limits across two
 //! agents, rejections that consume nothing, Redis dying and coming back under
-//! load in both failure modes, and a three-node Redis Cluster.
+//! load in both failure modes, key verifications shared between hosts, and a
+//! three-node Redis Cluster.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
+use limiter_agent::{
+    config::RedisSettings,
+    headers,
+    identity::Identity,
+    limit::{Ask, BucketKey, Clock as _, FakeClock, RedisStore, Store},
+};
 use limiter_tests::{
-    agent::{Process, agent, agent_with_env, demo_upstream, free_port},
+    agent::{
+        Process, agent, agent_with_env, demo_upstream, demo_upstream_with_keys, free_port,
+        raw_request_from,
+    },
     redis::{RedisCluster, RedisServer, redis_cli},
 };
 use reqwest::{Client, StatusCode};
@@ -20,10 +30,13 @@ fn client() -> Client {
 }
 
 /// One `/api/chat` tier of `limit` per `window`, decided in Redis at `store`
-/// (`url = …` or `cluster_nodes = […]`).
+/// (`url = …` or `cluster_nodes = […]`). Keys name buckets from their first
+/// request here (`verify_keys = "none"`); sharing verifications has its own test.
+/// Every client is 127.0.0.1, with up to 240 connections at once: above the
+/// default per-source connection cap.
 fn config(store: &str, on_error: &str, limit: u32, window: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:1\"\n\n[store]\nkind = \"redis\"\n{store}\non_error = \"{on_error}\"\n\
+        "[server]\nlisten = \"127.0.0.1:1\"\nmax_connections_per_source = 1000\n\n[identity]\nverify_keys = \"none\"\n\n[store]\nkind = \"redis\"\n{store}\non_error = \"{on_error}\"\n\
          timeout = \"2s\"\nbreaker_failures = 3\nbreaker_cooldown = \"200ms\"\n\n\
          [xdp]\nenabled = false\n\n[[tier]]\nroute = \"/api/chat\"\nlimit = {limit}\nwindow = \"{window}\"\n"
     )
@@ -555,4 +568,207 @@ async fn rediss_verifies_the_server_certificate() {
         doubting.log()
     );
     let _ = std::fs::remove_dir_all(certs);
+}
+
+/// Issue 12 item 6: a request holding the breaker's one probe is dropped when its
+/// client hangs up. The probe slot must come free (not "in flight" for ever), so
+/// the store recovers once Redis answers again instead of answering 503 until a
+/// restart.
+#[tokio::test]
+async fn a_probe_dropped_by_a_disconnecting_client_does_not_keep_the_breaker_open() {
+    let redis = RedisServer::start();
+    let upstream = demo_upstream();
+    // One failure opens the breaker; a call waits at most 300 ms for Redis (a probe
+    // 500 ms), longer than the impatient clients below wait for their answer.
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n\n[store]\nkind = \"redis\"\n{}\non_error = \"deny\"\n\
+         timeout = \"300ms\"\nbreaker_failures = 1\nbreaker_cooldown = \"100ms\"\n\n\
+         [xdp]\nenabled = false\n\n[[tier]]\nroute = \"/api/chat\"\nlimit = 1000\nwindow = \"1m\"\n",
+        url_store(&redis)
+    );
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let patient = client();
+    wait_store_healthy(&patient, &a, true).await;
+    assert_eq!(ask(&patient, &a, "k").await.status, StatusCode::OK);
+
+    // Redis stops answering for 3 s (every command waits; it comes back by itself).
+    let pause = std::time::Instant::now();
+    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "3000", "ALL"]).trim(), "OK");
+    // A call that waits out the agent's timeout fails and opens the breaker.
+    let opening = ask(&patient, &a, "k").await;
+    assert_eq!(
+        opening.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        a.log()
+    );
+
+    // Now clients that hang up after 100 ms. The breaker is open, so the only call
+    // that can still be waiting on Redis is the probe: a client that times out
+    // held the probe and dropped it.
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .expect("http client");
+    let mut dropped_probes = 0;
+    while pause.elapsed() < Duration::from_millis(2_500) {
+        match impatient
+            .get(format!("http://{}/api/chat", a.addr))
+            .header("authorization", "Bearer k")
+            .send()
+            .await
+        {
+            Err(e) if e.is_timeout() => dropped_probes += 1,
+            Err(e) => panic!("request to the agent: {e}"),
+            Ok(response) => assert_eq!(
+                response.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "deny mode while Redis is paused"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        dropped_probes >= 1,
+        "no client hung up on a probe in flight: the test did not test anything"
+    );
+
+    // Redis answers again: the next probe (a request's or the background one)
+    // closes the breaker.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(pause.elapsed())).await;
+    wait_store_healthy(&patient, &a, true).await;
+    assert_eq!(
+        ask(&patient, &a, "k").await.status,
+        StatusCode::OK,
+        "served again after {dropped_probes} dropped probes"
+    );
+}
+
+/// Issue 12 item 8 with Redis's clock: Redis runs the window (the key's TTL), the
+/// store turns the TTL left into a deadline on the agent's monotonic clock, and
+/// the Unix time a client is told is the wall clock at answer time plus what is
+/// left. A wall-clock step on the agent's host moves what clients are told and
+/// leaves the window alone.
+#[tokio::test]
+async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() {
+    const T0: u64 = 1_706_540_000_000;
+    let redis = RedisServer::start();
+    let clock = Arc::new(FakeClock::new(T0));
+    let settings = RedisSettings {
+        url: Some(redis.url()),
+        cluster_nodes: Vec::new(),
+        key_prefix: "limiter:".into(),
+        timeout: Duration::from_secs(2),
+        breaker_failures: 3,
+        breaker_cooldown: Duration::from_millis(200),
+    };
+    let store = RedisStore::new(&settings, clock.clone(), 1_000).expect("the redis store");
+    store.probe().await.expect("redis answers");
+    let identity = Identity::Key("cd".repeat(32));
+    let ask = Ask {
+        key: BucketKey(7),
+        tier: "/api/chat|60000",
+        identity: &identity,
+        limit: 2,
+        window_ms: 60_000,
+    };
+    let decide = || async { store.decide(ask, clock.now_ms()).await.expect("a decision") };
+    let told = |decision| {
+        let mut map = reqwest::header::HeaderMap::new();
+        headers::apply(&mut map, &decision, 60_000, clock.now(), false);
+        let reset: u64 = map["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+        (reset, headers::retry_after_secs(&decision, clock.now()))
+    };
+
+    let first = decide().await;
+    assert!(first.allowed);
+    assert_eq!(first.reset_ms, T0 + 60_000, "the window from the first hit");
+    assert_eq!(told(first), (1_706_540_060, 60));
+
+    // NTP steps the agent's wall clock an hour ahead.
+    clock.step_wall(3_600_000);
+    let second = decide().await;
+    assert!(second.allowed);
+    assert!(
+        (T0 + 59_000..=T0 + 60_000).contains(&second.reset_ms),
+        "the window is Redis's TTL on the monotonic clock, unmoved by the step: {}",
+        second.reset_ms - T0
+    );
+    let (reset, _) = told(second);
+    assert_eq!(reset, 1_706_543_660, "told on the stepped wall clock");
+
+    // Over the limit: Redis rejects, then the local over-limit cache does; both
+    // tell the same reset and a Retry-After that reaches it.
+    for _ in 0..2 {
+        let rejected = decide().await;
+        assert!(!rejected.allowed);
+        let (reset, retry) = told(rejected);
+        assert_eq!(reset, 1_706_543_660);
+        assert!((59..=60).contains(&retry), "Retry-After {retry}");
+        assert!(T0 / 1000 + 3_600 + retry >= reset);
+    }
+}
+
+/// (status, `X-RateLimit-Remaining`) of one request with `key` from 127.0.0.`from`.
+fn keyed_from(from: u8, agent: SocketAddr, key: &str) -> (String, Option<String>) {
+    let answer = raw_request_from(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, from)),
+        agent,
+        &format!(
+            "GET /api/chat HTTP/1.1\r\nHost: api\r\nConnection: close\r\nX-API-Key: {key}\r\n\r\n"
+        ),
+    );
+    let remaining = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-ratelimit-remaining: "))
+        .map(|v| v.trim().to_owned());
+    let status = answer.split(' ').nth(1).unwrap_or_default().to_owned();
+    (status, remaining)
+}
+
+#[tokio::test]
+async fn a_key_verified_through_one_agent_is_verified_on_the_other() {
+    let redis = RedisServer::start();
+    let upstream = demo_upstream_with_keys(&["shared-valid"]);
+    let text = config(&url_store(&redis), "allow", 5, "1m")
+        .replace("verify_keys = \"none\"", "verify_keys = \"upstream\"");
+    let a = agent(&text, Some(upstream.addr), &[]);
+    let b = agent(&text, Some(upstream.addr), &[]);
+    let client = client();
+    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&client, &b, true).await;
+    // Through A from 127.0.0.2: the first request is charged to that address
+    // and verifies the key; the second is the key's own.
+    let a_addr = a.addr;
+    let (a1, a2) = tokio::task::spawn_blocking(move || {
+        (
+            keyed_from(2, a_addr, "shared-valid"),
+            keyed_from(2, a_addr, "shared-valid"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(a1, ("200".into(), Some("4".into())), "{}", a.log());
+    assert_eq!(a2, ("200".into(), Some("4".into())), "{}", a.log());
+    let verified = redis.cli(&["--scan", "--pattern", "*verified*"]);
+    assert!(
+        verified.contains("verified:"),
+        "no shared verification: {verified}"
+    );
+    // Through B, from another address, the key is already verified: its own
+    // bucket (one used), not 127.0.0.3's.
+    let b_addr = b.addr;
+    let (b1, rejected) = tokio::task::spawn_blocking(move || {
+        (
+            keyed_from(3, b_addr, "shared-valid"),
+            keyed_from(3, b_addr, "not-a-key"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(b1, ("200".into(), Some("3".into())), "{}", b.log());
+    // A key the upstream refuses is never recorded.
+    assert_eq!(rejected.0, "401");
+    let verified = redis.cli(&["--scan", "--pattern", "*verified*"]);
+    assert_eq!(verified.lines().count(), 1, "{verified}");
 }

@@ -64,6 +64,11 @@ impl Escalation {
     /// the proxy), and keyed clients only when `ban_keyed_clients` is set.
     fn target(config: &Config, peer: IpAddr, identity: &Identity) -> Option<IpAddr> {
         let peer = peer.to_canonical();
+        // A trusted proxy carries many clients: banning it would ban them all,
+        // even when the client it names is itself.
+        if config.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+            return None;
+        }
         match identity {
             Identity::Ip(ip) => {
                 // IPv6 identities are grouped by prefix; compare the peer's group.
@@ -75,9 +80,7 @@ impl Escalation {
                 };
                 (grouped == *ip).then_some(peer)
             }
-            Identity::Key(_) => (config.xdp.ban_keyed_clients
-                && !config.trusted_proxies.iter().any(|n| n.contains(&peer)))
-            .then_some(peer),
+            Identity::Key(_) => config.xdp.ban_keyed_clients.then_some(peer),
         }
     }
 }

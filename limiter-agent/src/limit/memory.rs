@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use super::{Ask, BucketKey, Decision, Store, StoreFuture};
+use super::{Ask, BucketKey, Decision, Store, StoreError, StoreFuture};
 
 /// Reset times are kept in 43 bits (up to year 2248); later ones saturate.
 const RESET_BITS: u32 = 43;
@@ -135,7 +135,6 @@ enum Step {
     Live,
     Expired,
     Requeued,
-    Evicted,
 }
 
 impl Shard {
@@ -155,9 +154,9 @@ impl Shard {
         }
     }
 
-    /// Handles the front of queue `q`: removes it if expired (or, with `evict`, if live),
-    /// moves a renewed bucket to the back, or reports it live and leaves it.
-    fn step(&mut self, q: usize, now_ms: u64, evict: bool) -> Step {
+    /// Handles the front of queue `q`: removes it if expired, moves a renewed
+    /// bucket to the back, or reports it live and leaves it.
+    fn step(&mut self, q: usize, now_ms: u64) -> Step {
         let keys = &mut self.queues[q].keys;
         let Some(&key) = keys.front() else {
             return Step::Empty;
@@ -177,19 +176,17 @@ impl Shard {
             keys.pop_front();
             keys.push_back(key);
             Step::Requeued
-        } else if evict {
-            self.map.remove(&SlotKey(key));
-            keys.pop_front();
-            Step::Evicted
         } else {
             Step::Live
         }
     }
 
-    /// Frees one slot when the shard is at `cap`: an expired front goes first, else the
-    /// front bucket nearest to expiry is evicted. Looks only at queue fronts.
-    fn make_room(&mut self, cap: usize, now_ms: u64) -> u64 {
-        let mut evicted = 0;
+    /// Frees one slot when the shard is at `cap` by removing expired fronts.
+    /// Never a live bucket: forgetting a window that has counted requests would
+    /// hand its client a fresh quota. `false` when every front is live (the
+    /// fronts are the buckets nearest to expiry, so the shard is full of live
+    /// windows).
+    fn make_room(&mut self, cap: usize, now_ms: u64) -> bool {
         while self.map.len() >= cap {
             let nearest = (0..self.queues.len())
                 .filter_map(|q| {
@@ -197,12 +194,13 @@ impl Shard {
                     Some((self.map.get(&SlotKey(*key)).map_or(0, |b| b.reset_ms()), q))
                 })
                 .min();
-            let Some((_, q)) = nearest else { break };
-            if self.step(q, now_ms, true) == Step::Evicted {
-                evicted += 1;
+            let Some((_, q)) = nearest else { return false };
+            match self.step(q, now_ms) {
+                Step::Expired | Step::Requeued => {}
+                Step::Live | Step::Empty => return false,
             }
         }
-        evicted
+        true
     }
 
     /// Pops expired fronts, at most `budget` steps; returns (removed, budget ran out).
@@ -214,9 +212,9 @@ impl Shard {
                     return (removed, true);
                 }
                 steps += 1;
-                match self.step(q, now_ms, false) {
+                match self.step(q, now_ms) {
                     Step::Expired => removed += 1,
-                    Step::Requeued | Step::Evicted => {}
+                    Step::Requeued => {}
                     Step::Empty | Step::Live => break,
                 }
             }
@@ -238,6 +236,11 @@ impl Shard {
     }
 }
 
+/// A new bucket found its shard full of live windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the bucket store is full of live windows")]
+pub struct StoreFull;
+
 /// Keeps each shard's lock on its own cache lines.
 #[repr(align(128))]
 struct Slot(Mutex<Shard>);
@@ -247,7 +250,8 @@ pub struct MemoryStore {
     shards: Box<[Slot]>,
     mask: u64,
     shard_cap: usize,
-    evicted: AtomicU64,
+    /// New buckets refused because their shard was full of live windows.
+    full: AtomicU64,
 }
 
 impl MemoryStore {
@@ -266,7 +270,7 @@ impl MemoryStore {
             shards: (0..shards).map(|_| Slot(Mutex::default())).collect(),
             mask: (shards - 1) as u64,
             shard_cap: (max_buckets / shards).max(1),
-            evicted: AtomicU64::new(0),
+            full: AtomicU64::new(0),
         }
     }
 
@@ -278,7 +282,17 @@ impl MemoryStore {
     /// Admits or rejects one request: fixed window of `window_ms` anchored at the bucket's first request (`reset_ms` = first request time + `window_ms`); exactly `limit` admitted per window under any concurrency; rejections do not consume quota (they only increment `rejected`); an expired bucket starts a fresh window at `now_ms`.
     ///
     /// A `window_ms` of 0 counts as 1, so a bucket is always live right after its decision.
-    pub fn decide(&self, key: BucketKey, limit: u32, window_ms: u64, now_ms: u64) -> Decision {
+    ///
+    /// # Errors
+    /// [`StoreFull`] when the bucket is new and its shard holds `max_buckets / shards`
+    /// live windows: no live window is ever evicted to make room.
+    pub fn decide(
+        &self,
+        key: BucketKey,
+        limit: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> Result<Decision, StoreFull> {
         let window_ms = window_ms.max(1);
         let reset_ms = now_ms.saturating_add(window_ms);
         let mut guard = self.shard(key);
@@ -289,19 +303,19 @@ impl MemoryStore {
                 // old, earlier position; the flag tells the front-popper to requeue it.
                 *bucket = Bucket::new(reset_ms, RENEWED);
             }
-            return bucket.admit(limit);
+            return Ok(bucket.admit(limit));
         }
-        let evicted = shard.make_room(self.shard_cap, now_ms);
+        if !shard.make_room(self.shard_cap, now_ms) {
+            drop(guard);
+            self.full.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreFull);
+        }
         let q = shard.queue_for(window_ms);
         let mut bucket = Bucket::new(reset_ms, 0);
         let decision = bucket.admit(limit);
         shard.map.insert(SlotKey(key.0), bucket);
         shard.queues[q].keys.push_back(key.0);
-        drop(guard);
-        if evicted > 0 {
-            self.evicted.fetch_add(evicted, Ordering::Relaxed);
-        }
-        decision
+        Ok(decision)
     }
 
     /// Current state of a bucket without changing it (None if absent or expired).
@@ -347,17 +361,18 @@ impl MemoryStore {
         removed
     }
 
-    /// Buckets evicted because the cap was reached (a counter for metrics).
+    /// New buckets refused because the cap was reached (a counter for metrics).
     #[must_use]
-    pub fn evicted(&self) -> u64 {
-        self.evicted.load(Ordering::Relaxed)
+    pub fn refused_full(&self) -> u64 {
+        self.full.load(Ordering::Relaxed)
     }
 }
 
 impl Store for MemoryStore {
     fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a> {
-        let decision = MemoryStore::decide(self, ask.key, ask.limit, ask.window_ms, now_ms);
-        Box::pin(std::future::ready(Ok(decision)))
+        let decision = MemoryStore::decide(self, ask.key, ask.limit, ask.window_ms, now_ms)
+            .map_err(|StoreFull| StoreError::Full);
+        Box::pin(std::future::ready(decision))
     }
 
     fn reclaim(&self, now_ms: u64) {
@@ -400,14 +415,14 @@ mod tests {
         let store = MemoryStore::new(1000);
         let clock = FakeClock::new(T0);
         for i in 1..=5 {
-            let d = store.decide(KEY, 5, 60_000, clock.now_ms());
+            let d = store.decide(KEY, 5, 60_000, clock.now_ms()).unwrap();
             assert!(d.allowed);
             assert_eq!((d.limit, d.remaining, d.rejected), (5, 5 - i, 0));
             assert_eq!(d.reset_ms, T0 + 60_000, "anchored at the first request");
             clock.advance(1000);
         }
         for i in 1..=3 {
-            let d = store.decide(KEY, 5, 60_000, clock.now_ms());
+            let d = store.decide(KEY, 5, 60_000, clock.now_ms()).unwrap();
             assert!(!d.allowed);
             assert_eq!((d.remaining, d.rejected, d.reset_ms), (0, i, T0 + 60_000));
         }
@@ -427,33 +442,61 @@ mod tests {
         let store = MemoryStore::new(1000);
         let clock = FakeClock::new(T0);
         for _ in 0..3 {
-            assert!(store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+            assert!(
+                store
+                    .decide(KEY, 3, 10_000, clock.now_ms())
+                    .unwrap()
+                    .allowed
+            );
         }
         for _ in 0..50 {
-            assert!(!store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+            assert!(
+                !store
+                    .decide(KEY, 3, 10_000, clock.now_ms())
+                    .unwrap()
+                    .allowed
+            );
         }
         clock.advance(9_999);
         assert!(
-            !store.decide(KEY, 3, 10_000, clock.now_ms()).allowed,
+            !store
+                .decide(KEY, 3, 10_000, clock.now_ms())
+                .unwrap()
+                .allowed,
             "still in the window"
         );
         clock.advance(1 + 2_500); // 2.5 s after the reset: the new window anchors here
-        let first = store.decide(KEY, 3, 10_000, clock.now_ms());
+        let first = store.decide(KEY, 3, 10_000, clock.now_ms()).unwrap();
         assert_eq!(
             (first.allowed, first.remaining, first.rejected),
             (true, 2, 0)
         );
         assert_eq!(first.reset_ms, clock.now_ms() + 10_000);
-        assert!(store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
-        assert!(store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
-        assert!(!store.decide(KEY, 3, 10_000, clock.now_ms()).allowed);
+        assert!(
+            store
+                .decide(KEY, 3, 10_000, clock.now_ms())
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            store
+                .decide(KEY, 3, 10_000, clock.now_ms())
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            !store
+                .decide(KEY, 3, 10_000, clock.now_ms())
+                .unwrap()
+                .allowed
+        );
         assert_eq!(store.len(), 1);
     }
 
     #[test]
     fn edge_cases() {
         let store = MemoryStore::new(1000);
-        let d = store.decide(KEY, 0, 0, T0);
+        let d = store.decide(KEY, 0, 0, T0).unwrap();
         assert_eq!(
             (d.allowed, d.remaining, d.rejected, d.reset_ms),
             (false, 0, 1, T0 + 1)
@@ -474,9 +517,9 @@ mod tests {
     #[test]
     fn keys_are_independent() {
         let store = MemoryStore::new(1000);
-        assert!(store.decide(key(1), 1, 1000, T0).allowed);
-        assert!(!store.decide(key(1), 1, 1000, T0).allowed);
-        assert!(store.decide(key(2), 1, 1000, T0).allowed);
+        assert!(store.decide(key(1), 1, 1000, T0).unwrap().allowed);
+        assert!(!store.decide(key(1), 1, 1000, T0).unwrap().allowed);
+        assert!(store.decide(key(2), 1, 1000, T0).unwrap().allowed);
         assert_eq!(store.peek(key(3), 5, T0), None);
     }
 
@@ -488,7 +531,7 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         (0..100)
-                            .filter(|_| store.decide(KEY, 60, 60_000, T0).allowed)
+                            .filter(|_| store.decide(KEY, 60, 60_000, T0).unwrap().allowed)
                             .count()
                     })
                 })
@@ -502,9 +545,9 @@ mod tests {
     #[test]
     fn reclaim_removes_only_expired_buckets() {
         let store = MemoryStore::with_shards(1000, 1);
-        store.decide(key(1), 5, 1_000, T0);
-        store.decide(key(2), 5, 60_000, T0); // another window length: its own queue
-        store.decide(key(3), 5, 1_000, T0 + 500);
+        store.decide(key(1), 5, 1_000, T0).unwrap();
+        store.decide(key(2), 5, 60_000, T0).unwrap(); // another window length: its own queue
+        store.decide(key(3), 5, 1_000, T0 + 500).unwrap();
         assert_eq!(store.reclaim(T0 + 999), 0);
         assert_eq!(store.reclaim(T0 + 1_000), 1);
         assert_eq!(
@@ -517,9 +560,9 @@ mod tests {
             (1, true)
         );
         // A renewed bucket's stale queue position neither stops nor misleads reclaim.
-        store.decide(key(4), 5, 1_000, T0 + 2_000);
-        store.decide(key(5), 5, 1_000, T0 + 2_100);
-        store.decide(key(4), 5, 1_000, T0 + 3_050); // renewed: expires at 4_050
+        store.decide(key(4), 5, 1_000, T0 + 2_000).unwrap();
+        store.decide(key(5), 5, 1_000, T0 + 2_100).unwrap();
+        store.decide(key(4), 5, 1_000, T0 + 3_050).unwrap(); // renewed: expires at 4_050
         assert_eq!(store.reclaim(T0 + 3_100), 1, "key 5 only");
         assert!(store.peek(key(4), 5, T0 + 3_100).is_some());
         assert_eq!(store.reclaim(T0 + 4_050), 1);
@@ -528,27 +571,38 @@ mod tests {
     }
 
     #[test]
-    fn cap_reuses_expired_then_evicts_nearest_expiry() {
+    fn a_full_store_reuses_expired_slots_and_never_evicts_a_live_window() {
         let store = MemoryStore::with_shards(3, 1);
         for i in 0..3 {
-            store.decide(key(i), 5, 10_000, T0 + i);
+            store.decide(key(i), 5, 10_000, T0 + i).unwrap();
         }
-        store.decide(key(9), 5, 1_000, T0 + 5);
-        // Not yet expired: evicts key 0 (nearest expiry) for key 9.
-        assert_eq!((store.len(), store.evicted()), (3, 1));
-        assert!(store.peek(key(0), 5, T0 + 5).is_none());
-        // Key 9 has expired by now: its slot is reused without an eviction.
-        store.decide(key(10), 5, 10_000, T0 + 1_005);
-        assert_eq!((store.len(), store.evicted()), (3, 1));
-        assert!(store.peek(key(9), 5, T0 + 1_005).is_none());
-        for i in [1, 2, 10] {
-            assert!(store.peek(key(i), 5, T0 + 1_005).is_some());
+        // Every window is live: a new bucket is refused, the others keep their counts.
+        assert_eq!(store.decide(key(9), 5, 1_000, T0 + 5), Err(StoreFull));
+        assert_eq!((store.len(), store.refused_full()), (3, 1));
+        for i in 0..3 {
+            assert_eq!(store.peek(key(i), 5, T0 + 5).unwrap().remaining, 4);
         }
-        // Many new keys on a tiny store keep it at the cap.
+        // A bucket at its limit stays at its limit however many clients knock.
+        for _ in 0..4 {
+            store.decide(key(0), 5, 10_000, T0 + 6).unwrap();
+        }
         for i in 100..200 {
-            store.decide(key(i), 5, 10_000, T0 + 2_000);
+            assert_eq!(store.decide(key(i), 5, 10_000, T0 + 7), Err(StoreFull));
         }
-        assert_eq!((store.len(), store.evicted()), (3, 101));
+        assert!(!store.decide(key(0), 5, 10_000, T0 + 8).unwrap().allowed);
+        // Once a window has expired its slot is reused.
+        assert!(
+            store
+                .decide(key(10), 5, 10_000, T0 + 10_000)
+                .unwrap()
+                .allowed
+        );
+        assert_eq!(store.len(), 3);
+        assert!(store.peek(key(0), 5, T0 + 10_000).is_none());
+        for i in [1, 2, 10] {
+            assert!(store.peek(key(i), 5, T0 + 10_000).is_some());
+        }
+        assert_eq!(store.refused_full(), 101);
     }
 
     #[derive(Clone, Debug)]
@@ -589,7 +643,7 @@ mod tests {
                     admitted = 0;
                 }
                 let true_reset = start.unwrap() + window;
-                let d = store.decide(KEY, limit, window, now);
+                let d = store.decide(KEY, limit, window, now).unwrap();
                 prop_assert_eq!(d.allowed, admitted < limit);
                 admitted += u32::from(d.allowed);
                 prop_assert!(admitted <= limit, "more than limit admitted in one window");
@@ -620,7 +674,7 @@ mod tests {
                 if now >= *reset {
                     (*reset, *admitted) = (now + window, 0);
                 }
-                let d = store.decide(key(k), 2, window, now);
+                let d = store.decide(key(k), 2, window, now).unwrap();
                 prop_assert_eq!((d.allowed, d.reset_ms), (*admitted < 2, *reset));
                 *admitted += u32::from(d.allowed);
             }

@@ -2,85 +2,19 @@
 //! trait the stores implement (the embedded [`MemoryStore`] by default, the
 //! shared [`RedisStore`] for several hosts).
 
+mod clock;
 mod memory;
 mod redis;
+mod verified;
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{future::Future, pin::Pin};
 
-pub use memory::MemoryStore;
+pub use clock::{Clock, FakeClock, Now, SystemClock};
+pub use memory::{MemoryStore, StoreFull};
+pub use verified::VerifiedKeys;
 
 pub use self::redis::{RedisStore, bucket_key};
 use crate::identity::Identity;
-
-/// Time source, injected so tests are exact and instant. Milliseconds since the Unix epoch; must never go backwards.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> u64;
-}
-
-/// The real clock: the Unix time at construction plus a monotonic `Instant` elapsed since (so it never jumps back).
-#[derive(Debug)]
-pub struct SystemClock {
-    epoch_ms: u64,
-    start: Instant,
-}
-
-impl SystemClock {
-    #[must_use]
-    pub fn new() -> Self {
-        // A wall clock before 1970 is a broken host; 0 keeps the arithmetic total.
-        let epoch_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Self {
-            epoch_ms,
-            start: Instant::now(),
-        }
-    }
-}
-
-impl Default for SystemClock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.epoch_ms.saturating_add(elapsed)
-    }
-}
-
-/// A clock tests move by hand (interior mutability, `AtomicU64`).
-#[derive(Debug)]
-pub struct FakeClock(AtomicU64);
-
-impl FakeClock {
-    #[must_use]
-    pub fn new(start_ms: u64) -> Self {
-        Self(AtomicU64::new(start_ms))
-    }
-
-    pub fn advance(&self, ms: u64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-
-    /// Sets the time; keeping it non-decreasing is the test's job.
-    pub fn set(&self, ms: u64) {
-        self.0.store(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for FakeClock {
-    fn now_ms(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// Identifies a bucket: a keyed hash of (client identity, tier), computed by the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,7 +27,8 @@ pub struct Decision {
     pub limit: u32,
     /// Requests left in the window after this one (0 when rejected).
     pub remaining: u32,
-    /// When the window resets, Unix ms.
+    /// When the window resets, on the monotonic clock ([`Clock::now_ms`]); the
+    /// Unix time sent to clients is worked out at answer time ([`Now::unix_at`]).
     pub reset_ms: u64,
     /// Rejected requests in this window so far, including this one if rejected.
     pub rejected: u32,
@@ -121,6 +56,9 @@ pub enum StoreError {
     /// Recent failures opened the circuit breaker; the store is not being asked.
     #[error("the store is marked down after recent failures")]
     Unavailable,
+    /// A new bucket found the store full of live windows (`[store] max_buckets`).
+    #[error("the bucket store is full")]
+    Full,
     /// The backend answered with an error, or the connection failed.
     #[error("store error: {0}")]
     Backend(String),
@@ -129,11 +67,15 @@ pub enum StoreError {
 /// What [`Store::decide`] returns: boxed so stores can be chosen at run time.
 pub type StoreFuture<'a> = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send + 'a>>;
 
+/// What [`Store::key_verified`] returns.
+pub type VerifiedFuture<'a> = Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
+
 /// A place where bucket counts live: the same fixed-window semantics whatever
 /// the backend (see [`MemoryStore::decide`]).
 pub trait Store: Send + Sync + 'static {
-    /// Admits or rejects one request; `now_ms` is this host's clock (a store with
-    /// its own clock, like Redis, may use that instead).
+    /// Admits or rejects one request; `now_ms` is this host's monotonic clock (a
+    /// store with its own clock, like Redis, may run the window on that, but the
+    /// `reset_ms` it returns is on this host's monotonic clock).
     fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a>;
 
     /// Drops expired local state; called every second, off the request path.
@@ -143,6 +85,16 @@ pub trait Store: Send + Sync + 'static {
     fn healthy(&self) -> bool {
         true
     }
+
+    /// Whether another host recorded the key (its SHA-256 hex) as verified for
+    /// `tier`. Only shared stores know; the caller's local cache comes first.
+    fn key_verified<'a>(&'a self, _tier: &'a str, _key: &'a str) -> VerifiedFuture<'a> {
+        Box::pin(std::future::ready(false))
+    }
+
+    /// Records (`ttl` = `Some`) or forgets (`None`) a verification for the
+    /// other hosts; fire and forget, off the response path.
+    fn share_verification(&self, _tier: &str, _key: &str, _ttl: Option<std::time::Duration>) {}
 
     /// Live buckets held locally (a gauge; 0 for stores that keep none).
     fn local_buckets(&self) -> usize {

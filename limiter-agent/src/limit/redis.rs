@@ -6,7 +6,7 @@ mod breaker;
 mod over_limit;
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -19,10 +19,10 @@ use redis::{
 };
 
 use self::{
-    breaker::{Breaker, Permit},
+    breaker::{Attempt, Breaker, Failed},
     over_limit::OverLimitCache,
 };
-use super::{Ask, Clock, Decision, Store, StoreError, StoreFuture};
+use super::{Ask, Clock, Decision, Store, StoreError, StoreFuture, VerifiedFuture};
 use crate::{config::RedisSettings, identity::Identity};
 
 /// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
@@ -60,6 +60,14 @@ pub fn bucket_key(prefix: &str, tier: &str, identity: &Identity) -> String {
         Identity::Key(sha256) => format!("{prefix}{{{tier}|k:{sha256}}}"),
         Identity::Ip(ip) => format!("{prefix}{{{tier}|ip:{ip}}}"),
     }
+}
+
+/// The Redis key recording that the upstream accepted an API key (its SHA-256
+/// hex) in `tier`, so every host treats it as verified. Hash-tagged whole, like
+/// buckets.
+#[must_use]
+pub fn verified_key(prefix: &str, tier: &str, key_sha256: &str) -> String {
+    format!("{prefix}{{{tier}|verified:{key_sha256}}}")
 }
 
 /// The connection: a single server through the crate's reconnecting manager, or
@@ -111,15 +119,18 @@ impl Backend {
         }
     }
 
-    async fn ping(&self) -> RedisResult<()> {
-        let ping = redis::cmd("PING");
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
         match self {
-            Self::Single(manager) => ping.query_async(&mut manager.clone()).await,
+            Self::Single(manager) => command.query_async(&mut manager.clone()).await,
             Self::Cluster(cluster) => {
                 let mut connection = Self::cluster(cluster).await?;
-                ping.query_async(&mut connection).await
+                command.query_async(&mut connection).await
             }
         }
+    }
+
+    async fn ping(&self) -> RedisResult<()> {
+        self.query(&redis::cmd("PING")).await
     }
 }
 
@@ -218,16 +229,18 @@ impl RedisStore {
 
 impl Inner {
     fn breaker(&self) -> MutexGuard<'_, Breaker> {
-        self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+        breaker::lock(&self.breaker)
     }
 
     /// Runs `call` if the breaker lets it, within the timeout, and tells the breaker.
+    /// The permit is an [`Attempt`]: if this future is dropped mid-call (a request
+    /// whose client hung up), it is released, so a probe can't stay in flight for ever.
     async fn guarded<T>(
         &self,
         timeout: Duration,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let Some(permit) = self.breaker().acquire(self.clock.now_ms()) else {
+        let Some(attempt) = Attempt::begin(&self.breaker, self.clock.now_ms()) else {
             return Err(StoreError::Unavailable);
         };
         let result = match tokio::time::timeout(timeout, call).await {
@@ -236,19 +249,18 @@ impl Inner {
             Ok(Err(e)) => Err(StoreError::Backend(e.to_string())),
             Err(_) => Err(StoreError::Timeout),
         };
-        let mut breaker = self.breaker();
         match &result {
-            Ok(_) => breaker.succeeded(),
+            Ok(_) => {
+                if attempt.is_probe() {
+                    tracing::info!("redis store answering");
+                }
+                attempt.succeeded();
+            }
             Err(e) => {
-                let was_closed = breaker.is_closed();
-                breaker.failed(permit, self.clock.now_ms());
-                if was_closed && !breaker.is_closed() {
+                if attempt.failed(self.clock.now_ms()) == Failed::Opened {
                     tracing::warn!(error = %e, "redis store marked down; calls refused until a probe succeeds");
                 }
             }
-        }
-        if result.is_ok() && permit == Permit::Probe {
-            tracing::info!("redis store answering");
         }
         result
     }
@@ -270,8 +282,10 @@ impl Inner {
                     .decide(&self.script, &key, ask.limit, window_ms),
             )
             .await?;
-        // Redis's clock ran the window; its TTL becomes a local deadline at answer
-        // time, off by the one-way latency (and never earlier than the request).
+        // Redis's clock ran the window; its TTL becomes a deadline on this host's
+        // monotonic clock at answer time, off by the one-way latency (and never
+        // earlier than the request). Neither clock is the wall clock: the Unix time
+        // a client is told is worked out when the answer goes (`headers::apply`).
         let reset_ms = self
             .clock
             .now_ms()
@@ -317,6 +331,52 @@ impl Store for RedisStore {
 
     fn healthy(&self) -> bool {
         self.inner.breaker().is_closed()
+    }
+
+    /// One `EXISTS` within the call timeout; `false` while the breaker is open
+    /// (then the key is charged to its address, the safe side).
+    fn key_verified<'a>(&'a self, tier: &'a str, key: &'a str) -> VerifiedFuture<'a> {
+        Box::pin(async move {
+            if !self.inner.breaker().is_closed() {
+                return false;
+            }
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(verified_key(&self.inner.prefix, tier, key));
+            let asked = self.inner.backend.query::<u8>(&exists);
+            matches!(
+                tokio::time::timeout(self.inner.timeout, asked).await,
+                Ok(Ok(1))
+            )
+        })
+    }
+
+    fn share_verification(&self, tier: &str, key: &str, ttl: Option<Duration>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.inner.breaker().is_closed() {
+            return;
+        }
+        let name = verified_key(&self.inner.prefix, tier, key);
+        let command = if let Some(ttl) = ttl {
+            let mut set = redis::cmd("SET");
+            set.arg(name)
+                .arg(1)
+                .arg("PX")
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+            set
+        } else {
+            let mut del = redis::cmd("DEL");
+            del.arg(name);
+            del
+        };
+        let inner = self.inner.clone();
+        runtime.spawn(async move {
+            let sent = inner.backend.query::<()>(&command);
+            if let Ok(Err(e)) = tokio::time::timeout(inner.timeout, sent).await {
+                tracing::debug!(error = %e, "sharing a key verification failed");
+            }
+        });
     }
 
     fn local_buckets(&self) -> usize {

@@ -11,7 +11,7 @@ use crate::limit::{BucketKey, Decision};
 /// Shards (each a mutex over a small map).
 const SHARDS: usize = 16;
 
-/// A bucket known to be over its limit until `reset_ms` (local clock).
+/// A bucket known to be over its limit until `reset_ms` (this host's monotonic clock).
 #[derive(Clone, Copy, Debug)]
 struct OverLimit {
     reset_ms: u64,
