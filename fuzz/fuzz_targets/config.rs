@@ -11,9 +11,9 @@ fuzz_target!(|data: &[u8]| {
     };
     match Config::parse(text) {
         Ok(config) => {
-            assert!(!config.tiers.is_empty());
-            assert!(config.route_table().is_ok(), "validated but unroutable");
-            for tier in &config.tiers {
+            assert!(!config.live.tiers.is_empty());
+            assert!(config.live.route_table().is_ok(), "validated but unroutable");
+            for tier in &config.live.tiers {
                 assert!(tier.limit.get() >= 1);
                 assert!(!tier.window.is_zero());
             }

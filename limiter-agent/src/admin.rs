@@ -40,6 +40,7 @@ impl Admin {
         let state = self.proxy.state();
         let config = &state.config;
         let tiers: Vec<_> = config
+            .live
             .tiers
             .iter()
             .map(|t| {
@@ -53,10 +54,10 @@ impl Admin {
         let mut status = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
-            "listen": config.listen.to_string(),
-            "upstream": config.upstream.to_string(),
+            "listen": config.startup.listen.to_string(),
+            "upstream": config.live.upstream.to_string(),
             "store": {
-                "kind": match config.store {
+                "kind": match config.startup.store {
                     crate::config::StoreKind::Memory => "memory",
                     crate::config::StoreKind::Redis { .. } => "redis",
                 },

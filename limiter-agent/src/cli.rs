@@ -62,7 +62,7 @@ pub enum Command {
     },
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct RunArgs {
     /// The TOML config file; without it, the built-in reference config
     /// (examples/concurred.toml).

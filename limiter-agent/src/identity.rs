@@ -3,11 +3,16 @@
 //! one forwarding header the operator's proxy writes, believed only from
 //! trusted proxies. Ambiguous identities are errors, never a fresh bucket.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
-use http::{HeaderMap, HeaderName, HeaderValue, header};
-use ipnet::IpNet;
+use http::{HeaderMap, HeaderName, header};
 use sha2::{Digest, Sha256};
+
+pub use self::syntax::ClientIpHeader;
+use self::syntax::{Credential, authorization, forwarded_for, parse_hop, plain_key};
+use crate::net::{self, Networks};
+
+mod syntax;
 
 /// The client a request is counted against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -28,44 +33,14 @@ pub struct Requester {
     pub key: Option<String>,
 }
 
-/// The one header a trusted proxy's client address is read from
-/// (`[identity] client_ip_header`); every other forwarding header is ignored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClientIpHeader {
-    /// A comma-separated list of addresses, appended to by each proxy
-    /// (`X-Forwarded-For`, or a header like `X-Real-IP` holding one address).
-    List(HeaderName),
-    /// RFC 7239 `Forwarded`, its `for=` parameters.
-    Forwarded,
-}
-
-impl ClientIpHeader {
-    /// `forwarded` is RFC 7239; any other header name is an address list.
-    #[must_use]
-    pub fn new(name: HeaderName) -> Self {
-        if name == header::FORWARDED {
-            Self::Forwarded
-        } else {
-            Self::List(name)
-        }
-    }
-
-    #[must_use]
-    pub fn name(&self) -> HeaderName {
-        match self {
-            Self::List(name) => name.clone(),
-            Self::Forwarded => header::FORWARDED,
-        }
-    }
-}
-
 /// Why a request's identity could not be settled (answered 400, before the
 /// upstream sees the request).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
-    /// Two key headers, or two lines of one, carry different keys: the
-    /// upstream might authenticate one while we count the other.
-    #[error("the request carries more than one API key")]
+    /// Two key headers, or two lines of one, carry different keys, or a key
+    /// comes with another credential: the upstream might authenticate one
+    /// while we count the other.
+    #[error("the request carries more than one API key or credential")]
     ConflictingKeys,
     /// A key header that is not one well-formed key (`Bearer <token68>`, or one
     /// token of visible ASCII for other headers).
@@ -82,7 +57,7 @@ pub enum IdentityError {
 pub struct IdentityResolver {
     key_headers: Vec<HeaderName>,
     client_ip_header: ClientIpHeader,
-    trusted: Vec<IpNet>,
+    trusted: Networks,
     ipv6_prefix: u8,
 }
 
@@ -91,7 +66,7 @@ impl IdentityResolver {
     pub fn new(
         key_headers: Vec<HeaderName>,
         client_ip_header: ClientIpHeader,
-        trusted: Vec<IpNet>,
+        trusted: Networks,
         ipv6_prefix: u8,
     ) -> Self {
         Self {
@@ -109,23 +84,33 @@ impl IdentityResolver {
     /// ambiguous or malformed.
     pub fn resolve(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Requester, IdentityError> {
         let key = self.api_key(headers)?.map(sha256_hex);
-        let ip = group(self.client_ip(headers, peer)?, self.ipv6_prefix);
+        let ip = net::group(self.client_ip(headers, peer)?, self.ipv6_prefix);
         Ok(Requester { ip, key })
     }
 
     /// The one API key of the request, as raw bytes, from every configured
     /// header and every line of each. `Authorization` counts only with the
-    /// `Bearer` scheme (other schemes are not API keys: the address decides).
+    /// `Bearer` scheme; a credential of another scheme beside a key (or any
+    /// `Authorization` beside a key when it is not a configured key header)
+    /// is ambiguous: the upstream may authenticate it while we count the key.
     fn api_key<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h [u8]>, IdentityError> {
+        let malformed = |name: &HeaderName| IdentityError::MalformedKey(name.clone());
         let mut found: Option<&[u8]> = None;
+        let mut other_credential = false;
         for name in &self.key_headers {
             for value in headers.get_all(name) {
                 let key = if *name == header::AUTHORIZATION {
-                    bearer_token(value)
+                    match authorization(value).map_err(|()| malformed(name))? {
+                        Some(Credential::Bearer(token)) => Some(token),
+                        Some(Credential::Other) => {
+                            other_credential = true;
+                            None
+                        }
+                        None => None,
+                    }
                 } else {
-                    plain_key(value)
-                }
-                .map_err(|()| IdentityError::MalformedKey(name.clone()))?;
+                    plain_key(value).map_err(|()| malformed(name))?
+                };
                 match (found, key) {
                     (Some(a), Some(b)) if a != b => return Err(IdentityError::ConflictingKeys),
                     (None, Some(b)) => found = Some(b),
@@ -133,17 +118,22 @@ impl IdentityResolver {
                 }
             }
         }
+        if !self.key_headers.contains(&header::AUTHORIZATION) {
+            other_credential |= headers
+                .get_all(header::AUTHORIZATION)
+                .iter()
+                .any(|v| !matches!(authorization(v), Ok(None)));
+        }
+        if other_credential && found.is_some() {
+            return Err(IdentityError::ConflictingKeys);
+        }
         Ok(found)
-    }
-
-    fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted.iter().any(|net| net.contains(&ip))
     }
 
     /// Whether `peer` is a trusted proxy (its connections carry many clients).
     #[must_use]
     pub fn is_trusted_peer(&self, peer: IpAddr) -> bool {
-        self.is_trusted(peer.to_canonical())
+        self.trusted.contains(peer)
     }
 
     /// The client address: the peer, unless the peer is a trusted proxy, in
@@ -157,7 +147,7 @@ impl IdentityResolver {
     /// address would put every client behind it in one bucket.
     pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> Result<IpAddr, IdentityError> {
         let peer = peer.to_canonical();
-        if !self.is_trusted(peer) {
+        if !self.trusted.contains(peer) {
             return Ok(peer);
         }
         let values = headers.get_all(self.client_ip_header.name());
@@ -175,7 +165,7 @@ impl IdentityResolver {
                 .ok_or_else(|| IdentityError::BadClientAddress(self.client_ip_header.name()))?
                 .to_canonical();
             client = ip;
-            if !self.is_trusted(ip) {
+            if !self.trusted.contains(ip) {
                 break;
             }
         }
@@ -185,21 +175,7 @@ impl IdentityResolver {
     /// IPv6 addresses masked to the grouping prefix; IPv4 as is.
     #[must_use]
     pub fn group(&self, ip: IpAddr) -> IpAddr {
-        group(ip, self.ipv6_prefix)
-    }
-}
-
-/// IPv6 addresses masked to `prefix` bits; IPv4 (and IPv4-mapped) as is.
-#[must_use]
-pub fn group(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-        }
+        net::group(ip, self.ipv6_prefix)
     }
 }
 
@@ -215,74 +191,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         })
 }
 
-/// `Bearer <token68>` (scheme in any case, one space): the token. Another
-/// scheme is no API key (`Ok(None)`); a Bearer credential that is not exactly
-/// one token68 is malformed, since an upstream that splits it differently
-/// would authenticate a key other than the one counted.
-fn bearer_token(value: &HeaderValue) -> Result<Option<&[u8]>, ()> {
-    let value = value.as_bytes().trim_ascii();
-    let scheme_end = value.iter().position(|b| *b == b' ').unwrap_or(value.len());
-    if !value[..scheme_end].eq_ignore_ascii_case(b"bearer") {
-        return Ok(None);
-    }
-    let token = value.get(scheme_end + 1..).ok_or(())?;
-    is_token68(token).then_some(Some(token)).ok_or(())
-}
-
-/// RFC 9110 token68: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
-fn is_token68(token: &[u8]) -> bool {
-    let body = token.len() - token.iter().rev().take_while(|b| **b == b'=').count();
-    body > 0
-        && token[..body]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(b))
-}
-
-/// A key header other than `Authorization`: one token of visible ASCII without
-/// commas (a list would be read differently by different upstreams). Empty is
-/// no key.
-fn plain_key(value: &HeaderValue) -> Result<Option<&[u8]>, ()> {
-    let value = value.as_bytes().trim_ascii();
-    if value.is_empty() {
-        return Ok(None);
-    }
-    value
-        .iter()
-        .all(|b| b.is_ascii_graphic() && *b != b',')
-        .then_some(Some(value))
-        .ok_or(())
-}
-
-/// One hop of an address list: an address, optionally bracketed and with a port.
-fn parse_hop(hop: &[u8]) -> Option<IpAddr> {
-    let hop = std::str::from_utf8(hop).ok()?.trim().trim_matches('"');
-    if let Ok(ip) = hop.parse() {
-        return Some(ip);
-    }
-    if let Some(rest) = hop.strip_prefix('[') {
-        return rest.split_once(']')?.0.parse().ok();
-    }
-    let (host, port) = hop.rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    host.parse().ok()
-}
-
-/// The `for=` address of one `Forwarded` element (RFC 7239). Obfuscated
-/// identifiers, `unknown` and elements without `for=` are `None`.
-fn forwarded_for(element: &[u8]) -> Option<IpAddr> {
-    element.split(|b| *b == b';').find_map(|pair| {
-        let eq = pair.iter().position(|b| *b == b'=')?;
-        let (name, value) = (pair[..eq].trim_ascii(), &pair[eq + 1..]);
-        if name.eq_ignore_ascii_case(b"for") {
-            parse_hop(value)
-        } else {
-            None
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
     fn resolver(trusted: &[&str]) -> IdentityResolver {
@@ -293,7 +205,7 @@ mod tests {
         IdentityResolver::new(
             vec![header::AUTHORIZATION, HeaderName::from_static("x-api-key")],
             ClientIpHeader::new(HeaderName::from_static(client_ip_header)),
-            trusted.iter().map(|t| t.parse().unwrap()).collect(),
+            trusted.iter().map(|t| net::parse_net(t).unwrap()).collect(),
             64,
         )
     }
@@ -372,11 +284,47 @@ mod tests {
     }
 
     #[test]
+    fn a_key_beside_another_credential_is_refused() {
+        let r = resolver(&[]);
+        for auth in ["Token real", "Basic cmVhbDo=", "ApiKey real"] {
+            assert_eq!(
+                key_of(&r, &[("authorization", auth), ("x-api-key", "random")]),
+                Err(IdentityError::ConflictingKeys),
+                "{auth}"
+            );
+            // Alone, another scheme is no key: the address decides.
+            assert_eq!(key_of(&r, &[("authorization", auth)]), Ok(None));
+        }
+        // Authorization not configured as a key header still counts as a credential.
+        let r = IdentityResolver::new(
+            vec![HeaderName::from_static("x-api-key")],
+            ClientIpHeader::new(HeaderName::from_static("x-forwarded-for")),
+            Networks::default(),
+            64,
+        );
+        assert_eq!(
+            r.resolve(
+                &headers(&[("authorization", "Bearer real"), ("x-api-key", "random")]),
+                ip("192.0.2.1")
+            )
+            .map(|c| c.key),
+            Err(IdentityError::ConflictingKeys)
+        );
+        assert_eq!(
+            r.resolve(&headers(&[("x-api-key", "k")]), ip("192.0.2.1"))
+                .map(|c| c.key),
+            Ok(Some(sha256_hex(b"k")))
+        );
+    }
+
+    #[test]
     fn malformed_keys_are_refused() {
         let r = resolver(&[]);
         let bad_auth = Err(IdentityError::MalformedKey(header::AUTHORIZATION));
         for value in [
             "Bearer real junk",
+            "Bearer\treal",
+            "bearer\t real",
             "Bearer  real",
             "Bearer",
             "Bearer ",
@@ -472,7 +420,7 @@ mod tests {
     fn only_the_configured_header_is_believed() {
         // Behind a proxy that appends X-Forwarded-For, a client's own Forwarded
         // header is ignored whatever it says.
-        let r = resolver(&["127.0.0.1/32"]);
+        let r = resolver(&["127.0.0.1"]);
         for forwarded in [
             "for=198.51.100.1",
             "for=unknown",

@@ -2,6 +2,7 @@
 //! embedded XDP object.
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -11,9 +12,11 @@ pub mod identity;
 pub mod kernel;
 pub mod limit;
 pub mod metrics;
+pub mod net;
 pub mod object;
 pub mod ops;
 pub mod privilege;
 pub mod proxy;
 pub mod route;
+pub mod rt;
 pub mod server;

@@ -62,7 +62,7 @@ pub fn status(instance: &str, top: usize, json: bool) -> Result<(), OpsError> {
 }
 
 pub fn ban(instance: &str, net: &str, duration: &str) -> Result<(), OpsError> {
-    let net = kernel::parse_net(net).map_err(OpsError::Usage)?;
+    let net = crate::net::parse_net(net).map_err(|e| OpsError::Usage(e.to_string()))?;
     let duration = parse_duration(duration)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| {
@@ -80,7 +80,7 @@ pub fn ban(instance: &str, net: &str, duration: &str) -> Result<(), OpsError> {
 }
 
 pub fn unban(instance: &str, net: &str) -> Result<(), OpsError> {
-    let net = kernel::parse_net(net).map_err(OpsError::Usage)?;
+    let net = crate::net::parse_net(net).map_err(|e| OpsError::Usage(e.to_string()))?;
     let mut maps = open(instance)?;
     let prefix = ipv6_prefix(&maps)?;
     if maps.unban(net, prefix)? {

@@ -14,8 +14,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -23,14 +23,19 @@ use hyper_util::{
 };
 use prometheus_client::metrics::counter::Counter;
 
+mod forward;
+mod keys;
+mod respond;
+
+use self::respond::too_many;
+pub use self::respond::{error, json_response};
 use crate::{
-    body::{ClientBody, ClientBodyError, client_fault},
-    config::{Config, ConfigError, KeyVerification, OnError},
+    body::ClientBody,
+    config::{Config, ConfigError, OnError},
     headers,
-    identity::{Identity, IdentityError, IdentityResolver, Requester},
+    identity::{Identity, IdentityError, IdentityResolver},
     limit::{
-        Ask, BucketKey, Clock, Decision, MemoryStore, Now, Store, StoreError, StoreFull,
-        VerifiedKeys,
+        Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, StoreFull, VerifiedKeys,
     },
     metrics::Metrics,
     route::{RouteTable, canonicalize},
@@ -83,19 +88,17 @@ struct TierState {
     /// Keyed hash of `id`, mixed into bucket keys.
     hash: u64,
     window_ms: u64,
+    /// The tier's own limit (key overrides aside).
+    limit: u32,
+    /// `id` of the per-address budget of new key verifications.
+    verify_id: String,
+    /// Entry in the verified-key cache saying the upstream authenticates this
+    /// tier (a 401 or 403 was seen within `verified_key_ttl`); also keys the
+    /// verification budget's buckets.
+    authenticates: u64,
     allowed: Counter,
     rejected: Counter,
     store_error: Counter,
-}
-
-/// What the upstream's answer may teach about the request's key.
-enum KeyCheck {
-    /// No key, or one whose standing does not depend on the upstream.
-    None,
-    /// Charged to the address; a 2xx/3xx verifies it. (entry, key hash)
-    Unverified(u64, String),
-    /// Its own bucket; a 401/403 revokes it. (entry, key hash)
-    Verified(u64, String),
 }
 
 /// Connection facts the request path needs.
@@ -117,9 +120,12 @@ impl Proxy {
         let state = State::new(config, &hasher, &metrics)?;
         let (store, fallback) = match store {
             // Allocated lazily: empty until the shared store first fails.
-            Some(shared) => (shared, Some(MemoryStore::new(state.config.max_buckets))),
+            Some(shared) => (
+                shared,
+                Some(MemoryStore::new(state.config.startup.max_buckets)),
+            ),
             None => (
-                Arc::new(MemoryStore::new(state.config.max_buckets)) as Arc<dyn Store>,
+                Arc::new(MemoryStore::new(state.config.startup.max_buckets)) as Arc<dyn Store>,
                 None,
             ),
         };
@@ -130,8 +136,8 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_mins(1))
             .build(connector);
         let verified = VerifiedKeys::new(
-            state.config.verified_keys_max,
-            u64::try_from(state.config.verified_key_ttl.as_millis()).unwrap_or(u64::MAX),
+            state.config.startup.verified_keys_max,
+            u64::try_from(state.config.startup.verified_key_ttl.as_millis()).unwrap_or(u64::MAX),
         );
         Ok(Self {
             state: ArcSwap::from_pointee(state),
@@ -220,7 +226,7 @@ impl Proxy {
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned());
-        let canonical = match canonicalize(&target, state.config.path_policy) {
+        let canonical = match canonicalize(&target, state.config.live.path_policy) {
             Ok(path) => path,
             Err(e) => {
                 self.metrics.refuse("path");
@@ -259,7 +265,7 @@ impl Proxy {
                 self.metrics.store_errors.inc();
                 tracing::debug!(error = %e, "store failed");
                 match &self.fallback {
-                    Some(fallback) if state.config.on_error == OnError::Allow => {
+                    Some(fallback) if state.config.live.on_error == OnError::Allow => {
                         fallback.decide(ask.key, ask.limit, ask.window_ms, now_ms)
                     }
                     _ => {
@@ -285,11 +291,16 @@ impl Proxy {
                 sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
             }
             let now = self.clock.now();
-            return too_many(&decision, tier.window_ms, now, state.config.ietf_headers);
+            return too_many(
+                &decision,
+                tier.window_ms,
+                now,
+                state.config.live.ietf_headers,
+            );
         }
         tier.allowed.inc();
         let mut response = self.forward(&state, req, peer).await;
-        self.learn(&state, tier, check, response.status());
+        self.learn(&state, tier, check, response.status()).await;
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).
         headers::apply(
@@ -297,67 +308,9 @@ impl Proxy {
             &decision,
             tier.window_ms,
             self.clock.now(),
-            state.config.ietf_headers,
+            state.config.live.ietf_headers,
         );
         response
-    }
-
-    /// The bucket identity: a verified key (or any key with `verify_keys =
-    /// "none"`) is its own bucket; an unverified key is charged to the client
-    /// address, so random keys cannot mint quota. Verification is per tier:
-    /// an endpoint that accepts any key (a health check) verifies nothing for
-    /// the others.
-    async fn identify(
-        &self,
-        state: &State,
-        client: Requester,
-        tier: &TierState,
-        now_ms: u64,
-    ) -> (Identity, KeyCheck) {
-        let Some(key) = client.key else {
-            return (Identity::Ip(client.ip), KeyCheck::None);
-        };
-        match state.config.verify_keys {
-            KeyVerification::Off => return (Identity::Key(key), KeyCheck::None),
-            _ if state.config.keys.contains_key(&key) => {
-                return (Identity::Key(key), KeyCheck::None);
-            }
-            KeyVerification::Config => return (Identity::Ip(client.ip), KeyCheck::None),
-            KeyVerification::Upstream => {}
-        }
-        let entry = self.hasher.hash_one((&key, tier.hash));
-        let verified = self.verified.contains(entry, now_ms) || {
-            let shared = self.store.key_verified(&tier.id, &key).await;
-            if shared {
-                self.verified.insert(entry, now_ms);
-            }
-            shared
-        };
-        if verified {
-            (Identity::Key(key.clone()), KeyCheck::Verified(entry, key))
-        } else {
-            (Identity::Ip(client.ip), KeyCheck::Unverified(entry, key))
-        }
-    }
-
-    /// What the upstream's answer says about the request's key: a 2xx or 3xx
-    /// verifies it for this tier; 401 or 403 revokes a verification. Other
-    /// answers (404, 400, 429…) may come before authentication and say nothing.
-    fn learn(&self, state: &State, tier: &TierState, check: KeyCheck, status: StatusCode) {
-        let accepted = status.is_success() || status.is_redirection();
-        let refused = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
-        match check {
-            KeyCheck::Unverified(entry, key) if accepted => {
-                self.verified.insert(entry, self.clock.now_ms());
-                self.store
-                    .share_verification(&tier.id, &key, Some(state.config.verified_key_ttl));
-            }
-            KeyCheck::Verified(entry, key) if refused => {
-                self.verified.remove(entry);
-                self.store.share_verification(&tier.id, &key, None);
-            }
-            _ => {}
-        }
     }
 
     /// 503 for a new client when every bucket slot holds a live window: the
@@ -374,7 +327,7 @@ impl Proxy {
                 .is_ok()
         {
             tracing::warn!(
-                max_buckets = self.state().config.max_buckets,
+                max_buckets = self.state().config.startup.max_buckets,
                 "bucket store full of live windows: new clients answered 503 (raise [store] max_buckets)"
             );
         }
@@ -391,85 +344,6 @@ impl Proxy {
         tier_hash.hash(&mut h);
         BucketKey(h.finish())
     }
-
-    /// Forwards to the upstream; 502 when it can't be reached, 504 when it
-    /// doesn't answer in time. The body streams in both directions.
-    async fn forward(&self, state: &State, req: Request<Incoming>, peer: Peer) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let mut uri = Uri::builder()
-            .scheme("http")
-            .authority(
-                state
-                    .config
-                    .upstream
-                    .authority()
-                    .map_or("127.0.0.1", http::uri::Authority::as_str),
-            )
-            .path_and_query(path);
-        if let Ok(built) = std::mem::take(&mut uri).build() {
-            parts.uri = built;
-        } else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                "invalid request target",
-            );
-        }
-        // HTTP/2 clients send :authority; the upstream speaks HTTP/1.1 and needs Host.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, value);
-        }
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        append_forwarded(&mut parts.headers, peer);
-        let request =
-            Request::from_parts(parts, ClientBody::new(body, state.config.body_read_timeout));
-        let started = Instant::now();
-        let result =
-            tokio::time::timeout(state.config.upstream_timeout, self.client.request(request)).await;
-        self.metrics
-            .upstream_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Err(_) => error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "UPSTREAM_TIMEOUT",
-                "The upstream did not answer in time.",
-            ),
-            Ok(Err(e)) => match client_fault(&e) {
-                Some(ClientBodyError::Stalled(_)) => error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "REQUEST_TIMEOUT",
-                    "The request body took too long.",
-                ),
-                Some(ClientBodyError::Malformed(_)) => error(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    "The request body is malformed.",
-                ),
-                None => {
-                    tracing::warn!(error = %e, "upstream request failed");
-                    error(
-                        StatusCode::BAD_GATEWAY,
-                        "UPSTREAM_UNAVAILABLE",
-                        "The upstream could not be reached.",
-                    )
-                }
-            },
-            Ok(Ok(response)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(Into::into).boxed())
-            }
-        }
-    }
 }
 
 impl State {
@@ -480,14 +354,15 @@ impl State {
     }
 
     fn new(config: Config, hasher: &RandomState, metrics: &Metrics) -> Result<Self, ConfigError> {
-        let routes = config.route_table()?;
+        let routes = config.live.route_table()?;
         let identity = IdentityResolver::new(
-            config.api_key_headers.clone(),
-            config.client_ip_header.clone(),
-            config.trusted_proxies.clone(),
-            config.ipv6_prefix,
+            config.live.api_key_headers.clone(),
+            config.live.client_ip_header.clone(),
+            config.live.trusted_proxies.clone(),
+            config.live.ipv6_prefix,
         );
         let tiers = config
+            .live
             .tiers
             .iter()
             .map(|tier| {
@@ -495,6 +370,9 @@ impl State {
                 let id = format!("{}|{window_ms}", tier.route);
                 TierState {
                     hash: hasher.hash_one(&id),
+                    limit: tier.limit.get(),
+                    verify_id: format!("{id}|verify"),
+                    authenticates: hasher.hash_one((&id, "authenticates")),
                     id,
                     window_ms,
                     allowed: metrics.request_counter(&tier.route, "allowed"),
@@ -514,11 +392,11 @@ impl State {
 
     /// The tier's limit, or the key's override of it.
     fn effective_limit(&self, identity: &Identity, tier: usize) -> u32 {
-        let base = self.config.tiers[tier].limit.get();
+        let base = self.config.live.tiers[tier].limit.get();
         let Identity::Key(hash) = identity else {
             return base;
         };
-        let Some(o) = self.config.keys.get(hash) else {
+        let Some(o) = self.config.live.keys.get(hash) else {
             return base;
         };
         if let Some(limit) = o.limits.get(&tier) {
@@ -536,85 +414,4 @@ impl State {
             scaled
         })
     }
-}
-
-/// The 429: the exact body, `Retry-After` and the limit headers, stamped with
-/// both clocks read at answer time (`now`).
-fn too_many(decision: &Decision, window_ms: u64, now: Now, ietf: bool) -> Response<Body> {
-    let retry = headers::retry_after_secs(decision, now);
-    let mut response = json_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        headers::too_many_requests_body(retry),
-    );
-    headers::apply(response.headers_mut(), decision, window_ms, now, ietf);
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
-    response
-}
-
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
-/// plus every header the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
-/// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-fn append_forwarded(headers: &mut HeaderMap, peer: Peer) {
-    let ip = peer.addr.ip().to_canonical().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", value);
-    }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
-    );
-}
-
-/// A small JSON response.
-#[must_use]
-pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// A JSON error response: `{"error":{"code":…,"message":…}}`.
-#[must_use]
-pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, headers::error_body(code, message))
 }

@@ -82,7 +82,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (max_connections, max_header_bytes) = {
         let state = proxy.state();
-        (state.config.max_connections, state.config.max_header_bytes)
+        (
+            state.config.startup.max_connections,
+            state.config.startup.max_header_bytes,
+        )
     };
     let slots = Arc::new(Semaphore::new(max_connections));
     let sources = Arc::new(Sources::default());
@@ -121,7 +124,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (source, timeouts) = {
             let state = proxy.state();
-            let config = &state.config;
+            let config = &state.config.live;
             (
                 Source::of(
                     addr.ip(),

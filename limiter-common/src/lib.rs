@@ -24,22 +24,50 @@
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "limiter";
 
+/// The literal name of a map, for the attributes that take only literals: the
+/// eBPF crate's `export_name`s (aya's `#[map(name = …)]` accepts no constant).
+/// [`map_names`] is built from it, so both sides of the contract spell each
+/// name once, here.
+#[macro_export]
+macro_rules! map_name {
+    (config) => {
+        "config"
+    };
+    (sources) => {
+        "sources"
+    };
+    (allow) => {
+        "allow"
+    };
+    (bans) => {
+        "bans"
+    };
+    (stats) => {
+        "stats"
+    };
+    (new_sources) => {
+        "new_sources"
+    };
+}
+
 /// Map names (at most 15 bytes: the kernel's object-name limit). The agent pins
-/// each map under `/sys/fs/bpf/limiter/<instance>/<name>`.
+/// each map of [`map_names::PINNED`] under `/sys/fs/bpf/limiter/<instance>/<name>`.
 pub mod map_names {
     /// [`crate::Config`] array with one entry.
-    pub const CONFIG: &str = "config";
+    pub const CONFIG: &str = map_name!(config);
     /// LRU hash [`crate::SourceKey`] → [`crate::SourceState`].
-    pub const SOURCES: &str = "sources";
+    pub const SOURCES: &str = map_name!(sources);
     /// LPM trie of [`crate::SourceKey`] addresses that bypass every check.
-    pub const ALLOW: &str = "allow";
+    pub const ALLOW: &str = map_name!(allow);
     /// LPM trie of [`crate::SourceKey`] addresses → [`crate::Ban`].
-    pub const BANS: &str = "bans";
+    pub const BANS: &str = map_name!(bans);
     /// Per-CPU array of `u64` packet counters, indexed by [`crate::stat_index`].
-    pub const STATS: &str = "stats";
+    pub const STATS: &str = map_name!(stats);
     /// Per-CPU array with one [`crate::NewSources`]: this CPU's new-source
     /// budget in the current window (not pinned: it restarts with the program).
-    pub const NEW_SOURCES: &str = "new_sources";
+    pub const NEW_SOURCES: &str = map_name!(new_sources);
+    /// The maps pinned, so counters, bans and the allow list outlive the agent.
+    pub const PINNED: [&str; 5] = [CONFIG, SOURCES, ALLOW, BANS, STATS];
 }
 
 /// Default capacity of the per-source LRU hash (overridable at load time).
@@ -371,12 +399,18 @@ pub const fn stat_index(verdict: u32, reason: u32) -> u32 {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: every type is repr(C), made only of integers and integer arrays, with
-    // its padding written out as fields, so any bit pattern is a valid value.
+    // Every type is repr(C), made only of integers and integer arrays, with its
+    // padding written out as fields, so any bit pattern is a valid value.
+
+    // SAFETY: repr(C) `[u8; 16]`, no padding.
     unsafe impl aya::Pod for super::SourceKey {}
+    // SAFETY: repr(C) integers and integer arrays, padding written out (size asserted).
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: repr(C) integers, padding written out (size asserted).
     unsafe impl aya::Pod for super::SourceState {}
+    // SAFETY: repr(C) one `u64`.
     unsafe impl aya::Pod for super::Ban {}
+    // SAFETY: repr(C) integers, padding written out (size asserted).
     unsafe impl aya::Pod for super::NewSources {}
 }
 

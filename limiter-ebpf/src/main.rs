@@ -26,13 +26,14 @@ use aya_ebpf::{
     Global,
     bindings::xdp_action,
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    macros::{map, xdp},
+    macros::xdp,
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use limiter_common::{
     ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, NewSources, SOURCE_ALLOWED,
-    SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, mode, reason, stat_index, verdict,
+    SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name, mode, reason, stat_index,
+    verdict,
 };
 
 use crate::parse::{Packet, Source, parse};
@@ -45,30 +46,42 @@ use crate::parse::{Packet, Source, parse};
 #[unsafe(no_mangle)]
 static USE_COARSE_CLOCK: Global<u8> = Global::new(0);
 
-#[map(name = "config")]
+// Each map is what aya's `#[map(name = "…")]` expands to, spelled out: that
+// macro takes the name only as a literal, and these names must come from the
+// contract (`limiter_common::map_names`), so a rename cannot compile on one
+// side only.
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(config))]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-#[map(name = "sources")]
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(sources))]
 static SOURCES: LruHashMap<SourceKey, SourceState> =
     LruHashMap::with_max_entries(SOURCES_CAPACITY, 0);
 
-#[map(name = "allow")]
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(allow))]
 static ALLOW: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(ALLOW_CAPACITY, 0);
 
-#[map(name = "bans")]
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(bans))]
 static BANS: LpmTrie<SourceKey, Ban> = LpmTrie::with_max_entries(BANS_CAPACITY, 0);
 
-#[map(name = "stats")]
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(stats))]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
-#[map(name = "new_sources")]
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(new_sources))]
 static NEW_SOURCES: PerCpuArray<NewSources> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn limiter(ctx: XdpContext) -> u32 {
     let (verdict, reason) = classify(&ctx);
     if let Some(counter) = STATS.get_ptr_mut(stat_index(verdict, reason)) {
-        // Per-CPU slot: no other CPU writes it.
+        // SAFETY: the pointer comes from a successful lookup, so it points at a
+        // live u64; the slot is this CPU's own and XDP does not preempt itself,
+        // so nothing else writes it meanwhile.
         unsafe { *counter += 1 };
     }
     if verdict == verdict::DROP {
@@ -88,7 +101,8 @@ pub fn limiter_clock(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     let out = start as *mut u64;
-    // SAFETY: the bounds check above covers both words.
+    // SAFETY: the bounds check above covers both words of the frame, which the
+    // program may write.
     unsafe {
         *out = bpf_jiffies64();
         *out.add(1) = bpf_ktime_get_ns();
@@ -101,10 +115,15 @@ pub fn limiter_clock(ctx: XdpContext) -> u32 {
 fn now_ns(config: &Config) -> u64 {
     if config.clock.ns_per_jiffy != 0 {
         // Inlined by the verifier into a load: no call.
+        // SAFETY: a helper without arguments, callable from XDP.
         config.clock.at(unsafe { bpf_jiffies64() })
     } else if USE_COARSE_CLOCK.load() != 0 {
+        // SAFETY: a helper without arguments; the loader sets the global only
+        // where the kernel has it (Linux 5.11+), and the verifier drops the
+        // branch elsewhere.
         unsafe { bpf_ktime_get_coarse_ns() }
     } else {
+        // SAFETY: a helper without arguments, callable from XDP.
         unsafe { bpf_ktime_get_ns() }
     }
 }
@@ -122,6 +141,15 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
         Packet::Api { syn } => {
             let key = source_key(config, &src);
             let reason = match SOURCES.get_ptr_mut(key) {
+                // SAFETY: the pointer comes from a successful lookup, so it
+                // points at a live entry (an LRU entry stays valid while the
+                // program runs). The map is shared by every CPU and the entry is
+                // not locked: two CPUs counting packets of one source at once can
+                // lose an update. Accepted: a lost update under-counts a source
+                // by a packet or two, well inside the slack of any ceiling, and a
+                // spin lock (or atomics on every field) would cost every packet
+                // to guard against a miscount that changes no verdict that
+                // matters; the counters are a rate, not an account.
                 Some(state) => account(config, unsafe { &mut *state }, &key, syn),
                 None => {
                     if !admit_new_source(config) {
@@ -175,7 +203,9 @@ fn admit_new_source(config: &Config) -> bool {
     let Some(budget) = NEW_SOURCES.get_ptr_mut(0) else {
         return true;
     };
-    // Per-CPU slot: no other CPU writes it.
+    // SAFETY: the pointer comes from a successful lookup of a per-CPU slot:
+    // live, this CPU's own, and XDP does not preempt itself, so this is the
+    // only reference to it.
     let budget = unsafe { &mut *budget };
     let now = now_ns(config);
     if now.wrapping_sub(budget.window_start_ns) >= config.window_ns {
@@ -259,6 +289,9 @@ fn over_ceiling(config: &Config, state: &SourceState) -> bool {
 fn fragment(config: &Config, key: &SourceKey) -> (u32, u32) {
     let (allowed, ban_until) = match SOURCES.get_ptr_mut(key) {
         Some(state) => {
+            // SAFETY: a live entry from a successful lookup of the shared LRU
+            // hash; as in `classify`, concurrent updates from other CPUs may be
+            // lost, which only refreshes the cached policy once more.
             let state = unsafe { &mut *state };
             if state.policy_gen != config.policy_gen {
                 refresh_policy(config, state, key);

@@ -66,6 +66,8 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 /// `read_unaligned` compiles to here.
 #[inline(always)]
 fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet; `T`
+    // is a plain header or integer, valid for any bytes.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { *p })
 }
 

@@ -42,6 +42,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// 127.0.0.1 on a [`free_port`].
+#[must_use]
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, free_port()))
+}
+
 fn wait_for_port(
     addr: SocketAddr,
     process: &mut Process,
@@ -129,6 +135,12 @@ impl Process {
             .clone()
     }
 
+    /// `http://ADDR{path}` on the process's listener.
+    #[must_use]
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
     #[must_use]
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -165,18 +177,13 @@ impl Drop for Process {
 /// Starts the stand-in upstream as its own process.
 #[must_use]
 pub fn demo_upstream() -> Process {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("address");
-    demo_upstream_at(addr)
+    demo_upstream_at(free_addr())
 }
 
 /// Starts the stand-in upstream on `addr`.
 #[must_use]
 pub fn demo_upstream_at(addr: SocketAddr) -> Process {
-    let mut command = Command::new(agent_binary());
-    command.args(["demo-upstream", "--listen", &addr.to_string()]);
-    Process::spawn(command, addr, "the demo upstream")
+    demo_upstream_on(addr, &[])
 }
 
 /// Starts the agent with `config` (TOML text; `[server] listen` and the admin
@@ -185,6 +192,15 @@ pub fn demo_upstream_at(addr: SocketAddr) -> Process {
 #[must_use]
 pub fn agent(config: &str, upstream: Option<SocketAddr>, extra: &[&str]) -> Process {
     agent_with_env(config, upstream, extra, &[])
+}
+
+/// The agent with `config` (see [`agent`]) in front of a demo upstream of its
+/// own: (upstream, agent), to be held together.
+#[must_use]
+pub fn agent_in_front(config: &str) -> (Process, Process) {
+    let upstream = demo_upstream();
+    let agent = agent(config, Some(upstream.addr), &[]);
+    (upstream, agent)
 }
 
 /// As [`agent`], with extra environment variables for the agent process.
@@ -203,12 +219,7 @@ pub fn agent_with_env(
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("limiter.toml");
     std::fs::write(&path, config).expect("writing the config");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("address");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("address");
+    let (addr, admin) = (free_addr(), free_addr());
     let mut command = Command::new(agent_binary());
     command
         .args(["run", "--no-xdp", "--config"])
@@ -231,26 +242,22 @@ pub fn agent_with_env(
 #[must_use]
 pub fn small_config(route: &str, limit: u32, window: &str, extra_server: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:1\"\n{extra_server}\n[xdp]\nenabled = false\n\n[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}\"\n"
+        "[server]\nlisten = \"127.0.0.1:1\"\n{extra_server}\n[xdp]\nenabled = false\n{}",
+        tier(route, limit, window)
     )
+}
+
+/// One `[[tier]]` table, after a blank line.
+#[must_use]
+pub fn tier(route: &str, limit: impl std::fmt::Display, window: &str) -> String {
+    format!("\n[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}\"\n")
 }
 
 /// Sends raw bytes and returns everything the agent answers before closing.
 #[must_use]
 pub fn raw_request(addr: SocketAddr, request: &str) -> String {
-    exchange(TcpStream::connect(addr).expect("connect"), request)
-}
-
-/// Writes `request` and reads until the peer closes (5 s at most per read).
-fn exchange(mut stream: TcpStream, request: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream.write_all(request.as_bytes()).expect("write");
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    String::from_utf8_lossy(&answer).into_owned()
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    crate::http::exchange(&mut stream, request.as_bytes())
 }
 
 /// The reference tier table (`examples/concurred.toml`).
@@ -261,6 +268,21 @@ pub fn reference_config() -> String {
         "/../examples/concurred.toml"
     ))
     .expect("examples/concurred.toml")
+}
+
+/// The reference tiers, as the agent itself parses [`reference_config`].
+#[must_use]
+pub fn reference_tiers() -> Vec<limiter_agent::config::Tier> {
+    limiter_agent::config::Config::parse(&reference_config())
+        .expect("examples/concurred.toml is a valid config")
+        .live
+        .tiers
+}
+
+/// 127.0.0.`last`: one of the local addresses a test plays a client from.
+#[must_use]
+pub fn loopback(last: u8) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 0, 0, last).into()
 }
 
 /// A TCP connection to `to` from the local address `from` (any of
@@ -284,21 +306,22 @@ pub fn raw_request_from(from: std::net::IpAddr, addr: SocketAddr, request: &str)
         .enable_io()
         .build()
         .expect("runtime");
-    let stream = runtime
+    let mut stream = runtime
         .block_on(connect_from(from, addr))
         .into_std()
         .expect("std stream");
     stream.set_nonblocking(false).expect("blocking");
-    exchange(stream, request)
+    crate::http::exchange(&mut stream, request.as_bytes())
 }
 
 /// Starts the stand-in upstream authenticating like a real API: only
 /// `api_keys` are accepted, anything else gets 401.
 #[must_use]
 pub fn demo_upstream_with_keys(api_keys: &[&str]) -> Process {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-        .parse()
-        .expect("address");
+    demo_upstream_on(free_addr(), api_keys)
+}
+
+fn demo_upstream_on(addr: SocketAddr, api_keys: &[&str]) -> Process {
     let mut command = Command::new(agent_binary());
     command.args(["demo-upstream", "--listen", &addr.to_string()]);
     for key in api_keys {

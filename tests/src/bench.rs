@@ -10,19 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The reference tier table as (route, limit, window seconds), the same rows
-/// as `examples/concurred.toml`.
-pub const TIERS: &[(&str, u32, u32)] = &[
-    ("/api/health", 120, 60),
-    ("/api/v1/chat/completions", 60, 60),
-    ("/api/v1/media/*", 60, 60),
-    ("/api/v1/vision", 60, 60),
-    ("/api/v1/fashion/run", 30, 60),
-    ("/api/v1/fashion/subscribe", 30, 60),
-    ("/api/v1/fashion/status/:id", 40, 10),
-    ("/api/chat", 10, 60),
-];
-
 /// The path every benchmark request goes to (the chat-completions tier).
 pub const BENCH_PATH: &str = "/api/v1/chat/completions";
 
@@ -40,6 +27,23 @@ pub fn route_regex(route: &str) -> String {
     }
     out.push('$');
     out
+}
+
+/// Reads a bench's `--name N` options into `options` (name, value), panicking
+/// with `usage` on any other argument.
+pub fn numeric_options(usage: &str, options: &mut [(&str, &mut u32)]) {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value: u32 = args
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{arg} needs a number"));
+        let (_, slot) = options
+            .iter_mut()
+            .find(|(name, _)| *name == arg)
+            .unwrap_or_else(|| panic!("unknown argument {arg}; usage: {usage}"));
+        **slot = value;
+    }
 }
 
 /// A scratch directory under `target/bench/run/<name>`, emptied first.
@@ -241,32 +245,6 @@ pub fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
-/// A value from a Prometheus text exposition: the first sample whose line
-/// starts with `prefix` (name plus labels).
-#[must_use]
-pub fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// GETs `http://addr/path` with a plain HTTP/1.0 request; the body.
-#[must_use]
-pub fn http_get(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").expect("write");
-    let mut raw = String::new();
-    let _ = stream.read_to_string(&mut raw);
-    raw.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
 /// The machine line for the results: kernel and CPUs.
 #[must_use]
 pub fn machine() -> String {
@@ -317,19 +295,5 @@ mod tests {
         );
         assert_eq!(route_regex("/api/v1/media/*"), "^/api/v1/media/.+$");
         assert_eq!(route_regex("/api/health"), "^/api/health$");
-    }
-
-    #[test]
-    fn metrics_are_read_by_prefix() {
-        let text = "# HELP x\nlimiter_buckets 42\nlimiter_xdp_packets_total{verdict=\"drop\",reason=\"banned\"} 7\n";
-        assert_eq!(metric(text, "limiter_buckets"), Some(42.0));
-        assert_eq!(
-            metric(
-                text,
-                "limiter_xdp_packets_total{verdict=\"drop\",reason=\"banned\"}"
-            ),
-            Some(7.0)
-        );
-        assert_eq!(metric(text, "nope"), None);
     }
 }

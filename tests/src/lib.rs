@@ -10,8 +10,10 @@
 
 pub mod agent;
 pub mod bench;
+pub mod http;
 pub mod netns;
 pub mod packet;
+pub mod prometheus;
 pub mod redis;
 pub mod routers;
 pub mod spellings;

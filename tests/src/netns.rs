@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use crate::agent::{Process, agent_binary, free_port};
+use crate::{
+    agent::{Process, agent_binary, free_addr, tier},
+    http::{self, Response},
+};
 
 /// Host-side interfaces: `hc` faces the client, `ha` the attacker.
 pub const HOST_CLIENT_IF: &str = "hc";
@@ -22,10 +25,21 @@ pub const HOST_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 1, 1);
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 1, 2);
 pub const HOST_ATTACKER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 2, 1);
 pub const ATTACKER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 91, 2, 2);
-/// The agent's listen port inside the host namespace.
-pub const API_PORT: u16 = 8080;
+/// The agent's listen port inside the host namespace: the tests' one API port.
+pub use crate::xdp::API_PORT;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// An agent config for a [`Topology`]: listening on `API_PORT`, XDP on both
+/// host interfaces with `xdp_lines` added to `[xdp]`, and one tier of `limit`
+/// a minute on `route`.
+#[must_use]
+pub fn config(route: &str, limit: u64, xdp_lines: &str) -> String {
+    format!(
+        "[server]\nlisten = \"0.0.0.0:{API_PORT}\"\n\n[xdp]\ninterfaces = [\"{HOST_CLIENT_IF}\", \"{HOST_ATTACKER_IF}\"]\n{xdp_lines}\n{}",
+        tier(route, limit, "1m")
+    )
+}
 
 fn ip(args: &[&str]) {
     let output = Command::new("ip")
@@ -217,7 +231,7 @@ impl Topology {
         if !path.exists() {
             std::fs::write(&path, config).expect("writing the config");
         }
-        let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let admin = free_addr();
         let mut command = Command::new(agent_binary());
         command
             .args(["run", "--demo-upstream", "--config"])
@@ -251,6 +265,14 @@ impl Topology {
         let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&output.stderr));
         (output.status.success(), text)
+    }
+
+    /// `status --json` of this instance.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        let (ok, text) = self.cli(&["status", "--json"]);
+        assert!(ok, "status failed: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}: {text}"))
     }
 
     /// The host interface's `ip link` line (shows `xdp`/`xdpgeneric` when attached).
@@ -295,59 +317,53 @@ impl Drop for Topology {
     }
 }
 
-/// A minimal HTTP/1.1 response.
-#[derive(Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
+/// The packets counted for (verdict, reason) in a [`Topology::status`] report.
+#[must_use]
+pub fn counter(status: &serde_json::Value, verdict: &str, reason: &str) -> u64 {
+    counters(status)
+        .filter(|c| c["verdict"] == verdict && c["reason"] == reason)
+        .map(packets)
+        .sum()
 }
 
-impl HttpResponse {
-    #[must_use]
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+/// The packets dropped in a [`Topology::status`] report, for any reason.
+#[must_use]
+pub fn dropped(status: &serde_json::Value) -> u64 {
+    counters(status)
+        .filter(|c| c["verdict"] == "drop")
+        .map(packets)
+        .sum()
+}
+
+fn counters(status: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    status["counters"].as_array().expect("counters").iter()
+}
+
+fn packets(counter: &serde_json::Value) -> u64 {
+    counter["packets"].as_u64().expect("packets")
 }
 
 /// `GET path` on a fresh connection from inside `ns`; Err when the connection
-/// can't be made or nothing comes back within `timeout`.
+/// can't be made or no whole answer comes back within `timeout`.
 pub fn get(
     ns: &Netns,
     addr: SocketAddrV4,
     path: &str,
     timeout: Duration,
-) -> std::io::Result<HttpResponse> {
+) -> std::io::Result<Response> {
     let path = path.to_owned();
     ns.run(move || {
         let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n"
-        )?;
+        stream.write_all(http::get_request(&path, &[]).as_bytes())?;
         let mut raw = String::new();
         stream.read_to_string(&mut raw)?;
-        parse_response(&raw).ok_or_else(|| std::io::Error::other(format!("bad response: {raw:?}")))
-    })
-}
-
-fn parse_response(raw: &str) -> Option<HttpResponse> {
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Some(HttpResponse {
-        status,
-        headers,
-        body: body.to_owned(),
+        let response = Response::parse(&raw);
+        if response.status == 0 || !raw.contains("\r\n\r\n") {
+            return Err(std::io::Error::other(format!("bad response: {raw:?}")));
+        }
+        Ok(response)
     })
 }
 
@@ -493,7 +509,7 @@ fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, sport: u16, seq:
     ip[9] = 6;
     ip[12..16].copy_from_slice(&src);
     ip[16..20].copy_from_slice(&dst);
-    let sum = checksum(&ip);
+    let sum = crate::packet::checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -507,7 +523,7 @@ fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, sport: u16, seq:
     pseudo.extend_from_slice(&dst);
     pseudo.extend_from_slice(&[0, 6, 0, 20]);
     pseudo.extend_from_slice(&tcp);
-    let sum = checksum(&pseudo);
+    let sum = crate::packet::checksum(&pseudo);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
     let mut frame = Vec::with_capacity(54);
     frame.extend_from_slice(&dst_mac);
@@ -516,15 +532,4 @@ fn syn_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, sport: u16, seq:
     frame.extend_from_slice(&ip);
     frame.extend_from_slice(&tcp);
     frame
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }

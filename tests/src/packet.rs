@@ -221,3 +221,17 @@ impl Frame {
         }
     }
 }
+
+/// The Internet checksum (RFC 1071) of `bytes`, to write into an IPv4 or TCP
+/// header (over the pseudo-header) whose checksum field is zero.
+#[must_use]
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).expect("folded to 16 bits")
+}

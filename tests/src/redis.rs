@@ -49,14 +49,22 @@ impl RedisServer {
     /// Starts a server on `port` with extra `redis-server` arguments.
     #[must_use]
     pub fn start_with(port: u16, extra: &[&str]) -> Self {
+        Self::launch(port, extra, &[])
+    }
+
+    /// Starts a server on `port` with `extra` server arguments, reached by
+    /// `redis-cli` with `cli_options`.
+    fn launch(port: u16, extra: &[&str], cli_options: &[&str]) -> Self {
+        let owned =
+            |args: &[&str]| -> Vec<String> { args.iter().map(|s| (*s).to_owned()).collect() };
         let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("redis temp dir");
         let mut server = Self {
             child: None,
             port,
             dir,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            cli_options: Vec::new(),
+            extra: owned(extra),
+            cli_options: owned(cli_options),
         };
         server.restart();
         server
@@ -73,14 +81,10 @@ impl RedisServer {
             key.to_string_lossy(),
             ca.to_string_lossy(),
         );
-        let dir = std::env::temp_dir().join(format!("limiter-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("redis temp dir");
-        let mut server = Self {
-            child: None,
+        // Later options win: the plain port is closed.
+        Self::launch(
             port,
-            dir,
-            // Later options win: the plain port is closed.
-            extra: [
+            &[
                 "--port",
                 "0",
                 "--tls-port",
@@ -93,17 +97,9 @@ impl RedisServer {
                 &ca,
                 "--tls-auth-clients",
                 "no",
-            ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect(),
-            cli_options: ["--tls", "--cacert", &ca]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-        };
-        server.restart();
-        server
+            ],
+            &["--tls", "--cacert", &ca],
+        )
     }
 
     /// `redis://127.0.0.1:PORT`.

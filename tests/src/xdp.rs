@@ -4,15 +4,12 @@
 use std::{sync::OnceLock, time::Duration};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf,
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
-use limiter_agent::kernel::clock::ClockError;
-use limiter_common::{
-    Ban, Clock, Config, GLOBAL_USE_COARSE_CLOCK, PROGRAM_NAME, SourceKey, SourceState, ipv6_mask,
-    map_names, stat_index,
-};
+use ipnet::IpNet;
+use limiter_agent::kernel::{self, KernelError, LoadOptions, clock::ClockError, maps::Maps};
+use limiter_common::{Clock, Config, PROGRAM_NAME, SourceKey, SourceState, ipv6_mask};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -27,10 +24,12 @@ pub struct Run {
     pub per_packet: Duration,
 }
 
-/// A loaded limiter program with private maps.
+/// A loaded limiter program with private maps, read and written through the
+/// agent's own map layer.
 pub struct Harness {
     ebpf: Ebpf,
     program: &'static str,
+    maps: Option<Maps>,
 }
 
 /// The calibrated program clock, measured once per process (the mapping from
@@ -40,65 +39,54 @@ pub struct Harness {
 /// on every core, when a tick edge can be seen milliseconds late (a delayed
 /// jiffies update), and over 100 ms a 1.2 ms error already snaps `HZ=250` to
 /// `HZ=256`, after which the program's clock drifts 2.3% from `CLOCK_MONOTONIC`
-/// (`clock_calibration_finds_the_kernel_tick_every_time` in `tests/xdp.rs`).
+/// (`clock_calibration_finds_the_kernel_tick_every_time` in `tests/xdp_clock.rs`).
 fn clock(ebpf: &mut Ebpf) -> Clock {
     static CLOCK: OnceLock<Clock> = OnceLock::new();
     *CLOCK.get_or_init(|| {
-        limiter_agent::kernel::clock::calibrate(ebpf, Duration::from_secs(1))
+        kernel::clock::calibrate(ebpf, Duration::from_secs(1))
             .expect("calibrating the program clock")
     })
 }
 
 /// Whether this kernel has `bpf_ktime_get_coarse_ns` for XDP (probed once):
 /// the value the harness gives the object's `USE_COARSE_CLOCK` global, as the
-/// agent does. Also lifts `RLIMIT_MEMLOCK`, which charges BPF maps before Linux
-/// 5.11 (the per-source map alone is larger than the default limit there).
+/// agent does.
 #[must_use]
 pub fn coarse_clock() -> bool {
     static COARSE: OnceLock<bool> = OnceLock::new();
-    *COARSE.get_or_init(|| {
-        limiter_agent::kernel::probe::lift_memlock();
-        limiter_agent::kernel::probe::coarse_clock().expect("probing for bpf_ktime_get_coarse_ns")
-    })
+    *COARSE
+        .get_or_init(|| kernel::probe::coarse_clock().expect("probing for bpf_ktime_get_coarse_ns"))
 }
 
-/// Loads the `limiter` program with `USE_COARSE_CLOCK` forced to `coarse`,
-/// returning the verifier's refusal (with its log) as text.
-pub fn load_with_coarse_clock(coarse: u8) -> Result<(), String> {
+/// Loads the `limiter` program the agent's way, with `USE_COARSE_CLOCK` forced
+/// to `coarse`, returning the verifier's refusal (with its log) as text.
+pub fn load_with_coarse_clock(coarse: bool) -> Result<(), String> {
     crate::require_root("loading the XDP program");
-    let _ = coarse_clock();
-    let mut ebpf = EbpfLoader::new()
-        .override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true)
-        .load(limiter_agent::object::LIMITER)
-        .map_err(|e| format!("{e:#}"))?;
-    let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .expect("program in object")
-        .try_into()
-        .expect("an XDP program");
-    program.load().map_err(|e| match e {
-        aya::programs::ProgramError::LoadError {
+    let options = LoadOptions {
+        coarse_clock: Some(coarse),
+        ..LoadOptions::default()
+    };
+    match kernel::load(limiter_agent::object::LIMITER, None, options) {
+        Ok(_) => Ok(()),
+        Err(KernelError::Program(ProgramError::LoadError {
             io_error,
             verifier_log,
-        } => {
-            format!("{io_error}: {verifier_log}")
-        }
-        other => other.to_string(),
-    })
+        })) => Err(format!("{io_error}: {verifier_log}")),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 /// The config the tests start from: port 8080, /64 grouping, 1 s windows,
 /// no ceilings, enforce mode, policy generation 1, the calibrated clock.
 #[must_use]
 pub fn test_config() -> Config {
-    let mut config = Config {
+    Config {
+        ports: [API_PORT.to_be(), 0, 0, 0, 0, 0, 0, 0],
         ipv6_mask: ipv6_mask(64),
         window_ns: 1_000_000_000,
         policy_gen: 1,
         ..Config::default()
-    };
-    config.ports[0] = API_PORT.to_be();
-    config
+    }
 }
 
 impl Harness {
@@ -112,21 +100,19 @@ impl Harness {
     #[must_use]
     pub fn with_sources_capacity(capacity: Option<u32>) -> Self {
         crate::require_root("the XDP test suite");
-        let mut loader = EbpfLoader::new();
-        if let Some(capacity) = capacity {
-            loader.map_max_entries(map_names::SOURCES, capacity);
-        }
-        let coarse = u8::from(coarse_clock());
-        loader.override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true);
-        let mut ebpf = loader
-            .load(limiter_agent::object::LIMITER)
-            .expect("loading the limiter object");
+        let options = LoadOptions {
+            sources_capacity: capacity,
+            coarse_clock: Some(coarse_clock()),
+        };
+        let mut ebpf = kernel::load(limiter_agent::object::LIMITER, None, options)
+            .unwrap_or_else(|e| panic!("loading the limiter: {e}"));
         let clock = clock(&mut ebpf);
+        let maps = Maps::from_ebpf(&mut ebpf).expect("the limiter's maps");
         let mut harness = Self {
             ebpf,
             program: PROGRAM_NAME,
+            maps: Some(maps),
         };
-        harness.load_program();
         harness.set_config(&Config {
             clock,
             ..test_config()
@@ -137,30 +123,25 @@ impl Harness {
     /// Runs the agent's clock calibration over `span` on this instance's
     /// `limiter_clock` program (the config is left as it is).
     pub fn calibrate_clock(&mut self, span: Duration) -> Result<Clock, ClockError> {
-        limiter_agent::kernel::clock::calibrate(&mut self.ebpf, span)
+        kernel::clock::calibrate(&mut self.ebpf, span)
     }
 
     /// Loads the trivial `XDP_PASS` program (the benchmark baseline).
     #[must_use]
     pub fn baseline() -> Self {
         crate::require_root("the XDP benchmark");
-        let ebpf = Ebpf::load(limiter_agent::object::BASELINE).expect("loading the baseline");
-        let mut harness = Self {
-            ebpf,
-            program: "baseline",
-        };
-        harness.load_program();
-        harness
-    }
-
-    fn load_program(&mut self) {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(self.program)
+        let mut ebpf = Ebpf::load(limiter_agent::object::BASELINE).expect("loading the baseline");
+        let program: &mut Xdp = ebpf
+            .program_mut("baseline")
             .expect("program in object")
             .try_into()
             .expect("an XDP program");
-        program.load().expect("the verifier accepts the program");
+        program.load().expect("the verifier accepts the baseline");
+        Self {
+            ebpf,
+            program: "baseline",
+            maps: None,
+        }
     }
 
     fn xdp(&self) -> &Xdp {
@@ -169,6 +150,20 @@ impl Harness {
             .expect("program in object")
             .try_into()
             .expect("an XDP program")
+    }
+
+    /// The agent's view of this instance's maps.
+    #[must_use]
+    pub fn maps(&self) -> &Maps {
+        self.maps
+            .as_ref()
+            .expect("the baseline program has no maps")
+    }
+
+    fn maps_mut(&mut self) -> &mut Maps {
+        self.maps
+            .as_mut()
+            .expect("the baseline program has no maps")
     }
 
     /// Runs the program once on `frame` and returns its XDP action.
@@ -197,18 +192,14 @@ impl Harness {
     /// The current config.
     #[must_use]
     pub fn config(&self) -> Config {
-        let map: Array<&MapData, Config> =
-            Array::try_from(self.ebpf.map(map_names::CONFIG).expect("config map"))
-                .expect("config array");
-        map.get(&0, 0).expect("config entry")
+        self.maps().config().expect("reading the config")
     }
 
-    /// Replaces the config.
+    /// Replaces the config exactly, `policy_gen` included.
     pub fn set_config(&mut self, config: &Config) {
-        let mut map: Array<&mut MapData, Config> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).expect("config map"))
-                .expect("config array");
-        map.set(0, config, 0).expect("writing the config");
+        self.maps_mut()
+            .put_config_exact(config)
+            .expect("writing the config");
     }
 
     /// Edits the config in place.
@@ -218,97 +209,81 @@ impl Harness {
         self.set_config(&config);
     }
 
+    /// The IPv6 grouping prefix of the current config.
+    fn ipv6_prefix(&self) -> u8 {
+        u128::from_be_bytes(self.config().ipv6_mask).leading_ones() as u8
+    }
+
     /// The counter of (verdict, reason), summed over CPUs.
     #[must_use]
     pub fn stat(&self, verdict: u32, reason: u32) -> u64 {
-        let map: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).expect("stats map"))
-                .expect("stats array");
-        map.get(&stat_index(verdict, reason), 0)
-            .expect("stats entry")
-            .iter()
-            .sum()
+        self.maps().stat(verdict, reason)
     }
 
     /// Every non-zero counter as (verdict, reason, count), for exact assertions.
     #[must_use]
     pub fn nonzero_stats(&self) -> Vec<(u32, u32, u64)> {
-        let mut out = Vec::new();
-        for verdict in 0..limiter_common::verdict::COUNT {
-            for reason in 0..limiter_common::reason::COUNT {
-                let count = self.stat(verdict, reason);
-                if count != 0 {
-                    out.push((verdict, reason, count));
-                }
-            }
-        }
-        out
+        let mut counters = self.maps().counters();
+        counters.retain(|&(_, _, count)| count != 0);
+        counters
     }
 
-    fn sources(&self) -> HashMap<&MapData, SourceKey, SourceState> {
-        HashMap::try_from(self.ebpf.map(map_names::SOURCES).expect("sources map"))
-            .expect("sources hash")
-    }
-
-    /// The per-source entry of `key`, if the program created one.
+    /// The per-source entry of exactly `key`, if the program created one.
     #[must_use]
     pub fn source(&self, key: &SourceKey) -> Option<SourceState> {
-        self.sources().get(key, 0).ok()
+        self.maps().source_at(key)
     }
 
     /// Number of per-source entries.
     #[must_use]
     pub fn source_count(&self) -> usize {
-        self.sources().keys().filter_map(Result::ok).count()
+        self.maps().sources().len()
     }
 
     /// Overwrites the per-source entry of `key`.
     pub fn put_source(&mut self, key: &SourceKey, state: &SourceState) {
-        let mut map: HashMap<&mut MapData, SourceKey, SourceState> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::SOURCES).expect("sources map"))
-                .expect("sources hash");
-        map.insert(key, state, 0).expect("writing a source");
+        self.maps_mut()
+            .put_source(key, state)
+            .expect("writing a source");
     }
 
-    /// Adds `key/prefix_len` (bits of the 16-byte key) to the ban trie and bumps
-    /// the policy generation, as the agent does.
-    pub fn ban(&mut self, key: SourceKey, prefix_len: u32, until_ns: u64) {
-        let mut map: LpmTrie<&mut MapData, SourceKey, Ban> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::BANS).expect("bans map"))
-                .expect("bans trie");
-        map.insert(&Key::new(prefix_len, key), Ban { until_ns }, 0)
+    /// Bans `net` until `until_ns` the agent's way: IPv6 widened to the
+    /// grouping prefix, the policy generation bumped.
+    pub fn ban(&mut self, net: IpNet, until_ns: u64) {
+        let prefix = self.ipv6_prefix();
+        self.maps_mut()
+            .ban(net, until_ns, prefix)
             .expect("writing a ban");
-        self.update_config(|c| c.policy_gen += 1);
     }
 
-    /// Removes a ban and bumps the policy generation.
-    pub fn unban(&mut self, key: SourceKey, prefix_len: u32) {
-        let mut map: LpmTrie<&mut MapData, SourceKey, Ban> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::BANS).expect("bans map"))
-                .expect("bans trie");
-        map.remove(&Key::new(prefix_len, key))
-            .expect("removing a ban");
-        self.update_config(|c| c.policy_gen += 1);
+    /// Lifts the ban on `net` the agent's way (the generation bumped).
+    pub fn unban(&mut self, net: IpNet) {
+        let prefix = self.ipv6_prefix();
+        let removed = self.maps_mut().unban(net, prefix).expect("removing a ban");
+        assert!(removed, "no ban on {net} to lift");
     }
 
-    /// Adds `key/prefix_len` to the allow list and bumps the policy generation.
-    pub fn allow(&mut self, key: SourceKey, prefix_len: u32) {
-        let mut map: LpmTrie<&mut MapData, SourceKey, u8> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::ALLOW).expect("allow map"))
-                .expect("allow trie");
-        map.insert(&Key::new(prefix_len, key), 1, 0)
-            .expect("writing an allow entry");
-        self.update_config(|c| c.policy_gen += 1);
+    /// Adds `net` to the allow list the agent's way (the generation bumped).
+    pub fn allow(&mut self, net: IpNet) {
+        let mut nets = self.maps().allow_list();
+        nets.push(net);
+        self.set_allow(&nets);
     }
 
-    /// Removes an allow-list entry and bumps the policy generation.
-    pub fn disallow(&mut self, key: SourceKey, prefix_len: u32) {
-        let mut map: LpmTrie<&mut MapData, SourceKey, u8> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::ALLOW).expect("allow map"))
-                .expect("allow trie");
-        map.remove(&Key::new(prefix_len, key))
-            .expect("removing an allow entry");
-        self.update_config(|c| c.policy_gen += 1);
+    /// Removes `net` from the allow list the agent's way (the generation bumped).
+    pub fn disallow(&mut self, net: IpNet) {
+        let mut nets = self.maps().allow_list();
+        let before = nets.len();
+        nets.retain(|n| *n != net);
+        assert!(nets.len() < before, "{net} is not on the allow list");
+        self.set_allow(&nets);
+    }
+
+    fn set_allow(&mut self, nets: &[IpNet]) {
+        let prefix = self.ipv6_prefix();
+        self.maps_mut()
+            .set_allow(nets, prefix)
+            .expect("writing the allow list");
     }
 }
 

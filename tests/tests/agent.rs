@@ -1,30 +1,19 @@
 //! End to end: the real `limiter-agent` binary in front of a real upstream
 //! process, driven over HTTP/1.1, HTTP/2 and TLS.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use limiter_tests::agent::{
-    Process, agent, agent_binary, demo_upstream, free_port, raw_request, reference_config,
-    small_config,
+use limiter_tests::{
+    agent::{
+        agent, agent_binary, agent_in_front, free_addr, raw_request, reference_config,
+        reference_tiers, small_config,
+    },
+    http::{client, event_stream},
 };
 use reqwest::{Client, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 const BODY_429: &str = r#"{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":"#;
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http client")
-}
-
-fn url(agent: &Process, path: &str) -> String {
-    format!("http://{}{path}", agent.addr)
-}
 
 fn header(response: &Response, name: &str) -> Option<String> {
     response
@@ -112,46 +101,37 @@ async fn exhaust(client: &Client, url: &str, key: &str, limit: u64, window_secs:
 
 #[tokio::test]
 async fn every_reference_row_admits_exactly_its_limit() {
-    let upstream = demo_upstream();
     // Each row is exhausted under a key of its own: keys are buckets from their
     // first request here (verification has its own tests in `quota.rs`).
-    let agent = agent(
+    let (_upstream, agent) = agent_in_front(
         &reference_config()
             .replace("enabled = true", "enabled = false")
             .replace("[identity]\n", "[identity]\nverify_keys = \"none\"\n"),
-        Some(upstream.addr),
-        &[],
     );
     let client = client();
-    for (path, limit, window) in [
-        ("/api/health", 120, 60),
-        ("/api/v1/chat/completions", 60, 60),
-        ("/api/v1/media/a/b", 60, 60),
-        ("/api/v1/vision", 60, 60),
-        ("/api/v1/fashion/run", 30, 60),
-        ("/api/v1/fashion/subscribe", 30, 60),
-        ("/api/v1/fashion/status/42", 40, 10),
-        ("/api/chat", 10, 60),
-    ] {
-        exhaust(&client, &url(&agent, path), path, limit, window).await;
+    for tier in reference_tiers() {
+        // A path of the row: `*` and `:id` stand for these.
+        let path = tier.route.replace('*', "a/b").replace(":id", "42");
+        let (limit, window) = (u64::from(tier.limit.get()), tier.window.as_secs());
+        exhaust(&client, &agent.url(&path), &path, limit, window).await;
     }
     // Shared buckets: another media path and another status id are already spent.
     let media = get(
         &client,
-        &url(&agent, "/api/v1/media/other"),
+        &agent.url("/api/v1/media/other"),
         &[("authorization", "Bearer /api/v1/media/a/b")],
     )
     .await;
     assert_eq!(media.status(), StatusCode::TOO_MANY_REQUESTS);
     let status = get(
         &client,
-        &url(&agent, "/api/v1/fashion/status/7"),
+        &agent.url("/api/v1/fashion/status/7"),
         &[("authorization", "Bearer /api/v1/fashion/status/42")],
     )
     .await;
     assert_eq!(status.status(), StatusCode::TOO_MANY_REQUESTS);
     // The upstream saw the request: its echo comes back.
-    let echo = get(&client, &url(&agent, "/api/v1/vision?x=1"), &[]).await;
+    let echo = get(&client, &agent.url("/api/v1/vision?x=1"), &[]).await;
     assert_eq!(
         echo.text().await.unwrap(),
         r#"{"method":"GET","path":"/api/v1/vision"}"#
@@ -160,14 +140,9 @@ async fn every_reference_row_admits_exactly_its_limit() {
 
 #[tokio::test]
 async fn a_short_window_resets_and_rejections_do_not_consume() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 3, "1s", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 3, "1s", ""));
     let client = client();
-    let u = url(&agent, "/api/chat");
+    let u = agent.url("/api/chat");
     for _ in 0..3 {
         assert_eq!(get(&client, &u, &[]).await.status(), StatusCode::OK);
     }
@@ -197,14 +172,10 @@ async fn a_short_window_resets_and_rejections_do_not_consume() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_requests_admit_exactly_the_limit() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/v1/chat/completions", 60, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) =
+        agent_in_front(&small_config("/api/v1/chat/completions", 60, "1m", ""));
     let client = client();
-    let u = url(&agent, "/api/v1/chat/completions");
+    let u = agent.url("/api/v1/chat/completions");
     let requests = (0..100).map(|_| {
         let client = client.clone();
         let u = u.clone();
@@ -224,20 +195,17 @@ async fn a_hundred_concurrent_requests_admit_exactly_the_limit() {
 
 #[tokio::test]
 async fn keys_and_ips_have_separate_buckets() {
-    let upstream = demo_upstream();
     // Declared keys are verified: their own buckets from the first request.
     let declared = format!(
         "\n[[key]]\nkey_sha256 = \"{:x}\"\n\n[[key]]\nkey_sha256 = \"{:x}\"\n",
         Sha256::digest("alpha"),
         Sha256::digest("beta")
     );
-    let agent = agent(
+    let (_upstream, agent) = agent_in_front(
         &(small_config("/api/chat", 2, "1m", "trusted_proxies = [\"127.0.0.1/32\"]") + &declared),
-        Some(upstream.addr),
-        &[],
     );
     let client = client();
-    let u = url(&agent, "/api/chat");
+    let u = agent.url("/api/chat");
     for (name, value) in [
         ("x-api-key", "alpha"),
         ("authorization", "Bearer beta"),
@@ -268,14 +236,14 @@ async fn keys_and_ips_have_separate_buckets() {
 
 #[tokio::test]
 async fn ipv6_clients_are_grouped_by_prefix() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 2, "1m", "trusted_proxies = [\"127.0.0.1/32\"]"),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        2,
+        "1m",
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+    ));
     let client = client();
-    let u = url(&agent, "/api/chat");
+    let u = agent.url("/api/chat");
     let xff = |ip: &'static str| [("x-forwarded-for", ip)];
     assert_eq!(
         get(&client, &u, &xff("2001:db8:1:2::1")).await.status(),
@@ -302,14 +270,9 @@ async fn ipv6_clients_are_grouped_by_prefix() {
 
 #[tokio::test]
 async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 2, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 2, "1m", ""));
     let client = client();
-    let u = url(&agent, "/api/chat");
+    let u = agent.url("/api/chat");
     for (i, ip) in ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
         .iter()
         .enumerate()
@@ -332,12 +295,7 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test]
 async fn no_spelling_of_a_path_escapes_its_tier() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 5, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 5, "1m", ""));
     let client = client();
     for path in [
         "/api/chat",
@@ -346,7 +304,7 @@ async fn no_spelling_of_a_path_escapes_its_tier() {
         "/api/./chat",
         "/api/x/../chat",
     ] {
-        let response = get(&client, &url(&agent, path), &[]).await;
+        let response = get(&client, &agent.url(path), &[]).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert!(
             header(&response, "x-ratelimit-limit").is_some(),
@@ -354,7 +312,7 @@ async fn no_spelling_of_a_path_escapes_its_tier() {
         );
     }
     for path in ["/api/cha%74", "/api/chat?x=2"] {
-        let response = get(&client, &url(&agent, path), &[]).await;
+        let response = get(&client, &agent.url(path), &[]).await;
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
     }
     // `;x=1` is a path parameter to Tomcat and part of the segment to Express and nginx:
@@ -366,7 +324,7 @@ async fn no_spelling_of_a_path_escapes_its_tier() {
         "/api/%252Fchat",
         "/api/chat;x=1",
     ] {
-        let response = get(&client, &url(&agent, path), &[]).await;
+        let response = get(&client, &agent.url(path), &[]).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
         assert_eq!(
             header(&response, "content-type").as_deref(),
@@ -383,28 +341,18 @@ async fn no_spelling_of_a_path_escapes_its_tier() {
     assert!(raw.starts_with("HTTP/1.1 400 "), "{raw}");
     assert!(raw.contains("path escapes the root"), "{raw}");
     // Unmatched routes are proxied without limit headers.
-    let other = get(&client, &url(&agent, "/other"), &[]).await;
+    let other = get(&client, &agent.url("/other"), &[]).await;
     assert_eq!(other.status(), StatusCode::OK);
     assert!(header(&other, "x-ratelimit-limit").is_none());
 }
 
 #[tokio::test]
 async fn server_sent_events_stream_through_event_by_event() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &reference_config().replace("enabled = true", "enabled = false"),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) =
+        agent_in_front(&reference_config().replace("enabled = true", "enabled = false"));
     let client = client();
     let start = Instant::now();
-    let mut response = client
-        .post(url(&agent, "/api/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(r#"{"stream": true}"#)
-        .send()
-        .await
-        .expect("request");
+    let mut response = event_stream(&client, &agent).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
         header(&response, "content-type").as_deref(),
@@ -432,10 +380,10 @@ async fn server_sent_events_stream_through_event_by_event() {
 
 #[tokio::test]
 async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dead = free_addr();
     let agent_502 = agent(&small_config("/api/chat", 5, "1m", ""), Some(dead), &[]);
     let client = client();
-    let response = get(&client, &url(&agent_502, "/api/chat"), &[]).await;
+    let response = get(&client, &agent_502.url("/api/chat"), &[]).await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let body: serde_json::Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "UPSTREAM_UNAVAILABLE");
@@ -456,7 +404,7 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
         &[],
     );
     let start = Instant::now();
-    let response = get(&client, &url(&agent_504, "/api/chat"), &[]).await;
+    let response = get(&client, &agent_504.url("/api/chat"), &[]).await;
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(start.elapsed() < Duration::from_secs(5));
     let body: serde_json::Value = response.json().await.expect("JSON");
@@ -465,7 +413,6 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
 
 #[tokio::test]
 async fn tls_termination_speaks_http2_by_alpn() {
-    let upstream = demo_upstream();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
     let dir = std::env::temp_dir().join(format!("limiter-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -477,11 +424,7 @@ async fn tls_termination_speaks_http2_by_alpn() {
         cert_path.display(),
         key_path.display()
     );
-    let agent = agent(
-        &small_config("/api/chat", 2, "1m", &tls),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 2, "1m", &tls));
     let client = Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
         .resolve("localhost", agent.addr)

@@ -9,31 +9,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use limiter_tests::agent::{Process, agent, demo_upstream, small_config};
+use limiter_tests::{
+    agent::{Process, agent_in_front, small_config},
+    http::{self, header, status},
+};
 
 /// Sends raw bytes and returns everything answered before the agent closes
 /// (which it must within 5 s: the header and idle timeouts are 2 s).
 fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream.write_all(bytes).expect("write");
-    let mut answer = Vec::new();
     let started = Instant::now();
-    let _ = stream.read_to_end(&mut answer);
+    let answer = http::exchange(&mut stream, bytes);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "the agent neither answered nor closed: {bytes:?}"
     );
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-fn status(answer: &str) -> Option<u16> {
     answer
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
 }
 
 /// A 4xx, or a connection closed without an answer; a body, if any, is JSON.
@@ -46,21 +37,14 @@ fn assert_refused(answer: &str, what: &str) {
         (400..500).contains(&code) || code == 505,
         "{what}: {answer}"
     );
-    let (head, rest) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    let rest = answer.split_once("\r\n\r\n").map_or("", |(_, rest)| rest);
     // The first response only: a kept-alive connection may answer again later.
-    let length = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-        })
-        .unwrap_or(0);
+    let length = header(answer, "content-length").map_or(0, |v| v.parse().unwrap_or(0));
     let body = rest.get(..length).unwrap_or(rest);
     if !body.is_empty() {
         assert!(
-            head.to_ascii_lowercase()
-                .contains("content-type: application/json"),
+            header(answer, "content-type")
+                .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json")),
             "{what}: a body that is not JSON: {answer}"
         );
         assert!(
@@ -79,18 +63,12 @@ fn still_serving(agent: &Process) {
 }
 
 fn start() -> (Process, Process) {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config(
-            "/api/chat",
-            1000,
-            "1m",
-            "max_header_bytes = 8192\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
-    (upstream, agent)
+    agent_in_front(&small_config(
+        "/api/chat",
+        1000,
+        "1m",
+        "max_header_bytes = 8192\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
+    ))
 }
 
 #[test]
@@ -182,12 +160,7 @@ fn malformed_requests_get_a_4xx_or_a_closed_connection() {
 
 #[test]
 fn api_keys_beyond_visible_ascii_are_refused_not_rebucketed() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 1, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 1, "1m", ""));
     let with_key = |key: &[u8]| {
         let mut request =
             b"GET /api/chat HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-api-key: ".to_vec();
@@ -256,17 +229,12 @@ fn ambiguous_framing_smuggles_nothing_to_the_upstream() {
 
 #[test]
 fn slow_clients_cannot_starve_the_others() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config(
-            "/api/chat",
-            100_000,
-            "1m",
-            "header_read_timeout = \"1s\"\nmax_connections = 64",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        100_000,
+        "1m",
+        "header_read_timeout = \"1s\"\nmax_connections = 64",
+    ));
     // Slowloris: 40 connections that trickle header bytes and never finish.
     let mut slow: Vec<TcpStream> = (0..40)
         .map(|_| {
@@ -339,12 +307,7 @@ fn a_stalled_request_body_is_cut_off_with_408() {
 
 #[tokio::test]
 async fn http2_multiplexing_on_one_connection_admits_exactly_the_limit() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 25, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 25, "1m", ""));
     // Cleartext HTTP/2 with prior knowledge: every request one stream of a
     // single connection.
     let client = reqwest::Client::builder()
@@ -373,15 +336,7 @@ async fn http2_multiplexing_on_one_connection_admits_exactly_the_limit() {
 
 #[test]
 fn many_requests_on_one_keep_alive_connection_admit_exactly_the_limit() {
-    let (_upstream, agent) = {
-        let upstream = demo_upstream();
-        let agent = agent(
-            &small_config("/api/chat", 7, "1m", ""),
-            Some(upstream.addr),
-            &[],
-        );
-        (upstream, agent)
-    };
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 7, "1m", ""));
     let mut stream = TcpStream::connect(agent.addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))

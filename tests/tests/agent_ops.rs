@@ -7,20 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use limiter_tests::agent::{Process, agent, demo_upstream, raw_request, small_config};
+use limiter_tests::{
+    agent::{Process, agent, agent_in_front, demo_upstream, raw_request, small_config, tier},
+    http::{self, client, event_stream},
+    prometheus::metric,
+};
 use reqwest::{Client, StatusCode};
 use sha2::Digest as _;
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("HTTP client")
-}
-
-fn url(agent: &Process, path: &str) -> String {
-    format!("http://{}{path}", agent.addr)
-}
 
 fn admin(agent: &Process, path: &str) -> String {
     format!(
@@ -57,17 +50,12 @@ async fn admitted(client: &Client, url: &str, key: Option<&str>, at_most: u32) -
 
 #[test]
 fn oversized_headers_get_431_and_slow_headers_get_408() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config(
-            "/api/chat",
-            5,
-            "1m",
-            "max_header_bytes = 4096\nheader_read_timeout = \"1s\"",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        5,
+        "1m",
+        "max_header_bytes = 4096\nheader_read_timeout = \"1s\"",
+    ));
     let big = "a".repeat(8192);
     let answer = raw_request(
         agent.addr,
@@ -108,12 +96,8 @@ fn oversized_headers_get_431_and_slow_headers_get_408() {
 
 #[test]
 fn connections_over_the_cap_get_503_and_the_cap_frees_up() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 50, "1m", "max_connections = 2"),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) =
+        agent_in_front(&small_config("/api/chat", 50, "1m", "max_connections = 2"));
     // Two idle keep-alive connections hold both slots.
     let mut held: Vec<TcpStream> = (0..2)
         .map(|_| {
@@ -144,45 +128,37 @@ fn connections_over_the_cap_get_503_and_the_cap_frees_up() {
 
 #[tokio::test]
 async fn key_overrides_raise_and_set_limits() {
-    let upstream = demo_upstream();
     let hex = |key: &str| format!("{:x}", sha2::Sha256::digest(key.as_bytes()));
     let config = format!(
-        "{}\n[[tier]]\nroute = \"/api/v1/vision\"\nlimit = 4\nwindow = \"1m\"\n\n\
+        "{}{}\n\
          [[key]]\nkey_sha256 = \"{}\"\nmultiplier = 3\n\n\
          [[key]]\nkey_sha256 = \"{}\"\nlimits = {{ \"/api/v1/vision\" = 1 }}\n",
         small_config("/api/chat", 2, "1m", ""),
+        tier("/api/v1/vision", 4, "1m"),
         hex("enterprise"),
         hex("trial"),
     );
-    let agent = agent(&config, Some(upstream.addr), &[]);
+    let (_upstream, agent) = agent_in_front(&config);
     let client = client();
-    let chat = url(&agent, "/api/chat");
-    let vision = url(&agent, "/api/v1/vision");
+    let chat = agent.url("/api/chat");
+    let vision = agent.url("/api/v1/vision");
     assert_eq!(admitted(&client, &chat, Some("enterprise"), 20).await, 6);
     assert_eq!(admitted(&client, &vision, Some("enterprise"), 20).await, 12);
     assert_eq!(admitted(&client, &chat, Some("trial"), 20).await, 2);
     assert_eq!(admitted(&client, &vision, Some("trial"), 20).await, 1);
-    // An undeclared key has the tier's own limit, once the upstream has
-    // accepted it: its first request counts against the address.
-    assert_eq!(admitted(&client, &chat, Some("anyone"), 20).await, 1 + 2);
+    // An undeclared key, on an upstream that authenticates nothing, is never
+    // verified: it shares the address's quota (the tier's own limit).
+    assert_eq!(admitted(&client, &chat, Some("anyone"), 20).await, 2);
     let (_, limit) = status_of(&client, &vision, Some("enterprise")).await;
     assert_eq!(limit, Some(12), "the header shows the key's own limit");
 }
 
 #[tokio::test]
 async fn the_admin_listener_serves_health_metrics_and_status() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 2, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 2, "1m", ""));
     let client = client();
-    assert_eq!(
-        admitted(&client, &url(&agent, "/api/chat"), None, 5).await,
-        2
-    );
-    let _ = status_of(&client, &url(&agent, "/elsewhere"), None).await;
+    assert_eq!(admitted(&client, &agent.url("/api/chat"), None, 5).await, 2);
+    let _ = status_of(&client, &agent.url("/elsewhere"), None).await;
 
     let health = client.get(admin(&agent, "/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
@@ -190,18 +166,24 @@ async fn the_admin_listener_serves_health_metrics_and_status() {
     let metrics = client.get(admin(&agent, "/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), StatusCode::OK);
     let text = metrics.text().await.unwrap();
-    for line in [
-        r#"limiter_requests_total{tier="/api/chat",decision="allowed"} 2"#,
-        r#"limiter_requests_total{tier="/api/chat",decision="rejected"} 1"#,
-        r#"limiter_requests_total{tier="none",decision="unlimited"} 1"#,
-        "limiter_decision_duration_seconds_count 3",
-        "limiter_upstream_duration_seconds_count 3",
-        "limiter_store_errors_total 0",
+    for (series, value) in [
+        (
+            r#"limiter_requests_total{tier="/api/chat",decision="allowed"}"#,
+            2.0,
+        ),
+        (
+            r#"limiter_requests_total{tier="/api/chat",decision="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"limiter_requests_total{tier="none",decision="unlimited"}"#,
+            1.0,
+        ),
+        ("limiter_decision_duration_seconds_count", 3.0),
+        ("limiter_upstream_duration_seconds_count", 3.0),
+        ("limiter_store_errors_total", 0.0),
     ] {
-        assert!(
-            text.lines().any(|l| l == line),
-            "missing `{line}` in:\n{text}"
-        );
+        assert_eq!(metric(&text, series), Some(value), "`{series}` in:\n{text}");
     }
 
     let status: serde_json::Value = client
@@ -220,14 +202,9 @@ async fn the_admin_listener_serves_health_metrics_and_status() {
 
 #[tokio::test]
 async fn sighup_reloads_keeping_counts_and_refuses_a_broken_file() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 3, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 3, "1m", ""));
     let client = client();
-    let chat = url(&agent, "/api/chat");
+    let chat = agent.url("/api/chat");
     assert_eq!(
         admitted(&client, &chat, None, 2).await,
         2,
@@ -238,10 +215,7 @@ async fn sighup_reloads_keeping_counts_and_refuses_a_broken_file() {
     // Same route and window, higher limit, one more tier: the count carries over.
     std::fs::write(
         &path,
-        format!(
-            "{}\n[[tier]]\nroute = \"/api/v1/vision\"\nlimit = 1\nwindow = \"1m\"\n",
-            small_config("/api/chat", 5, "1m", "")
-        ),
+        small_config("/api/chat", 5, "1m", "") + &tier("/api/v1/vision", 1, "1m"),
     )
     .unwrap();
     agent.signal(libc::SIGHUP);
@@ -251,7 +225,7 @@ async fn sighup_reloads_keeping_counts_and_refuses_a_broken_file() {
         3,
         "5 - 2 already used"
     );
-    let vision = url(&agent, "/api/v1/vision");
+    let vision = agent.url("/api/v1/vision");
     assert_eq!(
         admitted(&client, &vision, None, 5).await,
         1,
@@ -273,22 +247,10 @@ async fn sighup_reloads_keeping_counts_and_refuses_a_broken_file() {
         (StatusCode::TOO_MANY_REQUESTS, Some(1)),
         "old config still in force"
     );
-    let metrics = client
-        .get(admin(&agent, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"limiter_config_reloads_total{result="error"} 1"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"limiter_config_reloads_total{result="ok"} 1"#),
-        "{metrics}"
-    );
+    for result in ["error", "ok"] {
+        let series = format!("limiter_config_reloads_total{{result=\"{result}\"}}");
+        assert_eq!(http::metric::<u64>(&agent, &series), 1, "{series}");
+    }
 }
 
 fn wait_for_log(agent: &Process, needle: &str) {
@@ -304,20 +266,10 @@ fn wait_for_log(agent: &Process, needle: &str) {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits() {
-    let upstream = demo_upstream();
-    let mut agent = agent(
-        &small_config("/api/v1/chat/completions", 60, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, mut agent) =
+        agent_in_front(&small_config("/api/v1/chat/completions", 60, "1m", ""));
     let client = client();
-    let mut stream = client
-        .post(url(&agent, "/api/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(r#"{"stream": true}"#)
-        .send()
-        .await
-        .expect("request");
+    let mut stream = event_stream(&client, &agent).await;
     assert_eq!(stream.status(), StatusCode::OK);
     let first = stream.chunk().await.expect("chunk").expect("first event");
     agent.signal(libc::SIGTERM);
@@ -346,7 +298,7 @@ async fn an_upstream_that_dies_and_returns_is_used_again_without_a_restart() {
     let addr = upstream.addr;
     let agent = agent(&small_config("/api/chat", 100, "1m", ""), Some(addr), &[]);
     let client = client();
-    let chat = url(&agent, "/api/chat");
+    let chat = agent.url("/api/chat");
     assert_eq!(status_of(&client, &chat, None).await.0, StatusCode::OK);
     drop(upstream);
     let (status, limit) = status_of(&client, &chat, None).await;

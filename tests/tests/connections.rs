@@ -13,15 +13,20 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use limiter_tests::agent::{Process, agent, connect_from, demo_upstream, small_config};
+use limiter_tests::{
+    agent::{agent_in_front, connect_from, loopback, small_config},
+    http::{complete, metrics},
+    prometheus::metric,
+};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     sync::oneshot,
 };
 
-fn local(ip: &str) -> IpAddr {
-    ip.parse().expect("address")
+/// The series of connections refused at `cap`.
+fn refused_at(cap: &str) -> String {
+    format!("limiter_connections_refused_total{{cap=\"{cap}\"}}")
 }
 
 /// A cleartext HTTP/2 connection (prior knowledge) that answers the agent's
@@ -91,27 +96,17 @@ impl H2 {
 async fn read_response(stream: &mut TcpStream) -> String {
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&data).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length = head.lines().find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-            });
-            if length.is_some_and(|length| body.len() >= length) {
-                return text;
-            }
-        }
+    while !complete(&data) {
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
             .await
             .expect("the agent answered within 5 s")
             .expect("read");
         if n == 0 {
-            return text;
+            break;
         }
         data.extend_from_slice(&buf[..n]);
     }
+    String::from_utf8_lossy(&data).into_owned()
 }
 
 /// Sends one keep-alive GET on `stream` and returns the response.
@@ -134,33 +129,18 @@ async fn h1_closed_within(stream: &mut TcpStream, limit: Duration) -> (Option<In
     (closed, String::from_utf8_lossy(&rest).into_owned())
 }
 
-async fn metrics(agent: &Process) -> String {
-    let admin = agent.admin.expect("admin listener");
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_holding_its_cap_of_idle_h2_connections_cannot_lock_out_another() {
-    let upstream = demo_upstream();
     // Only settings today's agent knows: the per-source cap is the default (100).
-    let agent = agent(
-        &small_config(
-            "/api/chat",
-            100_000,
-            "1m",
-            "max_connections = 150\nheader_read_timeout = \"1s\"",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        100_000,
+        "1m",
+        "max_connections = 150\nheader_read_timeout = \"1s\"",
+    ));
     // The attacker tries to take every slot: one request per connection, then
     // idle, answering pings.
-    let attacker = local("127.0.0.2");
+    let attacker = loopback(2);
     let mut held = Vec::new();
     let mut refused = 0;
     for _ in 0..150 {
@@ -174,7 +154,7 @@ async fn a_source_holding_its_cap_of_idle_h2_connections_cannot_lock_out_another
     // Past the first-request deadline: only the idle timeout (60 s) could
     // close them now, and it has not run out.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let other = local("127.0.0.3");
+    let other = loopback(3);
     for i in 0..5 {
         let mut stream = connect_from(other, agent.addr).await;
         let answer = h1_get(&mut stream, "/api/chat").await;
@@ -199,36 +179,33 @@ async fn a_source_holding_its_cap_of_idle_h2_connections_cannot_lock_out_another
     for h2 in &mut held {
         assert_eq!(h2.get("/api/chat").await, Some(200));
     }
-    let text = metrics(&agent).await;
-    assert!(
-        text.contains(r#"limiter_connections_refused_total{cap="max_connections_per_source"} 50"#),
+    let text = metrics(&agent);
+    assert_eq!(
+        metric(&text, &refused_at("max_connections_per_source")),
+        Some(50_u64),
         "{text}"
     );
-    assert!(
-        !text.contains(r#"cap="max_connections"}"#),
+    assert_eq!(
+        metric::<u64>(&text, &refused_at("max_connections")),
+        None,
         "the total cap was never reached: {text}"
     );
 }
 
 #[tokio::test]
 async fn a_trusted_proxy_has_a_cap_of_its_own() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config(
-            "/api/chat",
-            100_000,
-            "1m",
-            "trusted_proxies = [\"127.0.0.4\"]\nmax_connections_per_source = 2\nmax_connections_per_proxy = 4",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        100_000,
+        "1m",
+        "trusted_proxies = [\"127.0.0.4\"]\nmax_connections_per_source = 2\nmax_connections_per_proxy = 4",
+    ));
     // Keep-alive connections, each served once, all held open.
     let mut held = Vec::new();
     let (mut proxy, mut client) = (0, 0);
     for _ in 0..6 {
-        for (from, served) in [("127.0.0.4", &mut proxy), ("127.0.0.5", &mut client)] {
-            let mut stream = connect_from(local(from), agent.addr).await;
+        for (from, served) in [(4, &mut proxy), (5, &mut client)] {
+            let mut stream = connect_from(loopback(from), agent.addr).await;
             let answer = h1_get(&mut stream, "/api/chat").await;
             if answer.starts_with("HTTP/1.1 200") {
                 *served += 1;
@@ -241,33 +218,30 @@ async fn a_trusted_proxy_has_a_cap_of_its_own() {
     }
     assert_eq!(proxy, 4, "the proxy holds max_connections_per_proxy");
     assert_eq!(client, 2, "a client holds max_connections_per_source");
-    let text = metrics(&agent).await;
-    assert!(
-        text.contains(r#"limiter_connections_refused_total{cap="max_connections_per_proxy"} 2"#),
+    let text = metrics(&agent);
+    assert_eq!(
+        metric(&text, &refused_at("max_connections_per_proxy")),
+        Some(2_u64),
         "{text}"
     );
-    assert!(
-        text.contains(r#"limiter_connections_refused_total{cap="max_connections_per_source"} 4"#),
+    assert_eq!(
+        metric(&text, &refused_at("max_connections_per_source")),
+        Some(4_u64),
         "{text}"
     );
 }
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let upstream = demo_upstream();
     // The idle timeout is longer than the header timeout: waiting for the next
     // request is not reading a request's headers slowly.
-    let agent = agent(
-        &small_config(
-            "/api/chat",
-            100_000,
-            "1m",
-            "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
-    let me = local("127.0.0.1");
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        100_000,
+        "1m",
+        "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
+    ));
+    let me = loopback(1);
     let mut h2 = H2::connect(me, agent.addr).await;
     let mut h1 = connect_from(me, agent.addr).await;
     assert!(
@@ -325,19 +299,14 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
-    let upstream = demo_upstream();
     // The demo's event stream lasts about 500 ms; the idle timeout is 200 ms.
-    let agent = agent(
-        &small_config(
-            "/api/v1/chat/completions",
-            100,
-            "1m",
-            "idle_timeout = \"200ms\"",
-        ),
-        Some(upstream.addr),
-        &[],
-    );
-    let me = local("127.0.0.1");
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/v1/chat/completions",
+        100,
+        "1m",
+        "idle_timeout = \"200ms\"",
+    ));
+    let me = loopback(1);
     let body = r#"{"stream": true}"#;
     // HTTP/1.1: the chunked stream ends with its last chunk, then the idle
     // connection is closed.
@@ -391,13 +360,8 @@ async fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
 
 #[tokio::test]
 async fn sigterm_closes_idle_connections_at_once() {
-    let upstream = demo_upstream();
-    let mut agent = agent(
-        &small_config("/api/chat", 100, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
-    let me = local("127.0.0.1");
+    let (_upstream, mut agent) = agent_in_front(&small_config("/api/chat", 100, "1m", ""));
+    let me = loopback(1);
     let mut h2 = H2::connect(me, agent.addr).await;
     assert_eq!(h2.get("/api/chat").await, Some(200));
     let mut h1 = connect_from(me, agent.addr).await;

@@ -9,8 +9,9 @@ use std::{
 };
 
 use limiter_tests::netns::{
-    API_PORT, ATTACKER_ADDR, CLIENT_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF, HOST_CLIENT_ADDR,
-    HOST_CLIENT_IF, Topology, connects, get, spoofed_syn_flood, syn_flood,
+    self, API_PORT, ATTACKER_ADDR, CLIENT_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF,
+    HOST_CLIENT_ADDR, HOST_CLIENT_IF, Topology, connects, counter, dropped, get, spoofed_syn_flood,
+    syn_flood,
 };
 
 const SHORT: Duration = Duration::from_secs(1);
@@ -19,11 +20,13 @@ fn api(addr: Ipv4Addr) -> SocketAddrV4 {
     SocketAddrV4::new(addr, API_PORT)
 }
 
-fn config(tier_limit: u32, xdp_extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"0.0.0.0:{API_PORT}\"\n\n[xdp]\ninterfaces = [\"{HOST_CLIENT_IF}\", \"{HOST_ATTACKER_IF}\"]\n{xdp_extra}\n\n\
-         [[tier]]\nroute = \"/api/chat\"\nlimit = {tier_limit}\nwindow = \"1m\"\n"
-    )
+fn config(tier_limit: u64, xdp_extra: &str) -> String {
+    netns::config("/api/chat", tier_limit, xdp_extra)
+}
+
+/// The client's `GET /api/chat` through the host's client-side address.
+fn client_get(topology: &Topology) -> std::io::Result<limiter_tests::http::Response> {
+    get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
 }
 
 /// Sends SIGHUP and waits for the agent to log that it refused the file.
@@ -40,29 +43,11 @@ fn hangup_refused(agent: &limiter_tests::agent::Process) {
     }
 }
 
-/// `status --json` of the topology's instance.
-fn status(topology: &Topology) -> serde_json::Value {
-    let (ok, text) = topology.cli(&["status", "--json"]);
-    assert!(ok, "status failed: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("status JSON: {e}: {text}"))
-}
-
-/// The counter for (verdict, reason) in a status report.
-fn counter(status: &serde_json::Value, verdict: &str, reason: &str) -> u64 {
-    status["counters"]
-        .as_array()
-        .expect("counters")
-        .iter()
-        .find(|c| c["verdict"] == verdict && c["reason"] == reason)
-        .map_or(0, |c| c["packets"].as_u64().expect("packets"))
-}
-
 #[test]
 fn the_client_is_served_with_headers_through_the_attached_interfaces() {
     let topology = Topology::new();
     let agent = topology.agent(&config(5, ""), &[]);
-    let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
-        .expect("the client is served");
+    let response = client_get(&topology).expect("the client is served");
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(response.header("x-ratelimit-limit"), Some("5"));
     assert_eq!(response.header("x-ratelimit-remaining"), Some("4"));
@@ -82,7 +67,7 @@ fn the_client_is_served_with_headers_through_the_attached_interfaces() {
         prog.contains("xdp") && prog.contains("name limiter"),
         "{prog}"
     );
-    let status = status(&topology);
+    let status = topology.status();
     assert_eq!(status["ports"], serde_json::json!([API_PORT]));
     assert_eq!(status["mode"], "enforce");
     let modes: Vec<_> = status["attachments"]
@@ -149,7 +134,7 @@ fn a_syn_flood_is_dropped_in_xdp_while_the_client_keeps_being_served() {
     let started = Instant::now();
     while !flood.is_finished() || served < 10 {
         let sent = Instant::now();
-        let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
+        let response = client_get(&topology)
             .expect("the client is served during the flood without a lost SYN");
         slowest = slowest.max(sent.elapsed());
         assert_eq!(response.status, 200);
@@ -162,7 +147,7 @@ fn a_syn_flood_is_dropped_in_xdp_while_the_client_keeps_being_served() {
     }
     eprintln!("served {served} during the flood, slowest {slowest:?}");
     let took = flood.join().expect("flood thread");
-    let status = status(&topology);
+    let status = topology.status();
     let dropped = counter(&status, "drop", "syn_ceiling");
     assert!(
         dropped >= 35_000,
@@ -227,10 +212,7 @@ fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
         ),
         "the ban covers the API ports only"
     );
-    assert!(
-        get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok(),
-        "other clients unaffected"
-    );
+    assert!(client_get(&topology).is_ok(), "other clients unaffected");
     drop(other);
     // The ban ends by itself after ban_seconds.
     let deadline = banned_at + Duration::from_secs(10);
@@ -256,21 +238,14 @@ fn observe_mode_drops_nothing_and_counts_what_it_would_drop() {
         &[],
     );
     let _ = syn_flood(&topology.host, &topology.attacker, 5_000);
-    assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
-    let status = status(&topology);
+    assert!(client_get(&topology).is_ok());
+    let status = topology.status();
     assert_eq!(status["mode"], "observe");
     assert!(
         counter(&status, "would_drop", "syn_ceiling") >= 4_000,
         "{status}"
     );
-    let dropped: u64 = status["counters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["verdict"] == "drop")
-        .map(|c| c["packets"].as_u64().unwrap())
-        .sum();
-    assert_eq!(dropped, 0, "{status}");
+    assert_eq!(dropped(&status), 0, "{status}");
 }
 
 #[test]
@@ -305,11 +280,11 @@ fn a_restart_keeps_bans_and_counters_and_a_clean_stop_detaches() {
     let topology = Topology::new();
     let mut agent = topology.agent(&config(100, ""), &[]);
     for _ in 0..3 {
-        assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+        assert!(client_get(&topology).is_ok());
     }
     let (ok, text) = topology.cli(&["ban", &ATTACKER_ADDR.to_string(), "--for", "5m"]);
     assert!(ok, "{text}");
-    let before = counter(&status(&topology), "pass", "api");
+    let before = counter(&topology.status(), "pass", "api");
     agent.signal(libc::SIGTERM);
     let exit = agent
         .wait_exit(Duration::from_secs(15))
@@ -327,7 +302,7 @@ fn a_restart_keeps_bans_and_counters_and_a_clean_stop_detaches() {
     assert!(ok && text.contains("agent not running"), "{text}");
 
     let _agent = topology.agent(&config(100, ""), &[]);
-    let after = status(&topology);
+    let after = topology.status();
     assert!(
         counter(&after, "pass", "api") >= before,
         "counters survive: {before} then {after}"
@@ -351,7 +326,7 @@ fn a_restart_keeps_bans_and_counters_and_a_clean_stop_detaches() {
 fn sighup_syncs_the_kernel_and_a_broken_file_keeps_the_old_config() {
     let topology = Topology::new();
     let agent = topology.agent(&config(100, "max_syns_per_second = 77"), &[]);
-    assert_eq!(status(&topology)["max_syns_per_second"], 77);
+    assert_eq!(topology.status()["max_syns_per_second"], 77);
     let path = agent.config_path.clone().expect("config path");
     std::fs::write(
         &path,
@@ -360,7 +335,7 @@ fn sighup_syncs_the_kernel_and_a_broken_file_keeps_the_old_config() {
     .unwrap();
     agent.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while status(&topology)["max_syns_per_second"] != 88 {
+    while topology.status()["max_syns_per_second"] != 88 {
         assert!(
             Instant::now() < deadline,
             "reload not applied: {}",
@@ -368,7 +343,7 @@ fn sighup_syncs_the_kernel_and_a_broken_file_keeps_the_old_config() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(status(&topology)["mode"], "observe");
+    assert_eq!(topology.status()["mode"], "observe");
     assert!(
         topology.link(HOST_CLIENT_IF).contains("xdp"),
         "still attached"
@@ -381,10 +356,10 @@ fn sighup_syncs_the_kernel_and_a_broken_file_keeps_the_old_config() {
     .unwrap();
     hangup_refused(&agent);
     assert!(agent.log().contains("xdp.mode"), "{}", agent.log());
-    let status = status(&topology);
+    let status = topology.status();
     assert_eq!(status["max_syns_per_second"], 88, "old config kept");
     assert_eq!(status["mode"], "observe");
-    assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+    assert!(client_get(&topology).is_ok());
 }
 
 #[test]
@@ -413,7 +388,7 @@ fn a_killed_agent_fails_open_and_persist_leaves_the_program_attached() {
     );
     // The next agent takes the pinned links over, and without --persist detaches.
     let mut agent = topology.agent(&config(100, ""), &[]);
-    let status = status(&topology);
+    let status = topology.status();
     assert!(
         status["attachments"]
             .as_array()
@@ -433,21 +408,21 @@ fn a_spoofed_flood_from_more_sources_than_the_map_holds_cannot_evict_a_known_cli
     // 2,048 new sources a second (the default) against 200,000 spoofed ones:
     // more than the 131,072 entries of the per-source map.
     let _agent = topology.agent(&config(1_000_000, ""), &[]);
-    assert!(get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT).is_ok());
+    assert!(client_get(&topology).is_ok());
     let flood = {
         let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
         std::thread::spawn(move || spoofed_syn_flood(&host, &attacker, 200_000))
     };
     let mut served = 0;
     while !flood.is_finished() {
-        let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
-            .expect("the known client is served during the spoofed flood");
+        let response =
+            client_get(&topology).expect("the known client is served during the spoofed flood");
         assert_eq!(response.status, 200);
         served += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
     let took = flood.join().expect("flood thread");
-    let status = status(&topology);
+    let status = topology.status();
     let dropped = counter(&status, "drop", "new_source_ceiling");
     let admitted = counter(&status, "pass", "api");
     eprintln!(
@@ -509,8 +484,7 @@ fn a_reload_the_kernel_refuses_changes_nothing_in_the_proxy_or_the_kernel() {
     let topology = Topology::new();
     let agent = topology.agent(&config(100, "max_syns_per_second = 77"), &[]);
     let limit = || {
-        let response = get(&topology.client, api(HOST_CLIENT_ADDR), "/api/chat", SHORT)
-            .expect("the client is served");
+        let response = client_get(&topology).expect("the client is served");
         response.header("x-ratelimit-limit").map(str::to_owned)
     };
     assert_eq!(limit().as_deref(), Some("100"));
@@ -532,7 +506,7 @@ fn a_reload_the_kernel_refuses_changes_nothing_in_the_proxy_or_the_kernel() {
     // Neither half moved: the proxy keeps its tiers, the kernel its ceiling
     // and its (empty) allow list.
     assert_eq!(limit().as_deref(), Some("100"), "{}", agent.log());
-    let status = status(&topology);
+    let status = topology.status();
     assert_eq!(status["max_syns_per_second"], 77, "{status}");
     assert_eq!(
         status["allow"].as_array().map(Vec::len),

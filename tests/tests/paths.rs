@@ -9,13 +9,14 @@
 
 use std::{
     fmt::Write as _,
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use limiter_tests::{
-    agent::agent,
+    agent::{agent, tier},
+    http::{self, Response},
     routers::Router,
     spellings::{self, BASES, Spelling, TIERS},
 };
@@ -28,12 +29,7 @@ const BASE_LIMIT: usize = 100_001;
 fn config() -> String {
     let mut config = "[server]\nlisten = \"127.0.0.1:1\"\n\n[xdp]\nenabled = false\n".to_owned();
     for (i, (_, route)) in TIERS.iter().enumerate() {
-        let limit = BASE_LIMIT + i;
-        write!(
-            config,
-            "\n[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"1m\"\n"
-        )
-        .expect("writing to a String");
+        config.push_str(&tier(route, BASE_LIMIT + i, "1m"));
     }
     config
 }
@@ -59,52 +55,25 @@ fn exchange(addr: SocketAddr, target: &str) -> String {
         .expect("read timeout");
     let request = format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).expect("write");
-    let mut answer = Vec::new();
-    let mut buf = [0; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("{addr} {target:?}: no answer ({e})"),
-        }
-        let text = String::from_utf8_lossy(&answer);
-        if let Some((head, body)) = text.split_once("\r\n\r\n")
-            && let Some(length) = head.lines().find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().ok())?
-            })
-            && body.len() >= length
-        {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&answer).into_owned()
+    http::read_response(&mut stream)
+        .unwrap_or_else(|e| panic!("{addr} {target:?}: no answer ({e})"))
 }
 
 fn ask(addr: SocketAddr, target: &str) -> Answer {
-    let text = exchange(addr, target);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let counted = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("x-ratelimit-limit").then(|| {
-            let limit: usize = value.trim().parse().expect("numeric X-RateLimit-Limit");
-            let tier = limit.checked_sub(BASE_LIMIT).filter(|&t| t < TIERS.len());
-            tier.unwrap_or_else(|| panic!("{target:?}: X-RateLimit-Limit {limit} is no tier's"))
-        })
+    let response = Response::parse(&exchange(addr, target));
+    let counted = response.header("x-ratelimit-limit").map(|value| {
+        let limit: usize = value.parse().expect("numeric X-RateLimit-Limit");
+        let tier = limit.checked_sub(BASE_LIMIT).filter(|&t| t < TIERS.len());
+        tier.unwrap_or_else(|| panic!("{target:?}: X-RateLimit-Limit {limit} is no tier's"))
     });
+    let body = response.body.as_str();
     let route = body.trim().strip_prefix("route=").map(|name| {
         TIERS
             .iter()
             .position(|(tier, _)| *tier == name)
             .unwrap_or_else(|| panic!("{target:?}: a router answered route={name}"))
     });
+    let status = response.status;
     // Ours is a JSON `BAD_REQUEST`; hyper's own (a target it cannot parse) has no body,
     // and no answer at all is a refusal too. The routers' 400s have bodies of their own.
     let refused = route.is_none()

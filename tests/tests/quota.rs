@@ -11,35 +11,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use limiter_tests::agent::{
-    Process, agent, demo_upstream, demo_upstream_with_keys, free_port, raw_request_from,
-    small_config,
+use limiter_tests::{
+    agent::{
+        Process, agent, agent_in_front, demo_upstream, demo_upstream_with_keys, free_addr,
+        loopback as local, raw_request_from, small_config,
+    },
+    http::{self, get_request, status},
 };
 
 /// A GET with extra header lines from `from`; (status, whole answer).
 fn get_from(from: IpAddr, addr: SocketAddr, path: &str, headers: &[String]) -> (u16, String) {
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n");
-    for header in headers {
-        request.push_str(header);
-        request.push_str("\r\n");
-    }
-    request.push_str("\r\n");
-    let answer = raw_request_from(from, addr, &request);
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let answer = raw_request_from(from, addr, &get_request(path, headers));
+    let status = status(&answer).unwrap_or_else(|| panic!("no status line in {answer:?}"));
     (status, answer)
-}
-
-fn local(last: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
 /// nginx as a plain reverse proxy in front of `agent`, appending the client to
 /// `X-Forwarded-For` as its docs recommend (and passing `Forwarded` through
-/// untouched, as it does by default). Stopped on drop.
+/// untouched, as it does by default). One process (`master_process off`), so
+/// killing it on drop leaves no worker behind holding the test's output.
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -48,7 +38,7 @@ struct Nginx {
 
 impl Nginx {
     fn start(agent: SocketAddr) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr = free_addr();
         let dir = std::env::temp_dir().join(format!(
             "limiter-nginx-{}-{}",
             std::process::id(),
@@ -56,7 +46,7 @@ impl Nginx {
         ));
         std::fs::create_dir_all(dir.join("logs")).unwrap();
         let conf = format!(
-            "worker_processes 1;\nerror_log {dir}/logs/error.log;\npid {dir}/nginx.pid;\n\
+            "master_process off;\nworker_processes 1;\nerror_log {dir}/logs/error.log;\npid {dir}/nginx.pid;\n\
              events {{ worker_connections 256; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
                fastcgi_temp_path {dir}/fastcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
@@ -71,6 +61,8 @@ impl Nginx {
             .args(["-c"])
             .arg(dir.join("nginx.conf"))
             .args(["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting nginx (installed by cargo xtask setup)");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -114,12 +106,12 @@ fn count(statuses: &[u16], status: u16) -> usize {
 
 #[test]
 fn behind_nginx_a_client_cannot_pick_its_identity_with_forwarded() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 10, "1m", "trusted_proxies = [\"127.0.0.1\"]"),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        10,
+        "1m",
+        "trusted_proxies = [\"127.0.0.1\"]",
+    ));
     let nginx = Nginx::start(agent.addr);
     // The client is 127.0.0.2 (untrusted); nginx reaches the agent from 127.0.0.1.
     let spoofs = [
@@ -147,12 +139,12 @@ fn behind_nginx_a_client_cannot_pick_its_identity_with_forwarded() {
 
 #[test]
 fn an_unparsable_forwarding_hop_is_refused_not_pooled() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 10, "1m", "trusted_proxies = [\"127.0.0.1\"]"),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/chat",
+        10,
+        "1m",
+        "trusted_proxies = [\"127.0.0.1\"]",
+    ));
     // From the trusted proxy itself, a hop the walk reaches that is no address.
     for value in ["unknown", "garbage, 127.0.0.1", "_hidden"] {
         let (status, answer) = get_from(
@@ -164,27 +156,18 @@ fn an_unparsable_forwarding_hop_is_refused_not_pooled() {
         assert_eq!(status, 400, "{value}: {answer}");
         assert!(answer.contains("BAD_IDENTITY"), "{answer}");
     }
-    let metrics = get_from(
-        local(1),
-        agent.admin.expect("admin listener"),
-        "/metrics",
-        &[],
-    )
-    .1;
-    assert!(
-        metrics.contains("limiter_requests_refused_total{reason=\"client_address\"} 3"),
-        "{metrics}"
+    assert_eq!(
+        http::metric::<u64>(
+            &agent,
+            "limiter_requests_refused_total{reason=\"client_address\"}"
+        ),
+        3
     );
 }
 
 #[test]
 fn two_keys_in_one_request_or_a_malformed_key_are_refused_before_the_upstream() {
-    let upstream = demo_upstream();
-    let agent = agent(
-        &small_config("/api/chat", 10, "1m", ""),
-        Some(upstream.addr),
-        &[],
-    );
+    let (_upstream, agent) = agent_in_front(&small_config("/api/chat", 10, "1m", ""));
     let client = local(2);
     let cases: [&dyn Fn(usize) -> Vec<String>; 4] = [
         &|i| {
@@ -231,17 +214,20 @@ fn random_keys_from_one_address_get_the_address_quota_and_verified_keys_their_ow
     );
     let nat = local(2);
     let key = |k: &str| vec![format!("X-API-Key: {k}")];
+    // A wrong key shows the tier authenticates (401); until then no key is
+    // verified there.
+    assert_eq!(get_from(nat, agent.addr, "/api/chat", &key("wrong")).0, 401);
     // Two clients behind one NAT, each with a valid key: their first requests
     // are charged to the address and verify the keys.
     for k in ["valid-a", "valid-b"] {
         assert_eq!(get_from(nat, agent.addr, "/api/chat", &key(k)).0, 200);
     }
-    // 1,000 random keys from the same address: the upstream sees 8 of them
+    // 1,000 random keys from the same address: the upstream sees 7 of them
     // (the address quota left), answered 401; the rest are 429s.
     let got = statuses(&agent, 1_000, |i| {
         get_from(nat, agent.addr, "/api/chat", &key(&format!("random-{i}")))
     });
-    assert_eq!((count(&got, 401), count(&got, 429)), (8, 992), "{got:?}");
+    assert_eq!((count(&got, 401), count(&got, 429)), (7, 993), "{got:?}");
     // The verified keys are not starved: each has its own full quota.
     for k in ["valid-a", "valid-b"] {
         let got = statuses(&agent, 12, |_| {
@@ -261,37 +247,97 @@ fn random_keys_from_one_address_get_the_address_quota_and_verified_keys_their_ow
 }
 
 #[test]
-fn a_key_the_upstream_accepts_anywhere_is_verified_for_that_tier_only() {
-    // An upstream that authenticates nothing (the plain demo) accepts every
-    // key: each verification still costs a request of the address quota.
+fn keys_are_never_verified_on_a_tier_that_authenticates_nothing() {
+    // The plain demo serves anyone: a 200 there proves nothing about a key,
+    // so keys stay on the address quota however often they are used.
     let upstream = demo_upstream();
-    let config = format!(
-        "{}\n[[tier]]\nroute = \"/api/health\"\nlimit = 3\nwindow = \"1m\"\n",
-        small_config("/api/chat", 2, "1m", "")
+    let agent = agent(
+        &small_config("/api/chat", 2, "1m", ""),
+        Some(upstream.addr),
+        &[],
     );
-    let agent = agent(&config, Some(upstream.addr), &[]);
     let client = local(2);
     let key = |i: usize| vec![format!("X-API-Key: minted-{i}")];
-    let health = statuses(&agent, 10, |i| {
-        get_from(client, agent.addr, "/api/health", &key(i))
-    });
-    assert_eq!(count(&health, 200), 3, "{health:?}");
-    // Keys verified on the health tier are not verified on /api/chat: they
-    // share the address quota there.
-    let chat = statuses(&agent, 10, |i| {
+    let first = statuses(&agent, 10, |i| {
         get_from(client, agent.addr, "/api/chat", &key(i))
     });
-    assert_eq!(count(&chat, 200), 2, "{chat:?}");
+    assert_eq!(count(&first, 200), 2, "{first:?}");
+    let again = statuses(&agent, 2, |i| {
+        get_from(client, agent.addr, "/api/chat", &key(i))
+    });
+    assert_eq!(
+        count(&again, 429),
+        2,
+        "keys 0 and 1 were verified: {again:?}"
+    );
+}
+
+#[test]
+fn a_key_beside_another_credential_cannot_be_verified_by_it() {
+    // The upstream authenticates `Authorization: Token …` (or a tab after
+    // Bearer): a random X-API-Key beside it would be verified by a 200 meant
+    // for the other credential. Both are refused before the upstream.
+    let upstream = demo_upstream_with_keys(&["real"]);
+    let agent = agent(
+        &small_config("/api/chat", 10, "1m", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    for auth in ["Token real", "Bearer\treal", "Basic cmVhbDo="] {
+        let (status, answer) = get_from(
+            local(2),
+            agent.addr,
+            "/api/chat",
+            &[format!("Authorization: {auth}"), "X-API-Key: random".into()],
+        );
+        assert_eq!(status, 400, "{auth:?}: {answer}");
+        assert!(answer.contains("BAD_IDENTITY"), "{answer}");
+    }
+}
+
+#[test]
+fn a_per_address_budget_stops_verified_keys_piling_up_across_windows() {
+    // Keys verified on an authenticating tier: at most the tier's limit of new
+    // keys per address per verified_key_ttl, however many windows pass.
+    let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let upstream = demo_upstream_with_keys(&key_refs);
+    let agent = agent(
+        &small_config("/api/chat", 2, "1s", ""),
+        Some(upstream.addr),
+        &[],
+    );
+    let client = local(2);
+    let with = |k: &str| vec![format!("X-API-Key: {k}")];
+    assert_eq!(
+        get_from(client, agent.addr, "/api/chat", &with("wrong")).0,
+        401
+    );
+    std::thread::sleep(Duration::from_millis(1_100));
+    for window in 0..4 {
+        // Two fresh keys per window, each charged to the address…
+        for k in &keys[window * 2..window * 2 + 2] {
+            assert_eq!(get_from(client, agent.addr, "/api/chat", &with(k)).0, 200);
+        }
+        std::thread::sleep(Duration::from_millis(1_100));
+    }
+    // …then every one of them once more, in one window: only the first two
+    // got their own bucket (the budget is the tier's limit, 2, per hour), the
+    // rest share the address's 2.
+    let served = keys[..8]
+        .iter()
+        .filter(|k| get_from(client, agent.addr, "/api/chat", &with(k)).0 == 200)
+        .count();
+    assert_eq!(served, 2 + 2, "two verified keys, plus the address's two");
 }
 
 #[test]
 fn verify_keys_none_keeps_every_key_its_own_bucket() {
-    let upstream = demo_upstream();
     let config = format!(
         "{}[identity]\nverify_keys = \"none\"\n",
         small_config("/api/chat", 10, "1m", "")
     );
-    let agent = agent(&config, Some(upstream.addr), &[]);
+    let (_upstream, agent) = agent_in_front(&config);
     let got = statuses(&agent, 15, |i| {
         get_from(
             local(2),
@@ -305,17 +351,16 @@ fn verify_keys_none_keeps_every_key_its_own_bucket() {
 
 #[test]
 fn a_full_store_never_hands_quota_back() {
-    let upstream = demo_upstream();
     let config = small_config("/api/chat", 10, "1m", "")
         .replace("[xdp]", "[store]\nmax_buckets = 64\n\n[xdp]");
-    let agent = agent(&config, Some(upstream.addr), &[]);
+    let (_upstream, agent) = agent_in_front(&config);
     let heavy = local(2);
     let got = statuses(&agent, 11, |_| {
         get_from(heavy, agent.addr, "/api/chat", &[])
     });
     assert_eq!(count(&got, 429), 1, "{got:?}");
     // 500 other clients, one request each: far more than the store holds.
-    let (mut served, mut full) = (0, 0);
+    let (mut served, mut full) = (0, 0u32);
     for i in 0..500u32 {
         let from = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + i));
         let (status, answer) = get_from(from, agent.addr, "/api/chat", &[]);
@@ -332,11 +377,11 @@ fn a_full_store_never_hands_quota_back() {
     // The client at its limit is still at its limit.
     let (status, answer) = get_from(heavy, agent.addr, "/api/chat", &[]);
     assert_eq!(status, 429, "quota handed back: {answer}");
-    let metrics = get_from(local(1), agent.admin.expect("admin"), "/metrics", &[]).1;
-    assert!(
-        metrics.contains(&format!(
-            "limiter_requests_refused_total{{reason=\"store_full\"}} {full}"
-        )),
-        "{metrics}"
+    assert_eq!(
+        http::metric::<u32>(
+            &agent,
+            "limiter_requests_refused_total{reason=\"store_full\"}"
+        ),
+        full
     );
 }

@@ -16,18 +16,12 @@ use limiter_agent::{
 use limiter_tests::{
     agent::{
         Process, agent, agent_with_env, demo_upstream, demo_upstream_with_keys, free_port,
-        raw_request_from,
+        loopback, raw_request_from,
     },
+    http::{Response, client, get_request, metric},
     redis::{RedisCluster, RedisServer, redis_cli},
 };
 use reqwest::{Client, StatusCode};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http client")
-}
 
 /// One `/api/chat` tier of `limit` per `window`, decided in Redis at `store`
 /// (`url = …` or `cluster_nodes = […]`). Keys name buckets from their first
@@ -96,30 +90,20 @@ fn statuses(answers: &[Answer]) -> BTreeMap<u16, usize> {
     map
 }
 
-/// A value of the agent's Prometheus metrics (the first line starting with `name `).
-async fn metric(client: &Client, agent: &Process, name: &str) -> f64 {
-    let admin: SocketAddr = agent.admin.expect("agent admin address");
-    let text = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .expect("metrics request")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
-        .trim()
-        .parse()
-        .expect("a metric value")
+/// Two agents with `text` in front of `upstream`, once both report the store healthy.
+async fn two_agents(text: &str, upstream: &Process) -> (Process, Process) {
+    let a = agent(text, Some(upstream.addr), &[]);
+    let b = agent(text, Some(upstream.addr), &[]);
+    wait_store_healthy(&a, true).await;
+    wait_store_healthy(&b, true).await;
+    (a, b)
 }
 
 /// Waits (up to 10 s) until the agent reports the store healthy or not.
-async fn wait_store_healthy(client: &Client, agent: &Process, healthy: bool) {
-    let want = if healthy { 1.0 } else { 0.0 };
+async fn wait_store_healthy(agent: &Process, healthy: bool) {
+    let want = u64::from(healthy);
     for _ in 0..100 {
-        if (metric(client, agent, "limiter_store_healthy").await - want).abs() < f64::EPSILON {
+        if metric::<u64>(agent, "limiter_store_healthy") == want {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -195,11 +179,8 @@ async fn two_agents_admit_exactly_the_limit_in_total() {
     let redis = RedisServer::start();
     let upstream = demo_upstream();
     let text = config(&url_store(&redis), "allow", 30, "1m");
-    let a = agent(&text, Some(upstream.addr), &[]);
-    let b = agent(&text, Some(upstream.addr), &[]);
+    let (a, b) = two_agents(&text, &upstream).await;
     let client = client();
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
 
     let answers = burst(&client, &[&a, &b], "shared-key", 100).await;
     assert_exact(&answers, 30);
@@ -224,11 +205,9 @@ async fn two_agents_admit_exactly_the_limit_in_total() {
         "the window is set on the first hit: {ttl} ms left"
     );
     for agent in [&a, &b] {
-        assert!(
-            metric(&client, agent, "limiter_store_errors_total")
-                .await
-                .abs()
-                < f64::EPSILON,
+        assert_eq!(
+            metric::<u64>(agent, "limiter_store_errors_total"),
+            0,
             "no store errors: {}",
             agent.log()
         );
@@ -252,11 +231,8 @@ async fn rejections_do_not_consume_quota() {
     let redis = RedisServer::start();
     let upstream = demo_upstream();
     let text = config(&url_store(&redis), "allow", 5, "2s");
-    let a = agent(&text, Some(upstream.addr), &[]);
-    let b = agent(&text, Some(upstream.addr), &[]);
+    let (a, b) = two_agents(&text, &upstream).await;
     let client = client();
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
 
     let first = burst(&client, &[&a, &b], "patient", 5).await;
     assert_eq!(count(&first, StatusCode::OK), 5, "{:?}", statuses(&first));
@@ -321,11 +297,8 @@ async fn redis_dying_under_load_allow_keeps_limiting_locally_then_resumes_shared
     let mut redis = RedisServer::start();
     let upstream = demo_upstream();
     let text = config(&url_store(&redis), "allow", 10, "1m");
-    let a = agent(&text, Some(upstream.addr), &[]);
-    let b = agent(&text, Some(upstream.addr), &[]);
+    let (a, b) = two_agents(&text, &upstream).await;
     let client = client();
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let loader = {
@@ -357,16 +330,16 @@ async fn redis_dying_under_load_allow_keeps_limiting_locally_then_resumes_shared
     );
 
     // Down: each agent limits on its own (its local store, a limit per host).
-    wait_store_healthy(&client, &a, false).await;
-    assert!(metric(&client, &a, "limiter_store_errors_total").await >= 1.0);
+    wait_store_healthy(&a, false).await;
+    assert!(metric::<u64>(&a, "limiter_store_errors_total") >= 1);
     let local = burst(&client, &[&a], "while-down", 15).await;
     assert_eq!(count(&local, StatusCode::OK), 10, "{:?}", statuses(&local));
     assert_eq!(count(&local, StatusCode::TOO_MANY_REQUESTS), 5);
 
     // Back (empty, same port): shared limits resume without restarting the agents.
     redis.restart();
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
+    wait_store_healthy(&a, true).await;
+    wait_store_healthy(&b, true).await;
     let shared = burst(&client, &[&a, &b], "after-recovery", 100).await;
     assert_exact(&shared, 10);
     assert_eq!(only_bucket(&redis).1, 10, "decided in Redis again");
@@ -379,7 +352,7 @@ async fn redis_dying_with_deny_answers_503_then_recovers() {
     let text = config(&url_store(&redis), "deny", 10, "1m");
     let a = agent(&text, Some(upstream.addr), &[]);
     let client = client();
-    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&a, true).await;
 
     assert_eq!(ask(&client, &a, "k").await.status, StatusCode::OK);
     redis.kill();
@@ -392,10 +365,10 @@ async fn redis_dying_with_deny_answers_503_then_recovers() {
     );
     let body: serde_json::Value = serde_json::from_str(&down[0].body).expect("a JSON error body");
     assert_eq!(body["error"]["code"], "STORE_UNAVAILABLE", "{body}");
-    wait_store_healthy(&client, &a, false).await;
+    wait_store_healthy(&a, false).await;
 
     redis.restart();
-    wait_store_healthy(&client, &a, true).await;
+    wait_store_healthy(&a, true).await;
     let back = burst(&client, &[&a], "k", 12).await;
     assert_eq!(count(&back, StatusCode::OK), 10, "{:?}", statuses(&back));
     assert_eq!(count(&back, StatusCode::TOO_MANY_REQUESTS), 2);
@@ -419,12 +392,12 @@ async fn agent_starts_with_redis_down_and_picks_it_up() {
     let local = burst(&client, &[&a, &b], "early", 10).await;
     assert_eq!(count(&local, StatusCode::OK), 6, "{:?}", statuses(&local));
     assert!(a.log().contains("unreachable at startup"), "{}", a.log());
-    wait_store_healthy(&client, &a, false).await;
-    wait_store_healthy(&client, &b, false).await;
+    wait_store_healthy(&a, false).await;
+    wait_store_healthy(&b, false).await;
 
     let redis = RedisServer::start_with(port, &[]);
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
+    wait_store_healthy(&a, true).await;
+    wait_store_healthy(&b, true).await;
     let shared = burst(&client, &[&a, &b], "late", 20).await;
     assert_exact(&shared, 3);
     assert_eq!(only_bucket(&redis).1, 3);
@@ -437,11 +410,8 @@ async fn redis_cluster_keeps_limits_exact_across_slots() {
     // Seed with one node only: the client learns the others from it.
     let nodes = format!("cluster_nodes = [\"{}\"]", cluster.urls()[0]);
     let text = config(&nodes, "allow", 7, "1m");
-    let a = agent(&text, Some(upstream.addr), &[]);
-    let b = agent(&text, Some(upstream.addr), &[]);
+    let (a, b) = two_agents(&text, &upstream).await;
     let client = client();
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
 
     let keys: Vec<String> = (0..12).map(|i| format!("cluster-client-{i}")).collect();
     let both = [&a, &b];
@@ -470,11 +440,9 @@ async fn redis_cluster_keeps_limits_exact_across_slots() {
         "buckets spread over the cluster's slots: {per_node:?}"
     );
     for agent in [&a, &b] {
-        assert!(
-            metric(&client, agent, "limiter_store_errors_total")
-                .await
-                .abs()
-                < f64::EPSILON,
+        assert_eq!(
+            metric::<u64>(agent, "limiter_store_errors_total"),
+            0,
             "no store errors: {}",
             agent.log()
         );
@@ -541,7 +509,7 @@ async fn rediss_verifies_the_server_certificate() {
         &[],
         &[("SSL_CERT_FILE", &ca_text)],
     );
-    wait_store_healthy(&client, &trusting, true).await;
+    wait_store_healthy(&trusting, true).await;
     let answers = burst(&client, &[&trusting], "tls-client", 5).await;
     assert_eq!(
         count(&answers, StatusCode::OK),
@@ -588,7 +556,7 @@ async fn a_probe_dropped_by_a_disconnecting_client_does_not_keep_the_breaker_ope
     );
     let a = agent(&text, Some(upstream.addr), &[]);
     let patient = client();
-    wait_store_healthy(&patient, &a, true).await;
+    wait_store_healthy(&a, true).await;
     assert_eq!(ask(&patient, &a, "k").await.status, StatusCode::OK);
 
     // Redis stops answering for 3 s (every command waits; it comes back by itself).
@@ -636,7 +604,7 @@ async fn a_probe_dropped_by_a_disconnecting_client_does_not_keep_the_breaker_ope
     // Redis answers again: the next probe (a request's or the background one)
     // closes the breaker.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(pause.elapsed())).await;
-    wait_store_healthy(&patient, &a, true).await;
+    wait_store_healthy(&a, true).await;
     assert_eq!(
         ask(&patient, &a, "k").await.status,
         StatusCode::OK,
@@ -710,20 +678,17 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
 }
 
 /// (status, `X-RateLimit-Remaining`) of one request with `key` from 127.0.0.`from`.
-fn keyed_from(from: u8, agent: SocketAddr, key: &str) -> (String, Option<String>) {
+fn keyed_from(from: u8, agent: SocketAddr, key: &str) -> (u16, Option<u64>) {
     let answer = raw_request_from(
-        std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, from)),
+        loopback(from),
         agent,
-        &format!(
-            "GET /api/chat HTTP/1.1\r\nHost: api\r\nConnection: close\r\nX-API-Key: {key}\r\n\r\n"
-        ),
+        &get_request("/api/chat", &[format!("X-API-Key: {key}")]),
     );
-    let remaining = answer
-        .lines()
-        .find_map(|l| l.strip_prefix("x-ratelimit-remaining: "))
-        .map(|v| v.trim().to_owned());
-    let status = answer.split(' ').nth(1).unwrap_or_default().to_owned();
-    (status, remaining)
+    let response = Response::parse(&answer);
+    let remaining = response
+        .header("x-ratelimit-remaining")
+        .map(|v| v.parse().expect("a number"));
+    (response.status, remaining)
 }
 
 #[tokio::test]
@@ -732,14 +697,15 @@ async fn a_key_verified_through_one_agent_is_verified_on_the_other() {
     let upstream = demo_upstream_with_keys(&["shared-valid"]);
     let text = config(&url_store(&redis), "allow", 5, "1m")
         .replace("verify_keys = \"none\"", "verify_keys = \"upstream\"");
-    let a = agent(&text, Some(upstream.addr), &[]);
-    let b = agent(&text, Some(upstream.addr), &[]);
-    let client = client();
-    wait_store_healthy(&client, &a, true).await;
-    wait_store_healthy(&client, &b, true).await;
-    // Through A from 127.0.0.2: the first request is charged to that address
-    // and verifies the key; the second is the key's own.
+    let (a, b) = two_agents(&text, &upstream).await;
+    // A wrong key through A shows the tier authenticates (401). Then, from
+    // 127.0.0.2, the first request is charged to that address and verifies
+    // the key; the second is the key's own.
     let a_addr = a.addr;
+    let probe = tokio::task::spawn_blocking(move || keyed_from(4, a_addr, "wrong"))
+        .await
+        .unwrap();
+    assert_eq!(probe.0, 401);
     let (a1, a2) = tokio::task::spawn_blocking(move || {
         (
             keyed_from(2, a_addr, "shared-valid"),
@@ -748,8 +714,8 @@ async fn a_key_verified_through_one_agent_is_verified_on_the_other() {
     })
     .await
     .unwrap();
-    assert_eq!(a1, ("200".into(), Some("4".into())), "{}", a.log());
-    assert_eq!(a2, ("200".into(), Some("4".into())), "{}", a.log());
+    assert_eq!(a1, (200, Some(4)), "{}", a.log());
+    assert_eq!(a2, (200, Some(4)), "{}", a.log());
     let verified = redis.cli(&["--scan", "--pattern", "*verified*"]);
     assert!(
         verified.contains("verified:"),
@@ -766,9 +732,9 @@ async fn a_key_verified_through_one_agent_is_verified_on_the_other() {
     })
     .await
     .unwrap();
-    assert_eq!(b1, ("200".into(), Some("3".into())), "{}", b.log());
+    assert_eq!(b1, (200, Some(3)), "{}", b.log());
     // A key the upstream refuses is never recorded.
-    assert_eq!(rejected.0, "401");
+    assert_eq!(rejected.0, 401);
     let verified = redis.cli(&["--scan", "--pattern", "*verified*"]);
     assert_eq!(verified.lines().count(), 1, "{verified}");
 }

@@ -10,9 +10,14 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{Kernel, monotonic_ns, sync::escalation_threshold};
+use super::{Kernel, monotonic_ns};
 use crate::{
-    config::Config, identity::Identity, limit::Decision, metrics::Metrics, proxy::RejectionSink,
+    config::Config,
+    identity::Identity,
+    limit::Decision,
+    metrics::Metrics,
+    net::{self, Networks},
+    proxy::RejectionSink,
 };
 
 /// Offenders are forgotten this long after their last ban ended.
@@ -24,13 +29,52 @@ struct Offender {
     banned_until_ns: u64,
 }
 
+/// What escalation reads of the config: taken whole at start and on reload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EscalationSettings {
+    /// `[xdp] escalate_after_rejections`; 0 = derived from each bucket's limit.
+    pub after_rejections: u32,
+    pub ban_seconds: u64,
+    pub max_ban_seconds: u64,
+    pub ban_keyed_clients: bool,
+    pub ipv6_prefix: u8,
+    /// Never banned: each carries many clients.
+    pub trusted_proxies: Networks,
+}
+
+impl EscalationSettings {
+    #[must_use]
+    pub fn from_config(config: &Config) -> Self {
+        let live = &config.live;
+        Self {
+            after_rejections: live.xdp.escalate_after_rejections,
+            ban_seconds: live.xdp.ban_seconds,
+            max_ban_seconds: live.xdp.max_ban_seconds,
+            ban_keyed_clients: live.xdp.ban_keyed_clients,
+            ipv6_prefix: live.ipv6_prefix,
+            trusted_proxies: live.trusted_proxies.clone(),
+        }
+    }
+
+    /// Rejections in one window after which a client is banned:
+    /// `escalate_after_rejections`, or when 0 the bucket's own limit (a client
+    /// that collected as many 429s as it had requests is not reading them), at
+    /// least 10.
+    #[must_use]
+    pub fn threshold(&self, limit: u32) -> u32 {
+        match self.after_rejections {
+            0 => limit.max(10),
+            set => set,
+        }
+    }
+}
+
 /// The [`RejectionSink`] that bans sources in the kernel.
 pub struct Escalation {
     kernel: Arc<Kernel>,
     metrics: Metrics,
-    /// The config a reload can change; shared so a rejection takes a
-    /// reference count, not a copy of the whole config.
-    settings: Mutex<Arc<Config>>,
+    /// Swapped whole on reload; a rejection takes a reference count.
+    settings: Mutex<Arc<EscalationSettings>>,
     offenders: Mutex<HashMap<IpAddr, Offender>>,
 }
 
@@ -40,14 +84,15 @@ impl Escalation {
         Self {
             kernel,
             metrics,
-            settings: Mutex::new(Arc::new(config.clone())),
+            settings: Mutex::new(Arc::new(EscalationSettings::from_config(config))),
             offenders: Mutex::default(),
         }
     }
 
     /// Takes the thresholds and ban lengths of a reloaded config.
     pub fn update(&self, config: &Config) {
-        *self.settings.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(config.clone());
+        *self.settings.lock().unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(EscalationSettings::from_config(config));
     }
 
     /// Forgets offenders whose last ban ended long ago.
@@ -62,36 +107,28 @@ impl Escalation {
     /// The address to ban for this client, if banning it at L3 is right: the
     /// client must be the TCP peer (behind a trusted proxy the kernel sees only
     /// the proxy), and keyed clients only when `ban_keyed_clients` is set.
-    fn target(config: &Config, peer: IpAddr, identity: &Identity) -> Option<IpAddr> {
+    fn target(settings: &EscalationSettings, peer: IpAddr, identity: &Identity) -> Option<IpAddr> {
         let peer = peer.to_canonical();
         // A trusted proxy carries many clients: banning it would ban them all,
         // even when the client it names is itself.
-        if config.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+        if settings.trusted_proxies.contains(peer) {
             return None;
         }
         match identity {
-            Identity::Ip(ip) => {
-                // IPv6 identities are grouped by prefix; compare the peer's group.
-                let grouped = match peer {
-                    IpAddr::V6(_) => {
-                        IpNet::new(peer, config.ipv6_prefix).map_or(peer, |n| n.trunc().addr())
-                    }
-                    IpAddr::V4(_) => peer,
-                };
-                (grouped == *ip).then_some(peer)
-            }
-            Identity::Key(_) => config.xdp.ban_keyed_clients.then_some(peer),
+            // IPv6 identities are grouped by prefix; compare the peer's group.
+            Identity::Ip(ip) => (net::group(peer, settings.ipv6_prefix) == *ip).then_some(peer),
+            Identity::Key(_) => settings.ban_keyed_clients.then_some(peer),
         }
     }
 }
 
 impl RejectionSink for Escalation {
     fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, _window_ms: u64) {
-        let config = Arc::clone(&self.settings.lock().unwrap_or_else(PoisonError::into_inner));
-        if decision.rejected <= escalation_threshold(&config, decision.limit) {
+        let settings = Arc::clone(&self.settings.lock().unwrap_or_else(PoisonError::into_inner));
+        if decision.rejected <= settings.threshold(decision.limit) {
             return;
         }
-        let Some(addr) = Self::target(&config, peer, identity) else {
+        let Some(addr) = Self::target(&settings, peer, identity) else {
             return;
         };
         let now = monotonic_ns();
@@ -110,11 +147,10 @@ impl RejectionSink for Escalation {
             }
             offender.offences = offender.offences.saturating_add(1);
             let doubling = 1u64 << (offender.offences - 1).min(20);
-            let seconds = config
-                .xdp
+            let seconds = settings
                 .ban_seconds
                 .saturating_mul(doubling)
-                .min(config.xdp.max_ban_seconds);
+                .min(settings.max_ban_seconds);
             offender.banned_until_ns = now.saturating_add(seconds.saturating_mul(1_000_000_000));
             seconds
         };
@@ -122,7 +158,7 @@ impl RejectionSink for Escalation {
         match self
             .kernel
             .maps()
-            .ban(IpNet::from(addr), until, config.ipv6_prefix)
+            .ban(IpNet::from(addr), until, settings.ipv6_prefix)
         {
             Ok(net) => {
                 self.metrics.escalations.inc();

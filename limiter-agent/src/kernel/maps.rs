@@ -17,6 +17,8 @@ use limiter_common::{
     verdict,
 };
 
+use crate::net::{group, widen};
+
 /// A map could not be opened or used.
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -120,14 +122,17 @@ impl Maps {
     /// bumped it meanwhile).
     pub fn write_config(&mut self, config: &Config) -> Result<(), MapsError> {
         let current = self.config()?;
-        let config = Config {
+        self.put_config(&Config {
             policy_gen: current
                 .policy_gen
                 .max(config.policy_gen)
                 .wrapping_add(1)
                 .max(1),
             ..*config
-        };
+        })
+    }
+
+    fn put_config(&mut self, config: &Config) -> Result<(), MapsError> {
         self.config
             .set(0, config, 0)
             .map_err(map_err(map_names::CONFIG))
@@ -190,22 +195,25 @@ impl Maps {
         removed
     }
 
-    /// Replaces the allow list with `nets` (IPv6 entries widened like bans).
+    /// Replaces the allow list with `nets` (IPv6 entries widened like bans),
+    /// bumping the policy generation after a change, as [`Maps::ban`] does: a
+    /// source that re-read the tries in the middle of the change is told to
+    /// read them again.
     pub fn set_allow(&mut self, nets: &[IpNet], ipv6_prefix: u8) -> Result<(), MapsError> {
         let wanted: Vec<IpNet> = nets.iter().map(|n| widen(*n, ipv6_prefix)).collect();
-        let present: Vec<IpNet> = self
-            .allow
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| from_trie_key(&k))
-            .collect();
+        let present = self.allow_list();
+        let mut changed = false;
         for net in present.iter().filter(|n| !wanted.contains(n)) {
-            let _ = self.allow.remove(&trie_key(*net));
+            changed |= self.allow.remove(&trie_key(*net)).is_ok();
         }
-        for net in &wanted {
+        for net in wanted.iter().filter(|n| !present.contains(n)) {
             self.allow
                 .insert(&trie_key(*net), 1, 0)
                 .map_err(map_err(map_names::ALLOW))?;
+            changed = true;
+        }
+        if changed {
+            self.bump_policy()?;
         }
         Ok(())
     }
@@ -234,37 +242,65 @@ impl Maps {
     /// The state of one source (as the program keys it).
     #[must_use]
     pub fn source(&self, addr: IpAddr, ipv6_prefix: u8) -> Option<SourceState> {
-        let key = match widen(IpNet::from(addr), ipv6_prefix) {
-            IpNet::V4(n) => SourceKey::from_v4(n.addr().octets()),
-            IpNet::V6(n) => SourceKey::from_v6(n.network().octets()),
-        };
-        self.sources.get(&key, 0).ok()
+        self.source_at(&source_key(addr, ipv6_prefix))
     }
 
-    /// Packets by (verdict, reason), summed over CPUs; zero rows included.
+    /// The entry of exactly `key`.
+    #[must_use]
+    pub fn source_at(&self, key: &SourceKey) -> Option<SourceState> {
+        self.sources.get(key, 0).ok()
+    }
+
+    /// Overwrites the entry of `key`: the tests move windows and deadlines
+    /// instead of waiting for them.
+    #[cfg(feature = "test-util")]
+    pub fn put_source(&mut self, key: &SourceKey, state: &SourceState) -> Result<(), MapsError> {
+        self.sources
+            .insert(key, state, 0)
+            .map_err(map_err(map_names::SOURCES))
+    }
+
+    /// Writes `config` exactly, `policy_gen` included: the tests set
+    /// generations by hand to show when the program re-reads the tries.
+    #[cfg(feature = "test-util")]
+    pub fn put_config_exact(&mut self, config: &Config) -> Result<(), MapsError> {
+        self.put_config(config)
+    }
+
+    /// Packets with `verdict` for `reason`, summed over CPUs.
+    #[must_use]
+    pub fn stat(&self, verdict: u32, reason: u32) -> u64 {
+        self.stats
+            .get(&stat_index(verdict, reason), 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
+    /// Every (verdict, reason, packets) counter, summed over CPUs; zero rows included.
+    #[must_use]
+    pub fn counters(&self) -> Vec<(u32, u32, u64)> {
+        (0..verdict::COUNT)
+            .flat_map(|v| (0..reason::COUNT).map(move |r| (v, r)))
+            .map(|(v, r)| (v, r, self.stat(v, r)))
+            .collect()
+    }
+
+    /// [`Maps::counters`] by name.
     #[must_use]
     pub fn stats(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let mut out = Vec::new();
-        for v in 0..verdict::COUNT {
-            for r in 0..reason::COUNT {
-                let sum = self
-                    .stats
-                    .get(&stat_index(v, r), 0)
-                    .map_or(0, |per_cpu| per_cpu.iter().sum());
-                out.push((verdict::NAMES[v as usize], reason::NAMES[r as usize], sum));
-            }
-        }
-        out
+        self.counters()
+            .into_iter()
+            .map(|(v, r, n)| (verdict::NAMES[v as usize], reason::NAMES[r as usize], n))
+            .collect()
     }
 }
 
-/// IPv6 networks longer than the grouping prefix are cut to it.
-fn widen(net: IpNet, ipv6_prefix: u8) -> IpNet {
-    match net {
-        IpNet::V6(n) if n.prefix_len() > ipv6_prefix => {
-            IpNet::V6(ipnet::Ipv6Net::new(n.addr(), ipv6_prefix).map_or(n, |w| w.trunc()))
-        }
-        other => other.trunc(),
+/// The per-source key the program looks `addr` up by: IPv6 grouped to
+/// `ipv6_prefix`, IPv4 (and IPv4-mapped IPv6) as IPv4.
+#[must_use]
+pub fn source_key(addr: IpAddr, ipv6_prefix: u8) -> SourceKey {
+    match group(addr, ipv6_prefix) {
+        IpAddr::V4(v4) => SourceKey::from_v4(v4.octets()),
+        IpAddr::V6(v6) => SourceKey::from_v6(v6.octets()),
     }
 }
 
@@ -315,5 +351,25 @@ mod tests {
         );
         let v4: IpNet = "10.1.2.3/24".parse().unwrap();
         assert_eq!(widen(v4, 64), "10.1.2.0/24".parse::<IpNet>().unwrap());
+    }
+
+    #[test]
+    fn source_keys_group_ipv6_and_unmap_ipv4_like_the_program() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let v6 = |text: &str| text.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let v4_key = SourceKey::from_v4([192, 0, 2, 9]);
+        assert_eq!(source_key(ip("192.0.2.9"), 64), v4_key);
+        assert_eq!(
+            source_key(ip("::ffff:192.0.2.9"), 64),
+            v4_key,
+            "a client seen on a dual-stack socket is keyed as its IPv4 packets are"
+        );
+        let grouped = source_key(ip("2001:db8:1:2:3:4:5:6"), 64);
+        assert_eq!(grouped, SourceKey::from_v6(v6("2001:db8:1:2::")));
+        assert_eq!(
+            grouped,
+            SourceKey::from_v6(v6("2001:db8:1:2:3:4:5:6")).masked(&limiter_common::ipv6_mask(64)),
+            "the agent's grouping is the program's mask"
+        );
     }
 }

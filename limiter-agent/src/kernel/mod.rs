@@ -3,6 +3,7 @@
 //! (native mode first, generic as fallback), keeping its config in step with
 //! the agent's, and escalating sources that ignore their 429s into bans.
 
+mod attach;
 pub mod clock;
 mod escalate;
 pub mod maps;
@@ -19,18 +20,14 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
-    programs::{
-        Xdp,
-        links::{FdLink, LinkError, PinnedLink},
-        xdp::{XdpLink, XdpMode},
-    },
+    Ebpf, EbpfLoader,
+    programs::{ProgramError, Xdp},
 };
 pub use escalate::Escalation;
-use ipnet::IpNet;
 use limiter_common::{GLOBAL_USE_COARSE_CLOCK, PROGRAM_NAME, map_names};
 
 use self::{
+    attach::{attach, drop_stale_links},
     maps::{Maps, MapsError},
     state::{Attachment, RunState},
 };
@@ -62,6 +59,9 @@ pub enum KernelError {
     /// (root or `CAP_BPF` + `CAP_NET_ADMIN`) or a kernel without the needed features.
     #[error("loading the XDP object: {0}")]
     Load(String),
+    /// Loading the program failed; a verifier refusal carries the verifier's log.
+    #[error("loading the XDP object: {0}")]
+    Program(ProgramError),
     /// Attaching to an interface failed in both native and generic mode.
     #[error("attaching XDP to {interface}: {message}")]
     Attach { interface: String, message: String },
@@ -70,11 +70,85 @@ pub enum KernelError {
     Maps(#[from] MapsError),
 }
 
+/// How [`load`] loads the object.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Entries of the per-source map; `None` keeps the object's
+    /// [`limiter_common::SOURCES_CAPACITY`].
+    pub sources_capacity: Option<u32>,
+    /// The object's `USE_COARSE_CLOCK` global; `None` probes the kernel
+    /// ([`probe::coarse_clock`]), as the agent does.
+    pub coarse_clock: Option<bool>,
+}
+
+/// Loads `object` with its `limiter` program verified and loaded, not attached.
+///
+/// With `pin_dir`, the maps of [`map_names::PINNED`] are pinned at
+/// `<pin_dir>/<name>` (owner-only), reusing maps already pinned there, so
+/// counters and bans survive a restart; the directory is created (and the
+/// BPF filesystem mounted) as needed. Without it every map is private to the
+/// returned [`Ebpf`].
+pub fn load(
+    object: &[u8],
+    pin_dir: Option<&Path>,
+    options: LoadOptions,
+) -> Result<Ebpf, KernelError> {
+    let pins: Vec<(&'static str, PathBuf)> = match pin_dir {
+        Some(dir) => {
+            create_pin_dir(dir)?;
+            map_names::PINNED
+                .into_iter()
+                .map(|name| (name, dir.join(name)))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    if let Some(capacity) = options.sources_capacity {
+        loader.map_max_entries(map_names::SOURCES, capacity);
+    }
+    // Kernels without the coarse-clock helper (before 5.11) still get the
+    // jiffies clock once calibrated; until then the precise helper is the
+    // fallback. Those kernels also charge maps to RLIMIT_MEMLOCK.
+    probe::lift_memlock();
+    let coarse = u8::from(
+        options
+            .coarse_clock
+            .unwrap_or_else(|| probe::coarse_clock().unwrap_or(false)),
+    );
+    loader.override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true);
+    let mut ebpf = loader
+        .load(object)
+        .map_err(|e| KernelError::Load(format!("{e:#}")))?;
+    program_mut(&mut ebpf)?
+        .load()
+        .map_err(KernelError::Program)?;
+    // Pinned maps are restricted to their owner (root).
+    for (_, path) in &pins {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(ebpf)
+}
+
+/// Creates `dir` (owner-only) on a mounted BPF filesystem.
+fn create_pin_dir(dir: &Path) -> Result<(), KernelError> {
+    ensure_bpffs()?;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| KernelError::PinDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
 /// The loaded program, its maps and its attachments, for as long as the agent runs.
 pub struct Kernel {
     maps: Mutex<Maps>,
     /// Owns the program and its unpinned links: dropping it detaches them.
-    ebpf: Mutex<Option<aya::Ebpf>>,
+    ebpf: Mutex<Option<Ebpf>>,
     pin_dir: PathBuf,
     instance: String,
     persist: bool,
@@ -91,47 +165,13 @@ impl Kernel {
         interfaces: &[String],
         persist: bool,
     ) -> Result<Self, KernelError> {
-        ensure_bpffs()?;
         let pin_dir = pin_dir(instance);
-        std::fs::create_dir_all(&pin_dir)
-            .and_then(|()| {
-                std::fs::set_permissions(&pin_dir, std::fs::Permissions::from_mode(0o700))
-            })
-            .map_err(|source| KernelError::PinDir {
-                path: pin_dir.clone(),
-                source,
-            })?;
-        let paths: Vec<(&'static str, PathBuf)> = [
-            map_names::CONFIG,
-            map_names::SOURCES,
-            map_names::ALLOW,
-            map_names::BANS,
-            map_names::STATS,
-        ]
-        .into_iter()
-        .map(|name| (name, pin_dir.join(name)))
-        .collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        // Kernels without the coarse-clock helper (before 5.11) still get the
-        // jiffies clock once calibrated; until then the precise helper is the
-        // fallback. Those kernels also charge maps to RLIMIT_MEMLOCK.
-        probe::lift_memlock();
-        let coarse = u8::from(probe::coarse_clock().unwrap_or(false));
-        loader.override_global(GLOBAL_USE_COARSE_CLOCK, &coarse, true);
-        let mut ebpf = loader
-            .load(crate::object::LIMITER)
-            .map_err(|e| KernelError::Load(format!("{e:#}")))?;
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(|e| KernelError::Load(format!("{e:#}")))?;
+        let mut ebpf = load(
+            crate::object::LIMITER,
+            Some(&pin_dir),
+            LoadOptions::default(),
+        )?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
-        // Pinned maps are restricted to their owner (root).
-        for (_, path) in &paths {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
         let mut current = maps.config()?;
         if current.clock.ns_per_jiffy == 0 {
             // Once per boot: pinned maps keep the calibration across restarts.
@@ -148,7 +188,7 @@ impl Kernel {
         }
         let wanted = sync::kernel_config(config, current.clock, possible_cpus());
         maps.write_config(&wanted)?;
-        maps.set_allow(&sync::allow_list(config), config.ipv6_prefix)?;
+        maps.set_allow(sync::allow_list(config), config.live.ipv6_prefix)?;
         let program = program_mut(&mut ebpf)?;
         let mut attachments = Vec::new();
         for interface in interfaces {
@@ -167,7 +207,7 @@ impl Kernel {
             instance: instance.to_owned(),
             persist,
             attachments,
-            ipv6_prefix: Mutex::new(config.ipv6_prefix),
+            ipv6_prefix: Mutex::new(config.live.ipv6_prefix),
         };
         kernel.write_run_state();
         Ok(kernel)
@@ -193,11 +233,11 @@ impl Kernel {
         let mut maps = self.maps();
         let clock = maps.config()?.clock;
         maps.write_config(&sync::kernel_config(config, clock, possible_cpus()))?;
-        maps.set_allow(&sync::allow_list(config), config.ipv6_prefix)?;
+        maps.set_allow(sync::allow_list(config), config.live.ipv6_prefix)?;
         *self
             .ipv6_prefix
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = config.ipv6_prefix;
+            .unwrap_or_else(PoisonError::into_inner) = config.live.ipv6_prefix;
         Ok(())
     }
 
@@ -249,7 +289,7 @@ impl Kernel {
     }
 }
 
-fn program_mut(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, KernelError> {
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, KernelError> {
     ebpf.program_mut(PROGRAM_NAME)
         .ok_or_else(|| KernelError::Load(format!("no `{PROGRAM_NAME}` program")))?
         .try_into()
@@ -295,105 +335,14 @@ impl crate::admin::StatusReport for Kernel {
     }
 }
 
-/// Attaches `program` to `interface`: takes over a link left pinned by an
-/// earlier `--persist` run (atomic replace), else native mode, else generic.
-/// With `persist` the link is pinned so it outlives the agent.
-fn attach(
-    program: &mut Xdp,
-    pin_dir: &Path,
-    interface: &str,
-    persist: bool,
-) -> Result<&'static str, KernelError> {
-    let link_path = pin_dir.join(format!("link_{interface}"));
-    let failed = |message: String| KernelError::Attach {
-        interface: interface.to_owned(),
-        message,
-    };
-    let mut mode = None;
-    let mut id = None;
-    if link_path.exists() {
-        match take_pinned_link(&link_path) {
-            Ok(link) => match program.attach_to_link(link) {
-                Ok(link_id) => {
-                    id = Some(link_id);
-                    mode = Some("replaced");
-                }
-                Err(e) => tracing::warn!(%interface, "replacing the pinned link failed: {e}"),
-            },
-            Err(e) => tracing::warn!(%interface, "pinned link unusable: {e}"),
-        }
-    }
-    if id.is_none() {
-        match program.attach(interface, XdpMode::Driver) {
-            Ok(link_id) => {
-                id = Some(link_id);
-                mode = Some("native");
-            }
-            Err(native) => {
-                tracing::debug!(%interface, "native XDP refused ({native}); trying generic");
-                let link_id = program
-                    .attach(interface, XdpMode::Skb)
-                    .map_err(|e| failed(format!("native: {native}; generic: {e}")))?;
-                id = Some(link_id);
-                mode = Some("generic");
-            }
-        }
-    }
-    let (Some(id), Some(mode)) = (id, mode) else {
-        unreachable!("attached above or returned");
-    };
-    if persist {
-        let link = program
-            .take_link(id)
-            .map_err(|e| failed(format!("taking the link: {e}")))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| {
-            failed(format!(
-                "this kernel attaches XDP without bpf_link, which cannot be pinned ({e}); \
-                 run without --persist"
-            ))
-        })?;
-        fd_link
-            .pin(&link_path)
-            .map_err(|e| failed(format!("pinning the link: {e}")))?;
-    }
-    Ok(mode)
-}
-
-fn take_pinned_link(path: &Path) -> Result<XdpLink, LinkError> {
-    let pinned = PinnedLink::from_pin(path)?;
-    let fd_link = pinned.unpin().map_err(|e| {
-        LinkError::SyscallError(aya::sys::SyscallError {
-            call: "unlink",
-            io_error: e,
-        })
-    })?;
-    XdpLink::try_from(fd_link)
-}
-
-/// Links pinned by an earlier `--persist` run on interfaces no longer
-/// configured are unpinned, which detaches them.
-fn drop_stale_links(pin_dir: &Path, interfaces: &[String]) {
-    let Ok(entries) = std::fs::read_dir(pin_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(interface) = name.to_str().and_then(|n| n.strip_prefix("link_")) else {
-            continue;
-        };
-        if !interfaces.iter().any(|i| i == interface) {
-            let _ = std::fs::remove_file(entry.path());
-            tracing::info!(%interface, "detached a program left attached by an earlier run");
-        }
-    }
-}
-
 /// Mounts the BPF filesystem at /sys/fs/bpf when nothing is mounted there.
 fn ensure_bpffs() -> Result<(), KernelError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let path = c"/sys/fs/bpf";
-    // SAFETY: statfs writes into the zeroed struct we own; the path is a C string.
+    // SAFETY: `statfs` is plain integers, for which all-zero is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated C string and `stat` a struct we own,
+    // both valid for the duration of the call.
     let found = unsafe { libc::statfs(path.as_ptr(), &raw mut stat) } == 0;
     #[allow(
         clippy::useless_conversion,
@@ -403,7 +352,8 @@ fn ensure_bpffs() -> Result<(), KernelError> {
     if found && f_type == BPF_FS_MAGIC {
         return Ok(());
     }
-    // SAFETY: all arguments are valid C strings or null.
+    // SAFETY: every argument is a NUL-terminated C string or, for the mount
+    // data, null, which `mount` accepts.
     let rc = unsafe {
         libc::mount(
             c"bpf".as_ptr(),
@@ -431,16 +381,9 @@ fn possible_cpus() -> u32 {
 /// `CLOCK_MONOTONIC` in ns: the clock of every deadline in the maps.
 #[must_use]
 pub fn monotonic_ns() -> u64 {
-    // SAFETY: clock_gettime writes into the timespec we own.
+    // SAFETY: `timespec` is plain integers, for which all-zero is a valid value.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes into the timespec we own, valid for the call.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// Parses `IP` or `IP/LEN`.
-pub fn parse_net(text: &str) -> Result<IpNet, String> {
-    text.parse::<IpNet>()
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map(|n| n.trunc())
-        .map_err(|_| format!("`{text}` is not an IP address or IP/LEN network"))
 }

@@ -23,7 +23,8 @@ pub fn lift_memlock() {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
-    // SAFETY: both calls get a valid rlimit for the duration of the call.
+    // SAFETY: each call gets a pointer to an rlimit we own, valid for the
+    // duration of the call; none of them keeps it.
     unsafe {
         if libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) != 0 {
             let mut limit = unlimited;

@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 use limiter_common::{Clock, mode};
 
-use crate::config::Config;
+use crate::config::{Config, XdpMode};
 
 /// Packets a client sends for one request at most on a fresh connection (SYN,
 /// ACK, request, ACKs of the response, FIN, final ACK) with room for
@@ -20,6 +20,7 @@ pub const MIN_SYNS_PER_SECOND: u32 = 100;
 #[must_use]
 pub fn burst_requests(config: &Config) -> u32 {
     config
+        .live
         .tiers
         .iter()
         .map(|t| t.limit.get())
@@ -29,7 +30,7 @@ pub fn burst_requests(config: &Config) -> u32 {
 /// `max_packets_per_second`, or when 0: `max(1000, 10 × Σ tier limits)`.
 #[must_use]
 pub fn packet_ceiling(config: &Config) -> u32 {
-    match config.xdp.max_packets_per_second {
+    match config.live.xdp.max_packets_per_second {
         0 => burst_requests(config)
             .saturating_mul(PACKETS_PER_REQUEST)
             .max(MIN_PACKETS_PER_SECOND),
@@ -41,7 +42,7 @@ pub fn packet_ceiling(config: &Config) -> u32 {
 /// connection per request, each SYN possibly retransmitted once).
 #[must_use]
 pub fn syn_ceiling(config: &Config) -> u32 {
-    match config.xdp.max_syns_per_second {
+    match config.live.xdp.max_syns_per_second {
         0 => burst_requests(config)
             .saturating_mul(2)
             .max(MIN_SYNS_PER_SECOND),
@@ -55,7 +56,7 @@ pub fn syn_ceiling(config: &Config) -> u32 {
 /// keeps its entry, its counters and its ban.
 #[must_use]
 pub fn new_source_ceiling(config: &Config) -> u32 {
-    match config.xdp.max_new_sources_per_second {
+    match config.live.xdp.max_new_sources_per_second {
         0 => limiter_common::SOURCES_CAPACITY / 64,
         set => set,
     }
@@ -70,10 +71,10 @@ pub fn new_sources_per_cpu(config: &Config, cpus: u32) -> u32 {
 /// The API ports: `[xdp] ports`, or the listen port.
 #[must_use]
 pub fn ports(config: &Config) -> Vec<u16> {
-    if config.xdp.ports.is_empty() {
-        vec![config.listen.port()]
+    if config.live.xdp.ports.is_empty() {
+        vec![config.startup.listen.port()]
     } else {
-        config.xdp.ports.clone()
+        config.live.xdp.ports.clone()
     }
 }
 
@@ -82,19 +83,18 @@ pub fn ports(config: &Config) -> Vec<u16> {
 #[must_use]
 pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common::Config {
     let mut out = limiter_common::Config {
-        ipv6_mask: limiter_common::ipv6_mask(config.ipv6_prefix),
+        ipv6_mask: limiter_common::ipv6_mask(config.live.ipv6_prefix),
         window_ns: 1_000_000_000,
-        autoban_ns: config.xdp.ban_seconds.saturating_mul(1_000_000_000),
+        autoban_ns: config.live.xdp.ban_seconds.saturating_mul(1_000_000_000),
         clock,
         max_packets: packet_ceiling(config),
         max_syns: syn_ceiling(config),
         policy_gen: 1,
-        autoban_after_windows: config.xdp.autoban_after_seconds,
+        autoban_after_windows: config.live.xdp.autoban_after_seconds,
         max_new_sources: new_sources_per_cpu(config, cpus),
-        mode: if config.xdp.mode == "observe" {
-            mode::OBSERVE
-        } else {
-            mode::ENFORCE
+        mode: match config.live.xdp.mode {
+            XdpMode::Enforce => mode::ENFORCE,
+            XdpMode::Observe => mode::OBSERVE,
         },
         ..limiter_common::Config::default()
     };
@@ -104,32 +104,16 @@ pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common
     out
 }
 
-/// `[xdp] allow` as networks (validated when the config was loaded).
+/// `[xdp] allow`: networks the program never counts or bans.
 #[must_use]
-pub fn allow_list(config: &Config) -> Vec<IpNet> {
-    config
-        .xdp
-        .allow
-        .iter()
-        .filter_map(|a| super::parse_net(a).ok())
-        .collect()
-}
-
-/// Rejections in one window after which a client is banned in the kernel:
-/// `escalate_after_rejections`, or when 0 the bucket's own limit (a client
-/// that collected as many 429s as it had requests is not reading them), at
-/// least 10.
-#[must_use]
-pub fn escalation_threshold(config: &Config, limit: u32) -> u32 {
-    match config.xdp.escalate_after_rejections {
-        0 => limit.max(10),
-        set => set,
-    }
+pub fn allow_list(config: &Config) -> &[IpNet] {
+    config.live.xdp.allow.as_slice()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::escalate::EscalationSettings;
 
     #[test]
     fn derived_ceilings_follow_the_reference_table() {
@@ -146,8 +130,8 @@ mod tests {
         assert_eq!(k.max_packets, 4100);
         assert_eq!(k.mode, mode::ENFORCE);
         assert_eq!(k.autoban_ns, 60_000_000_000);
-        assert_eq!(escalation_threshold(&config, 60), 60);
-        assert_eq!(escalation_threshold(&config, 3), 10);
+        assert_eq!(EscalationSettings::from_config(&config).threshold(60), 60);
+        assert_eq!(EscalationSettings::from_config(&config).threshold(3), 10);
     }
 
     #[test]
@@ -163,6 +147,6 @@ mod tests {
         assert_eq!(k.max_new_sources, 683, "2048 a second over three CPUs");
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
         assert_eq!(k.mode, mode::OBSERVE);
-        assert_eq!(escalation_threshold(&config, 100), 4);
+        assert_eq!(EscalationSettings::from_config(&config).threshold(100), 4);
     }
 }

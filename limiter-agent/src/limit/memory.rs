@@ -1,240 +1,23 @@
-//! The embedded store: a sharded in-memory map of fixed-window buckets.
+//! The embedded store: a sharded in-memory map of fixed-window buckets. This
+//! file shards and locks; one shard's buckets and queues are in `shard`.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    hash::{BuildHasherDefault, Hasher},
-    sync::{
-        Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+mod shard;
+
+use std::sync::{
+    Mutex, MutexGuard, PoisonError,
+    atomic::{AtomicU64, Ordering},
 };
 
+use self::shard::Shard;
 use super::{Ask, BucketKey, Decision, Store, StoreError, StoreFuture};
-
-/// Reset times are kept in 43 bits (up to year 2248); later ones saturate.
-const RESET_BITS: u32 = 43;
-const RESET_MAX: u64 = (1 << RESET_BITS) - 1;
-/// Set when an expired bucket was renewed in place, so its queue entry sits too early.
-const RENEWED: u64 = 1 << RESET_BITS;
-/// The rest of the word counts rejections, saturating at 2^20 - 1 per window.
-const REJECTED_SHIFT: u32 = RESET_BITS + 1;
-const REJECTED_MAX: u64 = u64::MAX >> REJECTED_SHIFT;
 
 const DEFAULT_SHARDS: usize = 64;
 /// Shard index bits start at 32: the map takes its slot index from the low bits and a 7-bit
 /// tag from the top 7, so a shard index taken from either would leave them constant per shard.
 const SHARD_SHIFT: u32 = 32;
 const MAX_SHARDS: usize = 1 << 16;
-/// Distinct window lengths with their own queue per shard (tiers are few); beyond this the
-/// last queue is shared, which only delays reclaim (see `Shard::queue_for`).
-const MAX_QUEUES: usize = 8;
 /// Queue entries examined per lock hold in `reclaim`, so requests interleave with it.
 const RECLAIM_BATCH: usize = 4096;
-
-/// The map's key. Packed to 4-byte alignment so that with a `Bucket` a map slot is 20 bytes,
-/// not 24: the memory budget (64 bytes per bucket, map and queue) has no room for padding.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(C, packed(4))]
-struct SlotKey(u64);
-
-/// One bucket: 12 bytes. The limit is not kept (it comes with each call), which is what
-/// makes 12 possible; the window length is implied by the reset time.
-#[derive(Clone, Copy)]
-#[repr(C, packed(4))]
-struct Bucket {
-    /// Reset ms | `RENEWED` | rejected << `REJECTED_SHIFT`.
-    packed: u64,
-    count: u32,
-}
-
-const _: () = assert!(size_of::<(SlotKey, Bucket)>() == 20);
-
-impl Bucket {
-    fn new(reset_ms: u64, flags: u64) -> Self {
-        Self {
-            packed: reset_ms.min(RESET_MAX) | flags,
-            count: 0,
-        }
-    }
-
-    fn reset_ms(self) -> u64 {
-        self.packed & RESET_MAX
-    }
-
-    fn rejected(self) -> u32 {
-        u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
-    }
-
-    /// Counts one request; the check and the increment happen under the shard lock.
-    fn admit(&mut self, limit: u32) -> Decision {
-        let allowed = self.count < limit;
-        if allowed {
-            self.count += 1;
-        } else if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
-            self.packed += 1 << REJECTED_SHIFT;
-        }
-        Decision {
-            allowed,
-            remaining: if allowed { limit - self.count } else { 0 },
-            ..self.state(limit)
-        }
-    }
-
-    /// `allowed` here says whether a request now would be admitted.
-    fn state(self, limit: u32) -> Decision {
-        Decision {
-            allowed: self.count < limit,
-            limit,
-            remaining: limit.saturating_sub(self.count),
-            reset_ms: self.reset_ms(),
-            rejected: self.rejected(),
-        }
-    }
-}
-
-/// `BucketKey` is already a keyed hash, so the map uses it as is.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    /// Only reached if the key type ever stops being a `u64`.
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// Keys of the buckets created with one window length, oldest first. As windows are
-/// anchored at first use, this is also (nearly: threads read the clock before locking)
-/// expiry order, which makes reclaim and eviction pop from the front.
-struct Queue {
-    window_ms: u64,
-    keys: VecDeque<u64>,
-}
-
-/// Invariant: every key in `map` is in exactly one queue exactly once, and keys leave the
-/// map only when popped from a queue front, so the queues cost 8 bytes per bucket.
-#[derive(Default)]
-struct Shard {
-    map: HashMap<SlotKey, Bucket, BuildHasherDefault<KeyHasher>>,
-    queues: Vec<Queue>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
-    Empty,
-    Live,
-    Expired,
-    Requeued,
-}
-
-impl Shard {
-    fn queue_for(&mut self, window_ms: u64) -> usize {
-        if let Some(q) = self.queues.iter().position(|q| q.window_ms == window_ms) {
-            q
-        } else if self.queues.len() < MAX_QUEUES {
-            self.queues.push(Queue {
-                window_ms,
-                keys: VecDeque::new(),
-            });
-            self.queues.len() - 1
-        } else {
-            // Mixed windows make this queue unsorted; a long-lived front then only delays
-            // reclaim of what is behind it, and nothing live is ever reclaimed.
-            MAX_QUEUES - 1
-        }
-    }
-
-    /// Handles the front of queue `q`: removes it if expired, moves a renewed
-    /// bucket to the back, or reports it live and leaves it.
-    fn step(&mut self, q: usize, now_ms: u64) -> Step {
-        let keys = &mut self.queues[q].keys;
-        let Some(&key) = keys.front() else {
-            return Step::Empty;
-        };
-        let Some(bucket) = self.map.get_mut(&SlotKey(key)) else {
-            // Unreachable under the invariant; dropping the entry keeps the queue moving.
-            keys.pop_front();
-            return Step::Requeued;
-        };
-        if bucket.reset_ms() <= now_ms {
-            self.map.remove(&SlotKey(key));
-            keys.pop_front();
-            Step::Expired
-        } else if bucket.packed & RENEWED != 0 {
-            // Each renewal is requeued at most once, so loops over `step` terminate.
-            bucket.packed &= !RENEWED;
-            keys.pop_front();
-            keys.push_back(key);
-            Step::Requeued
-        } else {
-            Step::Live
-        }
-    }
-
-    /// Frees one slot when the shard is at `cap` by removing expired fronts.
-    /// Never a live bucket: forgetting a window that has counted requests would
-    /// hand its client a fresh quota. `false` when every front is live (the
-    /// fronts are the buckets nearest to expiry, so the shard is full of live
-    /// windows).
-    fn make_room(&mut self, cap: usize, now_ms: u64) -> bool {
-        while self.map.len() >= cap {
-            let nearest = (0..self.queues.len())
-                .filter_map(|q| {
-                    let key = self.queues[q].keys.front()?;
-                    Some((self.map.get(&SlotKey(*key)).map_or(0, |b| b.reset_ms()), q))
-                })
-                .min();
-            let Some((_, q)) = nearest else { return false };
-            match self.step(q, now_ms) {
-                Step::Expired | Step::Requeued => {}
-                Step::Live | Step::Empty => return false,
-            }
-        }
-        true
-    }
-
-    /// Pops expired fronts, at most `budget` steps; returns (removed, budget ran out).
-    fn reclaim(&mut self, now_ms: u64, budget: usize) -> (usize, bool) {
-        let (mut removed, mut steps) = (0, 0);
-        for q in 0..self.queues.len() {
-            loop {
-                if steps == budget {
-                    return (removed, true);
-                }
-                steps += 1;
-                match self.step(q, now_ms) {
-                    Step::Expired => removed += 1,
-                    Step::Requeued => {}
-                    Step::Empty | Step::Live => break,
-                }
-            }
-        }
-        (removed, false)
-    }
-
-    /// Returns memory after a spike has drained; the rehash is O(live) and runs only in
-    /// the background task, once per fourfold drop.
-    fn shrink(&mut self) {
-        if self.map.capacity() / 4 > self.map.len().max(1024) {
-            self.map.shrink_to(self.map.len() * 2);
-        }
-        for q in &mut self.queues {
-            if q.keys.capacity() / 4 > q.keys.len().max(1024) {
-                q.keys.shrink_to(q.keys.len() * 2);
-            }
-        }
-    }
-}
 
 /// A new bucket found its shard full of live windows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -293,29 +76,13 @@ impl MemoryStore {
         window_ms: u64,
         now_ms: u64,
     ) -> Result<Decision, StoreFull> {
-        let window_ms = window_ms.max(1);
-        let reset_ms = now_ms.saturating_add(window_ms);
-        let mut guard = self.shard(key);
-        let shard = &mut *guard;
-        if let Some(bucket) = shard.map.get_mut(&SlotKey(key.0)) {
-            if bucket.reset_ms() <= now_ms {
-                // Expired but not reclaimed yet: renew in place. Its queue entry stays at the
-                // old, earlier position; the flag tells the front-popper to requeue it.
-                *bucket = Bucket::new(reset_ms, RENEWED);
-            }
-            return Ok(bucket.admit(limit));
-        }
-        if !shard.make_room(self.shard_cap, now_ms) {
-            drop(guard);
+        let decided = self
+            .shard(key)
+            .decide(key.0, limit, window_ms, now_ms, self.shard_cap);
+        if decided.is_err() {
             self.full.fetch_add(1, Ordering::Relaxed);
-            return Err(StoreFull);
         }
-        let q = shard.queue_for(window_ms);
-        let mut bucket = Bucket::new(reset_ms, 0);
-        let decision = bucket.admit(limit);
-        shard.map.insert(SlotKey(key.0), bucket);
-        shard.queues[q].keys.push_back(key.0);
-        Ok(decision)
+        decided
     }
 
     /// Current state of a bucket without changing it (None if absent or expired).
@@ -323,19 +90,14 @@ impl MemoryStore {
     /// `allowed` says whether a request now would be admitted.
     #[must_use]
     pub fn peek(&self, key: BucketKey, limit: u32, now_ms: u64) -> Option<Decision> {
-        let shard = self.shard(key);
-        let bucket = shard
-            .map
-            .get(&SlotKey(key.0))
-            .filter(|b| b.reset_ms() > now_ms)?;
-        Some(bucket.state(limit))
+        self.shard(key).peek(key.0, limit, now_ms)
     }
 
     /// Live buckets (approximate is fine while other threads write).
     /// Expired buckets not yet reclaimed are counted: they hold memory until `reclaim`.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     #[must_use]
@@ -392,7 +154,10 @@ fn lock(slot: &Slot) -> MutexGuard<'_, Shard> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::{
+        collections::HashMap,
+        time::{SystemTime, UNIX_EPOCH},
+    };
 
     use proptest::prelude::*;
 
@@ -501,10 +266,6 @@ mod tests {
             (d.allowed, d.remaining, d.rejected, d.reset_ms),
             (false, 0, 1, T0 + 1)
         );
-        let mut bucket = Bucket::new(T0, (REJECTED_MAX - 1) << REJECTED_SHIFT);
-        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1);
-        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1, "saturates");
-        assert_eq!(bucket.reset_ms(), T0);
         let clock = SystemClock::new();
         let (a, b) = (clock.now_ms(), clock.now_ms());
         let wall = SystemTime::now()

@@ -1,7 +1,7 @@
 //! API keys the upstream has accepted, per tier: a key is a bucket of its own
 //! only once verified, so random keys cannot mint fresh quota. Bounded: when
-//! full, the oldest verification is forgotten, which only costs that key one
-//! more request charged to its client address.
+//! full, the least recently used verification is forgotten, which only costs
+//! that key one more request charged to its client address.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -17,10 +17,21 @@ pub struct VerifiedKeys {
 
 #[derive(Default)]
 struct Inner {
-    expiry: HashMap<u64, u64>,
-    /// Insertion order, for eviction when full. May hold entries removed since
-    /// (then skipped); kept to at most twice the capacity.
-    order: VecDeque<u64>,
+    /// Entry → (lapses at, generation of its newest position in `order`).
+    expiry: HashMap<u64, (u64, u64)>,
+    /// Least recently verified or refreshed first. A position whose generation
+    /// is not the entry's current one is stale and skipped; kept to at most
+    /// twice the capacity.
+    order: VecDeque<(u64, u64)>,
+    generation: u64,
+}
+
+impl Inner {
+    fn touch(&mut self, entry: u64, until: u64) {
+        self.generation += 1;
+        self.expiry.insert(entry, (until, self.generation));
+        self.order.push_back((entry, self.generation));
+    }
 }
 
 impl VerifiedKeys {
@@ -35,51 +46,69 @@ impl VerifiedKeys {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Whether `entry` is verified at `now_ms`.
     #[must_use]
     pub fn contains(&self, entry: u64, now_ms: u64) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner
+        self.lock()
             .expiry
             .get(&entry)
-            .is_some_and(|until| *until > now_ms)
+            .is_some_and(|(until, _)| *until > now_ms)
     }
 
-    /// Records (or refreshes) a verification.
+    /// Records (or renews) a verification; it becomes the most recent.
     pub fn insert(&self, entry: u64, now_ms: u64) {
-        let until = now_ms.saturating_add(self.ttl_ms);
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let inner = &mut *inner;
-        if inner.expiry.insert(entry, until).is_none() {
-            inner.order.push_back(entry);
-        }
+        self.insert_for(entry, now_ms, self.ttl_ms);
+    }
+
+    /// As [`Self::insert`], trusted for `ttl_ms` only (a verification read
+    /// from another host's record, so that its revocation reaches us soon).
+    pub fn insert_for(&self, entry: u64, now_ms: u64, ttl_ms: u64) {
+        let until = now_ms.saturating_add(ttl_ms.min(self.ttl_ms));
+        let mut inner = self.lock();
+        inner.touch(entry, until);
         while inner.expiry.len() > self.capacity || inner.order.len() > 2 * self.capacity {
-            let Some(oldest) = inner.order.pop_front() else {
+            let Some((oldest, generation)) = inner.order.pop_front() else {
                 break;
             };
-            // A stale position (removed, then inserted again at the back) may
-            // drop a fresher entry: that only means one more verification.
-            inner.expiry.remove(&oldest);
+            if inner
+                .expiry
+                .get(&oldest)
+                .is_some_and(|(_, g)| *g == generation)
+            {
+                inner.expiry.remove(&oldest);
+            }
         }
+    }
+
+    /// Renews a live verification in use once less than half its time is
+    /// left (so a key in use never lapses, without a write per request);
+    /// true when it did.
+    pub fn refresh(&self, entry: u64, now_ms: u64) -> bool {
+        let half = self.ttl_ms / 2;
+        let due = self
+            .lock()
+            .expiry
+            .get(&entry)
+            .is_some_and(|(until, _)| *until > now_ms && until - now_ms < half);
+        if due {
+            self.insert(entry, now_ms);
+        }
+        due
     }
 
     /// Forgets a verification (the upstream refused the key: revoked).
     pub fn remove(&self, entry: u64) {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .expiry
-            .remove(&entry);
+        self.lock().expiry.remove(&entry);
     }
 
     /// Entries held (expired ones included until evicted or refreshed).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .expiry
-            .len()
+        self.lock().expiry.len()
     }
 
     #[must_use]
@@ -89,11 +118,13 @@ impl VerifiedKeys {
 
     /// Drops lapsed entries; called by the housekeeping task, off the request path.
     pub fn reclaim(&self, now_ms: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.lock();
         let inner = &mut *inner;
-        inner.expiry.retain(|_, until| *until > now_ms);
+        inner.expiry.retain(|_, (until, _)| *until > now_ms);
         let expiry = &inner.expiry;
-        inner.order.retain(|e| expiry.contains_key(e));
+        inner
+            .order
+            .retain(|(e, g)| expiry.get(e).is_some_and(|(_, current)| current == g));
     }
 }
 
@@ -132,5 +163,22 @@ mod tests {
         // The newest survive.
         assert!(keys.contains(9_999, 1));
         assert!(!keys.contains(0, 1));
+    }
+
+    #[test]
+    fn keys_in_use_are_renewed_and_kept_when_others_churn() {
+        let keys = VerifiedKeys::new(3, 1_000);
+        keys.insert(1, 0);
+        assert!(!keys.refresh(1, 400), "more than half left: no write");
+        assert!(keys.refresh(1, 600), "less than half left: renewed");
+        assert!(keys.contains(1, 1_500));
+        assert!(!keys.refresh(2, 600), "absent entries are not created");
+        // Entry 1 used again after 2 and 3 arrived: 4 evicts 2, not 1.
+        keys.insert(2, 700);
+        keys.insert(3, 700);
+        keys.insert(1, 800);
+        keys.insert(4, 900);
+        assert!(keys.contains(1, 901) && keys.contains(3, 901) && keys.contains(4, 901));
+        assert!(!keys.contains(2, 901));
     }
 }

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::identity;
+use crate::net;
 
 /// Which connection cap refused a connection (the `cap` label of
 /// `limiter_connections_refused_total`: the setting's name).
@@ -65,7 +65,7 @@ impl Source {
             }
         } else {
             Self {
-                key: identity::group(peer, ipv6_prefix),
+                key: net::group(peer, ipv6_prefix),
                 cap: Cap::PerSource,
                 limit: caps.per_source,
             }

@@ -12,10 +12,8 @@
 use std::time::Duration;
 
 use limiter_tests::{
-    bench::{BENCH_PATH, WrkResult, machine, median_run, write_json, wrk},
-    netns::{
-        API_PORT, HOST_ATTACKER_IF, HOST_CLIENT_ADDR, HOST_CLIENT_IF, Topology, syn_flood_for,
-    },
+    bench::{BENCH_PATH, WrkResult, machine, median_run, numeric_options, write_json, wrk},
+    netns::{self, API_PORT, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
 };
 use serde_json::json;
 
@@ -23,11 +21,10 @@ use serde_json::json;
 const SYN_CEILING: u32 = 200;
 
 fn config(xdp: bool) -> String {
-    format!(
-        "[server]\nlisten = \"0.0.0.0:{API_PORT}\"\n\n[xdp]\nenabled = {xdp}\n\
-         interfaces = [\"{HOST_CLIENT_IF}\", \"{HOST_ATTACKER_IF}\"]\n\
-         max_syns_per_second = {SYN_CEILING}\n\n\
-         [[tier]]\nroute = \"{BENCH_PATH}\"\nlimit = 1000000000\nwindow = \"1m\"\n"
+    netns::config(
+        BENCH_PATH,
+        1_000_000_000,
+        &format!("enabled = {xdp}\nmax_syns_per_second = {SYN_CEILING}"),
     )
 }
 
@@ -46,19 +43,6 @@ struct Outcome {
     legit: WrkResult,
     attacker_pps: f64,
     dropped_pps: f64,
-}
-
-fn xdp_drops(topology: &Topology) -> u64 {
-    let (ok, text) = topology.cli(&["status", "--json"]);
-    assert!(ok, "status: {text}");
-    let status: serde_json::Value = serde_json::from_str(&text).expect("status JSON");
-    status["counters"]
-        .as_array()
-        .expect("counters")
-        .iter()
-        .filter(|c| c["verdict"] == "drop")
-        .map(|c| c["packets"].as_u64().unwrap_or(0))
-        .sum()
 }
 
 fn run(scenario: &str, seconds: u32) -> Outcome {
@@ -103,11 +87,11 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
     if flood.is_some() {
         std::thread::sleep(Duration::from_millis(500));
     }
-    let drops_before = if xdp { xdp_drops(&topology) } else { 0 };
+    let drops_before = if xdp { dropped(&topology.status()) } else { 0 };
     let client_ns = topology.client.name.clone();
     let url = format!("http://{HOST_CLIENT_ADDR}:{API_PORT}{BENCH_PATH}");
     let legit = wrk(&["ip", "netns", "exec", &client_ns], 0, &url, 8, seconds);
-    let drops_after = if xdp { xdp_drops(&topology) } else { 0 };
+    let drops_after = if xdp { dropped(&topology.status()) } else { 0 };
     let sent = flood.map_or(0, |f| f.join().expect("flood thread"));
     #[expect(clippy::cast_precision_loss, reason = "packet counts far below 2^52")]
     Outcome {
@@ -118,21 +102,11 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
     let (mut seconds, mut rounds) = (8, 3);
-    while let Some(arg) = args.next() {
-        let value: u32 = args
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{arg} needs a number"));
-        match arg.as_str() {
-            "--seconds" => seconds = value,
-            "--rounds" => rounds = value,
-            other => {
-                panic!("unknown argument {other}; usage: flood-bench [--seconds S] [--rounds N]")
-            }
-        }
-    }
+    numeric_options(
+        "flood-bench [--seconds S] [--rounds N]",
+        &mut [("--seconds", &mut seconds), ("--rounds", &mut rounds)],
+    );
     limiter_tests::require_root("the flood benchmark (namespaces, XDP, iptables)");
     let scenarios = [
         "baseline",

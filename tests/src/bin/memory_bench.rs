@@ -13,8 +13,10 @@ use std::{
 };
 
 use limiter_tests::{
-    agent::{agent_binary, free_port},
-    bench::{Peer, http_get, machine, metric, rss_bytes, scratch, write_json},
+    agent::{agent_binary, free_port, tier},
+    bench::{Peer, machine, rss_bytes, scratch, write_json},
+    http,
+    prometheus::metric,
 };
 use serde_json::json;
 
@@ -90,7 +92,7 @@ fn read_response(reader: &mut BufReader<TcpStream>) {
 fn buckets(admin: SocketAddr) -> f64 {
     // The gauge is refreshed every second.
     std::thread::sleep(Duration::from_millis(2200));
-    metric(&http_get(admin, "/metrics"), "limiter_buckets").expect("limiter_buckets")
+    metric(&http::get(admin, "/metrics").body, "limiter_buckets").expect("limiter_buckets")
 }
 
 fn main() {
@@ -120,8 +122,8 @@ fn main() {
     );
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[xdp]\nenabled = false\n\n\
-         [[tier]]\nroute = \"/api/chat\"\nlimit = 1000\nwindow = \"1h\"\n"
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[xdp]\nenabled = false\n{}",
+        tier("/api/chat", 1000, "1h")
     );
     let path = dir.join("limiter.toml");
     std::fs::write(&path, config).expect("config");

@@ -13,15 +13,18 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
+use limiter_agent::config::Tier;
 use limiter_tests::{
-    agent::free_port,
+    agent::{agent_binary, free_port, reference_tiers, tier},
     bench::{
-        BENCH_PATH, Peer, TIERS, WrkResult, http_get, machine, median_run, metric, route_regex,
-        scratch, write_json, wrk,
+        BENCH_PATH, Peer, WrkResult, machine, median_run, numeric_options, route_regex, scratch,
+        write_json, wrk,
     },
+    http,
+    prometheus::metric,
 };
 use serde_json::json;
 
@@ -31,6 +34,11 @@ const CONNECTIONS: u32 = 50;
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A tier's limit times `scale`.
+fn scaled(tier: &Tier, scale: u32) -> u64 {
+    u64::from(tier.limit.get()) * u64::from(scale)
 }
 
 fn nginx_common(dir: &Path) -> String {
@@ -57,11 +65,23 @@ fn upstream(dir: &Path, port: u16) -> Peer {
         nginx_common(dir),
         nginx_temp(dir)
     );
-    let path = dir.join("upstream.conf");
-    std::fs::write(&path, conf).expect("upstream config");
-    Peer::start(
+    start_nginx(
         "upstream (nginx static)",
         LOAD_CPU,
+        dir,
+        "upstream.conf",
+        &conf,
+        port,
+    )
+}
+
+/// Writes `conf` to `dir/file` and starts nginx with it.
+fn start_nginx(name: &str, cpu: u32, dir: &Path, file: &str, conf: &str, port: u16) -> Peer {
+    let path = dir.join(file);
+    std::fs::write(&path, conf).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    Peer::start(
+        name,
+        cpu,
         "nginx",
         &[
             "-p",
@@ -74,17 +94,17 @@ fn upstream(dir: &Path, port: u16) -> Peer {
 }
 
 /// nginx with one `limit_req` zone per tier, keyed by client address.
-fn nginx(dir: &Path, port: u16, upstream: u16, scale: u32) -> Peer {
+fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> Peer {
     let mut http = nginx_temp(dir);
     let _ = writeln!(http, "keepalive_requests 1000000;\nlimit_req_status 429;");
     let _ = writeln!(
         http,
         "upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}"
     );
-    for (i, (_, limit, window)) in TIERS.iter().enumerate() {
+    for (i, tier) in tiers.iter().enumerate() {
         // nginx meters a rate (leaky bucket); burst = the window's quota makes
         // a whole window's requests admissible at once, like a fixed window.
-        let per_minute = u64::from(*limit) * u64::from(scale) * 60 / u64::from(*window);
+        let per_minute = scaled(tier, scale) * 60 / tier.window.as_secs();
         let _ = writeln!(
             http,
             "limit_req_zone $binary_remote_addr zone=t{i}:10m rate={per_minute}r/m;"
@@ -92,59 +112,54 @@ fn nginx(dir: &Path, port: u16, upstream: u16, scale: u32) -> Peer {
     }
     let _ = writeln!(http, "server {{\nlisten 127.0.0.1:{port} reuseport;");
     let proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";";
-    for (i, (route, limit, _)) in TIERS.iter().enumerate() {
-        let burst = u64::from(*limit) * u64::from(scale);
+    for (i, tier) in tiers.iter().enumerate() {
+        let burst = scaled(tier, scale);
         let _ = writeln!(
             http,
             "location ~ {} {{ limit_req zone=t{i} burst={burst} nodelay; {proxy} }}",
-            route_regex(route)
+            route_regex(&tier.route)
         );
     }
     let _ = writeln!(http, "location / {{ {proxy} }}\n}}");
     let conf = format!("{}http {{\n{http}}}\n", nginx_common(dir));
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).expect("nginx config");
-    Peer::start(
+    start_nginx(
         "nginx limit_req",
         CONTENDER_CPU,
-        "nginx",
-        &[
-            "-p",
-            &dir.display().to_string(),
-            "-c",
-            &path.display().to_string(),
-        ],
-        local(port),
+        dir,
+        "nginx.conf",
+        &conf,
+        port,
     )
 }
 
 /// `HAProxy` with one stick table per tier (`http_req_rate` over the window).
-fn haproxy(dir: &Path, port: u16, upstream: u16, scale: u32) -> Peer {
+fn haproxy(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> Peer {
     let mut conf = String::from(
         "global\n  nbthread 1\n  maxconn 8000\n\ndefaults\n  mode http\n  timeout connect 5s\n  \
          timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\n",
     );
     let _ = writeln!(conf, "frontend api\n  bind 127.0.0.1:{port}");
-    for (i, (route, _, _)) in TIERS.iter().enumerate() {
+    for (i, tier) in tiers.iter().enumerate() {
         let _ = writeln!(
             conf,
             "  http-request track-sc0 src table t{i} if {{ path_reg {} }}",
-            route_regex(route)
+            route_regex(&tier.route)
         );
     }
-    for (i, (route, limit, _)) in TIERS.iter().enumerate() {
-        let limit = u64::from(*limit) * u64::from(scale);
+    for (i, tier) in tiers.iter().enumerate() {
+        let limit = scaled(tier, scale);
         let _ = writeln!(
             conf,
             "  http-request deny deny_status 429 if {{ path_reg {} }} {{ sc_http_req_rate(0,t{i}) gt {limit} }}",
-            route_regex(route)
+            route_regex(&tier.route)
         );
     }
     let _ = writeln!(
         conf,
         "  default_backend up\n\nbackend up\n  http-reuse always\n  server s1 127.0.0.1:{upstream}\n"
     );
-    for (i, (_, _, window)) in TIERS.iter().enumerate() {
+    for (i, tier) in tiers.iter().enumerate() {
+        let window = tier.window.as_secs();
         let _ = writeln!(
             conf,
             "backend t{i}\n  stick-table type ip size 1m expire {window}s store http_req_rate({window}s)\n"
@@ -161,17 +176,6 @@ fn haproxy(dir: &Path, port: u16, upstream: u16, scale: u32) -> Peer {
     )
 }
 
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let binary = exe.with_file_name("limiter-agent");
-    assert!(
-        binary.is_file(),
-        "{} is missing: `cargo build --release -p limiter-agent` (cargo xtask bench does)",
-        binary.display()
-    );
-    binary
-}
-
 /// The agent with the reference tiers scaled by `scale`; with XDP on `lo`
 /// (instance `instance`) when given.
 fn limiter(
@@ -179,6 +183,7 @@ fn limiter(
     port: u16,
     admin: u16,
     upstream: u16,
+    tiers: &[Tier],
     scale: u32,
     xdp: Option<&str>,
 ) -> Peer {
@@ -195,12 +200,9 @@ fn limiter(
         }
         None => conf.push_str("[xdp]\nenabled = false\n\n"),
     }
-    for (route, limit, window) in TIERS {
-        let limit = u64::from(*limit) * u64::from(scale);
-        let _ = writeln!(
-            conf,
-            "[[tier]]\nroute = \"{route}\"\nlimit = {limit}\nwindow = \"{window}s\"\n"
-        );
+    for t in tiers {
+        let window = format!("{}s", t.window.as_secs());
+        conf.push_str(&tier(&t.route, scaled(t, scale), &window));
     }
     let name = xdp.map_or("limiter.toml", |_| "limiter-xdp.toml");
     let path = dir.join(name);
@@ -244,10 +246,19 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
         std::fs::create_dir_all(d).expect("dir");
     }
     let _upstream = upstream(&upstream_dir, up_port);
-    let _nginx = nginx(&nginx_dir, nginx_port, up_port, scale);
-    let _haproxy = haproxy(&dir, haproxy_port, up_port, scale);
-    let _limiter = limiter(&dir, lim_port, lim_admin, up_port, scale, None);
-    let limiter_xdp = limiter(&dir, xdp_port, xdp_admin, up_port, scale, Some(&instance));
+    let tiers = reference_tiers();
+    let _nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale);
+    let _haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale);
+    let _limiter = limiter(&dir, lim_port, lim_admin, up_port, &tiers, scale, None);
+    let limiter_xdp = limiter(
+        &dir,
+        xdp_port,
+        xdp_admin,
+        up_port,
+        &tiers,
+        scale,
+        Some(&instance),
+    );
     let mut contenders = vec![
         ("limiter", lim_port),
         ("limiter_xdp", xdp_port),
@@ -274,7 +285,7 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     for (i, (contender, _)) in contenders.iter().enumerate() {
         out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
     }
-    let metrics = http_get(local(xdp_admin), "/metrics");
+    let metrics = http::get(local(xdp_admin), "/metrics").body;
     let dropped: f64 = ["banned", "packet_ceiling", "syn_ceiling"]
         .iter()
         .map(|r| {
@@ -295,21 +306,11 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
     let (mut rounds, mut seconds) = (3, 8);
-    while let Some(arg) = args.next() {
-        let value: u32 = args
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{arg} needs a number"));
-        match arg.as_str() {
-            "--rounds" => rounds = value,
-            "--seconds" => seconds = value,
-            other => {
-                panic!("unknown argument {other}; usage: proxy-bench [--rounds N] [--seconds S]")
-            }
-        }
-    }
+    numeric_options(
+        "proxy-bench [--rounds N] [--seconds S]",
+        &mut [("--rounds", &mut rounds), ("--seconds", &mut seconds)],
+    );
     limiter_tests::require_root("the proxy benchmark (XDP on lo)");
     // Limits far above what the run can send, then the reference limits.
     let allowed = scenario("allowed", 1_000_000, rounds, seconds, true);

@@ -8,10 +8,12 @@
 //! runs, each from a fresh address, minus the single-run overhead measured the same
 //! way on the trivial program, plus the trivial program's looped cost.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
+use ipnet::IpNet;
 use limiter_common::{SourceKey, SourceState};
 use limiter_tests::{
+    bench::median,
     monotonic_ns,
     packet::{ACK, Frame},
     xdp::{API_PORT, Harness, XDP_DROP, XDP_PASS},
@@ -50,11 +52,6 @@ fn parse_args() -> Args {
     parsed
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 fn nanos(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
 }
@@ -77,7 +74,8 @@ fn looped(h: &Harness, frame: &[u8], args: &Args, expect: u32) -> f64 {
 /// Runs the whole benchmark on CPU 0: `BPF_PROG_TEST_RUN` runs the program on
 /// the caller's CPU, and the new-source budget is per CPU.
 fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is empty; the calls only touch the set we own.
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set; CPU_SET writes bit 0
+    // of the set we own, and sched_setaffinity reads it for the call only.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
@@ -103,8 +101,7 @@ fn main() {
     let banned = api([198, 51, 100, 3]);
     assert_eq!(h.run(&known), XDP_PASS);
     h.ban(
-        SourceKey::from_v4([198, 51, 100, 3]),
-        128,
+        IpNet::from(IpAddr::from([198, 51, 100, 3])),
         monotonic_ns() + 3_600_000_000_000,
     );
     assert_eq!(h.run(&banned), XDP_DROP);

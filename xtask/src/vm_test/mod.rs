@@ -209,7 +209,7 @@ fn host_tool(tool: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("`{tool}` is not installed (cargo xtask setup installs it)"))
 }
 
-/// Builds the XDP suite (`tests/tests/xdp.rs`) and, in the same build (so
+/// Builds the XDP suite (`tests/tests/xdp/`) and, in the same build (so
 /// with the same features), the tests crate's binaries; returns the suite's
 /// test executable and `vm-load`.
 fn test_executables() -> anyhow::Result<(PathBuf, PathBuf)> {

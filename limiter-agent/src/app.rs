@@ -1,0 +1,283 @@
+//! The running agent: built from a validated config (kernel side, store,
+//! proxy, listeners), served until SIGTERM, reloaded on SIGHUP, with its
+//! once-a-second housekeeping.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    admin::{self, Admin, StatusReport},
+    cli::RunArgs,
+    config::{Config, StoreKind},
+    demo,
+    kernel::{Escalation, Kernel},
+    limit::{Clock, RedisStore, Store, SystemClock},
+    metrics::{Metrics, ReloadLabels},
+    privilege,
+    proxy::Proxy,
+    server,
+};
+
+/// How long in-flight requests get to finish after SIGTERM/SIGINT.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Loads and attaches the XDP program unless it is off. Called before any
+/// thread exists, so capabilities can be dropped once it is done.
+///
+/// # Errors
+/// The program could not be loaded or attached (not root, old kernel).
+pub fn start_kernel(config: &Config) -> anyhow::Result<Option<Arc<Kernel>>> {
+    let xdp = &config.startup.xdp;
+    if !xdp.enabled {
+        tracing::info!("kernel fast path off (--no-xdp or [xdp] enabled = false)");
+        return Ok(None);
+    }
+    let kernel = Kernel::start(config, &xdp.instance, &xdp.interfaces, xdp.persist)
+        .context("starting the kernel fast path (run as root, or use --no-xdp)")?;
+    Ok(Some(Arc::new(kernel)))
+}
+
+/// Everything `run` serves, bound and ready.
+pub struct App {
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    kernel: Option<Arc<Kernel>>,
+    escalation: Option<Arc<Escalation>>,
+    reload: Reload,
+}
+
+/// What a reload needs besides the running state: where the config came
+/// from, and the in-process upstream that replaces the file's.
+struct Reload {
+    args: RunArgs,
+    demo_upstream: Option<http::Uri>,
+}
+
+impl App {
+    /// Starts the store, builds the proxy and binds both listeners. The
+    /// kernel side (if any) is already attached: once the listener accepts,
+    /// XDP is in place.
+    ///
+    /// # Errors
+    /// A listener can't be bound, TLS files can't be read, the store can't be
+    /// set up.
+    pub async fn build(
+        args: RunArgs,
+        mut config: Config,
+        kernel: Option<Arc<Kernel>>,
+    ) -> anyhow::Result<Self> {
+        let demo_upstream = if args.demo_upstream {
+            let addr = demo::spawn("127.0.0.1:0".parse()?, Vec::new())
+                .await
+                .context("starting the demo upstream")?;
+            tracing::info!(%addr, "demo upstream listening");
+            Some(format!("http://{addr}").parse::<http::Uri>()?)
+        } else {
+            None
+        };
+        if let Some(upstream) = &demo_upstream {
+            config.live.upstream = upstream.clone();
+        }
+        let startup = &config.startup;
+        let tls = match &startup.tls {
+            Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
+            None => None,
+        };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let store = shared_store(&config, &clock).await?;
+        let metrics = Metrics::new();
+        if let Some(kernel) = &kernel {
+            metrics.set_kernel(kernel.clone());
+        }
+        let listener = TcpListener::bind(startup.listen)
+            .await
+            .with_context(|| format!("binding {}", startup.listen))?;
+        let admin_listener = TcpListener::bind(startup.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", startup.admin_listen))?;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            listen = %listener.local_addr()?,
+            admin = %admin_listener.local_addr()?,
+            upstream = %config.live.upstream,
+            tiers = config.live.tiers.len(),
+            tls = tls.is_some(),
+            store = ?startup.store,
+            capabilities = ?privilege::effective(),
+            "limiter-agent started"
+        );
+        let escalation = kernel
+            .as_ref()
+            .map(|k| Arc::new(Escalation::new(k.clone(), &config, metrics.clone())));
+        let mut proxy = Proxy::new(config, clock, store, metrics)?;
+        if let Some(escalation) = &escalation {
+            proxy = proxy.with_rejection_sink(escalation.clone());
+        }
+        Ok(Self {
+            listener,
+            admin_listener,
+            tls,
+            proxy: Arc::new(proxy),
+            kernel,
+            escalation,
+            reload: Reload {
+                args,
+                demo_upstream,
+            },
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains and detaches (unless the
+    /// program is to persist).
+    ///
+    /// # Errors
+    /// Serving failed.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            admin_listener,
+            tls,
+            proxy,
+            kernel,
+            escalation,
+            reload,
+        } = self;
+        // Gauges (store health above all) are right before the admin listener serves.
+        proxy.housekeeping();
+        spawn_housekeeping(proxy.clone(), kernel.clone(), escalation.clone());
+        let sections: Vec<Arc<dyn StatusReport>> = kernel
+            .iter()
+            .map(|k| k.clone() as Arc<dyn StatusReport>)
+            .collect();
+        let admin = Arc::new(Admin::new(proxy.clone(), sections));
+        tokio::spawn(admin::serve(admin_listener, admin));
+        tokio::spawn(reload.on_hangup(proxy.clone(), kernel.clone(), escalation));
+        let served = server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await;
+        if let Some(kernel) = &kernel {
+            kernel.shutdown();
+        }
+        served?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The Redis store, when `[store]` names one; `None` means in-memory.
+async fn shared_store(
+    config: &Config,
+    clock: &Arc<dyn Clock>,
+) -> anyhow::Result<Option<Arc<dyn Store>>> {
+    let StoreKind::Redis(settings) = &config.startup.store else {
+        return Ok(None);
+    };
+    let store = RedisStore::new(settings, clock.clone(), config.startup.max_buckets)
+        .context("setting up the redis store")?;
+    // Down at boot is not fatal: the breaker opens and recovery is automatic.
+    if let Err(e) = store.probe().await {
+        tracing::warn!(error = %e, on_error = ?config.live.on_error, "redis store unreachable at startup");
+    }
+    Ok(Some(Arc::new(store)))
+}
+
+/// Once a second: expired buckets, bans and offenders; store and bucket gauges.
+fn spawn_housekeeping(
+    proxy: Arc<Proxy>,
+    kernel: Option<Arc<Kernel>>,
+    escalation: Option<Arc<Escalation>>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            proxy.housekeeping();
+            if let Some(kernel) = &kernel {
+                kernel.housekeeping();
+            }
+            if let Some(escalation) = &escalation {
+                escalation.housekeeping();
+            }
+        }
+    });
+}
+
+impl Reload {
+    /// SIGHUP: re-reads the config file and swaps its live settings in whole;
+    /// a bad file is refused (logged and counted) and the running config stays.
+    async fn on_hangup(
+        self,
+        proxy: Arc<Proxy>,
+        kernel: Option<Arc<Kernel>>,
+        escalation: Option<Arc<Escalation>>,
+    ) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("no SIGHUP handler: config reload disabled");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            let outcome =
+                if let Err(e) = self.apply(&proxy, kernel.as_deref(), escalation.as_deref()) {
+                    tracing::error!("config reload refused, keeping the running config: {e:#}");
+                    "error"
+                } else {
+                    tracing::info!(
+                        tiers = proxy.state().config.live.tiers.len(),
+                        "config reloaded"
+                    );
+                    "ok"
+                };
+            proxy
+                .metrics()
+                .reloads
+                .get_or_create(&ReloadLabels { result: outcome })
+                .inc();
+        }
+    }
+
+    /// All or nothing: the proxy switches only once the kernel has the new
+    /// config; a kernel that refuses it gets the running one back.
+    fn apply(
+        &self,
+        proxy: &Proxy,
+        kernel: Option<&Kernel>,
+        escalation: Option<&Escalation>,
+    ) -> anyhow::Result<()> {
+        let mut config = Config::for_run(&self.args)?;
+        if let Some(upstream) = &self.demo_upstream {
+            config.live.upstream = upstream.clone();
+        }
+        let running = proxy.state();
+        for setting in config.needs_restart(&running.config) {
+            tracing::warn!(setting, "changed in the file; takes effect on restart");
+        }
+        let config = config.reloaded_onto(&running.config);
+        let prepared = proxy.prepare(config.clone())?;
+        if let Some(kernel) = kernel
+            && let Err(e) = kernel.sync(&config)
+        {
+            if let Err(undo) = kernel.sync(&running.config) {
+                tracing::error!(error = %undo, "restoring the running config in the kernel failed");
+            }
+            return Err(anyhow::Error::new(e).context("pushing the new config to the kernel"));
+        }
+        proxy.install(prepared);
+        if let Some(escalation) = escalation {
+            escalation.update(&config);
+        }
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

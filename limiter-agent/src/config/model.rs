@@ -1,0 +1,262 @@
+//! The validated configuration: typed values only, split into what the
+//! process takes once at start ([`StartupSettings`]) and what a reload applies
+//! ([`LiveSettings`]).
+
+use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+
+use crate::{identity::ClientIpHeader, net::Networks, route::PathPolicy};
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Taken once, at start; a reload logs what changed here and keeps these.
+    pub startup: StartupSettings,
+    /// Everything a reload applies.
+    pub live: LiveSettings,
+}
+
+/// Declares settings that need a restart, each beside the file key that names
+/// it, and generates `changed` from that one list: a field cannot be added
+/// without saying how a reload reports its change. `nested` fields are such
+/// structs themselves and report their own keys.
+macro_rules! restart_settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$field_meta:meta])* $field:ident : $ty:ty => $key:tt, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// The file keys of the settings that differ from `running`, in
+            /// declaration order.
+            #[must_use]
+            pub fn changed(&self, running: &Self) -> Vec<&'static str> {
+                let mut changed = Vec::new();
+                $( restart_settings!(@diff changed, self.$field, running.$field, $key); )*
+                changed
+            }
+        }
+    };
+    (@diff $out:ident, $new:expr, $old:expr, nested) => {
+        $out.extend($new.changed(&$old))
+    };
+    (@diff $out:ident, $new:expr, $old:expr, $key:literal) => {
+        if $new != $old {
+            $out.push($key);
+        }
+    };
+}
+
+restart_settings! {
+    /// Sockets, TLS, store and table sizes, and where XDP attaches: all fixed
+    /// for the life of the process.
+    pub struct StartupSettings {
+        listen: SocketAddr => "server.listen",
+        admin_listen: SocketAddr => "admin.listen",
+        /// Certificate chain and key files.
+        tls: Option<(PathBuf, PathBuf)> => "server.tls_cert/tls_key",
+        max_header_bytes: usize => "server.max_header_bytes",
+        max_connections: usize => "server.max_connections",
+        store: StoreKind => "store",
+        max_buckets: usize => "store.max_buckets",
+        /// (key, tier) verifications remembered at most.
+        verified_keys_max: usize => "identity.verified_keys_max",
+        /// How long an upstream's acceptance of a key is trusted.
+        verified_key_ttl: Duration => "identity.verified_key_ttl",
+        xdp: XdpAttach => nested,
+    }
+}
+
+restart_settings! {
+    /// `[xdp]`: whether and where the program is attached.
+    pub struct XdpAttach {
+        enabled: bool => "xdp.enabled",
+        interfaces: Vec<String> => "xdp.interfaces",
+        /// Names the pin directory `/sys/fs/bpf/limiter/<instance>/`.
+        instance: String => "xdp.instance",
+        /// Leave the program attached (links pinned) when the agent exits.
+        persist: bool => "xdp.persist",
+    }
+}
+
+/// What a reload swaps in whole: upstream, identity rules, timeouts, per-source
+/// caps, tiers and overrides, and the kernel's policy.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub upstream: http::Uri,
+    pub trusted_proxies: Networks,
+    pub ietf_headers: bool,
+    pub path_policy: PathPolicy,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body_read_timeout: Duration,
+    /// With no request in flight (HTTP/1 between requests, HTTP/2 with no
+    /// open stream; pings are not requests), how long a connection stays open.
+    pub idle_timeout: Duration,
+    /// Connections one source (IPv4 address, IPv6 `ipv6_prefix`) may hold.
+    pub max_connections_per_source: usize,
+    /// Connections one trusted proxy may hold (it carries many clients).
+    pub max_connections_per_proxy: usize,
+    pub api_key_headers: Vec<http::HeaderName>,
+    pub ipv6_prefix: u8,
+    pub client_ip_header: ClientIpHeader,
+    pub verify_keys: KeyVerification,
+    pub on_error: OnError,
+    pub xdp: XdpPolicy,
+    pub tiers: Vec<Tier>,
+    /// Overrides by lowercase hex SHA-256 of the key.
+    pub keys: HashMap<String, KeyOverride>,
+}
+
+/// `[xdp]`: what the attached program enforces (a reload pushes it into the maps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdpPolicy {
+    pub mode: XdpMode,
+    /// The API ports; empty = the listen port.
+    pub ports: Vec<u16>,
+    /// 0 = derived from the tier table.
+    pub max_packets_per_second: u32,
+    /// 0 = derived from the tier table.
+    pub max_syns_per_second: u32,
+    /// 0 = the bucket's own limit, at least 10.
+    pub escalate_after_rejections: u32,
+    /// Sources the kernel may start tracking per second, all CPUs together;
+    /// 0 = derived from the per-source map's capacity.
+    pub max_new_sources_per_second: u32,
+    pub ban_seconds: u64,
+    /// Never counted or banned.
+    pub allow: Networks,
+    /// Escalate clients identified by API key to a ban of their source address
+    /// (off: behind a shared NAT that would ban everyone else too).
+    pub ban_keyed_clients: bool,
+    /// Cap on an escalation ban, which doubles with each repeat offence.
+    pub max_ban_seconds: u64,
+    /// Consecutive seconds over a ceiling before the kernel bans a source itself.
+    pub autoban_after_seconds: u16,
+}
+
+/// `[xdp] mode`: whether the program drops what it would drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Drop over-ceiling and banned packets.
+    Enforce,
+    /// Count what would be dropped, pass everything.
+    Observe,
+}
+
+/// One rate-limit tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub route: String,
+    pub limit: NonZeroU32,
+    pub window: Duration,
+}
+
+/// Per-key limits ("enterprise limits"): a multiplier and/or exact limits per route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyOverride {
+    pub multiplier: Option<f64>,
+    /// Limit by tier index.
+    pub limits: HashMap<usize, NonZeroU32>,
+}
+
+/// Which store decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis(RedisSettings),
+}
+
+/// `[store] kind = "redis"`: where the shared counters live and how hard to try.
+/// Its `Debug` (the startup line) hides URL passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL of one server (or the first Cluster seed).
+    pub url: Option<String>,
+    /// Redis Cluster seed nodes; non-empty means Cluster mode.
+    pub cluster_nodes: Vec<String>,
+    /// Prepended to every key, outside the hash tag.
+    pub key_prefix: String,
+    /// Budget for one decision's round trip.
+    pub timeout: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before one probe is let through.
+    pub breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn redact(url: &str) -> String {
+            match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}***{}", &url[..scheme + 3], &url[at..])
+                }
+                _ => url.to_owned(),
+            }
+        }
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url.as_deref().map(redact))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .finish()
+    }
+}
+
+/// When an API key is a bucket of its own (`[identity] verify_keys`); until
+/// then its requests are charged to the client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyVerification {
+    /// Keys declared in `[[key]]`, and keys the upstream accepted (answered
+    /// 2xx or 3xx), per tier.
+    Upstream,
+    /// Only keys declared in `[[key]]`.
+    Config,
+    /// Every well-formed key, unverified (one address can mint buckets).
+    Off,
+}
+
+/// What to do when the shared store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Fall back to the local in-memory store.
+    Allow,
+    /// Refuse with 503.
+    Deny,
+}
+
+impl Config {
+    /// The settings that differ from `running` but take effect only on
+    /// restart (a reload applies everything else and logs these).
+    #[must_use]
+    pub fn needs_restart(&self, running: &Self) -> Vec<&'static str> {
+        self.startup.changed(&running.startup)
+    }
+
+    /// What a reload puts in force: this file's live settings on the running
+    /// process's startup settings.
+    #[must_use]
+    pub fn reloaded_onto(self, running: &Self) -> Self {
+        Self {
+            startup: running.startup.clone(),
+            live: self.live,
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The config file's shape as serde reads it: strings and numbers as written,
+//! each section's defaults in one `impl Default`.
+
+use std::{collections::HashMap, path::PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub identity: RawIdentity,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub xdp: RawXdp,
+    #[serde(default)]
+    pub tier: Vec<RawTier>,
+    #[serde(default)]
+    pub key: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawServer {
+    /// Required; `None` is refused when validating.
+    pub listen: Option<String>,
+    pub upstream: String,
+    pub trusted_proxies: Vec<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub ietf_headers: bool,
+    pub upstream_paths: Option<String>,
+    pub upstream_timeout: String,
+    pub header_read_timeout: String,
+    pub body_read_timeout: String,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    /// With no request in flight, how long a connection stays open.
+    pub idle_timeout: String,
+    /// Connections one source (address, IPv6 prefix) may hold open.
+    pub max_connections_per_source: usize,
+    /// Connections one trusted proxy may hold open; default `max_connections`.
+    pub max_connections_per_proxy: Option<usize>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            upstream: "http://127.0.0.1:9000".into(),
+            trusted_proxies: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            ietf_headers: false,
+            upstream_paths: None,
+            upstream_timeout: "30s".into(),
+            header_read_timeout: "10s".into(),
+            body_read_timeout: "30s".into(),
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            idle_timeout: "60s".into(),
+            max_connections_per_source: 100,
+            max_connections_per_proxy: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawIdentity {
+    pub api_key_headers: Vec<String>,
+    pub ipv6_prefix: u8,
+    /// The one header a trusted proxy writes the client address into.
+    pub client_ip_header: String,
+    /// When a key is a bucket of its own: `upstream`, `config` or `none`.
+    pub verify_keys: String,
+    pub verified_keys_max: usize,
+    pub verified_key_ttl: String,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            api_key_headers: vec!["authorization".into(), "x-api-key".into()],
+            ipv6_prefix: 64,
+            client_ip_header: "x-forwarded-for".into(),
+            verify_keys: "upstream".into(),
+            verified_keys_max: 100_000,
+            verified_key_ttl: "1h".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawStore {
+    pub kind: String,
+    pub url: Option<String>,
+    pub on_error: String,
+    pub max_buckets: usize,
+    /// Redis Cluster seed nodes (`redis://host:port`); set, the store talks Cluster.
+    pub cluster_nodes: Vec<String>,
+    pub key_prefix: String,
+    pub timeout: String,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            kind: "memory".into(),
+            url: None,
+            on_error: "allow".into(),
+            max_buckets: 4_000_000,
+            cluster_nodes: Vec::new(),
+            key_prefix: "limiter:".into(),
+            timeout: "50ms".into(),
+            breaker_failures: 5,
+            breaker_cooldown: "1s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawXdp {
+    pub enabled: bool,
+    pub interfaces: Vec<String>,
+    /// `enforce` or `observe`.
+    pub mode: String,
+    pub ports: Vec<u16>,
+    pub max_packets_per_second: u32,
+    pub max_syns_per_second: u32,
+    pub escalate_after_rejections: u32,
+    pub max_new_sources_per_second: u32,
+    pub ban_seconds: u64,
+    /// `IP` or `IP/LEN` each.
+    pub allow: Vec<String>,
+    pub instance: String,
+    pub persist: bool,
+    pub ban_keyed_clients: bool,
+    pub max_ban_seconds: u64,
+    pub autoban_after_seconds: u16,
+}
+
+impl Default for RawXdp {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: vec!["lo".into()],
+            mode: "enforce".into(),
+            ports: Vec::new(),
+            max_packets_per_second: 0,
+            max_syns_per_second: 0,
+            escalate_after_rejections: 0,
+            max_new_sources_per_second: 0,
+            ban_seconds: 60,
+            allow: Vec::new(),
+            instance: "default".into(),
+            persist: false,
+            ban_keyed_clients: false,
+            max_ban_seconds: 3600,
+            autoban_after_seconds: 3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTier {
+    pub route: String,
+    pub limit: u32,
+    pub window: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKey {
+    pub key_sha256: String,
+    pub multiplier: Option<f64>,
+    #[serde(default)]
+    pub limits: HashMap<String, u32>,
+}

@@ -1,0 +1,416 @@
+//! From the file's shape to the typed [`Config`]: every check, each error
+//! naming the field at fault.
+
+use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+
+use super::{
+    ConfigError, invalid,
+    model::{
+        Config, KeyOverride, KeyVerification, LiveSettings, OnError, RedisSettings,
+        StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+    },
+    raw::{RawConfig, RawKey, RawServer, RawStore, RawTier, RawXdp},
+    valid_instance,
+};
+use crate::{
+    identity::ClientIpHeader,
+    net::Networks,
+    route::{PathPolicy, canonicalize},
+};
+
+impl RawConfig {
+    pub(super) fn validate(self) -> Result<Config, ConfigError> {
+        let server = self.server;
+        let listen = socket_addr(
+            "server.listen",
+            server
+                .listen
+                .as_deref()
+                .ok_or_else(|| invalid("server.listen", "required"))?,
+        )?;
+        let upstream = upstream("server.upstream", &server.upstream)?;
+        let trusted_proxies = networks("server.trusted_proxies", &server.trusted_proxies)?;
+        let tls = tls(server.tls_cert.clone(), server.tls_key.clone())?;
+        let path_policy = one_of(
+            "server.upstream_paths",
+            server.upstream_paths.as_deref().unwrap_or("lenient"),
+            &[
+                ("lenient", PathPolicy::Lenient),
+                ("strict", PathPolicy::Strict),
+            ],
+        )?;
+        if server.max_header_bytes < 1024 {
+            return Err(invalid("server.max_header_bytes", "must be at least 1024"));
+        }
+        let (per_source, per_proxy) = connection_caps(&server)?;
+        let identity = self.identity;
+        let api_key_headers = identity
+            .api_key_headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| header_name(&format!("identity.api_key_headers[{i}]"), h))
+            .collect::<Result<_, _>>()?;
+        if identity.ipv6_prefix == 0 || identity.ipv6_prefix > 128 {
+            return Err(invalid("identity.ipv6_prefix", "must be between 1 and 128"));
+        }
+        let client_ip_header = header_name("identity.client_ip_header", &identity.client_ip_header)
+            .map(ClientIpHeader::new)?;
+        let verify_keys = one_of(
+            "identity.verify_keys",
+            &identity.verify_keys,
+            &[
+                ("upstream", KeyVerification::Upstream),
+                ("config", KeyVerification::Config),
+                ("none", KeyVerification::Off),
+            ],
+        )?;
+        if identity.verified_keys_max == 0 {
+            return Err(invalid("identity.verified_keys_max", "must be at least 1"));
+        }
+        let verified_key_ttl = duration("identity.verified_key_ttl", &identity.verified_key_ttl)?;
+        let max_buckets = self.store.max_buckets;
+        let (store, on_error) = store(self.store)?;
+        let (xdp_attach, xdp_policy) = xdp(self.xdp)?;
+        let tiers = tiers(&self.tier)?;
+        let mut live = LiveSettings {
+            upstream,
+            trusted_proxies,
+            ietf_headers: server.ietf_headers,
+            path_policy,
+            upstream_timeout: duration("server.upstream_timeout", &server.upstream_timeout)?,
+            header_read_timeout: duration(
+                "server.header_read_timeout",
+                &server.header_read_timeout,
+            )?,
+            body_read_timeout: duration("server.body_read_timeout", &server.body_read_timeout)?,
+            idle_timeout: duration("server.idle_timeout", &server.idle_timeout)?,
+            max_connections_per_source: per_source,
+            max_connections_per_proxy: per_proxy,
+            api_key_headers,
+            ipv6_prefix: identity.ipv6_prefix,
+            client_ip_header,
+            verify_keys,
+            on_error,
+            xdp: xdp_policy,
+            tiers,
+            keys: HashMap::new(),
+        };
+        // Compiling the table here rejects ambiguous tables at load time.
+        live.route_table()?;
+        live.keys = keys(&self.key, &live.tiers, live.path_policy)?;
+        let startup = StartupSettings {
+            listen,
+            admin_listen: socket_addr("admin.listen", &self.admin.listen)?,
+            tls,
+            max_header_bytes: server.max_header_bytes,
+            max_connections: server.max_connections,
+            store,
+            max_buckets,
+            verified_keys_max: identity.verified_keys_max,
+            verified_key_ttl,
+            xdp: xdp_attach,
+        };
+        Ok(Config { startup, live })
+    }
+}
+
+/// Parses a duration like `500ms`, `10s`, `1m`, `1h`, `1d`.
+#[must_use]
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let millis = match unit.trim() {
+        "ms" => number,
+        "s" => number.checked_mul(1_000)?,
+        "m" => number.checked_mul(60_000)?,
+        "h" => number.checked_mul(3_600_000)?,
+        "d" => number.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    (millis > 0).then(|| Duration::from_millis(millis))
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).ok_or_else(|| {
+        invalid(
+            field,
+            format!("`{text}` is not a duration (a positive whole number with ms, s, m, h or d)"),
+        )
+    })
+}
+
+fn socket_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(field, format!("`{text}` is not an IP:port address")))
+}
+
+/// `field[i]` each parsed as `IP` or `IP/LEN`.
+fn networks(field: &str, list: &[String]) -> Result<Networks, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, text)| {
+            crate::net::parse_net(text).map_err(|e| invalid(format!("{field}[{i}]"), e.to_string()))
+        })
+        .collect()
+}
+
+/// The value named `text` among `choices`.
+fn one_of<T: Copy>(field: &str, text: &str, choices: &[(&str, T)]) -> Result<T, ConfigError> {
+    if let Some((_, value)) = choices.iter().find(|(name, _)| *name == text) {
+        return Ok(*value);
+    }
+    let names: Vec<String> = choices
+        .iter()
+        .map(|(name, _)| format!("\"{name}\""))
+        .collect();
+    let listed = match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.concat(),
+    };
+    Err(invalid(field, format!("`{text}` is not {listed}")))
+}
+
+/// An `http://host:port` upstream (`--upstream` checks the same).
+pub(super) fn upstream(field: &str, text: &str) -> Result<http::Uri, ConfigError> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| invalid(field, format!("`{text}` is not a URL")))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(invalid(
+            field,
+            format!("`{text}` must be an http://host:port URL"),
+        ));
+    }
+    Ok(uri)
+}
+
+fn tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(invalid("server.tls_key", "required with tls_cert")),
+        (None, Some(_)) => Err(invalid("server.tls_cert", "required with tls_key")),
+    }
+}
+
+/// The per-source and per-proxy connection caps, after checking the total.
+fn connection_caps(server: &RawServer) -> Result<(usize, usize), ConfigError> {
+    if server.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if server.max_connections_per_source == 0 {
+        return Err(invalid(
+            "server.max_connections_per_source",
+            "must be at least 1",
+        ));
+    }
+    let per_proxy = server
+        .max_connections_per_proxy
+        .unwrap_or(server.max_connections);
+    if per_proxy == 0 {
+        return Err(invalid(
+            "server.max_connections_per_proxy",
+            "must be at least 1",
+        ));
+    }
+    Ok((server.max_connections_per_source, per_proxy))
+}
+
+fn header_name(field: &str, text: &str) -> Result<http::HeaderName, ConfigError> {
+    http::HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes())
+        .map_err(|_| invalid(field, format!("`{text}` is not a header name")))
+}
+
+/// `[store]`: the store and what to do when it fails.
+fn store(raw: RawStore) -> Result<(StoreKind, OnError), ConfigError> {
+    let (on_error, max_buckets) = (raw.on_error.clone(), raw.max_buckets);
+    let kind = if one_of(
+        "store.kind",
+        &raw.kind,
+        &[("memory", false), ("redis", true)],
+    )? {
+        StoreKind::Redis(redis_settings(raw)?)
+    } else {
+        StoreKind::Memory
+    };
+    let on_error = one_of(
+        "store.on_error",
+        &on_error,
+        &[("allow", OnError::Allow), ("deny", OnError::Deny)],
+    )?;
+    if max_buckets == 0 {
+        return Err(invalid("store.max_buckets", "must be at least 1"));
+    }
+    Ok((kind, on_error))
+}
+
+/// The `[store]` keys of `kind = "redis"`.
+fn redis_settings(raw: RawStore) -> Result<RedisSettings, ConfigError> {
+    if raw.url.is_none() && raw.cluster_nodes.is_empty() {
+        return Err(invalid(
+            "store.url",
+            "required with kind = \"redis\" (or give store.cluster_nodes)",
+        ));
+    }
+    if let Some(url) = &raw.url {
+        redis_url("store.url", url)?;
+    }
+    for (i, node) in raw.cluster_nodes.iter().enumerate() {
+        redis_url(&format!("store.cluster_nodes[{i}]"), node)?;
+    }
+    if raw.key_prefix.contains(['{', '}']) {
+        return Err(invalid(
+            "store.key_prefix",
+            "must not contain `{` or `}` (the store adds the hash tag itself)",
+        ));
+    }
+    if raw.breaker_failures == 0 {
+        return Err(invalid("store.breaker_failures", "must be at least 1"));
+    }
+    Ok(RedisSettings {
+        url: raw.url,
+        cluster_nodes: raw.cluster_nodes,
+        key_prefix: raw.key_prefix,
+        timeout: duration("store.timeout", &raw.timeout)?,
+        breaker_failures: raw.breaker_failures,
+        breaker_cooldown: duration("store.breaker_cooldown", &raw.breaker_cooldown)?,
+    })
+}
+
+fn redis_url(field: &str, url: &str) -> Result<(), ConfigError> {
+    use redis::IntoConnectionInfo as _;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid(
+            field,
+            format!("`{url}` is not a redis:// or rediss:// URL"),
+        ));
+    }
+    url.into_connection_info()
+        .map(drop)
+        .map_err(|e| invalid(field, format!("`{url}`: {e}")))
+}
+
+/// `[xdp]`: where the program attaches, and what it enforces.
+fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
+    let mode = one_of(
+        "xdp.mode",
+        &raw.mode,
+        &[("enforce", XdpMode::Enforce), ("observe", XdpMode::Observe)],
+    )?;
+    if raw.ports.len() > limiter_common::MAX_PORTS || raw.ports.contains(&0) {
+        return Err(invalid(
+            "xdp.ports",
+            format!("at most {} non-zero ports", limiter_common::MAX_PORTS),
+        ));
+    }
+    let allow = networks("xdp.allow", &raw.allow)?;
+    if !valid_instance(&raw.instance) {
+        return Err(invalid(
+            "xdp.instance",
+            "use 1 to 64 letters, digits, `-` or `_`",
+        ));
+    }
+    if raw.ban_seconds == 0 {
+        return Err(invalid("xdp.ban_seconds", "must be at least 1"));
+    }
+    if raw.max_ban_seconds < raw.ban_seconds {
+        return Err(invalid(
+            "xdp.max_ban_seconds",
+            "must be at least xdp.ban_seconds",
+        ));
+    }
+    let attach = XdpAttach {
+        enabled: raw.enabled,
+        interfaces: raw.interfaces,
+        instance: raw.instance,
+        persist: raw.persist,
+    };
+    let policy = XdpPolicy {
+        mode,
+        ports: raw.ports,
+        max_packets_per_second: raw.max_packets_per_second,
+        max_syns_per_second: raw.max_syns_per_second,
+        escalate_after_rejections: raw.escalate_after_rejections,
+        max_new_sources_per_second: raw.max_new_sources_per_second,
+        ban_seconds: raw.ban_seconds,
+        allow,
+        ban_keyed_clients: raw.ban_keyed_clients,
+        max_ban_seconds: raw.max_ban_seconds,
+        autoban_after_seconds: raw.autoban_after_seconds,
+    };
+    Ok((attach, policy))
+}
+
+/// `[[tier]]`: at least one, each with a limit and a window.
+fn tiers(raw: &[RawTier]) -> Result<Vec<Tier>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid("tier", "at least one [[tier]] is required"));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Ok(Tier {
+                route: t.route.clone(),
+                limit: NonZeroU32::new(t.limit)
+                    .ok_or_else(|| invalid(format!("tier[{i}].limit"), "must be at least 1"))?,
+                window: duration(&format!("tier[{i}].window"), &t.window)?,
+            })
+        })
+        .collect()
+}
+
+/// `[[key]]`: overrides by key hash, their routes resolved to tier indexes.
+fn keys(
+    keys: &[RawKey],
+    tiers: &[Tier],
+    policy: PathPolicy,
+) -> Result<HashMap<String, KeyOverride>, ConfigError> {
+    let canonical_routes: Vec<Option<String>> = tiers
+        .iter()
+        .map(|t| canonicalize(&t.route, policy).ok())
+        .collect();
+    let mut out = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        let field = |name: &str| format!("key[{i}].{name}");
+        let hash = key.key_sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(field("key_sha256"), "must be 64 hex digits"));
+        }
+        if let Some(m) = key.multiplier
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(invalid(field("multiplier"), "must be a positive number"));
+        }
+        let mut limits = HashMap::new();
+        for (route, limit) in &key.limits {
+            let canonical = canonicalize(route, policy)
+                .map_err(|e| invalid(field("limits"), format!("`{route}`: {e}")))?;
+            let tier = canonical_routes
+                .iter()
+                .position(|r| r.as_deref() == Some(canonical.as_str()))
+                .ok_or_else(|| {
+                    invalid(
+                        field("limits"),
+                        format!("`{route}` is not the route of a [[tier]]"),
+                    )
+                })?;
+            let limit = NonZeroU32::new(*limit).ok_or_else(|| {
+                invalid(field("limits"), format!("`{route}`: must be at least 1"))
+            })?;
+            limits.insert(tier, limit);
+        }
+        let entry = KeyOverride {
+            multiplier: key.multiplier,
+            limits,
+        };
+        if out.insert(hash, entry).is_some() {
+            return Err(invalid(field("key_sha256"), "listed twice"));
+        }
+    }
+    Ok(out)
+}

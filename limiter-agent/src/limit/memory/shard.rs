@@ -1,0 +1,287 @@
+//! One shard of the in-memory store: its buckets, packed to 20 bytes a slot,
+//! and the per-window queues that give reclaim and the "full" check their
+//! expiry order without scanning.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+};
+
+use super::StoreFull;
+use crate::limit::Decision;
+
+/// Reset times are kept in 43 bits (up to year 2248); later ones saturate.
+const RESET_BITS: u32 = 43;
+const RESET_MAX: u64 = (1 << RESET_BITS) - 1;
+/// Set when an expired bucket was renewed in place, so its queue entry sits too early.
+const RENEWED: u64 = 1 << RESET_BITS;
+/// The rest of the word counts rejections, saturating at 2^20 - 1 per window.
+const REJECTED_SHIFT: u32 = RESET_BITS + 1;
+const REJECTED_MAX: u64 = u64::MAX >> REJECTED_SHIFT;
+
+/// Distinct window lengths with their own queue per shard (tiers are few); beyond this the
+/// last queue is shared, which only delays reclaim (see `Shard::queue_for`).
+const MAX_QUEUES: usize = 8;
+/// The map's key. Packed to 4-byte alignment so that with a `Bucket` a map slot is 20 bytes,
+/// not 24: the memory budget (64 bytes per bucket, map and queue) has no room for padding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C, packed(4))]
+struct SlotKey(u64);
+
+/// One bucket: 12 bytes. The limit is not kept (it comes with each call), which is what
+/// makes 12 possible; the window length is implied by the reset time.
+#[derive(Clone, Copy)]
+#[repr(C, packed(4))]
+struct Bucket {
+    /// Reset ms | `RENEWED` | rejected << `REJECTED_SHIFT`.
+    packed: u64,
+    count: u32,
+}
+
+const _: () = assert!(size_of::<(SlotKey, Bucket)>() == 20);
+
+impl Bucket {
+    fn new(reset_ms: u64, flags: u64) -> Self {
+        Self {
+            packed: reset_ms.min(RESET_MAX) | flags,
+            count: 0,
+        }
+    }
+
+    fn reset_ms(self) -> u64 {
+        self.packed & RESET_MAX
+    }
+
+    fn rejected(self) -> u32 {
+        u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
+    }
+
+    /// Counts one request; the check and the increment happen under the shard lock.
+    fn admit(&mut self, limit: u32) -> Decision {
+        let allowed = self.count < limit;
+        if allowed {
+            self.count += 1;
+        } else if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
+            self.packed += 1 << REJECTED_SHIFT;
+        }
+        Decision {
+            allowed,
+            remaining: if allowed { limit - self.count } else { 0 },
+            ..self.state(limit)
+        }
+    }
+
+    /// `allowed` here says whether a request now would be admitted.
+    fn state(self, limit: u32) -> Decision {
+        Decision {
+            allowed: self.count < limit,
+            limit,
+            remaining: limit.saturating_sub(self.count),
+            reset_ms: self.reset_ms(),
+            rejected: self.rejected(),
+        }
+    }
+}
+
+/// `BucketKey` is already a keyed hash, so the map uses it as is.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    /// Only reached if the key type ever stops being a `u64`.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Keys of the buckets created with one window length, oldest first. As windows are
+/// anchored at first use, this is also (nearly: threads read the clock before locking)
+/// expiry order, which makes reclaim and eviction pop from the front.
+struct Queue {
+    window_ms: u64,
+    keys: VecDeque<u64>,
+}
+
+/// Invariant: every key in `map` is in exactly one queue exactly once, and keys leave the
+/// map only when popped from a queue front, so the queues cost 8 bytes per bucket.
+#[derive(Default)]
+pub(super) struct Shard {
+    map: HashMap<SlotKey, Bucket, BuildHasherDefault<KeyHasher>>,
+    queues: Vec<Queue>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Empty,
+    Live,
+    Expired,
+    Requeued,
+}
+
+impl Shard {
+    fn queue_for(&mut self, window_ms: u64) -> usize {
+        if let Some(q) = self.queues.iter().position(|q| q.window_ms == window_ms) {
+            q
+        } else if self.queues.len() < MAX_QUEUES {
+            self.queues.push(Queue {
+                window_ms,
+                keys: VecDeque::new(),
+            });
+            self.queues.len() - 1
+        } else {
+            // Mixed windows make this queue unsorted; a long-lived front then only delays
+            // reclaim of what is behind it, and nothing live is ever reclaimed.
+            MAX_QUEUES - 1
+        }
+    }
+
+    /// Handles the front of queue `q`: removes it if expired, moves a renewed
+    /// bucket to the back, or reports it live and leaves it.
+    fn step(&mut self, q: usize, now_ms: u64) -> Step {
+        let keys = &mut self.queues[q].keys;
+        let Some(&key) = keys.front() else {
+            return Step::Empty;
+        };
+        let Some(bucket) = self.map.get_mut(&SlotKey(key)) else {
+            // Unreachable under the invariant; dropping the entry keeps the queue moving.
+            keys.pop_front();
+            return Step::Requeued;
+        };
+        if bucket.reset_ms() <= now_ms {
+            self.map.remove(&SlotKey(key));
+            keys.pop_front();
+            Step::Expired
+        } else if bucket.packed & RENEWED != 0 {
+            // Each renewal is requeued at most once, so loops over `step` terminate.
+            bucket.packed &= !RENEWED;
+            keys.pop_front();
+            keys.push_back(key);
+            Step::Requeued
+        } else {
+            Step::Live
+        }
+    }
+
+    /// One decision on this shard (see [`super::MemoryStore::decide`]); `cap` is
+    /// the shard's share of `max_buckets`.
+    pub(super) fn decide(
+        &mut self,
+        key: u64,
+        limit: u32,
+        window_ms: u64,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<Decision, StoreFull> {
+        let window_ms = window_ms.max(1);
+        let reset_ms = now_ms.saturating_add(window_ms);
+        if let Some(bucket) = self.map.get_mut(&SlotKey(key)) {
+            if bucket.reset_ms() <= now_ms {
+                // Expired but not reclaimed yet: renew in place. Its queue entry stays at the
+                // old, earlier position; the flag tells the front-popper to requeue it.
+                *bucket = Bucket::new(reset_ms, RENEWED);
+            }
+            return Ok(bucket.admit(limit));
+        }
+        if !self.make_room(cap, now_ms) {
+            return Err(StoreFull);
+        }
+        let q = self.queue_for(window_ms);
+        let mut bucket = Bucket::new(reset_ms, 0);
+        let decision = bucket.admit(limit);
+        self.map.insert(SlotKey(key), bucket);
+        self.queues[q].keys.push_back(key);
+        Ok(decision)
+    }
+
+    /// A live bucket's state, unchanged (None if absent or expired).
+    pub(super) fn peek(&self, key: u64, limit: u32, now_ms: u64) -> Option<Decision> {
+        let bucket = self
+            .map
+            .get(&SlotKey(key))
+            .filter(|b| b.reset_ms() > now_ms)?;
+        Some(bucket.state(limit))
+    }
+
+    /// Buckets held, expired ones not yet reclaimed included.
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Frees one slot when the shard is at `cap` by removing expired fronts.
+    /// Never a live bucket: forgetting a window that has counted requests would
+    /// hand its client a fresh quota. `false` when every front is live (the
+    /// fronts are the buckets nearest to expiry, so the shard is full of live
+    /// windows).
+    fn make_room(&mut self, cap: usize, now_ms: u64) -> bool {
+        while self.map.len() >= cap {
+            let nearest = (0..self.queues.len())
+                .filter_map(|q| {
+                    let key = self.queues[q].keys.front()?;
+                    Some((self.map.get(&SlotKey(*key)).map_or(0, |b| b.reset_ms()), q))
+                })
+                .min();
+            let Some((_, q)) = nearest else { return false };
+            match self.step(q, now_ms) {
+                Step::Expired | Step::Requeued => {}
+                Step::Live | Step::Empty => return false,
+            }
+        }
+        true
+    }
+
+    /// Pops expired fronts, at most `budget` steps; returns (removed, budget ran out).
+    pub(super) fn reclaim(&mut self, now_ms: u64, budget: usize) -> (usize, bool) {
+        let (mut removed, mut steps) = (0, 0);
+        for q in 0..self.queues.len() {
+            loop {
+                if steps == budget {
+                    return (removed, true);
+                }
+                steps += 1;
+                match self.step(q, now_ms) {
+                    Step::Expired => removed += 1,
+                    Step::Requeued => {}
+                    Step::Empty | Step::Live => break,
+                }
+            }
+        }
+        (removed, false)
+    }
+
+    /// Returns memory after a spike has drained; the rehash is O(live) and runs only in
+    /// the background task, once per fourfold drop.
+    pub(super) fn shrink(&mut self) {
+        if self.map.capacity() / 4 > self.map.len().max(1024) {
+            self.map.shrink_to(self.map.len() * 2);
+        }
+        for q in &mut self.queues {
+            if q.keys.capacity() / 4 > q.keys.len().max(1024) {
+                q.keys.shrink_to(q.keys.len() * 2);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_saturate_and_the_reset_time_is_kept() {
+        const T0: u64 = 1_706_540_000_000;
+        let mut bucket = Bucket::new(T0, (REJECTED_MAX - 1) << REJECTED_SHIFT);
+        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1);
+        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1, "saturates");
+        assert_eq!(bucket.reset_ms(), T0);
+    }
+}

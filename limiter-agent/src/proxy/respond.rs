@@ -1,0 +1,54 @@
+//! Responses the agent writes itself: the 429 with its headers, and small
+//! JSON errors.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+
+use super::Body;
+use crate::{
+    headers,
+    limit::{Decision, Now},
+};
+
+/// The 429: the exact body, `Retry-After` and the limit headers, stamped with
+/// both clocks read at answer time (`now`).
+pub(super) fn too_many(
+    decision: &Decision,
+    window_ms: u64,
+    now: Now,
+    ietf: bool,
+) -> Response<Body> {
+    let retry = headers::retry_after_secs(decision, now);
+    let mut response = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        headers::too_many_requests_body(retry),
+    );
+    headers::apply(response.headers_mut(), decision, window_ms, now, ietf);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    response
+}
+
+/// A small JSON response.
+#[must_use]
+pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A JSON error response: `{"error":{"code":…,"message":…}}`.
+#[must_use]
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, headers::error_body(code, message))
+}

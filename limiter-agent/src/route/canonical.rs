@@ -1,0 +1,265 @@
+//! Canonicalises request paths the way an upstream router would see them.
+//!
+//! Security invariant: every spelling of a path that an upstream router could route to some
+//! handler must canonicalise to the same string that router matched, or be rejected. Where
+//! routers disagree (dot segments, `;` parameters, backslashes, encoded separators, whitespace at
+//! a segment's edge, double encoding, Unicode), we refuse rather than guess. The canonical string
+//! is a lookup key, not a path to forward: proxy the original target. Checked against real
+//! routers (Express, Starlette, Flask, nginx) by `tests/tests/paths.rs`.
+
+/// Longest request-target (in bytes) that [`canonicalize`] accepts.
+pub const MAX_TARGET_LEN: usize = 8192;
+
+/// How lenient the upstream's router is (config `[server] upstream_paths = "lenient" | "strict"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathPolicy {
+    /// Assume the most lenient common router (Express, IIS, Django, nginx, Go, Tomcat).
+    #[default]
+    Lenient,
+    /// The upstream matches byte-exactly after RFC 3986 normalisation only.
+    Strict,
+}
+
+/// Why a request path was refused (the message is used as a 400 error body).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    /// A `%` not followed by two hex digits.
+    #[error("invalid percent-encoding")]
+    InvalidEscape,
+    /// `%2F` or `%5C`: routers disagree on whether they separate segments.
+    #[error("encoded slash or backslash")]
+    EncodedSeparator,
+    /// `%3B`: routers disagree on whether it starts a path parameter.
+    #[error("encoded semicolon")]
+    EncodedSemicolon,
+    /// `%3F` or `%23`: a stack that decodes before splitting would end the path there.
+    #[error("encoded question mark or hash")]
+    EncodedDelimiter,
+    /// A decoded `%XX` sequence, which a stack that decodes twice would decode again.
+    #[error("double percent-encoding")]
+    DoubleEncoding,
+    /// A raw or decoded byte in 0x00-0x1F or 0x7F.
+    #[error("control character")]
+    ControlChar,
+    /// A `..` segment above the root.
+    #[error("path escapes the root")]
+    EscapesRoot,
+    /// Decoded bytes that are not UTF-8.
+    #[error("non-UTF-8 path")]
+    NonUtf8,
+    /// A raw or decoded non-ASCII character (routers may normalise or case-fold it).
+    #[error("non-ASCII path")]
+    NonAscii,
+    /// The request-target exceeds [`MAX_TARGET_LEN`].
+    #[error("path too long")]
+    TooLong,
+    /// Neither origin-form (`/...`), absolute-form (`scheme://host/...`) nor `*`.
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    /// A raw `\`: IIS separates segments with it, Express, Starlette, Flask and nginx on Linux
+    /// keep it inside one (`/status/a\b` is one `:id` to them, two segments to IIS).
+    #[error("backslash in path")]
+    Backslash,
+    /// Under [`PathPolicy::Lenient`], a dot segment (`.`, `..`, `%2e`…) below the root, or a
+    /// segment of dots and spaces (`...`, `.. `): nginx resolves them, Express, Starlette and
+    /// Flask match them as a segment (`/media/x/..` is media to the latter, `/media/` to nginx,
+    /// and `/media/../../chat` is media or chat), IIS trims `.. ` into `..`.
+    #[error("dot segment")]
+    DotSegment,
+    /// Under [`PathPolicy::Lenient`], a raw `;`: Tomcat and Jetty cut a path parameter there,
+    /// other routers keep it in the segment (`/status/;1` is a `:id` to Express and nginx).
+    #[error("semicolon in path")]
+    Semicolon,
+    /// Under [`PathPolicy::Lenient`], a segment that starts or ends with a space (`%20`) or ends
+    /// with a dot: IIS trims them, other routers keep them (`/status/%20` is a `:id`).
+    #[error("segment starts or ends with a space, or ends with a dot")]
+    Trimmable,
+}
+
+/// Canonicalises the request-target's path (the query string, if any, is ignored).
+///
+/// Both policies percent-decode (refusing what decodes ambiguously), merge repeated slashes and
+/// keep one trailing slash (so that `/media/*` can match `/media/`, an empty remainder, as nginx
+/// and Starlette do). [`PathPolicy::Lenient`] also lowercases (Express is case-insensitive) and
+/// refuses what the common routers disagree on: dot segments, `;`, and trimmable segment edges.
+/// [`PathPolicy::Strict`] resolves dot segments per RFC 3986 and keeps everything else.
+///
+/// # Errors
+/// Any [`PathError`]: the request should be answered with 400 rather than routed.
+pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathError> {
+    if target.len() > MAX_TARGET_LEN {
+        return Err(PathError::TooLong);
+    }
+    let lenient = policy == PathPolicy::Lenient;
+    let path = origin_path(&target[..target.find(['?', '#']).unwrap_or(target.len())])?;
+    for b in path.bytes() {
+        if b.is_ascii_control() {
+            return Err(PathError::ControlChar);
+        } else if !b.is_ascii() {
+            return Err(PathError::NonAscii);
+        } else if b == b'\\' {
+            return Err(PathError::Backslash);
+        } else if b == b';' && lenient {
+            return Err(PathError::Semicolon);
+        }
+    }
+    let mut segs: Vec<String> = Vec::new();
+    // Kept, so `*` can match an empty remainder. Per RFC 3986 a final `.` or `..` also leaves
+    // one ("/a/b/.." -> "/a/"); only Strict gets that far with them.
+    let mut trailing_slash = false;
+    for raw in path.split('/') {
+        let mut seg = decode(raw)?;
+        trailing_slash = matches!(seg.as_str(), "" | "." | "..");
+        match seg.as_str() {
+            ".." if segs.is_empty() => return Err(PathError::EscapesRoot),
+            "." | ".." if lenient => return Err(PathError::DotSegment),
+            "" | "." => continue,
+            ".." => {
+                segs.pop();
+                continue;
+            }
+            _ => {}
+        }
+        if lenient {
+            if seg.bytes().all(|b| b == b'.' || b == b' ') && seg.contains('.') {
+                return Err(PathError::DotSegment);
+            }
+            if seg.starts_with(' ') || seg.ends_with([' ', '.']) {
+                return Err(PathError::Trimmable);
+            }
+            seg.make_ascii_lowercase();
+        }
+        segs.push(seg);
+    }
+    let mut out = String::with_capacity(path.len());
+    for seg in &segs {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// The path part of an origin-form, absolute-form or asterisk-form target (query already cut).
+fn origin_path(target: &str) -> Result<&str, PathError> {
+    if target.is_empty() || target == "*" || target.starts_with('/') {
+        return Ok(if target == "*" { "/" } else { target });
+    }
+    if let Some((scheme, rest)) = target.split_once("://")
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return Ok(rest.find('/').map_or("/", |i| &rest[i..]));
+    }
+    Err(PathError::NotAbsolute)
+}
+
+/// Percent-decodes one raw (already ASCII-checked) segment, refusing ambiguous results.
+fn decode(raw: &str) -> Result<String, PathError> {
+    if !raw.contains('%') {
+        return Ok(raw.to_owned());
+    }
+    let hex = |b: &u8| {
+        char::from(*b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let (Some(hi), Some(lo)) = (
+            bytes.get(i + 1).and_then(hex),
+            bytes.get(i + 2).and_then(hex),
+        ) else {
+            return Err(PathError::InvalidEscape);
+        };
+        let b = (hi << 4) | lo;
+        match b {
+            b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+            b';' => return Err(PathError::EncodedSemicolon),
+            b'?' | b'#' => return Err(PathError::EncodedDelimiter),
+            _ if b.is_ascii_control() => return Err(PathError::ControlChar),
+            _ => out.push(b),
+        }
+        i += 3;
+    }
+    // A raw `%` always starts an escape, so any `%` here came from `%25`.
+    if out
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit())
+    {
+        return Err(PathError::DoubleEncoding);
+    }
+    let s = String::from_utf8(out).map_err(|_| PathError::NonUtf8)?;
+    s.is_ascii().then_some(s).ok_or(PathError::NonAscii)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PathError as E, PathPolicy::Lenient, *};
+
+    fn lenient(target: &str) -> Result<String, PathError> {
+        canonicalize(target, Lenient)
+    }
+
+    #[test]
+    fn rejections() {
+        let long = format!("/{}", "a".repeat(MAX_TARGET_LEN));
+        let cases: &[(E, &[&str])] = &[
+            (E::EncodedSeparator, &["/a%2Fb", "/a%2fb", "/a%5Cb"]),
+            (E::EncodedSemicolon, &["/api/chat%3Bx", "/api/chat%3b"]),
+            // Found by fuzzing: `%23` decoded into a segment made a canonical
+            // path that a decode-then-split stack would cut at the `#`.
+            (
+                E::EncodedDelimiter,
+                &["/api/%23ttp:/", "/api/v1/media%3Fx", "/api/v1/media%23/a"],
+            ),
+            (E::ControlChar, &["/a%00", "/a%7f", "/a\0", "/\tb"]),
+            (E::InvalidEscape, &["/%zz", "/%4", "/a%", "/%G1", "/%u00"]),
+            (E::DoubleEncoding, &["/a%252F", "/%2561", "/%25%36%31"]),
+            // `..` below the root is a `DotSegment` (`routers_disagree_so_we_refuse`).
+            (E::EscapesRoot, &["/..", "/../api/chat", "/%2e%2e/x"]),
+            (E::NonAscii, &["/api/caf\u{e9}", "/api/caf%C3%A9"]),
+            (E::NonUtf8, &["/api/%FF", "/%C0%AF"]),
+            (E::NotAbsolute, &["api/chat", "\\api\\chat", "://x/a"]),
+            (E::DotSegment, &["/a/.../b", "/a/x/.. /b", "/a/.%20/b"]),
+            (E::TooLong, &[long.as_str()]),
+        ];
+        for (want, targets) in cases {
+            for target in *targets {
+                assert_eq!(lenient(target).as_ref(), Err(want), "{target:?}");
+            }
+        }
+        let limit = lenient(&long[..MAX_TARGET_LEN]);
+        assert_eq!(limit.map(|s| s.len()), Ok(MAX_TARGET_LEN));
+        let message = E::EncodedSeparator.to_string();
+        assert_eq!(message, "encoded slash or backslash");
+    }
+
+    #[test]
+    fn target_forms() {
+        for (target, want) in [
+            ("", "/"),
+            ("*", "/"),
+            ("/?x", "/"),
+            ("http://h", "/"),
+            // The trailing slash is kept (it lets `*` match an empty remainder).
+            ("https://h:8/A/b/?q", "/a/b/"),
+            ("//a//b//", "/a/b/"),
+            ("/a/b%25c", "/a/b%c"),
+            ("/a/%7Euser", "/a/~user"),
+        ] {
+            assert_eq!(lenient(target).as_deref(), Ok(want), "{target:?}");
+        }
+    }
+}
