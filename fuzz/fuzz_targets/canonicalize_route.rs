@@ -7,25 +7,20 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use limiter_agent::route::{PathPolicy, RouteTable, canonicalize};
+use limiter_agent::{
+    config::Config,
+    route::{PathPolicy, RouteTable, canonicalize},
+};
 
+/// The reference table, as the agent builds it from its default config.
 fn table() -> &'static RouteTable {
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
     TABLE.get_or_init(|| {
-        RouteTable::new(
-            &[
-                ("/api/health", 0),
-                ("/api/v1/chat/completions", 1),
-                ("/api/v1/media/*", 2),
-                ("/api/v1/vision", 3),
-                ("/api/v1/fashion/run", 4),
-                ("/api/v1/fashion/subscribe", 5),
-                ("/api/v1/fashion/status/:id", 6),
-                ("/api/chat", 7),
-            ],
-            PathPolicy::Lenient,
-        )
-        .expect("the reference table")
+        Config::parse(include_str!("../../examples/concurred.toml"))
+            .expect("the reference config")
+            .live
+            .route_table()
+            .expect("the reference table")
     })
 }
 

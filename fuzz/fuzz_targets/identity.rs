@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
             HeaderName::from_static("x-api-key"),
         ],
         ClientIpHeader::new(HeaderName::from_static("x-forwarded-for")),
-        vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+        ["10.0.0.0/8", "2001:db8::/32"]
+            .iter()
+            .map(|t| limiter_agent::net::parse_net(t).unwrap())
+            .collect(),
         64,
     );
     let mut headers = HeaderMap::new();

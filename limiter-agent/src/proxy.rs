@@ -61,6 +61,9 @@ pub struct Proxy {
     fallback: Option<MemoryStore>,
     /// (key, tier) pairs whose key the upstream has accepted.
     verified: VerifiedKeys,
+    /// Tiers the upstream has been seen authenticating (a 401/403 within
+    /// `verified_key_ttl`); apart from `verified`, so marks never evict keys.
+    authenticating: VerifiedKeys,
     /// When the last "store full" warning was logged (ms), to log at most every 10 s.
     full_logged: AtomicU64,
     clock: Arc<dyn Clock>,
@@ -135,15 +138,17 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_mins(1))
             .build(connector);
-        let verified = VerifiedKeys::new(
-            state.config.startup.verified_keys_max,
-            u64::try_from(state.config.startup.verified_key_ttl.as_millis()).unwrap_or(u64::MAX),
-        );
+        let ttl_ms =
+            u64::try_from(state.config.startup.verified_key_ttl.as_millis()).unwrap_or(u64::MAX);
+        let verified = VerifiedKeys::new(state.config.startup.verified_keys_max, ttl_ms);
+        // One entry per tier; tiers come and go with reloads.
+        let authenticating = VerifiedKeys::new(4096, ttl_ms);
         Ok(Self {
             state: ArcSwap::from_pointee(state),
             store,
             fallback,
             verified,
+            authenticating,
             full_logged: AtomicU64::new(0),
             clock,
             client,
@@ -200,6 +205,7 @@ impl Proxy {
             buckets += fallback.len();
         }
         self.verified.reclaim(now);
+        self.authenticating.reclaim(now);
         self.metrics
             .buckets
             .set(i64::try_from(buckets).unwrap_or(i64::MAX));
@@ -250,7 +256,8 @@ impl Proxy {
         };
         let tier = &state.tiers[tier_index];
         let now_ms = self.clock.now_ms();
-        let (identity, check) = self.identify(&state, client, tier, now_ms).await;
+        let preflight = req.method() == http::Method::OPTIONS;
+        let (identity, check) = self.identify(&state, client, tier, preflight, now_ms).await;
         let ask = Ask {
             key: self.bucket(&identity, tier.hash),
             tier: &tier.id,

@@ -332,6 +332,33 @@ fn a_per_address_budget_stops_verified_keys_piling_up_across_windows() {
 }
 
 #[test]
+fn renewals_spend_the_same_budget_so_verified_keys_lapse_past_it() {
+    // verified_key_ttl 4 s, tier limit 2: verifying k0 and k1 spends the
+    // address's budget for 4 s, so k0's renewal (due 2 s in) is refused and
+    // k0 lapses back to the address.
+    let upstream = demo_upstream_with_keys(&["k0", "k1"]);
+    let config = format!(
+        "{}[identity]\nverified_key_ttl = \"4s\"\n",
+        small_config("/api/chat", 2, "1s", "")
+    );
+    let agent = agent(&config, Some(upstream.addr), &[]);
+    let client = local(2);
+    let get = |headers: &[String]| get_from(client, agent.addr, "/api/chat", headers).0;
+    let with = |k: &str| vec![format!("X-API-Key: {k}")];
+    assert_eq!(get(&with("wrong")), 401);
+    std::thread::sleep(Duration::from_millis(1_100));
+    let verified_at = Instant::now();
+    assert_eq!((get(&with("k0")), get(&with("k1"))), (200, 200));
+    std::thread::sleep(Duration::from_millis(2_300));
+    assert_eq!(get(&with("k0")), 200, "still verified, renewal refused");
+    std::thread::sleep(Duration::from_millis(4_200).saturating_sub(verified_at.elapsed()));
+    // The address's own window spent (keyless: the upstream answers 401, we
+    // count them), then k0: lapsed, so it is the address's.
+    assert_eq!((get(&[]), get(&[])), (401, 401));
+    assert_eq!(get(&with("k0")), 429, "k0 was renewed for free");
+}
+
+#[test]
 fn verify_keys_none_keeps_every_key_its_own_bucket() {
     let config = format!(
         "{}[identity]\nverify_keys = \"none\"\n",

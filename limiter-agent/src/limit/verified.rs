@@ -69,8 +69,17 @@ impl VerifiedKeys {
     pub fn insert_for(&self, entry: u64, now_ms: u64, ttl_ms: u64) {
         let until = now_ms.saturating_add(ttl_ms.min(self.ttl_ms));
         let mut inner = self.lock();
+        let inner = &mut *inner;
         inner.touch(entry, until);
-        while inner.expiry.len() > self.capacity || inner.order.len() > 2 * self.capacity {
+        if inner.order.len() > 2 * self.capacity {
+            // Stale positions (renewed or removed entries) are dropped, never
+            // live entries: churn alone must not evict anyone.
+            let expiry = &inner.expiry;
+            inner
+                .order
+                .retain(|(e, g)| expiry.get(e).is_some_and(|(_, current)| current == g));
+        }
+        while inner.expiry.len() > self.capacity {
             let Some((oldest, generation)) = inner.order.pop_front() else {
                 break;
             };
@@ -84,20 +93,29 @@ impl VerifiedKeys {
         }
     }
 
-    /// Renews a live verification in use once less than half its time is
-    /// left (so a key in use never lapses, without a write per request);
-    /// true when it did.
-    pub fn refresh(&self, entry: u64, now_ms: u64) -> bool {
-        let half = self.ttl_ms / 2;
-        let due = self
+    /// Records `entry` unless it is live with more than half its time left,
+    /// so a mark set on every event costs a write only now and then.
+    pub fn mark(&self, entry: u64, now_ms: u64) {
+        let live_for = self
             .lock()
             .expiry
             .get(&entry)
-            .is_some_and(|(until, _)| *until > now_ms && until - now_ms < half);
-        if due {
+            .map_or(0, |(until, _)| until.saturating_sub(now_ms));
+        if live_for < self.ttl_ms / 2 {
             self.insert(entry, now_ms);
         }
-        due
+    }
+
+    /// Whether a live verification in use is due for renewal: less than half
+    /// its time left (so a key in use need not lapse, without a write per
+    /// request). Absent or lapsed entries are not renewed.
+    #[must_use]
+    pub fn renewal_due(&self, entry: u64, now_ms: u64) -> bool {
+        let half = self.ttl_ms / 2;
+        self.lock()
+            .expiry
+            .get(&entry)
+            .is_some_and(|(until, _)| *until > now_ms && until - now_ms < half)
     }
 
     /// Forgets a verification (the upstream refused the key: revoked).
@@ -169,10 +187,11 @@ mod tests {
     fn keys_in_use_are_renewed_and_kept_when_others_churn() {
         let keys = VerifiedKeys::new(3, 1_000);
         keys.insert(1, 0);
-        assert!(!keys.refresh(1, 400), "more than half left: no write");
-        assert!(keys.refresh(1, 600), "less than half left: renewed");
+        assert!(!keys.renewal_due(1, 400), "more than half left: no write");
+        assert!(keys.renewal_due(1, 600), "less than half left: due");
+        keys.insert(1, 600);
         assert!(keys.contains(1, 1_500));
-        assert!(!keys.refresh(2, 600), "absent entries are not created");
+        assert!(!keys.renewal_due(2, 600), "absent entries are not renewed");
         // Entry 1 used again after 2 and 3 arrived: 4 evicts 2, not 1.
         keys.insert(2, 700);
         keys.insert(3, 700);
@@ -180,5 +199,19 @@ mod tests {
         keys.insert(4, 900);
         assert!(keys.contains(1, 901) && keys.contains(3, 901) && keys.contains(4, 901));
         assert!(!keys.contains(2, 901));
+    }
+
+    #[test]
+    fn marks_and_churn_never_evict_live_entries_below_capacity() {
+        let keys = VerifiedKeys::new(4, 60_000);
+        keys.insert(7, 0);
+        // Thousands of re-marks of one entry, and renewals of another: the
+        // queue compacts, nobody is evicted.
+        for t in 0..5_000 {
+            keys.mark(1, t * 20);
+            keys.insert(2, t);
+        }
+        assert!(keys.contains(7, 1) && keys.contains(1, 1) && keys.contains(2, 1));
+        assert!(keys.inner.lock().unwrap().order.len() <= 8);
     }
 }

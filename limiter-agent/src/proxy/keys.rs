@@ -22,8 +22,9 @@ pub(super) enum KeyCheck {
     None,
     /// Charged to the address; a 2xx may verify it.
     Unverified { entry: u64, key: String, ip: IpAddr },
-    /// Its own bucket; a 2xx keeps it verified, a 401 revokes it.
-    Verified { entry: u64, key: String },
+    /// Its own bucket; a 2xx keeps it verified (within the address's
+    /// budget), a 401 revokes it.
+    Verified { entry: u64, key: String, ip: IpAddr },
 }
 
 impl Proxy {
@@ -31,12 +32,14 @@ impl Proxy {
     /// "none"`) is its own bucket; an unverified key is charged to the client
     /// address, so random keys cannot mint quota. Verification is per tier:
     /// an endpoint that accepts any key (a health check) verifies nothing for
-    /// the others.
+    /// the others. A CORS preflight (`OPTIONS`) is answered before any
+    /// authentication, so it never verifies a key.
     pub(super) async fn identify(
         &self,
         state: &State,
         client: Requester,
         tier: &TierState,
+        preflight: bool,
         now_ms: u64,
     ) -> (Identity, KeyCheck) {
         let Some(key) = client.key else {
@@ -60,13 +63,15 @@ impl Proxy {
             }
             shared
         };
+        let ip = client.ip;
         if verified {
             (
                 Identity::Key(key.clone()),
-                KeyCheck::Verified { entry, key },
+                KeyCheck::Verified { entry, key, ip },
             )
+        } else if preflight {
+            (Identity::Ip(ip), KeyCheck::None)
         } else {
-            let ip = client.ip;
             (Identity::Ip(ip), KeyCheck::Unverified { entry, key, ip })
         }
     }
@@ -75,9 +80,10 @@ impl Proxy {
     /// shows the tier authenticates; a 401 revokes the key. A 2xx verifies the
     /// key only on a tier seen authenticating within `verified_key_ttl` (an
     /// endpoint that serves anyone proves nothing about a key), and only within
-    /// the address's budget of new keys per tier per `verified_key_ttl` (the
-    /// tier's limit), so one address cannot pile up verified keys. Redirects,
-    /// 404s and other answers may come before authentication: they say nothing.
+    /// the address's budget per tier per `verified_key_ttl` (the tier's limit),
+    /// which verifications and renewals both spend, so one address cannot keep
+    /// more than that many keys verified. Redirects, 404s and other answers may
+    /// come before authentication: they say nothing.
     pub(super) async fn learn(
         &self,
         state: &State,
@@ -88,23 +94,26 @@ impl Proxy {
         let now = self.clock.now_ms();
         let ttl = state.config.startup.verified_key_ttl;
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            self.verified.insert(tier.authenticates, now);
+            self.authenticating.mark(tier.authenticates, now);
         }
         match check {
             KeyCheck::Unverified { entry, key, ip }
                 if status.is_success()
-                    && self.verified.contains(tier.authenticates, now)
+                    && self.authenticating.contains(tier.authenticates, now)
                     && self.verification_budget(tier, ip, ttl, now).await =>
             {
                 self.verified.insert(entry, now);
                 self.store.share_verification(&tier.id, &key, Some(ttl));
             }
-            KeyCheck::Verified { entry, key }
-                if status.is_success() && self.verified.refresh(entry, now) =>
+            KeyCheck::Verified { entry, key, ip }
+                if status.is_success()
+                    && self.verified.renewal_due(entry, now)
+                    && self.verification_budget(tier, ip, ttl, now).await =>
             {
+                self.verified.insert(entry, now);
                 self.store.share_verification(&tier.id, &key, Some(ttl));
             }
-            KeyCheck::Verified { entry, key } if status == StatusCode::UNAUTHORIZED => {
+            KeyCheck::Verified { entry, key, .. } if status == StatusCode::UNAUTHORIZED => {
                 self.verified.remove(entry);
                 self.store.share_verification(&tier.id, &key, None);
             }
@@ -112,8 +121,8 @@ impl Proxy {
         }
     }
 
-    /// Charges one new key verification to the address in this tier; false
-    /// once the address has verified the tier's limit of keys this TTL.
+    /// Charges one verification or renewal to the address in this tier; false
+    /// once the address has spent the tier's limit of them this TTL.
     async fn verification_budget(
         &self,
         tier: &TierState,
