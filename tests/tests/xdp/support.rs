@@ -169,7 +169,9 @@ pub fn assert_counts(h: &Harness, key: &SourceKey, packets: u32, syns: u32, stri
 /// Moves the current window of `key` to have started `ago_ns` before now.
 pub fn start_window_ago(h: &mut Harness, key: &SourceKey, ago_ns: u64) {
     let mut state = entry(h, key);
-    state.window_start_ns = monotonic_ns() - ago_ns;
+    state.window_start_ns = monotonic_ns()
+        .checked_sub(ago_ns)
+        .expect("CLOCK_MONOTONIC is younger than the window to move: boot longer ago");
     h.put_source(key, &state);
 }
 
