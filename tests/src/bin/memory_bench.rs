@@ -120,9 +120,12 @@ fn main() {
         &["demo-upstream", "--listen", &local(upstream).to_string()],
         local(upstream),
     );
+    // One bucket per key on purpose (`verify_keys = "none"`): the bench
+    // measures what a live bucket costs, not key verification.
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[xdp]\nenabled = false\n{}",
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[identity]\nverify_keys = \"none\"\n\n\
+         [xdp]\nenabled = false\n{}",
         tier("/api/chat", 1000, "1h")
     );
     let path = dir.join("limiter.toml");
