@@ -176,16 +176,10 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Swaps in a new config: routes, tiers, identity rules, overrides and the
-    /// upstream change at once; buckets of tiers with the same route and window
-    /// keep their counts. Listener, TLS and store settings need a restart.
-    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
-        self.install(self.prepare(config)?);
-        Ok(())
-    }
-
     /// Validates and builds a config's state without putting it in force, so a
-    /// reload can check every other part (the kernel) before switching.
+    /// reload can check every other part (the kernel) before switching. Routes,
+    /// tiers, identity rules, overrides and the upstream change at once;
+    /// buckets of tiers with the same route and window keep their counts.
     pub fn prepare(&self, config: Config) -> Result<State, ConfigError> {
         State::new(config, &self.hasher, &self.metrics)
     }
