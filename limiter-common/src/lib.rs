@@ -414,6 +414,31 @@ mod pod {
     unsafe impl aya::Pod for super::NewSources {}
 }
 
+/// The fixture every test of the program starts from, shared by the
+/// `BPF_PROG_TEST_RUN` suite (`tests`) and the VM matrix (`xtask vm-test`), so
+/// the two cannot drift apart.
+#[cfg(feature = "test-util")]
+pub mod fixture {
+    use super::{Config, ipv6_mask};
+
+    /// The API port the test frames are addressed to.
+    pub const API_PORT: u16 = 8080;
+
+    /// Port [`API_PORT`], /64 grouping, 1 s windows, no ceilings, enforce
+    /// mode, policy generation 1, the precise clock.
+    #[must_use]
+    pub fn config() -> Config {
+        let mut config = Config {
+            ipv6_mask: ipv6_mask(64),
+            window_ns: 1_000_000_000,
+            policy_gen: 1,
+            ..Config::default()
+        };
+        config.ports[0] = API_PORT.to_be();
+        config
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,12 +31,36 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_SAMPLE_LEN, Config, NewSources, SOURCE_ALLOWED,
-    SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name, mode, reason, stat_index,
-    verdict,
+    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN, Config,
+    GLOBAL_USE_COARSE_CLOCK, NewSources, PROGRAM_NAME, SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN,
+    SourceKey, SourceState, map_name, mode, reason, stat_index, verdict,
 };
 
 use crate::parse::{Packet, Source, parse};
+
+// `#[xdp]` names a program after its function and `#[no_mangle]` a global
+// after its static; neither takes a constant. These asserts hold the contract's
+// names to the identifiers below, so renaming a constant fails to compile here
+// (and renaming an identifier means editing the literal beside it) instead of
+// failing to load.
+const _: () = assert!(same(PROGRAM_NAME, "limiter"));
+const _: () = assert!(same(CLOCK_PROGRAM_NAME, "limiter_clock"));
+const _: () = assert!(same(GLOBAL_USE_COARSE_CLOCK, "USE_COARSE_CLOCK"));
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// 1 when `bpf_ktime_get_coarse_ns` exists (Linux 5.11+); set by the loader
 /// from a probe. 0 by default, so the object loads on every supported kernel

@@ -20,18 +20,7 @@ pub mod spellings;
 pub mod xdp;
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock the program's deadlines use.
-#[must_use]
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
-    u64::try_from(ts.tv_sec).expect("monotonic seconds") * 1_000_000_000
-        + u64::try_from(ts.tv_nsec).expect("monotonic nanoseconds")
-}
+pub use limiter_agent::kernel::monotonic_ns;
 
 /// Panics with a clear message unless the process can load BPF programs.
 pub fn require_root(what: &str) {

@@ -9,13 +9,13 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_agent::kernel::{self, KernelError, LoadOptions, clock::ClockError, maps::Maps};
-use limiter_common::{Clock, Config, PROGRAM_NAME, SourceKey, SourceState, ipv6_mask};
+use limiter_common::{Clock, Config, PROGRAM_NAME, SourceKey, SourceState};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
 /// The API port the test config declares.
-pub const API_PORT: u16 = 8080;
+pub use limiter_common::fixture::API_PORT;
 
 /// The program's per-packet cost and verdict from one `BPF_PROG_TEST_RUN` call.
 #[derive(Clone, Copy, Debug)]
@@ -76,17 +76,11 @@ pub fn load_with_coarse_clock(coarse: bool) -> Result<(), String> {
     }
 }
 
-/// The config the tests start from: port 8080, /64 grouping, 1 s windows,
-/// no ceilings, enforce mode, policy generation 1, the calibrated clock.
+/// The config the tests start from: port [`API_PORT`], /64 grouping, 1 s
+/// windows, no ceilings, enforce mode, policy generation 1, the precise clock.
 #[must_use]
 pub fn test_config() -> Config {
-    Config {
-        ports: [API_PORT.to_be(), 0, 0, 0, 0, 0, 0, 0],
-        ipv6_mask: ipv6_mask(64),
-        window_ns: 1_000_000_000,
-        policy_gen: 1,
-        ..Config::default()
-    }
+    limiter_common::fixture::config()
 }
 
 impl Harness {

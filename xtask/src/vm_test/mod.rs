@@ -20,7 +20,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use limiter_common::{Ban, Config, SourceKey, ipv6_mask, reason, stat_index, verdict};
+use limiter_common::{
+    Ban, Config, SourceKey,
+    fixture::{self, API_PORT},
+    reason, stat_index, verdict,
+};
 
 use self::{
     initramfs::Initramfs,
@@ -96,7 +100,6 @@ const MODULES: &[&str] = &["veth"];
 
 const CLIENT_V4: [u8; 4] = [10, 99, 0, 2];
 const SERVER_V4: [u8; 4] = [10, 99, 0, 1];
-const API_PORT: u16 = 8080;
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
     let kernels: Vec<Kernel> = if options.kernels.is_empty() {
@@ -261,13 +264,7 @@ fn stripped(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
 /// `/vm-test.env`: the values `init.sh` writes into the maps and looks for,
 /// from the kernel/user contract itself.
 fn environment() -> String {
-    let mut config = Config {
-        ipv6_mask: ipv6_mask(64),
-        window_ns: 1_000_000_000,
-        policy_gen: 1,
-        ..Config::default()
-    };
-    config.ports[0] = API_PORT.to_be();
+    let config = fixture::config();
     let banned = Config {
         policy_gen: 2,
         ..config
