@@ -367,9 +367,13 @@ pub mod reason {
     pub const PACKET_CEILING: u32 = 4;
     /// Source over its SYNs-per-window ceiling.
     pub const SYN_CEILING: u32 = 5;
-    /// Truncated or malformed headers.
+    /// Cut or invalid headers, or an IPv6 extension-header chain longer than
+    /// the program walks. Passed; counted against its source (as API traffic)
+    /// when the frame gets as far as the source address.
     pub const MALFORMED: u32 = 6;
-    /// An IP fragment (ports unknown) from a source that is not banned.
+    /// An IP fragment whose port is unknown (any but a first fragment holding
+    /// the TCP header), from a source within its ceilings. Counted against the
+    /// source as API traffic.
     pub const FRAGMENT: u32 = 7;
     /// A source not yet in the map while the new-source budget is spent.
     pub const NEW_SOURCE_CEILING: u32 = 8;

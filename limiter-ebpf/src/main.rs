@@ -158,42 +158,47 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
         return (verdict::PASS, reason::NON_API);
     };
     let mut src = Source::default();
-    match parse(ctx, config, &mut src) {
-        Packet::Other => (verdict::PASS, reason::NON_API),
-        Packet::Malformed => (verdict::PASS, reason::MALFORMED),
-        Packet::Fragment => fragment(config, &source_key(config, &src)),
-        Packet::Api { syn } => {
-            let key = source_key(config, &src);
-            let reason = match SOURCES.get_ptr_mut(key) {
-                // SAFETY: the pointer comes from a successful lookup, so it
-                // points at a live entry (an LRU entry stays valid while the
-                // program runs). The map is shared by every CPU and the entry is
-                // not locked: two CPUs counting packets of one source at once can
-                // lose an update. Accepted: a lost update under-counts a source
-                // by a packet or two, well inside the slack of any ceiling, and a
-                // spin lock (or atomics on every field) would cost every packet
-                // to guard against a miscount that changes no verdict that
-                // matters; the counters are a rate, not an account.
-                Some(state) => account(config, unsafe { &mut *state }, &key, syn),
-                None => {
-                    if !admit_new_source(config) {
-                        // No entry: the map keeps the sources it tracks.
-                        if ALLOW.get(Key::new(128, key)).is_some() {
-                            return (verdict::PASS, reason::ALLOWLISTED);
-                        }
-                        return enforce(config, reason::NEW_SOURCE_CEILING);
-                    }
-                    let mut state = SourceState::default();
-                    refresh_policy(config, &mut state, &key);
-                    let reason = account(config, &mut state, &key, syn);
-                    // Racing CPUs may both insert a new source; the last one wins,
-                    // which costs at most one packet of accounting.
-                    let _ = SOURCES.insert(key, state, 0);
-                    reason
+    // The reason a packet that passes its source's checks is counted under.
+    let (syn, passed) = match parse(ctx, config, &mut src) {
+        Packet::Other => return (verdict::PASS, reason::NON_API),
+        Packet::Malformed => return (verdict::PASS, reason::MALFORMED),
+        Packet::Api { syn } => (syn, reason::API),
+        Packet::Opaque { fragment: true } => (false, reason::FRAGMENT),
+        Packet::Opaque { fragment: false } => (false, reason::MALFORMED),
+    };
+    let key = source_key(config, &src);
+    let reason = match SOURCES.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful lookup, so it points at
+        // a live entry (an LRU entry stays valid while the program runs). The
+        // map is shared by every CPU and the entry is not locked: two CPUs
+        // counting packets of one source at once can lose an update. Accepted:
+        // a lost update under-counts a source by a packet or two, well inside
+        // the slack of any ceiling, and a spin lock (or atomics on every
+        // field) would cost every packet to guard against a miscount that
+        // changes no verdict that matters; the counters are a rate, not an
+        // account.
+        Some(state) => account(config, unsafe { &mut *state }, &key, syn),
+        None => {
+            if !admit_new_source(config) {
+                // No entry: the map keeps the sources it tracks.
+                if ALLOW.get(Key::new(128, key)).is_some() {
+                    return (verdict::PASS, reason::ALLOWLISTED);
                 }
-            };
-            enforce(config, reason)
+                return enforce(config, reason::NEW_SOURCE_CEILING);
+            }
+            let mut state = SourceState::default();
+            refresh_policy(config, &mut state, &key);
+            let reason = account(config, &mut state, &key, syn);
+            // Racing CPUs may both insert a new source; the last one wins,
+            // which costs at most one packet of accounting.
+            let _ = SOURCES.insert(key, state, 0);
+            reason
         }
+    };
+    if reason == reason::API {
+        (verdict::PASS, passed)
+    } else {
+        enforce(config, reason)
     }
 }
 
@@ -306,37 +311,6 @@ fn account(config: &Config, state: &mut SourceState, key: &SourceKey, syn: bool)
 fn over_ceiling(config: &Config, state: &SourceState) -> bool {
     (config.max_packets != 0 && state.packets > config.max_packets)
         || (config.max_syns != 0 && state.syns > config.max_syns)
-}
-
-/// Fragments carry no reliable port: drop them only when their source is banned.
-#[inline(always)]
-fn fragment(config: &Config, key: &SourceKey) -> (u32, u32) {
-    let (allowed, ban_until) = match SOURCES.get_ptr_mut(key) {
-        Some(state) => {
-            // SAFETY: a live entry from a successful lookup of the shared LRU
-            // hash; as in `classify`, concurrent updates from other CPUs may be
-            // lost, which only refreshes the cached policy once more.
-            let state = unsafe { &mut *state };
-            if state.policy_gen != config.policy_gen {
-                refresh_policy(config, state, key);
-            }
-            (
-                state.flags & SOURCE_ALLOWED != 0,
-                state.ban_until_ns.max(state.autoban_until_ns),
-            )
-        }
-        None => {
-            let lookup = Key::new(128, *key);
-            (
-                ALLOW.get(&lookup).is_some(),
-                BANS.get(&lookup).map_or(0, |ban| ban.until_ns),
-            )
-        }
-    };
-    if allowed || ban_until <= now_ns(config) {
-        return (verdict::PASS, reason::FRAGMENT);
-    }
-    enforce(config, reason::BANNED)
 }
 
 #[cfg(not(test))]

@@ -20,7 +20,7 @@ const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 
 /// IPv6 extension headers walked before giving up (and counting the packet as
-/// malformed): enough for any chain a real stack sends.
+/// opaque, against its source): enough for any chain a real stack sends.
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 
 const TCP_SYN: u8 = 0x02;
@@ -32,17 +32,23 @@ const TCP_ACK: u8 = 0x10;
 /// out-parameter the caller zeroes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Packet {
-    /// Not TCP to an API port (or not IP at all): never limited.
+    /// Provably not TCP to an API port (or not IP at all): never limited.
     Other,
-    /// A header was truncated or invalid.
+    /// Cut or invalid before the source address is known: nothing to count
+    /// it against. The kernel drops such frames itself.
     Malformed,
-    /// An IP fragment: its transport header is not (reliably) there.
-    Fragment,
-    /// A TCP segment to an API port; `syn` for SYN without ACK.
+    /// The source is known but not whether the packet is for an API port: a
+    /// fragment after the first, a first fragment too short to hold the
+    /// ports, an IPv6 extension-header chain longer than the walk, or a cut or
+    /// invalid header after the IP header. Counted as API traffic, so none of
+    /// these is a way past a ban, a ceiling or the new-source budget.
+    Opaque { fragment: bool },
+    /// A TCP segment to an API port; `syn` for SYN without ACK. A first
+    /// fragment that holds the TCP header counts as its whole packet.
     Api { syn: bool },
 }
 
-/// The source of a fragment or API packet, filled in by [`parse`].
+/// The source of an opaque or API packet, filled in by [`parse`].
 #[derive(Clone, Copy, Default)]
 pub struct Source {
     pub key: SourceKey,
@@ -138,19 +144,27 @@ fn parse_ipv4(
     if version_ihl >> 4 != 4 || ihl < 5 {
         return None;
     }
-    // Options included: the whole header must be there.
-    let header_len = ihl * 4;
-    ptr_at::<u8>(ctx, offset + header_len - 1)?;
     // The address stays in network order: its in-memory bytes are the wire bytes.
     src.key = SourceKey::from_v4(saddr.to_ne_bytes());
-    // More-fragments flag or a non-zero offset.
-    if u16::from_be(frag_off) & 0x3fff != 0 {
-        return Some(Packet::Fragment);
+    // Options included, the whole header must be there; cut options are
+    // counted against the source like any other cut after the address.
+    let header_len = ihl * 4;
+    if ptr_at::<u8>(ctx, offset + header_len - 1).is_none() {
+        return Some(Packet::Opaque { fragment: false });
     }
+    let frag_off = u16::from_be(frag_off);
+    // A non-zero offset: no transport header in this piece.
+    if frag_off & 0x1fff != 0 {
+        return Some(Packet::Opaque { fragment: true });
+    }
+    // The first fragment (more-fragments flag set) starts the transport
+    // header; Linux discards overlapping fragments, so this header is the
+    // reassembled packet's.
+    let first_fragment = frag_off & 0x2000 != 0;
     if protocol != IPPROTO_TCP {
         return Some(Packet::Other);
     }
-    api_tcp(ctx, config, offset + header_len)
+    Some(tcp(ctx, config, offset + header_len, first_fragment))
 }
 
 #[repr(C)]
@@ -180,8 +194,32 @@ fn parse_ipv6(
     }
     src.key = SourceKey::from_v6_words(saddr);
     src.ipv6 = true;
-    let mut next = next_header;
-    let mut offset = offset + size_of::<Ipv6Hdr>();
+    // From here on the source is known: whatever stops the walk, the packet
+    // is counted against it.
+    let mut fragment = false;
+    Some(
+        ipv6_payload(
+            ctx,
+            config,
+            offset + size_of::<Ipv6Hdr>(),
+            next_header,
+            &mut fragment,
+        )
+        .unwrap_or(Packet::Opaque { fragment }),
+    )
+}
+
+/// Walks the extension headers from `offset` (`next` names the first) to the
+/// transport header; `None` when a header is cut or the chain is longer than
+/// the walk. Sets `fragment` on passing a first fragment's header.
+#[inline(always)]
+fn ipv6_payload(
+    ctx: &XdpContext,
+    config: &Config,
+    mut offset: usize,
+    mut next: u8,
+    fragment: &mut bool,
+) -> Option<Packet> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
@@ -198,20 +236,25 @@ fn parse_ipv6(
             }
             IPPROTO_FRAGMENT => {
                 let header: [u8; 4] = read(ctx, offset)?;
-                // Fragment offset (13 bits) and the M flag; an atomic fragment
-                // (both zero) carries a whole packet.
-                if u16::from_be_bytes([header[2], header[3]]) & 0xfff9 != 0 {
-                    return Some(Packet::Fragment);
+                let field = u16::from_be_bytes([header[2], header[3]]);
+                // A non-zero offset (13 bits): no transport header here.
+                if field & 0xfff8 != 0 {
+                    return Some(Packet::Opaque { fragment: true });
                 }
+                // Offset 0: the first fragment (M set), which holds the rest
+                // of the chain (RFC 8200 requires it), or an atomic fragment
+                // (M clear), which is a whole packet.
+                *fragment |= field & 1 != 0;
                 next = header[0];
                 offset += 8;
             }
-            _ => break,
+            IPPROTO_TCP => return Some(tcp(ctx, config, offset, *fragment)),
+            _ => return Some(Packet::Other),
         }
     }
     match next {
-        IPPROTO_TCP => api_tcp(ctx, config, offset),
-        // Still inside the extension-header chain after the walk: give up.
+        IPPROTO_TCP => Some(tcp(ctx, config, offset, *fragment)),
+        // Still inside the extension-header chain after the walk.
         IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => None,
         _ => Some(Packet::Other),
     }
@@ -231,20 +274,27 @@ struct TcpHdr {
     urg: u16,
 }
 
-/// Classifies the TCP header at `offset`; `None` when truncated or invalid.
+/// Classifies the TCP header at `offset`, in a first fragment when `fragment`.
+/// The ports come first: a segment to another port is `Other` even when the
+/// rest of its header is cut or invalid (the kernel drops it); one to an API
+/// port without a whole, valid header is opaque.
 #[inline(always)]
-fn api_tcp(ctx: &XdpContext, config: &Config, offset: usize) -> Option<Packet> {
-    let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
-    // SAFETY: ptr_at checked that the whole header is inside the packet.
-    let (dport_be, data_offset, flags) =
-        unsafe { ((*tcp).dport, (*tcp).data_offset, (*tcp).flags) };
-    if data_offset >> 4 < 5 {
-        return None;
-    }
+fn tcp(ctx: &XdpContext, config: &Config, offset: usize, fragment: bool) -> Packet {
+    let Some([_, dport_be]) = read::<[u16; 2]>(ctx, offset) else {
+        return Packet::Opaque { fragment };
+    };
     if !config.is_api_port(dport_be) {
-        return Some(Packet::Other);
+        return Packet::Other;
     }
-    Some(Packet::Api {
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, offset) else {
+        return Packet::Opaque { fragment };
+    };
+    // SAFETY: ptr_at checked that the whole header is inside the packet.
+    let (data_offset, flags) = unsafe { ((*tcp).data_offset, (*tcp).flags) };
+    if data_offset >> 4 < 5 {
+        return Packet::Opaque { fragment };
+    }
+    Packet::Api {
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-    })
+    }
 }

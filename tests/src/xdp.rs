@@ -196,6 +196,14 @@ impl Harness {
             .expect("writing the config");
     }
 
+    /// Writes `config` the agent's way: the policy generation bumped past
+    /// the map's, so every source re-reads the tries.
+    pub fn write_config(&mut self, config: &Config) {
+        self.maps_mut()
+            .write_config(config)
+            .expect("writing the config");
+    }
+
     /// Edits the config in place.
     pub fn update_config(&mut self, edit: impl FnOnce(&mut Config)) {
         let mut config = self.config();

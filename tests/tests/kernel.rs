@@ -167,6 +167,58 @@ fn a_syn_flood_is_dropped_in_xdp_while_the_client_keeps_being_served() {
 }
 
 #[test]
+fn a_trusted_proxy_and_the_local_upstream_are_on_the_kernel_allow_list() {
+    // A load balancer carries many clients: its packet rate is theirs
+    // together. Counted as one source it would meet the SYN ceiling and be
+    // auto-banned, taking every client behind it down.
+    let topology = Topology::new();
+    let text = config(
+        1000,
+        "max_syns_per_second = 100\nautoban_after_seconds = 1\nban_seconds = 60",
+    )
+    .replacen(
+        "[server]\n",
+        &format!("[server]\ntrusted_proxies = [\"{ATTACKER_ADDR}\"]\n"),
+        1,
+    );
+    let _agent = topology.agent(&text, &[]);
+    let status = topology.status();
+    let allow: Vec<&str> = status["allow"]
+        .as_array()
+        .expect("allow list")
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    // The demo upstream listens on loopback, on this host.
+    assert_eq!(
+        allow,
+        [format!("{ATTACKER_ADDR}/32").as_str(), "127.0.0.1/32"],
+        "{status}"
+    );
+    let took = syn_flood(&topology.host, &topology.attacker, 20_000);
+    let status = topology.status();
+    assert_eq!(dropped(&status), 0, "the proxy was dropped: {status}");
+    assert!(
+        counter(&status, "pass", "allowlisted") >= 20_000,
+        "the proxy's SYNs passed as allow-listed ({took:?}): {status}"
+    );
+    assert!(
+        !topology.dump("bans").contains("0a 5b 02 02"),
+        "the proxy was banned"
+    );
+    assert!(
+        get(
+            &topology.attacker,
+            api(HOST_ATTACKER_ADDR),
+            "/api/chat",
+            SHORT
+        )
+        .is_ok_and(|r| r.status == 200),
+        "the proxy is served after its flood"
+    );
+}
+
+#[test]
 fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
     let topology = Topology::new();
     let _agent = topology.agent(
@@ -488,6 +540,9 @@ fn a_reload_the_kernel_refuses_changes_nothing_in_the_proxy_or_the_kernel() {
         response.header("x-ratelimit-limit").map(str::to_owned)
     };
     assert_eq!(limit().as_deref(), Some("100"));
+    // The demo upstream's loopback address, nothing else.
+    let allow_before = topology.status()["allow"].clone();
+    assert_eq!(allow_before, serde_json::json!(["127.0.0.1/32"]));
     // Valid as a file, but one entry more than the kernel's allow list holds:
     // the kernel takes the new ceiling, then fails on the list.
     let allow: Vec<String> = (0..=limiter_common::ALLOW_CAPACITY)
@@ -504,14 +559,9 @@ fn a_reload_the_kernel_refuses_changes_nothing_in_the_proxy_or_the_kernel() {
     .unwrap();
     hangup_refused(&agent);
     // Neither half moved: the proxy keeps its tiers, the kernel its ceiling
-    // and its (empty) allow list.
+    // and its allow list.
     assert_eq!(limit().as_deref(), Some("100"), "{}", agent.log());
     let status = topology.status();
     assert_eq!(status["max_syns_per_second"], 77, "{status}");
-    assert_eq!(
-        status["allow"].as_array().map(Vec::len),
-        Some(0),
-        "allow list not restored: {}",
-        status["allow"]
-    );
+    assert_eq!(status["allow"], allow_before, "allow list not restored");
 }

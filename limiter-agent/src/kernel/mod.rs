@@ -188,7 +188,7 @@ impl Kernel {
         }
         let wanted = sync::kernel_config(config, current.clock, possible_cpus());
         maps.write_config(&wanted)?;
-        maps.set_allow(sync::allow_list(config), config.live.ipv6_prefix)?;
+        maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
         let program = program_mut(&mut ebpf)?;
         let mut attachments = Vec::new();
         for interface in interfaces {
@@ -233,7 +233,7 @@ impl Kernel {
         let mut maps = self.maps();
         let clock = maps.config()?.clock;
         maps.write_config(&sync::kernel_config(config, clock, possible_cpus()))?;
-        maps.set_allow(sync::allow_list(config), config.live.ipv6_prefix)?;
+        maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
         *self
             .ipv6_prefix
             .lock()

@@ -1,6 +1,8 @@
 //! The agent's config as the program sees it: API ports, ceilings (derived
 //! from the tier table when left at 0), IPv6 grouping, mode, auto-ban.
 
+use std::net::{IpAddr, UdpSocket};
+
 use ipnet::IpNet;
 use limiter_common::{Clock, mode};
 
@@ -104,10 +106,36 @@ pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common
     out
 }
 
-/// `[xdp] allow`: networks the program never counts or bans.
+/// Networks the program never counts or bans: `[xdp] allow`, the trusted
+/// proxies (a load balancer's packet rate is that of all the clients behind
+/// it, which the proxy limits one by one; counted as one source it would meet
+/// the ceilings and be auto-banned, taking every client down), and the
+/// upstream when it runs on this host.
 #[must_use]
-pub fn allow_list(config: &Config) -> &[IpNet] {
-    config.live.xdp.allow.as_slice()
+pub fn allow_list(config: &Config) -> Vec<IpNet> {
+    let mut nets = config.live.xdp.allow.as_slice().to_vec();
+    nets.extend_from_slice(config.live.trusted_proxies.as_slice());
+    nets.extend(local_upstream(&config.live.upstream).map(IpNet::from));
+    nets.sort_unstable();
+    nets.dedup();
+    nets
+}
+
+/// The upstream's address when the URI names it by a literal address of this
+/// host (loopback, or one the host can bind); `None` for a host name or a
+/// remote address.
+fn local_upstream(upstream: &http::Uri) -> Option<IpAddr> {
+    let host = upstream.host()?;
+    let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    let ip = literal
+        .unwrap_or(host)
+        .parse::<IpAddr>()
+        .ok()?
+        .to_canonical();
+    if ip.is_unspecified() {
+        return None;
+    }
+    (ip.is_loopback() || UdpSocket::bind((ip, 0)).is_ok()).then_some(ip)
 }
 
 #[cfg(test)]
@@ -148,5 +176,45 @@ mod tests {
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
         assert_eq!(k.mode, mode::OBSERVE);
         assert_eq!(EscalationSettings::from_config(&config).threshold(100), 4);
+    }
+
+    #[test]
+    fn trusted_proxies_and_a_local_upstream_join_the_allow_list() {
+        let with = |server: &str, xdp: &str| {
+            let text = format!(
+                "[server]\nlisten = \"127.0.0.1:8080\"\n{server}\n[xdp]\n{xdp}\n\
+                 [[tier]]\nroute = \"/a\"\nlimit = 5\nwindow = \"1m\"\n"
+            );
+            let config = Config::parse(&text).unwrap();
+            allow_list(&config)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            with(
+                "upstream = \"http://127.0.0.1:9000\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]",
+                "allow = [\"192.0.2.7\", \"2001:db8::/48\"]"
+            ),
+            [
+                "10.0.0.0/8",
+                "127.0.0.1/32",
+                "192.0.2.7/32",
+                "2001:db8::/48"
+            ]
+        );
+        assert_eq!(with("upstream = \"http://[::1]:9000\"", ""), ["::1/128"]);
+        // A remote address, a name or the unspecified address is not the host's.
+        for upstream in [
+            "http://192.0.2.1:80",
+            "http://localhost:9000",
+            "http://0.0.0.0:80",
+        ] {
+            assert_eq!(
+                with(&format!("upstream = \"{upstream}\""), ""),
+                Vec::<String>::new(),
+                "{upstream}"
+            );
+        }
     }
 }

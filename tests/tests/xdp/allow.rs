@@ -2,7 +2,7 @@
 
 use limiter_common::{
     SOURCE_ALLOWED,
-    reason::{ALLOWLISTED, API, BANNED, FRAGMENT, PACKET_CEILING},
+    reason::{ALLOWLISTED, API, BANNED, PACKET_CEILING},
     verdict::{DROP, PASS},
 };
 use limiter_tests::{
@@ -12,7 +12,7 @@ use limiter_tests::{
 };
 
 use crate::support::{
-    IPV4_MF, MINUTE, api4, assert_stats, autobanning, entry, host, limited, net, send, send_n, v4,
+    MINUTE, api4, assert_stats, autobanning, entry, host, limited, net, send, send_n, v4,
 };
 
 #[test]
@@ -24,13 +24,13 @@ fn an_allowed_source_passes_even_when_banned() {
     h.allow(net("192.0.2.0/24"));
     send(&h, &api4(src, SYN), XDP_PASS);
     send(&h, &api4(src, ACK), XDP_PASS);
-    // Its fragments pass as fragments.
+    // Its fragments pass too, uncounted.
     send(
         &h,
-        &Frame::tcp4(src, API_PORT, ACK).ipv4_frag(IPV4_MF).build(),
+        &Frame::tcp4(src, API_PORT, ACK).ipv4_frag(7).build(),
         XDP_PASS,
     );
-    assert_stats(&h, &[(PASS, ALLOWLISTED, 2), (PASS, FRAGMENT, 1)]);
+    assert_stats(&h, &[(PASS, ALLOWLISTED, 3)]);
     let s = entry(&h, &key);
     assert_eq!(s.flags, SOURCE_ALLOWED, "{s:?}");
     assert_eq!(
@@ -76,4 +76,36 @@ fn allowing_an_autobanned_source_applies_from_the_next_packet() {
         ],
     );
     assert_eq!(entry(&h, &key).flags, SOURCE_ALLOWED);
+}
+
+#[test]
+fn an_allow_list_change_reaches_a_source_that_read_the_tries_mid_reload() {
+    // A reload writes the config (bumping the policy generation), then the
+    // allow list. A packet between the two re-reads the tries under the new
+    // generation and caches the old answer; the allow-list write must bump
+    // the generation again, or the source keeps that answer.
+    let mut h = limited(1, 0);
+    let src = [192, 0, 2, 53];
+    send(&h, &api4(src, ACK), XDP_PASS);
+    let config = h.config();
+    h.write_config(&config);
+    send(&h, &api4(src, ACK), XDP_DROP);
+    assert_eq!(entry(&h, &v4(src)).flags, 0, "cached: not allowed");
+    h.allow(host(src));
+    send(&h, &api4(src, ACK), XDP_PASS);
+    assert_eq!(entry(&h, &v4(src)).flags, SOURCE_ALLOWED);
+    // And back: taken off the list mid-reload, it is counted again.
+    let config = h.config();
+    h.write_config(&config);
+    send(&h, &api4(src, ACK), XDP_PASS);
+    h.disallow(host(src));
+    send(&h, &api4(src, ACK), XDP_DROP);
+    assert_stats(
+        &h,
+        &[
+            (PASS, API, 1),
+            (PASS, ALLOWLISTED, 2),
+            (DROP, PACKET_CEILING, 2),
+        ],
+    );
 }
