@@ -208,7 +208,9 @@ pub struct Config {
     pub autoban_after_windows: u16,
     /// [`mode::ENFORCE`] or [`mode::OBSERVE`].
     pub mode: u8,
-    pub _pad: u8,
+    /// 1: while the new-source budget is spent, answer an unknown source's
+    /// SYN with a SYN challenge instead of dropping it (see [`challenge`]).
+    pub syn_challenge: u8,
     /// Sources each CPU may add to the per-source map per window; 0 = no
     /// limit. Over it, packets of sources not yet in the map are dropped
     /// (allow-listed ones excepted) without creating an entry, so a flood
@@ -216,8 +218,91 @@ pub struct Config {
     /// sources it already tracks, nor escape the ceilings by being forgotten.
     pub max_new_sources: u32,
     pub _pad2: u32,
+    /// Secret `SipHash` key of the SYN challenge cookies, random per boot
+    /// (kept across agent restarts by the pinned map, like the clock).
+    pub challenge_key: [u64; 2],
 }
-const _: () = assert!(size_of::<Config>() == 96);
+const _: () = assert!(size_of::<Config>() == 112);
+
+/// The SYN challenge: how a source the map does not hold proves, during a
+/// spoofed flood, that it receives what is sent to its address.
+///
+/// The program answers such a source's SYN with a SYN-ACK whose
+/// acknowledgment number is a cookie instead of the SYN's sequence number + 1
+/// (`XDP_TX`, no state kept). A real TCP stack in SYN-SENT answers an
+/// unacceptable SYN-ACK with a RST whose sequence number is that
+/// acknowledgment number (RFC 9293 3.10.7.3), and sends its SYN again (Linux
+/// 5.7+ after two jiffies, other stacks after their first retransmission
+/// timeout). A RST carrying a valid cookie puts the source in the map; its
+/// retransmitted SYN then goes to the listener as usual. A spoofed source
+/// never sees the cookie, so the flood creates no entry.
+///
+/// The cookie is `SipHash`-2-4 of the source address, both ports and a time
+/// slot under a random key; it is valid for the current slot and the one
+/// before (17 to 34 s).
+pub mod challenge {
+    /// `CLOCK_MONOTONIC` ns >> this = the time slot (2^34 ns, about 17 s).
+    pub const SLOT_SHIFT: u32 = 34;
+
+    /// The cookie for `addr` (a [`crate::SourceKey`]'s unmasked bytes),
+    /// `ports` (the TCP header's first four bytes, as loaded) and `slot`.
+    #[inline(always)]
+    #[must_use]
+    pub fn cookie(key: &[u64; 2], addr: &[u8; 16], ports: u32, slot: u64) -> u32 {
+        let m0 = u64::from_le_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]);
+        let m1 = u64::from_le_bytes([
+            addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+        ]);
+        let m2 = u64::from(ports) | (slot << 32);
+        let hash = siphash24(key, [m0, m1, m2]);
+        (hash ^ (hash >> 32)) as u32
+    }
+
+    /// `SipHash`-2-4 of three 64-bit words (a 24-byte message).
+    #[inline(always)]
+    #[must_use]
+    pub fn siphash24(key: &[u64; 2], words: [u64; 3]) -> u64 {
+        let mut v = [
+            key[0] ^ 0x736f_6d65_7073_6575,
+            key[1] ^ 0x646f_7261_6e64_6f6d,
+            key[0] ^ 0x6c79_6765_6e65_7261,
+            key[1] ^ 0x7465_6462_7974_6573,
+        ];
+        // The three words, then the final block: the length (24) in the top byte.
+        for m in [words[0], words[1], words[2], 24u64 << 56] {
+            v[3] ^= m;
+            round(&mut v);
+            round(&mut v);
+            v[0] ^= m;
+        }
+        v[2] ^= 0xff;
+        round(&mut v);
+        round(&mut v);
+        round(&mut v);
+        round(&mut v);
+        v[0] ^ v[1] ^ v[2] ^ v[3]
+    }
+
+    #[inline(always)]
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13);
+        v[1] ^= v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16);
+        v[3] ^= v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21);
+        v[3] ^= v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17);
+        v[1] ^= v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+}
 
 /// Value of the per-CPU `new_sources` array: sources added in this window.
 #[repr(C)]
@@ -349,8 +434,10 @@ pub mod verdict {
     pub const DROP: u32 = 1;
     /// Observe mode: the packet would have been dropped and was passed.
     pub const WOULD_DROP: u32 = 2;
-    pub const COUNT: u32 = 3;
-    pub const NAMES: [&str; COUNT as usize] = ["pass", "drop", "would_drop"];
+    /// Answered from XDP (`XDP_TX`): the SYN challenge.
+    pub const TX: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] = ["pass", "drop", "would_drop", "tx"];
 }
 
 /// Why the program decided what it did.
@@ -377,7 +464,12 @@ pub mod reason {
     pub const FRAGMENT: u32 = 7;
     /// A source not yet in the map while the new-source budget is spent.
     pub const NEW_SOURCE_CEILING: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Such a source's SYN, answered with a SYN challenge (verdict `tx`).
+    pub const SYN_CHALLENGE: u32 = 9;
+    /// Such a source's RST carrying a valid cookie: the source is admitted
+    /// to the map and the RST, meant for the challenge, dropped.
+    pub const CHALLENGE_PASSED: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
         "non_api",
         "api",
@@ -388,6 +480,8 @@ pub mod reason {
         "malformed",
         "fragment",
         "new_source_ceiling",
+        "syn_challenge",
+        "challenge_passed",
     ];
 }
 
@@ -450,8 +544,9 @@ mod tests {
     #[test]
     fn sizes_match_the_kernel_layout() {
         assert_eq!(size_of::<SourceKey>(), 16);
-        assert_eq!(size_of::<Config>(), 96);
+        assert_eq!(size_of::<Config>(), 112);
         assert_eq!(core::mem::offset_of!(Config, max_new_sources), 88);
+        assert_eq!(core::mem::offset_of!(Config, challenge_key), 96);
         assert_eq!(size_of::<NewSources>(), 16);
         assert_eq!(size_of::<SourceState>(), 40);
         assert_eq!(align_of::<SourceState>(), 8);
@@ -469,6 +564,27 @@ mod tests {
         );
         assert_eq!(key.as_v4(), Some([192, 0, 2, 7]));
         assert_eq!(SourceKey::from_v6([0x20; 16]).as_v4(), None);
+    }
+
+    #[test]
+    fn siphash_matches_the_reference_vector_and_cookies_depend_on_every_input() {
+        // Key 00..0f and the 24-byte message 00..17, as the reference
+        // implementation computes it (the same code gives the paper's vector
+        // for the 15-byte message 00..0e).
+        let key = [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908];
+        let words = [
+            0x0706_0504_0302_0100,
+            0x0f0e_0d0c_0b0a_0908,
+            0x1716_1514_1312_1110,
+        ];
+        assert_eq!(challenge::siphash24(&key, words), 0xb8ad_50c6_f649_af94);
+        let addr = SourceKey::from_v4([192, 0, 2, 1]).addr;
+        let base = challenge::cookie(&key, &addr, 0x901f_3930, 7);
+        let other = SourceKey::from_v4([192, 0, 2, 2]).addr;
+        assert_ne!(base, challenge::cookie(&key, &other, 0x901f_3930, 7));
+        assert_ne!(base, challenge::cookie(&key, &addr, 0x901f_3931, 7));
+        assert_ne!(base, challenge::cookie(&key, &addr, 0x901f_3930, 8));
+        assert_ne!(base, challenge::cookie(&[1, 2], &addr, 0x901f_3930, 7));
     }
 
     #[test]

@@ -20,6 +20,7 @@
     reason = "the #[xdp] entry point's signature is fixed by aya"
 )]
 
+mod challenge;
 mod parse;
 
 use aya_ebpf::{
@@ -36,7 +37,7 @@ use limiter_common::{
     SourceKey, SourceState, map_name, mode, reason, stat_index, verdict,
 };
 
-use crate::parse::{Packet, Source, parse};
+use crate::parse::{Packet, Source, TCP_RST, parse};
 
 // `#[xdp]` names a program after its function and `#[no_mangle]` a global
 // after its static; neither takes a constant. These asserts hold the contract's
@@ -108,10 +109,10 @@ pub fn limiter(ctx: XdpContext) -> u32 {
         // so nothing else writes it meanwhile.
         unsafe { *counter += 1 };
     }
-    if verdict == verdict::DROP {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
+    match verdict {
+        verdict::DROP => xdp_action::XDP_DROP,
+        verdict::TX => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_PASS,
     }
 }
 
@@ -184,6 +185,9 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
                 if ALLOW.get(Key::new(128, key)).is_some() {
                     return (verdict::PASS, reason::ALLOWLISTED);
                 }
+                if config.syn_challenge != 0 && config.mode == mode::ENFORCE && src.challengeable {
+                    return challenge_unknown(ctx, config, &src, &key, syn);
+                }
                 return enforce(config, reason::NEW_SOURCE_CEILING);
             }
             let mut state = SourceState::default();
@@ -200,6 +204,32 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
     } else {
         enforce(config, reason)
     }
+}
+
+/// A packet of a source the map does not hold, to an API port, while the
+/// new-source budget is spent: its SYN is answered with the challenge, its RST
+/// with a valid cookie admits it (see `limiter_common::challenge`), anything
+/// else is dropped at the new-source ceiling.
+#[inline(always)]
+fn challenge_unknown(
+    ctx: &XdpContext,
+    config: &Config,
+    src: &Source,
+    key: &SourceKey,
+    syn: bool,
+) -> (u32, u32) {
+    let now = now_ns(config);
+    if syn {
+        if challenge::answer(ctx, config, src, now).is_some() {
+            return (verdict::TX, reason::SYN_CHALLENGE);
+        }
+    } else if src.tcp_flags & TCP_RST != 0 && challenge::passed(ctx, config, src, now) {
+        let mut state = SourceState::default();
+        refresh_policy(config, &mut state, key);
+        let _ = SOURCES.insert(key, state, 0);
+        return (verdict::DROP, reason::CHALLENGE_PASSED);
+    }
+    (verdict::DROP, reason::NEW_SOURCE_CEILING)
 }
 
 /// The per-source key: IPv6 sources grouped by the configured prefix.

@@ -23,8 +23,8 @@ const IPPROTO_DSTOPTS: u8 = 60;
 /// opaque, against its source): enough for any chain a real stack sends.
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// What the parser found out about a packet. A plain value rather than an enum
 /// carrying the source: LLVM merges the variants of such an enum through
@@ -48,12 +48,25 @@ pub enum Packet {
     Api { syn: bool },
 }
 
-/// The source of an opaque or API packet, filled in by [`parse`].
+/// The source of an opaque or API packet, filled in by [`parse`], and where
+/// an API packet's headers are, for the SYN challenge.
 #[derive(Clone, Copy, Default)]
 pub struct Source {
     pub key: SourceKey,
     pub ipv6: bool,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP header (API packets only).
+    pub l4: usize,
+    /// The TCP flags byte (API packets only).
+    pub tcp_flags: u8,
+    /// The TCP header directly follows the IP header (IPv6 without extension
+    /// headers, any IPv4) of a whole packet: one the challenge can answer by
+    /// turning it around in place.
+    pub challengeable: bool,
 }
+
+pub const TCP_RST: u8 = 0x04;
 
 /// Returns a pointer to a `T` at `offset` when the whole `T` lies inside the packet.
 #[inline(always)]
@@ -146,6 +159,7 @@ fn parse_ipv4(
     }
     // The address stays in network order: its in-memory bytes are the wire bytes.
     src.key = SourceKey::from_v4(saddr.to_ne_bytes());
+    src.l3 = offset;
     // Options included, the whole header must be there; cut options are
     // counted against the source like any other cut after the address.
     let header_len = ihl * 4;
@@ -164,7 +178,7 @@ fn parse_ipv4(
     if protocol != IPPROTO_TCP {
         return Some(Packet::Other);
     }
-    Some(tcp(ctx, config, offset + header_len, first_fragment))
+    Some(tcp(ctx, config, offset + header_len, first_fragment, src))
 }
 
 #[repr(C)]
@@ -194,6 +208,7 @@ fn parse_ipv6(
     }
     src.key = SourceKey::from_v6_words(saddr);
     src.ipv6 = true;
+    src.l3 = offset;
     // From here on the source is known: whatever stops the walk, the packet
     // is counted against it.
     let mut fragment = false;
@@ -204,6 +219,7 @@ fn parse_ipv6(
             offset + size_of::<Ipv6Hdr>(),
             next_header,
             &mut fragment,
+            src,
         )
         .unwrap_or(Packet::Opaque { fragment }),
     )
@@ -219,6 +235,7 @@ fn ipv6_payload(
     mut offset: usize,
     mut next: u8,
     fragment: &mut bool,
+    src: &mut Source,
 ) -> Option<Packet> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
@@ -248,12 +265,12 @@ fn ipv6_payload(
                 next = header[0];
                 offset += 8;
             }
-            IPPROTO_TCP => return Some(tcp(ctx, config, offset, *fragment)),
+            IPPROTO_TCP => return Some(tcp(ctx, config, offset, *fragment, src)),
             _ => return Some(Packet::Other),
         }
     }
     match next {
-        IPPROTO_TCP => Some(tcp(ctx, config, offset, *fragment)),
+        IPPROTO_TCP => Some(tcp(ctx, config, offset, *fragment, src)),
         // Still inside the extension-header chain after the walk.
         IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => None,
         _ => Some(Packet::Other),
@@ -279,7 +296,13 @@ struct TcpHdr {
 /// rest of its header is cut or invalid (the kernel drops it); one to an API
 /// port without a whole, valid header is opaque.
 #[inline(always)]
-fn tcp(ctx: &XdpContext, config: &Config, offset: usize, fragment: bool) -> Packet {
+fn tcp(
+    ctx: &XdpContext,
+    config: &Config,
+    offset: usize,
+    fragment: bool,
+    src: &mut Source,
+) -> Packet {
     let Some([_, dport_be]) = read::<[u16; 2]>(ctx, offset) else {
         return Packet::Opaque { fragment };
     };
@@ -294,6 +317,16 @@ fn tcp(ctx: &XdpContext, config: &Config, offset: usize, fragment: bool) -> Pack
     if data_offset >> 4 < 5 {
         return Packet::Opaque { fragment };
     }
+    src.l4 = offset;
+    src.tcp_flags = flags;
+    let ip_header_len = if src.ipv6 {
+        size_of::<Ipv6Hdr>()
+    } else {
+        size_of::<Ipv4Hdr>()
+    };
+    // IPv4 options are turned around with the header; IPv6 extension
+    // headers (a routing header, say) are not.
+    src.challengeable = !fragment && (!src.ipv6 || offset == src.l3 + ip_header_len);
     Packet::Api {
         syn: flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
     }

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const PSH: u8 = 0x08;
+pub const RST: u8 = 0x04;
 
 /// A bare Ethernet frame: destination and source MACs, `ethertype`, then
 /// `payload` as is (for `EtherTypes` the [`Frame`] builder does not know, e.g.
@@ -50,6 +51,10 @@ pub struct Frame {
     pub vlans: Vec<u16>,
     pub ip: Ip,
     pub l4: L4,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// Raw TCP option bytes (padded with End-of-Options to 4-byte words).
+    pub tcp_options: Vec<u8>,
 }
 
 impl Frame {
@@ -64,6 +69,8 @@ impl Frame {
                 frag: 0x4000, // DF
             },
             l4: L4::Tcp { dport, flags },
+            seq: 0,
+            tcp_options: Vec::new(),
         }
     }
 
@@ -77,7 +84,17 @@ impl Frame {
                 ext: Vec::new(),
             },
             l4: L4::Tcp { dport, flags },
+            seq: 0,
+            tcp_options: Vec::new(),
         }
+    }
+
+    /// The TCP sequence number and option bytes (a SYN's MSS, window scale…).
+    #[must_use]
+    pub fn tcp_header(mut self, seq: u32, options: &[u8]) -> Self {
+        self.seq = seq;
+        self.tcp_options = options.to_vec();
+        self
     }
 
     /// Replaces the transport layer by UDP to `dport`.
@@ -203,12 +220,18 @@ impl Frame {
     fn l4_bytes(&self) -> Vec<u8> {
         match self.l4 {
             L4::Tcp { dport, flags } => {
+                let mut options = self.tcp_options.clone();
+                while !options.len().is_multiple_of(4) {
+                    options.push(0);
+                }
                 let mut tcp = vec![0u8; 20];
                 tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
                 tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-                tcp[12] = 5 << 4;
+                tcp[4..8].copy_from_slice(&self.seq.to_be_bytes());
+                tcp[12] = u8::try_from(5 + options.len() / 4).expect("doff") << 4;
                 tcp[13] = flags;
                 tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                tcp.extend_from_slice(&options);
                 tcp
             }
             L4::Udp { dport } => {
@@ -234,4 +257,57 @@ pub fn checksum(bytes: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !u16::try_from(sum).expect("folded to 16 bits")
+}
+
+/// Where the headers of an untagged frame without IPv6 extension headers are:
+/// (IP header offset, TCP header offset, IPv6).
+fn layout(frame: &[u8]) -> (usize, usize, bool) {
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let l4 = if v6 {
+        14 + 40
+    } else {
+        14 + usize::from(frame[14] & 0x0f) * 4
+    };
+    (14, l4, v6)
+}
+
+/// The one's-complement sum of the TCP pseudo-header and segment of an
+/// untagged frame without IPv6 extension headers.
+fn tcp_sum(frame: &[u8]) -> u16 {
+    let (l3, l4, v6) = layout(frame);
+    let segment = &frame[l4..];
+    let mut pseudo = Vec::new();
+    if v6 {
+        pseudo.extend_from_slice(&frame[l3 + 8..l3 + 40]);
+        pseudo.extend_from_slice(&u32::try_from(segment.len()).expect("len").to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    } else {
+        pseudo.extend_from_slice(&frame[l3 + 12..l3 + 20]);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&u16::try_from(segment.len()).expect("len").to_be_bytes());
+    }
+    pseudo.extend_from_slice(segment);
+    checksum(&pseudo)
+}
+
+/// Fills in the IPv4 header and TCP checksums of an untagged frame without
+/// IPv6 extension headers, as a real sender would.
+pub fn seal(frame: &mut [u8]) {
+    let (l3, l4, v6) = layout(frame);
+    if !v6 {
+        frame[l3 + 10..l3 + 12].fill(0);
+        let sum = checksum(&frame[l3..l4]);
+        frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+    }
+    frame[l4 + 16..l4 + 18].fill(0);
+    let sum = tcp_sum(frame);
+    frame[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Whether both checksums of such a frame verify, as a receiver checks them.
+#[must_use]
+pub fn sealed(frame: &[u8]) -> bool {
+    let (l3, l4, v6) = layout(frame);
+    // Summed with its checksum in place, a header sums to zero (complemented).
+    (v6 || checksum(&frame[l3..l4]) == 0) && tcp_sum(frame) == 0
 }

@@ -13,6 +13,7 @@ use limiter_common::{Clock, Config, PROGRAM_NAME, SourceKey, SourceState};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 /// The API port the test config declares.
 pub use limiter_common::fixture::API_PORT;
@@ -164,6 +165,23 @@ impl Harness {
     #[must_use]
     pub fn run(&self, frame: &[u8]) -> u32 {
         self.run_repeat(frame, 1).action
+    }
+
+    /// Runs the program once on `frame`: the action, and the frame as the
+    /// program left it (what `XDP_TX` sends back).
+    #[must_use]
+    pub fn run_out(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .xdp()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
     }
 
     /// Runs the program `repeat` times on `frame` in the kernel.

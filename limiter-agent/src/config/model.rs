@@ -140,6 +140,10 @@ pub struct XdpPolicy {
     pub max_ban_seconds: u64,
     /// Consecutive seconds over a ceiling before the kernel bans a source itself.
     pub autoban_after_seconds: u16,
+    /// While the new-source budget is spent, answer unknown sources' SYNs
+    /// with the SYN challenge (`limiter_common::challenge`) instead of
+    /// dropping them.
+    pub syn_challenge: bool,
 }
 
 /// `[xdp] mode`: whether the program drops what it would drop.

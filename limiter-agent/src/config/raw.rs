@@ -142,6 +142,10 @@ impl Default for RawStore {
 
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the file's shape: each bool is an independent on/off key of [xdp]"
+)]
 pub(super) struct RawXdp {
     pub enabled: bool,
     pub interfaces: Vec<String>,
@@ -160,6 +164,7 @@ pub(super) struct RawXdp {
     pub ban_keyed_clients: bool,
     pub max_ban_seconds: u64,
     pub autoban_after_seconds: u16,
+    pub syn_challenge: bool,
 }
 
 impl Default for RawXdp {
@@ -180,6 +185,7 @@ impl Default for RawXdp {
             ban_keyed_clients: false,
             max_ban_seconds: 3600,
             autoban_after_seconds: 3,
+            syn_challenge: true,
         }
     }
 }

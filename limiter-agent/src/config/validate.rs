@@ -342,6 +342,7 @@ fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
         ban_keyed_clients: raw.ban_keyed_clients,
         max_ban_seconds: raw.max_ban_seconds,
         autoban_after_seconds: raw.autoban_after_seconds,
+        syn_challenge: raw.syn_challenge,
     };
     Ok((attach, policy))
 }

@@ -119,15 +119,22 @@ impl Maps {
 
     /// Writes `config`, first bumping `policy_gen` past the one in the map so
     /// every source re-reads the tries (a `ban` from another process may have
-    /// bumped it meanwhile).
+    /// bumped it meanwhile). A zero `challenge_key` keeps the map's (cookies
+    /// sent before a reload or a restart stay valid), or draws a new one.
     pub fn write_config(&mut self, config: &Config) -> Result<(), MapsError> {
         let current = self.config()?;
+        let challenge_key = match (config.challenge_key, current.challenge_key) {
+            ([0, 0], [0, 0]) => random_key(),
+            ([0, 0], kept) => kept,
+            (given, _) => given,
+        };
         self.put_config(&Config {
             policy_gen: current
                 .policy_gen
                 .max(config.policy_gen)
                 .wrapping_add(1)
                 .max(1),
+            challenge_key,
             ..*config
         })
     }
@@ -292,6 +299,28 @@ impl Maps {
             .map(|(v, r, n)| (verdict::NAMES[v as usize], reason::NAMES[r as usize], n))
             .collect()
     }
+}
+
+/// A secret key for the SYN challenge cookies, from the kernel's CSPRNG.
+fn random_key() -> [u64; 2] {
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of
+        // `bytes`, which we own and which outlives the call.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        // Interrupted by a signal, it has written nothing: try again.
+        if let Ok(n) = usize::try_from(n) {
+            filled += n;
+        }
+    }
+    let (a, b) = bytes.split_at(8);
+    [
+        u64::from_ne_bytes(a.try_into().expect("8 bytes")),
+        u64::from_ne_bytes(b.try_into().expect("8 bytes")),
+    ]
 }
 
 /// The per-source key the program looks `addr` up by: IPv6 grouped to

@@ -22,6 +22,8 @@ pub struct Report {
     pub max_syns_per_second: u32,
     /// New sources each CPU may start tracking per second.
     pub max_new_sources_per_cpu: u32,
+    /// Unknown sources' SYNs over that budget get the SYN challenge.
+    pub syn_challenge: bool,
     pub autoban_after_seconds: u16,
     pub autoban_seconds: u64,
     /// `jiffies` (calibrated tick clock) or `helper`.
@@ -108,6 +110,7 @@ impl Report {
             max_packets_per_second: config.max_packets,
             max_syns_per_second: config.max_syns,
             max_new_sources_per_cpu: config.max_new_sources,
+            syn_challenge: config.syn_challenge != 0,
             autoban_after_seconds: config.autoban_after_windows,
             autoban_seconds: config.autoban_ns / 1_000_000_000,
             clock: if config.clock.ns_per_jiffy == 0 {
@@ -165,8 +168,13 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "new sources: {} per second per CPU",
-            self.max_new_sources_per_cpu
+            "new sources: {} per second per CPU; over it, SYNs {}",
+            self.max_new_sources_per_cpu,
+            if self.syn_challenge {
+                "get the SYN challenge"
+            } else {
+                "are dropped"
+            }
         );
         let _ = writeln!(
             out,

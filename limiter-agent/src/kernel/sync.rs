@@ -98,6 +98,7 @@ pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common
             XdpMode::Enforce => mode::ENFORCE,
             XdpMode::Observe => mode::OBSERVE,
         },
+        syn_challenge: u8::from(config.live.xdp.syn_challenge),
         ..limiter_common::Config::default()
     };
     for (slot, port) in out.ports.iter_mut().zip(ports(config)) {

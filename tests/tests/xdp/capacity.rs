@@ -19,6 +19,8 @@ use crate::support::{
 
 #[test]
 fn a_full_source_map_evicts_old_sources_and_tracks_the_newest() {
+    // One CPU: the LRU keeps per-CPU free lists.
+    pin_to_one_cpu();
     let h = Harness::with_sources_capacity(Some(64));
     let src = |i: u32| [10, 1, (i >> 8) as u8, i as u8];
     for i in 0..500 {
@@ -31,10 +33,11 @@ fn a_full_source_map_evicts_old_sources_and_tracks_the_newest() {
         (1..=64).contains(&count),
         "{count} sources in a 64-entry map"
     );
-    assert!(
-        h.source(&v4(src(0))).is_none(),
-        "the oldest source was evicted"
-    );
+    // Which old entries go first is the kernel's LRU approximation (5.10
+    // keeps the very first one longer than 6.1 does); the newest stay.
+    for i in 492..500 {
+        assert!(h.source(&v4(src(i))).is_some(), "source {i} tracked");
+    }
 }
 
 /// Keeps the calling thread on one CPU: the new-source budget is per CPU, and

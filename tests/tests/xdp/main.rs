@@ -2,7 +2,8 @@
 //! malformed headers, VLAN tags, IPv4 options, IPv6 extension headers and prefix
 //! grouping, the packet and SYN ceilings, the auto-ban, bans and the allow list
 //! written by userspace, fragments, observe mode, the LRU capacity, the
-//! all-zero config, and the program's jiffies clock and its calibration.
+//! all-zero config, the SYN challenge, and the program's jiffies clock and
+//! its calibration.
 //!
 //! Each test loads its own instance of the program with private maps, and checks
 //! the XDP action of every frame, then the exact stat counters and the
@@ -15,6 +16,7 @@ mod autoban;
 mod bans;
 mod capacity;
 mod ceilings;
+mod challenge;
 mod clock;
 mod fragments;
 mod grouping;

@@ -10,7 +10,7 @@ use limiter_common::{SourceKey, SourceState, reason, reason::API, verdict, verdi
 use limiter_tests::{
     monotonic_ns,
     packet::{Frame, SYN},
-    xdp::{API_PORT, Harness, XDP_DROP, XDP_PASS},
+    xdp::{API_PORT, Harness, XDP_DROP, XDP_PASS, XDP_TX},
 };
 
 pub const SECOND: u64 = 1_000_000_000;
@@ -84,7 +84,7 @@ pub fn action_name(action: u32) -> &'static str {
         0 => "XDP_ABORTED",
         XDP_DROP => "XDP_DROP",
         XDP_PASS => "XDP_PASS",
-        3 => "XDP_TX",
+        XDP_TX => "XDP_TX",
         4 => "XDP_REDIRECT",
         _ => "unknown action",
     }

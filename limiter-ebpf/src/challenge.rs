@@ -1,0 +1,169 @@
+//! The SYN challenge (the design is in `limiter_common::challenge`): turning
+//! an unknown source's SYN into the challenge SYN-ACK in place, and checking
+//! the cookie its RST carries.
+
+use aya_ebpf::programs::XdpContext;
+use limiter_common::{
+    Config,
+    challenge::{SLOT_SHIFT, cookie},
+};
+
+use crate::parse::{Source, TCP_ACK, TCP_SYN};
+
+/// Offsets inside the TCP header.
+const TCP_SEQ: usize = 4;
+const TCP_ACK_SEQ: usize = 8;
+const TCP_FLAGS_WORD: usize = 12;
+const TCP_CHECK: usize = 16;
+const TCP_OPTIONS: usize = 20;
+/// 32-bit words of options a TCP header holds at most.
+const MAX_OPTION_WORDS: usize = 10;
+/// Four option bytes of kind 1 (no-operation).
+const NOPS: u32 = 0x0101_0101;
+
+/// A pointer to a `T` at `offset` when the whole `T` lies inside the packet.
+///
+/// Unlike the parser's, this bounds check reads the packet's bounds afresh
+/// (volatile) each time: the parser has checked them before, and LLVM would
+/// otherwise drop a check it can prove from an earlier one through another
+/// pointer, which the verifier cannot follow ("R7 offset is outside of the
+/// packet").
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    // SAFETY: `ctx.ctx` is the `xdp_md` the kernel passed in, valid for the
+    // whole run of the program.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+        )
+    };
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Reads a `T` at `offset` when it lies inside the packet.
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet;
+    // `T` is a plain integer or byte array, valid for any bytes.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { *p })
+}
+
+/// Writes `value` at `offset` when it lies inside the packet.
+#[inline(always)]
+fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: `ptr_at` checked that the whole `T` lies inside the packet,
+    // which an XDP program may write; `T` is a plain integer or byte array.
+    unsafe { *p = value };
+    Some(())
+}
+
+/// Folds a one's-complement sum to 16 bits.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    // Four folds take any 64-bit sum down to 16 bits.
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Replaces the 32-bit word at `offset` with `new` (both as loaded from the
+/// packet), adding its change to the one's-complement `delta` (RFC 1624:
+/// subtracting is adding the complement; a 32-bit word is two 16-bit ones
+/// modulo 0xffff, and the sum is the same in either byte order).
+#[inline(always)]
+fn replace(ctx: &XdpContext, offset: usize, new: u32, delta: &mut u64) -> Option<()> {
+    let old: u32 = read(ctx, offset)?;
+    write(ctx, offset, new)?;
+    *delta += u64::from(!old) + u64::from(new);
+    Some(())
+}
+
+/// Turns the SYN described by `src` into the challenge SYN-ACK, to be sent
+/// back with `XDP_TX`: addresses and ports swapped, the acknowledgment number
+/// the cookie, options overwritten with no-ops, the TCP checksum updated (the
+/// IPv4 header's is unchanged: swapping two of its words changes no sum).
+/// `None` when the frame cannot carry it; the caller drops the SYN then.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> Option<()> {
+    let l3 = src.l3;
+    let l4 = src.l4;
+    let ports: u32 = read(ctx, l4)?;
+    let seq: u32 = read(ctx, l4 + TCP_SEQ)?;
+    let cookie = cookie(
+        &config.challenge_key,
+        &src.key.addr,
+        ports,
+        now_ns >> SLOT_SHIFT,
+    );
+    // The one acknowledgment the client would accept: it would answer with
+    // an ACK to a handshake nobody holds state for. Dropped instead (the
+    // client sends the SYN again, into the next slot or a refilled budget).
+    if cookie == u32::from_be(seq).wrapping_add(1) {
+        return None;
+    }
+    let [flags_word, check_word] = read::<[[u8; 4]; 2]>(ctx, l4 + TCP_FLAGS_WORD)?;
+    let header_len = usize::from(flags_word[0] >> 4) * 4;
+
+    // Ethernet: back to the sender.
+    let dst: [u8; 6] = read(ctx, 0)?;
+    let from: [u8; 6] = read(ctx, 6)?;
+    write(ctx, 0, from)?;
+    write(ctx, 6, dst)?;
+    // IP: source and destination swapped.
+    if src.ipv6 {
+        let a: [u8; 16] = read(ctx, l3 + 8)?;
+        let b: [u8; 16] = read(ctx, l3 + 24)?;
+        write(ctx, l3 + 8, b)?;
+        write(ctx, l3 + 24, a)?;
+    } else {
+        let a: u32 = read(ctx, l3 + 12)?;
+        let b: u32 = read(ctx, l3 + 16)?;
+        write(ctx, l3 + 12, b)?;
+        write(ctx, l3 + 16, a)?;
+    }
+    // TCP: ports swapped (no change to the sum), then every changed word.
+    write(ctx, l4, ports.rotate_left(16))?;
+    let mut delta = 0u64;
+    replace(ctx, l4 + TCP_SEQ, !cookie, &mut delta)?;
+    replace(ctx, l4 + TCP_ACK_SEQ, cookie.to_be(), &mut delta)?;
+    let mut answer_flags = flags_word;
+    answer_flags[1] = TCP_SYN | TCP_ACK;
+    replace(
+        ctx,
+        l4 + TCP_FLAGS_WORD,
+        u32::from_ne_bytes(answer_flags),
+        &mut delta,
+    )?;
+    for i in 0..MAX_OPTION_WORDS {
+        let offset = TCP_OPTIONS + 4 * i;
+        if offset >= header_len {
+            break;
+        }
+        replace(ctx, l4 + offset, NOPS, &mut delta)?;
+    }
+    let check = u16::from_ne_bytes([check_word[0], check_word[1]]);
+    let sum = fold(u64::from(!check) + delta);
+    write(ctx, l4 + TCP_CHECK, !sum)
+}
+
+/// Whether the RST described by `src` carries the cookie of a challenge sent
+/// in the current slot or the one before.
+#[inline(always)]
+pub fn passed(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> bool {
+    let (Some(ports), Some(seq)) = (read::<u32>(ctx, src.l4), read::<u32>(ctx, src.l4 + TCP_SEQ))
+    else {
+        return false;
+    };
+    let seq = u32::from_be(seq);
+    let slot = now_ns >> SLOT_SHIFT;
+    let key = &config.challenge_key;
+    seq == cookie(key, &src.key.addr, ports, slot)
+        || seq == cookie(key, &src.key.addr, ports, slot.wrapping_sub(1))
+}
