@@ -304,15 +304,19 @@ pub mod challenge {
     }
 }
 
-/// Value of the per-CPU `new_sources` array: sources added in this window.
+/// Value of the per-CPU `new_sources` array: the new-source budget's window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NewSources {
     /// Start of the window (`CLOCK_MONOTONIC` ns).
     pub window_start_ns: u64,
-    /// Sources added in it on this CPU.
+    /// Packets of unknown sources in it on this CPU (the demand: those
+    /// admitted, refused and challenged alike).
     pub count: u32,
-    pub _pad: u32,
+    /// 1 when the window before this one ended over budget: a flood is on,
+    /// and every unknown source's SYN gets the challenge (when on) without
+    /// spending the budget, so the flood adds no entry after its first window.
+    pub flooded: u32,
 }
 const _: () = assert!(size_of::<NewSources>() == 16);
 

@@ -180,12 +180,14 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
         // account.
         Some(state) => account(config, unsafe { &mut *state }, &key, syn),
         None => {
-            if !admit_new_source(config) {
+            let challenge =
+                config.syn_challenge != 0 && config.mode == mode::ENFORCE && src.challengeable;
+            if !admit_new_source(config, challenge && syn) {
                 // No entry: the map keeps the sources it tracks.
                 if ALLOW.get(Key::new(128, key)).is_some() {
                     return (verdict::PASS, reason::ALLOWLISTED);
                 }
-                if config.syn_challenge != 0 && config.mode == mode::ENFORCE && src.challengeable {
+                if challenge {
                     return challenge_unknown(ctx, config, &src, &key, syn);
                 }
                 return enforce(config, reason::NEW_SOURCE_CEILING);
@@ -253,9 +255,10 @@ fn enforce(config: &Config, reason: u32) -> (u32, u32) {
 }
 
 /// Takes one unit of this CPU's new-source budget for the current window;
-/// false when it is spent.
+/// false when it is spent, or when a flood is on and `challengeable_syn`
+/// (the caller then challenges the SYN rather than spend the budget on it).
 #[inline(always)]
-fn admit_new_source(config: &Config) -> bool {
+fn admit_new_source(config: &Config, challengeable_syn: bool) -> bool {
     if config.max_new_sources == 0 {
         return true;
     }
@@ -267,15 +270,19 @@ fn admit_new_source(config: &Config) -> bool {
     // only reference to it.
     let budget = unsafe { &mut *budget };
     let now = now_ns(config);
-    if now.wrapping_sub(budget.window_start_ns) >= config.window_ns {
+    let elapsed = now.wrapping_sub(budget.window_start_ns);
+    if elapsed >= config.window_ns {
+        // Flooded when the window just ended (not an older one) went over.
+        budget.flooded =
+            u32::from(elapsed < 2 * config.window_ns && budget.count > config.max_new_sources);
         budget.window_start_ns = now;
         budget.count = 0;
     }
-    if budget.count >= config.max_new_sources {
+    budget.count = budget.count.saturating_add(1);
+    if challengeable_syn && budget.flooded != 0 {
         return false;
     }
-    budget.count += 1;
-    true
+    budget.count <= config.max_new_sources
 }
 
 /// Re-reads the allow list and the ban trie for `key` into `state`.

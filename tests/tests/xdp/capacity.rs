@@ -14,7 +14,7 @@ use limiter_tests::{
 };
 
 use crate::support::{
-    SECOND, WINDOW_NS, api4, assert_counts, assert_stats, host, send, send_n, v4,
+    SECOND, WINDOW_NS, api4, assert_counts, assert_stats, host, pin_to_one_cpu, send, send_n, v4,
 };
 
 #[test]
@@ -37,22 +37,6 @@ fn a_full_source_map_evicts_old_sources_and_tracks_the_newest() {
     // keeps the very first one longer than 6.1 does); the newest stay.
     for i in 492..500 {
         assert!(h.source(&v4(src(i))).is_some(), "source {i} tracked");
-    }
-}
-
-/// Keeps the calling thread on one CPU: the new-source budget is per CPU, and
-/// `BPF_PROG_TEST_RUN` runs the program on the caller's.
-fn pin_to_one_cpu() {
-    // SAFETY: an all-zero cpu_set_t is a valid, empty set; CPU_SET writes bit 0
-    // of the set we own, and sched_setaffinity reads it for the call only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
-            0,
-            "sched_setaffinity"
-        );
     }
 }
 

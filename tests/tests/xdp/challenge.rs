@@ -14,7 +14,8 @@ use limiter_tests::{
 };
 
 use crate::support::{
-    DEST_OPTS, ETH_LEN, IPV4_LEN, IPV6_LEN, api4, assert_stats, entry, send, v4, v6_64,
+    DEST_OPTS, ETH_LEN, IPV4_LEN, IPV6_LEN, api4, assert_stats, entry, pin_to_one_cpu, send, v4,
+    v6_64,
 };
 
 /// MSS 1460, SACK permitted, timestamps, a NOP and window scale 7: what
@@ -26,6 +27,8 @@ const CLIENT_ISN: u32 = 0x1234_5678;
 
 /// A harness whose new-source budget is spent by one known source.
 fn flooded() -> Harness {
+    // The budget is per CPU, and BPF_PROG_TEST_RUN runs on the caller's.
+    pin_to_one_cpu();
     let mut h = Harness::new();
     h.update_config(|c| {
         c.max_new_sources = 1;
@@ -235,4 +238,35 @@ fn within_the_budget_a_new_source_is_never_challenged() {
         XDP_PASS,
     );
     assert_stats(&h, &[(PASS, API, 1)]);
+}
+
+#[test]
+fn after_a_window_over_budget_every_unknown_syn_is_challenged_and_spends_nothing() {
+    // A flood that went on past its first window adds no entry after it:
+    // SYNs of unknown sources go straight to the challenge.
+    pin_to_one_cpu();
+    let mut h = Harness::new();
+    let window = std::time::Duration::from_millis(200);
+    h.update_config(|c| {
+        c.max_new_sources = 2;
+        c.window_ns = u64::try_from(window.as_nanos()).unwrap();
+        c.syn_challenge = 1;
+    });
+    let fresh = |i: u8| syn(Frame::tcp4([198, 51, 100, 20 + i], API_PORT, SYN));
+    for (i, want) in [XDP_PASS, XDP_PASS, XDP_TX, XDP_TX, XDP_TX]
+        .into_iter()
+        .enumerate()
+    {
+        send(&h, &fresh(u8::try_from(i).unwrap()), want);
+    }
+    std::thread::sleep(window + window / 4);
+    // The budget is fresh, but the window before went over: challenged.
+    send(&h, &fresh(10), XDP_TX);
+    // Other packets of unknown sources still spend the budget.
+    send(&h, &api4([198, 51, 100, 40], ACK), XDP_PASS);
+    std::thread::sleep(window + window / 4);
+    // That window stayed within the budget: the flood is over.
+    send(&h, &fresh(11), XDP_PASS);
+    assert_stats(&h, &[(PASS, API, 4), (TX, SYN_CHALLENGE, 4)]);
+    assert_eq!(h.source_count(), 4);
 }
