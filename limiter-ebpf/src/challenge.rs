@@ -18,6 +18,9 @@ const TCP_CHECK: usize = 16;
 const TCP_OPTIONS: usize = 20;
 /// 32-bit words of options a TCP header holds at most.
 const MAX_OPTION_WORDS: usize = 10;
+/// 32-bit words of a TCP header at most.
+const MAX_HEADER_WORDS: usize = 15;
+const IPPROTO_TCP: u8 = 6;
 /// Four option bytes of kind 1 (no-operation).
 const NOPS: u32 = 0x0101_0101;
 
@@ -73,23 +76,13 @@ fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
-/// Replaces the 32-bit word at `offset` with `new` (both as loaded from the
-/// packet), adding its change to the one's-complement `delta` (RFC 1624:
-/// subtracting is adding the complement; a 32-bit word is two 16-bit ones
-/// modulo 0xffff, and the sum is the same in either byte order).
-#[inline(always)]
-fn replace(ctx: &XdpContext, offset: usize, new: u32, delta: &mut u64) -> Option<()> {
-    let old: u32 = read(ctx, offset)?;
-    write(ctx, offset, new)?;
-    *delta += u64::from(!old) + u64::from(new);
-    Some(())
-}
-
 /// Turns the SYN described by `src` into the challenge SYN-ACK, to be sent
 /// back with `XDP_TX`: addresses and ports swapped, the acknowledgment number
-/// the cookie, options overwritten with no-ops, the TCP checksum updated (the
-/// IPv4 header's is unchanged: swapping two of its words changes no sum).
-/// `None` when the frame cannot carry it; the caller drops the SYN then.
+/// the cookie, options overwritten with no-ops, the TCP checksum computed
+/// afresh (the SYN's may be a partial one, left for the device to finish,
+/// when it comes from a local veth; the IPv4 header's is unchanged: swapping
+/// two of its words changes no sum). `None` when the frame cannot carry it
+/// (a SYN with a payload, say); the caller drops the SYN then.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> Option<()> {
     let l3 = src.l3;
@@ -108,49 +101,72 @@ pub fn answer(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> O
     if cookie == u32::from_be(seq).wrapping_add(1) {
         return None;
     }
-    let [flags_word, check_word] = read::<[[u8; 4]; 2]>(ctx, l4 + TCP_FLAGS_WORD)?;
+    let mut flags_word: [u8; 4] = read(ctx, l4 + TCP_FLAGS_WORD)?;
     let header_len = usize::from(flags_word[0] >> 4) * 4;
+    // The segment is the header alone: the answer's checksum covers no data.
+    let ip_payload = if src.ipv6 {
+        usize::from(u16::from_be(read::<u16>(ctx, l3 + 4)?))
+    } else {
+        usize::from(u16::from_be(read::<u16>(ctx, l3 + 2)?)).wrapping_sub(l4 - l3)
+    };
+    if ip_payload != header_len {
+        return None;
+    }
 
     // Ethernet: back to the sender.
     let dst: [u8; 6] = read(ctx, 0)?;
     let from: [u8; 6] = read(ctx, 6)?;
     write(ctx, 0, from)?;
     write(ctx, 6, dst)?;
-    // IP: source and destination swapped.
+    // IP: source and destination swapped, summed for the pseudo-header.
+    let mut sum = 0u64;
     if src.ipv6 {
-        let a: [u8; 16] = read(ctx, l3 + 8)?;
-        let b: [u8; 16] = read(ctx, l3 + 24)?;
+        let a: [u32; 4] = read(ctx, l3 + 8)?;
+        let b: [u32; 4] = read(ctx, l3 + 24)?;
         write(ctx, l3 + 8, b)?;
         write(ctx, l3 + 24, a)?;
+        for word in a.into_iter().chain(b) {
+            sum += u64::from(word);
+        }
+        // Upper-layer length (32 bits), then three zeros and the protocol.
+        let len = u32::try_from(header_len).unwrap_or(0);
+        sum += u64::from(u32::from_ne_bytes(len.to_be_bytes()));
+        sum += u64::from(u32::from_ne_bytes([0, 0, 0, IPPROTO_TCP]));
     } else {
         let a: u32 = read(ctx, l3 + 12)?;
         let b: u32 = read(ctx, l3 + 16)?;
         write(ctx, l3 + 12, b)?;
         write(ctx, l3 + 16, a)?;
+        sum += u64::from(a) + u64::from(b);
+        // Zero, the protocol, then the TCP length (16 bits).
+        let len = u16::try_from(header_len).unwrap_or(0).to_be_bytes();
+        sum += u64::from(u32::from_ne_bytes([0, IPPROTO_TCP, len[0], len[1]]));
     }
-    // TCP: ports swapped (no change to the sum), then every changed word.
+    // TCP: the answer's fields, then the sum of the whole header.
     write(ctx, l4, ports.rotate_left(16))?;
-    let mut delta = 0u64;
-    replace(ctx, l4 + TCP_SEQ, !cookie, &mut delta)?;
-    replace(ctx, l4 + TCP_ACK_SEQ, cookie.to_be(), &mut delta)?;
-    let mut answer_flags = flags_word;
-    answer_flags[1] = TCP_SYN | TCP_ACK;
-    replace(
-        ctx,
-        l4 + TCP_FLAGS_WORD,
-        u32::from_ne_bytes(answer_flags),
-        &mut delta,
-    )?;
+    write(ctx, l4 + TCP_SEQ, !cookie)?;
+    write(ctx, l4 + TCP_ACK_SEQ, cookie.to_be())?;
+    flags_word[1] = TCP_SYN | TCP_ACK;
+    write(ctx, l4 + TCP_FLAGS_WORD, flags_word)?;
+    write(ctx, l4 + TCP_CHECK, 0u16)?;
     for i in 0..MAX_OPTION_WORDS {
         let offset = TCP_OPTIONS + 4 * i;
         if offset >= header_len {
             break;
         }
-        replace(ctx, l4 + offset, NOPS, &mut delta)?;
+        write(ctx, l4 + offset, NOPS)?;
     }
-    let check = u16::from_ne_bytes([check_word[0], check_word[1]]);
-    let sum = fold(u64::from(!check) + delta);
-    write(ctx, l4 + TCP_CHECK, !sum)
+    for i in 0..MAX_HEADER_WORDS {
+        let offset = 4 * i;
+        if offset >= header_len {
+            break;
+        }
+        sum += u64::from(read::<u32>(ctx, l4 + offset)?);
+    }
+    // The sum was taken over words as loaded; stored the same way, the
+    // checksum lands in network order (RFC 1071: the sum is byte-order
+    // independent).
+    write(ctx, l4 + TCP_CHECK, !fold(sum))
 }
 
 /// Whether the RST described by `src` carries the cookie of a challenge sent

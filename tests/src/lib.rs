@@ -12,6 +12,7 @@ pub mod agent;
 pub mod bench;
 pub mod http;
 pub mod netns;
+pub mod newcomers;
 pub mod packet;
 pub mod prometheus;
 pub mod redis;

@@ -41,7 +41,8 @@ pub fn config(route: &str, limit: u64, xdp_lines: &str) -> String {
     )
 }
 
-fn ip(args: &[&str]) {
+/// Runs `ip ARGS…`, panicking with its error output when it fails.
+pub fn ip(args: &[&str]) {
     let output = Command::new("ip")
         .args(args)
         .output()
@@ -75,6 +76,19 @@ impl Netns {
         })
         .join()
         .expect("thread in the namespace panicked")
+    }
+
+    /// Starts `f` on a thread that has entered this namespace, without
+    /// waiting for it.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
     }
 
     /// Output of `cmd args…` run inside this namespace (network only).
@@ -404,6 +418,22 @@ pub fn spoofed_syn_flood(host: &Netns, attacker: &Netns, count: u32) -> Duration
     started.elapsed()
 }
 
+/// Sends SYNs from spoofed, ever-new source addresses (10.100.0.0 upwards)
+/// until `stop` is set; returns how many were sent.
+#[must_use]
+pub fn spoofed_syn_flood_until(
+    host: &Netns,
+    attacker: &Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    flood(host, attacker, true, move |sent| {
+        sent % 256 == 0 && stop.load(Ordering::Relaxed)
+    })
+}
+
+/// The first address [`spoofed_syn_flood`] sends from.
+pub const SPOOFED_BASE: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 0);
+
 /// Sends SYNs through an `AF_PACKET` socket on the attacker's veth until
 /// `done(sent)` (from spoofed, ever-new source addresses when `spoofed`);
 /// returns how many were sent.
@@ -447,7 +477,7 @@ fn flood(
         while !done(sent) {
             let fresh;
             let frame = if spoofed {
-                let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + sent as u32);
+                let src = Ipv4Addr::from(u32::from(SPOOFED_BASE) + sent as u32);
                 fresh = syn_frame(src_mac, dst_mac, src, 20_000, sent as u32);
                 &fresh
             } else {

@@ -8,10 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use limiter_tests::netns::{
-    self, API_PORT, ATTACKER_ADDR, CLIENT_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF,
-    HOST_CLIENT_ADDR, HOST_CLIENT_IF, Topology, connects, counter, dropped, get, spoofed_syn_flood,
-    syn_flood,
+use limiter_tests::{
+    netns::{
+        self, API_PORT, ATTACKER_ADDR, CLIENT_ADDR, HOST_ATTACKER_ADDR, HOST_ATTACKER_IF,
+        HOST_CLIENT_ADDR, HOST_CLIENT_IF, Topology, connects, counter, dropped, get,
+        spoofed_syn_flood, syn_flood,
+    },
+    newcomers::{self, RxNapi},
 };
 
 const SHORT: Duration = Duration::from_secs(1);
@@ -499,6 +502,59 @@ fn a_spoofed_flood_from_more_sources_than_the_map_holds_cannot_evict_a_known_cli
         "the client kept its entry ({client_key})"
     );
     assert!(served >= 1);
+}
+
+#[test]
+fn new_clients_connect_through_the_syn_challenge_during_a_spoofed_flood() {
+    let topology = Topology::new();
+    // XDP_TX frames reach the client's veth end only with its NAPI on.
+    let _rx = RxNapi::attach(&topology.client, "vc");
+    let _agent = topology.agent(&config(1_000_000, ""), &[]);
+    assert!(client_get(&topology).is_ok());
+    let calm = newcomers::without_flood(&topology, Ipv4Addr::new(10, 91, 1, 50), 10, "/api/chat");
+    assert_eq!(calm.served, 10, "{calm:?}");
+    // 40 clients never seen before, four at a time, while a spoofed flood
+    // from ever-new addresses runs past the budget's first window.
+    let report = newcomers::under_spoofed_flood(
+        &topology,
+        Ipv4Addr::new(10, 91, 1, 100),
+        40,
+        4,
+        "/api/chat",
+        Duration::from_millis(1500),
+        Duration::from_millis(1500),
+    );
+    let status = topology.status();
+    eprintln!(
+        "new clients under a {:.0} pps spoofed flood: {}/{} served, connect p50 {:.1} ms \
+         p99 {:.1} ms (no flood: p99 {:.2} ms), {} flood entries; {}",
+        report.flood_pps,
+        report.served,
+        report.attempts,
+        report.connect_quantile(0.5),
+        report.connect_quantile(0.99),
+        calm.connect_quantile(0.99),
+        report.map_entries_created_by_flood,
+        status["counters"]
+    );
+    assert!(
+        counter(&status, "tx", "syn_challenge") >= 100_000,
+        "the flood met the challenge: {status}"
+    );
+    assert!(
+        counter(&status, "drop", "challenge_passed") >= 40,
+        "every new client passed it: {status}"
+    );
+    assert!(report.served >= 40 * 99 / 100, "{report:?}");
+    // One SYN retransmission at most: Linux sends it two jiffies after the
+    // challenge, other stacks after their first timeout (1 s).
+    assert!(report.connect_quantile(0.99) < 1500.0, "{report:?}");
+    // Entries only from the budget of the flood's first window (2,048 a second).
+    assert!(
+        report.map_entries_created_by_flood <= 2048 + 100,
+        "{} flood entries",
+        report.map_entries_created_by_flood
+    );
 }
 
 #[test]

@@ -30,7 +30,8 @@ fn tiny_first_fragment(src: [u8; 4], tcp_bytes: usize) -> Vec<u8> {
 
 #[test]
 fn every_ipv4_fragment_is_counted_against_its_source() {
-    let h = Harness::new();
+    // Ten-second windows: the counts must not start over midway.
+    let h = limited(0, 0);
     let src = [192, 0, 2, 40];
     let frag = |field: u16| Frame::tcp4(src, API_PORT, SYN).ipv4_frag(field).build();
     // A first fragment holding the TCP header is its packet: an API SYN.
@@ -116,7 +117,7 @@ fn fragments_of_unknown_sources_spend_the_new_source_budget() {
     // map does not hold is dropped like any packet of such a source: it
     // cannot be shown to be anything but API traffic, and passing it would
     // let the flood through as fragments. Tracked sources are unaffected.
-    let mut h = Harness::new();
+    let mut h = limited(0, 0);
     h.update_config(|c| c.max_new_sources = 1);
     let frag = |src| Frame::tcp4(src, API_PORT, ACK).ipv4_frag(9).build();
     let known = [192, 0, 2, 41];
@@ -180,7 +181,8 @@ fn ipv4_fragments_from_an_autobanned_source_are_dropped() {
 
 #[test]
 fn every_ipv6_fragment_is_counted_against_its_source() {
-    let h = Harness::new();
+    // Ten-second windows: the counts must not start over midway.
+    let h = limited(0, 0);
     let addr = "2001:db8:f::1";
     let frame = Frame::tcp6(addr, API_PORT, SYN).ipv6_ext(FRAGMENT_HEADER, 8);
     // First fragment (offset 0, M set) holding the TCP header: an API SYN.

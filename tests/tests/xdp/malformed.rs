@@ -41,7 +41,8 @@ fn assert_all_malformed(frames: &[Vec<u8>]) {
 #[track_caller]
 fn assert_all_counted(frames: &[Vec<u8>], source: &SourceKey) {
     assert!(!frames.is_empty(), "no frames to test");
-    let h = Harness::new();
+    // Ten-second windows: the counts must not start over midway.
+    let h = limited(0, 0);
     for frame in frames {
         send(&h, frame, XDP_PASS);
     }
@@ -161,7 +162,8 @@ fn every_prefix_of_a_tagged_api_frame_is_counted_from_its_source_address_on() {
     // Where each source address ends: after it, a cut is the source's.
     let v4_known = ETH_LEN + 2 * VLAN_LEN + IPV4_LEN;
     let v6_known = ETH_LEN + VLAN_LEN + IPV6_LEN;
-    let h = Harness::new();
+    // Ten-second windows: the counts must not start over midway.
+    let h = limited(0, 0);
     let mut cuts = 0;
     for (frame, known) in [(&v4_frame, v4_known), (&v6_frame, v6_known)] {
         for len in ETH_LEN..frame.len() {
@@ -294,7 +296,7 @@ fn a_long_ipv6_chain_or_a_cut_header_meets_the_packet_ceiling() {
 
 #[test]
 fn a_long_ipv6_chain_spends_the_new_source_budget() {
-    let mut h = Harness::new();
+    let mut h = limited(0, 0);
     h.update_config(|c| c.max_new_sources = 1);
     send(&h, &seven_extension_headers("2001:db8:f200::1"), XDP_PASS);
     send(&h, &seven_extension_headers("2001:db8:f201::1"), XDP_DROP);
