@@ -75,7 +75,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             "flood" => bench_bin(
                 "flood-bench",
                 if options.quick {
-                    &["--rounds", "1", "--seconds", "3"]
+                    &["--rounds", "1", "--seconds", "3", "--clients", "20"]
                 } else {
                     &[]
                 },

@@ -7,13 +7,20 @@
 //! a host namespace with the demo upstream, the client (wrk, keep-alive, pinned
 //! to CPU 0) and the attacker (pinned to CPU 1) in their own namespaces.
 //!
-//! Usage: `flood-bench [--seconds S] [--rounds N]`; writes `target/bench/flood.json`.
+//! Then new clients under a spoofed flood: clients from never-seen addresses
+//! connect while the attacker floods from ever-new spoofed sources (more than
+//! the per-source map holds), with the SYN challenge on and off, in the same
+//! run (`limiter_tests::newcomers`).
+//!
+//! Usage: `flood-bench [--seconds S] [--rounds N] [--clients C]`; writes
+//! `target/bench/flood.json`.
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
 use limiter_tests::{
     bench::{BENCH_PATH, WrkResult, machine, median_run, numeric_options, write_json, wrk},
     netns::{self, API_PORT, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
+    newcomers::{self, RxNapi},
 };
 use serde_json::json;
 
@@ -101,11 +108,62 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
     }
 }
 
+/// `clients` new clients during a spoofed flood, the SYN challenge on or off,
+/// and as many with no flood before it (the connect-time baseline).
+fn new_clients(challenge: bool, clients: u32) -> serde_json::Value {
+    let topology = Topology::new();
+    // XDP_TX frames reach the client's veth end only with its NAPI on.
+    let _rx = RxNapi::attach(&topology.client, "vc");
+    let _agent = topology.agent(
+        &netns::config(
+            BENCH_PATH,
+            1_000_000_000,
+            &format!("syn_challenge = {challenge}"),
+        ),
+        &[],
+    );
+    let calm = newcomers::without_flood(&topology, Ipv4Addr::new(10, 91, 1, 20), 20, BENCH_PATH);
+    let report = newcomers::under_spoofed_flood(
+        &topology,
+        Ipv4Addr::new(10, 91, 1, 50),
+        clients,
+        10,
+        BENCH_PATH,
+        Duration::from_millis(1500),
+        Duration::from_millis(1500),
+    );
+    eprintln!(
+        "  challenge {challenge}: {}/{} served, connect p99 {:.1} ms (no flood {:.2} ms), \
+         flood {:.0} pps, {} flood entries",
+        report.served,
+        report.attempts,
+        report.connect_quantile(0.99),
+        calm.connect_quantile(0.99),
+        report.flood_pps,
+        report.map_entries_created_by_flood
+    );
+    let ms = |v: f64| (v * 100.0).round() / 100.0;
+    json!({
+        "attempts": report.attempts,
+        "connected": report.connected,
+        "served": report.served,
+        "connect_p50_ms": ms(report.connect_quantile(0.5)),
+        "connect_p99_ms": ms(report.connect_quantile(0.99)),
+        "no_flood_connect_p99_ms": ms(calm.connect_quantile(0.99)),
+        "flood_pps": report.flood_pps.round(),
+        "map_entries_created_by_flood": report.map_entries_created_by_flood,
+    })
+}
+
 fn main() {
-    let (mut seconds, mut rounds) = (8, 3);
+    let (mut seconds, mut rounds, mut clients) = (8, 3, 100);
     numeric_options(
-        "flood-bench [--seconds S] [--rounds N]",
-        &mut [("--seconds", &mut seconds), ("--rounds", &mut rounds)],
+        "flood-bench [--seconds S] [--rounds N] [--clients C]",
+        &mut [
+            ("--seconds", &mut seconds),
+            ("--rounds", &mut rounds),
+            ("--clients", &mut clients),
+        ],
     );
     limiter_tests::require_root("the flood benchmark (namespaces, XDP, iptables)");
     let scenarios = [
@@ -159,6 +217,13 @@ fn main() {
     });
     let with_xdp = ratio("with_xdp");
     out.insert("ratios_to_baseline".into(), ratios);
+    eprintln!("flood: new clients under a spoofed flood…");
+    let cookies = new_clients(true, clients);
+    let without = new_clients(false, clients);
+    out.insert(
+        "new_clients_under_spoofed_flood".into(),
+        json!({ "with_cookies": cookies, "without_cookies": without }),
+    );
     out.insert("machine".into(), json!(machine()));
     out.insert("seconds".into(), json!(seconds));
     out.insert("rounds".into(), json!(rounds));
@@ -166,5 +231,20 @@ fn main() {
     let path = write_json("flood", &serde_json::Value::Object(out));
     let verdict = if with_xdp >= 0.9 { "meets" } else { "misses" };
     println!("flood: legit client with XDP at {with_xdp:.2}x baseline (target >= 0.9x): {verdict}");
+    let served = |v: &serde_json::Value| {
+        let (served, attempts) = (v["served"].as_f64(), v["attempts"].as_f64());
+        served.zip(attempts).map_or(0.0, |(s, a)| s / a.max(1.0))
+    };
+    let verdict = if served(&cookies) >= 0.99 {
+        "meets"
+    } else {
+        "misses"
+    };
+    println!(
+        "flood: new clients under a spoofed flood served {:.0}% with the SYN challenge, {:.0}% \
+         without (target >= 99%): {verdict}",
+        served(&cookies) * 100.0,
+        served(&without) * 100.0
+    );
     println!("{}", path.display());
 }
