@@ -81,6 +81,17 @@ else
     report suite FAIL "exit $rc: $(grep -E '^test .* FAILED$' /tmp/suite.log | tr '\n' ' ')${summary}"
 fi
 
+# Which defence this kernel gives new clients during a spoofed flood: the SYN
+# challenge answers from XDP (XDP_TX) with no helper or sysctl, so it is the
+# same on every kernel; its tests in the suite above must all have passed here.
+passed=$(grep -cE '^test challenge::.* ok$' /tmp/suite.log)
+failed=$(grep -cE '^test challenge::.* FAILED$' /tmp/suite.log)
+if [ "$passed" -gt 0 ] && [ "$failed" -eq 0 ]; then
+    report syn-challenge ok "new clients in a spoofed flood: SYN challenge via XDP_TX ($passed tests)"
+else
+    report syn-challenge FAIL "$passed challenge tests passed, $failed failed"
+fi
+
 # The probe against the kernel itself: with the global forced to 1 the program
 # must load exactly where the helper exists, and otherwise be refused for it.
 refusal=$(vm-load --force-coarse-clock 2>&1)

@@ -78,6 +78,7 @@ const STEPS: &[&str] = &[
     "bpffs",
     "modules",
     "suite",
+    "syn-challenge",
     "coarse-clock",
     "load",
     "config",
