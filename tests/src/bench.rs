@@ -146,6 +146,13 @@ pub struct WrkResult {
     pub non_2xx: u64,
     /// Connect, read, write and timeout errors.
     pub errors: u64,
+    /// Busy time of the contender's CPU (every state but idle and iowait,
+    /// so kernel work on it counts) per answered request, in µs; 0 when not
+    /// measured.
+    pub cpu_us_per_request: f64,
+    /// User + system time of the contender's processes per answered
+    /// request, in µs; 0 when not measured.
+    pub process_cpu_us_per_request: f64,
 }
 
 const WRK_REPORT: &str = r#"
@@ -214,7 +221,94 @@ pub fn wrk(prefix: &[&str], cpu: u32, url: &str, connections: u32, seconds: u32)
         p99_ms: n[3] / 1e3,
         non_2xx: n[4] as u64,
         errors: n[5] as u64,
+        ..WrkResult::default()
     }
+}
+
+/// CPU time of `cpu` since boot in clock ticks: (busy, softirq). Busy is
+/// every state but idle and iowait.
+#[must_use]
+pub fn cpu_ticks(cpu: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .unwrap_or_else(|| panic!("no {name} in /proc/stat"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().expect("a tick count"))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest counted in user).
+    let total: u64 = n.iter().take(8).sum();
+    (total - n[3] - n[4], n[6])
+}
+
+/// Softirq ticks of every CPU together since boot (the receive path of
+/// packets, wherever the kernel ran it).
+#[must_use]
+pub fn softirq_ticks() -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    (0..cpus)
+        .map(|cpu| cpu_ticks(u32::try_from(cpu).unwrap_or(0)).1)
+        .sum()
+}
+
+/// User + system ticks of `pid` and every process below it (nginx's
+/// workers are its master's children).
+#[must_use]
+pub fn tree_ticks(pid: u32) -> u64 {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(0, |stat| {
+        // Fields after the command (which may hold spaces) in parentheses:
+        // utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(11) + field(12)
+    });
+    let children: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .map(tree_ticks)
+        .sum();
+    own + children
+}
+
+/// Microseconds in `ticks` clock ticks.
+#[must_use]
+pub fn ticks_to_us(ticks: u64) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    let to_f64 = |n: u64| f64::from(u32::try_from(n).unwrap_or(u32::MAX));
+    to_f64(ticks) * 1e6 / to_f64(u64::try_from(per_second).unwrap_or(100))
+}
+
+/// Runs `run` and fills in the CPU it cost per answered request: busy time
+/// of `cpu` and user + system time of `pid`'s process tree over the run.
+pub fn with_cpu_cost(cpu: u32, pid: u32, run: impl FnOnce() -> WrkResult) -> WrkResult {
+    let (busy, process) = (cpu_ticks(cpu).0, tree_ticks(pid));
+    let mut result = run();
+    let busy = cpu_ticks(cpu).0 - busy;
+    let process = tree_ticks(pid).saturating_sub(process);
+    if result.requests > 0 {
+        let requests = f64::from(u32::try_from(result.requests).unwrap_or(u32::MAX));
+        result.cpu_us_per_request = ticks_to_us(busy) / requests;
+        result.process_cpu_us_per_request = ticks_to_us(process) / requests;
+    }
+    result
 }
 
 /// The median of `values` (upper median for even counts).

@@ -49,6 +49,15 @@ fn xdp_section(out: &mut String, xdp: &Value) {
     );
 }
 
+/// A CPU-per-request figure, or a dash where it was not measured.
+fn cpu_cell(v: &Value) -> String {
+    if v.is_null() || f(v) == 0.0 {
+        "–".to_owned()
+    } else {
+        format!("{:.1}", f(v))
+    }
+}
+
 fn proxy_section(out: &mut String, proxy: &Value) {
     let _ = writeln!(out, "## proxy: wrk through each contender\n");
     for scenario in ["allowed", "rejected"] {
@@ -56,7 +65,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         let nginx = f(&s["nginx"]["rps"]);
         let _ = writeln!(
             out,
-            "### {scenario}\n\n| contender | req/s | p50 ms | p99 ms | non-2xx | errors | × nginx |\n|---|---:|---:|---:|---:|---:|---:|"
+            "### {scenario}\n\n| contender | req/s | p50 ms | p99 ms | non-2xx | errors | × nginx | CPU µs/req | process µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for contender in ["limiter", "limiter_xdp", "nginx", "haproxy", "direct"] {
             let c = &s[contender];
@@ -70,12 +79,14 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             };
             let _ = writeln!(
                 out,
-                "| {contender} | {:.0} | {:.2} | {:.2} | {} | {} | {ratio:.2} |",
+                "| {contender} | {:.0} | {:.2} | {:.2} | {} | {} | {ratio:.2} | {} | {} |",
                 f(&c["rps"]),
                 f(&c["p50_ms"]),
                 f(&c["p99_ms"]),
                 c["non_2xx"],
-                c["errors"]
+                c["errors"],
+                cpu_cell(&c["cpu_us_per_request"]),
+                cpu_cell(&c["process_cpu_us_per_request"])
             );
         }
         let kernel = &s["limiter_xdp"]["kernel"];
@@ -91,17 +102,26 @@ fn proxy_section(out: &mut String, proxy: &Value) {
     }
     let allowed = f(&proxy["ratios"]["allowed_vs_nginx"]);
     let rejected = f(&proxy["ratios"]["rejected_vs_nginx"]);
+    let allowed_cpu = f(&proxy["ratios"]["allowed_cpu_vs_nginx"]);
+    let rejected_cpu = f(&proxy["ratios"]["rejected_cpu_vs_nginx"]);
     let _ = writeln!(
         out,
-        "- allowed path, limiter ≥ 1.0× nginx: {allowed:.2}× — {}\n- rejected path, limiter ≥ 2.0× nginx: {rejected:.2}× — {}\n",
+        "- allowed path, limiter ≥ 1.0× nginx: {allowed:.2}× — {}\n- rejected path, limiter ≥ 2.0× nginx: {rejected:.2}× — {}\n\
+         - allowed path, CPU per request ≤ 1.0× nginx's: {allowed_cpu:.2}× — {}\n\
+         - rejected path, CPU per request ≤ 0.5× nginx's: {rejected_cpu:.2}× — {}\n",
         verdict(allowed >= 1.0),
-        verdict(rejected >= 2.0)
+        verdict(rejected >= 2.0),
+        verdict(allowed_cpu > 0.0 && allowed_cpu <= 1.0),
+        verdict(rejected_cpu > 0.0 && rejected_cpu <= 0.5)
     );
     let _ = writeln!(
         out,
         "Command: `cargo xtask bench proxy` ({} rounds of {} s, {} connections, `GET {}`). \
          Each contender is pinned to CPU 1 with one worker; wrk and the static upstream (nginx) \
-         share CPU 0. Configs: [`bench/configs/`](configs/).\n",
+         share CPU 0. CPU µs/req: busy time of CPU 1 (from `/proc/stat`, so the kernel's work \
+         there counts) over the run, per answered request; process µs/req: the contender's own \
+         user + system time (`/proc/<pid>/stat`, workers included). Configs: \
+         [`bench/configs/`](configs/).\n",
         proxy["rounds"],
         proxy["seconds"],
         proxy["connections"],
@@ -116,7 +136,7 @@ fn flood_section(out: &mut String, flood: &Value) {
     );
     let _ = writeln!(
         out,
-        "| scenario | legit req/s | legit p99 ms | × baseline | attacker pps | XDP dropped pps |\n|---|---:|---:|---:|---:|---:|"
+        "| scenario | legit req/s | legit p99 ms | × baseline | attacker pps | XDP dropped pps | softirq ns per attack packet |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     let baseline = f(&flood["baseline"]["legit_rps"]);
     for scenario in [
@@ -124,6 +144,7 @@ fn flood_section(out: &mut String, flood: &Value) {
         "no_protection",
         "iptables_hashlimit",
         "with_xdp",
+        "attacker_busy_control",
     ] {
         let s = &flood[scenario];
         let ratio = if baseline > 0.0 {
@@ -140,18 +161,22 @@ fn flood_section(out: &mut String, flood: &Value) {
         };
         let _ = writeln!(
             out,
-            "| {scenario} | {:.0} | {:.2} | {ratio:.2} | {} | {} |",
+            "| {scenario} | {:.0} | {:.2} | {ratio:.2} | {} | {} | {} |",
             f(&s["legit_rps"]),
             f(&s["legit_p99_ms"]),
             dash(&s["attacker_pps"]),
-            dash(&s["dropped_pps"])
+            dash(&s["dropped_pps"]),
+            dash(&s["softirq_ns_per_attack_packet"])
         );
     }
     let with_xdp = f(&flood["ratios_to_baseline"]["with_xdp"]);
+    let protection = f(&flood["ratios_to_baseline"]["protection_ratio"]);
     let _ = writeln!(
         out,
-        "\n![legit throughput under flood](flood.svg)\n\n- with XDP, legit ≥ 0.9× baseline: {with_xdp:.2}× — {}\n",
-        verdict(with_xdp >= 0.9)
+        "\n![legit throughput under flood](flood.svg)\n\n- with XDP, legit ≥ 0.9× baseline: {with_xdp:.2}× — {}\n\
+         - protection ratio (with XDP ÷ attacker busy with nothing received) ≥ 0.9: {protection:.2} — {}\n",
+        verdict(with_xdp >= 0.9),
+        verdict(protection >= 0.9)
     );
     let _ = writeln!(
         out,
@@ -162,7 +187,11 @@ fn flood_section(out: &mut String, flood: &Value) {
          XDP and `iptables -A INPUT -p tcp --dport 8080 --syn -m hashlimit --hashlimit-above {}/sec \
          --hashlimit-burst {} --hashlimit-mode srcip -j DROP`. A veth delivers in the sender's \
          context, so what the host spends on each flood packet also slows the attacker: its \
-         rate is part of the result.\n",
+         rate is part of the result. `attacker_busy_control` is the control for the attacker's \
+         own CPU: the same sender thread (a busy loop on CPU 1, as in every scenario), its \
+         packets dropped by a `tc` egress filter on its own veth, so the host receives nothing. \
+         Softirq ns per attack packet: softirq time of every CPU (`/proc/stat`) over the flood, \
+         divided by the packets sent.\n",
         flood["rounds"],
         flood["seconds"],
         flood["syn_ceiling"],
@@ -248,6 +277,7 @@ fn flood_svg(flood: &Value) -> String {
         ("no_protection", "no protection"),
         ("iptables_hashlimit", "iptables hashlimit"),
         ("with_xdp", "XDP"),
+        ("attacker_busy_control", "attacker busy, nothing sent"),
     ];
     let max = scenarios
         .iter()

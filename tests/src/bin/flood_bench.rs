@@ -18,7 +18,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use limiter_tests::{
-    bench::{BENCH_PATH, WrkResult, machine, median_run, numeric_options, write_json, wrk},
+    bench::{
+        BENCH_PATH, WrkResult, machine, median_run, numeric_options, softirq_ticks, ticks_to_us,
+        write_json, wrk,
+    },
     netns::{self, API_PORT, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
     newcomers::{self, RxNapi},
 };
@@ -50,11 +53,22 @@ struct Outcome {
     legit: WrkResult,
     attacker_pps: f64,
     dropped_pps: f64,
+    /// Softirq time of every CPU per attack packet sent, in ns.
+    softirq_ns_per_attack_packet: f64,
 }
 
 fn run(scenario: &str, seconds: u32) -> Outcome {
     let topology = Topology::new();
-    let xdp = scenario == "with_xdp";
+    let xdp = matches!(scenario, "with_xdp" | "attacker_busy_control");
+    if scenario == "attacker_busy_control" {
+        // The attacker sends as before, and its packets are dropped at its
+        // own veth's egress: it costs its CPU, the host receives nothing.
+        let attacker = &topology.attacker.name;
+        netns::run_tc(&["-n", attacker, "qdisc", "add", "dev", "va", "clsact"]);
+        netns::run_tc(&[
+            "-n", attacker, "filter", "add", "dev", "va", "egress", "matchall", "action", "drop",
+        ]);
+    }
     let _agent = topology.agent(&config(xdp), if xdp { &[] } else { &["--no-xdp"] });
     if scenario == "iptables_hashlimit" {
         let _ = topology.host.output(
@@ -82,6 +96,7 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
             ],
         );
     }
+    let softirq_before = softirq_ticks();
     let flood = (scenario != "baseline").then(|| {
         let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
         // The flood outlasts the client's run on both ends.
@@ -100,11 +115,17 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
     let legit = wrk(&["ip", "netns", "exec", &client_ns], 0, &url, 8, seconds);
     let drops_after = if xdp { dropped(&topology.status()) } else { 0 };
     let sent = flood.map_or(0, |f| f.join().expect("flood thread"));
+    let softirq_us = ticks_to_us(softirq_ticks() - softirq_before);
     #[expect(clippy::cast_precision_loss, reason = "packet counts far below 2^52")]
     Outcome {
         legit,
         attacker_pps: sent as f64 / (f64::from(seconds) + 2.0),
         dropped_pps: (drops_after - drops_before) as f64 / legit.seconds.max(1e-9),
+        softirq_ns_per_attack_packet: if sent > 0 {
+            softirq_us * 1000.0 / sent as f64
+        } else {
+            0.0
+        },
     }
 }
 
@@ -155,6 +176,30 @@ fn new_clients(challenge: bool, clients: u32) -> serde_json::Value {
     })
 }
 
+/// The median round of one scenario, as written to `flood.json`.
+fn summary(scenario: &str, outcomes: &[Outcome]) -> serde_json::Value {
+    let runs: Vec<WrkResult> = outcomes.iter().map(|o| o.legit).collect();
+    let median = median_run(&runs);
+    let chosen = outcomes
+        .iter()
+        .find(|o| o.legit.rps.total_cmp(&median.rps).is_eq())
+        .expect("the median run");
+    let mut entry = json!({
+        "legit_rps": (median.rps * 10.0).round() / 10.0,
+        "legit_p99_ms": (median.p99_ms * 1000.0).round() / 1000.0,
+        "legit_errors": median.errors,
+    });
+    if scenario != "baseline" {
+        entry["attacker_pps"] = json!(chosen.attacker_pps.round());
+        entry["softirq_ns_per_attack_packet"] =
+            json!((chosen.softirq_ns_per_attack_packet * 10.0).round() / 10.0);
+    }
+    if scenario == "with_xdp" {
+        entry["dropped_pps"] = json!(chosen.dropped_pps.round());
+    }
+    entry
+}
+
 fn main() {
     let (mut seconds, mut rounds, mut clients) = (8, 3, 100);
     numeric_options(
@@ -171,6 +216,7 @@ fn main() {
         "no_protection",
         "iptables_hashlimit",
         "with_xdp",
+        "attacker_busy_control",
     ];
     let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
@@ -185,35 +231,28 @@ fn main() {
         }
     }
     let mut out = serde_json::Map::new();
-    for (i, scenario) in scenarios.iter().enumerate() {
-        let runs: Vec<WrkResult> = results[i].iter().map(|o| o.legit).collect();
-        let median = median_run(&runs);
-        let chosen = results[i]
-            .iter()
-            .find(|o| o.legit.rps.total_cmp(&median.rps).is_eq())
-            .expect("the median run");
-        let mut entry = json!({
-            "legit_rps": (median.rps * 10.0).round() / 10.0,
-            "legit_p99_ms": (median.p99_ms * 1000.0).round() / 1000.0,
-            "legit_errors": median.errors,
-        });
-        if *scenario != "baseline" {
-            entry["attacker_pps"] = json!(chosen.attacker_pps.round());
-        }
-        if *scenario == "with_xdp" {
-            entry["dropped_pps"] = json!(chosen.dropped_pps.round());
-        }
-        out.insert((*scenario).to_owned(), entry);
+    for (scenario, outcomes) in scenarios.iter().zip(&results) {
+        out.insert((*scenario).to_owned(), summary(scenario, outcomes));
     }
     let baseline = out["baseline"]["legit_rps"].as_f64().unwrap_or(0.0);
     let ratio = |s: &str| {
         let rps = out[s]["legit_rps"].as_f64().unwrap_or(0.0);
         if baseline > 0.0 { rps / baseline } else { 0.0 }
     };
+    let control = out["attacker_busy_control"]["legit_rps"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let protection = if control > 0.0 {
+        out["with_xdp"]["legit_rps"].as_f64().unwrap_or(0.0) / control
+    } else {
+        0.0
+    };
     let ratios = json!({
         "no_protection": ratio("no_protection"),
         "iptables_hashlimit": ratio("iptables_hashlimit"),
         "with_xdp": ratio("with_xdp"),
+        "attacker_busy_control": ratio("attacker_busy_control"),
+        "protection_ratio": protection,
     });
     let with_xdp = ratio("with_xdp");
     out.insert("ratios_to_baseline".into(), ratios);
@@ -231,6 +270,11 @@ fn main() {
     let path = write_json("flood", &serde_json::Value::Object(out));
     let verdict = if with_xdp >= 0.9 { "meets" } else { "misses" };
     println!("flood: legit client with XDP at {with_xdp:.2}x baseline (target >= 0.9x): {verdict}");
+    let verdict = if protection >= 0.9 { "meets" } else { "misses" };
+    println!(
+        "flood: protection ratio (with XDP / attacker busy, nothing received) {protection:.2} \
+         (target >= 0.9): {verdict}"
+    );
     let served = |v: &serde_json::Value| {
         let (served, attempts) = (v["served"].as_f64(), v["attempts"].as_f64());
         served.zip(attempts).map_or(0.0, |(s, a)| s / a.max(1.0))

@@ -21,7 +21,7 @@ use limiter_tests::{
     agent::{agent_binary, free_port, reference_tiers, tier},
     bench::{
         BENCH_PATH, Peer, WrkResult, machine, median_run, numeric_options, route_regex, scratch,
-        write_json, wrk,
+        with_cpu_cost, write_json, wrk,
     },
     http,
     prometheus::metric,
@@ -229,6 +229,8 @@ fn entry(result: &WrkResult) -> serde_json::Value {
         "requests": result.requests,
         "non_2xx": result.non_2xx,
         "errors": result.errors,
+        "cpu_us_per_request": (result.cpu_us_per_request * 100.0).round() / 100.0,
+        "process_cpu_us_per_request": (result.process_cpu_us_per_request * 100.0).round() / 100.0,
     })
 }
 
@@ -245,11 +247,11 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     for d in [&upstream_dir, &nginx_dir] {
         std::fs::create_dir_all(d).expect("dir");
     }
-    let _upstream = upstream(&upstream_dir, up_port);
+    let upstream = upstream(&upstream_dir, up_port);
     let tiers = reference_tiers();
-    let _nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale);
-    let _haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale);
-    let _limiter = limiter(&dir, lim_port, lim_admin, up_port, &tiers, scale, None);
+    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale);
+    let haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale);
+    let limiter_plain = limiter(&dir, lim_port, lim_admin, up_port, &tiers, scale, None);
     let limiter_xdp = limiter(
         &dir,
         xdp_port,
@@ -259,30 +261,43 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
         scale,
         Some(&instance),
     );
+    // (name, port, the process whose CPU it costs, whether it has a CPU of
+    // its own to measure): the upstream shares CPU 0 with wrk.
     let mut contenders = vec![
-        ("limiter", lim_port),
-        ("limiter_xdp", xdp_port),
-        ("nginx", nginx_port),
-        ("haproxy", haproxy_port),
+        ("limiter", lim_port, limiter_plain.pid(), true),
+        ("limiter_xdp", xdp_port, limiter_xdp.pid(), true),
+        ("nginx", nginx_port, nginx.pid(), true),
+        ("haproxy", haproxy_port, haproxy.pid(), true),
     ];
     if direct {
-        contenders.push(("direct", up_port));
+        contenders.push(("direct", up_port, upstream.pid(), false));
     }
     let mut runs: Vec<Vec<WrkResult>> = vec![Vec::new(); contenders.len()];
     for round in 1..=rounds {
-        for (i, (contender, port)) in contenders.iter().enumerate() {
+        for (i, (contender, port, pid, own_cpu)) in contenders.iter().enumerate() {
             eprintln!("proxy/{name}: round {round}/{rounds}: {contender}…");
             let url = format!("http://127.0.0.1:{port}{BENCH_PATH}");
-            let result = wrk(&[], LOAD_CPU, &url, CONNECTIONS, seconds);
+            let run = || wrk(&[], LOAD_CPU, &url, CONNECTIONS, seconds);
+            let result = if *own_cpu {
+                with_cpu_cost(CONTENDER_CPU, *pid, run)
+            } else {
+                run()
+            };
             eprintln!(
-                "  {:.0} req/s, p99 {:.2} ms, {} non-2xx, {} errors",
-                result.rps, result.p99_ms, result.non_2xx, result.errors
+                "  {:.0} req/s, p99 {:.2} ms, {} non-2xx, {} errors, {:.1} µs CPU ({:.1} µs process) \
+                 per request",
+                result.rps,
+                result.p99_ms,
+                result.non_2xx,
+                result.errors,
+                result.cpu_us_per_request,
+                result.process_cpu_us_per_request
             );
             runs[i].push(result);
         }
     }
     let mut out = serde_json::Map::new();
-    for (i, (contender, _)) in contenders.iter().enumerate() {
+    for (i, (contender, ..)) in contenders.iter().enumerate() {
         out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
     }
     let metrics = http::get(local(xdp_admin), "/metrics").body;
@@ -320,6 +335,13 @@ fn main() {
         let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
         if theirs > 0.0 { ours / theirs } else { 0.0 }
     };
+    let cpu_ratio = |scenario: &serde_json::Value, key: &str| {
+        let ours = scenario["limiter"]["cpu_us_per_request"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let theirs = scenario[key]["cpu_us_per_request"].as_f64().unwrap_or(0.0);
+        if theirs > 0.0 { ours / theirs } else { 0.0 }
+    };
     let result = json!({
         "machine": machine(),
         "rounds": rounds,
@@ -333,6 +355,10 @@ fn main() {
             "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
             "rejected_vs_nginx": ratio(&rejected, "nginx"),
             "rejected_vs_haproxy": ratio(&rejected, "haproxy"),
+            "allowed_cpu_vs_nginx": cpu_ratio(&allowed, "nginx"),
+            "allowed_cpu_vs_haproxy": cpu_ratio(&allowed, "haproxy"),
+            "rejected_cpu_vs_nginx": cpu_ratio(&rejected, "nginx"),
+            "rejected_cpu_vs_haproxy": cpu_ratio(&rejected, "haproxy"),
         },
     });
     let path = write_json("proxy", &result);
@@ -348,6 +374,24 @@ fn main() {
     println!(
         "proxy rejected: limiter {r:.2}x nginx (target >= 2.0x): {}",
         verdict(r, 2.0)
+    );
+    let cpu = |key: &str| result["ratios"][key].as_f64().unwrap_or(0.0);
+    let at_most = |r: f64, target: f64| {
+        if r > 0.0 && r <= target {
+            "meets"
+        } else {
+            "misses"
+        }
+    };
+    println!(
+        "proxy allowed: limiter CPU per request {:.2}x nginx's (target <= 1.0x): {}",
+        cpu("allowed_cpu_vs_nginx"),
+        at_most(cpu("allowed_cpu_vs_nginx"), 1.0)
+    );
+    println!(
+        "proxy rejected: limiter CPU per request {:.2}x nginx's (target <= 0.5x): {}",
+        cpu("rejected_cpu_vs_nginx"),
+        at_most(cpu("rejected_cpu_vs_nginx"), 0.5)
     );
     println!("{}", path.display());
 }
