@@ -41,20 +41,6 @@ pub fn config(route: &str, limit: u64, xdp_lines: &str) -> String {
     )
 }
 
-/// Runs `tc ARGS…`, panicking with its error output when it fails.
-pub fn run_tc(args: &[&str]) {
-    let output = Command::new("tc")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running `tc` (iproute2 installed?): {e}"));
-    assert!(
-        output.status.success(),
-        "`tc {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Runs `ip ARGS…`, panicking with its error output when it fails.
 pub fn ip(args: &[&str]) {
     let output = Command::new("ip")

@@ -189,7 +189,8 @@ fn flood_section(out: &mut String, flood: &Value) {
          context, so what the host spends on each flood packet also slows the attacker: its \
          rate is part of the result. `attacker_busy_control` is the control for the attacker's \
          own CPU: the same sender thread (a busy loop on CPU 1, as in every scenario), its \
-         packets dropped by a `tc` egress filter on its own veth, so the host receives nothing. \
+         packets dropped in its own veth's transmit path (the host's end of the link is down), \
+         so the host receives nothing. \
          Softirq ns per attack packet: softirq time of every CPU (`/proc/stat`) over the flood, \
          divided by the packets sent.\n",
         flood["rounds"],

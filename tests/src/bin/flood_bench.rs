@@ -22,7 +22,7 @@ use limiter_tests::{
         BENCH_PATH, WrkResult, machine, median_run, numeric_options, softirq_ticks, ticks_to_us,
         write_json, wrk,
     },
-    netns::{self, API_PORT, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
+    netns::{self, API_PORT, HOST_ATTACKER_IF, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
     newcomers::{self, RxNapi},
 };
 use serde_json::json;
@@ -60,16 +60,20 @@ struct Outcome {
 fn run(scenario: &str, seconds: u32) -> Outcome {
     let topology = Topology::new();
     let xdp = matches!(scenario, "with_xdp" | "attacker_busy_control");
+    let _agent = topology.agent(&config(xdp), if xdp { &[] } else { &["--no-xdp"] });
     if scenario == "attacker_busy_control" {
-        // The attacker sends as before, and its packets are dropped at its
-        // own veth's egress: it costs its CPU, the host receives nothing.
-        let attacker = &topology.attacker.name;
-        netns::run_tc(&["-n", attacker, "qdisc", "add", "dev", "va", "clsact"]);
-        netns::run_tc(&[
-            "-n", attacker, "filter", "add", "dev", "va", "egress", "matchall", "action", "drop",
+        // The attacker sends as before, and its packets are dropped in its own
+        // veth's transmit path (the host's end of the link is down): it costs
+        // its CPU, the host receives nothing.
+        netns::ip(&[
+            "-n",
+            &topology.host.name,
+            "link",
+            "set",
+            HOST_ATTACKER_IF,
+            "down",
         ]);
     }
-    let _agent = topology.agent(&config(xdp), if xdp { &[] } else { &["--no-xdp"] });
     if scenario == "iptables_hashlimit" {
         let _ = topology.host.output(
             "iptables",
