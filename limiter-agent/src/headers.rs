@@ -13,12 +13,13 @@ const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Adds X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset (Unix seconds, rounded UP) to `headers`;
-/// with `ietf = true` also `RateLimit-Policy: <limit>;w=<window secs>` and `RateLimit: limit=<limit>, remaining=<remaining>, reset=<secs to reset>` (draft-ietf-httpapi-ratelimit-headers style).
-///
-/// Exact formats (draft-07 style, the last draft with these parameter names):
-/// - `RateLimit-Policy: 100;w=60`: the window in whole seconds, rounded up, at least 1.
-/// - `RateLimit: limit=100, remaining=99, reset=60`: `reset` is `retry_after_secs`, so on
-///   a 429 it equals Retry-After.
+/// with a `policy` name (`ietf_headers = true`) also the `RateLimit-Policy` and `RateLimit`
+/// fields of draft-ietf-httpapi-ratelimit-headers-11, Structured Fields (RFC 9651) Lists of
+/// one Item each, the policy name a String:
+/// - `RateLimit-Policy: "api-chat";q=100;w=60`: the quota and the window in whole seconds,
+///   rounded up, at least 1.
+/// - `RateLimit: "api-chat";r=99;t=60`: remaining quota and seconds until it resets
+///   (`retry_after_secs`, so on a 429 it equals Retry-After).
 ///
 /// `now` is both clocks read at answer time: the window ran on the monotonic
 /// clock, and its reset is told as the wall clock now plus the monotonic time
@@ -26,29 +27,68 @@ const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// the Unix times and the seconds left are exact.
 ///
 /// Existing headers of these names (say, from the upstream) are replaced.
-pub fn apply(headers: &mut HeaderMap, decision: &Decision, window_ms: u64, now: Now, ietf: bool) {
+pub fn apply(
+    headers: &mut HeaderMap,
+    decision: &Decision,
+    window_ms: u64,
+    now: Now,
+    policy: Option<&PolicyName>,
+) {
     headers.insert(X_LIMIT, HeaderValue::from(decision.limit));
     headers.insert(X_REMAINING, HeaderValue::from(decision.remaining));
     headers.insert(X_RESET, HeaderValue::from(reset_secs(decision, now)));
-    if !ietf {
+    let Some(PolicyName(name)) = policy else {
         return;
-    }
+    };
     let window_secs = window_ms.div_ceil(1000).max(1);
-    let mut policy = String::with_capacity(24);
+    let mut quota = String::with_capacity(name.len() + 24);
     // Writing into a String cannot fail.
-    let _ = write!(policy, "{};w={window_secs}", decision.limit);
-    let mut state = String::with_capacity(48);
+    let _ = write!(quota, "\"{name}\";q={};w={window_secs}", decision.limit);
+    let mut state = String::with_capacity(name.len() + 24);
     let _ = write!(
         state,
-        "limit={}, remaining={}, reset={}",
-        decision.limit,
+        "\"{name}\";r={};t={}",
         decision.remaining,
         retry_after_secs(decision, now)
     );
-    // Digits, `;`, `=`, `,` and spaces are always valid header bytes.
-    if let (Ok(policy), Ok(state)) = (HeaderValue::try_from(policy), HeaderValue::try_from(state)) {
-        headers.insert(POLICY, policy);
+    // The name is lowercase letters, digits and `-`; the rest digits, `"`,
+    // `;` and `=`: always valid header bytes.
+    if let (Ok(quota), Ok(state)) = (HeaderValue::try_from(quota), HeaderValue::try_from(state)) {
+        headers.insert(POLICY, quota);
         headers.insert(RATELIMIT, state);
+    }
+}
+
+/// A tier's quota policy name in the IETF fields: its route, lowercased,
+/// every run of other characters than letters and digits turned into one
+/// `-` (`/api/v1/fashion/status/:id` → `api-v1-fashion-status-id`); `default`
+/// for `/`. Safe inside a Structured Fields String as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyName(String);
+
+impl PolicyName {
+    #[must_use]
+    pub fn from_route(route: &str) -> Self {
+        let mut name = String::with_capacity(route.len());
+        for c in route.chars() {
+            if c.is_ascii_alphanumeric() {
+                name.push(c.to_ascii_lowercase());
+            } else if !name.is_empty() && !name.ends_with('-') {
+                name.push('-');
+            }
+        }
+        while name.ends_with('-') {
+            name.pop();
+        }
+        if name.is_empty() {
+            name.push_str("default");
+        }
+        Self(name)
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -120,7 +160,7 @@ mod tests {
         let d = decision(true, 99, 1_706_540_059_001);
         let mut headers = HeaderMap::new();
         headers.insert("x-ratelimit-limit", HeaderValue::from_static("7"));
-        apply(&mut headers, &d, 60_000, at(NOW), false);
+        apply(&mut headers, &d, 60_000, at(NOW), None);
         assert_eq!(
             header(&headers, "x-ratelimit-limit"),
             Some("100"),
@@ -132,21 +172,40 @@ mod tests {
         assert_eq!(header(&headers, "ratelimit"), None);
         assert_eq!(header(&headers, "ratelimit-policy"), None);
 
-        apply(&mut headers, &d, 60_000, at(NOW), true);
-        assert_eq!(header(&headers, "ratelimit-policy"), Some("100;w=60"));
+        let policy = PolicyName::from_route("/api/v1/chat/completions");
+        apply(&mut headers, &d, 60_000, at(NOW), Some(&policy));
+        assert_eq!(
+            header(&headers, "ratelimit-policy"),
+            Some("\"api-v1-chat-completions\";q=100;w=60")
+        );
         assert_eq!(
             header(&headers, "ratelimit"),
-            Some("limit=100, remaining=99, reset=60")
+            Some("\"api-v1-chat-completions\";r=99;t=60")
         );
         assert_eq!(headers.len(), 5);
 
         let rejected = decision(false, 0, NOW + 1_500);
-        apply(&mut headers, &rejected, 1_500, at(NOW), true);
-        assert_eq!(header(&headers, "ratelimit-policy"), Some("100;w=2"));
+        apply(&mut headers, &rejected, 1_500, at(NOW), Some(&policy));
+        assert_eq!(
+            header(&headers, "ratelimit-policy"),
+            Some("\"api-v1-chat-completions\";q=100;w=2")
+        );
         assert_eq!(
             header(&headers, "ratelimit"),
-            Some("limit=100, remaining=0, reset=2")
+            Some("\"api-v1-chat-completions\";r=0;t=2")
         );
+    }
+
+    #[test]
+    fn policy_names_are_the_route_as_a_plain_structured_fields_string() {
+        for (route, name) in [
+            ("/api/v1/chat/completions", "api-v1-chat-completions"),
+            ("/api/v1/fashion/status/:id", "api-v1-fashion-status-id"),
+            ("/API/Files//*", "api-files"),
+            ("/", "default"),
+        ] {
+            assert_eq!(PolicyName::from_route(route).as_str(), name, "{route}");
+        }
     }
 
     #[test]
@@ -196,10 +255,10 @@ mod tests {
         clock.advance(10_000);
         let mut headers = HeaderMap::new();
         let check = |headers: &mut HeaderMap, now: Now, reset: &str, retry: u64| {
-            apply(headers, &d, 60_000, now, true);
+            apply(headers, &d, 60_000, now, Some(&PolicyName::from_route("/")));
             assert_eq!(header(headers, "x-ratelimit-reset"), Some(reset));
             assert_eq!(retry_after_secs(&d, now), retry);
-            let state = format!("limit=100, remaining=0, reset={retry}");
+            let state = format!("\"default\";r=0;t={retry}");
             assert_eq!(header(headers, "ratelimit"), Some(state.as_str()));
         };
         // No step: ...000.250 + 60 s, rounded up; 51 s from the whole second ...010.

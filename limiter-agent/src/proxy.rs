@@ -32,7 +32,7 @@ pub use self::respond::{error, json_response};
 use crate::{
     body::ClientBody,
     config::{Config, ConfigError, OnError},
-    headers,
+    headers::{self, PolicyName},
     identity::{Identity, IdentityError, IdentityResolver},
     limit::{
         Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, StoreFull, VerifiedKeys,
@@ -95,6 +95,8 @@ struct TierState {
     limit: u32,
     /// `id` of the per-address budget of new key verifications.
     verify_id: String,
+    /// The IETF fields' quota policy name, when `ietf_headers` is on.
+    policy: Option<PolicyName>,
     /// Entry in the verified-key cache saying the upstream authenticates this
     /// tier (a 401 or 403 was seen within `verified_key_ttl`); also keys the
     /// verification budget's buckets.
@@ -292,12 +294,7 @@ impl Proxy {
                 sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
             }
             let now = self.clock.now();
-            return too_many(
-                &decision,
-                tier.window_ms,
-                now,
-                state.config.live.ietf_headers,
-            );
+            return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
         }
         tier.allowed.inc();
         let mut response = self.forward(&state, req, peer).await;
@@ -309,7 +306,7 @@ impl Proxy {
             &decision,
             tier.window_ms,
             self.clock.now(),
-            state.config.live.ietf_headers,
+            tier.policy.as_ref(),
         );
         response
     }
@@ -373,6 +370,10 @@ impl State {
                     hash: hasher.hash_one(&id),
                     limit: tier.limit.get(),
                     verify_id: format!("{id}|verify"),
+                    policy: config
+                        .live
+                        .ietf_headers
+                        .then(|| PolicyName::from_route(&tier.route)),
                     authenticates: hasher.hash_one((&id, "authenticates")),
                     id,
                     window_ms,

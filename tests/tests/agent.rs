@@ -170,6 +170,50 @@ async fn a_short_window_resets_and_rejections_do_not_consume() {
     );
 }
 
+/// `ietf_headers = true`: the fields of draft-ietf-httpapi-ratelimit-headers-11,
+/// byte for byte, on answers the upstream gave and on the agent's own 429s,
+/// beside the X-RateLimit-* ones.
+#[tokio::test]
+async fn ietf_headers_follow_the_current_draft_exactly() {
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/v1/fashion/status/:id",
+        2,
+        "10s",
+        "ietf_headers = true",
+    ));
+    let client = client();
+    let u = agent.url("/api/v1/fashion/status/42");
+    let policy = "\"api-v1-fashion-status-id\";q=2;w=10";
+    for remaining in [1, 0] {
+        let response = get(&client, &u, &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            header(&response, "ratelimit-policy").as_deref(),
+            Some(policy)
+        );
+        let state = header(&response, "ratelimit").expect("RateLimit");
+        let (head, t) = state.rsplit_once(";t=").expect("a t parameter");
+        assert_eq!(head, format!("\"api-v1-fashion-status-id\";r={remaining}"));
+        let t: u64 = t.parse().expect("t is an integer");
+        // Counted like Retry-After, from the current whole second to the
+        // reset rounded up: up to one more than the window.
+        assert!((1..=11).contains(&t), "{state}");
+        assert_eq!(header_u64(&response, "x-ratelimit-remaining"), remaining);
+    }
+    let response = get(&client, &u, &[]).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&response, "ratelimit-policy").as_deref(),
+        Some(policy)
+    );
+    let retry = header(&response, "retry-after").expect("Retry-After");
+    assert_eq!(
+        header(&response, "ratelimit"),
+        Some(format!("\"api-v1-fashion-status-id\";r=0;t={retry}")),
+        "t is Retry-After on a 429"
+    );
+}
+
 #[tokio::test]
 async fn a_hundred_concurrent_requests_admit_exactly_the_limit() {
     let (_upstream, agent) =

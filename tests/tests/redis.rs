@@ -643,7 +643,7 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
     let decide = || async { store.decide(ask, clock.now_ms()).await.expect("a decision") };
     let told = |decision| {
         let mut map = reqwest::header::HeaderMap::new();
-        headers::apply(&mut map, &decision, 60_000, clock.now(), false);
+        headers::apply(&mut map, &decision, 60_000, clock.now(), None);
         let reset: u64 = map["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
         (reset, headers::retry_after_secs(&decision, clock.now()))
     };

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt as _, Full};
 
 use super::Body;
 use crate::{
-    headers,
+    headers::{self, PolicyName},
     limit::{Decision, Now},
 };
 
@@ -17,14 +17,14 @@ pub(super) fn too_many(
     decision: &Decision,
     window_ms: u64,
     now: Now,
-    ietf: bool,
+    policy: Option<&PolicyName>,
 ) -> Response<Body> {
     let retry = headers::retry_after_secs(decision, now);
     let mut response = json_response(
         StatusCode::TOO_MANY_REQUESTS,
         headers::too_many_requests_body(retry),
     );
-    headers::apply(response.headers_mut(), decision, window_ms, now, ietf);
+    headers::apply(response.headers_mut(), decision, window_ms, now, policy);
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry));
