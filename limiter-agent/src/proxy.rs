@@ -31,7 +31,7 @@ use self::respond::too_many;
 pub use self::respond::{error, json_response};
 use crate::{
     body::ClientBody,
-    config::{Config, ConfigError, OnError},
+    config::{Config, ConfigError, LimitMode, OnError},
     headers::{self, PolicyName},
     identity::{Identity, IdentityError, IdentityResolver},
     limit::{
@@ -103,6 +103,10 @@ struct TierState {
     authenticates: u64,
     allowed: Counter,
     rejected: Counter,
+    /// Rejections a tier in observe mode did not send.
+    would_reject: Counter,
+    /// `mode = "observe"`: the dry run.
+    observe: bool,
     store_error: Counter,
 }
 
@@ -288,7 +292,12 @@ impl Proxy {
         let Ok(decision) = decision else {
             return self.store_full(tier);
         };
-        if !decision.allowed {
+        if decision.allowed {
+            tier.allowed.inc();
+        } else if tier.observe {
+            // Dry run: counted, told in the headers, forwarded, never escalated.
+            tier.would_reject.inc();
+        } else {
             tier.rejected.inc();
             if let Some(sink) = &self.rejections {
                 sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
@@ -296,7 +305,6 @@ impl Proxy {
             let now = self.clock.now();
             return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
         }
-        tier.allowed.inc();
         let mut response = self.forward(&state, req, peer).await;
         self.learn(&state, tier, check, response.status()).await;
         // Both clocks read as the answer leaves: the reset is told as the wall
@@ -379,6 +387,8 @@ impl State {
                     window_ms,
                     allowed: metrics.request_counter(&tier.route, "allowed"),
                     rejected: metrics.request_counter(&tier.route, "rejected"),
+                    would_reject: metrics.request_counter(&tier.route, "would_reject"),
+                    observe: tier.mode == LimitMode::Observe,
                     store_error: metrics.request_counter(&tier.route, "store_error"),
                 }
             })

@@ -253,6 +253,69 @@ async fn sighup_reloads_keeping_counts_and_refuses_a_broken_file() {
     }
 }
 
+/// `[server] mode` and `[[tier]] mode`: a tier in observe mode decides and
+/// counts as usual and sends the limit headers, but forwards what it would
+/// reject (counted as `decision="would_reject"`); SIGHUP switches modes.
+#[tokio::test]
+async fn observe_mode_forwards_what_it_would_reject_and_counts_it() {
+    let config = |server_mode: &str, chat_mode: &str| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nmode = \"{server_mode}\"\n\n[xdp]\nenabled = false\n{}\
+             mode = \"{chat_mode}\"\n{}",
+            tier("/api/chat", 2, "1m"),
+            tier("/api/v1/vision", 1, "1m")
+        )
+    };
+    let (_upstream, agent) = agent_in_front(&config("enforce", "observe"));
+    let client = client();
+    let chat = agent.url("/api/chat");
+    let vision = agent.url("/api/v1/vision");
+    let mut remaining = Vec::new();
+    for _ in 0..5 {
+        let response = client.get(&chat).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "observed, not refused");
+        remaining.push(
+            response.headers()["x-ratelimit-remaining"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        remaining,
+        ["1", "0", "0", "0", "0"],
+        "the headers tell the truth"
+    );
+    // The other tier enforces.
+    assert_eq!(admitted(&client, &vision, None, 3).await, 1);
+    let series = |tier: &str, decision: &str| {
+        http::metric::<u64>(
+            &agent,
+            &format!("limiter_requests_total{{tier=\"{tier}\",decision=\"{decision}\"}}"),
+        )
+    };
+    assert_eq!(series("/api/chat", "allowed"), 2);
+    assert_eq!(series("/api/chat", "would_reject"), 3);
+    assert_eq!(series("/api/chat", "rejected"), 0);
+    assert_eq!(series("/api/v1/vision", "rejected"), 1);
+
+    // The whole agent observes after a reload, then enforces everywhere.
+    let path = agent.config_path.clone().expect("config path");
+    std::fs::write(&path, config("observe", "enforce")).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for_log(&agent, "config reloaded");
+    assert_eq!(admitted(&client, &vision, None, 3).await, 3);
+    assert_eq!(series("/api/v1/vision", "would_reject"), 3);
+    std::fs::write(&path, config("enforce", "enforce")).unwrap();
+    agent.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http::metric::<u64>(&agent, r#"limiter_config_reloads_total{result="ok"}"#) < 2 {
+        assert!(Instant::now() < deadline, "second reload not applied");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(admitted(&client, &chat, None, 3).await, 0, "enforced again");
+}
+
 fn wait_for_log(agent: &Process, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {

@@ -286,6 +286,29 @@ fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
 }
 
 #[test]
+fn a_tier_in_observe_mode_never_escalates() {
+    // Its would-be rejections are dry-run: forwarded, and nothing is banned
+    // for ignoring 429s that were never sent.
+    let topology = Topology::new();
+    let text = config(2, "escalate_after_rejections = 3\nban_seconds = 3") + "mode = \"observe\"\n";
+    let _agent = topology.agent(&text, &[]);
+    for i in 0..10 {
+        let response = get(
+            &topology.attacker,
+            api(HOST_ATTACKER_ADDR),
+            "/api/chat",
+            SHORT,
+        )
+        .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(response.status, 200, "request {i}");
+    }
+    assert!(
+        !topology.dump("bans").contains("0a 5b 02 02"),
+        "nothing banned"
+    );
+}
+
+#[test]
 fn observe_mode_drops_nothing_and_counts_what_it_would_drop() {
     let topology = Topology::new();
     let _agent = topology.agent(

@@ -11,8 +11,8 @@ mod validate;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    Config, KeyOverride, KeyVerification, LiveSettings, OnError, RedisSettings, StartupSettings,
-    StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+    Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
+    StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
 };
 pub use validate::parse_duration;
 

@@ -155,12 +155,26 @@ pub enum XdpMode {
     Observe,
 }
 
+/// Whether a tier's rejections are sent (`[server] mode`, `[[tier]] mode`);
+/// ordered so that a dry run asked for anywhere wins (`max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LimitMode {
+    /// Over the limit: 429.
+    Enforce,
+    /// Dry run: decide and count as usual, send the limit headers, but
+    /// forward what would be rejected and never escalate; counted as
+    /// `decision="would_reject"`.
+    Observe,
+}
+
 /// One rate-limit tier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tier {
     pub route: String,
     pub limit: NonZeroU32,
     pub window: Duration,
+    /// Its own mode, or observe when the whole agent observes.
+    pub mode: LimitMode,
 }
 
 /// Per-key limits ("enterprise limits"): a multiplier and/or exact limits per route.

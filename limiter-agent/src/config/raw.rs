@@ -33,6 +33,8 @@ pub(super) struct RawServer {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub ietf_headers: bool,
+    /// `enforce` or `observe` (dry run) for every tier.
+    pub mode: String,
     pub upstream_paths: Option<String>,
     pub upstream_timeout: String,
     pub header_read_timeout: String,
@@ -56,6 +58,7 @@ impl Default for RawServer {
             tls_cert: None,
             tls_key: None,
             ietf_headers: false,
+            mode: "enforce".into(),
             upstream_paths: None,
             upstream_timeout: "30s".into(),
             header_read_timeout: "10s".into(),
@@ -196,6 +199,8 @@ pub(super) struct RawTier {
     pub route: String,
     pub limit: u32,
     pub window: String,
+    /// `enforce` or `observe`; absent: enforce (unless `[server] mode` observes).
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -306,3 +306,23 @@ fn key_overrides_resolve_routes_to_tiers() {
     let short = format!("{MINIMAL}[[key]]\nkey_sha256 = \"abc\"\nmultiplier = 2\n");
     assert!(error(&short).contains("key[0].key_sha256"));
 }
+
+#[test]
+fn tier_modes_default_to_enforce_and_an_observing_agent_observes_every_tier() {
+    let two = "[[tier]]\nroute = \"/a\"\nlimit = 1\nwindow = \"1m\"\nmode = \"observe\"\n\
+               [[tier]]\nroute = \"/b\"\nlimit = 1\nwindow = \"1m\"\n";
+    let modes = |server: &str| {
+        let text = format!("[server]\nlisten = \"127.0.0.1:8080\"\n{server}\n{two}");
+        let config = Config::parse(&text).expect("valid");
+        config.live.tiers.iter().map(|t| t.mode).collect::<Vec<_>>()
+    };
+    assert_eq!(modes(""), [LimitMode::Observe, LimitMode::Enforce]);
+    assert_eq!(
+        modes("mode = \"observe\""),
+        [LimitMode::Observe, LimitMode::Observe]
+    );
+    let listen = "[server]\nlisten = \"127.0.0.1:8080\"\n";
+    let tier = "[[tier]]\nroute = \"/a\"\nlimit = 1\nwindow = \"1m\"\n";
+    assert!(error(&format!("{listen}mode = \"dry\"\n{tier}")).contains("server.mode"));
+    assert!(error(&format!("{listen}{tier}mode = \"off\"\n")).contains("tier[0].mode"));
+}

@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf,
 use super::{
     ConfigError, invalid,
     model::{
-        Config, KeyOverride, KeyVerification, LiveSettings, OnError, RedisSettings,
+        Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
         StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
     raw::{RawConfig, RawKey, RawServer, RawStore, RawTier, RawXdp},
@@ -71,7 +71,8 @@ impl RawConfig {
         let max_buckets = self.store.max_buckets;
         let (store, on_error) = store(self.store)?;
         let (xdp_attach, xdp_policy) = xdp(self.xdp)?;
-        let tiers = tiers(&self.tier)?;
+        let agent_mode = limit_mode("server.mode", &server.mode)?;
+        let tiers = tiers(&self.tier, agent_mode)?;
         let mut live = LiveSettings {
             upstream,
             trusted_proxies,
@@ -348,7 +349,19 @@ fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
 }
 
 /// `[[tier]]`: at least one, each with a limit and a window.
-fn tiers(raw: &[RawTier]) -> Result<Vec<Tier>, ConfigError> {
+/// `enforce` or `observe`.
+fn limit_mode(field: &str, text: &str) -> Result<LimitMode, ConfigError> {
+    one_of(
+        field,
+        text,
+        &[
+            ("enforce", LimitMode::Enforce),
+            ("observe", LimitMode::Observe),
+        ],
+    )
+}
+
+fn tiers(raw: &[RawTier], agent_mode: LimitMode) -> Result<Vec<Tier>, ConfigError> {
     if raw.is_empty() {
         return Err(invalid("tier", "at least one [[tier]] is required"));
     }
@@ -360,6 +373,11 @@ fn tiers(raw: &[RawTier]) -> Result<Vec<Tier>, ConfigError> {
                 limit: NonZeroU32::new(t.limit)
                     .ok_or_else(|| invalid(format!("tier[{i}].limit"), "must be at least 1"))?,
                 window: duration(&format!("tier[{i}].window"), &t.window)?,
+                mode: match t.mode.as_deref() {
+                    Some(own) => limit_mode(&format!("tier[{i}].mode"), own)?,
+                    None => LimitMode::Enforce,
+                }
+                .max(agent_mode),
             })
         })
         .collect()
