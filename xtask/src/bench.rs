@@ -37,7 +37,7 @@ fn out_dir(quick: bool) -> std::path::PathBuf {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    setup::ensure()?;
+    setup::ensure(setup::Need::All)?;
     let parts: Vec<&str> = match options.name.as_deref() {
         None => PARTS.to_vec(),
         Some(name) if PARTS.contains(&name) => vec![name],

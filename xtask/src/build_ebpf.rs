@@ -14,7 +14,7 @@ pub struct Options {
 
 /// Builds the object and returns its path.
 pub fn build(debug: bool) -> anyhow::Result<PathBuf> {
-    setup::ensure()?;
+    setup::ensure(setup::Need::Build)?;
     let mut command = cmd::nightly_cargo();
     command.args([
         "build",

@@ -12,7 +12,7 @@ pub struct Options {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    setup::ensure()?;
+    setup::ensure(setup::Need::Build)?;
     let root = cmd::workspace_root();
     cmd::run(
         cmd::cargo()

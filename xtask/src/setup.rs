@@ -1,5 +1,7 @@
 //! `cargo xtask setup`: installs what the eBPF build and the tests need, and
-//! nothing when it is all there (a second's worth of checks).
+//! nothing when it is all there (a second's worth of checks). `run` and
+//! `build-ebpf` ask only for what building the agent needs (`Need::Build`);
+//! `test`, `bench` and `vm-test` for everything.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,16 +12,21 @@ use anyhow::{Context as _, bail};
 
 use crate::cmd;
 
-/// Debian packages: LLVM 22 for bpf-linker (the LLVM of nightly rustc),
-/// bpftool and iproute2 for inspecting and wiring up XDP in the tests,
-/// redis-server (with redis-cli) for the shared-store tests and bench; qemu,
-/// busybox and xz for the VMs of `vm-test` (xz unpacks trixie's modules);
-/// nginx, one of the real routers of the path suite (`tests/tests/paths.rs`).
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages building the agent needs: LLVM 22 for bpf-linker (the
+/// LLVM of nightly rustc).
+const BUILD_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+];
+
+/// Debian packages only the tests, benches and VMs need: bpftool and iproute2
+/// for inspecting and wiring up XDP, redis-server (with redis-cli) for the
+/// shared-store tests and bench; qemu, busybox and xz for the VMs of `vm-test`
+/// (xz unpacks trixie's modules); nginx, one of the real routers of the path
+/// suite (`tests/tests/paths.rs`).
+const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "redis-server",
@@ -32,6 +39,15 @@ const APT_PACKAGES: &[&str] = &[
 /// bpf-linker must link with the same LLVM major as nightly rustc.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// What a command needs installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Building and running the agent (`run`, `build-ebpf`).
+    Build,
+    /// Everything: the tests, benches and VMs too.
+    All,
+}
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -86,18 +102,21 @@ impl Missing {
     }
 }
 
-/// Checks every requirement without changing anything.
-pub fn missing() -> Missing {
+/// Checks every requirement of `need` without changing anything.
+pub fn missing(need: Need) -> Missing {
     let mut missing = Missing::default();
+    let packages: Vec<&'static str> = match need {
+        Need::Build => BUILD_PACKAGES.to_vec(),
+        Need::All => [BUILD_PACKAGES, TEST_PACKAGES].concat(),
+    };
     let installed = cmd::output(
         Command::new("dpkg-query")
             .args(["-W", "-f", "${Package} ${db:Status-Status}\n"])
-            .args(APT_PACKAGES),
+            .args(&packages),
     )
     .unwrap_or_default();
-    missing.packages = APT_PACKAGES
-        .iter()
-        .copied()
+    missing.packages = packages
+        .into_iter()
         .filter(|p| !installed.lines().any(|l| l == format!("{p} installed")))
         .collect();
     let toolchains =
@@ -117,7 +136,9 @@ pub fn missing() -> Missing {
         .collect();
     missing.bpf_linker = !cmd::output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
-    missing.routers = ROUTERS.iter().filter(|r| !installed_from(r)).collect();
+    if need == Need::All {
+        missing.routers = ROUTERS.iter().filter(|r| !installed_from(r)).collect();
+    }
     missing
 }
 
@@ -191,7 +212,7 @@ fn installed_from(routers: &Routers) -> bool {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    let missing = missing();
+    let missing = missing(Need::All);
     if missing.is_empty() {
         eprintln!("setup: everything is installed");
         return Ok(());
@@ -199,12 +220,12 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     if options.check {
         bail!("missing: {}", missing.describe());
     }
-    install(&missing)
+    install(&missing, Need::All)
 }
 
 /// Runs setup when something is missing (as root), or explains what to do.
-pub fn ensure() -> anyhow::Result<()> {
-    let missing = missing();
+pub fn ensure(need: Need) -> anyhow::Result<()> {
+    let missing = missing(need);
     if missing.is_empty() {
         return Ok(());
     }
@@ -214,10 +235,10 @@ pub fn ensure() -> anyhow::Result<()> {
             missing.describe()
         );
     }
-    install(&missing)
+    install(&missing, need)
 }
 
-fn install(missing: &Missing) -> anyhow::Result<()> {
+fn install(missing: &Missing, need: Need) -> anyhow::Result<()> {
     eprintln!("setup: installing {}", missing.describe());
     if !missing.packages.is_empty() {
         if !cmd::is_root() {
@@ -271,7 +292,7 @@ fn install(missing: &Missing) -> anyhow::Result<()> {
         (routers.install)(&routers_dir())?;
         std::fs::copy(routers_dir().join(routers.list), stamp(routers))?;
     }
-    let left = self::missing();
+    let left = self::missing(need);
     if !left.is_empty() {
         bail!("still missing after setup: {}", left.describe());
     }

@@ -6,7 +6,7 @@ use crate::{bench, build_ebpf, cmd, setup, vm_test};
 pub struct Options {}
 
 pub fn run(_options: &Options) -> anyhow::Result<()> {
-    setup::ensure()?;
+    setup::ensure(setup::Need::All)?;
     // rustfmt.toml uses options that only nightly rustfmt implements.
     cmd::run(cmd::nightly_cargo().args(["fmt", "--all", "--check"]))?;
     cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;

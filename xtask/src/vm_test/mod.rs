@@ -119,7 +119,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         !options.update_readme || kernels.len() == KERNELS.len(),
         "--update-readme replaces the README's table: run the whole matrix"
     );
-    setup::ensure()?;
+    setup::ensure(setup::Need::All)?;
     let base = cmd::workspace_root().join("target/vm");
     let common = common_files(&base)?;
     let mut outcomes = Vec::new();
