@@ -1,5 +1,6 @@
-//! The admin listener (localhost by default): `/healthz`, `/metrics`
-//! (Prometheus text) and `/status` (JSON).
+//! The admin listener (localhost by default): the live dashboard (`/` and
+//! `/dashboard.json`), `/healthz`, `/metrics` (Prometheus text) and `/status`
+//! (JSON).
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
@@ -10,7 +11,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::proxy::Proxy;
+use crate::{dashboard::Dashboard, proxy::Proxy};
 
 /// Adds a section to `/status` (the kernel side reports its interfaces, ceilings, bans).
 pub trait StatusReport: Send + Sync + 'static {
@@ -24,6 +25,7 @@ pub struct Admin {
     proxy: Arc<Proxy>,
     started: Instant,
     sections: Vec<Arc<dyn StatusReport>>,
+    dashboard: Option<Arc<Dashboard>>,
 }
 
 impl Admin {
@@ -33,7 +35,15 @@ impl Admin {
             proxy,
             started: Instant::now(),
             sections,
+            dashboard: None,
         }
+    }
+
+    /// Serves `dashboard` at `/` and `/dashboard.json`.
+    #[must_use]
+    pub fn with_dashboard(mut self, dashboard: Arc<Dashboard>) -> Self {
+        self.dashboard = Some(dashboard);
+        self
     }
 
     fn status(&self) -> serde_json::Value {
@@ -80,18 +90,28 @@ impl Admin {
                 "GET only\n".into(),
             );
         }
-        match req.uri().path() {
-            "/healthz" => text(
+        match (req.uri().path(), &self.dashboard) {
+            ("/", Some(_)) => text(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::dashboard::PAGE.into(),
+            ),
+            ("/dashboard.json", Some(dashboard)) => text(
+                StatusCode::OK,
+                "application/json",
+                dashboard.json().to_string(),
+            ),
+            ("/healthz", _) => text(
                 StatusCode::OK,
                 "application/json",
                 r#"{"status":"ok"}"#.into(),
             ),
-            "/metrics" => text(
+            ("/metrics", _) => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.proxy.metrics().encode(),
             ),
-            "/status" => text(
+            ("/status", _) => text(
                 StatusCode::OK,
                 "application/json",
                 format!("{:#}\n", self.status()),
@@ -99,7 +119,7 @@ impl Admin {
             _ => text(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "try /healthz, /metrics or /status\n".into(),
+                "try /, /healthz, /metrics or /status\n".into(),
             ),
         }
     }

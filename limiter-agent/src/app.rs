@@ -12,6 +12,7 @@ use crate::{
     admin::{self, Admin, StatusReport},
     cli::RunArgs,
     config::{Config, StoreKind},
+    dashboard::Dashboard,
     demo,
     kernel::{Escalation, Kernel},
     limit::{Clock, RedisStore, Store, SystemClock},
@@ -154,7 +155,9 @@ impl App {
             .iter()
             .map(|k| k.clone() as Arc<dyn StatusReport>)
             .collect();
-        let admin = Arc::new(Admin::new(proxy.clone(), sections));
+        let dashboard = Arc::new(Dashboard::new(proxy.clone(), sections.first().cloned()));
+        tokio::spawn(dashboard.clone().run_sampler());
+        let admin = Arc::new(Admin::new(proxy.clone(), sections).with_dashboard(dashboard));
         tokio::spawn(admin::serve(admin_listener, admin));
         tokio::spawn(reload.on_hangup(proxy.clone(), kernel.clone(), escalation));
         let served = server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await;

@@ -6,6 +6,7 @@ pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod demo;
 pub mod headers;
 pub mod identity;

@@ -189,6 +189,15 @@ impl Metrics {
     }
 
     /// Adds the kernel counters to every later scrape (once; later calls are ignored).
+    /// The kernel's `(verdict, reason, packets)` counters; empty without it.
+    #[must_use]
+    pub fn xdp_packets(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.kernel
+            .get()
+            .map(|k| k.xdp_packets())
+            .unwrap_or_default()
+    }
+
     pub fn set_kernel(&self, stats: Arc<dyn KernelStats>) {
         let _ = self.kernel.set(stats);
     }

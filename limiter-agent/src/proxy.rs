@@ -32,6 +32,7 @@ pub use self::respond::{error, json_response};
 use crate::{
     body::ClientBody,
     config::{Config, ConfigError, LimitMode, OnError},
+    dashboard::Offenders,
     headers::{self, PolicyName},
     identity::{Identity, IdentityError, IdentityResolver},
     limit::{
@@ -73,6 +74,8 @@ pub struct Proxy {
     hasher: RandomState,
     metrics: Metrics,
     rejections: Option<Arc<dyn RejectionSink>>,
+    /// Clients rejected in their current windows, for the dashboard.
+    offenders: Offenders,
 }
 
 /// The part of the proxy a reload replaces, validated as a whole.
@@ -88,6 +91,8 @@ pub struct State {
 struct TierState {
     /// Route and window: the same on every host and across reloads.
     id: String,
+    /// The route as configured.
+    route: String,
     /// Keyed hash of `id`, mixed into bucket keys.
     hash: u64,
     window_ms: u64,
@@ -161,6 +166,7 @@ impl Proxy {
             hasher,
             metrics,
             rejections: None,
+            offenders: Offenders::default(),
         })
     }
 
@@ -180,6 +186,18 @@ impl Proxy {
     #[must_use]
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Clients rejected in their current windows (the dashboard's board).
+    #[must_use]
+    pub fn offenders(&self) -> &Offenders {
+        &self.offenders
+    }
+
+    /// The decisions' clock, monotonic milliseconds.
+    #[must_use]
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// Validates and builds a config's state without putting it in force, so a
@@ -297,8 +315,10 @@ impl Proxy {
         } else if tier.observe {
             // Dry run: counted, told in the headers, forwarded, never escalated.
             tier.would_reject.inc();
+            self.offenders.note(&tier.route, &identity, &decision);
         } else {
             tier.rejected.inc();
+            self.offenders.note(&tier.route, &identity, &decision);
             if let Some(sink) = &self.rejections {
                 sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
             }
@@ -378,6 +398,7 @@ impl State {
                     hash: hasher.hash_one(&id),
                     limit: tier.limit.get(),
                     verify_id: format!("{id}|verify"),
+                    route: tier.route.clone(),
                     policy: config
                         .live
                         .ietf_headers

@@ -25,7 +25,7 @@ const BUILD_PACKAGES: &[&str] = &[
 /// for inspecting and wiring up XDP, redis-server (with redis-cli) for the
 /// shared-store tests and bench; qemu, busybox and xz for the VMs of `vm-test`
 /// (xz unpacks trixie's modules); nginx, one of the real routers of the path
-/// suite (`tests/tests/paths.rs`).
+/// suite (`tests/tests/paths.rs`); chromium, the browser of the dashboard test.
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -34,6 +34,7 @@ const TEST_PACKAGES: &[&str] = &[
     "busybox-static",
     "xz-utils",
     "nginx",
+    "chromium",
 ];
 
 /// bpf-linker must link with the same LLVM major as nightly rustc.
