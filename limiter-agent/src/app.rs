@@ -155,9 +155,13 @@ impl App {
             .iter()
             .map(|k| k.clone() as Arc<dyn StatusReport>)
             .collect();
-        let dashboard = Arc::new(Dashboard::new(proxy.clone(), sections.first().cloned()));
-        tokio::spawn(dashboard.clone().run_sampler());
-        let admin = Arc::new(Admin::new(proxy.clone(), sections).with_dashboard(dashboard));
+        let mut admin = Admin::new(proxy.clone(), sections.clone());
+        if proxy.state().config.startup.dashboard {
+            let dashboard = Arc::new(Dashboard::new(proxy.clone(), sections.first().cloned()));
+            tokio::spawn(dashboard.clone().run_sampler());
+            admin = admin.with_dashboard(dashboard);
+        }
+        let admin = Arc::new(admin);
         tokio::spawn(admin::serve(admin_listener, admin));
         tokio::spawn(reload.on_hangup(proxy.clone(), kernel.clone(), escalation));
         let served = server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await;

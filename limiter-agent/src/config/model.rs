@@ -59,6 +59,8 @@ restart_settings! {
     pub struct StartupSettings {
         listen: SocketAddr => "server.listen",
         admin_listen: SocketAddr => "admin.listen",
+        /// Serve the live page at `/` (and sample for it).
+        dashboard: bool => "admin.dashboard",
         /// Certificate chain and key files.
         tls: Option<(PathBuf, PathBuf)> => "server.tls_cert/tls_key",
         max_header_bytes: usize => "server.max_header_bytes",

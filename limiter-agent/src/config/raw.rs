@@ -76,12 +76,15 @@ impl Default for RawServer {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub listen: String,
+    /// The live page at `/` and its once-a-second sampler.
+    pub dashboard: bool,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9090".into(),
+            dashboard: true,
         }
     }
 }

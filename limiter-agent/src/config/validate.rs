@@ -102,6 +102,7 @@ impl RawConfig {
         let startup = StartupSettings {
             listen,
             admin_listen: socket_addr("admin.listen", &self.admin.listen)?,
+            dashboard: self.admin.dashboard,
             tls,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,

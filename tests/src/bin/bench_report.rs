@@ -67,7 +67,14 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             out,
             "### {scenario}\n\n| contender | req/s | p50 ms | p99 ms | non-2xx | errors | × nginx | CPU µs/req | process µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for contender in ["limiter", "limiter_xdp", "nginx", "haproxy", "direct"] {
+        for contender in [
+            "limiter",
+            "limiter_xdp",
+            "limiter_no_dashboard",
+            "nginx",
+            "haproxy",
+            "direct",
+        ] {
             let c = &s[contender];
             if c.is_null() {
                 continue;
@@ -108,11 +115,15 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         out,
         "- allowed path, limiter ≥ 1.0× nginx: {allowed:.2}× — {}\n- rejected path, limiter ≥ 2.0× nginx: {rejected:.2}× — {}\n\
          - allowed path, CPU per request ≤ 1.0× nginx's: {allowed_cpu:.2}× — {}\n\
-         - rejected path, CPU per request ≤ 0.5× nginx's: {rejected_cpu:.2}× — {}\n",
+         - rejected path, CPU per request ≤ 0.5× nginx's: {rejected_cpu:.2}× — {}\n\
+         - the dashboard's sampler (limiter vs limiter_no_dashboard, allowed path): {:.2}× the \
+         throughput, {:.2}× the CPU per request\n",
         verdict(allowed >= 1.0),
         verdict(rejected >= 2.0),
         verdict(allowed_cpu > 0.0 && allowed_cpu <= 1.0),
-        verdict(rejected_cpu > 0.0 && rejected_cpu <= 0.5)
+        verdict(rejected_cpu > 0.0 && rejected_cpu <= 0.5),
+        f(&proxy["ratios"]["allowed_with_dashboard_vs_without"]),
+        f(&proxy["ratios"]["allowed_cpu_with_dashboard_vs_without"])
     );
     let _ = writeln!(
         out,

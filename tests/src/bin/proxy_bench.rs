@@ -177,7 +177,11 @@ fn haproxy(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> 
 }
 
 /// The agent with the reference tiers scaled by `scale`; with XDP on `lo`
-/// (instance `instance`) when given.
+/// (instance `instance`) when given; its dashboard (and sampler) on or off.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one bench helper, called three times"
+)]
 fn limiter(
     dir: &Path,
     port: u16,
@@ -186,10 +190,12 @@ fn limiter(
     tiers: &[Tier],
     scale: u32,
     xdp: Option<&str>,
+    dashboard: bool,
 ) -> Peer {
     let mut conf = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
-         max_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n"
+         max_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         dashboard = {dashboard}\n\n"
     );
     match xdp {
         Some(instance) => {
@@ -204,15 +210,19 @@ fn limiter(
         let window = format!("{}s", t.window.as_secs());
         conf.push_str(&tier(&t.route, scaled(t, scale), &window));
     }
-    let name = xdp.map_or("limiter.toml", |_| "limiter-xdp.toml");
+    let name = match (xdp, dashboard) {
+        (Some(_), _) => "limiter-xdp.toml",
+        (None, true) => "limiter.toml",
+        (None, false) => "limiter-no-dashboard.toml",
+    };
     let path = dir.join(name);
     std::fs::write(&path, conf).expect("limiter config");
     let binary = agent_binary();
     Peer::start(
-        if xdp.is_some() {
-            "limiter (XDP on lo)"
-        } else {
-            "limiter (--no-xdp)"
+        match (xdp, dashboard) {
+            (Some(_), _) => "limiter (XDP on lo)",
+            (None, true) => "limiter (--no-xdp)",
+            (None, false) => "limiter (--no-xdp, no dashboard)",
         },
         CONTENDER_CPU,
         &binary.display().to_string(),
@@ -251,7 +261,9 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     let tiers = reference_tiers();
     let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale);
     let haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale);
-    let limiter_plain = limiter(&dir, lim_port, lim_admin, up_port, &tiers, scale, None);
+    let limiter_plain = limiter(
+        &dir, lim_port, lim_admin, up_port, &tiers, scale, None, true,
+    );
     let limiter_xdp = limiter(
         &dir,
         xdp_port,
@@ -260,7 +272,23 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
         &tiers,
         scale,
         Some(&instance),
+        true,
     );
+    // The allowed path once more without the dashboard's sampler: what the
+    // live page costs per request.
+    let (quiet_port, quiet_admin) = (free_port(), free_port());
+    let limiter_quiet = direct.then(|| {
+        limiter(
+            &dir,
+            quiet_port,
+            quiet_admin,
+            up_port,
+            &tiers,
+            scale,
+            None,
+            false,
+        )
+    });
     // (name, port, the process whose CPU it costs, whether it has a CPU of
     // its own to measure): the upstream shares CPU 0 with wrk.
     let mut contenders = vec![
@@ -269,6 +297,9 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
         ("nginx", nginx_port, nginx.pid(), true),
         ("haproxy", haproxy_port, haproxy.pid(), true),
     ];
+    if let Some(quiet) = &limiter_quiet {
+        contenders.push(("limiter_no_dashboard", quiet_port, quiet.pid(), true));
+    }
     if direct {
         contenders.push(("direct", up_port, upstream.pid(), false));
     }
@@ -359,6 +390,8 @@ fn main() {
             "allowed_cpu_vs_haproxy": cpu_ratio(&allowed, "haproxy"),
             "rejected_cpu_vs_nginx": cpu_ratio(&rejected, "nginx"),
             "rejected_cpu_vs_haproxy": cpu_ratio(&rejected, "haproxy"),
+            "allowed_with_dashboard_vs_without": ratio(&allowed, "limiter_no_dashboard"),
+            "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
         },
     });
     let path = write_json("proxy", &result);
@@ -392,6 +425,14 @@ fn main() {
         "proxy rejected: limiter CPU per request {:.2}x nginx's (target <= 0.5x): {}",
         cpu("rejected_cpu_vs_nginx"),
         at_most(cpu("rejected_cpu_vs_nginx"), 0.5)
+    );
+    println!(
+        "proxy allowed: the dashboard's sampler on vs off: {:.2}x the throughput, {:.2}x the CPU \
+         per request",
+        result["ratios"]["allowed_with_dashboard_vs_without"]
+            .as_f64()
+            .unwrap_or(0.0),
+        cpu("allowed_cpu_with_dashboard_vs_without")
     );
     println!("{}", path.display());
 }
