@@ -188,7 +188,7 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
                     return (verdict::PASS, reason::ALLOWLISTED);
                 }
                 if challenge {
-                    return challenge_unknown(ctx, config, &src, &key, syn);
+                    return challenge_unknown(ctx, config, syn);
                 }
                 return enforce(config, reason::NEW_SOURCE_CEILING);
             }
@@ -213,13 +213,13 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
 /// with a valid cookie admits it (see `limiter_common::challenge`), anything
 /// else is dropped at the new-source ceiling.
 #[inline(always)]
-fn challenge_unknown(
-    ctx: &XdpContext,
-    config: &Config,
-    src: &Source,
-    key: &SourceKey,
-    syn: bool,
-) -> (u32, u32) {
+fn challenge_unknown(ctx: &XdpContext, config: &Config, syn: bool) -> (u32, u32) {
+    // Parsed again rather than carried: kept live across the per-source
+    // lookup, the parser's findings cost every known source's packet.
+    let mut src = Source::default();
+    let _ = parse(ctx, config, &mut src);
+    let key = source_key(config, &src);
+    let (src, key) = (&src, &key);
     let now = now_ns(config);
     if syn {
         if challenge::answer(ctx, config, src, now).is_some() {

@@ -303,17 +303,20 @@ fn tcp(
     fragment: bool,
     src: &mut Source,
 ) -> Packet {
-    let Some([_, dport_be]) = read::<[u16; 2]>(ctx, offset) else {
-        return Packet::Opaque { fragment };
+    // The common case first, with one bounds check: the whole header is there.
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, offset) else {
+        // Cut: the ports may still tell that it is not for an API port.
+        return match read::<[u16; 2]>(ctx, offset) {
+            Some([_, dport_be]) if !config.is_api_port(dport_be) => Packet::Other,
+            _ => Packet::Opaque { fragment },
+        };
     };
+    // SAFETY: ptr_at checked that the whole header is inside the packet.
+    let (dport_be, data_offset, flags) =
+        unsafe { ((*tcp).dport, (*tcp).data_offset, (*tcp).flags) };
     if !config.is_api_port(dport_be) {
         return Packet::Other;
     }
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, offset) else {
-        return Packet::Opaque { fragment };
-    };
-    // SAFETY: ptr_at checked that the whole header is inside the packet.
-    let (data_offset, flags) = unsafe { ((*tcp).data_offset, (*tcp).flags) };
     if data_offset >> 4 < 5 {
         return Packet::Opaque { fragment };
     }
