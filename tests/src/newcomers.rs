@@ -14,10 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf,
-    programs::{Xdp, XdpMode},
-};
+use aya::programs::XdpMode;
 use limiter_agent::kernel::maps::Maps;
 
 use crate::{
@@ -25,6 +22,8 @@ use crate::{
     netns::{
         API_PORT, HOST_CLIENT_ADDR, Netns, SPOOFED_BASE, Topology, ip, spoofed_syn_flood_until,
     },
+    pin_to_cpu,
+    xdp::Harness,
 };
 
 /// The trivial `XDP_PASS` program attached natively to a veth end, for as
@@ -32,8 +31,8 @@ use crate::{
 /// `XDP_TX` (the SYN challenge) only when its NAPI is on, which a native XDP
 /// program turns on.
 pub struct RxNapi {
-    /// Dropping the object detaches the program.
-    _program: Ebpf,
+    /// Dropping the program detaches it.
+    _program: Harness,
 }
 
 impl RxNapi {
@@ -42,18 +41,9 @@ impl RxNapi {
     pub fn attach(ns: &Netns, interface: &str) -> Self {
         let interface = interface.to_owned();
         let program = ns.run(move || {
-            let mut ebpf =
-                Ebpf::load(limiter_agent::object::BASELINE).expect("loading the baseline object");
-            let program: &mut Xdp = ebpf
-                .program_mut("baseline")
-                .expect("program in object")
-                .try_into()
-                .expect("an XDP program");
-            program.load().expect("the verifier accepts the baseline");
+            let mut program = Harness::baseline();
+            program.attach(&interface, XdpMode::Driver);
             program
-                .attach(&interface, XdpMode::Driver)
-                .unwrap_or_else(|e| panic!("native XDP on {interface}: {e}"));
-            ebpf
         });
         Self { _program: program }
     }
@@ -144,24 +134,6 @@ fn connect_from(
     Ok((stream, started.elapsed()))
 }
 
-/// Keeps the calling thread on CPU 0. Over veth, the program runs on the
-/// sending thread's CPU, and the new-source budget is per CPU: with the flood
-/// and the clients on one CPU, the clients meet a budget the flood has spent,
-/// as they do on a NIC whose every queue the flood reaches.
-fn pin_to_cpu0() {
-    // SAFETY: an all-zero cpu_set_t is a valid, empty set; CPU_SET writes bit
-    // 0 of the set we own, and sched_setaffinity reads it for the call only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
-            0,
-            "sched_setaffinity"
-        );
-    }
-}
-
 /// One client from `local`: connect, `GET path`, read the answer. The connect
 /// time when the handshake completed, and whether the answer was a 200.
 fn one_client(local: Ipv4Addr, path: &str, timeout: Duration) -> (Option<Duration>, bool) {
@@ -216,7 +188,7 @@ fn run_clients(
             .map(|&addr| {
                 let path = path.to_owned();
                 topology.client.spawn(move || {
-                    pin_to_cpu0();
+                    pin_to_cpu(0);
                     one_client(addr, &path, timeout)
                 })
             })
@@ -251,7 +223,10 @@ pub fn without_flood(topology: &Topology, first: Ipv4Addr, clients: u32, path: &
 }
 
 /// `clients` new clients while the attacker floods from ever-new spoofed
-/// addresses at the rate one sender thread reaches. The flood runs `warmup`
+/// addresses at the rate one sender thread reaches. Flood and clients run on
+/// CPU 0: over veth the program runs on the sender's CPU and the new-source
+/// budget is per CPU, so the clients meet a budget the flood has spent, as on
+/// a NIC whose every queue the flood reaches. The flood runs `warmup`
 /// first, past the new-source budget's first window; clients go `batch` at a
 /// time with `timeout` each.
 #[must_use]
@@ -272,7 +247,7 @@ pub fn under_spoofed_flood(
             Arc::clone(&stop),
         );
         std::thread::spawn(move || {
-            pin_to_cpu0();
+            pin_to_cpu(0);
             spoofed_syn_flood_until(&host, &attacker, stop)
         })
     };

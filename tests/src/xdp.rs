@@ -139,6 +139,20 @@ impl Harness {
         }
     }
 
+    /// Attaches this instance's program to `interface` (of the calling
+    /// thread's namespace) until it is dropped.
+    pub fn attach(&mut self, interface: &str, mode: aya::programs::XdpMode) {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(self.program)
+            .expect("program in object")
+            .try_into()
+            .expect("an XDP program");
+        program
+            .attach(interface, mode)
+            .unwrap_or_else(|e| panic!("XDP on {interface}: {e}"));
+    }
+
     fn xdp(&self) -> &Xdp {
         self.ebpf
             .program(self.program)

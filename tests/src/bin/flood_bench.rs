@@ -38,17 +38,6 @@ fn config(xdp: bool) -> String {
     )
 }
 
-/// Pins the calling thread to `cpu` (the attacker's flood thread).
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity
-    // operate on the set we own.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-    }
-}
-
 struct Outcome {
     legit: WrkResult,
     attacker_pps: f64,
@@ -106,7 +95,7 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
         // The flood outlasts the client's run on both ends.
         let duration = Duration::from_secs(u64::from(seconds) + 2);
         std::thread::spawn(move || {
-            pin(1);
+            limiter_tests::pin_to_cpu(1);
             syn_flood_for(&host, &attacker, duration)
         })
     });

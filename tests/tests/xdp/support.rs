@@ -227,15 +227,5 @@ pub fn net(text: &str) -> IpNet {
 /// Keeps the calling thread on one CPU: the new-source budget is per CPU, and
 /// `BPF_PROG_TEST_RUN` runs the program on the caller's.
 pub fn pin_to_one_cpu() {
-    // SAFETY: an all-zero cpu_set_t is a valid, empty set; CPU_SET writes bit 0
-    // of the set we own, and sched_setaffinity reads it for the call only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
-            0,
-            "sched_setaffinity"
-        );
-    }
+    limiter_tests::pin_to_cpu(0);
 }
