@@ -45,6 +45,8 @@ pub fn start_kernel(config: &Config) -> anyhow::Result<Option<Arc<Kernel>>> {
 pub struct App {
     listener: TcpListener,
     admin_listener: TcpListener,
+    /// Envoy's rate limit service, when `[rls] listen` is set.
+    rls: Option<(TcpListener, Option<TlsAcceptor>)>,
     tls: Option<TlsAcceptor>,
     proxy: Arc<Proxy>,
     kernel: Option<Arc<Kernel>>,
@@ -101,6 +103,20 @@ impl App {
         let admin_listener = TcpListener::bind(startup.admin_listen)
             .await
             .with_context(|| format!("binding the admin listener {}", startup.admin_listen))?;
+        let rls = match startup.rls_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the rls listener {addr}"))?;
+                let tls = match &startup.rls_tls {
+                    Some((cert, key)) => Some(server::tls_acceptor(cert, key)?),
+                    None => None,
+                };
+                tracing::info!(listen = %listener.local_addr()?, domain = %config.live.rls.domain, tls = tls.is_some(), "envoy rate limit service listening");
+                Some((listener, tls))
+            }
+            None => None,
+        };
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             listen = %listener.local_addr()?,
@@ -122,6 +138,7 @@ impl App {
         Ok(Self {
             listener,
             admin_listener,
+            rls,
             tls,
             proxy: Arc::new(proxy),
             kernel,
@@ -142,6 +159,7 @@ impl App {
         let Self {
             listener,
             admin_listener,
+            rls,
             tls,
             proxy,
             kernel,
@@ -164,7 +182,24 @@ impl App {
         let admin = Arc::new(admin);
         tokio::spawn(admin::serve(admin_listener, admin));
         tokio::spawn(reload.on_hangup(proxy.clone(), kernel.clone(), escalation));
+        let (stop_rls, rls_stopped) = tokio::sync::watch::channel(false);
+        let rls = rls.map(|(listener, tls)| {
+            let mut stopped = rls_stopped;
+            tokio::spawn(crate::rls::serve(
+                listener,
+                proxy.clone(),
+                tls,
+                async move {
+                    let _ = stopped.changed().await;
+                },
+                DRAIN_DEADLINE,
+            ))
+        });
         let served = server::serve(listener, proxy, tls, shutdown_signal(), DRAIN_DEADLINE).await;
+        let _ = stop_rls.send(true);
+        if let Some(rls) = rls {
+            let _ = rls.await;
+        }
         if let Some(kernel) = &kernel {
             kernel.shutdown();
         }

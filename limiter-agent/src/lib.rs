@@ -18,6 +18,7 @@ pub mod object;
 pub mod ops;
 pub mod privilege;
 pub mod proxy;
+pub mod rls;
 pub mod route;
 pub mod rt;
 pub mod server;

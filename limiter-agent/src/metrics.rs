@@ -34,6 +34,14 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `limiter_rls_calls_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RlsCallLabels {
+    /// The overall code answered (`ok`, `over_limit`), or the gRPC error
+    /// (`invalid_argument`, `unavailable`, `permission_denied`).
+    pub code: &'static str,
+}
+
 /// Labels of `limiter_config_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -70,6 +78,7 @@ pub struct Metrics {
     pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
     pub escalations: Counter,
     pub refused: Family<RefusedLabels, Counter>,
+    pub rls_calls: Family<RlsCallLabels, Counter>,
     kernel: Arc<OnceLock<Arc<dyn KernelStats>>>,
     registry: Arc<Registry>,
 }
@@ -147,6 +156,12 @@ impl Metrics {
             "Requests refused before a decision (400 or 503), by reason",
             refused.clone(),
         );
+        let rls_calls = Family::<RlsCallLabels, Counter>::default();
+        registry.register(
+            "limiter_rls_calls",
+            "Envoy rate limit service calls, by the code answered",
+            rls_calls.clone(),
+        );
         let kernel: Arc<OnceLock<Arc<dyn KernelStats>>> = Arc::default();
         registry.register_collector(Box::new(KernelCollector(kernel.clone())));
         Self {
@@ -160,6 +175,7 @@ impl Metrics {
             connections_refused,
             escalations,
             refused,
+            rls_calls,
             kernel,
             registry: Arc::new(registry),
         }
@@ -179,6 +195,11 @@ impl Metrics {
     /// Counts one request refused before a decision.
     pub fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// Counts one rate limit service call by the code answered.
+    pub fn rls_call(&self, code: &'static str) {
+        self.rls_calls.get_or_create(&RlsCallLabels { code }).inc();
     }
 
     /// Counts a connection refused by the cap named `cap` (its setting).

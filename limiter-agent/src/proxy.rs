@@ -23,21 +23,23 @@ use hyper_util::{
 };
 use prometheus_client::metrics::counter::Counter;
 
+mod descriptors;
 mod forward;
 mod keys;
 mod respond;
 
-use self::respond::too_many;
-pub use self::respond::{error, json_response};
+use self::{descriptors::EnvoyRules, respond::too_many};
+pub use self::{
+    descriptors::{Answer, Verdict},
+    respond::{error, json_response},
+};
 use crate::{
     body::ClientBody,
     config::{Config, ConfigError, LimitMode, OnError},
     dashboard::Offenders,
     headers::{self, PolicyName},
     identity::{Identity, IdentityError, IdentityResolver},
-    limit::{
-        Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, StoreFull, VerifiedKeys,
-    },
+    limit::{Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, VerifiedKeys},
     metrics::Metrics,
     route::{RouteTable, canonicalize},
 };
@@ -84,6 +86,8 @@ pub struct State {
     routes: RouteTable,
     identity: IdentityResolver,
     tiers: Vec<TierState>,
+    /// `[rls] envoy_config` domains.
+    envoy: Vec<EnvoyRules>,
     unlimited: Counter,
 }
 
@@ -113,6 +117,62 @@ struct TierState {
     /// `mode = "observe"`: the dry run.
     observe: bool,
     store_error: Counter,
+}
+
+impl TierState {
+    /// `id` names the bucket family on every host (route and window); `route`
+    /// labels the tier's counters and the offenders board.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one constructor for tiers and envoy nodes"
+    )]
+    fn new(
+        id: String,
+        route: String,
+        limit: std::num::NonZeroU32,
+        window_ms: u64,
+        mode: LimitMode,
+        hasher: &RandomState,
+        metrics: &Metrics,
+        ietf_headers: bool,
+    ) -> Self {
+        Self {
+            hash: hasher.hash_one(&id),
+            limit: limit.get(),
+            verify_id: format!("{id}|verify"),
+            policy: ietf_headers.then(|| PolicyName::from_route(&route)),
+            authenticates: hasher.hash_one((&id, "authenticates")),
+            allowed: metrics.request_counter(&route, "allowed"),
+            rejected: metrics.request_counter(&route, "rejected"),
+            would_reject: metrics.request_counter(&route, "would_reject"),
+            observe: mode == LimitMode::Observe,
+            store_error: metrics.request_counter(&route, "store_error"),
+            id,
+            route,
+            window_ms,
+        }
+    }
+}
+
+/// One request's charge to a bucket.
+#[derive(Clone, Copy)]
+struct Charge<'a> {
+    identity: &'a Identity,
+    limit: u32,
+    /// Units the request is worth (1 for an HTTP request).
+    hits: u32,
+    /// The source address to escalate, and as whom, when the rejection is sent.
+    source: Option<(IpAddr, &'a Identity)>,
+}
+
+/// How a charge came out.
+enum Charged {
+    /// Admitted, or rejected (sent, or in a dry run: see the tier's mode).
+    Decided(Decision),
+    /// A new bucket, and the store full of live windows.
+    Full,
+    /// The shared store failed and `on_error = "deny"`.
+    Unavailable,
 }
 
 /// Connection facts the request path needs.
@@ -192,6 +252,12 @@ impl Proxy {
     #[must_use]
     pub fn offenders(&self) -> &Offenders {
         &self.offenders
+    }
+
+    /// Both clocks read now, for the reset times told to clients.
+    #[must_use]
+    pub fn clock_now(&self) -> crate::limit::Now {
+        self.clock.now()
     }
 
     /// The decisions' clock, monotonic milliseconds.
@@ -276,52 +342,27 @@ impl Proxy {
         let now_ms = self.clock.now_ms();
         let preflight = req.method() == http::Method::OPTIONS;
         let (identity, check) = self.identify(&state, client, tier, preflight, now_ms).await;
-        let ask = Ask {
-            key: self.bucket(&identity, tier.hash),
-            tier: &tier.id,
+        let charge = Charge {
             identity: &identity,
             limit: state.effective_limit(&identity, tier_index),
-            window_ms: tier.window_ms,
+            hits: 1,
+            source: Some((peer.addr.ip(), &identity)),
         };
-        let decision = match self.store.decide(ask, now_ms).await {
-            Ok(decision) => Ok(decision),
-            Err(StoreError::Full) => Err(StoreFull),
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                tracing::debug!(error = %e, "store failed");
-                match &self.fallback {
-                    Some(fallback) if state.config.live.on_error == OnError::Allow => {
-                        fallback.decide(ask.key, ask.limit, ask.window_ms, now_ms)
-                    }
-                    _ => {
-                        tier.store_error.inc();
-                        return error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "STORE_UNAVAILABLE",
-                            "The rate-limit store is unavailable; try again later.",
-                        );
-                    }
-                }
+        let decision = match self.charge(&state, tier, charge, now_ms).await {
+            Charged::Decided(decision) => decision,
+            Charged::Full => return store_full(),
+            Charged::Unavailable => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "STORE_UNAVAILABLE",
+                    "The rate-limit store is unavailable; try again later.",
+                );
             }
         };
         self.metrics
             .decision_seconds
             .observe(started.elapsed().as_secs_f64());
-        let Ok(decision) = decision else {
-            return self.store_full(tier);
-        };
-        if decision.allowed {
-            tier.allowed.inc();
-        } else if tier.observe {
-            // Dry run: counted, told in the headers, forwarded, never escalated.
-            tier.would_reject.inc();
-            self.offenders.note(&tier.route, &identity, &decision);
-        } else {
-            tier.rejected.inc();
-            self.offenders.note(&tier.route, &identity, &decision);
-            if let Some(sink) = &self.rejections {
-                sink.rejected(peer.addr.ip(), &identity, &decision, tier.window_ms);
-            }
+        if !decision.allowed && !tier.observe {
             let now = self.clock.now();
             return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
         }
@@ -339,9 +380,70 @@ impl Proxy {
         response
     }
 
-    /// 503 for a new client when every bucket slot holds a live window: the
-    /// store never forgets a window that has counted requests to make room.
-    fn store_full(&self, tier: &TierState) -> Response<Body> {
+    /// Charges a request to its bucket in `tier` and does what follows from
+    /// the answer, the same for the proxy and Envoy's rate limit service:
+    /// the tier's counters, the offenders board and, for a rejection that is
+    /// sent, escalation of the source. A shared store that fails decides in
+    /// the local fallback when `on_error = "allow"`.
+    async fn charge(
+        &self,
+        state: &State,
+        tier: &TierState,
+        charge: Charge<'_>,
+        now_ms: u64,
+    ) -> Charged {
+        let ask = Ask {
+            key: self.bucket(charge.identity, tier.hash),
+            tier: &tier.id,
+            identity: charge.identity,
+            limit: charge.limit,
+            hits: charge.hits,
+            window_ms: tier.window_ms,
+        };
+        let decision = match self.store.decide(ask, now_ms).await {
+            Ok(decision) => decision,
+            Err(StoreError::Full) => {
+                self.note_full(tier);
+                return Charged::Full;
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::debug!(error = %e, "store failed");
+                let fallback = match &self.fallback {
+                    Some(fallback) if state.config.live.on_error == OnError::Allow => {
+                        fallback.decide_hits(ask.key, ask.limit, ask.hits, ask.window_ms, now_ms)
+                    }
+                    _ => {
+                        tier.store_error.inc();
+                        return Charged::Unavailable;
+                    }
+                };
+                let Ok(decision) = fallback else {
+                    self.note_full(tier);
+                    return Charged::Full;
+                };
+                decision
+            }
+        };
+        if decision.allowed {
+            tier.allowed.inc();
+        } else if tier.observe {
+            // Dry run: counted, told in the headers, served, never escalated.
+            tier.would_reject.inc();
+            self.offenders.note(&tier.route, charge.identity, &decision);
+        } else {
+            tier.rejected.inc();
+            self.offenders.note(&tier.route, charge.identity, &decision);
+            if let (Some(sink), Some((addr, as_identity))) = (&self.rejections, charge.source) {
+                sink.rejected(addr, as_identity, &decision, tier.window_ms);
+            }
+        }
+        Charged::Decided(decision)
+    }
+
+    /// Counts a new client refused by a full store, and says so in the log
+    /// at most every 10 s.
+    fn note_full(&self, tier: &TierState) {
         self.metrics.refuse("store_full");
         tier.store_error.inc();
         let now = self.clock.now_ms();
@@ -354,14 +456,9 @@ impl Proxy {
         {
             tracing::warn!(
                 max_buckets = self.state().config.startup.max_buckets,
-                "bucket store full of live windows: new clients answered 503 (raise [store] max_buckets)"
+                "bucket store full of live windows: new clients refused (raise [store] max_buckets)"
             );
         }
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "STORE_FULL",
-            "The rate limiter is at capacity; try again later.",
-        )
     }
 
     fn bucket(&self, identity: &Identity, tier_hash: u64) -> BucketKey {
@@ -370,6 +467,16 @@ impl Proxy {
         tier_hash.hash(&mut h);
         BucketKey(h.finish())
     }
+}
+
+/// 503 for a new client when every bucket slot holds a live window: the
+/// store never forgets a window that has counted requests to make room.
+fn store_full() -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "STORE_FULL",
+        "The rate limiter is at capacity; try again later.",
+    )
 }
 
 impl State {
@@ -387,32 +494,31 @@ impl State {
             config.live.trusted_proxies.clone(),
             config.live.ipv6_prefix,
         );
+        let ietf = config.live.ietf_headers;
         let tiers = config
             .live
             .tiers
             .iter()
             .map(|tier| {
                 let window_ms = u64::try_from(tier.window.as_millis()).unwrap_or(u64::MAX);
-                let id = format!("{}|{window_ms}", tier.route);
-                TierState {
-                    hash: hasher.hash_one(&id),
-                    limit: tier.limit.get(),
-                    verify_id: format!("{id}|verify"),
-                    route: tier.route.clone(),
-                    policy: config
-                        .live
-                        .ietf_headers
-                        .then(|| PolicyName::from_route(&tier.route)),
-                    authenticates: hasher.hash_one((&id, "authenticates")),
-                    id,
+                TierState::new(
+                    format!("{}|{window_ms}", tier.route),
+                    tier.route.clone(),
+                    tier.limit,
                     window_ms,
-                    allowed: metrics.request_counter(&tier.route, "allowed"),
-                    rejected: metrics.request_counter(&tier.route, "rejected"),
-                    would_reject: metrics.request_counter(&tier.route, "would_reject"),
-                    observe: tier.mode == LimitMode::Observe,
-                    store_error: metrics.request_counter(&tier.route, "store_error"),
-                }
+                    tier.mode,
+                    hasher,
+                    metrics,
+                    ietf,
+                )
             })
+            .collect();
+        let envoy = config
+            .live
+            .rls
+            .envoy
+            .iter()
+            .map(|domain| EnvoyRules::new(domain, hasher, metrics, ietf))
             .collect();
         Ok(Self {
             unlimited: metrics.request_counter("none", "unlimited"),
@@ -420,6 +526,7 @@ impl State {
             routes,
             identity,
             tiers,
+            envoy,
         })
     }
 

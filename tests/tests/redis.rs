@@ -638,6 +638,7 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
         tier: "/api/chat|60000",
         identity: &identity,
         limit: 2,
+        hits: 1,
         window_ms: 60_000,
     };
     let decide = || async { store.decide(ask, clock.now_ms()).await.expect("a decision") };

@@ -3,6 +3,7 @@
 //! the request path or the kernel, with `run`'s flags laid over it
 //! ([`overlay`]).
 
+mod envoy;
 mod model;
 mod overlay;
 mod raw;
@@ -10,9 +11,10 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
+pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit};
 pub use model::{
     Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
-    StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+    RlsPolicy, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
 };
 pub use validate::parse_duration;
 

@@ -4,6 +4,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
+use super::envoy::EnvoyDomain;
 use crate::{identity::ClientIpHeader, net::Networks, route::PathPolicy};
 
 /// The validated configuration.
@@ -71,6 +72,9 @@ restart_settings! {
         verified_keys_max: usize => "identity.verified_keys_max",
         /// How long an upstream's acceptance of a key is trusted.
         verified_key_ttl: Duration => "identity.verified_key_ttl",
+        /// Envoy's rate limit service listener; `None` = not served.
+        rls_listen: Option<SocketAddr> => "rls.listen",
+        rls_tls: Option<(PathBuf, PathBuf)> => "rls.tls_cert/tls_key",
         xdp: XdpAttach => nested,
     }
 }
@@ -112,9 +116,20 @@ pub struct LiveSettings {
     pub verify_keys: KeyVerification,
     pub on_error: OnError,
     pub xdp: XdpPolicy,
+    /// `[rls]`: how Envoy's descriptors are read.
+    pub rls: RlsPolicy,
     pub tiers: Vec<Tier>,
     /// Overrides by lowercase hex SHA-256 of the key.
     pub keys: HashMap<String, KeyOverride>,
+}
+
+/// `[rls]`'s live part: the domain mapped onto the tiers, who may call, and
+/// the domains read from envoyproxy/ratelimit config files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RlsPolicy {
+    pub domain: String,
+    pub clients: Networks,
+    pub envoy: Vec<EnvoyDomain>,
 }
 
 /// `[xdp]`: what the attached program enforces (a reload pushes it into the maps).

@@ -18,6 +18,8 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub xdp: RawXdp,
     #[serde(default)]
+    pub rls: RawRls,
+    #[serde(default)]
     pub tier: Vec<RawTier>,
     #[serde(default)]
     pub key: Vec<RawKey>,
@@ -192,6 +194,35 @@ impl Default for RawXdp {
             max_ban_seconds: 3600,
             autoban_after_seconds: 3,
             syn_challenge: true,
+        }
+    }
+}
+
+/// `[rls]`: Envoy's rate limit service, served when `listen` is set.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RawRls {
+    pub listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The domain whose descriptors map to the tiers.
+    pub domain: String,
+    /// Who may call (`IP` or `IP/LEN` each): a caller names the addresses
+    /// to count and ban, so only the Envoy hosts should reach it.
+    pub clients: Vec<String>,
+    /// Files in the envoyproxy/ratelimit config shape (YAML), each a domain.
+    pub envoy_config: Vec<PathBuf>,
+}
+
+impl Default for RawRls {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            domain: "limiter".into(),
+            clients: vec!["127.0.0.0/8".into(), "::1".into()],
+            envoy_config: Vec::new(),
         }
     }
 }

@@ -4,12 +4,14 @@
 use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use super::{
-    ConfigError, invalid,
+    ConfigError,
+    envoy::EnvoyDomain,
+    invalid,
     model::{
         Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
-        StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+        RlsPolicy, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
-    raw::{RawConfig, RawKey, RawServer, RawStore, RawTier, RawXdp},
+    raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawTier, RawXdp},
     valid_instance,
 };
 use crate::{
@@ -73,6 +75,7 @@ impl RawConfig {
         let (xdp_attach, xdp_policy) = xdp(self.xdp)?;
         let agent_mode = limit_mode("server.mode", &server.mode)?;
         let tiers = tiers(&self.tier, agent_mode)?;
+        let (rls_listen, rls_tls, rls) = rls(self.rls)?;
         let mut live = LiveSettings {
             upstream,
             trusted_proxies,
@@ -93,6 +96,7 @@ impl RawConfig {
             verify_keys,
             on_error,
             xdp: xdp_policy,
+            rls,
             tiers,
             keys: HashMap::new(),
         };
@@ -110,6 +114,8 @@ impl RawConfig {
             max_buckets,
             verified_keys_max: identity.verified_keys_max,
             verified_key_ttl,
+            rls_listen,
+            rls_tls,
             xdp: xdp_attach,
         };
         Ok(Config { startup, live })
@@ -192,11 +198,25 @@ fn tls(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 ) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    section_tls("server", cert, key)
+}
+
+fn section_tls(
+    section: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
     match (cert, key) {
         (Some(cert), Some(key)) => Ok(Some((cert, key))),
         (None, None) => Ok(None),
-        (Some(_), None) => Err(invalid("server.tls_key", "required with tls_cert")),
-        (None, Some(_)) => Err(invalid("server.tls_cert", "required with tls_key")),
+        (Some(_), None) => Err(invalid(
+            format!("{section}.tls_key"),
+            "required with tls_cert",
+        )),
+        (None, Some(_)) => Err(invalid(
+            format!("{section}.tls_cert"),
+            "required with tls_key",
+        )),
     }
 }
 
@@ -351,6 +371,45 @@ fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
 
 /// `[[tier]]`: at least one, each with a limit and a window.
 /// `enforce` or `observe`.
+/// `[rls]`: the listener (startup) and how descriptors are read (live).
+type RlsParts = (Option<SocketAddr>, Option<(PathBuf, PathBuf)>, RlsPolicy);
+
+fn rls(raw: RawRls) -> Result<RlsParts, ConfigError> {
+    let listen = raw
+        .listen
+        .as_deref()
+        .map(|l| socket_addr("rls.listen", l))
+        .transpose()?;
+    let tls = section_tls("rls", raw.tls_cert, raw.tls_key)?;
+    if raw.domain.is_empty() {
+        return Err(invalid("rls.domain", "must not be empty"));
+    }
+    let envoy = raw
+        .envoy_config
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            EnvoyDomain::load(path).map_err(|e| e.within(format!("rls.envoy_config[{i}]")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut domains: Vec<&str> = vec![raw.domain.as_str()];
+    for (i, d) in envoy.iter().enumerate() {
+        if domains.contains(&d.domain.as_str()) {
+            return Err(invalid(
+                format!("rls.envoy_config[{i}]"),
+                format!("domain `{}` is served twice", d.domain),
+            ));
+        }
+        domains.push(&d.domain);
+    }
+    let policy = RlsPolicy {
+        domain: raw.domain,
+        clients: networks("rls.clients", &raw.clients)?,
+        envoy,
+    };
+    Ok((listen, tls, policy))
+}
+
 fn limit_mode(field: &str, text: &str) -> Result<LimitMode, ConfigError> {
     one_of(
         field,

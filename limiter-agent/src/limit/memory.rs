@@ -76,9 +76,26 @@ impl MemoryStore {
         window_ms: u64,
         now_ms: u64,
     ) -> Result<Decision, StoreFull> {
+        self.decide_hits(key, limit, 1, window_ms, now_ms)
+    }
+
+    /// [`Self::decide`] for a request worth `hits` units (Envoy's `hits_addend`;
+    /// 0 counts as 1): admitted only if all of them fit in what is left, and
+    /// then all are counted; a rejection counts none.
+    ///
+    /// # Errors
+    /// As [`Self::decide`].
+    pub fn decide_hits(
+        &self,
+        key: BucketKey,
+        limit: u32,
+        hits: u32,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> Result<Decision, StoreFull> {
         let decided = self
             .shard(key)
-            .decide(key.0, limit, window_ms, now_ms, self.shard_cap);
+            .decide(key.0, limit, hits, window_ms, now_ms, self.shard_cap);
         if decided.is_err() {
             self.full.fetch_add(1, Ordering::Relaxed);
         }
@@ -132,7 +149,8 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a> {
-        let decision = MemoryStore::decide(self, ask.key, ask.limit, ask.window_ms, now_ms)
+        let decision = self
+            .decide_hits(ask.key, ask.limit, ask.hits, ask.window_ms, now_ms)
             .map_err(|StoreFull| StoreError::Full);
         Box::pin(std::future::ready(decision))
     }
@@ -256,6 +274,23 @@ mod tests {
                 .allowed
         );
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_request_of_several_units_is_admitted_whole_or_not_at_all() {
+        let store = MemoryStore::new(16);
+        let d = store.decide_hits(key(1), 10, 4, 60_000, T0).unwrap();
+        assert_eq!((d.allowed, d.remaining), (true, 6));
+        let d = store.decide_hits(key(1), 10, 5, 60_000, T0).unwrap();
+        assert_eq!((d.allowed, d.remaining), (true, 1));
+        // 2 do not fit in the 1 left: refused, nothing counted.
+        let d = store.decide_hits(key(1), 10, 2, 60_000, T0).unwrap();
+        assert_eq!((d.allowed, d.remaining, d.rejected), (false, 0, 1));
+        // 0 counts as 1, and the last unit is still there.
+        let d = store.decide_hits(key(1), 10, 0, 60_000, T0).unwrap();
+        assert_eq!((d.allowed, d.remaining), (true, 0));
+        let d = store.decide_hits(key(2), 3, u32::MAX, 60_000, T0).unwrap();
+        assert!(!d.allowed, "more units than the limit never fit");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Ask<'a> {
     /// The client, for stores shared between hosts (they build their own key).
     pub identity: &'a Identity,
     pub limit: u32,
+    /// Units this request is worth (1 for an HTTP request; Envoy's
+    /// `hits_addend` through the rate limit service): all are counted if they
+    /// fit, none if they do not.
+    pub hits: u32,
     pub window_ms: u64,
 }
 

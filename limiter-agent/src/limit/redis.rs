@@ -26,20 +26,23 @@ use super::{Ask, Clock, Decision, Store, StoreError, StoreFuture, VerifiedFuture
 use crate::{config::RedisSettings, identity::Identity};
 
 /// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
-/// `ARGV[1]`: the limit; `ARGV[2]`: the window in ms. Admits (and counts) only
+/// `ARGV[1]`: the limit; `ARGV[2]`: the window in ms; `ARGV[3]`: the units the
+/// request is worth (at least 1). Admits (and counts them) only if they all fit
 /// under the limit, so rejections consume nothing; the first hit starts the
 /// window (`PEXPIRE`), anchoring it at the client's first request. Returns
 /// `{admitted (0|1), count, ms until reset}`.
 const DECIDE_LUA: &str = r"
 local limit = tonumber(ARGV[1])
+local hits = tonumber(ARGV[3])
 local count = tonumber(redis.call('GET', KEYS[1]) or 0)
 local admitted = 0
-if count < limit then
+if count + hits <= limit then
   admitted = 1
-  count = redis.call('INCR', KEYS[1])
-  if count == 1 then
+  local before = count
+  count = redis.call('INCRBY', KEYS[1], hits)
+  if before == 0 and count == hits then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, 1, tonumber(ARGV[2])}
+    return {1, count, tonumber(ARGV[2])}
   end
 end
 local ttl = redis.call('PTTL', KEYS[1])
@@ -105,10 +108,11 @@ impl Backend {
         script: &Script,
         key: &str,
         limit: u32,
+        hits: u32,
         window_ms: u64,
     ) -> RedisResult<(u8, u64, u64)> {
         let mut invocation = script.key(key);
-        invocation.arg(limit).arg(window_ms);
+        invocation.arg(limit).arg(window_ms).arg(hits.max(1));
         match self {
             // Concurrent calls share one multiplexed connection: they are pipelined.
             Self::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
@@ -279,7 +283,7 @@ impl Inner {
             .guarded(
                 self.timeout,
                 self.backend
-                    .decide(&self.script, &key, ask.limit, window_ms),
+                    .decide(&self.script, &key, ask.limit, ask.hits, window_ms),
             )
             .await?;
         // Redis's clock ran the window; its TTL becomes a deadline on this host's
@@ -301,7 +305,13 @@ impl Inner {
                 rejected: 0,
             });
         }
-        let rejected = self.over_limit.insert(ask.key, ask.limit, reset_ms);
+        // Only a full bucket is over its limit for every request; one that
+        // refused a request of several units may still admit a smaller one.
+        let rejected = if count >= ask.limit {
+            self.over_limit.insert(ask.key, ask.limit, reset_ms)
+        } else {
+            1
+        };
         Ok(Decision {
             allowed: false,
             limit: ask.limit,

@@ -136,6 +136,7 @@ impl Proxy {
             tier: &tier.verify_id,
             identity: &identity,
             limit: tier.limit,
+            hits: 1,
             window_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         };
         matches!(self.store.decide(ask, now_ms).await, Ok(d) if d.allowed)

@@ -90,6 +90,7 @@ impl Bench {
             tier: self.tier,
             identity: &self.identities[n],
             limit: self.limit,
+            hits: 1,
             window_ms: WINDOW_MS,
         };
         let started = Instant::now();

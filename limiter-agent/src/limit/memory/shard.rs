@@ -56,11 +56,12 @@ impl Bucket {
         u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
     }
 
-    /// Counts one request; the check and the increment happen under the shard lock.
-    fn admit(&mut self, limit: u32) -> Decision {
-        let allowed = self.count < limit;
+    /// Counts one request of `hits` units (at least 1): admitted only if all of
+    /// them fit. The check and the increment happen under the shard lock.
+    fn admit(&mut self, limit: u32, hits: u32) -> Decision {
+        let allowed = self.count.saturating_add(hits.max(1)) <= limit;
         if allowed {
-            self.count += 1;
+            self.count += hits.max(1);
         } else if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
             self.packed += 1 << REJECTED_SHIFT;
         }
@@ -178,6 +179,7 @@ impl Shard {
         &mut self,
         key: u64,
         limit: u32,
+        hits: u32,
         window_ms: u64,
         now_ms: u64,
         cap: usize,
@@ -190,14 +192,14 @@ impl Shard {
                 // old, earlier position; the flag tells the front-popper to requeue it.
                 *bucket = Bucket::new(reset_ms, RENEWED);
             }
-            return Ok(bucket.admit(limit));
+            return Ok(bucket.admit(limit, hits));
         }
         if !self.make_room(cap, now_ms) {
             return Err(StoreFull);
         }
         let q = self.queue_for(window_ms);
         let mut bucket = Bucket::new(reset_ms, 0);
-        let decision = bucket.admit(limit);
+        let decision = bucket.admit(limit, hits);
         self.map.insert(SlotKey(key), bucket);
         self.queues[q].keys.push_back(key);
         Ok(decision)
@@ -280,8 +282,8 @@ mod tests {
     fn rejections_saturate_and_the_reset_time_is_kept() {
         const T0: u64 = 1_706_540_000_000;
         let mut bucket = Bucket::new(T0, (REJECTED_MAX - 1) << REJECTED_SHIFT);
-        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1);
-        assert_eq!(bucket.admit(0).rejected, (1 << 20) - 1, "saturates");
+        assert_eq!(bucket.admit(0, 1).rejected, (1 << 20) - 1);
+        assert_eq!(bucket.admit(0, 1).rejected, (1 << 20) - 1, "saturates");
         assert_eq!(bucket.reset_ms(), T0);
     }
 }

@@ -1,0 +1,361 @@
+//! Decisions asked for by descriptor rather than by request (Envoy's rate
+//! limit service): the same tiers, identities, buckets, counters, offenders
+//! and escalation as the proxy's own requests, so a client counted through
+//! Envoy and through the proxy spends one bucket.
+//!
+//! Two kinds of domain:
+//! - `[rls] domain` (`limiter`): a descriptor's `path` entry is routed to its
+//!   tier through the proxy's canonicaliser; `api_key` (the raw key, or an
+//!   `Authorization` value with the Bearer scheme) and `remote_address` pick
+//!   the identity by the proxy's rules. Other entries are ignored.
+//! - envoyproxy/ratelimit domains (`[rls] envoy_config`): the descriptor walks
+//!   the domain's tree entry by entry; the node it ends on holds the limit,
+//!   and its entries (key and value each) name the bucket.
+
+use std::{collections::hash_map::RandomState, net::IpAddr};
+
+use super::{Charge, Charged, Proxy, State, TierState};
+use crate::{
+    config::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit, LimitMode},
+    headers::PolicyName,
+    identity::{Identity, Requester, sha256_hex},
+    limit::Decision,
+    metrics::Metrics,
+    route::canonicalize,
+};
+
+/// What a descriptor came to.
+#[derive(Debug)]
+pub enum Answer {
+    /// No limit applies (unknown domain, no tier for the path, an unmatched
+    /// or unlimited node): the reference server's OK without a limit.
+    NoLimit,
+    Decided(Verdict),
+    /// Refused without counting: a path or identity the proxy would answer
+    /// 400, or a new bucket in a full store. Never waved through.
+    Refused {
+        code: &'static str,
+        message: String,
+    },
+    /// The shared store failed and `on_error = "deny"`.
+    Unavailable,
+}
+
+/// A counted descriptor.
+#[derive(Debug)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub window_ms: u64,
+    /// Over the limit in a dry run (`mode = "observe"`, `shadow_mode`):
+    /// reported as OK, counted as `would_reject`.
+    pub observe: bool,
+    /// The limit's name (`current_limit.name`): the tier's route, or the
+    /// node's `name`/entries.
+    pub name: String,
+    pub policy: Option<PolicyName>,
+}
+
+impl Verdict {
+    /// Over the limit and enforced.
+    #[must_use]
+    pub fn over_limit(&self) -> bool {
+        !self.decision.allowed && !self.observe
+    }
+}
+
+/// An envoyproxy/ratelimit domain ready for lookups.
+pub(super) struct EnvoyRules {
+    domain: String,
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    key: String,
+    value: Option<String>,
+    limit: NodeLimit,
+    children: Vec<Node>,
+}
+
+enum NodeLimit {
+    None,
+    Unlimited,
+    Limit(Box<TierState>),
+}
+
+impl EnvoyRules {
+    pub(super) fn new(
+        domain: &EnvoyDomain,
+        hasher: &RandomState,
+        metrics: &Metrics,
+        ietf_headers: bool,
+    ) -> Self {
+        fn build(
+            domain: &str,
+            path: &str,
+            nodes: &[EnvoyDescriptor],
+            hasher: &RandomState,
+            metrics: &Metrics,
+            ietf_headers: bool,
+        ) -> Vec<Node> {
+            nodes
+                .iter()
+                .map(|d| {
+                    let step = match &d.value {
+                        Some(value) => format!("{}={value}", d.key),
+                        None => d.key.clone(),
+                    };
+                    let path = if path.is_empty() {
+                        step
+                    } else {
+                        format!("{path}/{step}")
+                    };
+                    let limit = match &d.limit {
+                        None => NodeLimit::None,
+                        Some(EnvoyLimit::Unlimited) => NodeLimit::Unlimited,
+                        Some(EnvoyLimit::Limit {
+                            requests,
+                            window,
+                            name,
+                        }) => {
+                            let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+                            let id = format!("envoy|{domain}|{path}|{window_ms}");
+                            let label = name.clone().unwrap_or_else(|| format!("{domain}:{path}"));
+                            let mode = if d.shadow_mode {
+                                LimitMode::Observe
+                            } else {
+                                LimitMode::Enforce
+                            };
+                            NodeLimit::Limit(Box::new(TierState::new(
+                                id,
+                                label,
+                                *requests,
+                                window_ms,
+                                mode,
+                                hasher,
+                                metrics,
+                                ietf_headers,
+                            )))
+                        }
+                    };
+                    Node {
+                        key: d.key.clone(),
+                        value: d.value.clone(),
+                        limit,
+                        children: build(
+                            domain,
+                            &path,
+                            &d.descriptors,
+                            hasher,
+                            metrics,
+                            ietf_headers,
+                        ),
+                    }
+                })
+                .collect()
+        }
+        Self {
+            domain: domain.domain.clone(),
+            nodes: build(
+                &domain.domain,
+                "",
+                &domain.descriptors,
+                hasher,
+                metrics,
+                ietf_headers,
+            ),
+        }
+    }
+
+    /// The node a descriptor ends on: each entry matches a node of its exact
+    /// value first, else one for any value; an entry that matches neither
+    /// leaves the descriptor unlimited (the reference server's rule).
+    fn lookup(&self, entries: &[(&str, &str)]) -> Option<&Node> {
+        let mut level = &self.nodes;
+        let mut found = None;
+        for (key, value) in entries {
+            let node = level
+                .iter()
+                .find(|n| n.key == *key && n.value.as_deref() == Some(*value))
+                .or_else(|| level.iter().find(|n| n.key == *key && n.value.is_none()))?;
+            found = Some(node);
+            level = &node.children;
+        }
+        found
+    }
+}
+
+/// The one value of `key` among the entries; two different ones are
+/// ambiguous (which would the upstream see?).
+fn entry<'a>(entries: &[(&str, &'a str)], key: &str) -> Result<Option<&'a str>, String> {
+    let mut found: Option<&str> = None;
+    for (k, v) in entries {
+        if *k == key {
+            match found {
+                Some(f) if f != *v => return Err(format!("two different `{key}` entries")),
+                _ => found = Some(v),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The key of an `api_key` entry: a bare key, or the token of a Bearer
+/// credential (as the proxy reads `Authorization`); empty = none.
+fn api_key(value: &str) -> Result<Option<&str>, String> {
+    let value = value.trim();
+    let key = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        Some(_) => return Err("api_key: not one key, nor a Bearer credential".into()),
+        None => value,
+    };
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("api_key: not one token of visible ASCII".into());
+    }
+    Ok((!key.is_empty()).then_some(key))
+}
+
+impl Proxy {
+    /// Decides one descriptor of a rate limit service call, charging `hits`.
+    pub async fn decide_descriptor(
+        &self,
+        state: &State,
+        domain: &str,
+        entries: &[(&str, &str)],
+        hits: u32,
+    ) -> Answer {
+        let remote = match entry(entries, "remote_address") {
+            Ok(Some(text)) => {
+                let Ok(ip) = text.trim_matches(['[', ']']).parse::<IpAddr>() else {
+                    self.metrics.refuse("client_address");
+                    return refused(
+                        "BAD_IDENTITY",
+                        format!("remote_address `{text}` is not an IP address"),
+                    );
+                };
+                Some(ip.to_canonical())
+            }
+            Ok(None) => None,
+            Err(message) => return refused("BAD_IDENTITY", message),
+        };
+        if domain == state.config.live.rls.domain {
+            return self.decide_route(state, entries, remote, hits).await;
+        }
+        let Some(rules) = state.envoy.iter().find(|r| r.domain == domain) else {
+            return Answer::NoLimit;
+        };
+        let Some(node) = rules.lookup(entries) else {
+            return Answer::NoLimit;
+        };
+        let tier = match &node.limit {
+            NodeLimit::Limit(tier) => tier,
+            NodeLimit::None | NodeLimit::Unlimited => return Answer::NoLimit,
+        };
+        // The bucket is the descriptor itself, every value of it.
+        let mut named = String::with_capacity(64);
+        for (k, v) in entries {
+            named.push_str(k);
+            named.push('\u{1f}');
+            named.push_str(v);
+            named.push('\u{1e}');
+        }
+        let identity = Identity::Key(sha256_hex(named.as_bytes()));
+        let source = remote.map(|ip| (ip, Identity::Ip(state.identity.group(ip))));
+        let charge = Charge {
+            identity: &identity,
+            limit: tier.limit,
+            hits,
+            source: source.as_ref().map(|(ip, as_identity)| (*ip, as_identity)),
+        };
+        self.verdict(state, tier, charge, tier.route.clone()).await
+    }
+
+    /// `[rls] domain`: the tier of the `path` entry, the identity of the
+    /// `api_key` and `remote_address` entries.
+    async fn decide_route(
+        &self,
+        state: &State,
+        entries: &[(&str, &str)],
+        remote: Option<IpAddr>,
+        hits: u32,
+    ) -> Answer {
+        let path = match entry(entries, "path") {
+            Ok(Some(path)) => path,
+            Ok(None) => return Answer::NoLimit,
+            Err(message) => return refused("BAD_REQUEST", message),
+        };
+        let canonical = match canonicalize(path, state.config.live.path_policy) {
+            Ok(canonical) => canonical,
+            Err(e) => {
+                self.metrics.refuse("path");
+                return refused("BAD_REQUEST", e.to_string());
+            }
+        };
+        let Some(tier_index) = state.routes.lookup(&canonical) else {
+            state.unlimited.inc();
+            return Answer::NoLimit;
+        };
+        let key = match entry(entries, "api_key").and_then(|k| k.map_or(Ok(None), api_key)) {
+            Ok(key) => key.map(|k| sha256_hex(k.as_bytes())),
+            Err(message) => {
+                self.metrics.refuse("api_key");
+                return refused("BAD_IDENTITY", message);
+            }
+        };
+        let tier = &state.tiers[tier_index];
+        let now_ms = self.clock.now_ms();
+        let requester = Requester {
+            ip: remote.map_or(IpAddr::from([0, 0, 0, 0]), |ip| state.identity.group(ip)),
+            key,
+        };
+        let (identity, _) = self.identify(state, requester, tier, false, now_ms).await;
+        if remote.is_none() && matches!(identity, Identity::Ip(_)) {
+            // Charging "no address" would put every such client in one bucket.
+            self.metrics.refuse("client_address");
+            return refused(
+                "BAD_IDENTITY",
+                "the descriptor needs a remote_address (or an api_key that is its own bucket)"
+                    .into(),
+            );
+        }
+        let charge = Charge {
+            identity: &identity,
+            limit: state.effective_limit(&identity, tier_index),
+            hits,
+            source: remote.map(|ip| (ip, &identity)),
+        };
+        self.verdict(state, tier, charge, tier.route.clone()).await
+    }
+
+    async fn verdict(
+        &self,
+        state: &State,
+        tier: &TierState,
+        charge: Charge<'_>,
+        name: String,
+    ) -> Answer {
+        let now_ms = self.clock.now_ms();
+        match self.charge(state, tier, charge, now_ms).await {
+            Charged::Decided(decision) => Answer::Decided(Verdict {
+                decision,
+                window_ms: tier.window_ms,
+                observe: tier.observe,
+                name,
+                policy: tier.policy.clone(),
+            }),
+            Charged::Full => refused(
+                "STORE_FULL",
+                "The rate limiter is at capacity; try again later.".into(),
+            ),
+            Charged::Unavailable => Answer::Unavailable,
+        }
+    }
+
+    /// Counts one call of the rate limit service by its overall code.
+    pub fn count_rls_call(&self, code: &'static str) {
+        self.metrics.rls_call(code);
+    }
+}
+
+fn refused(code: &'static str, message: String) -> Answer {
+    Answer::Refused { code, message }
+}
