@@ -36,7 +36,8 @@ order as ``calls``, each item either a response
                    "limit_remaining": int,
                    "duration_until_reset_ms": int | null}],   # truncated to whole ms
      "response_headers_to_add": [[name, value], ...],
-     "request_headers_to_add": [[name, value], ...]}
+     "request_headers_to_add": [[name, value], ...],
+     "raw_body": str}                          # decoded as UTF-8
 
 or, when the call failed,
 
@@ -195,6 +196,7 @@ def response_json(resp):
         "statuses": statuses,
         "response_headers_to_add": _headers(resp.response_headers_to_add),
         "request_headers_to_add": _headers(resp.request_headers_to_add),
+        "raw_body": resp.raw_body.decode("utf-8", "replace"),
     }
 
 

@@ -16,6 +16,7 @@ pub mod newcomers;
 pub mod packet;
 pub mod prometheus;
 pub mod redis;
+pub mod rls;
 pub mod routers;
 pub mod spellings;
 pub mod xdp;

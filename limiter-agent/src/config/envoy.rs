@@ -9,9 +9,9 @@
 //!     rate_limit: { unit: second, unit_multiplier: 10, requests_per_unit: 40 }
 //!   - key: plan
 //!     value: free
-//!     shadow_mode: true
 //!     descriptors:
 //!       - key: user
+//!         shadow_mode: true
 //!         rate_limit: { unit: minute, requests_per_unit: 60 }
 //! ```
 //!
@@ -41,7 +41,7 @@ pub struct EnvoyDescriptor {
     pub value: Option<String>,
     /// The limit of descriptors that end at this node.
     pub limit: Option<EnvoyLimit>,
-    /// Counted and reported, never over the limit.
+    /// Counted and reported, never over the limit (on the node whose limit it is).
     pub shadow_mode: bool,
     pub descriptors: Vec<EnvoyDescriptor>,
 }
