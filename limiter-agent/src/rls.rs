@@ -303,7 +303,7 @@ pub async fn serve(
                     {
                         Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
                         Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "rls TLS handshake failed")
+                            tracing::debug!(%peer, error = %e, "rls TLS handshake failed");
                         }
                         Err(_) => tracing::debug!(%peer, "rls TLS handshake timed out"),
                     }

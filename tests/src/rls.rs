@@ -21,7 +21,7 @@ pub fn descriptor(entries: &[(&str, &str)], hits: Option<u64>) -> Value {
 
 /// One `ShouldRateLimit` call.
 #[must_use]
-pub fn call(domain: &str, descriptors: Vec<Value>, hits_addend: u32) -> Value {
+pub fn call(domain: &str, descriptors: &[Value], hits_addend: u32) -> Value {
     json!({ "domain": domain, "descriptors": descriptors, "hits_addend": hits_addend })
 }
 
@@ -31,7 +31,7 @@ pub fn call(domain: &str, descriptors: Vec<Value>, hits_addend: u32) -> Value {
 pub fn path_call(path: &str, remote: &str) -> Value {
     call(
         "limiter",
-        vec![descriptor(
+        &[descriptor(
             &[("path", path), ("remote_address", remote)],
             None,
         )],

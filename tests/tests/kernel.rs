@@ -15,6 +15,7 @@ use limiter_tests::{
         spoofed_syn_flood, syn_flood,
     },
     newcomers::{self, RxNapi},
+    rls,
 };
 
 const SHORT: Duration = Duration::from_secs(1);
@@ -283,6 +284,43 @@ fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
         "lifted after {:?}",
         banned_at.elapsed()
     );
+}
+
+#[test]
+fn a_source_kept_over_its_limit_through_envoys_rls_is_banned_in_the_kernel() {
+    // Envoy on this host asks the agent's rate limit service; its listener
+    // is the API port XDP watches. The descriptors name the attacker.
+    let topology = Topology::new();
+    let rls_port = limiter_tests::agent::free_port();
+    let text = config(2, "escalate_after_rejections = 3\nban_seconds = 30")
+        + &format!("\n[rls]\nlisten = \"127.0.0.1:{rls_port}\"\n");
+    let _agent = topology.agent(&text, &[]);
+    let attacker = ATTACKER_ADDR.to_string();
+    let calls: Vec<_> = (0..6)
+        .map(|_| rls::path_call("/api/chat", &attacker))
+        .collect();
+    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, rls_port));
+    let answers = rls::run(target, &calls, 1, Some(&topology.host));
+    let codes: Vec<String> = answers.iter().map(rls::code).collect();
+    assert_eq!(
+        codes,
+        [
+            "OK",
+            "OK",
+            "OVER_LIMIT",
+            "OVER_LIMIT",
+            "OVER_LIMIT",
+            "OVER_LIMIT"
+        ],
+        "2 admitted, 4 rejections > 3"
+    );
+    let bans = topology.dump("bans");
+    assert!(bans.contains("0a 5b 02 02"), "the attacker banned: {bans}");
+    assert!(
+        !connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT),
+        "API connections from the banned source fail"
+    );
+    assert!(client_get(&topology).is_ok(), "other clients unaffected");
 }
 
 #[test]

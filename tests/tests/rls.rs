@@ -116,7 +116,7 @@ fn exactly_the_limit_under_100_concurrent_calls_and_hits_count_whole() {
         .map(|_| {
             call(
                 "limiter",
-                vec![descriptor(
+                &[descriptor(
                     &[("path", "/api/chat"), ("remote_address", "10.2.0.2")],
                     None,
                 )],
@@ -129,7 +129,7 @@ fn exactly_the_limit_under_100_concurrent_calls_and_hits_count_whole() {
     assert_eq!(ok, 16, "48 of 50 units spent in calls of 3");
     let two = call(
         "limiter",
-        vec![descriptor(
+        &[descriptor(
             &[("path", "/api/chat"), ("remote_address", "10.2.0.2")],
             Some(2),
         )],
@@ -137,7 +137,7 @@ fn exactly_the_limit_under_100_concurrent_calls_and_hits_count_whole() {
     );
     let three = call(
         "limiter",
-        vec![descriptor(
+        &[descriptor(
             &[("path", "/api/chat"), ("remote_address", "10.2.0.2")],
             Some(3),
         )],
@@ -206,7 +206,7 @@ fn rls_and_proxy_traffic_of_one_client_share_one_bucket() {
     let keyed = |n| {
         call(
             "limiter",
-            vec![descriptor(
+            &[descriptor(
                 &[
                     ("path", "/api/chat"),
                     (
@@ -244,13 +244,13 @@ fn answers_envoy_expects_when_a_call_cannot_be_decided() {
     let _agent = agent(&config, None, &[]);
     let calls = [
         // No descriptors, no domain: the reference server's argument errors.
-        call("limiter", vec![], 0),
-        call("", vec![descriptor(&[("path", "/api/chat")], None)], 0),
+        call("limiter", &[], 0),
+        call("", &[descriptor(&[("path", "/api/chat")], None)], 0),
         // A descriptor no tier matches, another domain: OK, no limit.
         path_call("/elsewhere", "10.5.0.1"),
         call(
             "other",
-            vec![descriptor(
+            &[descriptor(
                 &[("path", "/api/chat"), ("remote_address", "10.5.0.1")],
                 None,
             )],
@@ -259,14 +259,10 @@ fn answers_envoy_expects_when_a_call_cannot_be_decided() {
         // A spelling the proxy answers 400, an identity it cannot settle: never a pass.
         path_call("/api/%2e%2e/chat", "10.5.0.1"),
         path_call("/api/chat", "not-an-address"),
+        call("limiter", &[descriptor(&[("path", "/api/chat")], None)], 0),
         call(
             "limiter",
-            vec![descriptor(&[("path", "/api/chat")], None)],
-            0,
-        ),
-        call(
-            "limiter",
-            vec![descriptor(
+            &[descriptor(
                 &[
                     ("path", "/api/chat"),
                     ("remote_address", "10.5.0.1"),
@@ -383,11 +379,11 @@ descriptors:
         &format!("envoy_config = [\"{}\"]", file.display()),
     );
     let agent = agent(&config, None, &[]);
-    let by_address = |ip: &str| call("chat", vec![descriptor(&[("remote_address", ip)], None)], 0);
+    let by_address = |ip: &str| call("chat", &[descriptor(&[("remote_address", ip)], None)], 0);
     let user = |plan: &str, user: &str| {
         call(
             "chat",
-            vec![descriptor(&[("plan", plan), ("user", user)], None)],
+            &[descriptor(&[("plan", plan), ("user", user)], None)],
             0,
         )
     };
@@ -401,7 +397,7 @@ descriptors:
     // Two descriptors in one call: over if either is.
     calls.push(call(
         "chat",
-        vec![
+        &[
             descriptor(&[("remote_address", "10.7.0.3")], None),
             descriptor(&[("plan", "free"), ("user", "ann")], None),
         ],

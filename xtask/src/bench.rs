@@ -6,14 +6,14 @@ use anyhow::bail;
 use crate::{cmd, setup};
 
 /// The benchmark parts, in the order `cargo xtask bench` runs them.
-const PARTS: &[&str] = &["xdp", "proxy", "flood", "memory", "redis"];
+const PARTS: &[&str] = &["xdp", "proxy", "flood", "memory", "redis", "rls"];
 
 /// The peers the side-by-side parts measure against, from Debian packages.
 const PEER_PACKAGES: &[&str] = &["nginx", "haproxy", "wrk", "iptables"];
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// One part to run (default: all of them): xdp, proxy, flood, memory, redis.
+    /// One part to run (default: all of them): xdp, proxy, flood, memory, redis, rls.
     name: Option<String>,
     /// A short smoke run: fewer rounds and repetitions.
     #[arg(long)]
@@ -91,6 +91,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 options.quick,
             )?,
             "redis" => redis(options.quick)?,
+            "rls" => bench_bin(
+                "rls-bench",
+                if options.quick {
+                    &["--seconds", "1"]
+                } else {
+                    &[]
+                },
+                options.quick,
+            )?,
             _ => unreachable!("PARTS lists only implemented parts"),
         }
     }

@@ -319,6 +319,44 @@ fn redis_section(out: &mut String, redis: &Value) {
     );
 }
 
+fn rls_section(out: &mut String, rls: &Value) {
+    let _ = writeln!(
+        out,
+        "## rls: Envoy's rate limit service\n\n| case | decisions | decisions/s | p50 µs | p99 µs | server CPU µs/decision | not OK |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut not_ok = 0.0;
+    for (case, what) in [
+        ("floor", "gRPC floor: answers OK, decides nothing"),
+        ("memory", "agent, in-memory store"),
+        ("redis", "agent, Redis store"),
+    ] {
+        let v = &rls[case];
+        not_ok += f(&v["not_ok"]);
+        let _ = writeln!(
+            out,
+            "| {case} ({what}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
+            f(&v["decisions"]),
+            f(&v["decisions_per_second"]),
+            f(&v["p50_us"]),
+            f(&v["p99_us"]),
+            f(&v["server_cpu_us_per_decision"]),
+            f(&v["not_ok"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n- in-memory store at {:.2}× the floor's decisions/s; Redis at {:.2}× the in-memory store's\n         - every call answered OK (all under their limit): {not_ok:.0} not OK — {}\n\n         Command: `cargo xtask bench rls`: {} streams in flight ({} per HTTP/2 connection), {} s per case, \
+         {} client addresses under their limit, the `redis-server` started by the bench.\n",
+        f(&rls["memory_vs_floor"]),
+        f(&rls["redis_vs_memory"]),
+        verdict(not_ok == 0.0),
+        rls["concurrency"],
+        16,
+        rls["seconds"],
+        rls["clients"]
+    );
+}
+
 /// A bar chart of the client's throughput per flood scenario.
 fn flood_svg(flood: &Value) -> String {
     let scenarios = [
@@ -392,6 +430,9 @@ fn main() {
     }
     if let Some(redis) = read(bench_dir, "redis") {
         redis_section(&mut out, &redis);
+    }
+    if let Some(rls) = read(bench_dir, "rls") {
+        rls_section(&mut out, &rls);
     }
     let path = out_dir.join("RESULTS.md");
     std::fs::write(&path, out).expect("RESULTS.md");
