@@ -249,6 +249,46 @@ fn reference_example_is_valid() {
 }
 
 #[test]
+fn rls_section_and_the_envoy_ratelimit_example() {
+    let off = Config::parse(MINIMAL).expect("valid");
+    assert_eq!(off.startup.rls_listen, None, "served only when asked for");
+    assert_eq!(off.live.rls.domain, "limiter");
+    assert!(off.live.rls.clients.contains("127.0.0.1".parse().unwrap()));
+    assert!(!off.live.rls.clients.contains("10.0.0.1".parse().unwrap()));
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/envoy-ratelimit.yaml"
+    );
+    let on = Config::parse(&format!(
+        "{MINIMAL}[rls]\nlisten = \"127.0.0.1:8081\"\nenvoy_config = [\"{path}\"]\n"
+    ))
+    .expect("valid");
+    assert_eq!(
+        on.startup.rls_listen,
+        Some("127.0.0.1:8081".parse().unwrap())
+    );
+    assert_eq!(on.live.rls.envoy[0].domain, "chat");
+    for (extra, field) in [
+        ("domain = \"\"", "rls.domain"),
+        ("tls_cert = \"c.pem\"", "rls.tls_key"),
+        ("clients = [\"nope\"]", "rls.clients[0]"),
+        (
+            &format!("domain = \"chat\"\nenvoy_config = [\"{path}\"]"),
+            "served twice",
+        ),
+        (
+            "envoy_config = [\"/nonexistent.yaml\"]",
+            "rls.envoy_config[0]",
+        ),
+    ] {
+        let error = Config::parse(&format!("{MINIMAL}[rls]\n{extra}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(field), "{extra}: {error}");
+    }
+}
+
+#[test]
 fn durations() {
     assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
     assert_eq!(parse_duration("1m"), Some(Duration::from_mins(1)));
