@@ -179,6 +179,32 @@ impl IdentityResolver {
     }
 }
 
+/// The API key in one header value as a rate limit descriptor carries it
+/// (Envoy copies one header's value): a value with a scheme is read by the
+/// `Authorization` grammar (`Bearer <token68>` is the key, another scheme is
+/// no key), any other by the key-header grammar (one token of visible ASCII,
+/// no commas); the key's lowercase hex SHA-256.
+///
+/// # Errors
+/// [`IdentityError::MalformedKey`] (named `descriptor`): not one well-formed
+/// key, by the grammar the proxy applies to the header.
+pub fn hashed_key_in(value: &str) -> Result<Option<String>, IdentityError> {
+    let malformed = |()| IdentityError::MalformedKey(HeaderName::from_static("descriptor"));
+    let header = http::HeaderValue::from_str(value).map_err(|_| malformed(()))?;
+    if header
+        .as_bytes()
+        .trim_ascii()
+        .iter()
+        .any(u8::is_ascii_whitespace)
+    {
+        return Ok(match authorization(&header).map_err(malformed)? {
+            Some(Credential::Bearer(token)) => Some(sha256_hex(token)),
+            Some(Credential::Other) | None => None,
+        });
+    }
+    Ok(plain_key(&header).map_err(malformed)?.map(sha256_hex))
+}
+
 /// Lowercase hex SHA-256 of `bytes`: how API keys appear in config, logs and maps.
 #[must_use]
 pub fn sha256_hex(bytes: &[u8]) -> String {

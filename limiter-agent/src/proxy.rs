@@ -129,7 +129,7 @@ impl TierState {
     fn new(
         id: String,
         route: String,
-        limit: std::num::NonZeroU32,
+        limit: u32,
         window_ms: u64,
         mode: LimitMode,
         hasher: &RandomState,
@@ -138,7 +138,7 @@ impl TierState {
     ) -> Self {
         Self {
             hash: hasher.hash_one(&id),
-            limit: limit.get(),
+            limit,
             verify_id: format!("{id}|verify"),
             policy: ietf_headers.then(|| PolicyName::from_route(&route)),
             authenticates: hasher.hash_one((&id, "authenticates")),
@@ -348,7 +348,11 @@ impl Proxy {
             hits: 1,
             source: Some((peer.addr.ip(), &identity)),
         };
-        let decision = match self.charge(&state, tier, charge, now_ms).await {
+        let charged = self.charge(&state, tier, charge, now_ms).await;
+        self.metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let decision = match charged {
             Charged::Decided(decision) => decision,
             Charged::Full => return store_full(),
             Charged::Unavailable => {
@@ -359,9 +363,6 @@ impl Proxy {
                 );
             }
         };
-        self.metrics
-            .decision_seconds
-            .observe(started.elapsed().as_secs_f64());
         if !decision.allowed && !tier.observe {
             let now = self.clock.now();
             return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
@@ -504,7 +505,7 @@ impl State {
                 TierState::new(
                     format!("{}|{window_ms}", tier.route),
                     tier.route.clone(),
-                    tier.limit,
+                    tier.limit.get(),
                     window_ms,
                     tier.mode,
                     hasher,

@@ -4,8 +4,9 @@
 //! a kernel ban (descriptor mapping in [`crate::proxy::Answer`]'s module).
 //!
 //! Served on its own listener (`[rls] listen`, TLS optional) by hyper's HTTP/2
-//! server with tonic's generated service; only `[rls] clients` may connect,
-//! since a caller names the addresses counted and banned.
+//! server with tonic's gRPC framing and the `envoy-types` messages (the call
+//! read leniently, see [`Call`]); only `[rls] clients` may call, since a
+//! caller names the addresses counted and banned.
 //!
 //! Answers, as the reference server (envoyproxy/ratelimit) gives them:
 //! - `OK` or `OVER_LIMIT` overall, a status per descriptor with
@@ -26,18 +27,16 @@ use envoy_types::pb::{
     envoy::{
         config::core::v3::HeaderValue as EnvoyHeader,
         service::ratelimit::v3::{
-            RateLimitRequest, RateLimitResponse,
+            RateLimitResponse,
             rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit::Unit},
-            rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
         },
     },
-    google::protobuf::Duration as PbDuration,
+    google::protobuf::{Duration as PbDuration, UInt64Value},
 };
 use http::{HeaderMap, HeaderValue, header};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::graceful::GracefulShutdown,
-    service::TowerToHyperService,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -52,6 +51,47 @@ use crate::{
 
 /// Longest TLS handshake before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The one method served.
+const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+/// `RateLimitRequest` as the service reads it: the same wire format as
+/// `envoy.service.ratelimit.v3.RateLimitRequest`, but entries as bytes. Envoy
+/// copies header values (bytes ≥ 0x80 included) into the proto's strings; a
+/// strict decoder would fail the whole call, and Envoy would then let the
+/// request through unless `failure_mode_deny` is set. Read as bytes, such an
+/// entry is refused like the proxy refuses the header.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Call {
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<CallDescriptor>,
+    #[prost(uint32, tag = "3")]
+    pub hits_addend: u32,
+}
+
+/// `envoy.extensions.common.ratelimit.v3.RateLimitDescriptor`, entries as
+/// bytes; its `limit` override (tag 2) is not read: limits come from the
+/// agent's config.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CallDescriptor {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<CallEntry>,
+    #[prost(message, optional, tag = "3")]
+    pub hits_addend: Option<UInt64Value>,
+    #[prost(bool, tag = "4")]
+    pub is_negative_hits: bool,
+}
+
+/// One descriptor entry, as bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CallEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
 
 /// The service: a handle on the proxy whose decisions it shares.
 #[derive(Clone)]
@@ -71,10 +111,7 @@ impl RateLimitServer {
     /// `INVALID_ARGUMENT` for a call without domain or descriptors, or with
     /// negative hits; `UNAVAILABLE` when the shared store failed and
     /// `on_error = "deny"`.
-    pub async fn decide(
-        &self,
-        call: &RateLimitRequest,
-    ) -> Result<RateLimitResponse, tonic::Status> {
+    pub async fn decide(&self, call: &Call) -> Result<RateLimitResponse, tonic::Status> {
         if call.domain.is_empty() {
             return Err(tonic::Status::invalid_argument(
                 "rate limit domain must not be empty",
@@ -96,21 +133,32 @@ impl RateLimitServer {
         let mut verdicts: Vec<Verdict> = Vec::new();
         let mut refusal: Option<String> = None;
         for descriptor in &call.descriptors {
-            // 0 (unset) counts as 1, as in Envoy's API.
+            // The call's hits_addend: 0 is unset, so 1. A descriptor's own
+            // is set when present, and 0 there is a check that counts nothing.
             let hits = descriptor
                 .hits_addend
-                .map_or(u64::from(call.hits_addend), |h| h.value)
-                .clamp(1, u64::from(u32::MAX));
+                .map_or(u64::from(call.hits_addend.max(1)), |h| h.value);
             let hits = u32::try_from(hits).unwrap_or(u32::MAX);
-            let entries: Vec<(&str, &str)> = descriptor
+            let entries: Option<Vec<(&str, &str)>> = descriptor
                 .entries
                 .iter()
-                .map(|e| (e.key.as_str(), e.value.as_str()))
+                .map(|e| {
+                    Some((
+                        std::str::from_utf8(&e.key).ok()?,
+                        std::str::from_utf8(&e.value).ok()?,
+                    ))
+                })
                 .collect();
-            let answer = self
-                .proxy
-                .decide_descriptor(&state, &call.domain, &entries, hits)
-                .await;
+            let answer = match entries {
+                Some(entries) => {
+                    self.proxy
+                        .decide_descriptor(&state, &call.domain, &entries, hits)
+                        .await
+                }
+                None => self
+                    .proxy
+                    .refuse_descriptor("a descriptor entry is not UTF-8"),
+            };
             statuses.push(match answer {
                 Answer::NoLimit => DescriptorStatus {
                     code: Code::Ok.into(),
@@ -237,21 +285,70 @@ fn unit(window_ms: u64) -> Unit {
     }
 }
 
-#[tonic::async_trait]
-impl RateLimitService for RateLimitServer {
-    async fn should_rate_limit(
-        &self,
-        request: tonic::Request<RateLimitRequest>,
-    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        let answered = self.decide(request.get_ref()).await;
-        self.proxy.count_rls_call(match &answered {
-            Ok(r) if r.overall_code == i32::from(Code::OverLimit) => "over_limit",
-            Ok(_) => "ok",
-            Err(status) if status.code() == tonic::Code::Unavailable => "unavailable",
-            Err(_) => "invalid_argument",
-        });
-        answered.map(tonic::Response::new)
+/// A call, decided and counted.
+#[derive(Clone)]
+struct Unary {
+    server: RateLimitServer,
+    peer: SocketAddr,
+}
+
+impl tonic::server::UnaryService<Call> for Unary {
+    type Response = RateLimitResponse;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<tonic::Response<RateLimitResponse>, tonic::Status>> + Send>,
+    >;
+
+    fn call(&mut self, request: tonic::Request<Call>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let proxy = &this.server.proxy;
+            // Checked per call too: a reload may have removed the caller
+            // from a connection that stays open.
+            if !proxy
+                .state()
+                .config
+                .live
+                .rls
+                .clients
+                .contains(this.peer.ip().to_canonical())
+            {
+                proxy.count_rls_call("permission_denied");
+                return Err(tonic::Status::permission_denied("not an [rls] client"));
+            }
+            let answered = this.server.decide(request.get_ref()).await;
+            proxy.count_rls_call(match &answered {
+                Ok(r) if r.overall_code == i32::from(Code::OverLimit) => "over_limit",
+                Ok(r) if r.statuses.iter().all(|s| s.current_limit.is_none()) => "no_limit",
+                Ok(_) => "ok",
+                Err(status) if status.code() == tonic::Code::Unavailable => "unavailable",
+                Err(_) => "invalid_argument",
+            });
+            answered.map(tonic::Response::new)
+        })
     }
+}
+
+/// Answers one HTTP/2 request of a connection from `peer`.
+async fn answer(
+    server: RateLimitServer,
+    peer: SocketAddr,
+    request: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<tonic::body::Body>, std::convert::Infallible> {
+    if request.uri().path() != SHOULD_RATE_LIMIT {
+        let mut response = http::Response::new(tonic::body::Body::default());
+        response.headers_mut().insert(
+            "grpc-status",
+            HeaderValue::from(tonic::Code::Unimplemented as i32),
+        );
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        return Ok(response);
+    }
+    let codec = tonic_prost::ProstCodec::<RateLimitResponse, Call>::default();
+    let mut grpc = tonic::server::Grpc::new(codec);
+    Ok(grpc.unary(Unary { server, peer }, request).await)
 }
 
 /// Serves the rate limit service on `listener` until `shutdown`, then gives
@@ -264,7 +361,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    let service = RateLimitServiceServer::new(RateLimitServer::new(proxy.clone()));
+    let server = RateLimitServer::new(proxy.clone());
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -292,16 +389,16 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let server = server.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(stream, service, watcher).await,
+                None => serve_connection(stream, server, peer, watcher).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
+                        Ok(Ok(stream)) => serve_connection(stream, server, peer, watcher).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "rls TLS handshake failed");
                         }
@@ -322,14 +419,99 @@ pub async fn serve(
 
 async fn serve_connection<S>(
     stream: S,
-    service: RateLimitServiceServer<RateLimitServer>,
+    server: RateLimitServer,
+    peer: SocketAddr,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let service = hyper::service::service_fn(move |request| answer(server.clone(), peer, request));
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        .serve_connection(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(error = %e, "rls connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::{
+        extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
+        service::ratelimit::v3::RateLimitRequest,
+    };
+    use prost::Message as _;
+
+    use super::*;
+    use crate::{config::Config, limit::SystemClock, metrics::Metrics};
+
+    fn server() -> RateLimitServer {
+        let config = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[tier]]\nroute = \"/api/chat\"\nlimit = 2\nwindow = \"1m\"\n",
+        )
+        .expect("valid");
+        let proxy =
+            Proxy::new(config, Arc::new(SystemClock::new()), None, Metrics::new()).expect("proxy");
+        RateLimitServer::new(Arc::new(proxy))
+    }
+
+    #[test]
+    fn reads_what_envoys_types_write() {
+        let sent = RateLimitRequest {
+            domain: "limiter".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "path".into(),
+                    value: "/api/chat".into(),
+                }],
+                hits_addend: Some(UInt64Value { value: 0 }),
+                is_negative_hits: false,
+                limit: None,
+            }],
+            hits_addend: 3,
+        };
+        let read = Call::decode(sent.encode_to_vec().as_slice()).expect("same wire format");
+        assert_eq!(read.domain, "limiter");
+        assert_eq!(read.hits_addend, 3);
+        assert_eq!(read.descriptors[0].entries[0].value, b"/api/chat");
+        assert_eq!(
+            read.descriptors[0].hits_addend,
+            Some(UInt64Value { value: 0 })
+        );
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_is_not_utf8_is_over_the_limit_not_a_failed_call() {
+        let server = server();
+        let call = Call {
+            domain: "limiter".into(),
+            descriptors: vec![CallDescriptor {
+                entries: vec![
+                    CallEntry {
+                        key: b"path".to_vec(),
+                        value: b"/api/chat".to_vec(),
+                    },
+                    CallEntry {
+                        key: b"api_key".to_vec(),
+                        value: b"Espa\xf1a".to_vec(),
+                    },
+                    CallEntry {
+                        key: b"remote_address".to_vec(),
+                        value: b"10.0.0.1".to_vec(),
+                    },
+                ],
+                hits_addend: None,
+                is_negative_hits: false,
+            }],
+            hits_addend: 0,
+        };
+        for _ in 0..3 {
+            let answer = server.decide(&call).await.expect("answered, not failed");
+            assert_eq!(answer.overall_code, i32::from(Code::OverLimit));
+            let body = String::from_utf8(answer.raw_body).unwrap();
+            assert!(
+                body.contains("BAD_REQUEST") && body.contains("UTF-8"),
+                "{body}"
+            );
+        }
     }
 }

@@ -110,42 +110,50 @@ fn exactly_the_limit_under_100_concurrent_calls_and_hits_count_whole() {
     let ok = answers.iter().filter(|a| code(a) == "OK").count();
     let over = answers.iter().filter(|a| code(a) == "OVER_LIMIT").count();
     assert_eq!((ok, over), (50, 250), "exact under 100 in flight");
-    // hits_addend: 3 units a call (request-level) fit 16 times in 50; of the
-    // 2 left, 3 do not fit, a descriptor's own 2 (over the call's 3) do.
-    let calls: Vec<Value> = (0..30)
-        .map(|_| {
-            call(
-                "limiter",
-                &[descriptor(
-                    &[("path", "/api/chat"), ("remote_address", "10.2.0.2")],
-                    None,
-                )],
-                3,
-            )
-        })
-        .collect();
+    // hits_addend: 3 units a call (request-level) fit 16 times in 50; the
+    // 17th does not fit and exhausts the window (its units are spent, never
+    // lost), whatever the order.
+    let charge = |remote: &str, call_hits: u32, own: Option<u64>| {
+        call(
+            "limiter",
+            &[descriptor(
+                &[("path", "/api/chat"), ("remote_address", remote)],
+                own,
+            )],
+            call_hits,
+        )
+    };
+    let calls: Vec<Value> = (0..30).map(|_| charge("10.2.0.2", 3, None)).collect();
     let answers = rls::run(rls_addr, &calls, 100, None);
     let ok = answers.iter().filter(|a| code(a) == "OK").count();
-    assert_eq!(ok, 16, "48 of 50 units spent in calls of 3");
-    let two = call(
-        "limiter",
-        &[descriptor(
-            &[("path", "/api/chat"), ("remote_address", "10.2.0.2")],
-            Some(2),
-        )],
-        3,
+    assert_eq!(ok, 16, "48 of 50 units spent in calls of 3, then exhausted");
+    assert!(
+        code(&rls::run(rls_addr, &[charge("10.2.0.2", 0, None)], 1, None)[0]) == "OVER_LIMIT",
+        "the charge that did not fit spent the window"
     );
-    let three = call(
-        "limiter",
-        &[descriptor(
-            &[("path", "/api/chat"), ("remote_address", "10.2.0.2")],
-            Some(3),
-        )],
-        0,
+    // A descriptor's own hits_addend wins over the call's; its 0 is a check.
+    let calls = [
+        charge("10.2.0.3", 40, None),
+        charge("10.2.0.3", 3, Some(0)),
+        charge("10.2.0.3", 3, Some(10)),
+        charge("10.2.0.3", 3, Some(0)),
+        charge("10.2.0.4", 51, None),
+        charge("10.2.0.4", 0, None),
+    ];
+    let answers = rls::run(rls_addr, &calls, 1, None);
+    let seen: Vec<(String, u64)> = answers.iter().map(|a| (code(a), remaining(a))).collect();
+    assert_eq!(
+        seen,
+        [
+            ("OK".into(), 10),
+            ("OK".into(), 10),
+            ("OK".into(), 0),
+            ("OVER_LIMIT".into(), 0),
+            ("OVER_LIMIT".into(), 0),
+            ("OVER_LIMIT".into(), 0),
+        ],
+        "{answers:?}"
     );
-    let answers = rls::run(rls_addr, &[three, two.clone(), two], 1, None);
-    let codes: Vec<String> = answers.iter().map(code).collect();
-    assert_eq!(codes, ["OVER_LIMIT", "OK", "OVER_LIMIT"], "{answers:?}");
 }
 
 #[test]
@@ -171,6 +179,41 @@ fn exact_through_rls_on_the_redis_store_too() {
         keys.contains("/api/chat|10000|ip:10.3.0.1"),
         "the proxy's bucket key: {keys}"
     );
+    // Several units: all if they fit; a charge that does not fit exhausts the
+    // window in Redis too, keeping its expiry (or starting one).
+    let charge = |remote: &str, hits: u32| {
+        call(
+            "limiter",
+            &[descriptor(
+                &[("path", "/api/chat"), ("remote_address", remote)],
+                None,
+            )],
+            hits,
+        )
+    };
+    let calls = [
+        charge("10.3.0.2", 30),
+        charge("10.3.0.2", 20),
+        charge("10.3.0.2", 1),
+        charge("10.3.0.3", 41),
+        charge("10.3.0.3", 1),
+    ];
+    let answers = rls::run(rls_addr, &calls, 1, None);
+    let codes: Vec<String> = answers.iter().map(code).collect();
+    assert_eq!(
+        codes,
+        ["OK", "OVER_LIMIT", "OVER_LIMIT", "OVER_LIMIT", "OVER_LIMIT"],
+        "{answers:?}"
+    );
+    for remote in ["10.3.0.2", "10.3.0.3"] {
+        let key = format!("limiter:{{/api/chat|10000|ip:{remote}}}");
+        assert_eq!(redis.cli(&["GET", &key]).trim(), "40", "{remote} exhausted");
+        let ttl: i64 = redis.cli(&["PTTL", &key]).trim().parse().unwrap();
+        assert!(
+            ttl > 0 && ttl <= 10_000,
+            "{remote}: the window expires ({ttl} ms)"
+        );
+    }
 }
 
 #[test]
@@ -371,6 +414,9 @@ descriptors:
   - key: plan
     value: internal
     rate_limit: { unlimited: true }
+  - key: route
+    value: /api/*
+    rate_limit: { unit: minute, requests_per_unit: 1 }
 ",
     )
     .unwrap();

@@ -15,12 +15,14 @@
 //!         rate_limit: { unit: minute, requests_per_unit: 60 }
 //! ```
 //!
-//! A node with a `value` matches that value only; without, any value, each
-//! value counted on its own. `unit_multiplier` stretches the unit (the windows
-//! the reference server cannot express: 40 per 10 s). `replaces` and calendar
-//! units (`month`, `year`) are refused rather than served differently.
+//! A node with a `value` matches that value only (a value ending in `*`, any
+//! value with that prefix); without, any value, each value counted on its
+//! own. `unit_multiplier` stretches the unit (the windows the reference server
+//! cannot express: 40 per 10 s); `requests_per_unit: 0` refuses everything.
+//! `replaces`, `share_threshold`, `quota_mode` and calendar units (`month`,
+//! `year`) are refused rather than served differently.
 
-use std::{num::NonZeroU32, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
 
@@ -37,7 +39,8 @@ pub struct EnvoyDomain {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvoyDescriptor {
     pub key: String,
-    /// `None`: any value, each counted apart.
+    /// `None`: any value, each counted apart; ending in `*`: any value with
+    /// that prefix, each counted apart.
     pub value: Option<String>,
     /// The limit of descriptors that end at this node.
     pub limit: Option<EnvoyLimit>,
@@ -52,7 +55,8 @@ pub enum EnvoyLimit {
     /// `unlimited: true`: matched, never counted.
     Unlimited,
     Limit {
-        requests: NonZeroU32,
+        /// 0 refuses every request.
+        requests: u32,
         /// The unit times `unit_multiplier`.
         window: Duration,
         /// `name:`, reported in `current_limit`.
@@ -70,9 +74,14 @@ struct RawDomain {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the reference file's shape: independent flags"
+)]
 struct RawDescriptor {
     key: String,
-    value: Option<String>,
+    /// A scalar: `value: 200` and `value: true` are the strings they spell.
+    value: Option<serde_norway::Value>,
     rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     shadow_mode: bool,
@@ -83,6 +92,16 @@ struct RawDescriptor {
         reason = "accepted for compatibility; metrics are per node anyway"
     )]
     detailed_metric: bool,
+    /// Metric naming in the reference server.
+    #[serde(default)]
+    #[expect(
+        dead_code,
+        reason = "accepted for compatibility; metrics are per node anyway"
+    )]
+    value_to_metric: bool,
+    /// Wildcard values sharing one bucket: not served.
+    #[serde(default)]
+    share_threshold: bool,
     #[serde(default)]
     descriptors: Vec<RawDescriptor>,
 }
@@ -97,6 +116,9 @@ struct RawRateLimit {
     #[serde(default)]
     unlimited: bool,
     replaces: Option<serde_norway::Value>,
+    /// Over-limit answered OK with a quota: not served.
+    #[serde(default)]
+    quota_mode: bool,
 }
 
 impl EnvoyDomain {
@@ -136,10 +158,21 @@ fn nodes(field: &str, raw: Vec<RawDescriptor>) -> Result<Vec<EnvoyDescriptor>, C
         if node.key.is_empty() {
             return Err(invalid(format!("{field}.key"), "must not be empty"));
         }
-        if out
-            .iter()
-            .any(|o| o.key == node.key && o.value == node.value)
-        {
+        if node.share_threshold {
+            return Err(invalid(
+                format!("{field}.share_threshold"),
+                "not supported: each value is counted apart",
+            ));
+        }
+        let value = match node.value {
+            None | Some(serde_norway::Value::Null) => None,
+            Some(serde_norway::Value::String(s)) => Some(s),
+            Some(serde_norway::Value::Number(n)) => Some(n.to_string()),
+            Some(serde_norway::Value::Bool(b)) => Some(b.to_string()),
+            Some(_) => return Err(invalid(format!("{field}.value"), "must be a scalar")),
+        }
+        .filter(|v| !v.is_empty());
+        if out.iter().any(|o| o.key == node.key && o.value == value) {
             return Err(invalid(field, "the same key and value twice"));
         }
         let limit = node
@@ -148,7 +181,7 @@ fn nodes(field: &str, raw: Vec<RawDescriptor>) -> Result<Vec<EnvoyDescriptor>, C
             .transpose()?;
         out.push(EnvoyDescriptor {
             key: node.key,
-            value: node.value.filter(|v| !v.is_empty()),
+            value,
             limit,
             shadow_mode: node.shadow_mode,
             descriptors: nodes(&format!("{field}.descriptors"), node.descriptors)?,
@@ -162,6 +195,12 @@ fn limit(field: &str, raw: RawRateLimit) -> Result<EnvoyLimit, ConfigError> {
         return Err(invalid(
             format!("{field}.replaces"),
             "not supported: each descriptor is decided on its own",
+        ));
+    }
+    if raw.quota_mode {
+        return Err(invalid(
+            format!("{field}.quota_mode"),
+            "not supported: over the limit is over the limit",
         ));
     }
     if raw.unlimited {
@@ -192,8 +231,7 @@ fn limit(field: &str, raw: RawRateLimit) -> Result<EnvoyLimit, ConfigError> {
     }
     let requests = raw
         .requests_per_unit
-        .and_then(NonZeroU32::new)
-        .ok_or_else(|| invalid(format!("{field}.requests_per_unit"), "must be at least 1"))?;
+        .ok_or_else(|| invalid(format!("{field}.requests_per_unit"), "required"))?;
     Ok(EnvoyLimit::Limit {
         requests,
         window: Duration::from_secs(unit_secs * u64::from(multiplier)),
@@ -230,7 +268,7 @@ descriptors:
         assert_eq!(
             remote.limit,
             Some(EnvoyLimit::Limit {
-                requests: NonZeroU32::new(40).unwrap(),
+                requests: 40,
                 window: Duration::from_secs(10),
                 name: None,
             })
@@ -240,7 +278,7 @@ descriptors:
         assert_eq!(
             plan.descriptors[0].limit,
             Some(EnvoyLimit::Limit {
-                requests: NonZeroU32::new(60).unwrap(),
+                requests: 60,
                 window: Duration::from_mins(1),
                 name: Some("free-users".into()),
             })
@@ -256,8 +294,20 @@ descriptors:
                 "unit",
             ),
             (
-                "domain: d\ndescriptors: [{key: a, rate_limit: {unit: second, requests_per_unit: 0}}]",
+                "domain: d\ndescriptors: [{key: a, rate_limit: {unit: second}}]",
                 "requests_per_unit",
+            ),
+            (
+                "domain: d\ndescriptors: [{key: a, rate_limit: {unit: second, requests_per_unit: 1, quota_mode: true}}]",
+                "quota_mode",
+            ),
+            (
+                "domain: d\ndescriptors: [{key: a, value: 'x*', share_threshold: true}]",
+                "share_threshold",
+            ),
+            (
+                "domain: d\ndescriptors: [{key: a, value: ''}, {key: a}]",
+                "descriptors[1]",
             ),
             (
                 "domain: d\ndescriptors: [{key: a, rate_limit: {unit: second, requests_per_unit: 1, unit_multiplier: 0}}]",
@@ -277,5 +327,15 @@ descriptors:
             assert!(error.contains(field), "{yaml}: {error}");
         }
         assert!(EnvoyDomain::parse("domain: d\nbogus: 1").is_err());
+        let scalars = EnvoyDomain::parse(
+            "domain: d\ndescriptors: [{key: code, value: 200}, {key: beta, value: true}, {key: p, value: 'a*', rate_limit: {unit: hour, requests_per_unit: 0}}]",
+        )
+        .unwrap();
+        let values: Vec<_> = scalars
+            .descriptors
+            .iter()
+            .map(|d| d.value.as_deref())
+            .collect();
+        assert_eq!(values, [Some("200"), Some("true"), Some("a*")]);
     }
 }

@@ -289,6 +289,27 @@ fn rls_section_and_the_envoy_ratelimit_example() {
 }
 
 #[test]
+fn at_most_max_windows_distinct_windows() {
+    let tiers = |n: usize| -> String {
+        use std::fmt::Write as _;
+        (0..n).fold(String::new(), |mut out, i| {
+            let _ = write!(
+                out,
+                "[[tier]]\nroute = \"/t{i}\"\nlimit = 1\nwindow = \"{}s\"\n",
+                i + 1
+            );
+            out
+        })
+    };
+    let head = "[server]\nlisten = \"127.0.0.1:8080\"\n";
+    // The verification TTL (1h) is one more window.
+    let most = crate::limit::MAX_WINDOWS - 1;
+    assert!(Config::parse(&format!("{head}{}", tiers(most))).is_ok());
+    let error = error(&format!("{head}{}", tiers(most + 1)));
+    assert!(error.contains("distinct windows"), "{error}");
+}
+
+#[test]
 fn durations() {
     assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
     assert_eq!(parse_duration("1m"), Some(Duration::from_mins(1)));

@@ -100,6 +100,7 @@ impl RawConfig {
             tiers,
             keys: HashMap::new(),
         };
+        windows(&live, verified_key_ttl)?;
         // Compiling the table here rejects ambiguous tables at load time.
         live.route_table()?;
         live.keys = keys(&self.key, &live.tiers, live.path_policy)?;
@@ -371,6 +372,37 @@ fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
 
 /// `[[tier]]`: at least one, each with a limit and a window.
 /// `enforce` or `observe`.
+/// The distinct windows the store must keep in expiry order stay within
+/// [`crate::limit::MAX_WINDOWS`].
+fn windows(live: &LiveSettings, verified_key_ttl: Duration) -> Result<(), ConfigError> {
+    fn envoy_windows(nodes: &[crate::config::EnvoyDescriptor], out: &mut Vec<Duration>) {
+        for node in nodes {
+            if let Some(crate::config::EnvoyLimit::Limit { window, .. }) = &node.limit {
+                out.push(*window);
+            }
+            envoy_windows(&node.descriptors, out);
+        }
+    }
+    let mut all: Vec<Duration> = live.tiers.iter().map(|t| t.window).collect();
+    all.push(verified_key_ttl);
+    for domain in &live.rls.envoy {
+        envoy_windows(&domain.descriptors, &mut all);
+    }
+    all.sort_unstable();
+    all.dedup();
+    if all.len() > crate::limit::MAX_WINDOWS {
+        return Err(invalid(
+            "tier",
+            format!(
+                "{} distinct windows (tiers, [rls] envoy_config limits and identity.verified_key_ttl); at most {}",
+                all.len(),
+                crate::limit::MAX_WINDOWS
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `[rls]`: the listener (startup) and how descriptors are read (live).
 type RlsParts = (Option<SocketAddr>, Option<(PathBuf, PathBuf)>, RlsPolicy);
 

@@ -3,6 +3,12 @@
 
 mod shard;
 
+/// Distinct window lengths the store keeps in expiry order (tiers, envoy
+/// limits, the key-verification TTL together); the config refuses more, since
+/// beyond them windows share a queue whose long-lived front would delay the
+/// reclaim of expired buckets behind it.
+pub const MAX_WINDOWS: usize = shard::MAX_QUEUES;
+
 use std::sync::{
     Mutex, MutexGuard, PoisonError,
     atomic::{AtomicU64, Ordering},
@@ -79,9 +85,10 @@ impl MemoryStore {
         self.decide_hits(key, limit, 1, window_ms, now_ms)
     }
 
-    /// [`Self::decide`] for a request worth `hits` units (Envoy's `hits_addend`;
-    /// 0 counts as 1): admitted only if all of them fit in what is left, and
-    /// then all are counted; a rejection counts none.
+    /// [`Self::decide`] for a request worth `hits` units (Envoy's
+    /// `hits_addend`): admitted only if all of them fit in what is left, and
+    /// then all are counted; one that does not fit exhausts the window (its
+    /// units are spent, never lost); 0 is a check that counts nothing.
     ///
     /// # Errors
     /// As [`Self::decide`].
@@ -277,20 +284,32 @@ mod tests {
     }
 
     #[test]
-    fn a_request_of_several_units_is_admitted_whole_or_not_at_all() {
+    fn requests_of_several_units_checks_and_charges_that_do_not_fit() {
         let store = MemoryStore::new(16);
         let d = store.decide_hits(key(1), 10, 4, 60_000, T0).unwrap();
         assert_eq!((d.allowed, d.remaining), (true, 6));
         let d = store.decide_hits(key(1), 10, 5, 60_000, T0).unwrap();
         assert_eq!((d.allowed, d.remaining), (true, 1));
-        // 2 do not fit in the 1 left: refused, nothing counted.
-        let d = store.decide_hits(key(1), 10, 2, 60_000, T0).unwrap();
-        assert_eq!((d.allowed, d.remaining, d.rejected), (false, 0, 1));
-        // 0 counts as 1, and the last unit is still there.
+        // A check counts nothing: the last unit is still there.
         let d = store.decide_hits(key(1), 10, 0, 60_000, T0).unwrap();
+        assert_eq!((d.allowed, d.remaining), (true, 1));
+        let d = store.decide(key(1), 10, 60_000, T0).unwrap();
         assert_eq!((d.allowed, d.remaining), (true, 0));
+        let d = store.decide_hits(key(1), 10, 0, 60_000, T0).unwrap();
+        assert!(!d.allowed, "nothing left to check");
         let d = store.decide_hits(key(2), 3, u32::MAX, 60_000, T0).unwrap();
         assert!(!d.allowed, "more units than the limit never fit");
+        // A charge that did not fit exhausted the window: a request of one
+        // unit that would have fit is refused too.
+        assert!(!store.decide(key(2), 3, 60_000, T0).unwrap().allowed);
+        // Near u32::MAX nothing wraps.
+        let d = store
+            .decide_hits(key(3), u32::MAX, u32::MAX - 1, 60_000, T0)
+            .unwrap();
+        assert!(d.allowed);
+        let d = store.decide_hits(key(3), u32::MAX, 5, 60_000, T0).unwrap();
+        assert_eq!((d.allowed, d.remaining), (false, 0));
+        assert!(!store.decide(key(3), u32::MAX, 60_000, T0).unwrap().allowed);
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod verified;
 use std::{future::Future, pin::Pin};
 
 pub use clock::{Clock, FakeClock, Now, SystemClock};
-pub use memory::{MemoryStore, StoreFull};
+pub use memory::{MAX_WINDOWS, MemoryStore, StoreFull};
 pub use verified::VerifiedKeys;
 
 pub use self::redis::{RedisStore, bucket_key};

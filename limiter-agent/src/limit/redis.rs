@@ -27,16 +27,19 @@ use crate::{config::RedisSettings, identity::Identity};
 
 /// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
 /// `ARGV[1]`: the limit; `ARGV[2]`: the window in ms; `ARGV[3]`: the units the
-/// request is worth (at least 1). Admits (and counts them) only if they all fit
-/// under the limit, so rejections consume nothing; the first hit starts the
-/// window (`PEXPIRE`), anchoring it at the client's first request. Returns
-/// `{admitted (0|1), count, ms until reset}`.
+/// request is worth, as `Bucket::admit` counts them: all if they fit (a
+/// rejection of one unit consumes nothing), a charge of several that does not
+/// fit exhausts the window (`SET … KEEPTTL`), 0 checks without counting. The
+/// first hit starts the window (`PEXPIRE`), anchoring it at the client's first
+/// request. Returns `{admitted (0|1), count, ms until reset}`.
 const DECIDE_LUA: &str = r"
 local limit = tonumber(ARGV[1])
 local hits = tonumber(ARGV[3])
 local count = tonumber(redis.call('GET', KEYS[1]) or 0)
 local admitted = 0
-if count + hits <= limit then
+if hits == 0 then
+  if count < limit then admitted = 1 end
+elseif count + hits <= limit then
   admitted = 1
   local before = count
   count = redis.call('INCRBY', KEYS[1], hits)
@@ -44,6 +47,13 @@ if count + hits <= limit then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, count, tonumber(ARGV[2])}
   end
+elseif hits > 1 and count < limit then
+  if count == 0 then
+    redis.call('SET', KEYS[1], limit, 'PX', ARGV[2])
+    return {0, limit, tonumber(ARGV[2])}
+  end
+  redis.call('SET', KEYS[1], limit, 'KEEPTTL')
+  count = limit
 end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then
@@ -112,7 +122,7 @@ impl Backend {
         window_ms: u64,
     ) -> RedisResult<(u8, u64, u64)> {
         let mut invocation = script.key(key);
-        invocation.arg(limit).arg(window_ms).arg(hits.max(1));
+        invocation.arg(limit).arg(window_ms).arg(hits);
         match self {
             // Concurrent calls share one multiplexed connection: they are pipelined.
             Self::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
@@ -305,8 +315,9 @@ impl Inner {
                 rejected: 0,
             });
         }
-        // Only a full bucket is over its limit for every request; one that
-        // refused a request of several units may still admit a smaller one.
+        // A rejection leaves the bucket full (a charge that did not fit
+        // exhausts it), so it is over its limit for every request until its
+        // reset; the check is kept for counters written by something else.
         let rejected = if count >= ask.limit {
             self.over_limit.insert(ask.key, ask.limit, reset_ms)
         } else {

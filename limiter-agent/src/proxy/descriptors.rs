@@ -18,7 +18,7 @@ use super::{Charge, Charged, Proxy, State, TierState};
 use crate::{
     config::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit, LimitMode},
     headers::PolicyName,
-    identity::{Identity, Requester, sha256_hex},
+    identity::{Identity, Requester, hashed_key_in, sha256_hex},
     limit::Decision,
     metrics::Metrics,
     route::canonicalize,
@@ -167,16 +167,27 @@ impl EnvoyRules {
     }
 
     /// The node a descriptor ends on: each entry matches a node of its exact
-    /// value first, else one for any value; an entry that matches neither
-    /// leaves the descriptor unlimited (the reference server's rule).
+    /// value first, else one whose value ends in `*` and is a prefix of it,
+    /// else one for any value; an entry that matches none leaves the
+    /// descriptor unlimited (the reference server's rule).
     fn lookup(&self, entries: &[(&str, &str)]) -> Option<&Node> {
         let mut level = &self.nodes;
         let mut found = None;
         for (key, value) in entries {
+            let same_key = |n: &&Node| n.key == *key;
             let node = level
                 .iter()
-                .find(|n| n.key == *key && n.value.as_deref() == Some(*value))
-                .or_else(|| level.iter().find(|n| n.key == *key && n.value.is_none()))?;
+                .filter(same_key)
+                .find(|n| n.value.as_deref() == Some(*value))
+                .or_else(|| {
+                    level.iter().filter(same_key).find(|n| {
+                        n.value
+                            .as_deref()
+                            .and_then(|v| v.strip_suffix('*'))
+                            .is_some_and(|prefix| value.starts_with(prefix))
+                    })
+                })
+                .or_else(|| level.iter().filter(same_key).find(|n| n.value.is_none()))?;
             found = Some(node);
             level = &node.children;
         }
@@ -197,21 +208,6 @@ fn entry<'a>(entries: &[(&str, &'a str)], key: &str) -> Result<Option<&'a str>, 
         }
     }
     Ok(found)
-}
-
-/// The key of an `api_key` entry: a bare key, or the token of a Bearer
-/// credential (as the proxy reads `Authorization`); empty = none.
-fn api_key(value: &str) -> Result<Option<&str>, String> {
-    let value = value.trim();
-    let key = match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        Some(_) => return Err("api_key: not one key, nor a Bearer credential".into()),
-        None => value,
-    };
-    if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("api_key: not one token of visible ASCII".into());
-    }
-    Ok((!key.is_empty()).then_some(key))
 }
 
 impl Proxy {
@@ -294,8 +290,12 @@ impl Proxy {
             state.unlimited.inc();
             return Answer::NoLimit;
         };
-        let key = match entry(entries, "api_key").and_then(|k| k.map_or(Ok(None), api_key)) {
-            Ok(key) => key.map(|k| sha256_hex(k.as_bytes())),
+        let key = match entry(entries, "api_key").and_then(|k| {
+            k.map_or(Ok(None), |k| {
+                hashed_key_in(k).map_err(|_| "api_key: not one well-formed key".to_owned())
+            })
+        }) {
+            Ok(key) => key,
             Err(message) => {
                 self.metrics.refuse("api_key");
                 return refused("BAD_IDENTITY", message);
@@ -348,6 +348,13 @@ impl Proxy {
             ),
             Charged::Unavailable => Answer::Unavailable,
         }
+    }
+
+    /// A descriptor refused before any decision (entries that are not UTF-8).
+    #[must_use]
+    pub fn refuse_descriptor(&self, message: &str) -> Answer {
+        self.metrics.refuse("descriptor");
+        refused("BAD_REQUEST", message.into())
     }
 
     /// Counts one call of the rate limit service by its overall code.

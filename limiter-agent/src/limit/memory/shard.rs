@@ -21,7 +21,7 @@ const REJECTED_MAX: u64 = u64::MAX >> REJECTED_SHIFT;
 
 /// Distinct window lengths with their own queue per shard (tiers are few); beyond this the
 /// last queue is shared, which only delays reclaim (see `Shard::queue_for`).
-const MAX_QUEUES: usize = 8;
+pub(super) const MAX_QUEUES: usize = 32;
 /// The map's key. Packed to 4-byte alignment so that with a `Bucket` a map slot is 20 bytes,
 /// not 24: the memory budget (64 bytes per bucket, map and queue) has no room for padding.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,14 +56,26 @@ impl Bucket {
         u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
     }
 
-    /// Counts one request of `hits` units (at least 1): admitted only if all of
-    /// them fit. The check and the increment happen under the shard lock.
+    /// Counts one request of `hits` units, under the shard lock:
+    /// - 1 (every HTTP request): admitted under the limit; a rejection
+    ///   consumes nothing.
+    /// - more: admitted if all of them fit. A charge that does not fit
+    ///   exhausts the window rather than vanish (usage reported after the
+    ///   fact, like Envoy's costs charged when a stream ends, is never lost),
+    ///   so the window never admits past its limit either way.
+    /// - 0: a check that counts nothing: admitted while a unit is left.
     fn admit(&mut self, limit: u32, hits: u32) -> Decision {
-        let allowed = self.count.saturating_add(hits.max(1)) <= limit;
+        let left = limit.saturating_sub(self.count);
+        let allowed = if hits == 0 { left > 0 } else { hits <= left };
         if allowed {
-            self.count += hits.max(1);
-        } else if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
-            self.packed += 1 << REJECTED_SHIFT;
+            self.count += hits;
+        } else {
+            if hits > 1 {
+                self.count = self.count.max(limit);
+            }
+            if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
+                self.packed += 1 << REJECTED_SHIFT;
+            }
         }
         Decision {
             allowed,
