@@ -345,8 +345,12 @@ fn rls_section(out: &mut String, rls: &Value) {
     }
     let _ = writeln!(
         out,
-        "\n- in-memory store at {:.2}× the floor's decisions/s; Redis at {:.2}× the in-memory store's\n         - every call answered OK (all under their limit): {not_ok:.0} not OK — {}\n\n         Command: `cargo xtask bench rls`: {} streams in flight ({} per HTTP/2 connection), {} s per case, \
-         {} client addresses under their limit, the `redis-server` started by the bench.\n",
+        "\n- in-memory store at {:.2}× the floor's decisions/s; Redis at {:.2}× the in-memory \
+         store's (the client shares the 2 cores: compare the server CPU per decision)\n\
+         - every call answered OK (all under their limit): {not_ok:.0} not OK — {}\n\n\
+         Command: `cargo xtask bench rls`: {} streams in flight ({} per HTTP/2 connection), \
+         {} s per case, {} client addresses under their limit, the `redis-server` started by \
+         the bench; the floor is a server of the same stack that answers OK deciding nothing.\n",
         f(&rls["memory_vs_floor"]),
         f(&rls["redis_vs_memory"]),
         verdict(not_ok == 0.0),
