@@ -67,6 +67,20 @@ impl Peer {
     /// Starts `program args…` pinned to `cpu` and waits until `addr` accepts.
     #[must_use]
     pub fn start(name: &str, cpu: u32, program: &str, args: &[&str], addr: SocketAddr) -> Self {
+        Self::start_in(None, name, cpu, program, args, addr)
+    }
+
+    /// [`Peer::start`] in the network namespace `ns` (this one when `None`),
+    /// `addr` probed from inside it.
+    #[must_use]
+    pub fn start_in(
+        ns: Option<&crate::netns::Netns>,
+        name: &str,
+        cpu: u32,
+        program: &str,
+        args: &[&str],
+        addr: SocketAddr,
+    ) -> Self {
         let mut command = Command::new("taskset");
         command
             .args(["-c", &cpu.to_string(), program])
@@ -75,6 +89,9 @@ impl Peer {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .env("RUST_LOG", "warn");
+        if let Some(ns) = ns {
+            ns.enter_on_exec(&mut command);
+        }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({program}): {e}"));
@@ -82,14 +99,22 @@ impl Peer {
             name: name.to_owned(),
             child,
         };
-        peer.wait_for(addr);
+        peer.wait_for(addr, ns);
         peer
     }
 
-    fn wait_for(&mut self, addr: SocketAddr) {
+    fn wait_for(&mut self, addr: SocketAddr, ns: Option<&crate::netns::Netns>) {
+        let connects = |addr: SocketAddr| {
+            let probe =
+                move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            match ns {
+                Some(ns) => ns.run(probe),
+                None => probe(),
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if connects(addr) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {

@@ -60,8 +60,11 @@ fn cpu_cell(v: &Value) -> String {
 
 fn proxy_section(out: &mut String, proxy: &Value) {
     let _ = writeln!(out, "## proxy: wrk through each contender\n");
-    for scenario in ["allowed", "rejected"] {
+    for scenario in ["allowed", "rejected", "allowed_veth"] {
         let s = &proxy[scenario];
+        if s.is_null() {
+            continue;
+        }
         let nginx = f(&s["nginx"]["rps"]);
         let _ = writeln!(
             out,
@@ -125,6 +128,20 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         f(&proxy["ratios"]["allowed_with_dashboard_vs_without"]),
         f(&proxy["ratios"]["allowed_cpu_with_dashboard_vs_without"])
     );
+    if !proxy["allowed_veth"].is_null() {
+        let _ = writeln!(
+            out,
+            "- as deployed (`allowed_veth`: wrk in a namespace over a veth, XDP native on the \
+             host's end): limiter {:.2}× nginx, {:.2}× `HAProxy`, CPU per request {:.2}× nginx's; \
+             attaching the program costs the allowed path {:.0} % there, {:.0} % on `lo` \
+             (generic mode, where the upstream leg crosses it too)\n",
+            f(&proxy["ratios"]["allowed_veth_vs_nginx"]),
+            f(&proxy["ratios"]["allowed_veth_vs_haproxy"]),
+            f(&proxy["ratios"]["allowed_veth_cpu_vs_nginx"]),
+            (1.0 - f(&proxy["ratios"]["allowed_veth_xdp_vs_plain"])) * 100.0,
+            (1.0 - f(&proxy["ratios"]["allowed_xdp_vs_plain"])) * 100.0
+        );
+    }
     let _ = writeln!(
         out,
         "Command: `cargo xtask bench proxy` ({} rounds of {} s, {} connections, `GET {}`). \

@@ -1,7 +1,10 @@
-//! `cargo xtask bench proxy`: wrk through the limiter (without and with XDP on
-//! `lo`), nginx `limit_req` and `HAProxy` stick tables configured with the same
+//! `cargo xtask bench proxy`: wrk through the limiter (without and with XDP),
+//! nginx `limit_req` and `HAProxy` stick tables configured with the same
 //! tiers, in front of the same static upstream; scenarios `allowed` (limits too
-//! high to reject anything) and `rejected` (one client far over its limit).
+//! high to reject anything) and `rejected` (one client far over its limit), on
+//! `lo` (XDP in generic mode sees the upstream leg too), and `allowed_veth` as
+//! deployed: wrk in a network namespace over a veth, XDP attached natively to
+//! the host's end, the contenders and the upstream in the host's namespace.
 //!
 //! Core budget: every contender is pinned to CPU 1 with one worker (nginx
 //! `worker_processes 1`, `HAProxy` `nbthread 1`, the agent's runtime sized by
@@ -24,6 +27,7 @@ use limiter_tests::{
         with_cpu_cost, write_json, wrk,
     },
     http,
+    netns::{HOST_CLIENT_ADDR, HOST_CLIENT_IF, Netns, Topology},
     prometheus::metric,
 };
 use serde_json::json;
@@ -34,6 +38,32 @@ const CONNECTIONS: u32 = 50;
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Where the contenders run and how wrk reaches them.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    /// The namespace the contenders and the upstream run in (this one when `None`).
+    ns: Option<&'a Netns>,
+    /// The address the contenders listen on.
+    listen: Ipv4Addr,
+    /// The address wrk dials.
+    dial: Ipv4Addr,
+    /// Where XDP attaches.
+    xdp_interface: &'a str,
+    /// What wrk runs through (`ip netns exec CLIENT`), empty for this namespace.
+    wrk_prefix: &'a [&'a str],
+}
+
+impl Place<'_> {
+    /// Everything on `lo` here: the upstream leg crosses XDP too (generic mode).
+    const LOOPBACK: Place<'static> = Place {
+        ns: None,
+        listen: Ipv4Addr::LOCALHOST,
+        dial: Ipv4Addr::LOCALHOST,
+        xdp_interface: "lo",
+        wrk_prefix: &[],
+    };
 }
 
 /// A tier's limit times `scale`.
@@ -57,8 +87,8 @@ fn nginx_temp(dir: &Path) -> String {
     )
 }
 
-/// The fast static upstream every contender proxies to.
-fn upstream(dir: &Path, port: u16) -> Peer {
+/// The fast static upstream every contender proxies to (on the contenders' host).
+fn upstream(dir: &Path, port: u16, place: Place) -> Peer {
     let conf = format!(
         "{}http {{\n{}keepalive_requests 1000000;\nserver {{\nlisten 127.0.0.1:{port};\n\
          location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }}\n}}\n}}\n",
@@ -69,17 +99,25 @@ fn upstream(dir: &Path, port: u16) -> Peer {
         "upstream (nginx static)",
         LOAD_CPU,
         dir,
-        "upstream.conf",
-        &conf,
+        ("upstream.conf", &conf),
         port,
+        place,
     )
 }
 
 /// Writes `conf` to `dir/file` and starts nginx with it.
-fn start_nginx(name: &str, cpu: u32, dir: &Path, file: &str, conf: &str, port: u16) -> Peer {
+fn start_nginx(
+    name: &str,
+    cpu: u32,
+    dir: &Path,
+    (file, conf): (&str, &str),
+    port: u16,
+    place: Place,
+) -> Peer {
     let path = dir.join(file);
     std::fs::write(&path, conf).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-    Peer::start(
+    Peer::start_in(
+        place.ns,
         name,
         cpu,
         "nginx",
@@ -94,7 +132,7 @@ fn start_nginx(name: &str, cpu: u32, dir: &Path, file: &str, conf: &str, port: u
 }
 
 /// nginx with one `limit_req` zone per tier, keyed by client address.
-fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> Peer {
+fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32, place: Place) -> Peer {
     let mut http = nginx_temp(dir);
     let _ = writeln!(http, "keepalive_requests 1000000;\nlimit_req_status 429;");
     let _ = writeln!(
@@ -110,7 +148,7 @@ fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> Pe
             "limit_req_zone $binary_remote_addr zone=t{i}:10m rate={per_minute}r/m;"
         );
     }
-    let _ = writeln!(http, "server {{\nlisten 127.0.0.1:{port} reuseport;");
+    let _ = writeln!(http, "server {{\nlisten {}:{port} reuseport;", place.listen);
     let proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";";
     for (i, tier) in tiers.iter().enumerate() {
         let burst = scaled(tier, scale);
@@ -126,19 +164,19 @@ fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> Pe
         "nginx limit_req",
         CONTENDER_CPU,
         dir,
-        "nginx.conf",
-        &conf,
+        ("nginx.conf", &conf),
         port,
+        place,
     )
 }
 
 /// `HAProxy` with one stick table per tier (`http_req_rate` over the window).
-fn haproxy(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> Peer {
+fn haproxy(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32, place: Place) -> Peer {
     let mut conf = String::from(
         "global\n  nbthread 1\n  maxconn 8000\n\ndefaults\n  mode http\n  timeout connect 5s\n  \
          timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n\n",
     );
-    let _ = writeln!(conf, "frontend api\n  bind 127.0.0.1:{port}");
+    let _ = writeln!(conf, "frontend api\n  bind {}:{port}", place.listen);
     for (i, tier) in tiers.iter().enumerate() {
         let _ = writeln!(
             conf,
@@ -167,7 +205,8 @@ fn haproxy(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> 
     }
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, conf).expect("haproxy config");
-    Peer::start(
+    Peer::start_in(
+        place.ns,
         "HAProxy stick tables",
         CONTENDER_CPU,
         "haproxy",
@@ -176,8 +215,9 @@ fn haproxy(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32) -> 
     )
 }
 
-/// The agent with the reference tiers scaled by `scale`; with XDP on `lo`
-/// (instance `instance`) when given; its dashboard (and sampler) on or off.
+/// The agent with the reference tiers scaled by `scale`; with XDP on the
+/// place's interface (instance `instance`) when given; its dashboard (and
+/// sampler) on or off.
 #[expect(
     clippy::too_many_arguments,
     reason = "one bench helper, called three times"
@@ -191,17 +231,20 @@ fn limiter(
     scale: u32,
     xdp: Option<&str>,
     dashboard: bool,
+    place: Place,
 ) -> Peer {
     let mut conf = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
+        "[server]\nlisten = \"{}:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
          max_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-         dashboard = {dashboard}\n\n"
+         dashboard = {dashboard}\n\n",
+        place.listen
     );
     match xdp {
         Some(instance) => {
             let _ = writeln!(
                 conf,
-                "[xdp]\nenabled = true\ninterfaces = [\"lo\"]\ninstance = \"{instance}\"\n"
+                "[xdp]\nenabled = true\ninterfaces = [\"{}\"]\ninstance = \"{instance}\"\n",
+                place.xdp_interface
             );
         }
         None => conf.push_str("[xdp]\nenabled = false\n\n"),
@@ -218,9 +261,10 @@ fn limiter(
     let path = dir.join(name);
     std::fs::write(&path, conf).expect("limiter config");
     let binary = agent_binary();
-    Peer::start(
+    Peer::start_in(
+        place.ns,
         match (xdp, dashboard) {
-            (Some(_), _) => "limiter (XDP on lo)",
+            (Some(_), _) => "limiter (XDP)",
             (None, true) => "limiter (--no-xdp)",
             (None, false) => "limiter (--no-xdp, no dashboard)",
         },
@@ -244,8 +288,33 @@ fn entry(result: &WrkResult) -> serde_json::Value {
     })
 }
 
-/// One scenario: every contender up at once, `rounds` interleaved wrk runs.
-fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> serde_json::Value {
+/// What the program did during the XDP contender's runs, from its metrics.
+fn kernel_counts(place: Place, admin: u16) -> serde_json::Value {
+    let metrics = match place.ns {
+        Some(ns) => ns.run(move || http::get(local(admin), "/metrics").body),
+        None => http::get(local(admin), "/metrics").body,
+    };
+    let dropped: f64 = ["banned", "packet_ceiling", "syn_ceiling"]
+        .iter()
+        .map(|r| {
+            let name = format!("limiter_xdp_packets_total{{verdict=\"drop\",reason=\"{r}\"}}");
+            metric(&metrics, &name).unwrap_or(0.0)
+        })
+        .sum();
+    json!({
+        "dropped_packets": dropped,
+        "escalations": metric(&metrics, "limiter_escalations_total").unwrap_or(0.0),
+    })
+}
+
+/// One scenario: every contender up at once at `place`, `rounds` interleaved wrk runs.
+fn scenario(
+    name: &str,
+    scale: u32,
+    (rounds, seconds): (u32, u32),
+    direct: bool,
+    place: Place,
+) -> serde_json::Value {
     let dir = scratch(&format!("proxy-{name}"));
     let (up_port, nginx_port, haproxy_port) = (free_port(), free_port(), free_port());
     let (lim_port, lim_admin, xdp_port, xdp_admin) =
@@ -257,12 +326,12 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     for d in [&upstream_dir, &nginx_dir] {
         std::fs::create_dir_all(d).expect("dir");
     }
-    let upstream = upstream(&upstream_dir, up_port);
+    let upstream = upstream(&upstream_dir, up_port, place);
     let tiers = reference_tiers();
-    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale);
-    let haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale);
+    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale, place);
+    let haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale, place);
     let limiter_plain = limiter(
-        &dir, lim_port, lim_admin, up_port, &tiers, scale, None, true,
+        &dir, lim_port, lim_admin, up_port, &tiers, scale, None, true, place,
     );
     let limiter_xdp = limiter(
         &dir,
@@ -273,6 +342,7 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
         scale,
         Some(&instance),
         true,
+        place,
     );
     // The allowed path once more without the dashboard's sampler: what the
     // live page costs per request.
@@ -287,6 +357,7 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
             scale,
             None,
             false,
+            place,
         )
     });
     // (name, port, the process whose CPU it costs, whether it has a CPU of
@@ -307,8 +378,8 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     for round in 1..=rounds {
         for (i, (contender, port, pid, own_cpu)) in contenders.iter().enumerate() {
             eprintln!("proxy/{name}: round {round}/{rounds}: {contender}…");
-            let url = format!("http://127.0.0.1:{port}{BENCH_PATH}");
-            let run = || wrk(&[], LOAD_CPU, &url, CONNECTIONS, seconds);
+            let url = format!("http://{}:{port}{BENCH_PATH}", place.dial);
+            let run = || wrk(place.wrk_prefix, LOAD_CPU, &url, CONNECTIONS, seconds);
             let result = if *own_cpu {
                 with_cpu_cost(CONTENDER_CPU, *pid, run)
             } else {
@@ -331,18 +402,7 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     for (i, (contender, ..)) in contenders.iter().enumerate() {
         out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
     }
-    let metrics = http::get(local(xdp_admin), "/metrics").body;
-    let dropped: f64 = ["banned", "packet_ceiling", "syn_ceiling"]
-        .iter()
-        .map(|r| {
-            let name = format!("limiter_xdp_packets_total{{verdict=\"drop\",reason=\"{r}\"}}");
-            metric(&metrics, &name).unwrap_or(0.0)
-        })
-        .sum();
-    let kernel = json!({
-        "dropped_packets": dropped,
-        "escalations": metric(&metrics, "limiter_escalations_total").unwrap_or(0.0),
-    });
+    let kernel = kernel_counts(place, xdp_admin);
     if let Some(serde_json::Value::Object(xdp)) = out.get_mut("limiter_xdp") {
         xdp.insert("kernel".into(), kernel);
     }
@@ -351,16 +411,39 @@ fn scenario(name: &str, scale: u32, rounds: u32, seconds: u32, direct: bool) -> 
     serde_json::Value::Object(out)
 }
 
+/// The allowed path as deployed: wrk in its own namespace over a veth, the
+/// program attached natively to the host's end, so only client traffic
+/// crosses it (the upstream leg stays on the host's lo).
+fn allowed_veth(rounds: u32, seconds: u32) -> serde_json::Value {
+    let topology = Topology::new();
+    let prefix = ["ip", "netns", "exec", topology.client.name.as_str()];
+    let place = Place {
+        ns: Some(&topology.host),
+        listen: Ipv4Addr::UNSPECIFIED,
+        dial: HOST_CLIENT_ADDR,
+        xdp_interface: HOST_CLIENT_IF,
+        wrk_prefix: &prefix,
+    };
+    scenario("allowed_veth", 1_000_000, (rounds, seconds), false, place)
+}
+
 fn main() {
     let (mut rounds, mut seconds) = (3, 8);
     numeric_options(
         "proxy-bench [--rounds N] [--seconds S]",
         &mut [("--rounds", &mut rounds), ("--seconds", &mut seconds)],
     );
-    limiter_tests::require_root("the proxy benchmark (XDP on lo)");
+    limiter_tests::require_root("the proxy benchmark (XDP on lo and on a veth)");
     // Limits far above what the run can send, then the reference limits.
-    let allowed = scenario("allowed", 1_000_000, rounds, seconds, true);
-    let rejected = scenario("rejected", 1, rounds, seconds, false);
+    let allowed = scenario(
+        "allowed",
+        1_000_000,
+        (rounds, seconds),
+        true,
+        Place::LOOPBACK,
+    );
+    let rejected = scenario("rejected", 1, (rounds, seconds), false, Place::LOOPBACK);
+    let allowed_veth = allowed_veth(rounds, seconds);
     let ratio = |scenario: &serde_json::Value, key: &str| {
         let ours = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
         let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
@@ -373,6 +456,12 @@ fn main() {
         let theirs = scenario[key]["cpu_us_per_request"].as_f64().unwrap_or(0.0);
         if theirs > 0.0 { ours / theirs } else { 0.0 }
     };
+    // What attaching the program costs the allowed path.
+    let xdp_ratio = |scenario: &serde_json::Value| {
+        let with = scenario["limiter_xdp"]["rps"].as_f64().unwrap_or(0.0);
+        let without = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
+        if without > 0.0 { with / without } else { 0.0 }
+    };
     let result = json!({
         "machine": machine(),
         "rounds": rounds,
@@ -381,6 +470,7 @@ fn main() {
         "path": BENCH_PATH,
         "allowed": allowed,
         "rejected": rejected,
+        "allowed_veth": allowed_veth,
         "ratios": {
             "allowed_vs_nginx": ratio(&allowed, "nginx"),
             "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
@@ -392,6 +482,11 @@ fn main() {
             "rejected_cpu_vs_haproxy": cpu_ratio(&rejected, "haproxy"),
             "allowed_with_dashboard_vs_without": ratio(&allowed, "limiter_no_dashboard"),
             "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
+            "allowed_veth_vs_nginx": ratio(&allowed_veth, "nginx"),
+            "allowed_veth_vs_haproxy": ratio(&allowed_veth, "haproxy"),
+            "allowed_veth_cpu_vs_nginx": cpu_ratio(&allowed_veth, "nginx"),
+            "allowed_xdp_vs_plain": xdp_ratio(&allowed),
+            "allowed_veth_xdp_vs_plain": xdp_ratio(&allowed_veth),
         },
     });
     let path = write_json("proxy", &result);
