@@ -30,7 +30,8 @@ pub struct RequestLabels {
 pub struct RefusedLabels {
     /// `path` (a spelling routers disagree on), `api_key` (conflicting or
     /// malformed key headers), `client_address` (a forwarding hop that is not an
-    /// address) or `store_full` (no room for a new bucket).
+    /// address), `store_full` (no room for a new bucket) or `descriptor` (an
+    /// Envoy descriptor entry that is not UTF-8).
     pub reason: &'static str,
 }
 

@@ -5,9 +5,9 @@
 //!
 //! Two kinds of domain:
 //! - `[rls] domain` (`limiter`): a descriptor's `path` entry is routed to its
-//!   tier through the proxy's canonicaliser; `api_key` (the raw key, or an
-//!   `Authorization` value with the Bearer scheme) and `remote_address` pick
-//!   the identity by the proxy's rules. Other entries are ignored.
+//!   tier through the proxy's canonicaliser; `api_key` (one header's value,
+//!   read by the proxy's grammar: [`hashed_key_in`]) and `remote_address`
+//!   pick the identity by the proxy's rules. Other entries are ignored.
 //! - envoyproxy/ratelimit domains (`[rls] envoy_config`): the descriptor walks
 //!   the domain's tree entry by entry; the node it ends on holds the limit,
 //!   and its entries (key and value each) name the bucket.
@@ -46,8 +46,8 @@ pub enum Answer {
 pub struct Verdict {
     pub decision: Decision,
     pub window_ms: u64,
-    /// Over the limit in a dry run (`mode = "observe"`, `shadow_mode`):
-    /// reported as OK, counted as `would_reject`.
+    /// A dry run (`mode = "observe"`, `shadow_mode`): over the limit is
+    /// reported as OK and counted as `would_reject`.
     pub observe: bool,
     /// The limit's name (`current_limit.name`): the tier's route, or the
     /// node's `name`/entries.
@@ -262,7 +262,7 @@ impl Proxy {
             hits,
             source: source.as_ref().map(|(ip, as_identity)| (*ip, as_identity)),
         };
-        self.verdict(state, tier, charge, tier.route.clone()).await
+        self.verdict(state, tier, charge).await
     }
 
     /// `[rls] domain`: the tier of the `path` entry, the identity of the
@@ -323,23 +323,17 @@ impl Proxy {
             hits,
             source: remote.map(|ip| (ip, &identity)),
         };
-        self.verdict(state, tier, charge, tier.route.clone()).await
+        self.verdict(state, tier, charge).await
     }
 
-    async fn verdict(
-        &self,
-        state: &State,
-        tier: &TierState,
-        charge: Charge<'_>,
-        name: String,
-    ) -> Answer {
+    async fn verdict(&self, state: &State, tier: &TierState, charge: Charge<'_>) -> Answer {
         let now_ms = self.clock.now_ms();
         match self.charge(state, tier, charge, now_ms).await {
             Charged::Decided(decision) => Answer::Decided(Verdict {
                 decision,
                 window_ms: tier.window_ms,
                 observe: tier.observe,
-                name,
+                name: tier.route.clone(),
                 policy: tier.policy.clone(),
             }),
             Charged::Full => refused(
