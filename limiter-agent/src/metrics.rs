@@ -38,7 +38,8 @@ pub struct RefusedLabels {
 /// Labels of `limiter_rls_calls_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RlsCallLabels {
-    /// The overall code answered (`ok`, `over_limit`), or the gRPC error
+    /// The overall code answered (`ok`, `over_limit`, `no_limit` when no
+    /// descriptor matched a limit), or the gRPC error
     /// (`invalid_argument`, `unavailable`, `permission_denied`).
     pub code: &'static str,
 }

@@ -312,11 +312,11 @@ impl tonic::server::UnaryService<Call> for Unary {
                 .clients
                 .contains(this.peer.ip().to_canonical())
             {
-                proxy.count_rls_call("permission_denied");
+                proxy.metrics().rls_call("permission_denied");
                 return Err(tonic::Status::permission_denied("not an [rls] client"));
             }
             let answered = this.server.decide(request.get_ref()).await;
-            proxy.count_rls_call(match &answered {
+            proxy.metrics().rls_call(match &answered {
                 Ok(r) if r.overall_code == i32::from(Code::OverLimit) => "over_limit",
                 Ok(r) if r.statuses.iter().all(|s| s.current_limit.is_none()) => "no_limit",
                 Ok(_) => "ok",
@@ -384,7 +384,7 @@ pub async fn serve(
             .clients
             .contains(peer.ip().to_canonical())
         {
-            proxy.count_rls_call("permission_denied");
+            proxy.metrics().rls_call("permission_denied");
             tracing::debug!(%peer, "rls caller outside [rls] clients: closed");
             continue;
         }

@@ -350,11 +350,6 @@ impl Proxy {
         self.metrics.refuse("descriptor");
         refused("BAD_REQUEST", message.into())
     }
-
-    /// Counts one call of the rate limit service by its overall code.
-    pub fn count_rls_call(&self, code: &'static str) {
-        self.metrics.rls_call(code);
-    }
 }
 
 fn refused(code: &'static str, message: String) -> Answer {
