@@ -416,3 +416,134 @@ mod tests {
         assert_eq!(route_regex("/api/health"), "^/api/health$");
     }
 }
+
+/// What an open-loop run offered and what came back.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Offered {
+    /// Requests sent on schedule (written, or refused by a full socket).
+    pub offered: u64,
+    /// Responses read, and how many of them were 429s.
+    pub answered: u64,
+    pub rejected: u64,
+    pub seconds: f64,
+    /// Busy time of the contender's CPU per offered request, µs.
+    pub cpu_us_per_offered: f64,
+    /// The contender's own user + system time per offered request, µs.
+    pub process_cpu_us_per_offered: f64,
+}
+
+/// Offers `rate` requests per second of `GET path` to `addr` for `seconds`
+/// over `connections` keep-alive connections, on a schedule that never waits
+/// for answers (requests are pipelined; one a connection's socket will not
+/// take is still counted as offered: the client sent it, nothing got it).
+/// The load runs on a thread pinned to `cpu`; the contender's CPU (`pid`'s
+/// and `contender_cpu`'s) is measured over the run and divided by what was
+/// offered, so a source whose packets the kernel drops costs what dropping
+/// costs, not what a served request would.
+#[must_use]
+pub fn offer(
+    addr: SocketAddr,
+    path: &str,
+    (rate, seconds, connections): (u32, u32, u32),
+    (cpu, contender_cpu, pid): (u32, u32, u32),
+) -> Offered {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes();
+    let (offered, answered, rejected) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let counters = (offered.clone(), answered.clone(), rejected.clone());
+    let before = (cpu_ticks(contender_cpu).0, tree_ticks(pid));
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        crate::pin_to_cpu(cpu as usize);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(seconds));
+            let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(rate));
+            let mut tasks = Vec::new();
+            for _ in 0..connections {
+                let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let _ = stream.set_nodelay(true);
+                let (mut reader, writer) = stream.into_split();
+                let (offered, answered, rejected) = counters.clone();
+                let request = request.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                    while tokio::time::Instant::now() < deadline {
+                        tick.tick().await;
+                        offered.fetch_add(1, Ordering::Relaxed);
+                        // A full socket (a banned source's stalled connection) drops it.
+                        let _ = writer.try_write(&request);
+                    }
+                }));
+                tasks.push(tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt as _;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut carry: Vec<u8> = Vec::new();
+                    loop {
+                        let read = tokio::time::timeout_at(deadline, reader.read(&mut buf)).await;
+                        let Ok(Ok(n)) = read else { break };
+                        if n == 0 {
+                            break;
+                        }
+                        carry.extend_from_slice(&buf[..n]);
+                        // Count status lines; keep what may be the start of one.
+                        let mut from = 0;
+                        loop {
+                            let Some(at) = carry[from..].windows(9).position(|w| w == b"HTTP/1.1 ")
+                            else {
+                                from = from.max(carry.len().saturating_sub(8));
+                                break;
+                            };
+                            let status = from + at + 9;
+                            if status + 3 > carry.len() {
+                                from += at;
+                                break;
+                            }
+                            answered.fetch_add(1, Ordering::Relaxed);
+                            if &carry[status..status + 3] == b"429" {
+                                rejected.fetch_add(1, Ordering::Relaxed);
+                            }
+                            from = status + 3;
+                        }
+                        carry.drain(..from);
+                    }
+                }));
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
+        });
+    })
+    .join()
+    .expect("the load thread");
+    let seconds = started.elapsed().as_secs_f64();
+    let busy = cpu_ticks(contender_cpu).0 - before.0;
+    let process = tree_ticks(pid).saturating_sub(before.1);
+    let offered = offered.load(Ordering::Relaxed);
+    let per = |ticks: u64| {
+        if offered == 0 {
+            0.0
+        } else {
+            ticks_to_us(ticks) / f64::from(u32::try_from(offered).unwrap_or(u32::MAX))
+        }
+    };
+    Offered {
+        offered,
+        answered: answered.load(Ordering::Relaxed),
+        rejected: rejected.load(Ordering::Relaxed),
+        seconds,
+        cpu_us_per_offered: per(busy),
+        process_cpu_us_per_offered: per(process),
+    }
+}

@@ -58,6 +58,45 @@ fn cpu_cell(v: &Value) -> String {
     }
 }
 
+/// The over-limit client at a fixed offered rate.
+fn escalation_table(out: &mut String, escalation: &Value) {
+    if escalation.is_null() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "### escalation (one client far over its limit, fixed offered rate)\n\n| contender | offered | offered/s | answered | 429s | CPU µs per offered | process µs per offered |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for contender in ["limiter", "limiter_xdp", "nginx"] {
+        let c = &escalation[contender];
+        if c.is_null() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {contender} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            f(&c["offered"]),
+            f(&c["offered_per_second"]),
+            f(&c["answered"]),
+            f(&c["rejected_429"]),
+            f(&c["cpu_us_per_offered"]),
+            f(&c["process_cpu_us_per_offered"])
+        );
+    }
+    let kernel = &escalation["limiter_xdp"]["kernel"];
+    if !kernel.is_null() {
+        let _ = writeln!(
+            out,
+            "\nlimiter_xdp: {} packets dropped in the kernel, {} escalation ban(s). The load is open \
+             loop (8 connections, requests pipelined on a schedule): a request a banned \
+             connection's full socket will not take is still offered.",
+            f(&kernel["dropped_packets"]),
+            f(&kernel["escalations"])
+        );
+    }
+    let _ = writeln!(out);
+}
+
 fn proxy_section(out: &mut String, proxy: &Value) {
     let _ = writeln!(out, "## proxy: wrk through each contender\n");
     for scenario in ["allowed", "rejected", "allowed_veth"] {
@@ -110,6 +149,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         }
         let _ = writeln!(out);
     }
+    escalation_table(out, &proxy["escalation"]);
     let allowed = f(&proxy["ratios"]["allowed_vs_nginx"]);
     let rejected = f(&proxy["ratios"]["rejected_vs_nginx"]);
     let allowed_cpu = f(&proxy["ratios"]["allowed_cpu_vs_nginx"]);
@@ -128,6 +168,16 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         f(&proxy["ratios"]["allowed_with_dashboard_vs_without"]),
         f(&proxy["ratios"]["allowed_cpu_with_dashboard_vs_without"])
     );
+    if !proxy["escalation"].is_null() {
+        let e = f(&proxy["ratios"]["escalation_cpu_vs_nginx"]);
+        let _ = writeln!(
+            out,
+            "- over-limit client at a fixed offered rate, CPU per offered request with XDP \
+             escalation ≤ 0.5× nginx's: {e:.2}× — {} ({:.2}× the limiter's without XDP)\n",
+            verdict(e > 0.0 && e <= 0.5),
+            f(&proxy["ratios"]["escalation_cpu_xdp_vs_plain"])
+        );
+    }
     if !proxy["allowed_veth"].is_null() {
         let _ = writeln!(
             out,

@@ -4,7 +4,10 @@
 //! high to reject anything) and `rejected` (one client far over its limit), on
 //! `lo` (XDP in generic mode sees the upstream leg too), and `allowed_veth` as
 //! deployed: wrk in a network namespace over a veth, XDP attached natively to
-//! the host's end, the contenders and the upstream in the host's namespace.
+//! the host's end, the contenders and the upstream in the host's namespace;
+//! and `escalation`: the over-limit client at a fixed offered rate (open
+//! loop), each contender's CPU per offered request, the limiter with XDP
+//! banning the client after its ignored 429s.
 //!
 //! Core budget: every contender is pinned to CPU 1 with one worker (nginx
 //! `worker_processes 1`, `HAProxy` `nbthread 1`, the agent's runtime sized by
@@ -23,8 +26,8 @@ use limiter_agent::config::Tier;
 use limiter_tests::{
     agent::{agent_binary, free_port, reference_tiers, tier},
     bench::{
-        BENCH_PATH, Peer, WrkResult, machine, median_run, numeric_options, route_regex, scratch,
-        with_cpu_cost, write_json, wrk,
+        BENCH_PATH, Peer, WrkResult, machine, median_run, numeric_options, offer, route_regex,
+        scratch, with_cpu_cost, write_json, wrk,
     },
     http,
     netns::{HOST_CLIENT_ADDR, HOST_CLIENT_IF, Netns, Topology},
@@ -35,6 +38,9 @@ use serde_json::json;
 const CONTENDER_CPU: u32 = 1;
 const LOAD_CPU: u32 = 0;
 const CONNECTIONS: u32 = 50;
+/// The fixed rate the escalation case offers: under what every contender
+/// answers with 429s, so what is measured is cost, not capacity.
+const OFFERED_RATE: u32 = 40_000;
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
@@ -411,6 +417,84 @@ fn scenario(
     serde_json::Value::Object(out)
 }
 
+/// One client far over its limit at a fixed offered rate (open loop, so the
+/// requests sent are known whatever happens to them): what each contender
+/// spends per offered request, with the limiter's XDP escalation banning the
+/// client after its ignored 429s.
+fn escalation(seconds: u32) -> serde_json::Value {
+    let dir = scratch("proxy-escalation");
+    let place = Place::LOOPBACK;
+    let (up_port, nginx_port, lim_port, lim_admin, xdp_port, xdp_admin) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let instance = "bench-escalation";
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    let (upstream_dir, nginx_dir) = (dir.join("upstream"), dir.join("nginx"));
+    for d in [&upstream_dir, &nginx_dir] {
+        std::fs::create_dir_all(d).expect("dir");
+    }
+    let tiers = reference_tiers();
+    let _upstream = upstream(&upstream_dir, up_port, place);
+    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, 1, place);
+    let plain = limiter(
+        &dir, lim_port, lim_admin, up_port, &tiers, 1, None, true, place,
+    );
+    let xdp = limiter(
+        &dir,
+        xdp_port,
+        xdp_admin,
+        up_port,
+        &tiers,
+        1,
+        Some(instance),
+        true,
+        place,
+    );
+    let mut out = serde_json::Map::new();
+    for (name, port, pid) in [
+        ("limiter", lim_port, plain.pid()),
+        ("limiter_xdp", xdp_port, xdp.pid()),
+        ("nginx", nginx_port, nginx.pid()),
+    ] {
+        eprintln!("proxy/escalation: {name} at {OFFERED_RATE} requests/s offered…");
+        let r = offer(
+            local(port),
+            BENCH_PATH,
+            (OFFERED_RATE, seconds, 8),
+            (LOAD_CPU, CONTENDER_CPU, pid),
+        );
+        eprintln!(
+            "  offered {}, answered {} ({} 429s), {:.2} µs CPU ({:.2} µs process) per offered request",
+            r.offered, r.answered, r.rejected, r.cpu_us_per_offered, r.process_cpu_us_per_offered
+        );
+        #[expect(clippy::cast_precision_loss, reason = "request counts")]
+        let per_second = r.offered as f64 / r.seconds;
+        out.insert(
+            name.to_owned(),
+            json!({
+                "offered": r.offered,
+                "offered_per_second": per_second.round(),
+                "answered": r.answered,
+                "rejected_429": r.rejected,
+                "cpu_us_per_offered": (r.cpu_us_per_offered * 100.0).round() / 100.0,
+                "process_cpu_us_per_offered": (r.process_cpu_us_per_offered * 100.0).round() / 100.0,
+            }),
+        );
+    }
+    let kernel = kernel_counts(place, xdp_admin);
+    if let Some(serde_json::Value::Object(entry)) = out.get_mut("limiter_xdp") {
+        entry.insert("kernel".into(), kernel);
+    }
+    xdp.stop();
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    serde_json::Value::Object(out)
+}
+
 /// The allowed path as deployed: wrk in its own namespace over a veth, the
 /// program attached natively to the host's end, so only client traffic
 /// crosses it (the upstream leg stays on the host's lo).
@@ -427,69 +511,8 @@ fn allowed_veth(rounds: u32, seconds: u32) -> serde_json::Value {
     scenario("allowed_veth", 1_000_000, (rounds, seconds), false, place)
 }
 
-fn main() {
-    let (mut rounds, mut seconds) = (3, 8);
-    numeric_options(
-        "proxy-bench [--rounds N] [--seconds S]",
-        &mut [("--rounds", &mut rounds), ("--seconds", &mut seconds)],
-    );
-    limiter_tests::require_root("the proxy benchmark (XDP on lo and on a veth)");
-    // Limits far above what the run can send, then the reference limits.
-    let allowed = scenario(
-        "allowed",
-        1_000_000,
-        (rounds, seconds),
-        true,
-        Place::LOOPBACK,
-    );
-    let rejected = scenario("rejected", 1, (rounds, seconds), false, Place::LOOPBACK);
-    let allowed_veth = allowed_veth(rounds, seconds);
-    let ratio = |scenario: &serde_json::Value, key: &str| {
-        let ours = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
-        let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
-        if theirs > 0.0 { ours / theirs } else { 0.0 }
-    };
-    let cpu_ratio = |scenario: &serde_json::Value, key: &str| {
-        let ours = scenario["limiter"]["cpu_us_per_request"]
-            .as_f64()
-            .unwrap_or(0.0);
-        let theirs = scenario[key]["cpu_us_per_request"].as_f64().unwrap_or(0.0);
-        if theirs > 0.0 { ours / theirs } else { 0.0 }
-    };
-    // What attaching the program costs the allowed path.
-    let xdp_ratio = |scenario: &serde_json::Value| {
-        let with = scenario["limiter_xdp"]["rps"].as_f64().unwrap_or(0.0);
-        let without = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
-        if without > 0.0 { with / without } else { 0.0 }
-    };
-    let result = json!({
-        "machine": machine(),
-        "rounds": rounds,
-        "seconds": seconds,
-        "connections": CONNECTIONS,
-        "path": BENCH_PATH,
-        "allowed": allowed,
-        "rejected": rejected,
-        "allowed_veth": allowed_veth,
-        "ratios": {
-            "allowed_vs_nginx": ratio(&allowed, "nginx"),
-            "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
-            "rejected_vs_nginx": ratio(&rejected, "nginx"),
-            "rejected_vs_haproxy": ratio(&rejected, "haproxy"),
-            "allowed_cpu_vs_nginx": cpu_ratio(&allowed, "nginx"),
-            "allowed_cpu_vs_haproxy": cpu_ratio(&allowed, "haproxy"),
-            "rejected_cpu_vs_nginx": cpu_ratio(&rejected, "nginx"),
-            "rejected_cpu_vs_haproxy": cpu_ratio(&rejected, "haproxy"),
-            "allowed_with_dashboard_vs_without": ratio(&allowed, "limiter_no_dashboard"),
-            "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
-            "allowed_veth_vs_nginx": ratio(&allowed_veth, "nginx"),
-            "allowed_veth_vs_haproxy": ratio(&allowed_veth, "haproxy"),
-            "allowed_veth_cpu_vs_nginx": cpu_ratio(&allowed_veth, "nginx"),
-            "allowed_xdp_vs_plain": xdp_ratio(&allowed),
-            "allowed_veth_xdp_vs_plain": xdp_ratio(&allowed_veth),
-        },
-    });
-    let path = write_json("proxy", &result);
+/// The targets' verdicts on the console (`bench/RESULTS.md` has them too).
+fn print_verdicts(result: &serde_json::Value) {
     let verdict = |r: f64, target: f64| if r >= target { "meets" } else { "misses" };
     let a = result["ratios"]["allowed_vs_nginx"].as_f64().unwrap_or(0.0);
     let r = result["ratios"]["rejected_vs_nginx"]
@@ -529,5 +552,85 @@ fn main() {
             .unwrap_or(0.0),
         cpu("allowed_cpu_with_dashboard_vs_without")
     );
+    println!(
+        "proxy escalation: limiter with XDP spends {:.2}x nginx's CPU per offered request (target <= 0.5x): {}",
+        cpu("escalation_cpu_vs_nginx"),
+        at_most(cpu("escalation_cpu_vs_nginx"), 0.5)
+    );
+}
+
+fn main() {
+    let (mut rounds, mut seconds) = (3, 8);
+    numeric_options(
+        "proxy-bench [--rounds N] [--seconds S]",
+        &mut [("--rounds", &mut rounds), ("--seconds", &mut seconds)],
+    );
+    limiter_tests::require_root("the proxy benchmark (XDP on lo and on a veth)");
+    // Limits far above what the run can send, then the reference limits.
+    let allowed = scenario(
+        "allowed",
+        1_000_000,
+        (rounds, seconds),
+        true,
+        Place::LOOPBACK,
+    );
+    let rejected = scenario("rejected", 1, (rounds, seconds), false, Place::LOOPBACK);
+    let allowed_veth = allowed_veth(rounds, seconds);
+    let escalation = escalation(seconds);
+    let ratio = |scenario: &serde_json::Value, key: &str| {
+        let ours = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
+        let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
+        if theirs > 0.0 { ours / theirs } else { 0.0 }
+    };
+    let cpu_ratio = |scenario: &serde_json::Value, key: &str| {
+        let ours = scenario["limiter"]["cpu_us_per_request"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let theirs = scenario[key]["cpu_us_per_request"].as_f64().unwrap_or(0.0);
+        if theirs > 0.0 { ours / theirs } else { 0.0 }
+    };
+    // What attaching the program costs the allowed path.
+    let xdp_ratio = |scenario: &serde_json::Value| {
+        let with = scenario["limiter_xdp"]["rps"].as_f64().unwrap_or(0.0);
+        let without = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
+        if without > 0.0 { with / without } else { 0.0 }
+    };
+    let offered_ratio = |case: &serde_json::Value, ours: &str, theirs: &str| {
+        let ours = case[ours]["cpu_us_per_offered"].as_f64().unwrap_or(0.0);
+        let theirs = case[theirs]["cpu_us_per_offered"].as_f64().unwrap_or(0.0);
+        if theirs > 0.0 { ours / theirs } else { 0.0 }
+    };
+    let result = json!({
+        "machine": machine(),
+        "rounds": rounds,
+        "seconds": seconds,
+        "connections": CONNECTIONS,
+        "path": BENCH_PATH,
+        "allowed": allowed,
+        "rejected": rejected,
+        "allowed_veth": allowed_veth,
+        "escalation": escalation,
+        "ratios": {
+            "allowed_vs_nginx": ratio(&allowed, "nginx"),
+            "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
+            "rejected_vs_nginx": ratio(&rejected, "nginx"),
+            "rejected_vs_haproxy": ratio(&rejected, "haproxy"),
+            "allowed_cpu_vs_nginx": cpu_ratio(&allowed, "nginx"),
+            "allowed_cpu_vs_haproxy": cpu_ratio(&allowed, "haproxy"),
+            "rejected_cpu_vs_nginx": cpu_ratio(&rejected, "nginx"),
+            "rejected_cpu_vs_haproxy": cpu_ratio(&rejected, "haproxy"),
+            "allowed_with_dashboard_vs_without": ratio(&allowed, "limiter_no_dashboard"),
+            "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
+            "allowed_veth_vs_nginx": ratio(&allowed_veth, "nginx"),
+            "allowed_veth_vs_haproxy": ratio(&allowed_veth, "haproxy"),
+            "allowed_veth_cpu_vs_nginx": cpu_ratio(&allowed_veth, "nginx"),
+            "allowed_xdp_vs_plain": xdp_ratio(&allowed),
+            "allowed_veth_xdp_vs_plain": xdp_ratio(&allowed_veth),
+            "escalation_cpu_vs_nginx": offered_ratio(&escalation, "limiter_xdp", "nginx"),
+            "escalation_cpu_xdp_vs_plain": offered_ratio(&escalation, "limiter_xdp", "limiter"),
+        },
+    });
+    let path = write_json("proxy", &result);
+    print_verdicts(&result);
     println!("{}", path.display());
 }
