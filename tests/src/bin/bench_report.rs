@@ -58,6 +58,34 @@ fn cpu_cell(v: &Value) -> String {
     }
 }
 
+/// The verdict lines of the escalation case and the deployed placement.
+fn placement_and_escalation_verdicts(out: &mut String, proxy: &Value) {
+    if !proxy["escalation"].is_null() {
+        let e = f(&proxy["ratios"]["escalation_cpu_vs_nginx"]);
+        let _ = writeln!(
+            out,
+            "- over-limit client at a fixed offered rate, CPU per offered request with XDP \
+             escalation ≤ 0.5× nginx's: {e:.2}× — {} ({:.2}× the limiter's without XDP)\n",
+            verdict(e > 0.0 && e <= 0.5),
+            f(&proxy["ratios"]["escalation_cpu_xdp_vs_plain"])
+        );
+    }
+    if !proxy["allowed_veth"].is_null() {
+        let _ = writeln!(
+            out,
+            "- as deployed (`allowed_veth`: wrk in a namespace over a veth, XDP native on the \
+             host's end): limiter {:.2}× nginx, {:.2}× `HAProxy`, CPU per request {:.2}× nginx's; \
+             with the program attached the allowed path runs at {:.2}× its speed without there, \
+             {:.2}× on `lo` (generic mode, where the upstream leg crosses it too)\n",
+            f(&proxy["ratios"]["allowed_veth_vs_nginx"]),
+            f(&proxy["ratios"]["allowed_veth_vs_haproxy"]),
+            f(&proxy["ratios"]["allowed_veth_cpu_vs_nginx"]),
+            f(&proxy["ratios"]["allowed_veth_xdp_vs_plain"]),
+            f(&proxy["ratios"]["allowed_xdp_vs_plain"])
+        );
+    }
+}
+
 /// The over-limit client at a fixed offered rate.
 fn escalation_table(out: &mut String, escalation: &Value) {
     if escalation.is_null() {
@@ -168,30 +196,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         f(&proxy["ratios"]["allowed_with_dashboard_vs_without"]),
         f(&proxy["ratios"]["allowed_cpu_with_dashboard_vs_without"])
     );
-    if !proxy["escalation"].is_null() {
-        let e = f(&proxy["ratios"]["escalation_cpu_vs_nginx"]);
-        let _ = writeln!(
-            out,
-            "- over-limit client at a fixed offered rate, CPU per offered request with XDP \
-             escalation ≤ 0.5× nginx's: {e:.2}× — {} ({:.2}× the limiter's without XDP)\n",
-            verdict(e > 0.0 && e <= 0.5),
-            f(&proxy["ratios"]["escalation_cpu_xdp_vs_plain"])
-        );
-    }
-    if !proxy["allowed_veth"].is_null() {
-        let _ = writeln!(
-            out,
-            "- as deployed (`allowed_veth`: wrk in a namespace over a veth, XDP native on the \
-             host's end): limiter {:.2}× nginx, {:.2}× `HAProxy`, CPU per request {:.2}× nginx's; \
-             with the program attached the allowed path runs at {:.2}× its speed without there, \
-             {:.2}× on `lo` (generic mode, where the upstream leg crosses it too)\n",
-            f(&proxy["ratios"]["allowed_veth_vs_nginx"]),
-            f(&proxy["ratios"]["allowed_veth_vs_haproxy"]),
-            f(&proxy["ratios"]["allowed_veth_cpu_vs_nginx"]),
-            f(&proxy["ratios"]["allowed_veth_xdp_vs_plain"]),
-            f(&proxy["ratios"]["allowed_xdp_vs_plain"])
-        );
-    }
+    placement_and_escalation_verdicts(out, proxy);
     let _ = writeln!(
         out,
         "Command: `cargo xtask bench proxy` ({} rounds of {} s, {} connections, `GET {}`). \
