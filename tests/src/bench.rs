@@ -432,7 +432,8 @@ pub struct Offered {
     pub process_cpu_us_per_offered: f64,
 }
 
-/// Offers `rate` requests per second of `GET path` to `addr` for `seconds`
+/// Offers `rate` requests per second of `GET path` to `addr`, from the local
+/// address `from`, for `seconds`
 /// over `connections` keep-alive connections, on a schedule that never waits
 /// for answers (requests are pipelined; one a connection's socket will not
 /// take is still counted as offered: the client sent it, nothing got it).
@@ -442,7 +443,7 @@ pub struct Offered {
 /// costs, not what a served request would.
 #[must_use]
 pub fn offer(
-    addr: SocketAddr,
+    (from, addr): (std::net::IpAddr, SocketAddr),
     path: &str,
     (rate, seconds, connections): (u32, u32, u32),
     (cpu, contender_cpu, pid): (u32, u32, u32),
@@ -471,7 +472,7 @@ pub fn offer(
             let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(rate));
             let mut tasks = Vec::new();
             for _ in 0..connections {
-                let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let stream = crate::agent::connect_from(from, addr).await;
                 let _ = stream.set_nodelay(true);
                 let (mut reader, writer) = stream.into_split();
                 let (offered, answered, rejected) = counters.clone();

@@ -462,8 +462,9 @@ fn escalation(seconds: u32) -> serde_json::Value {
         ("nginx", nginx_port, nginx.pid()),
     ] {
         eprintln!("proxy/escalation: {name} at {OFFERED_RATE} requests/s offered…");
+        // Not 127.0.0.1: the upstream's address is on the kernel allow list.
         let r = offer(
-            local(port),
+            (Ipv4Addr::new(127, 0, 0, 2).into(), local(port)),
             BENCH_PATH,
             (OFFERED_RATE, seconds, 8),
             (LOAD_CPU, CONTENDER_CPU, pid),
