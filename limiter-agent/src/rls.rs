@@ -208,6 +208,23 @@ impl RateLimitServer {
         })
     }
 
+    /// Whether `peer` is one of `[rls] clients` in the config in force;
+    /// counts the refusal when not.
+    fn admits(&self, peer: SocketAddr) -> bool {
+        let admitted = self
+            .proxy
+            .state()
+            .config
+            .live
+            .rls
+            .clients
+            .contains(peer.ip().to_canonical());
+        if !admitted {
+            self.proxy.metrics().rls_call("permission_denied");
+        }
+        admitted
+    }
+
     /// The headers and body Envoy sends the client: those of the binding
     /// descriptor, the proxy's 429 body when it is over, else the refusal's.
     fn headers(
@@ -304,15 +321,7 @@ impl tonic::server::UnaryService<Call> for Unary {
             let proxy = &this.server.proxy;
             // Checked per call too: a reload may have removed the caller
             // from a connection that stays open.
-            if !proxy
-                .state()
-                .config
-                .live
-                .rls
-                .clients
-                .contains(this.peer.ip().to_canonical())
-            {
-                proxy.metrics().rls_call("permission_denied");
+            if !this.server.admits(this.peer) {
                 return Err(tonic::Status::permission_denied("not an [rls] client"));
             }
             let answered = this.server.decide(request.get_ref()).await;
@@ -376,15 +385,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        if !proxy
-            .state()
-            .config
-            .live
-            .rls
-            .clients
-            .contains(peer.ip().to_canonical())
-        {
-            proxy.metrics().rls_call("permission_denied");
+        if !server.admits(peer) {
             tracing::debug!(%peer, "rls caller outside [rls] clients: closed");
             continue;
         }
