@@ -2,6 +2,7 @@
 //! stand-in upstream it ships (`limiter-agent demo-upstream`) in its own process.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
@@ -33,13 +34,37 @@ pub fn agent_binary() -> PathBuf {
     binary
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never one this process was handed before.
+/// The port is free when asked for, not reserved: tests start processes in
+/// parallel, and the kernel readily hands a port just released to the next
+/// caller, so without the memory two children of one test could be given the
+/// same port, and one's readiness probe would reach the other.
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        if GIVEN
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port)
+        {
+            return port;
+        }
+    }
+}
+
+/// Whether something listens on `addr`: a TCP connection completes within
+/// `timeout`, and not to itself. A [`free_port`] is in the ephemeral range, so
+/// while nothing listens there the kernel may pick that very port as the
+/// probe's source, and TCP's simultaneous open then "connects" the socket to
+/// itself: a probe that trusted it would report a process ready before it binds.
+#[must_use]
+pub fn listening(addr: SocketAddr, timeout: Duration) -> bool {
+    TcpStream::connect_timeout(&addr, timeout).is_ok_and(|s| s.local_addr().ok() != Some(addr))
 }
 
 /// 127.0.0.1 on a [`free_port`].
@@ -87,7 +112,7 @@ pub struct Process {
 impl Process {
     fn spawn(command: Command, addr: SocketAddr, what: &str) -> Self {
         Self::spawn_with_probe(command, addr, what, |addr| {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            listening(addr, Duration::from_millis(200))
         })
     }
 

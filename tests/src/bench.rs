@@ -4,7 +4,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -105,8 +105,7 @@ impl Peer {
 
     fn wait_for(&mut self, addr: SocketAddr, ns: Option<&crate::netns::Netns>) {
         let connects = |addr: SocketAddr| {
-            let probe =
-                move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            let probe = move || crate::agent::listening(addr, Duration::from_millis(200));
             match ns {
                 Some(ns) => ns.run(probe),
                 None => probe(),

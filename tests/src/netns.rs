@@ -259,8 +259,7 @@ impl Topology {
         let target = SocketAddr::from((HOST_CLIENT_ADDR, API_PORT));
         let client = self.client.clone();
         let mut process = Process::spawn_with_probe(command, target, "the agent", move |addr| {
-            client
-                .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
+            client.run(move || crate::agent::listening(addr, Duration::from_millis(300)))
         });
         process.admin = Some(admin);
         process.config_path = Some(path);

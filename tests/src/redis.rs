@@ -2,7 +2,7 @@
 //! a free port (no persistence), killed when dropped, and a three-node Cluster.
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -139,7 +139,7 @@ impl RedisServer {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            if crate::agent::listening(addr, Duration::from_millis(200))
                 && self.cli(&["PING"]).trim() == "PONG"
             {
                 return;

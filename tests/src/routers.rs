@@ -5,9 +5,11 @@
 //! setup` installs them; a missing one is a panic that says so, never a skip.
 
 use std::{
-    net::SocketAddr,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use crate::agent::{Process, free_port};
@@ -76,10 +78,28 @@ impl Router {
             }
             Router::Nginx => nginx_command(port, setup),
         };
-        Process::spawn_with_probe(command, addr, self.name(), |addr| {
-            std::net::TcpStream::connect(addr).is_ok()
-        })
+        Process::spawn_with_probe(command, addr, self.name(), serves_health)
     }
+}
+
+/// Whether the router at `addr` answers `GET /api/health` with its own
+/// `route=health`: ready means the app serves, not merely that a port accepts
+/// (a bare connect can reach another process on a reused port, or the probe's
+/// own socket, see [`crate::agent::listening`]).
+fn serves_health(addr: SocketAddr) -> bool {
+    let timeout = Duration::from_millis(500);
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let mut answer = Vec::new();
+    stream.set_read_timeout(Some(timeout)).is_ok()
+        && stream
+            .write_all(b"GET /api/health HTTP/1.1\r\nHost: router\r\nConnection: close\r\n\r\n")
+            .is_ok()
+        && stream.read_to_end(&mut answer).is_ok()
+        && answer.starts_with(b"HTTP/1.")
+        && answer.windows(5).any(|w| w == b" 200 ")
+        && answer.ends_with(b"route=health\n")
 }
 
 /// nginx in the foreground, one process, everything it writes in a fresh temporary directory.

@@ -248,7 +248,7 @@ fn agent_config(rls: SocketAddr, store: &str) -> String {
 
 fn wait_listening(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    while !limiter_tests::agent::listening(addr, Duration::from_millis(200)) {
         assert!(Instant::now() < deadline, "nothing listening on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
