@@ -27,11 +27,13 @@ mod descriptors;
 mod forward;
 mod keys;
 mod respond;
+mod upstream;
 
 use self::{descriptors::EnvoyRules, respond::too_many};
 pub use self::{
     descriptors::{Answer, Verdict},
     respond::{error, json_response},
+    upstream::{Lane, Upstreams},
 };
 use crate::{
     body::ClientBody,
@@ -70,7 +72,10 @@ pub struct Proxy {
     /// When the last "store full" warning was logged (ms), to log at most every 10 s.
     full_logged: AtomicU64,
     clock: Arc<dyn Clock>,
+    /// The pooled client for HTTP/2 clients' requests.
     client: Client<HttpConnector, ClientBody>,
+    /// Idle upstream connections for HTTP/1 clients' [`Lane`]s.
+    upstreams: Arc<Upstreams>,
     /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
     /// process, so a reload keeps the buckets of unchanged tiers.
     hasher: RandomState,
@@ -223,6 +228,7 @@ impl Proxy {
             full_logged: AtomicU64::new(0),
             clock,
             client,
+            upstreams: Arc::default(),
             hasher,
             metrics,
             rejections: None,
@@ -298,8 +304,14 @@ impl Proxy {
             .set(i64::from(self.store.healthy()));
     }
 
-    /// Serves one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    /// An upstream lane for a new client connection (see [`Lane`]).
+    #[must_use]
+    pub fn lane(&self) -> Lane {
+        Lane::new(self.upstreams.clone())
+    }
+
+    /// Serves one request that came on a client connection holding `lane`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: Peer, lane: &Lane) -> Response<Body> {
         let state = self.state.load_full();
         // Both framings at once is how requests get smuggled past a proxy
         // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
@@ -325,7 +337,7 @@ impl Proxy {
         };
         let Some(tier_index) = state.routes.lookup(&canonical) else {
             state.unlimited.inc();
-            return self.forward(&state, req, peer).await;
+            return self.forward(&state, req, peer, lane).await;
         };
         let started = Instant::now();
         let client = match state.identity.resolve(req.headers(), peer.addr.ip()) {
@@ -367,7 +379,7 @@ impl Proxy {
             let now = self.clock.now();
             return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
         }
-        let mut response = self.forward(&state, req, peer).await;
+        let mut response = self.forward(&state, req, peer, lane).await;
         self.learn(&state, tier, check, response.status()).await;
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).

@@ -4,6 +4,10 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -374,4 +378,114 @@ async fn an_upstream_that_dies_and_returns_is_used_again_without_a_restart() {
     // The same address comes back.
     let _again = limiter_tests::agent::demo_upstream_at(addr);
     assert_eq!(status_of(&client, &chat, None).await.0, StatusCode::OK);
+}
+
+/// An upstream that answers each request with the `Host` it was sent and
+/// `Connection: close`, then closes: its address, and the connections it took.
+fn closing_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut byte = [0; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let host = head
+                .lines()
+                .find_map(|line| line.strip_prefix("host: "))
+                .unwrap_or("none");
+            let body = format!("host={host}");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+/// An HTTP/1 client connection holds one upstream connection (its lane): it
+/// must follow the upstream closing it after every response, a reload moving
+/// the upstream elsewhere, and a client that sends no `Host`.
+#[test]
+fn a_client_connection_follows_upstream_closes_and_a_reload_to_another_upstream() {
+    let (closing, accepted) = closing_upstream();
+    let demo = demo_upstream();
+    let config = |upstream: std::net::SocketAddr| {
+        small_config(
+            "/api/chat",
+            100,
+            "1m",
+            &format!("upstream = \"http://{upstream}\"\n"),
+        )
+    };
+    let agent = agent(&config(closing), None, &[]);
+    let mut stream = TcpStream::connect(agent.addr).expect("connect");
+    let request = b"GET /api/chat HTTP/1.1\r\nHost: api.example\r\n\r\n";
+    for i in 1..=5 {
+        stream.write_all(request).expect("write");
+        let answer = http::read_response(&mut stream).expect("an answer");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("host=api.example"),
+            "request {i} on one client connection, the upstream closing after each: {answer}\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            i,
+            "one upstream connection per request"
+        );
+    }
+
+    // HTTP/1.0 without Host: the upstream still gets one, its own authority.
+    let answer = raw_request(agent.addr, "GET /api/chat HTTP/1.0\r\n\r\n");
+    assert!(
+        answer.starts_with("HTTP/1.0 200") && answer.ends_with(&format!("host={closing}")),
+        "{answer}"
+    );
+
+    // The same client connection, after reloads moved the upstream: to one
+    // that keeps its connections open, then back.
+    let reload = |upstream| {
+        let path = agent.config_path.clone().expect("config path");
+        std::fs::write(&path, config(upstream)).expect("rewrite config");
+        let reloads = agent.log().matches("config reloaded").count();
+        agent.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent.log().matches("config reloaded").count() == reloads {
+            assert!(Instant::now() < deadline, "no reload:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    reload(demo.addr);
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        stream.write_all(request).expect("write");
+        let answer = http::read_response(&mut stream).expect("an answer");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains(r#""path":"/api/chat""#),
+            "the reloaded upstream answers on the same client connection: {answer}"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        before,
+        "the old upstream is not asked"
+    );
+    reload(closing);
+    stream.write_all(request).expect("write");
+    let answer = http::read_response(&mut stream).expect("an answer");
+    assert!(
+        answer.ends_with("host=api.example"),
+        "the connection kept open to the previous upstream is not reused: {answer}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), before + 1);
 }

@@ -1,13 +1,13 @@
 //! Forwarding to the upstream: the request rewritten for one hop, bodies
 //! streamed both ways, and the upstream's failures turned into JSON errors.
 
-use std::time::Instant;
+use std::{borrow::Cow, time::Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
-use super::{Body, Peer, Proxy, State, respond::error};
+use super::{Body, BoxError, Lane, Peer, Proxy, State, respond::error};
 use crate::body::{ClientBody, ClientBodyError, client_fault};
 
 impl Proxy {
@@ -18,36 +18,43 @@ impl Proxy {
         state: &State,
         req: Request<Incoming>,
         peer: Peer,
+        lane: &Lane,
     ) -> Response<Body> {
+        // HTTP/1 clients go through their connection's lane, HTTP/2 clients
+        // through the pooled client (see `upstream`).
+        let pooled = req.version() == http::Version::HTTP_2;
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let mut uri = Uri::builder()
-            .scheme("http")
-            .authority(
-                state
-                    .config
-                    .live
-                    .upstream
-                    .authority()
-                    .map_or("127.0.0.1", http::uri::Authority::as_str),
-            )
-            .path_and_query(path);
-        if let Ok(built) = std::mem::take(&mut uri).build() {
-            parts.uri = built;
-        } else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                "invalid request target",
-            );
+        let upstream = state
+            .config
+            .live
+            .upstream
+            .authority()
+            .map_or("127.0.0.1", http::uri::Authority::as_str);
+        // The pooled client takes an absolute URI and sends its origin form;
+        // a lane sends the URI as it is, so it gets the origin form.
+        if pooled || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str);
+            let mut uri = Uri::builder();
+            if pooled {
+                uri = uri.scheme("http").authority(upstream);
+            }
+            if let Ok(built) = uri.path_and_query(path).build() {
+                parts.uri = built;
+            } else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    "invalid request target",
+                );
+            }
         }
-        // HTTP/2 clients send :authority; the upstream speaks HTTP/1.1 and needs Host.
+        // HTTP/2 clients send :authority, and HTTP/1.0 clients may send no
+        // Host; the upstream speaks HTTP/1.1 and needs one.
         if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+            && let Ok(value) = HeaderValue::from_str(upstream)
         {
             parts.headers.insert(header::HOST, value);
         }
@@ -59,11 +66,14 @@ impl Proxy {
             ClientBody::new(body, state.config.live.body_read_timeout),
         );
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            state.config.live.upstream_timeout,
-            self.client.request(request),
-        )
-        .await;
+        let exchange = async {
+            if pooled {
+                self.client.request(request).await.map_err(BoxError::from)
+            } else {
+                lane.send(&connect_to(upstream), request).await
+            }
+        };
+        let result = tokio::time::timeout(state.config.live.upstream_timeout, exchange).await;
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -73,7 +83,7 @@ impl Proxy {
                 "UPSTREAM_TIMEOUT",
                 "The upstream did not answer in time.",
             ),
-            Ok(Err(e)) => match client_fault(&e) {
+            Ok(Err(e)) => match client_fault(&*e) {
                 Some(ClientBodyError::Stalled(_)) => error(
                     StatusCode::REQUEST_TIMEOUT,
                     "REQUEST_TIMEOUT",
@@ -102,9 +112,22 @@ impl Proxy {
     }
 }
 
+/// `host:port` to connect to for an upstream authority; port 80 when it names none.
+fn connect_to(authority: &str) -> Cow<'_, str> {
+    match authority.parse::<http::uri::Authority>() {
+        Ok(parsed) if parsed.port().is_none() => Cow::Owned(format!("{}:80", parsed.host())),
+        _ => Cow::Borrowed(authority),
+    }
+}
+
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
 /// plus every header the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a lookup
+    // per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -115,33 +138,90 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The hop-by-hop headers; `Connection` names any others.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
 }
 
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
 fn append_forwarded(headers: &mut HeaderMap, peer: Peer) {
     let ip = peer.addr.ip().to_canonical().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) => format!("{existing}, {ip}"),
         None => ip,
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", value);
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "*/*"),
+            ("authorization", "Bearer k"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "authorization"]);
+    }
+
+    #[test]
+    fn end_to_end_headers_are_kept_as_they_are() {
+        let mut headers = map(&[("accept", "*/*"), ("x-api-key", "k"), ("host", "api")]);
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+    }
 }

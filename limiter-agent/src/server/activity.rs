@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
@@ -197,20 +197,31 @@ impl Tracker {
     }
 
     /// Resolves when the connection's timer fires.
+    ///
+    /// One timer, re-armed only when the deadline comes earlier than the one
+    /// it is set for. A later deadline is found when the armed one fires and
+    /// the state is read again, so a keep-alive connection's steady stream of
+    /// requests (each moving its deadlines later) touches the timer wheel
+    /// about once per header timeout, not twice per request.
     pub async fn expired(&self) -> Expiry {
+        let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
+        let mut armed: Option<Instant> = None;
         loop {
             // Registered before the state is read, so no change is missed.
             let changed = self.changed.notified();
             let next = self.with(|a| a.deadline(self.timeouts));
-            match next {
-                None => changed.await,
-                Some((at, why)) if at <= Instant::now() => return why,
-                Some((at, _)) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(at) => {}
-                        () = changed => {}
-                    }
+            if let Some((at, why)) = next {
+                if at <= Instant::now() {
+                    return why;
                 }
+                if armed.is_none_or(|armed| at < armed) {
+                    timer.as_mut().reset(at);
+                    armed = Some(at);
+                }
+            }
+            tokio::select! {
+                () = timer.as_mut(), if armed.is_some() => armed = None,
+                () = changed => {}
             }
         }
     }
