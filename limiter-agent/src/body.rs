@@ -4,6 +4,10 @@
 
 use std::{
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -27,16 +31,33 @@ pub enum ClientBodyError {
 pub struct ClientBody {
     inner: Incoming,
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
+    /// Armed when the body first has to wait (a body-less request never does).
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Set once the last byte has been handed on; `None` for a body-less request.
+    sent: Option<Arc<AtomicBool>>,
 }
 
 impl ClientBody {
     #[must_use]
     pub fn new(inner: Incoming, idle: Duration) -> Self {
+        let sent = (!inner.is_end_stream()).then(Arc::default);
         Self {
             inner,
             idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            deadline: None,
+            sent,
+        }
+    }
+
+    /// A flag set once the whole body has been handed on (`None`: there is no body).
+    #[must_use]
+    pub fn sent(&self) -> Option<Arc<AtomicBool>> {
+        self.sent.clone()
+    }
+
+    fn mark_sent(&self) {
+        if let Some(sent) = &self.sent {
+            sent.store(true, Ordering::Release);
         }
     }
 }
@@ -52,12 +73,20 @@ impl Body for ClientBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let idle = this.idle;
-                this.deadline.as_mut().reset(Instant::now() + idle);
+                if let Some(deadline) = &mut this.deadline {
+                    deadline.as_mut().reset(Instant::now() + this.idle);
+                }
+                if frame.is_none() || this.inner.is_end_stream() {
+                    this.mark_sent();
+                }
                 Poll::Ready(frame.map(|f| f.map_err(ClientBodyError::Malformed)))
             }
             Poll::Pending => {
-                ready!(this.deadline.as_mut().poll(cx));
+                let idle = this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                ready!(deadline.as_mut().poll(cx));
                 Poll::Ready(Some(Err(ClientBodyError::Stalled(this.idle))))
             }
         }

@@ -76,6 +76,7 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub store_healthy: Gauge,
     pub buckets: Gauge,
+    pub upstream_idle: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
     pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
     pub escalations: Counter,
@@ -134,6 +135,12 @@ impl Metrics {
             "Live buckets held in this agent's memory",
             buckets.clone(),
         );
+        let upstream_idle = Gauge::default();
+        registry.register(
+            "limiter_upstream_connections_idle",
+            "Upstream connections open and idle, kept for the next request",
+            upstream_idle.clone(),
+        );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "limiter_config_reloads",
@@ -173,6 +180,7 @@ impl Metrics {
             store_errors,
             store_healthy,
             buckets,
+            upstream_idle,
             reloads,
             connections_refused,
             escalations,

@@ -9,7 +9,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -17,10 +17,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use prometheus_client::metrics::counter::Counter;
 
 mod descriptors;
@@ -33,10 +29,9 @@ use self::{descriptors::EnvoyRules, respond::too_many};
 pub use self::{
     descriptors::{Answer, Verdict},
     respond::{error, json_response},
-    upstream::{Lane, Upstreams},
+    upstream::Upstreams,
 };
 use crate::{
-    body::ClientBody,
     config::{Config, ConfigError, LimitMode, OnError},
     dashboard::Offenders,
     headers::{self, PolicyName},
@@ -72,9 +67,7 @@ pub struct Proxy {
     /// When the last "store full" warning was logged (ms), to log at most every 10 s.
     full_logged: AtomicU64,
     clock: Arc<dyn Clock>,
-    /// The pooled client for HTTP/2 clients' requests.
-    client: Client<HttpConnector, ClientBody>,
-    /// Idle upstream connections for HTTP/1 clients' [`Lane`]s.
+    /// Upstream connections.
     upstreams: Arc<Upstreams>,
     /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
     /// process, so a reload keeps the buckets of unchanged tiers.
@@ -208,12 +201,6 @@ impl Proxy {
                 None,
             ),
         };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_mins(1))
-            .build(connector);
         let ttl_ms =
             u64::try_from(state.config.startup.verified_key_ttl.as_millis()).unwrap_or(u64::MAX);
         let verified = VerifiedKeys::new(state.config.startup.verified_keys_max, ttl_ms);
@@ -227,7 +214,6 @@ impl Proxy {
             authenticating,
             full_logged: AtomicU64::new(0),
             clock,
-            client,
             upstreams: Arc::default(),
             hasher,
             metrics,
@@ -302,16 +288,16 @@ impl Proxy {
         self.metrics
             .store_healthy
             .set(i64::from(self.store.healthy()));
+        let state = self.state.load();
+        self.upstreams
+            .sweep(&forward::connect_to(forward::upstream_authority(&state)));
+        self.metrics
+            .upstream_idle
+            .set(i64::try_from(self.upstreams.idle()).unwrap_or(i64::MAX));
     }
 
-    /// An upstream lane for a new client connection (see [`Lane`]).
-    #[must_use]
-    pub fn lane(&self) -> Lane {
-        Lane::new(self.upstreams.clone())
-    }
-
-    /// Serves one request that came on a client connection holding `lane`.
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer, lane: &Lane) -> Response<Body> {
+    /// Serves one request.
+    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
         let state = self.state.load_full();
         // Both framings at once is how requests get smuggled past a proxy
         // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
@@ -337,7 +323,7 @@ impl Proxy {
         };
         let Some(tier_index) = state.routes.lookup(&canonical) else {
             state.unlimited.inc();
-            return self.forward(&state, req, peer, lane).await;
+            return self.forward(&state, req, peer).await;
         };
         let started = Instant::now();
         let client = match state.identity.resolve(req.headers(), peer.addr.ip()) {
@@ -379,7 +365,7 @@ impl Proxy {
             let now = self.clock.now();
             return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
         }
-        let mut response = self.forward(&state, req, peer, lane).await;
+        let mut response = self.forward(&state, req, peer).await;
         self.learn(&state, tier, check, response.status()).await;
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).

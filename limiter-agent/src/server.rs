@@ -258,13 +258,11 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let requests = tracker.clone();
-    let lane = Arc::new(proxy.lane());
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let in_flight = requests.request();
         let proxy = proxy.clone();
-        let lane = lane.clone();
         async move {
-            let response = proxy.handle(req, peer, &lane).await;
+            let response = proxy.handle(req, peer).await;
             Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
     });

@@ -380,9 +380,10 @@ async fn an_upstream_that_dies_and_returns_is_used_again_without_a_restart() {
     assert_eq!(status_of(&client, &chat, None).await.0, StatusCode::OK);
 }
 
-/// An upstream that answers each request with the `Host` it was sent and
-/// `Connection: close`, then closes: its address, and the connections it took.
-fn closing_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+/// An upstream that answers each request (no bodies) with the `Host` it was
+/// sent, closing after every response when `close`: its address, and the
+/// connections it took.
+fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -391,33 +392,44 @@ fn closing_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             count.fetch_add(1, Ordering::SeqCst);
-            let mut head = Vec::new();
-            let mut byte = [0; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-            let host = head
-                .lines()
-                .find_map(|line| line.strip_prefix("host: "))
-                .unwrap_or("none");
-            let body = format!("host={host}");
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            std::thread::spawn(move || {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let host = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("host: "))
+                        .unwrap_or("none");
+                    let body = format!("host={host}");
+                    let connection = if close { "close" } else { "keep-alive" };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).is_err() || close {
+                        return;
+                    }
+                }
+            });
         }
     });
     (addr, accepted)
 }
 
-/// An HTTP/1 client connection holds one upstream connection (its lane): it
-/// must follow the upstream closing it after every response, a reload moving
-/// the upstream elsewhere, and a client that sends no `Host`.
+/// Upstream connections are reused across requests and client connections:
+/// the agent must follow the upstream closing them after every response, a
+/// reload moving the upstream elsewhere (never reusing a connection to the
+/// previous one), and a client that sends no `Host`.
 #[test]
-fn a_client_connection_follows_upstream_closes_and_a_reload_to_another_upstream() {
-    let (closing, accepted) = closing_upstream();
+fn upstream_connections_follow_closes_and_a_reload_to_another_upstream() {
+    let (closing, accepted) = counting_upstream(true);
     let demo = demo_upstream();
     let config = |upstream: std::net::SocketAddr| {
         small_config(
@@ -485,7 +497,48 @@ fn a_client_connection_follows_upstream_closes_and_a_reload_to_another_upstream(
     let answer = http::read_response(&mut stream).expect("an answer");
     assert!(
         answer.ends_with("host=api.example"),
-        "the connection kept open to the previous upstream is not reused: {answer}"
+        "a connection kept open to the previous upstream is not reused: {answer}"
     );
     assert_eq!(accepted.load(Ordering::SeqCst), before + 1);
+}
+
+/// An idle client connection holds no upstream connection: one upstream
+/// connection serves one request after another from many client connections
+/// that stay open, and is kept idle for the next (the metric says so).
+#[test]
+fn idle_client_connections_hold_no_upstream_connection() {
+    let (upstream, accepted) = counting_upstream(false);
+    let agent = agent(
+        &small_config("/api/chat", 1000, "1m", ""),
+        Some(upstream),
+        &[],
+    );
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut stream = TcpStream::connect(agent.addr).expect("connect");
+        stream
+            .write_all(b"GET /api/chat HTTP/1.1\r\nHost: api\r\n\r\n")
+            .expect("write");
+        let answer = http::read_response(&mut stream).expect("an answer");
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+        clients.push(stream);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "20 client connections, open and idle, one request each in turn"
+    );
+    // Housekeeping (once a second) publishes the pool's size.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let idle: Option<f64> = metric(&http::metrics(&agent), "limiter_upstream_connections_idle");
+        if idle == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle upstream connections: {idle:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

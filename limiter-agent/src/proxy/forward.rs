@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
-use super::{Body, BoxError, Lane, Peer, Proxy, State, respond::error};
+use super::{Body, Peer, Proxy, State, respond::error};
 use crate::body::{ClientBody, ClientBodyError, client_fault};
 
 impl Proxy {
@@ -18,31 +18,18 @@ impl Proxy {
         state: &State,
         req: Request<Incoming>,
         peer: Peer,
-        lane: &Lane,
     ) -> Response<Body> {
-        // HTTP/1 clients go through their connection's lane, HTTP/2 clients
-        // through the pooled client (see `upstream`).
-        let pooled = req.version() == http::Version::HTTP_2;
         let (mut parts, body) = req.into_parts();
-        let upstream = state
-            .config
-            .live
-            .upstream
-            .authority()
-            .map_or("127.0.0.1", http::uri::Authority::as_str);
-        // The pooled client takes an absolute URI and sends its origin form;
-        // a lane sends the URI as it is, so it gets the origin form.
-        if pooled || parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let upstream = upstream_authority(state);
+        // The upstream gets the origin form (`/path?query`): HTTP/2 targets
+        // and absolute-form HTTP/1 ones carry a scheme and authority.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let path = parts
                 .uri
                 .path_and_query()
                 .map_or("/", http::uri::PathAndQuery::as_str);
-            let mut uri = Uri::builder();
-            if pooled {
-                uri = uri.scheme("http").authority(upstream);
-            }
-            if let Ok(built) = uri.path_and_query(path).build() {
-                parts.uri = built;
+            if let Ok(origin) = Uri::builder().path_and_query(path).build() {
+                parts.uri = origin;
             } else {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -66,14 +53,11 @@ impl Proxy {
             ClientBody::new(body, state.config.live.body_read_timeout),
         );
         let started = Instant::now();
-        let exchange = async {
-            if pooled {
-                self.client.request(request).await.map_err(BoxError::from)
-            } else {
-                lane.send(&connect_to(upstream), request).await
-            }
-        };
-        let result = tokio::time::timeout(state.config.live.upstream_timeout, exchange).await;
+        let result = tokio::time::timeout(
+            state.config.live.upstream_timeout,
+            self.upstreams.send(&connect_to(upstream), request),
+        )
+        .await;
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -112,8 +96,18 @@ impl Proxy {
     }
 }
 
+/// The configured upstream's authority (`host[:port]`).
+pub(super) fn upstream_authority(state: &State) -> &str {
+    state
+        .config
+        .live
+        .upstream
+        .authority()
+        .map_or("127.0.0.1", http::uri::Authority::as_str)
+}
+
 /// `host:port` to connect to for an upstream authority; port 80 when it names none.
-fn connect_to(authority: &str) -> Cow<'_, str> {
+pub(super) fn connect_to(authority: &str) -> Cow<'_, str> {
     match authority.parse::<http::uri::Authority>() {
         Ok(parsed) if parsed.port().is_none() => Cow::Owned(format!("{}:80", parsed.host())),
         _ => Cow::Borrowed(authority),

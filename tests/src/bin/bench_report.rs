@@ -143,6 +143,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             "limiter_no_dashboard",
             "nginx",
             "haproxy",
+            "tcp_relay",
             "direct",
         ] {
             let c = &s[contender];
@@ -196,6 +197,16 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         f(&proxy["ratios"]["allowed_with_dashboard_vs_without"]),
         f(&proxy["ratios"]["allowed_cpu_with_dashboard_vs_without"])
     );
+    let relay = &proxy["ratios"]["tcp_relay_cpu_vs_nginx"];
+    if !relay.is_null() {
+        let _ = writeln!(
+            out,
+            "- the floor (`tcp_relay`: bytes relayed on the same runtime, no HTTP): {:.2}× nginx's \
+             CPU per request; the limiter spends {:.2}× the relay's\n",
+            f(relay),
+            f(&proxy["ratios"]["allowed_cpu_vs_tcp_relay"])
+        );
+    }
     placement_and_escalation_verdicts(out, proxy);
     let _ = writeln!(
         out,

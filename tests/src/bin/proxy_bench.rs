@@ -14,6 +14,9 @@
 //! its affinity mask); wrk and the upstream share CPU 0. Rounds are interleaved
 //! across contenders and the median round is reported.
 //!
+//! The allowed scenario also runs `tcp_relay`, a byte relay with no HTTP
+//! (`proxy-bench --relay`): the floor of a proxy on this runtime and kernel path.
+//!
 //! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
 
 use std::{
@@ -281,6 +284,23 @@ fn limiter(
     )
 }
 
+/// The `tcp_relay` contender (see [`relay`]) on `port`, in front of the upstream.
+fn relay_peer(place: Place, port: u16, upstream: u16) -> Peer {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    Peer::start_in(
+        place.ns,
+        "tcp_relay",
+        CONTENDER_CPU,
+        &exe.display().to_string(),
+        &[
+            "--relay",
+            &format!("{}:{port}", place.listen),
+            &local(upstream).to_string(),
+        ],
+        local(port),
+    )
+}
+
 fn entry(result: &WrkResult) -> serde_json::Value {
     json!({
         "rps": (result.rps * 10.0).round() / 10.0,
@@ -376,6 +396,13 @@ fn scenario(
     ];
     if let Some(quiet) = &limiter_quiet {
         contenders.push(("limiter_no_dashboard", quiet_port, quiet.pid(), true));
+    }
+    // The floor under any proxy on this runtime and kernel path: bytes
+    // relayed, no HTTP (see `relay`).
+    let relay_port = free_port();
+    let relay = direct.then(|| relay_peer(place, relay_port, up_port));
+    if let Some(relay) = &relay {
+        contenders.push(("tcp_relay", relay_port, relay.pid(), true));
     }
     if direct {
         contenders.push(("direct", up_port, upstream.pid(), false));
@@ -560,7 +587,94 @@ fn print_verdicts(result: &serde_json::Value) {
     );
 }
 
+/// `proxy-bench --relay LISTEN UPSTREAM`: the `tcp_relay` contender. Each
+/// client connection gets its own upstream connection and bytes are copied
+/// both ways on a current-thread tokio runtime, as the agent's runtime is on
+/// one CPU: the same accept, connect, `recvfrom` and `writev` per request as
+/// the agent, with no HTTP parsing, no decision and no headers added. What
+/// the limiter costs over it is what its HTTP handling and deciding cost.
+fn relay(listen: &str, upstream: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .expect("relay listen");
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let upstream = upstream.to_owned();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+}
+
+/// `proxy-bench --hyper LISTEN UPSTREAM`: the `hyper_floor` contender, a
+/// reverse proxy of hyper's HTTP/1 server and client and nothing else (one
+/// upstream connection per client connection, as the agent's lanes): what
+/// the HTTP library costs before the limiter does anything.
+fn hyper_floor(listen: &str, upstream: &str) {
+    use hyper::{client::conn::http1 as client, server::conn::http1 as server};
+    use hyper_util::rt::TokioIo;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .expect("floor listen");
+        loop {
+            let Ok((downstream, _)) = listener.accept().await else {
+                continue;
+            };
+            let upstream = upstream.to_owned();
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = downstream.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                let Ok((sender, connection)) = client::handshake(TokioIo::new(up)).await else {
+                    return;
+                };
+                tokio::spawn(connection);
+                let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+                let service = hyper::service::service_fn(move |req| {
+                    let sender = sender.clone();
+                    async move {
+                        let mut sender = sender.lock().await;
+                        sender.ready().await?;
+                        sender.send_request(req).await
+                    }
+                });
+                let _ = server::Builder::new()
+                    .serve_connection(TokioIo::new(downstream), service)
+                    .await;
+            });
+        }
+    });
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, listen, upstream] = args.as_slice() {
+        match flag.as_str() {
+            "--relay" => return relay(listen, upstream),
+            "--hyper" => return hyper_floor(listen, upstream),
+            _ => {}
+        }
+    }
     let (mut rounds, mut seconds) = (3, 8);
     numeric_options(
         "proxy-bench [--rounds N] [--seconds S]",
@@ -622,6 +736,11 @@ fn main() {
             "rejected_cpu_vs_haproxy": cpu_ratio(&rejected, "haproxy"),
             "allowed_with_dashboard_vs_without": ratio(&allowed, "limiter_no_dashboard"),
             "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
+            "allowed_cpu_vs_tcp_relay": cpu_ratio(&allowed, "tcp_relay"),
+            "tcp_relay_cpu_vs_nginx": allowed["tcp_relay"]["cpu_us_per_request"]
+                .as_f64()
+                .zip(allowed["nginx"]["cpu_us_per_request"].as_f64())
+                .map_or(0.0, |(relay, nginx)| if nginx > 0.0 { relay / nginx } else { 0.0 }),
             "allowed_veth_vs_nginx": ratio(&allowed_veth, "nginx"),
             "allowed_veth_vs_haproxy": ratio(&allowed_veth, "haproxy"),
             "allowed_veth_cpu_vs_nginx": cpu_ratio(&allowed_veth, "nginx"),
