@@ -144,6 +144,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             "nginx",
             "haproxy",
             "tcp_relay",
+            "hyper_floor",
             "direct",
         ] {
             let c = &s[contender];
@@ -201,10 +202,13 @@ fn proxy_section(out: &mut String, proxy: &Value) {
     if !relay.is_null() {
         let _ = writeln!(
             out,
-            "- the floor (`tcp_relay`: bytes relayed on the same runtime, no HTTP): {:.2}× nginx's \
-             CPU per request; the limiter spends {:.2}× the relay's\n",
+            "- the floors, CPU per request against nginx's: `tcp_relay` (bytes relayed on the same \
+             runtime, no HTTP) {:.2}×, `hyper_floor` (hyper's HTTP/1 server and client, nothing \
+             else) {:.2}×; the limiter spends {:.2}× the relay's and {:.2}× hyper's alone\n",
             f(relay),
-            f(&proxy["ratios"]["allowed_cpu_vs_tcp_relay"])
+            f(&proxy["ratios"]["hyper_floor_cpu_vs_nginx"]),
+            f(&proxy["ratios"]["allowed_cpu_vs_tcp_relay"]),
+            f(&proxy["ratios"]["allowed_cpu_vs_hyper_floor"])
         );
     }
     placement_and_escalation_verdicts(out, proxy);

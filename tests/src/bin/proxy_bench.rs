@@ -14,8 +14,10 @@
 //! its affinity mask); wrk and the upstream share CPU 0. Rounds are interleaved
 //! across contenders and the median round is reported.
 //!
-//! The allowed scenario also runs `tcp_relay`, a byte relay with no HTTP
-//! (`proxy-bench --relay`): the floor of a proxy on this runtime and kernel path.
+//! The allowed scenario also runs two floors: `tcp_relay`, a byte relay with
+//! no HTTP (`proxy-bench --relay`), the floor of a proxy on this runtime and
+//! kernel path; and `hyper_floor`, hyper's HTTP/1 server and client and
+//! nothing else (`proxy-bench --hyper`), the floor with HTTP.
 //!
 //! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
 
@@ -284,16 +286,17 @@ fn limiter(
     )
 }
 
-/// The `tcp_relay` contender (see [`relay`]) on `port`, in front of the upstream.
-fn relay_peer(place: Place, port: u16, upstream: u16) -> Peer {
+/// A floor contender on `port` in front of the upstream: `--relay` for
+/// `tcp_relay` (see [`relay`]), `--hyper` for `hyper_floor` (see [`hyper_floor`]).
+fn floor_peer(mode: &str, place: Place, port: u16, upstream: u16) -> Peer {
     let exe = std::env::current_exe().expect("the bench's own path");
     Peer::start_in(
         place.ns,
-        "tcp_relay",
+        mode.trim_start_matches('-'),
         CONTENDER_CPU,
         &exe.display().to_string(),
         &[
-            "--relay",
+            mode,
             &format!("{}:{port}", place.listen),
             &local(upstream).to_string(),
         ],
@@ -400,9 +403,15 @@ fn scenario(
     // The floor under any proxy on this runtime and kernel path: bytes
     // relayed, no HTTP (see `relay`).
     let relay_port = free_port();
-    let relay = direct.then(|| relay_peer(place, relay_port, up_port));
+    let relay = direct.then(|| floor_peer("--relay", place, relay_port, up_port));
     if let Some(relay) = &relay {
         contenders.push(("tcp_relay", relay_port, relay.pid(), true));
+    }
+    // The floor with HTTP: hyper's server and client, nothing else.
+    let hyper_port = free_port();
+    let hyper = direct.then(|| floor_peer("--hyper", place, hyper_port, up_port));
+    if let Some(hyper) = &hyper {
+        contenders.push(("hyper_floor", hyper_port, hyper.pid(), true));
     }
     if direct {
         contenders.push(("direct", up_port, upstream.pid(), false));
@@ -737,6 +746,11 @@ fn main() {
             "allowed_with_dashboard_vs_without": ratio(&allowed, "limiter_no_dashboard"),
             "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
             "allowed_cpu_vs_tcp_relay": cpu_ratio(&allowed, "tcp_relay"),
+            "allowed_cpu_vs_hyper_floor": cpu_ratio(&allowed, "hyper_floor"),
+            "hyper_floor_cpu_vs_nginx": allowed["hyper_floor"]["cpu_us_per_request"]
+                .as_f64()
+                .zip(allowed["nginx"]["cpu_us_per_request"].as_f64())
+                .map_or(0.0, |(floor, nginx)| if nginx > 0.0 { floor / nginx } else { 0.0 }),
             "tcp_relay_cpu_vs_nginx": allowed["tcp_relay"]["cpu_us_per_request"]
                 .as_f64()
                 .zip(allowed["nginx"]["cpu_us_per_request"].as_f64())
