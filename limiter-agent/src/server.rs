@@ -270,6 +270,8 @@ where
     let mut connection = pin!(builder.serve_connection(io, service));
     loop {
         tokio::select! {
+            // The connection first: it is what wakes the task nearly every time.
+            biased;
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");

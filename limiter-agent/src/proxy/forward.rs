@@ -55,7 +55,7 @@ impl Proxy {
         let started = Instant::now();
         let result = tokio::time::timeout(
             state.config.live.upstream_timeout,
-            self.upstreams.send(&connect_to(upstream), request),
+            self.upstreams.send(&connect_to(state), request),
         )
         .await;
         self.metrics
@@ -106,11 +106,12 @@ pub(super) fn upstream_authority(state: &State) -> &str {
         .map_or("127.0.0.1", http::uri::Authority::as_str)
 }
 
-/// `host:port` to connect to for an upstream authority; port 80 when it names none.
-pub(super) fn connect_to(authority: &str) -> Cow<'_, str> {
-    match authority.parse::<http::uri::Authority>() {
-        Ok(parsed) if parsed.port().is_none() => Cow::Owned(format!("{}:80", parsed.host())),
-        _ => Cow::Borrowed(authority),
+/// `host:port` of the configured upstream to connect to; port 80 when it names none.
+pub(super) fn connect_to(state: &State) -> Cow<'_, str> {
+    let upstream = &state.config.live.upstream;
+    match (upstream.port(), upstream.host()) {
+        (None, Some(host)) => Cow::Owned(format!("{host}:80")),
+        _ => Cow::Borrowed(upstream_authority(state)),
     }
 }
 

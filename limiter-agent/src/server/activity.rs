@@ -14,7 +14,6 @@ use std::{
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::Notify,
     time::Instant,
 };
 
@@ -155,8 +154,6 @@ impl Activity {
 #[derive(Debug)]
 pub struct Tracker {
     activity: Mutex<Activity>,
-    /// Woken when a deadline may have moved earlier.
-    changed: Notify,
     timeouts: Timeouts,
 }
 
@@ -165,7 +162,6 @@ impl Tracker {
     pub fn new(timeouts: Timeouts) -> Arc<Self> {
         Arc::new(Self {
             activity: Mutex::new(Activity::new(Instant::now())),
-            changed: Notify::new(),
             timeouts,
         })
     }
@@ -198,31 +194,33 @@ impl Tracker {
 
     /// Resolves when the connection's timer fires.
     ///
-    /// One timer, re-armed only when the deadline comes earlier than the one
-    /// it is set for. A later deadline is found when the armed one fires and
-    /// the state is read again, so a keep-alive connection's steady stream of
-    /// requests (each moving its deadlines later) touches the timer wheel
-    /// about once per header timeout, not twice per request.
+    /// Nothing wakes the timer when the state changes: it is never armed
+    /// later than one `check` from when it was armed, the shorter of the
+    /// header and idle timeouts (the close grace once closing), and no change
+    /// brings a deadline nearer than one `check` from the change (a request's
+    /// first bytes start a header timeout, an ended request an idle timeout;
+    /// closing is decided by the caller, who asks again). So the armed time
+    /// is never after the deadline, and each time it fires the state is read
+    /// again: a connection busy with requests pays one timer per `check`,
+    /// not a wake-up per request.
     pub async fn expired(&self) -> Expiry {
         let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
-        let mut armed: Option<Instant> = None;
         loop {
-            // Registered before the state is read, so no change is missed.
-            let changed = self.changed.notified();
-            let next = self.with(|a| a.deadline(self.timeouts));
-            if let Some((at, why)) = next {
-                if at <= Instant::now() {
-                    return why;
-                }
-                if armed.is_none_or(|armed| at < armed) {
-                    timer.as_mut().reset(at);
-                    armed = Some(at);
-                }
+            let now = Instant::now();
+            let (next, closing) = self.with(|a| (a.deadline(self.timeouts), a.is_closing()));
+            let check = if closing {
+                CLOSE_GRACE
+            } else {
+                self.timeouts.header_read.min(self.timeouts.idle)
             }
-            tokio::select! {
-                () = timer.as_mut(), if armed.is_some() => armed = None,
-                () = changed => {}
-            }
+            .max(Duration::from_millis(1));
+            let at = match next {
+                Some((at, why)) if at <= now => return why,
+                Some((at, _)) => at.min(now + check),
+                None => now + check,
+            };
+            timer.as_mut().reset(at);
+            timer.as_mut().await;
         }
     }
 }
@@ -233,9 +231,7 @@ pub struct InFlight(Arc<Tracker>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.with(|a| a.request_ended(Instant::now())) {
-            self.0.changed.notify_one();
-        }
+        self.0.with(|a| a.request_ended(Instant::now()));
     }
 }
 
@@ -296,12 +292,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.io).poll_read(cx, buf);
         let read = &buf.filled()[before..];
-        if !read.is_empty()
-            && this
-                .tracker
-                .with(|activity| activity.bytes(Instant::now(), read))
-        {
-            this.tracker.changed.notify_one();
+        if !read.is_empty() {
+            this.tracker
+                .with(|activity| activity.bytes(Instant::now(), read));
         }
         result
     }
@@ -348,6 +341,69 @@ mod tests {
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    /// Runs the tracker's timer against `script` (sleep until `t0 + secs`,
+    /// then act) on a paused clock: what fired, and how long after `t0`.
+    async fn fired(script: impl AsyncFnOnce(&Arc<Tracker>, Instant)) -> (Expiry, Duration) {
+        let tracker = Tracker::new(TIMEOUTS);
+        let t0 = Instant::now();
+        let timer = tokio::spawn({
+            let tracker = tracker.clone();
+            async move { (tracker.expired().await, Instant::now()) }
+        });
+        script(&tracker, t0).await;
+        let (why, at) = timer.await.expect("timer task");
+        (why, at - t0)
+    }
+
+    fn about(d: Duration, s: u64) -> bool {
+        d >= secs(s) && d < secs(s) + Duration::from_millis(10)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_fires_at_a_header_deadline_nobody_told_it_of() {
+        // A request at 1 s, ended at 2 s; the next one's first bytes at 35 s:
+        // its headers are due at 45 s, before the idle timeout (62 s).
+        let (why, after) = fired(async |tracker, t0| {
+            tokio::time::sleep_until(t0 + secs(1)).await;
+            let in_flight = tracker.request();
+            tokio::time::sleep_until(t0 + secs(2)).await;
+            drop(in_flight);
+            tokio::time::sleep_until(t0 + secs(35)).await;
+            tracker.with(|a| a.bytes(Instant::now(), b"GET / HT"));
+        })
+        .await;
+        assert_eq!(why, Expiry::Headers);
+        assert!(about(after, 45), "{after:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_fires_at_the_idle_deadline_and_never_during_a_request() {
+        let (why, after) = fired(async |tracker, t0| {
+            tokio::time::sleep_until(t0 + secs(1)).await;
+            let in_flight = tracker.request();
+            // Streams for five minutes: no deadline meanwhile.
+            tokio::time::sleep_until(t0 + secs(301)).await;
+            drop(in_flight);
+        })
+        .await;
+        assert_eq!(why, Expiry::Idle);
+        assert!(about(after, 361), "{after:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_connection_is_cut_a_grace_after_its_last_request() {
+        let (why, after) = fired(async |tracker, t0| {
+            tokio::time::sleep_until(t0 + secs(1)).await;
+            let in_flight = tracker.request();
+            tracker.closing();
+            tokio::time::sleep_until(t0 + secs(30)).await;
+            drop(in_flight);
+        })
+        .await;
+        assert_eq!(why, Expiry::Abort);
+        assert!(about(after, 32), "{after:?}");
     }
 
     #[test]
