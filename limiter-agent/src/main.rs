@@ -13,6 +13,12 @@ use limiter_agent::{
     demo, ops, privilege, rt,
 };
 
+/// mimalloc: about 4 % less CPU per proxied request than glibc's allocator
+/// (A/B in the proxy bench setup), whose consolidation of freed chunks showed
+/// in every request's profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a refused config (`EX_USAGE` of sysexits).
 const EXIT_BAD_CONFIG: u8 = 64;
 
