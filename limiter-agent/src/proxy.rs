@@ -309,10 +309,10 @@ impl Proxy {
                 "Content-Length and Transfer-Encoding together are ambiguous.",
             );
         }
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned());
+        let target = req.uri().path_and_query().map_or_else(
+            || std::borrow::Cow::Owned(req.uri().to_string()),
+            |pq| std::borrow::Cow::Borrowed(pq.as_str()),
+        );
         let canonical = match canonicalize(&target, state.config.live.path_policy) {
             Ok(path) => path,
             Err(e) => {
