@@ -180,7 +180,8 @@ impl Upstreams {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(uri).await?;
-        let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
+        // Requests are a head and a small body: flattened, as the server does.
+        let (mut sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
