@@ -98,10 +98,7 @@ pub async fn serve(
         // answer 408 to a client that did nothing wrong.
         .header_read_timeout(None)
         .max_buf_size(max_header_bytes.max(8192))
-        .keep_alive(true)
-        // Responses are a head and a small body or stream frames: one
-        // flattened buffer per write is cheaper than a vectored write here.
-        .writev(false);
+        .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())

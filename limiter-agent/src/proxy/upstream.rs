@@ -41,6 +41,8 @@ use crate::body::ClientBody;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle upstream connections older than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_mins(1);
+/// Longest wait for a pooled connection to take a request before a new one is opened.
+const READY_WAIT: Duration = Duration::from_millis(100);
 /// Most idle upstream connections kept; beyond it the oldest is closed.
 const MAX_IDLE: usize = 1024;
 
@@ -92,16 +94,22 @@ impl Upstreams {
         request: Request<ClientBody>,
     ) -> Result<Response<Returning>, BoxError> {
         let mut held = match self.checkout(authority) {
-            Some(mut held) => match held.sender.ready().await {
-                Ok(()) => held,
-                // Closed while idle: the upstream let it go.
-                Err(_) => self.connect(authority).await?,
+            Some(held) if held.sender.is_ready() => held,
+            // Given back as its exchange ended: ready at its task's next turn.
+            // Not ready soon (closed while idle, or still writing to an
+            // upstream that stopped reading), a new connection takes over.
+            Some(mut held) => match tokio::time::timeout(READY_WAIT, held.sender.ready()).await {
+                Ok(Ok(())) => held,
+                _ => self.connect(authority).await?,
             },
             None => self.connect(authority).await?,
         };
         // A request body still being sent when the answer comes means the
         // upstream answered without reading all of it: the connection's
-        // framing can no longer be trusted, so it is not reused.
+        // framing can no longer be trusted, so it is not reused. Best effort:
+        // a body written in full before an upstream answered without
+        // reading it cannot be told apart: an upstream that answers early
+        // must read the rest of the body or close the connection.
         let body_sent = request.body().sent();
         let response = match held.sender.try_send_request(request).await {
             Ok(response) => response,
@@ -180,8 +188,7 @@ impl Upstreams {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(uri).await?;
-        // Requests are a head and a small body: flattened, as the server does.
-        let (mut sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
+        let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");

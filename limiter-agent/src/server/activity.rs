@@ -181,7 +181,9 @@ impl Tracker {
     }
 
     /// Marks the connection as asked to close.
-    pub fn closing(&self) {
+    /// Marks the connection closing. The caller must ask [`Tracker::expired`]
+    /// again afterwards: the close grace is shorter than the timer's check.
+    pub(super) fn closing(&self) {
         self.with(|a| a.closing(Instant::now()));
     }
 
