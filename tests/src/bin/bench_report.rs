@@ -62,11 +62,14 @@ fn cpu_cell(v: &Value) -> String {
 fn placement_and_escalation_verdicts(out: &mut String, proxy: &Value) {
     if !proxy["escalation"].is_null() {
         let e = f(&proxy["ratios"]["escalation_cpu_vs_nginx"]);
+        // Zero is a result (banned, the client costs nothing measurable);
+        // nginx's side of the ratio is what must be there.
+        let nginx = f(&proxy["escalation"]["nginx"]["cpu_us_per_offered"]);
         let _ = writeln!(
             out,
             "- over-limit client at a fixed offered rate, CPU per offered request with XDP \
-             escalation ≤ 0.5× nginx's: {e:.2}× — {} ({:.2}× the limiter's without XDP)\n",
-            verdict(e > 0.0 && e <= 0.5),
+             escalation ≤ 0.5× nginx's: {e:.3}× — {} ({:.3}× the limiter's without XDP)\n",
+            verdict(nginx > 0.0 && e <= 0.5),
             f(&proxy["ratios"]["escalation_cpu_xdp_vs_plain"])
         );
     }
@@ -102,7 +105,7 @@ fn escalation_table(out: &mut String, escalation: &Value) {
         }
         let _ = writeln!(
             out,
-            "| {contender} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            "| {contender} | {:.0} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} |",
             f(&c["offered"]),
             f(&c["offered_per_second"]),
             f(&c["answered"]),
