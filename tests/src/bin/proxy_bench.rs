@@ -639,7 +639,7 @@ fn relay(listen: &str, upstream: &str) {
 
 /// `proxy-bench --hyper LISTEN UPSTREAM`: the `hyper_floor` contender, a
 /// reverse proxy of hyper's HTTP/1 server and client and nothing else (one
-/// upstream connection per client connection, as the agent's lanes): what
+/// upstream connection per client connection, no pool at all): what
 /// the HTTP library costs before the limiter does anything.
 fn hyper_floor(listen: &str, upstream: &str) {
     use hyper::{client::conn::http1 as client, server::conn::http1 as server};
