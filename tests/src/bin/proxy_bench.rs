@@ -605,82 +605,72 @@ fn print_verdicts(result: &serde_json::Value) {
     );
 }
 
-/// `proxy-bench --relay LISTEN UPSTREAM`: the `tcp_relay` contender. Each
-/// client connection gets its own upstream connection and bytes are copied
-/// both ways on a current-thread tokio runtime, as the agent's runtime is on
-/// one CPU: the same accept, connect, `recvfrom` and `writev` per request as
-/// the agent, with no HTTP parsing, no decision and no headers added. What
-/// the limiter costs over it is what its HTTP handling and deciding cost.
-fn relay(listen: &str, upstream: &str) {
+/// Serves `listen` on a current-thread tokio runtime, as the agent's runtime
+/// is on one CPU: each client connection gets a new connection to `upstream`
+/// (both `TCP_NODELAY`) and is handed with it to `serve` in a task of its own.
+fn floor<F, Fut>(listen: &str, upstream: &str, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .expect("relay listen");
-        loop {
-            let Ok((mut client, _)) = listener.accept().await else {
-                continue;
-            };
-            let upstream = upstream.to_owned();
-            tokio::spawn(async move {
-                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            });
-        }
-    });
-}
-
-/// `proxy-bench --hyper LISTEN UPSTREAM`: the `hyper_floor` contender, a
-/// reverse proxy of hyper's HTTP/1 server and client and nothing else (one
-/// upstream connection per client connection, no pool at all): what
-/// the HTTP library costs before the limiter does anything.
-fn hyper_floor(listen: &str, upstream: &str) {
-    use hyper::{client::conn::http1 as client, server::conn::http1 as server};
-    use hyper_util::rt::TokioIo;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .expect("floor listen");
         loop {
-            let Ok((downstream, _)) = listener.accept().await else {
+            let Ok((client, _)) = listener.accept().await else {
                 continue;
             };
-            let upstream = upstream.to_owned();
-            tokio::spawn(async move {
-                let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let _ = downstream.set_nodelay(true);
-                let _ = up.set_nodelay(true);
-                let Ok((sender, connection)) = client::handshake(TokioIo::new(up)).await else {
-                    return;
-                };
-                tokio::spawn(connection);
-                let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
-                let service = hyper::service::service_fn(move |req| {
-                    let sender = sender.clone();
-                    async move {
-                        let mut sender = sender.lock().await;
-                        sender.ready().await?;
-                        sender.send_request(req).await
-                    }
-                });
-                let _ = server::Builder::new()
-                    .serve_connection(TokioIo::new(downstream), service)
-                    .await;
-            });
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            tokio::task::spawn_local(serve(client, server));
         }
+    });
+}
+
+/// `proxy-bench --relay LISTEN UPSTREAM`: the `tcp_relay` contender, bytes
+/// copied both ways ([`floor`]): the same accept, connect, `recvfrom` and
+/// `writev` per request as the agent, with no HTTP parsing, no decision and
+/// no headers added. What the limiter costs over it is what its HTTP
+/// handling and deciding cost.
+fn relay(listen: &str, upstream: &str) {
+    floor(listen, upstream, |mut client, mut server| async move {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
+}
+
+/// `proxy-bench --hyper LISTEN UPSTREAM`: the `hyper_floor` contender, a
+/// reverse proxy of hyper's HTTP/1 server and client and nothing else
+/// ([`floor`]: one upstream connection per client connection, no pool at
+/// all): what the HTTP library costs before the limiter does anything.
+fn hyper_floor(listen: &str, upstream: &str) {
+    use hyper::{client::conn::http1 as client, server::conn::http1 as server};
+    use hyper_util::rt::TokioIo;
+    floor(listen, upstream, |downstream, up| async move {
+        let Ok((sender, connection)) = client::handshake(TokioIo::new(up)).await else {
+            return;
+        };
+        tokio::task::spawn_local(connection);
+        let sender = std::rc::Rc::new(tokio::sync::Mutex::new(sender));
+        let service = hyper::service::service_fn(move |req| {
+            let sender = sender.clone();
+            async move {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(req).await
+            }
+        });
+        let _ = server::Builder::new()
+            .serve_connection(TokioIo::new(downstream), service)
+            .await;
     });
 }
 
