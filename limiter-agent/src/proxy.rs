@@ -24,6 +24,7 @@ mod forward;
 mod keys;
 mod respond;
 mod upstream;
+mod wire;
 
 use self::{descriptors::EnvoyRules, respond::too_many};
 pub use self::{

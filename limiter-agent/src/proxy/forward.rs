@@ -5,9 +5,9 @@ use std::{borrow::Cow, time::Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
-use super::{Body, Peer, Proxy, State, respond::error};
+use super::{Body, Peer, Proxy, State, respond::error, wire};
 use crate::body::{ClientBody, ClientBodyError, client_fault};
 
 impl Proxy {
@@ -48,16 +48,23 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         append_forwarded(&mut parts.headers, peer);
-        let request = Request::from_parts(
-            parts,
-            ClientBody::new(body, state.config.live.body_read_timeout),
-        );
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            state.config.live.upstream_timeout,
-            self.upstreams.send(&connect_to(state), request),
-        )
-        .await;
+        let connect_to = connect_to(state);
+        let timeout = state.config.live.upstream_timeout;
+        let result = if wire::carries(&parts, body.is_end_stream()) {
+            drop(body);
+            tokio::time::timeout(timeout, self.upstreams.send_bodyless(&connect_to, &parts))
+                .await
+                .map(|sent| sent.map(answer))
+        } else {
+            let request = Request::from_parts(
+                parts,
+                ClientBody::new(body, state.config.live.body_read_timeout),
+            );
+            tokio::time::timeout(timeout, self.upstreams.send(&connect_to, request))
+                .await
+                .map(|sent| sent.map(answer))
+        };
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -87,13 +94,21 @@ impl Proxy {
                     )
                 }
             },
-            Ok(Ok(response)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(Into::into).boxed())
-            }
+            Ok(Ok(response)) => response,
         }
     }
+}
+
+/// The upstream's answer as it goes to the client: hop-by-hop fields
+/// dropped, the body streamed.
+fn answer<B>(response: Response<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<super::BoxError>,
+{
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
 /// The configured upstream's authority (`host[:port]`).
@@ -118,23 +133,41 @@ pub(super) fn connect_to(state: &State) -> Cow<'_, str> {
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
 /// plus every header the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of a lookup
-    // per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names notes which hop-by-hop headers are present:
+    // most messages carry none, responses often only `Connection: keep-alive`.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // `Connection` (the first) names more; `close` and `keep-alive` are
+    // options, not headers to look for.
+    if present & 1 != 0 {
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        {
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -155,10 +188,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     KEEP_ALIVE,
     PROXY_CONNECTION,
 ];
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-}
 
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
 fn append_forwarded(headers: &mut HeaderMap, peer: Peer) {

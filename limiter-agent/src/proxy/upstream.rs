@@ -26,7 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Request, Response, Uri, request};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::{self, SendRequest},
@@ -34,7 +34,10 @@ use hyper::{
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service as _;
 
-use super::BoxError;
+use super::{
+    BoxError,
+    wire::{self, Wire, WireBody, WireError},
+};
 use crate::body::ClientBody;
 
 /// Longest wait for the upstream's TCP handshake.
@@ -65,6 +68,8 @@ impl Held {
 /// The upstream connections not carrying a request now.
 pub struct Upstreams {
     idle: Mutex<VecDeque<Held>>,
+    /// Connections for requests without a body ([`wire`]).
+    wires: Mutex<VecDeque<Wire>>,
     connector: HttpConnector,
 }
 
@@ -75,6 +80,7 @@ impl Default for Upstreams {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Self {
             idle: Mutex::new(VecDeque::new()),
+            wires: Mutex::new(VecDeque::new()),
             connector,
         }
     }
@@ -171,6 +177,15 @@ impl Upstreams {
         };
         // Dropped outside the lock: each drop ends a connection's task.
         drop(stale);
+        let stale: VecDeque<Wire> = {
+            let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
+            let (keep, stale) = wires
+                .drain(..)
+                .partition(|wire| wire_reusable(wire, authority, now) && wire.quiet());
+            *wires = keep;
+            stale
+        };
+        drop(stale);
     }
 
     /// Idle connections now.
@@ -180,6 +195,79 @@ impl Upstreams {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+            + self
+                .wires
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+    }
+
+    /// Sends a request without a body (see [`wire::carries`]) to
+    /// `authority` on an idle connection, else a new one, written and read
+    /// in the caller's task. A pooled connection the upstream closed as it
+    /// was reused is replaced once: always when the request could not be
+    /// written, for an idempotent method when no answer came.
+    ///
+    /// # Errors
+    /// The upstream could not be reached, or its answer was malformed.
+    pub async fn send_bodyless(
+        self: &Arc<Self>,
+        authority: &str,
+        parts: &request::Parts,
+    ) -> Result<Response<WireBody>, BoxError> {
+        let mut head = Vec::with_capacity(256);
+        wire::encode_head(parts, &mut head);
+        let (mut wire, reused) = match self.checkout_wire(authority) {
+            Some(wire) => (wire, true),
+            None => (self.connect_wire(authority).await?, false),
+        };
+        let answer = match wire.exchange(&head, &parts.method).await {
+            Err(WireError::NotSent) if reused => None,
+            Err(WireError::ClosedEarly) if reused && parts.method.is_idempotent() => None,
+            other => Some(other?),
+        };
+        let (answer, framing) = match answer {
+            Some(answer) => answer,
+            None => {
+                wire = self.connect_wire(authority).await?;
+                wire.exchange(&head, &parts.method).await?
+            }
+        };
+        Ok(answer.map(|()| WireBody::new(wire, framing, self.clone())))
+    }
+
+    /// The newest idle [`Wire`] to `authority` that nothing arrived on.
+    fn checkout_wire(&self, authority: &str) -> Option<Wire> {
+        let now = Instant::now();
+        loop {
+            let wire = self
+                .wires
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_back()?;
+            if wire_reusable(&wire, authority, now) && wire.quiet() {
+                return Some(wire);
+            }
+        }
+    }
+
+    /// Keeps `wire` for the next request; the oldest goes when the pool is full.
+    pub(super) fn give_back_wire(&self, mut wire: Wire) {
+        wire.idle_since = Instant::now();
+        let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
+        if wires.len() >= MAX_IDLE {
+            wires.pop_front();
+        }
+        wires.push_back(wire);
+    }
+
+    /// A new connection to `authority` for requests written here.
+    async fn connect_wire(&self, authority: &str) -> Result<Wire, BoxError> {
+        let uri: Uri = format!("http://{authority}/").parse()?;
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(uri).await?;
+        Ok(Wire::new(io.into_inner(), authority.into()))
     }
 
     /// A new HTTP/1.1 connection to `authority`, driven by a task of its own.
@@ -201,6 +289,10 @@ impl Upstreams {
             idle_since: Instant::now(),
         })
     }
+}
+
+fn wire_reusable(wire: &Wire, authority: &str, now: Instant) -> bool {
+    &*wire.authority == authority && now.saturating_duration_since(wire.idle_since) < IDLE_TIMEOUT
 }
 
 /// An upstream response body that gives its connection back to the pool
