@@ -10,7 +10,8 @@
 //! read only when the page asks.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::RandomState},
+    hash::BuildHasher as _,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -42,11 +43,17 @@ const DECISIONS: [&str; 3] = ["allowed", "rejected", "would_reject"];
 /// own count of their rejections.
 #[derive(Default)]
 pub struct Offenders {
-    clients: Mutex<HashMap<(String, String), Offender>>,
+    /// Keyed by a keyed hash of (route, identity), so a rejection of a client
+    /// already on the board allocates nothing.
+    clients: Mutex<HashMap<u64, Offender>>,
+    hasher: RandomState,
 }
 
 #[derive(Clone, Debug)]
 struct Offender {
+    route: Box<str>,
+    /// As shown: the address, or a prefix of the key's hash.
+    client: Box<str>,
     rejected: u32,
     limit: u32,
     reset_ms: u64,
@@ -54,28 +61,28 @@ struct Offender {
 
 impl Offenders {
     /// Notes a rejection (or a would-be one) of `identity` on `route`.
-    pub fn note(&self, route: &str, identity: &Identity, decision: &Decision) {
+    pub fn note(&self, route: &str, identity: &Identity, decision: &Decision, now_ms: u64) {
+        let key = self.hasher.hash_one((route, identity));
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = clients.get_mut(&key) {
+            known.rejected = decision.rejected;
+            known.limit = decision.limit;
+            known.reset_ms = decision.reset_ms;
+            return;
+        }
+        if clients.len() >= OFFENDERS_MAX {
+            make_room(&mut clients, now_ms);
+        }
         let client = match identity {
             // Only a prefix of the key's hash: enough to tell clients apart.
             Identity::Key(sha256) => format!("key {}…", sha256.get(..12).unwrap_or(sha256)),
             Identity::Ip(ip) => ip.to_string(),
         };
-        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if clients.len() >= OFFENDERS_MAX
-            && !clients.contains_key(&(route.to_owned(), client.clone()))
-        {
-            // Full: forget the client with the fewest rejections.
-            if let Some(least) = clients
-                .iter()
-                .min_by_key(|(_, o)| (o.rejected, o.reset_ms))
-                .map(|(k, _)| k.clone())
-            {
-                clients.remove(&least);
-            }
-        }
         clients.insert(
-            (route.to_owned(), client),
+            key,
             Offender {
+                route: route.into(),
+                client: client.into(),
                 rejected: decision.rejected,
                 limit: decision.limit,
                 reset_ms: decision.reset_ms,
@@ -87,14 +94,18 @@ impl Offenders {
     fn top(&self, now_ms: u64) -> Vec<Value> {
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         clients.retain(|_, o| o.reset_ms > now_ms);
-        let mut rows: Vec<_> = clients.iter().collect();
-        rows.sort_by(|a, b| b.1.rejected.cmp(&a.1.rejected).then(a.0.cmp(b.0)));
+        let mut rows: Vec<&Offender> = clients.values().collect();
+        rows.sort_by(|a, b| {
+            b.rejected
+                .cmp(&a.rejected)
+                .then_with(|| (&a.route, &a.client).cmp(&(&b.route, &b.client)))
+        });
         rows.into_iter()
             .take(OFFENDERS_SHOWN)
-            .map(|((tier, client), o)| {
+            .map(|o| {
                 json!({
-                    "client": client,
-                    "tier": tier,
+                    "client": o.client,
+                    "tier": o.route,
                     "rejected": o.rejected,
                     "limit": o.limit,
                     "remaining": 0,
@@ -102,6 +113,25 @@ impl Offenders {
                 })
             })
             .collect()
+    }
+}
+
+/// A full board forgets the clients whose windows reset and, still full, the
+/// half with the fewest rejections at once: a stream of ever-new rejected
+/// clients costs a scan per `OFFENDERS_MAX / 2` of them, not one each.
+fn make_room(clients: &mut HashMap<u64, Offender>, now_ms: u64) {
+    clients.retain(|_, o| o.reset_ms > now_ms);
+    if clients.len() < OFFENDERS_MAX {
+        return;
+    }
+    let mut ranked: Vec<(u32, u64, u64)> = clients
+        .iter()
+        .map(|(key, o)| (o.rejected, o.reset_ms, *key))
+        .collect();
+    let half = ranked.len() / 2;
+    ranked.select_nth_unstable(half);
+    for (_, _, key) in &ranked[..half] {
+        clients.remove(key);
     }
 }
 
@@ -326,10 +356,15 @@ mod tests {
     fn the_board_ranks_current_offenders_hides_keys_and_forgets_reset_windows() {
         let board = Offenders::default();
         let ip = |last| Identity::Ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, last)));
-        board.note("/a", &ip(1), &rejected(2, 10_000));
-        board.note("/a", &ip(1), &rejected(3, 10_000));
-        board.note("/a", &ip(2), &rejected(9, 5_000));
-        board.note("/b", &Identity::Key("ab".repeat(32)), &rejected(4, 20_000));
+        board.note("/a", &ip(1), &rejected(2, 10_000), 0);
+        board.note("/a", &ip(1), &rejected(3, 10_000), 0);
+        board.note("/a", &ip(2), &rejected(9, 5_000), 0);
+        board.note(
+            "/b",
+            &Identity::Key("ab".repeat(32)),
+            &rejected(4, 20_000),
+            0,
+        );
         let top = board.top(1_000);
         let clients: Vec<_> = top.iter().map(|r| r["client"].as_str().unwrap()).collect();
         assert_eq!(clients, ["192.0.2.2", "key abababababab…", "192.0.2.1"]);
@@ -340,18 +375,50 @@ mod tests {
     }
 
     #[test]
-    fn a_full_board_forgets_the_least_rejected_client() {
+    fn a_full_board_forgets_reset_windows_then_the_least_rejected_half() {
         let board = Offenders::default();
+        let ip = |i: usize| Identity::Ip(IpAddr::from(u32::try_from(i).unwrap().to_be_bytes()));
+        let shown = |board: &Offenders| -> Vec<String> {
+            let clients = board.clients.lock().unwrap();
+            clients.values().map(|o| o.client.to_string()).collect()
+        };
+        // Half of them in windows that reset at 5 s.
         for i in 0..OFFENDERS_MAX {
-            let ip = Identity::Ip(IpAddr::from(u32::try_from(i).unwrap().to_be_bytes()));
-            board.note("/a", &ip, &rejected(10 + u32::try_from(i).unwrap(), 10_000));
+            let reset = if i % 2 == 0 { 5_000 } else { 10_000 };
+            board.note(
+                "/a",
+                &ip(i),
+                &rejected(10 + u32::try_from(i).unwrap(), reset),
+                0,
+            );
         }
         let newcomer = Identity::Ip(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)));
-        board.note("/a", &newcomer, &rejected(1_000, 10_000));
-        let clients = board.clients.lock().unwrap();
-        assert_eq!(clients.len(), OFFENDERS_MAX);
-        assert!(!clients.contains_key(&("/a".to_owned(), "0.0.0.0".to_owned())));
-        assert!(clients.contains_key(&("/a".to_owned(), "203.0.113.1".to_owned())));
+        board.note("/a", &newcomer, &rejected(1, 10_000), 6_000);
+        let left = shown(&board);
+        assert_eq!(left.len(), OFFENDERS_MAX / 2 + 1, "the reset windows went");
+        assert!(left.contains(&"203.0.113.1".to_owned()));
+        assert!(!left.contains(&"0.0.0.0".to_owned()));
+
+        // Full of live windows: the least rejected half goes at once.
+        for i in OFFENDERS_MAX..OFFENDERS_MAX * 2 {
+            board.note(
+                "/a",
+                &ip(i),
+                &rejected(10 + u32::try_from(i).unwrap(), 10_000),
+                6_000,
+            );
+        }
+        let left = shown(&board);
+        assert!(left.len() <= OFFENDERS_MAX);
+        assert!(
+            !left.contains(&"203.0.113.1".to_owned()),
+            "the least rejected"
+        );
+        let most = ip(OFFENDERS_MAX * 2 - 1);
+        let Identity::Ip(most) = most else {
+            unreachable!()
+        };
+        assert!(left.contains(&most.to_string()), "the most rejected stays");
     }
 
     #[test]

@@ -429,10 +429,12 @@ impl Proxy {
         } else if tier.observe {
             // Dry run: counted, told in the headers, served, never escalated.
             tier.would_reject.inc();
-            self.offenders.note(&tier.route, charge.identity, &decision);
+            self.offenders
+                .note(&tier.route, charge.identity, &decision, now_ms);
         } else {
             tier.rejected.inc();
-            self.offenders.note(&tier.route, charge.identity, &decision);
+            self.offenders
+                .note(&tier.route, charge.identity, &decision, now_ms);
             if let (Some(sink), Some((addr, as_identity))) = (&self.rejections, charge.source) {
                 sink.rejected(addr, as_identity, &decision, tier.window_ms);
             }

@@ -177,15 +177,24 @@ impl Upstreams {
         };
         // Dropped outside the lock: each drop ends a connection's task.
         drop(stale);
-        let stale: VecDeque<Wire> = {
-            let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
-            let (keep, stale) = wires
-                .drain(..)
-                .partition(|wire| wire_reusable(wire, authority, now) && wire.quiet());
-            *wires = keep;
-            stale
-        };
-        drop(stale);
+        // Checked outside the lock: a check may be a system call.
+        let wires: Vec<Wire> = self
+            .wires
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        let keep: Vec<Wire> = wires
+            .into_iter()
+            .filter(|wire| wire_reusable(wire, authority, now) && wire.quiet(false))
+            .collect();
+        let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
+        // Given back meanwhile: newer, so after these.
+        for (i, wire) in keep.into_iter().enumerate() {
+            wires.insert(i, wire);
+        }
+        let excess = wires.len().saturating_sub(MAX_IDLE);
+        wires.drain(..excess);
     }
 
     /// Idle connections now.
@@ -217,27 +226,29 @@ impl Upstreams {
     ) -> Result<Response<WireBody>, BoxError> {
         let mut head = Vec::with_capacity(256);
         wire::encode_head(parts, &mut head);
-        let (mut wire, reused) = match self.checkout_wire(authority) {
+        // A request that must not reach the upstream twice is retried only
+        // when it could not be written: its connection is checked thoroughly.
+        let idempotent = parts.method.is_idempotent();
+        let (mut wire, reused) = match self.checkout_wire(authority, !idempotent) {
             Some(wire) => (wire, true),
             None => (self.connect_wire(authority).await?, false),
         };
         let answer = match wire.exchange(&head, &parts.method).await {
             Err(WireError::NotSent) if reused => None,
-            Err(WireError::ClosedEarly) if reused && parts.method.is_idempotent() => None,
+            Err(WireError::ClosedEarly) if reused && idempotent => None,
             other => Some(other?),
         };
-        let (answer, framing) = match answer {
-            Some(answer) => answer,
-            None => {
-                wire = self.connect_wire(authority).await?;
-                wire.exchange(&head, &parts.method).await?
-            }
+        let (answer, framing) = if let Some(answer) = answer {
+            answer
+        } else {
+            wire = self.connect_wire(authority).await?;
+            wire.exchange(&head, &parts.method).await?
         };
         Ok(answer.map(|()| WireBody::new(wire, framing, self.clone())))
     }
 
     /// The newest idle [`Wire`] to `authority` that nothing arrived on.
-    fn checkout_wire(&self, authority: &str) -> Option<Wire> {
+    fn checkout_wire(&self, authority: &str, thorough: bool) -> Option<Wire> {
         let now = Instant::now();
         loop {
             let wire = self
@@ -245,7 +256,7 @@ impl Upstreams {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop_back()?;
-            if wire_reusable(&wire, authority, now) && wire.quiet() {
+            if wire_reusable(&wire, authority, now) && wire.quiet(thorough) {
                 return Some(wire);
             }
         }
@@ -254,6 +265,7 @@ impl Upstreams {
     /// Keeps `wire` for the next request; the oldest goes when the pool is full.
     pub(super) fn give_back_wire(&self, mut wire: Wire) {
         wire.idle_since = Instant::now();
+        wire.shrink();
         let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
         if wires.len() >= MAX_IDLE {
             wires.pop_front();

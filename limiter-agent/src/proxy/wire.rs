@@ -44,6 +44,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD: usize = 64 * 1024;
 /// Longest chunk-size line (extensions included) or trailer section.
 const MAX_LINE: usize = 8 * 1024;
+/// Most informational (1xx) answers before the final one.
+const MAX_INFORMATIONAL: usize = 16;
 /// Room made in the read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -86,25 +88,47 @@ impl Wire {
         }
     }
 
+    /// Lets go of a read buffer a large head or body grew, before the
+    /// connection waits in the pool.
+    pub(super) fn shrink(&mut self) {
+        if self.buf.capacity() > 2 * READ_CHUNK {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Whether the connection can take a request: nothing arrived while it
     /// was idle (an upstream's close, or bytes no request asked for).
-    pub(super) fn quiet(&self) -> bool {
+    /// `thorough` asks the socket itself, for a request that can't be sent
+    /// twice; otherwise tokio's readiness tells, as of the reactor's last
+    /// turn, without a system call.
+    pub(super) fn quiet(&self, thorough: bool) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        // A short read clears the socket's readiness, so it is set only by
-        // what came after the last answer, or by a last read that filled the
-        // buffer exactly: then a read tells which, without waiting.
-        match self
-            .stream
-            .poll_read_ready(&mut Context::from_waker(std::task::Waker::noop()))
-        {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => matches!(
-                self.stream.try_read(&mut [0u8; 1]),
+        let mut probe = [std::mem::MaybeUninit::uninit()];
+        let peeked = |probe: &mut [std::mem::MaybeUninit<u8>]| {
+            matches!(
+                socket2::SockRef::from(&self.stream).peek(probe),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            ),
+            )
+        };
+        if thorough {
+            return peeked(&mut probe);
+        }
+        // Outside the task's budget: a spent budget would say `Pending`
+        // without looking. A short read clears the readiness, so it is set
+        // only by what came after the last answer, or by a last read that
+        // filled the buffer exactly: then the socket tells which.
+        let mut check = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Poll::Ready(self.stream.poll_read_ready(cx))
+        })));
+        match check
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(Poll::Pending) => true,
+            Poll::Ready(Poll::Ready(Ok(()))) => peeked(&mut probe),
+            Poll::Ready(Poll::Ready(Err(_))) | Poll::Pending => false,
         }
     }
 
@@ -122,10 +146,11 @@ impl Wire {
             });
         }
         let mut answered = false;
+        let mut informational = 0;
         loop {
             if !self.buf.is_empty() {
                 answered = true;
-                if let Some(parsed) = self.parse_head(method)? {
+                if let Some(parsed) = self.parse_head(method, &mut informational)? {
                     return Ok(parsed);
                 }
             }
@@ -151,6 +176,7 @@ impl Wire {
     fn parse_head(
         &mut self,
         method: &Method,
+        informational: &mut usize,
     ) -> Result<Option<(Response<()>, Framing)>, WireError> {
         loop {
             let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -165,10 +191,15 @@ impl Wire {
                 Err(_) => return Err(WireError::Malformed("invalid answer head")),
             };
             let code = response.code.unwrap_or(0);
+            let reason: Box<str> = response.reason.unwrap_or("").into();
             if (100..200).contains(&code) {
                 // No upgrade was asked for (`Upgrade` is not forwarded).
                 if code == 101 {
                     return Err(WireError::Malformed("unrequested protocol switch"));
+                }
+                *informational += 1;
+                if *informational > MAX_INFORMATIONAL {
+                    return Err(WireError::Malformed("too many informational answers"));
                 }
                 self.buf.advance(len);
                 continue;
@@ -197,6 +228,13 @@ impl Wire {
             let mut answer = Response::new(());
             *answer.status_mut() = status;
             *answer.headers_mut() = headers;
+            // A reason phrase of the upstream's own reaches the client, as
+            // through hyper's client.
+            if status.canonical_reason() != Some(&*reason)
+                && let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
+            {
+                answer.extensions_mut().insert(phrase);
+            }
             return Ok(Some((answer, framing)));
         }
     }
@@ -243,6 +281,12 @@ impl Framing {
             });
         }
         let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+        if codings.peek().is_some() && !http11 {
+            // HTTP/1.0 has no transfer codings (RFC 9112 §6.1).
+            return Err(WireError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 answer",
+            ));
+        }
         if codings.peek().is_some() {
             // Chunked last means chunked; any other coding runs to the
             // close. With a `Content-Length` too the answer is suspect: read
@@ -315,9 +359,9 @@ enum BodyState {
     Done,
 }
 
-/// The request head as it goes to the upstream: the origin-form target,
-/// the headers as `forward` left them, and `Content-Length: 0` for a method
-/// that has a body when the client sent none (as hyper's client does).
+/// The request head as it goes to the upstream: the origin-form target and
+/// the headers as `forward` left them, as hyper's client writes a request
+/// whose body is empty (no framing header is added: neither means no body).
 pub(super) fn encode_head(parts: &request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -332,13 +376,6 @@ pub(super) fn encode_head(parts: &request::Parts, out: &mut Vec<u8>) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
-    }
-    let bodyless_method = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
-    );
-    if !bodyless_method && !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        out.extend_from_slice(b"content-length: 0\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -433,40 +470,12 @@ impl WireBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 BodyState::ChunkSize => {
-                    if !wire.buf.first().is_some_and(u8::is_ascii_hexdigit) {
-                        if wire.buf.is_empty() {
-                            if ready!(wire.poll_fill(cx))? == 0 {
-                                return Poll::Ready(Some(Err(WireError::Truncated)));
-                            }
-                            continue;
-                        }
-                        return Poll::Ready(Some(Err(WireError::Malformed("invalid chunk size"))));
-                    }
-                    match httparse::parse_chunk_size(&wire.buf) {
-                        Ok(httparse::Status::Complete((len, size))) => {
-                            wire.buf.advance(len);
-                            self.state = if size == 0 {
-                                BodyState::Trailers
-                            } else {
-                                BodyState::ChunkData(size)
-                            };
-                        }
-                        Ok(httparse::Status::Partial) => {
-                            if wire.buf.len() > MAX_LINE {
-                                return Poll::Ready(Some(Err(WireError::Malformed(
-                                    "chunk-size line too long",
-                                ))));
-                            }
-                            if ready!(wire.poll_fill(cx))? == 0 {
-                                return Poll::Ready(Some(Err(WireError::Truncated)));
-                            }
-                        }
-                        Err(_) => {
-                            return Poll::Ready(Some(Err(WireError::Malformed(
-                                "invalid chunk size",
-                            ))));
-                        }
-                    }
+                    let size = ready!(wire.poll_chunk_size(cx))?;
+                    self.state = if size == 0 {
+                        BodyState::Trailers
+                    } else {
+                        BodyState::ChunkData(size)
+                    };
                 }
                 BodyState::ChunkEnd => {
                     if wire.buf.len() < 2 {
@@ -484,34 +493,64 @@ impl WireBody {
                     self.state = BodyState::ChunkSize;
                 }
                 BodyState::Trailers => {
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    match httparse::parse_headers(&wire.buf, &mut fields) {
-                        Ok(httparse::Status::Complete((len, fields))) => {
-                            let trailers = trailer_map(fields)?;
-                            wire.buf.advance(len);
-                            self.finish();
-                            if trailers.is_empty() {
-                                return Poll::Ready(None);
-                            }
-                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                        }
-                        Ok(httparse::Status::Partial) => {
-                            if wire.buf.len() > MAX_LINE {
-                                return Poll::Ready(Some(Err(WireError::Malformed(
-                                    "trailers too long",
-                                ))));
-                            }
-                            if ready!(wire.poll_fill(cx))? == 0 {
-                                return Poll::Ready(Some(Err(WireError::Truncated)));
-                            }
-                        }
-                        Err(_) => {
-                            return Poll::Ready(Some(Err(WireError::Malformed(
-                                "invalid trailers",
-                            ))));
-                        }
+                    let trailers = ready!(wire.poll_trailers(cx))?;
+                    self.finish();
+                    if trailers.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+        }
+    }
+}
+
+impl Wire {
+    /// Reads a chunk-size line: the next chunk's size (0 for the last).
+    fn poll_chunk_size(&mut self, cx: &mut Context<'_>) -> Poll<Result<u64, WireError>> {
+        loop {
+            if !self.buf.is_empty() && !self.buf[0].is_ascii_hexdigit() {
+                return Poll::Ready(Err(WireError::Malformed("invalid chunk size")));
+            }
+            // The line up to its LF, which must follow a CR: a bare LF in an
+            // extension is refused, as hyper does.
+            if let Some(lf) = self.buf.iter().position(|b| *b == b'\n') {
+                return Poll::Ready(match httparse::parse_chunk_size(&self.buf[..=lf]) {
+                    Ok(httparse::Status::Complete((len, size))) if len == lf + 1 => {
+                        self.buf.advance(len);
+                        Ok(size)
+                    }
+                    _ => Err(WireError::Malformed("invalid chunk size")),
+                });
+            }
+            if self.buf.len() > MAX_LINE {
+                return Poll::Ready(Err(WireError::Malformed("chunk-size line too long")));
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(WireError::Truncated));
+            }
+        }
+    }
+
+    /// Reads the trailer section after the last chunk, to its empty line.
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<HeaderMap, WireError>> {
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(&self.buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let trailers = trailer_map(fields)?;
+                    self.buf.advance(len);
+                    return Poll::Ready(Ok(trailers));
+                }
+                Ok(httparse::Status::Partial) => {
+                    if self.buf.len() > MAX_LINE {
+                        return Poll::Ready(Err(WireError::Malformed("trailers too long")));
+                    }
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(WireError::Truncated));
                     }
                 }
+                Err(_) => return Poll::Ready(Err(WireError::Malformed("invalid trailers"))),
             }
         }
     }
@@ -579,26 +618,32 @@ mod tests {
         )
     }
 
-    /// Reads the answer `raw` to `method` through a real socket: the body's
-    /// bytes, and whether the connection went back to the pool.
-    async fn read_answer(raw: &'static [u8], method: Method) -> (Vec<u8>, Option<HeaderMap>, bool) {
-        use http_body_util::BodyExt as _;
+    /// A connection to a server that answers its first request with `raw`
+    /// and then keeps the socket open until the test ends.
+    async fn answering(raw: &'static [u8]) -> Wire {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await.unwrap();
             let mut head = [0u8; 1024];
             let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await;
             stream.write_all(raw).await.unwrap();
-            stream
+            std::future::pending::<()>().await;
+            drop(stream);
         });
+        Wire::new(TcpStream::connect(addr).await.unwrap(), "a".into())
+    }
+
+    /// Reads the answer `raw` to `method` through a real socket: the body's
+    /// bytes, its trailers, and whether the connection went back to the pool.
+    async fn read_answer(raw: &'static [u8], method: Method) -> (Vec<u8>, Option<HeaderMap>, bool) {
+        use http_body_util::BodyExt as _;
         let upstreams = Arc::new(Upstreams::default());
-        let mut wire = Wire::new(TcpStream::connect(addr).await.unwrap(), "a".into());
+        let mut wire = answering(raw).await;
         let (_, framing) = wire
             .exchange(b"GET / HTTP/1.1\r\n\r\n", &method)
             .await
             .unwrap();
-        let _open = server.await.unwrap();
         let collected = WireBody::new(wire, framing, upstreams.clone())
             .collect()
             .await
@@ -609,6 +654,103 @@ mod tests {
             trailers,
             upstreams.idle() == 1,
         )
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        use http_body_util::BodyExt as _;
+        let head = |raw| async move {
+            answering(raw)
+                .await
+                .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
+                .await
+                .map(|_| ())
+        };
+        let informational: &'static [u8] = "HTTP/1.1 100 Continue\r\n\r\n"
+            .repeat(MAX_INFORMATIONAL + 1)
+            .leak()
+            .as_bytes();
+        assert!(head(informational).await.is_err(), "endless 1xx answers");
+        assert!(
+            head(b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+                .await
+                .is_err()
+        );
+        assert!(
+            head(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+                .await
+                .is_err()
+        );
+        assert!(
+            head(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n")
+                .await
+                .is_err()
+        );
+
+        let mut wire = answering(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2;a=\nb\r\nok\r\n0\r\n\r\n",
+        )
+        .await;
+        let (_, framing) = wire
+            .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
+            .await
+            .unwrap();
+        let upstreams = Arc::new(Upstreams::default());
+        let body = WireBody::new(wire, framing, upstreams.clone())
+            .collect()
+            .await;
+        assert!(body.is_err(), "a bare LF in a chunk extension");
+        assert_eq!(upstreams.idle(), 0);
+    }
+
+    /// The sweep finds every pooled connection the upstream closed, however
+    /// many: the checks are not cut short by the task's tokio budget.
+    #[tokio::test]
+    async fn the_sweep_closes_every_connection_the_upstream_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let upstreams = Upstreams::default();
+        for _ in 0..300 {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            upstreams.give_back_wire(Wire::new(stream, "a".into()));
+        }
+        let open = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(upstreams.idle(), 300);
+        upstreams.sweep("a");
+        assert_eq!(upstreams.idle(), 0, "every closed connection found");
+        drop(open);
+    }
+
+    #[tokio::test]
+    async fn an_upstreams_own_reason_phrase_is_kept() {
+        let mut wire =
+            answering(b"HTTP/1.1 499 Client Went Away\r\ncontent-length: 0\r\n\r\n").await;
+        let (answer, _) = wire
+            .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
+            .await
+            .unwrap();
+        let phrase = answer.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert_eq!(
+            phrase.map(hyper::ext::ReasonPhrase::as_bytes),
+            Some(&b"Client Went Away"[..])
+        );
+        let mut wire = answering(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await;
+        let (answer, _) = wire
+            .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
+            .await
+            .unwrap();
+        assert!(
+            answer
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -737,7 +879,7 @@ mod tests {
         encode_head(&parts, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /a?b=1 HTTP/1.1\r\nhost: up\r\nx-k: v\r\ncontent-length: 0\r\n\r\n"
+            "POST /a?b=1 HTTP/1.1\r\nhost: up\r\nx-k: v\r\n\r\n"
         );
     }
 }

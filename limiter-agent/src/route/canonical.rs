@@ -7,6 +7,8 @@
 //! is a lookup key, not a path to forward: proxy the original target. Checked against real
 //! routers (Express, Starlette, Flask, nginx) by `tests/tests/paths.rs`.
 
+use std::borrow::Cow;
+
 /// Longest request-target (in bytes) that [`canonicalize`] accepts.
 pub const MAX_TARGET_LEN: usize = 8192;
 
@@ -103,14 +105,14 @@ pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathErro
             return Err(PathError::Semicolon);
         }
     }
-    let mut segs: Vec<String> = Vec::new();
+    let mut segs: Vec<Cow<'_, str>> = Vec::new();
     // Kept, so `*` can match an empty remainder. Per RFC 3986 a final `.` or `..` also leaves
     // one ("/a/b/.." -> "/a/"); only Strict gets that far with them.
     let mut trailing_slash = false;
     for raw in path.split('/') {
         let mut seg = decode(raw)?;
-        trailing_slash = matches!(seg.as_str(), "" | "." | "..");
-        match seg.as_str() {
+        trailing_slash = matches!(&*seg, "" | "." | "..");
+        match &*seg {
             ".." if segs.is_empty() => return Err(PathError::EscapesRoot),
             "." | ".." if lenient => return Err(PathError::DotSegment),
             "" | "." => continue,
@@ -127,7 +129,9 @@ pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathErro
             if seg.starts_with(' ') || seg.ends_with([' ', '.']) {
                 return Err(PathError::Trimmable);
             }
-            seg.make_ascii_lowercase();
+            if seg.bytes().any(|b| b.is_ascii_uppercase()) {
+                seg.to_mut().make_ascii_lowercase();
+            }
         }
         segs.push(seg);
     }
@@ -159,9 +163,9 @@ fn origin_path(target: &str) -> Result<&str, PathError> {
 }
 
 /// Percent-decodes one raw (already ASCII-checked) segment, refusing ambiguous results.
-fn decode(raw: &str) -> Result<String, PathError> {
+fn decode(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.contains('%') {
-        return Ok(raw.to_owned());
+        return Ok(Cow::Borrowed(raw));
     }
     let hex = |b: &u8| {
         char::from(*b)
@@ -201,7 +205,9 @@ fn decode(raw: &str) -> Result<String, PathError> {
         return Err(PathError::DoubleEncoding);
     }
     let s = String::from_utf8(out).map_err(|_| PathError::NonUtf8)?;
-    s.is_ascii().then_some(s).ok_or(PathError::NonAscii)
+    s.is_ascii()
+        .then_some(Cow::Owned(s))
+        .ok_or(PathError::NonAscii)
 }
 
 #[cfg(test)]
