@@ -175,10 +175,27 @@ enum Charged {
 }
 
 /// Connection facts the request path needs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     pub tls: bool,
+    /// The address as appended to `X-Forwarded-For`, rendered once per
+    /// connection.
+    forwarded_for: http::HeaderValue,
+}
+
+impl Peer {
+    #[must_use]
+    pub fn new(addr: SocketAddr, tls: bool) -> Self {
+        let ip = addr.ip().to_canonical().to_string();
+        Self {
+            addr,
+            tls,
+            // An address's text is always a valid header value.
+            forwarded_for: http::HeaderValue::try_from(ip)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
+        }
+    }
 }
 
 impl Proxy {
@@ -297,7 +314,7 @@ impl Proxy {
     }
 
     /// Serves one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let state = self.state.load_full();
         // Both framings at once is how requests get smuggled past a proxy
         // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.

@@ -204,10 +204,7 @@ async fn connection(
     timeouts: Timeouts,
     mut stop: watch::Receiver<()>,
 ) {
-    let peer = Peer {
-        addr,
-        tls: tls.is_some(),
-    };
+    let peer = Peer::new(addr, tls.is_some());
     if let Some(acceptor) = tls {
         let Ok(Ok(stream)) =
             tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
@@ -258,11 +255,13 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let requests = tracker.clone();
+    let addr = peer.addr;
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let in_flight = requests.request();
         let proxy = proxy.clone();
+        let peer = peer.clone();
         async move {
-            let response = proxy.handle(req, peer).await;
+            let response = proxy.handle(req, &peer).await;
             Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }
     });
@@ -274,7 +273,7 @@ where
             biased;
             result = connection.as_mut() => {
                 if let Err(e) = result {
-                    tracing::debug!(peer = %peer.addr, error = %e, "connection ended with an error");
+                    tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
                 }
                 return Ended::Closed;
             }

@@ -17,7 +17,7 @@ impl Proxy {
         &self,
         state: &State,
         req: Request<Incoming>,
-        peer: Peer,
+        peer: &Peer,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         let upstream = upstream_authority(state);
@@ -190,13 +190,19 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
-fn append_forwarded(headers: &mut HeaderMap, peer: Peer) {
-    let ip = peer.addr.ip().to_canonical().to_string();
+fn append_forwarded(headers: &mut HeaderMap, peer: &Peer) {
+    let ip = &peer.forwarded_for;
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip,
+        Some(existing) => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + ip.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip.as_bytes());
+            HeaderValue::try_from(joined).ok()
+        }
+        None => Some(ip.clone()),
     };
-    if let Ok(value) = HeaderValue::try_from(value) {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(
