@@ -116,12 +116,13 @@ impl Offenders {
     }
 }
 
-/// A full board forgets the clients whose windows reset and, still full, the
-/// half with the fewest rejections at once: a stream of ever-new rejected
-/// clients costs a scan per `OFFENDERS_MAX / 2` of them, not one each.
+/// A full board forgets the clients whose windows reset and, unless that
+/// freed a quarter of it, the half with the fewest rejections at once: a
+/// stream of ever-new rejected clients costs a scan per `OFFENDERS_MAX / 4`
+/// of them at most, not one each, however their windows are staggered.
 fn make_room(clients: &mut HashMap<u64, Offender>, now_ms: u64) {
     clients.retain(|_, o| o.reset_ms > now_ms);
-    if clients.len() < OFFENDERS_MAX {
+    if clients.len() <= OFFENDERS_MAX - OFFENDERS_MAX / 4 {
         return;
     }
     let mut ranked: Vec<(u32, u64, u64)> = clients
@@ -419,6 +420,21 @@ mod tests {
             unreachable!()
         };
         assert!(left.contains(&most.to_string()), "the most rejected stays");
+    }
+
+    /// Windows that reset one at a time do not turn the halving into a scan
+    /// per new client.
+    #[test]
+    fn one_reset_window_does_not_spare_a_full_board_its_halving() {
+        let board = Offenders::default();
+        for i in 0..OFFENDERS_MAX {
+            let ip = Identity::Ip(IpAddr::from(u32::try_from(i).unwrap().to_be_bytes()));
+            let reset = if i == 0 { 5_000 } else { 10_000 };
+            board.note("/a", &ip, &rejected(10, reset), 0);
+        }
+        let newcomer = Identity::Ip(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)));
+        board.note("/a", &newcomer, &rejected(1, 10_000), 6_000);
+        assert!(board.clients.lock().unwrap().len() <= OFFENDERS_MAX / 2 + 1);
     }
 
     #[test]
