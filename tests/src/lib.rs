@@ -18,6 +18,7 @@ pub mod prometheus;
 pub mod redis;
 pub mod rls;
 pub mod routers;
+pub mod scripted;
 pub mod spellings;
 pub mod xdp;
 

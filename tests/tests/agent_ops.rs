@@ -15,6 +15,7 @@ use limiter_tests::{
     agent::{Process, agent, agent_in_front, demo_upstream, raw_request, small_config, tier},
     http::{self, client, event_stream},
     prometheus::metric,
+    scripted::{self, After},
 };
 use reqwest::{Client, StatusCode};
 use sha2::Digest as _;
@@ -384,43 +385,16 @@ async fn an_upstream_that_dies_and_returns_is_used_again_without_a_restart() {
 /// sent, closing after every response when `close`: its address, and the
 /// connections it took.
 fn counting_upstream(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    let host = head
-                        .lines()
-                        .find_map(|line| line.strip_prefix("host: "))
-                        .unwrap_or("none");
-                    let body = format!("host={host}");
-                    let connection = if close { "close" } else { "keep-alive" };
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if stream.write_all(answer.as_bytes()).is_err() || close {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
+    scripted::upstream(move |asked| {
+        let body = format!("host={}", asked.field("host").unwrap_or("none"));
+        let connection = if close { "close" } else { "keep-alive" };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
+            body.len()
+        );
+        let after = if close { After::Close } else { After::KeepOpen };
+        (answer.into_bytes(), after)
+    })
 }
 
 /// Upstream connections are reused across requests and client connections:

@@ -3,13 +3,12 @@
 //! reused only after an answer that ended exactly, and pooled connections the
 //! upstream closed never cost a client an error.
 //!
-//! The upstream here is a plain TCP server answering each request with bytes
-//! chosen by its path, so the answers can be what real servers send and what
-//! broken ones do.
+//! The upstream here ([`limiter_tests::scripted`]) answers each request with
+//! bytes chosen by its path.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Write as _,
+    net::{SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -20,21 +19,15 @@ use std::{
 use limiter_tests::{
     agent::{Process, agent, small_config},
     http::client,
+    scripted::{self, After, Asked},
 };
 use reqwest::StatusCode;
 
-/// What the upstream does after writing an answer.
-#[derive(Clone, Copy)]
-enum After {
-    KeepOpen,
-    Close,
-    /// Keeps the connection open this long, then closes it (an idle timeout).
-    CloseIn(Duration),
-}
-
 /// The answer to a request for `path`; other paths are answered with the
 /// request line's method and path, and the body if it had one.
-fn script(method: &str, path: &str, body: &str) -> (Vec<u8>, After) {
+fn script(asked: &Asked) -> (Vec<u8>, After) {
+    let (method, path) = (asked.method.as_str(), asked.target.as_str());
+    let body = String::from_utf8_lossy(&asked.body);
     let fixed = |body: &str| {
         format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
@@ -86,56 +79,8 @@ fn script(method: &str, path: &str, body: &str) -> (Vec<u8>, After) {
     }
 }
 
-/// The scripted upstream; counts the connections it accepted.
 fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    let length = head
-                        .lines()
-                        .find_map(|line| line.strip_prefix("content-length: "))
-                        .and_then(|n| n.trim().parse().ok())
-                        .unwrap_or(0);
-                    let mut body = vec![0; length];
-                    if stream.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let mut line = head.split(' ');
-                    let method = line.next().unwrap_or("").to_ascii_uppercase();
-                    let path = line.next().unwrap_or("");
-                    let (answer, after) = script(&method, path, &String::from_utf8_lossy(&body));
-                    if stream.write_all(&answer).is_err() {
-                        return;
-                    }
-                    match after {
-                        After::KeepOpen => {}
-                        After::Close => return,
-                        After::CloseIn(wait) => {
-                            std::thread::sleep(wait);
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
+    scripted::upstream(script)
 }
 
 fn agent_for(upstream: SocketAddr) -> Process {
