@@ -45,6 +45,11 @@ fn script(asked: &Asked) -> (Vec<u8>, After) {
                 .to_vec(),
             After::KeepOpen,
         ),
+        "/api/chunked-and-length" => (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\nb\r\nhello world\r\n0\r\n\r\n"
+                .to_vec(),
+            After::KeepOpen,
+        ),
         "/api/to-close" => (b"HTTP/1.1 200 OK\r\n\r\nuntil the close".to_vec(), After::Close),
         "/api/early-hints" => (
             b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -158,6 +163,18 @@ async fn every_framing_of_an_answer_reaches_the_client_whole() {
         2,
         "after the close, a new connection"
     );
+
+    // Both framings: read by the chunks, told to the client without the
+    // length, and the connection not reused.
+    let both = client
+        .get(agent.url("/api/chunked-and-length"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(both.headers().get("content-length"), None);
+    assert_eq!(both.text().await.unwrap(), "hello world");
+    assert_eq!(get("/api/plain").await.unwrap().1, "GET /api/plain");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "{}", agent.log());
 }
 
 #[tokio::test]
@@ -251,13 +268,17 @@ fn requests_with_bodies_keep_their_bodies() {
     let agent = agent_for(upstream);
     let mut stream = TcpStream::connect(agent.addr).expect("connect");
     stream
-        .write_all(b"POST /api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /api/after HTTP/1.1\r\nHost: a\r\n\r\n")
-        .expect("write");
-    stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
+    stream
+        .write_all(b"POST /api/echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        .expect("write");
     let first = limiter_tests::http::read_response(&mut stream).expect("first answer");
     assert!(first.ends_with("POST /api/echo hello"), "{first}");
+    // The next request on the same connections: the body did not bleed into it.
+    stream
+        .write_all(b"GET /api/after HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
     let second = limiter_tests::http::read_response(&mut stream).expect("second answer");
     assert!(second.ends_with("GET /api/after"), "{second}");
 }

@@ -225,6 +225,12 @@ impl Wire {
                 headers.append(name, value);
             }
             let framing = Framing::of(&headers, status, method, http11)?;
+            // Read by its transfer coding, an answer that also carries a
+            // length goes on without it (RFC 9112 §6.3, 3): the client must
+            // not frame it by a length the body does not have.
+            if headers.contains_key(header::TRANSFER_ENCODING) {
+                headers.remove(header::CONTENT_LENGTH);
+            }
             let mut answer = Response::new(());
             *answer.status_mut() = status;
             *answer.headers_mut() = headers;
