@@ -275,19 +275,25 @@ impl Upstreams {
 
     /// A new connection to `authority` for requests written here.
     async fn connect_wire(&self, authority: &str) -> Result<Wire, BoxError> {
+        let io = self.dial(authority).await?;
+        Ok(Wire::new(io.into_inner(), authority.into()))
+    }
+
+    /// A TCP connection to `authority` through the connector (DNS, Happy
+    /// Eyeballs, the connect timeout, `TCP_NODELAY`).
+    async fn dial(
+        &self,
+        authority: &str,
+    ) -> Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>, BoxError> {
         let uri: Uri = format!("http://{authority}/").parse()?;
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
-        let io = connector.call(uri).await?;
-        Ok(Wire::new(io.into_inner(), authority.into()))
+        Ok(connector.call(uri).await?)
     }
 
     /// A new HTTP/1.1 connection to `authority`, driven by a task of its own.
     async fn connect(&self, authority: &str) -> Result<Held, BoxError> {
-        let uri: Uri = format!("http://{authority}/").parse()?;
-        let mut connector = self.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx)).await?;
-        let io = connector.call(uri).await?;
+        let io = self.dial(authority).await?;
         let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
