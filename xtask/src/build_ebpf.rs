@@ -26,10 +26,15 @@ pub fn build(debug: bool) -> anyhow::Result<PathBuf> {
         "-Z",
         "build-std=core",
     ]);
+    // The agent's build script builds the same object into the same
+    // directory, with the same flags: whichever runs second finds it built.
+    command
+        .arg("--target-dir")
+        .arg(cmd::workspace_root().join("target/ebpf"));
     if !debug {
         command.arg("--release");
     }
-    // The same flags aya-build passes, so both builds produce the same object.
+    // The flags of `limiter-agent/build.rs`, so both builds produce the same object.
     command.env(
         "CARGO_ENCODED_RUSTFLAGS",
         [
@@ -42,7 +47,7 @@ pub fn build(debug: bool) -> anyhow::Result<PathBuf> {
     cmd::run(&mut command)?;
     let profile = if debug { "debug" } else { "release" };
     Ok(cmd::workspace_root()
-        .join("target/bpfel-unknown-none")
+        .join("target/ebpf/bpfel-unknown-none")
         .join(profile)
         .join("limiter"))
 }
