@@ -22,3 +22,4 @@ pub mod rls;
 pub mod route;
 pub mod rt;
 pub mod server;
+pub mod tally;

@@ -30,8 +30,11 @@ pub struct RequestLabels {
 pub struct RefusedLabels {
     /// `path` (a spelling routers disagree on), `api_key` (conflicting or
     /// malformed key headers), `client_address` (a forwarding hop that is not an
-    /// address), `store_full` (no room for a new bucket) or `descriptor` (an
-    /// Envoy descriptor entry that is not UTF-8).
+    /// address), `store_full` (no room for a new bucket), `descriptor` (an
+    /// Envoy descriptor entry that is not UTF-8), or a cap on what clients
+    /// hold: `max_requests_in_flight_per_source`, `max_requests_in_flight`,
+    /// `max_upstream_connections` (503, no upstream connection freed within
+    /// `upstream_wait`).
     pub reason: &'static str,
 }
 
@@ -59,6 +62,14 @@ pub struct ConnectionRefusedLabels {
     pub cap: &'static str,
 }
 
+/// Labels of `limiter_connections_cut_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    /// The setting whose deadline passed: `send_timeout` (an answer the
+    /// client stopped taking).
+    pub reason: &'static str,
+}
+
 /// What the kernel side reports at scrape time.
 pub trait KernelStats: Send + Sync + std::fmt::Debug + 'static {
     /// `(verdict, reason, packets)` summed over CPUs.
@@ -79,6 +90,7 @@ pub struct Metrics {
     pub upstream_idle: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
     pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
+    pub connections_cut: Family<CutLabels, Counter>,
     pub escalations: Counter,
     pub refused: Family<RefusedLabels, Counter>,
     pub rls_calls: Family<RlsCallLabels, Counter>,
@@ -153,6 +165,12 @@ impl Metrics {
             "Connections answered 503 because a connection cap was reached, by cap",
             connections_refused.clone(),
         );
+        let connections_cut = Family::<CutLabels, Counter>::default();
+        registry.register(
+            "limiter_connections_cut",
+            "Connections closed with requests in flight because a deadline passed, by reason",
+            connections_cut.clone(),
+        );
         let escalations = Counter::default();
         registry.register(
             "limiter_escalations",
@@ -183,6 +201,7 @@ impl Metrics {
             upstream_idle,
             reloads,
             connections_refused,
+            connections_cut,
             escalations,
             refused,
             rls_calls,
@@ -216,6 +235,13 @@ impl Metrics {
     pub fn connection_refused(&self, cap: &'static str) {
         self.connections_refused
             .get_or_create(&ConnectionRefusedLabels { cap })
+            .inc();
+    }
+
+    /// Counts a connection cut because the deadline named `reason` passed.
+    pub fn connection_cut(&self, reason: &'static str) {
+        self.connections_cut
+            .get_or_create(&CutLabels { reason })
             .inc();
     }
 

@@ -21,14 +21,16 @@ use prometheus_client::metrics::counter::Counter;
 
 mod descriptors;
 mod forward;
+mod in_flight;
 mod keys;
 mod respond;
 mod upstream;
 mod wire;
 
-use self::{descriptors::EnvoyRules, respond::too_many};
+use self::{descriptors::EnvoyRules, in_flight::InFlightCaps, respond::too_many};
 pub use self::{
     descriptors::{Answer, Verdict},
+    in_flight::Slots,
     respond::{error, json_response},
     upstream::Upstreams,
 };
@@ -70,6 +72,8 @@ pub struct Proxy {
     clock: Arc<dyn Clock>,
     /// Upstream connections.
     upstreams: Arc<Upstreams>,
+    /// Requests in flight to the upstream, per client address and in all.
+    in_flight: InFlightCaps,
     /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
     /// process, so a reload keeps the buckets of unchanged tiers.
     hasher: RandomState,
@@ -224,6 +228,7 @@ impl Proxy {
         let verified = VerifiedKeys::new(state.config.startup.verified_keys_max, ttl_ms);
         // One entry per tier; tiers come and go with reloads.
         let authenticating = VerifiedKeys::new(4096, ttl_ms);
+        let startup = state.config.startup.clone();
         Ok(Self {
             state: ArcSwap::from_pointee(state),
             store,
@@ -232,7 +237,8 @@ impl Proxy {
             authenticating,
             full_logged: AtomicU64::new(0),
             clock,
-            upstreams: Arc::default(),
+            upstreams: Arc::new(Upstreams::new(startup.max_upstream_connections)),
+            in_flight: InFlightCaps::new(startup.max_requests_in_flight),
             hasher,
             metrics,
             rejections: None,
@@ -313,18 +319,22 @@ impl Proxy {
             .set(i64::try_from(self.upstreams.idle()).unwrap_or(i64::MAX));
     }
 
-    /// Serves one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    /// Serves one request: the answer, and the in-flight slots a forwarded
+    /// request holds until its answer is sent.
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> (Response<Body>, Option<Slots>) {
         let state = self.state.load_full();
         // Both framings at once is how requests get smuggled past a proxy
         // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
         if req.headers().contains_key(header::TRANSFER_ENCODING)
             && req.headers().contains_key(header::CONTENT_LENGTH)
         {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                "Content-Length and Transfer-Encoding together are ambiguous.",
+            return (
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    "Content-Length and Transfer-Encoding together are ambiguous.",
+                ),
+                None,
             );
         }
         let target = req.uri().path_and_query().map_or_else(
@@ -335,12 +345,25 @@ impl Proxy {
             Ok(path) => path,
             Err(e) => {
                 self.metrics.refuse("path");
-                return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string());
+                return (
+                    error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
+                    None,
+                );
             }
         };
         let Some(tier_index) = state.routes.lookup(&canonical) else {
+            // No tier, no identity to settle: the address a malformed
+            // forwarding header hides is the peer's own.
+            let source = state
+                .identity
+                .client_ip(req.headers(), peer.addr.ip())
+                .unwrap_or_else(|_| peer.addr.ip().to_canonical());
+            let slots = match self.admit(&state, state.identity.group(source)) {
+                Ok(slots) => slots,
+                Err(refused) => return (refused, None),
+            };
             state.unlimited.inc();
-            return self.forward(&state, req, peer).await;
+            return (self.forward(&state, req, peer).await, Some(slots));
         };
         let started = Instant::now();
         let client = match state.identity.resolve(req.headers(), peer.addr.ip()) {
@@ -350,8 +373,16 @@ impl Proxy {
                     IdentityError::BadClientAddress(_) => "client_address",
                     IdentityError::ConflictingKeys | IdentityError::MalformedKey(_) => "api_key",
                 });
-                return error(StatusCode::BAD_REQUEST, "BAD_IDENTITY", &e.to_string());
+                return (
+                    error(StatusCode::BAD_REQUEST, "BAD_IDENTITY", &e.to_string()),
+                    None,
+                );
             }
+        };
+        // Before the charge: a request refused here spends no quota.
+        let slots = match self.admit(&state, client.ip) {
+            Ok(slots) => slots,
+            Err(refused) => return (refused, None),
         };
         let tier = &state.tiers[tier_index];
         let now_ms = self.clock.now_ms();
@@ -369,18 +400,24 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         let decision = match charged {
             Charged::Decided(decision) => decision,
-            Charged::Full => return store_full(),
+            Charged::Full => return (store_full(), None),
             Charged::Unavailable => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "STORE_UNAVAILABLE",
-                    "The rate-limit store is unavailable; try again later.",
+                return (
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "STORE_UNAVAILABLE",
+                        "The rate-limit store is unavailable; try again later.",
+                    ),
+                    None,
                 );
             }
         };
         if !decision.allowed && !tier.observe {
             let now = self.clock.now();
-            return too_many(&decision, tier.window_ms, now, tier.policy.as_ref());
+            return (
+                too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
+                None,
+            );
         }
         let mut response = self.forward(&state, req, peer).await;
         self.learn(&state, tier, check, response.status()).await;
@@ -393,7 +430,29 @@ impl Proxy {
             self.clock.now(),
             tier.policy.as_ref(),
         );
-        response
+        (response, Some(slots))
+    }
+
+    /// The in-flight slots of a request from `source` (the grouped client
+    /// address), or the 503 that refuses it.
+    fn admit(&self, state: &State, source: IpAddr) -> Result<Slots, Response<Body>> {
+        self.in_flight
+            .admit(source, state.config.live.max_requests_in_flight_per_source)
+            .map_err(|refused| {
+                self.metrics.refuse(refused.setting());
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "OVERLOADED",
+                    match refused {
+                        in_flight::Refused::PerSource => {
+                            "Too many requests in flight from this address; try again later."
+                        }
+                        in_flight::Refused::Total => {
+                            "Too many requests in flight; try again later."
+                        }
+                    },
+                )
+            })
     }
 
     /// Charges a request to its bucket in `tier` and does what follows from

@@ -80,11 +80,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<()> {
-    let (max_connections, max_header_bytes) = {
+    let (max_connections, max_header_bytes, max_streams) = {
         let state = proxy.state();
+        let startup = &state.config.startup;
         (
-            state.config.startup.max_connections,
-            state.config.startup.max_header_bytes,
+            startup.max_connections,
+            startup.max_header_bytes,
+            startup.max_concurrent_streams,
         )
     };
     let slots = Arc::new(Semaphore::new(max_connections));
@@ -103,6 +105,7 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(max_streams)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     // Every connection holds a receiver; the drain waits for the last one.
@@ -138,12 +141,13 @@ pub async fn serve(
                 Timeouts {
                     header_read: config.header_read_timeout,
                     idle: config.idle_timeout,
+                    send: config.send_timeout,
                 },
             )
         };
         // The source's own cap first: a source over it is told so even when
         // the total is full too.
-        let Some(source_slot) = sources.acquire(source) else {
+        let Some(source_slot) = source.acquire(&sources) else {
             refused(&proxy, stream, source.cap);
             continue;
         };
@@ -256,13 +260,16 @@ where
 {
     let requests = tracker.clone();
     let addr = peer.addr;
+    let metrics = proxy.metrics().clone();
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let in_flight = requests.request();
         let proxy = proxy.clone();
         let peer = peer.clone();
         async move {
-            let response = proxy.handle(req, &peer).await;
-            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+            let (response, holds) = proxy.handle(req, &peer).await;
+            Ok::<_, std::convert::Infallible>(
+                response.map(|body| Tracked::new(body, in_flight, holds)),
+            )
         }
     });
     let io = TokioIo::new(Watched::new(io, tracker.clone()));
@@ -289,6 +296,13 @@ where
                 }
                 Expiry::Headers => return Ended::HeaderTimeout,
                 Expiry::Abort => return Ended::Closed,
+                // Dropping the connection drops its answers, and with them
+                // their upstream connections.
+                Expiry::SendStalled => {
+                    metrics.connection_cut("send_timeout");
+                    tracing::debug!(peer = %addr, "an answer stalled on the client; connection cut");
+                    return Ended::Closed;
+                }
             },
         }
     }

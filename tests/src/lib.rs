@@ -9,6 +9,7 @@
 )]
 
 pub mod agent;
+pub mod bulk;
 pub mod bench;
 pub mod http;
 pub mod netns;

@@ -66,6 +66,9 @@ restart_settings! {
         tls: Option<(PathBuf, PathBuf)> => "server.tls_cert/tls_key",
         max_header_bytes: usize => "server.max_header_bytes",
         max_connections: usize => "server.max_connections",
+        max_concurrent_streams: u32 => "server.max_concurrent_streams",
+        max_requests_in_flight: usize => "server.max_requests_in_flight",
+        max_upstream_connections: usize => "server.max_upstream_connections",
         store: StoreKind => "store",
         max_buckets: usize => "store.max_buckets",
         /// (key, tier) verifications remembered at most.
@@ -110,6 +113,18 @@ pub struct LiveSettings {
     pub max_connections_per_source: usize,
     /// Connections one trusted proxy may hold (it carries many clients).
     pub max_connections_per_proxy: usize,
+    /// Longest an answer may wait for the client to take its next piece
+    /// (a shut HTTP/2 window, a full socket buffer): then the connection is cut.
+    pub send_timeout: Duration,
+    /// Bytes per second a request body must average once it has had
+    /// `body_read_timeout` of waiting (a body trickled in stalls past it).
+    pub body_min_rate: u64,
+    /// Requests one client address (behind trusted proxies, the forwarded
+    /// one; IPv6 grouped by `ipv6_prefix`) may have in flight to the upstream.
+    pub max_requests_in_flight_per_source: usize,
+    /// Longest a request waits for an upstream connection when
+    /// `max_upstream_connections` are all busy: then 503.
+    pub upstream_wait: Duration,
     pub api_key_headers: Vec<http::HeaderName>,
     pub ipv6_prefix: u8,
     pub client_ip_header: ClientIpHeader,

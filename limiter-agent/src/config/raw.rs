@@ -49,6 +49,20 @@ pub(super) struct RawServer {
     pub max_connections_per_source: usize,
     /// Connections one trusted proxy may hold open; default `max_connections`.
     pub max_connections_per_proxy: Option<usize>,
+    /// Longest an answer may wait for the client to take its next piece.
+    pub send_timeout: String,
+    /// Bytes per second a request body must average, past `body_read_timeout`.
+    pub body_min_rate: u64,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Requests in flight to the upstream, every client together.
+    pub max_requests_in_flight: usize,
+    /// Requests in flight to the upstream for one client address.
+    pub max_requests_in_flight_per_source: usize,
+    /// Connections to the upstream, busy and idle together.
+    pub max_upstream_connections: usize,
+    /// Longest a request waits for an upstream connection when all are busy.
+    pub upstream_wait: String,
 }
 
 impl Default for RawServer {
@@ -70,6 +84,13 @@ impl Default for RawServer {
             idle_timeout: "60s".into(),
             max_connections_per_source: 100,
             max_connections_per_proxy: None,
+            send_timeout: "30s".into(),
+            body_min_rate: 1024,
+            max_concurrent_streams: 100,
+            max_requests_in_flight: 10_000,
+            max_requests_in_flight_per_source: 100,
+            max_upstream_connections: 1_000,
+            upstream_wait: "1s".into(),
         }
     }
 }

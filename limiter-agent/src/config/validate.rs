@@ -90,6 +90,13 @@ impl RawConfig {
             idle_timeout: duration("server.idle_timeout", &server.idle_timeout)?,
             max_connections_per_source: per_source,
             max_connections_per_proxy: per_proxy,
+            send_timeout: duration("server.send_timeout", &server.send_timeout)?,
+            body_min_rate: server.body_min_rate,
+            max_requests_in_flight_per_source: at_least_one(
+                "server.max_requests_in_flight_per_source",
+                server.max_requests_in_flight_per_source,
+            )?,
+            upstream_wait: duration("server.upstream_wait", &server.upstream_wait)?,
             api_key_headers,
             ipv6_prefix: identity.ipv6_prefix,
             client_ip_header,
@@ -111,6 +118,19 @@ impl RawConfig {
             tls,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,
+            max_concurrent_streams: u32::try_from(at_least_one(
+                "server.max_concurrent_streams",
+                server.max_concurrent_streams as usize,
+            )?)
+            .unwrap_or(u32::MAX),
+            max_requests_in_flight: at_least_one(
+                "server.max_requests_in_flight",
+                server.max_requests_in_flight,
+            )?,
+            max_upstream_connections: at_least_one(
+                "server.max_upstream_connections",
+                server.max_upstream_connections,
+            )?,
             store,
             max_buckets,
             verified_keys_max: identity.verified_keys_max,
@@ -219,6 +239,14 @@ fn section_tls(
             "required with tls_key",
         )),
     }
+}
+
+/// `value`, refused when 0.
+fn at_least_one(field: &str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(invalid(field, "must be at least 1"));
+    }
+    Ok(value)
 }
 
 /// The per-source and per-proxy connection caps, after checking the total.

@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 
-use super::{Body, Peer, Proxy, State, respond::error, wire};
+use super::{Body, Peer, Proxy, State, respond::error, upstream::UpstreamBusy, wire};
 use crate::body::{ClientBody, ClientBodyError, client_fault};
 
 impl Proxy {
@@ -50,18 +50,22 @@ impl Proxy {
         append_forwarded(&mut parts.headers, peer);
         let started = Instant::now();
         let connect_to = connect_to(state);
-        let timeout = state.config.live.upstream_timeout;
+        let live = &state.config.live;
+        let (timeout, wait) = (live.upstream_timeout, live.upstream_wait);
         let result = if wire::carries(&parts, body.is_end_stream()) {
             drop(body);
-            tokio::time::timeout(timeout, self.upstreams.send_bodyless(&connect_to, &parts))
-                .await
-                .map(|sent| sent.map(answer))
+            tokio::time::timeout(
+                timeout,
+                self.upstreams.send_bodyless(&connect_to, &parts, wait),
+            )
+            .await
+            .map(|sent| sent.map(answer))
         } else {
             let request = Request::from_parts(
                 parts,
-                ClientBody::new(body, state.config.live.body_read_timeout),
+                ClientBody::new(body, live.body_read_timeout, live.body_min_rate),
             );
-            tokio::time::timeout(timeout, self.upstreams.send(&connect_to, request))
+            tokio::time::timeout(timeout, self.upstreams.send(&connect_to, request, wait))
                 .await
                 .map(|sent| sent.map(answer))
         };
@@ -74,8 +78,16 @@ impl Proxy {
                 "UPSTREAM_TIMEOUT",
                 "The upstream did not answer in time.",
             ),
+            Ok(Err(e)) if e.is::<UpstreamBusy>() => {
+                self.metrics.refuse("max_upstream_connections");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "OVERLOADED",
+                    "Every upstream connection is busy; try again later.",
+                )
+            }
             Ok(Err(e)) => match client_fault(&*e) {
-                Some(ClientBodyError::Stalled(_)) => error(
+                Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(
                     StatusCode::REQUEST_TIMEOUT,
                     "REQUEST_TIMEOUT",
                     "The request body took too long.",

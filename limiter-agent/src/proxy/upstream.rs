@@ -12,6 +12,13 @@
 //! Upstream connections follow requests in flight, not client connections:
 //! an idle client holds none.
 //!
+//! Every upstream connection, busy or idle, holds one of
+//! `max_upstream_connections` permits for as long as its socket is open. A
+//! request that needs a new connection when all are taken first closes an
+//! idle one, else waits up to `upstream_wait` for one to close, then fails
+//! with [`UpstreamBusy`] (a 503): the upstream's accept queue and this host's
+//! ephemeral ports are never all one client's.
+//!
 //! Kept from the pooled client: the connector (DNS, Happy Eyeballs, a 5 s
 //! connect timeout, `TCP_NODELAY`), idle connections closed after a minute
 //! (swept by the agent's housekeeping), and a request that never reached a
@@ -32,6 +39,7 @@ use hyper::{
     client::conn::http1::{self, SendRequest},
 };
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service as _;
 
 use super::{
@@ -65,28 +73,78 @@ impl Held {
     }
 }
 
-/// The upstream connections not carrying a request now.
+/// Every upstream connection was busy for `upstream_wait` (answered 503).
+#[derive(Debug, thiserror::Error)]
+#[error("all {0} upstream connections stayed busy")]
+pub struct UpstreamBusy(pub usize);
+
+/// The upstream connections not carrying a request now, and the permits of
+/// all of them.
 pub struct Upstreams {
     idle: Mutex<VecDeque<Held>>,
     /// Connections for requests without a body ([`wire`]).
     wires: Mutex<VecDeque<Wire>>,
     connector: HttpConnector,
+    /// One per open connection: `max_upstream_connections` in all.
+    permits: Arc<Semaphore>,
+    max_connections: usize,
 }
 
-impl Default for Upstreams {
-    fn default() -> Self {
+impl Upstreams {
+    /// No connections yet; at most `max_connections` open at once.
+    #[must_use]
+    pub fn new(max_connections: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
         Self {
             idle: Mutex::new(VecDeque::new()),
             wires: Mutex::new(VecDeque::new()),
             connector,
+            permits: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
         }
     }
-}
 
-impl Upstreams {
+    /// Connections open now, busy and idle.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.max_connections - self.permits.available_permits()
+    }
+
+    /// A permit for a new connection: a free one, else one an idle
+    /// connection gives up, else the first one freed within `wait`.
+    async fn permit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, UpstreamBusy> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        // Idle connections hold permits too: the oldest makes room (dropped
+        // outside the lock; its permit comes back with it).
+        let oldest = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        if oldest.is_some() {
+            drop(oldest);
+        } else {
+            drop(
+                self.wires
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop_front(),
+            );
+        }
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(UpstreamBusy(self.max_connections)),
+        }
+    }
+
     /// Sends `request` (origin-form target, `Host` set) to `authority` on an
     /// idle connection, else a new one. The response body gives the
     /// connection back when it has been read to its end.
@@ -98,6 +156,7 @@ impl Upstreams {
         self: &Arc<Self>,
         authority: &str,
         request: Request<ClientBody>,
+        wait: Duration,
     ) -> Result<Response<Returning>, BoxError> {
         let mut held = match self.checkout(authority) {
             Some(held) if held.sender.is_ready() => held,
@@ -106,9 +165,12 @@ impl Upstreams {
             // upstream that stopped reading), a new connection takes over.
             Some(mut held) => match tokio::time::timeout(READY_WAIT, held.sender.ready()).await {
                 Ok(Ok(())) => held,
-                _ => self.connect(authority).await?,
+                _ => {
+                    drop(held);
+                    self.connect(authority, wait).await?
+                }
             },
-            None => self.connect(authority).await?,
+            None => self.connect(authority, wait).await?,
         };
         // A request body still being sent when the answer comes means the
         // upstream answered without reading all of it: the connection's
@@ -126,7 +188,8 @@ impl Upstreams {
                 let Some(request) = e.take_message() else {
                     return Err(e.into_error().into());
                 };
-                held = self.connect(authority).await?;
+                drop(held);
+                held = self.connect(authority, wait).await?;
                 held.sender.send_request(request).await?
             }
         };
@@ -186,7 +249,7 @@ impl Upstreams {
             .collect();
         let keep: Vec<Wire> = wires
             .into_iter()
-            .filter(|wire| wire_reusable(wire, authority, now) && wire.quiet(false))
+            .filter(|wire| wire_reusable(wire, authority, now) && wire.quiet())
             .collect();
         let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
         // Given back meanwhile: newer, so after these.
@@ -223,15 +286,16 @@ impl Upstreams {
         self: &Arc<Self>,
         authority: &str,
         parts: &request::Parts,
+        wait: Duration,
     ) -> Result<Response<WireBody>, BoxError> {
         let mut head = Vec::with_capacity(256);
         wire::encode_head(parts, &mut head);
         // A request that must not reach the upstream twice is retried only
-        // when it could not be written: its connection is checked thoroughly.
+        // when it could not be written.
         let idempotent = parts.method.is_idempotent();
-        let (mut wire, reused) = match self.checkout_wire(authority, !idempotent) {
+        let (mut wire, reused) = match self.checkout_wire(authority) {
             Some(wire) => (wire, true),
-            None => (self.connect_wire(authority).await?, false),
+            None => (self.connect_wire(authority, wait).await?, false),
         };
         let answer = match wire.exchange(&head, &parts.method).await {
             Err(WireError::NotSent) if reused => None,
@@ -241,14 +305,15 @@ impl Upstreams {
         let (answer, framing) = if let Some(answer) = answer {
             answer
         } else {
-            wire = self.connect_wire(authority).await?;
+            drop(wire);
+            wire = self.connect_wire(authority, wait).await?;
             wire.exchange(&head, &parts.method).await?
         };
         Ok(answer.map(|()| WireBody::new(wire, framing, self.clone())))
     }
 
     /// The newest idle [`Wire`] to `authority` that nothing arrived on.
-    fn checkout_wire(&self, authority: &str, thorough: bool) -> Option<Wire> {
+    fn checkout_wire(&self, authority: &str) -> Option<Wire> {
         let now = Instant::now();
         loop {
             let wire = self
@@ -256,7 +321,7 @@ impl Upstreams {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop_back()?;
-            if wire_reusable(&wire, authority, now) && wire.quiet(thorough) {
+            if wire_reusable(&wire, authority, now) && wire.quiet() {
                 return Some(wire);
             }
         }
@@ -274,9 +339,10 @@ impl Upstreams {
     }
 
     /// A new connection to `authority` for requests written here.
-    async fn connect_wire(&self, authority: &str) -> Result<Wire, BoxError> {
+    async fn connect_wire(&self, authority: &str, wait: Duration) -> Result<Wire, BoxError> {
+        let permit = self.permit(wait).await?;
         let io = self.dial(authority).await?;
-        Ok(Wire::new(io.into_inner(), authority.into()))
+        Ok(Wire::new(io.into_inner(), authority.into(), permit))
     }
 
     /// A TCP connection to `authority` through the connector (DNS, Happy
@@ -292,10 +358,14 @@ impl Upstreams {
     }
 
     /// A new HTTP/1.1 connection to `authority`, driven by a task of its own.
-    async fn connect(&self, authority: &str) -> Result<Held, BoxError> {
+    async fn connect(&self, authority: &str, wait: Duration) -> Result<Held, BoxError> {
+        let permit = self.permit(wait).await?;
         let io = self.dial(authority).await?;
         let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
+        // The permit goes with the connection's task, which ends when the
+        // socket is closed (the sender dropped, or either side closed it).
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }

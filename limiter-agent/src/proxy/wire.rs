@@ -34,6 +34,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
+    sync::OwnedSemaphorePermit,
 };
 
 use super::upstream::Upstreams;
@@ -57,6 +58,8 @@ pub(super) struct Wire {
     /// `host:port` it was opened to; a reload may move the upstream.
     pub(super) authority: Arc<str>,
     pub(super) idle_since: Instant,
+    /// One of `max_upstream_connections`, for as long as the socket is open.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Why an exchange failed.
@@ -79,12 +82,13 @@ pub enum WireError {
 }
 
 impl Wire {
-    pub(super) fn new(stream: TcpStream, authority: Arc<str>) -> Self {
+    pub(super) fn new(stream: TcpStream, authority: Arc<str>, permit: OwnedSemaphorePermit) -> Self {
         Self {
             stream,
             buf: BytesMut::new(),
             authority,
             idle_since: Instant::now(),
+            _permit: permit,
         }
     }
 
@@ -98,38 +102,23 @@ impl Wire {
 
     /// Whether the connection can take a request: nothing arrived while it
     /// was idle (an upstream's close, or bytes no request asked for).
-    /// `thorough` asks the socket itself, for a request that can't be sent
-    /// twice; otherwise tokio's readiness tells, as of the reactor's last
-    /// turn, without a system call.
-    pub(super) fn quiet(&self, thorough: bool) -> bool {
+    ///
+    /// Asks the socket itself, just before the request is written: tokio's
+    /// readiness tells only what the reactor saw at its last turn, and a
+    /// stray byte an upstream writes late (a body after its answer to HEAD,
+    /// 204 or 304, sent in a write of its own) could land after that turn and
+    /// be read as the next request's answer. What arrives after this look and
+    /// before the request is written (microseconds) can't be told from the
+    /// answer: HTTP/1.1 has no way to.
+    pub(super) fn quiet(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         let mut probe = [std::mem::MaybeUninit::uninit()];
-        let peeked = |probe: &mut [std::mem::MaybeUninit<u8>]| {
-            matches!(
-                socket2::SockRef::from(&self.stream).peek(probe),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            )
-        };
-        if thorough {
-            return peeked(&mut probe);
-        }
-        // Outside the task's budget: a spent budget would say `Pending`
-        // without looking. A short read clears the readiness, so it is set
-        // only by what came after the last answer, or by a last read that
-        // filled the buffer exactly: then the socket tells which.
-        let mut check = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
-            Poll::Ready(self.stream.poll_read_ready(cx))
-        })));
-        match check
-            .as_mut()
-            .poll(&mut Context::from_waker(std::task::Waker::noop()))
-        {
-            Poll::Ready(Poll::Pending) => true,
-            Poll::Ready(Poll::Ready(Ok(()))) => peeked(&mut probe),
-            Poll::Ready(Poll::Ready(Err(_))) | Poll::Pending => false,
-        }
+        matches!(
+            socket2::SockRef::from(&self.stream).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     /// Writes the head of a request without a body and reads the head of its
@@ -637,14 +626,21 @@ mod tests {
             std::future::pending::<()>().await;
             drop(stream);
         });
-        Wire::new(TcpStream::connect(addr).await.unwrap(), "a".into())
+        Wire::new(TcpStream::connect(addr).await.unwrap(), "a".into(), spare_permit())
+    }
+
+    /// A connection permit of a pool of its own.
+    fn spare_permit() -> tokio::sync::OwnedSemaphorePermit {
+        Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap()
     }
 
     /// Reads the answer `raw` to `method` through a real socket: the body's
     /// bytes, its trailers, and whether the connection went back to the pool.
     async fn read_answer(raw: &'static [u8], method: Method) -> (Vec<u8>, Option<HeaderMap>, bool) {
         use http_body_util::BodyExt as _;
-        let upstreams = Arc::new(Upstreams::default());
+        let upstreams = Arc::new(Upstreams::new(1000));
         let mut wire = answering(raw).await;
         let (_, framing) = wire
             .exchange(b"GET / HTTP/1.1\r\n\r\n", &method)
@@ -701,7 +697,7 @@ mod tests {
             .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
             .await
             .unwrap();
-        let upstreams = Arc::new(Upstreams::default());
+        let upstreams = Arc::new(Upstreams::new(1000));
         let body = WireBody::new(wire, framing, upstreams.clone())
             .collect()
             .await;
@@ -720,10 +716,10 @@ mod tests {
                 drop(stream);
             }
         });
-        let upstreams = Upstreams::default();
+        let upstreams = Upstreams::new(1000);
         for _ in 0..300 {
             let stream = TcpStream::connect(addr).await.unwrap();
-            upstreams.give_back_wire(Wire::new(stream, "a".into()));
+            upstreams.give_back_wire(Wire::new(stream, "a".into(), spare_permit()));
         }
         let open = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -1,7 +1,17 @@
 //! What one connection is doing, for its timers: requests in flight (a request
 //! is in flight until its response body is sent or dropped, so a long SSE
-//! stream counts), when it last went idle, and when the next request's first
-//! bytes arrived. Pings and other HTTP/2 control frames are not activity.
+//! stream counts), when it last went idle, when the next request's first
+//! bytes arrived, and which answers wait for the client to take their next
+//! piece. Pings and other HTTP/2 control frames are not activity.
+//!
+//! An answer waits on the client from when a piece of it is handed to hyper
+//! until hyper asks for the next: hyper asks only once the piece is on its
+//! way (HTTP/1: room in its write buffer, so in the socket's; HTTP/2: window
+//! from the client). An answer that waits longer than `send_timeout` means a
+//! client that stopped reading (a shut window, a full socket buffer) while
+//! the answer holds an upstream connection: the connection is cut. An answer
+//! waiting on the upstream (an SSE stream between events) waits on nobody's
+//! clock here.
 
 use std::{
     io,
@@ -33,6 +43,9 @@ pub struct Timeouts {
     pub header_read: Duration,
     /// With no request in flight: until the connection is closed.
     pub idle: Duration,
+    /// An answer waiting this long for the client to take its next piece:
+    /// the connection is cut.
+    pub send: Duration,
 }
 
 /// Why a connection's timer fired.
@@ -45,6 +58,9 @@ pub enum Expiry {
     Idle,
     /// Asked to close, still open after [`CLOSE_GRACE`] with nothing in flight.
     Abort,
+    /// An answer waited `send_timeout` for the client to take its next piece:
+    /// cut the connection, requests in flight and all.
+    SendStalled,
 }
 
 /// A connection's activity as a pure state machine (time passed in).
@@ -59,6 +75,9 @@ pub struct Activity {
     closing_since: Option<Instant>,
     /// Bytes of the HTTP/2 preface matched so far; `None` once it is not one.
     preface: Option<usize>,
+    /// Answers handed a piece to hyper and not asked for the next yet, by
+    /// request number, oldest first (at most one per request in flight).
+    waiting: Vec<(u64, Instant)>,
 }
 
 impl Activity {
@@ -71,6 +90,7 @@ impl Activity {
             partial_since: None,
             closing_since: None,
             preface: Some(0),
+            waiting: Vec::new(),
         }
     }
 
@@ -101,16 +121,33 @@ impl Activity {
         false
     }
 
-    /// A request's headers are complete and it was handed to the proxy.
-    pub fn request_started(&mut self) {
+    /// A request's headers are complete and it was handed to the proxy:
+    /// its number on this connection.
+    pub fn request_started(&mut self) -> u64 {
         self.in_flight += 1;
         self.requests += 1;
         self.partial_since = None;
+        self.requests
     }
 
-    /// A request's response was sent (or abandoned). True when the connection
-    /// is idle now.
-    pub fn request_ended(&mut self, now: Instant) -> bool {
+    /// Request `id`'s answer handed hyper a piece (or its head) at `now`.
+    pub fn handed(&mut self, id: u64, now: Instant) {
+        if !self.waiting.iter().any(|(w, _)| *w == id) {
+            self.waiting.push((id, now));
+        }
+    }
+
+    /// Hyper asked request `id`'s answer for its next piece.
+    pub fn taken(&mut self, id: u64) {
+        if let Some(i) = self.waiting.iter().position(|(w, _)| *w == id) {
+            self.waiting.remove(i);
+        }
+    }
+
+    /// Request `id`'s response was sent (or abandoned). True when the
+    /// connection is idle now.
+    pub fn request_ended(&mut self, id: u64, now: Instant) -> bool {
+        self.taken(id);
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.in_flight == 0 {
             self.idle_since = now;
@@ -130,12 +167,16 @@ impl Activity {
         self.closing_since.is_some()
     }
 
-    /// When the connection's timer fires next, and why; `None` while a
-    /// request is in flight (however long its response streams).
+    /// When the connection's timer fires next, and why; with a request in
+    /// flight (however long its response streams), only when an answer waits
+    /// on the client.
     #[must_use]
     pub fn deadline(&self, timeouts: Timeouts) -> Option<(Instant, Expiry)> {
         if self.in_flight > 0 {
-            return None;
+            return self
+                .waiting
+                .first()
+                .map(|(_, since)| (*since + timeouts.send, Expiry::SendStalled));
         }
         if let Some(closing) = self.closing_since {
             return Some((closing.max(self.idle_since) + CLOSE_GRACE, Expiry::Abort));
@@ -190,18 +231,22 @@ impl Tracker {
     /// Counts a request in flight until the returned guard is dropped.
     #[must_use]
     pub fn request(self: &Arc<Self>) -> InFlight {
-        self.with(Activity::request_started);
-        InFlight(self.clone())
+        let id = self.with(Activity::request_started);
+        InFlight {
+            tracker: self.clone(),
+            id,
+        }
     }
 
     /// Resolves when the connection's timer fires.
     ///
     /// Nothing wakes the timer when the state changes: it is never armed
-    /// later than one `check` from when it was armed, the shorter of the
-    /// header and idle timeouts (the close grace once closing), and no change
-    /// brings a deadline nearer than one `check` from the change (a request's
-    /// first bytes start a header timeout, an ended request an idle timeout;
-    /// closing is decided by the caller, who asks again). So the armed time
+    /// later than one `check` from when it was armed, the shortest of the
+    /// header, idle and send timeouts (the close grace once closing), and no
+    /// change brings a deadline nearer than one `check` from the change (a
+    /// request's first bytes start a header timeout, an ended request an idle
+    /// timeout, a piece handed to hyper a send timeout; closing is decided by
+    /// the caller, who asks again). So the armed time
     /// is never after the deadline, and each time it fires the state is read
     /// again: a connection busy with requests pays one timer per `check`,
     /// not a wake-up per request.
@@ -213,7 +258,10 @@ impl Tracker {
             let check = if closing {
                 CLOSE_GRACE
             } else {
-                self.timeouts.header_read.min(self.timeouts.idle)
+                self.timeouts
+                    .header_read
+                    .min(self.timeouts.idle)
+                    .min(self.timeouts.send)
             }
             .max(Duration::from_millis(1));
             let at = match next {
@@ -229,30 +277,46 @@ impl Tracker {
 
 /// A request in flight: the connection is not idle until this is dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<Tracker>);
+pub struct InFlight {
+    tracker: Arc<Tracker>,
+    id: u64,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.with(|a| a.request_ended(Instant::now()));
+        self.tracker
+            .with(|a| a.request_ended(self.id, Instant::now()));
     }
 }
 
-/// A response body that keeps its request in flight until it is sent.
-pub struct Tracked<B> {
+/// A response body that keeps its request in flight until it is sent, and
+/// tells the tracker when it waits for the client to take a piece. `H` is
+/// whatever else the request holds until then (an in-flight slot).
+pub struct Tracked<B, H> {
     body: B,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    /// Handed a piece (or the head) that hyper has not come back for yet.
+    waiting: bool,
+    _holds: H,
 }
 
-impl<B> Tracked<B> {
-    pub fn new(body: B, in_flight: InFlight) -> Self {
+impl<B, H> Tracked<B, H> {
+    /// The answer's head is handed to hyper with this body: it waits on the
+    /// client until hyper first asks for a piece.
+    pub fn new(body: B, in_flight: InFlight, holds: H) -> Self {
+        in_flight
+            .tracker
+            .with(|a| a.handed(in_flight.id, Instant::now()));
         Self {
             body,
-            _in_flight: in_flight,
+            in_flight,
+            waiting: true,
+            _holds: holds,
         }
     }
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
+impl<B: Body + Unpin, H: Unpin> Body for Tracked<B, H> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -260,7 +324,18 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let id = this.in_flight.id;
+        if this.waiting {
+            this.waiting = false;
+            this.in_flight.tracker.with(|a| a.taken(id));
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.body.is_end_stream() {
+            this.waiting = true;
+            this.in_flight.tracker.with(|a| a.handed(id, Instant::now()));
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -339,6 +414,7 @@ mod tests {
     const TIMEOUTS: Timeouts = Timeouts {
         header_read: Duration::from_secs(10),
         idle: Duration::from_mins(1),
+        send: Duration::from_secs(30),
     };
 
     fn secs(n: u64) -> Duration {
@@ -423,12 +499,12 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Activity::new(t0);
         a.bytes(t0, b"GET /events HTTP/1.1\r\n\r\n");
-        a.request_started();
+        let id = a.request_started();
         assert_eq!(a.deadline(TIMEOUTS), None);
         // Body bytes and pipelined requests while it streams change nothing.
         a.bytes(t0 + secs(100), b"GET /next HTTP/1.1\r\n");
         assert_eq!(a.deadline(TIMEOUTS), None);
-        assert!(a.request_ended(t0 + secs(3600)));
+        assert!(a.request_ended(id, t0 + secs(3600)));
         assert_eq!(a.deadline(TIMEOUTS), Some((t0 + secs(3660), Expiry::Idle)));
     }
 
@@ -436,8 +512,8 @@ mod tests {
     fn keep_alive_waits_the_idle_timeout_then_the_header_timeout_once_bytes_come() {
         let t0 = Instant::now();
         let mut a = Activity::new(t0);
-        a.request_started();
-        a.request_ended(t0 + secs(1));
+        let id = a.request_started();
+        a.request_ended(id, t0 + secs(1));
         assert_eq!(a.deadline(TIMEOUTS), Some((t0 + secs(61), Expiry::Idle)));
         // The next request starts late in the idle period: it gets the whole
         // header timeout from its first byte, and the deadline moves earlier.
@@ -455,8 +531,8 @@ mod tests {
         a.bytes(t0, &H2_PREFACE[..10]);
         a.bytes(t0, &H2_PREFACE[10..]);
         assert!(a.is_h2());
-        a.request_started();
-        a.request_ended(t0 + secs(1));
+        let id = a.request_started();
+        a.request_ended(id, t0 + secs(1));
         // A ping every second: the connection still goes idle at 61 s.
         for s in 2..61 {
             assert!(!a.bytes(t0 + secs(s), &[0, 0, 8, 6, 0, 0, 0, 0, 0]));
@@ -476,11 +552,11 @@ mod tests {
     fn concurrent_streams_keep_the_connection_busy_until_the_last_ends() {
         let t0 = Instant::now();
         let mut a = Activity::new(t0);
-        a.request_started();
-        a.request_started();
-        assert!(!a.request_ended(t0 + secs(1)));
+        let first = a.request_started();
+        let second = a.request_started();
+        assert!(!a.request_ended(first, t0 + secs(1)));
         assert_eq!(a.deadline(TIMEOUTS), None);
-        assert!(a.request_ended(t0 + secs(2)));
+        assert!(a.request_ended(second, t0 + secs(2)));
         assert_eq!(a.deadline(TIMEOUTS), Some((t0 + secs(62), Expiry::Idle)));
     }
 
@@ -488,11 +564,11 @@ mod tests {
     fn a_closing_connection_is_cut_after_the_grace_once_nothing_is_in_flight() {
         let t0 = Instant::now();
         let mut a = Activity::new(t0);
-        a.request_started();
+        let id = a.request_started();
         a.closing(t0 + secs(1));
         // Its in-flight request finishes first, however long it takes.
         assert_eq!(a.deadline(TIMEOUTS), None);
-        a.request_ended(t0 + secs(30));
+        a.request_ended(id, t0 + secs(30));
         assert_eq!(
             a.deadline(TIMEOUTS),
             Some((t0 + secs(30) + CLOSE_GRACE, Expiry::Abort))
@@ -503,5 +579,54 @@ mod tests {
             a.deadline(TIMEOUTS),
             Some((t0 + secs(30) + CLOSE_GRACE, Expiry::Abort))
         );
+    }
+
+    #[test]
+    fn an_answer_the_client_stops_taking_is_cut_a_send_timeout_after_it_was_handed() {
+        let t0 = Instant::now();
+        let mut a = Activity::new(t0);
+        let slow = a.request_started();
+        let fast = a.request_started();
+        a.handed(slow, t0 + secs(1));
+        a.handed(fast, t0 + secs(2));
+        assert_eq!(
+            a.deadline(TIMEOUTS),
+            Some((t0 + secs(31), Expiry::SendStalled)),
+            "the oldest waiting answer sets the deadline"
+        );
+        // Another stream taking its pieces does not help the stalled one.
+        for s in 3..30 {
+            a.taken(fast);
+            a.handed(fast, t0 + secs(s));
+        }
+        assert_eq!(
+            a.deadline(TIMEOUTS),
+            Some((t0 + secs(31), Expiry::SendStalled))
+        );
+        // Taken at last: the other answer's wait is what is left.
+        a.taken(slow);
+        assert_eq!(
+            a.deadline(TIMEOUTS),
+            Some((t0 + secs(59), Expiry::SendStalled))
+        );
+        a.request_ended(fast, t0 + secs(40));
+        assert_eq!(a.deadline(TIMEOUTS), None, "waiting on the upstream is nobody's stall");
+        a.request_ended(slow, t0 + secs(41));
+        assert_eq!(a.deadline(TIMEOUTS), Some((t0 + secs(101), Expiry::Idle)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_fires_at_a_send_deadline() {
+        let (why, after) = fired(async |tracker, t0| {
+            tokio::time::sleep_until(t0 + secs(1)).await;
+            let in_flight = tracker.request();
+            tracker.with(|a| a.handed(in_flight.id, Instant::now()));
+            // Held past the deadline: the timer must have fired by then.
+            tokio::time::sleep_until(t0 + secs(40)).await;
+            drop(in_flight);
+        })
+        .await;
+        assert_eq!(why, Expiry::SendStalled);
+        assert!(about(after, 31), "{after:?}");
     }
 }

@@ -1,13 +1,12 @@
 //! Open connections per source, so that one source (an IPv4 address, an IPv6
 //! prefix, or one trusted proxy) cannot hold every connection slot.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::{net::IpAddr, sync::Arc};
 
-use crate::net;
+use crate::{
+    net,
+    tally::{Held, Tally},
+};
 
 /// Which connection cap refused a connection (the `cap` label of
 /// `limiter_connections_refused_total`: the setting's name).
@@ -73,63 +72,17 @@ impl Source {
     }
 }
 
-/// Open connections by source key. Holds only sources with a connection open,
-/// so it never outgrows `max_connections`.
-#[derive(Debug, Default)]
-pub struct Sources {
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl Sources {
-    /// One more connection for `source`, or `None` when it holds its limit.
-    pub fn acquire(self: &Arc<Self>, source: Source) -> Option<Slot> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = open.entry(source.key).or_insert(0);
-        if *count >= source.limit {
-            if *count == 0 {
-                open.remove(&source.key);
-            }
-            return None;
-        }
-        *count += 1;
-        Some(Slot {
-            sources: self.clone(),
-            key: source.key,
-        })
-    }
-
-    /// Connections `key` holds now.
-    #[cfg(test)]
-    fn open(&self, key: IpAddr) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
-    }
-}
+/// Open connections by source key.
+pub type Sources = Tally<IpAddr>;
 
 /// One open connection of a source; released when dropped.
-#[derive(Debug)]
-pub struct Slot {
-    sources: Arc<Sources>,
-    key: IpAddr,
-}
+pub type Slot = Held<IpAddr>;
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self
-            .sources
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.key);
-            }
-        }
+impl Source {
+    /// One more connection for this source in `sources`, or `None` when it
+    /// holds its limit.
+    pub fn acquire(self, sources: &Arc<Sources>) -> Option<Slot> {
+        sources.acquire(self.key, self.limit)
     }
 }
 
@@ -183,30 +136,5 @@ mod tests {
         let p1 = Source::of(ip("2001:db8::1"), true, 64, CAPS);
         let p2 = Source::of(ip("2001:db8::2"), true, 64, CAPS);
         assert_ne!(p1.key, p2.key);
-    }
-
-    #[test]
-    fn a_source_holds_at_most_its_limit_and_slots_come_back() {
-        let sources = Arc::new(Sources::default());
-        let caps = Caps {
-            per_source: 2,
-            per_proxy: 10,
-        };
-        let a = Source::of(ip("192.0.2.1"), false, 64, caps);
-        let b = Source::of(ip("192.0.2.2"), false, 64, caps);
-        let first = sources.acquire(a).expect("first");
-        let second = sources.acquire(a).expect("second");
-        assert!(sources.acquire(a).is_none(), "over the cap");
-        let other = sources.acquire(b).expect("another source is not affected");
-        assert_eq!(sources.open(a.key), 2);
-        drop(first);
-        assert_eq!(sources.open(a.key), 1);
-        let third = sources.acquire(a).expect("a slot came back");
-        drop((second, third, other));
-        assert_eq!(sources.open(a.key), 0);
-        assert!(
-            sources.open.lock().unwrap().is_empty(),
-            "no entry kept for idle sources"
-        );
     }
 }
