@@ -17,7 +17,12 @@ use crate::{dashboard::Dashboard, proxy::Proxy};
 pub trait StatusReport: Send + Sync + 'static {
     /// The section's key in the `/status` object.
     fn name(&self) -> &'static str;
+    /// The latest report, at once (never a walk of the maps).
     fn report(&self) -> serde_json::Value;
+    /// Resolves when the report is fresh, or after a short bounded wait.
+    fn fresh(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
 }
 
 /// What the admin endpoints read.
@@ -145,8 +150,15 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let response = admin.respond(&req);
-                async move { Ok::<_, Infallible>(response) }
+                let admin = admin.clone();
+                async move {
+                    if matches!(req.uri().path(), "/status" | "/dashboard.json") {
+                        for section in &admin.sections {
+                            section.fresh().await;
+                        }
+                    }
+                    Ok::<_, Infallible>(admin.respond(&req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -79,7 +79,8 @@ impl ClientBody {
         if self.min_rate == 0 {
             return stalled;
         }
-        let earned = self.idle + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
+        let earned =
+            self.idle + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
         let left = earned.saturating_sub(self.waited);
         if left < self.idle {
             (left, ClientBodyError::TooSlow(self.min_rate))

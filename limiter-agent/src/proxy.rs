@@ -321,7 +321,11 @@ impl Proxy {
 
     /// Serves one request: the answer, and the in-flight slots a forwarded
     /// request holds until its answer is sent.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> (Response<Body>, Option<Slots>) {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+    ) -> (Response<Body>, Option<Slots>) {
         let state = self.state.load_full();
         // Both framings at once is how requests get smuggled past a proxy
         // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.

@@ -9,8 +9,8 @@
 )]
 
 pub mod agent;
-pub mod bulk;
 pub mod bench;
+pub mod bulk;
 pub mod http;
 pub mod netns;
 pub mod newcomers;

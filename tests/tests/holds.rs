@@ -140,8 +140,8 @@ fn a_shut_http2_window_holds_no_more_than_the_caps_and_is_cut_at_the_send_deadli
 /// A connection from `source` that asks for `path` and never reads, with a
 /// small receive buffer so the answer backs up into the agent.
 fn unread_request(source: IpAddr, agent: SocketAddr, path: &str) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("socket");
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
     socket
         .bind(&SocketAddr::new(source, 0).into())
@@ -179,8 +179,15 @@ fn http1_clients_that_never_read_hold_at_most_the_upstream_bound_until_the_send_
     // Every upstream connection is busy with an unread answer: a new request
     // waits `upstream_wait`, then is refused.
     let (busy, waited) = timed_get(other, agent.addr, "/api/small");
-    assert_eq!(busy, Some(503), "no upstream connection within upstream_wait");
-    assert!(waited >= Duration::from_millis(400), "it waited: {waited:?}");
+    assert_eq!(
+        busy,
+        Some(503),
+        "no upstream connection within upstream_wait"
+    );
+    assert!(
+        waited >= Duration::from_millis(400),
+        "it waited: {waited:?}"
+    );
     // The send deadline frees them, and the other source is served again.
     let settled = upstream_settles(&upstream, 0, Duration::from_secs(5));
     let freed_after = started.elapsed();
@@ -189,7 +196,10 @@ fn http1_clients_that_never_read_hold_at_most_the_upstream_bound_until_the_send_
     eprintln!(
         "unread answers: {open} upstream connections held, peak {peak}; freed after {freed_after:?}"
     );
-    assert!(peak <= 11, "max_upstream_connections (10) + the stats probe: {peak}");
+    assert!(
+        peak <= 11,
+        "max_upstream_connections (10) + the stats probe: {peak}"
+    );
     assert_eq!(open, 10, "the unread answers hold the whole bound");
     assert_eq!(settled, 0, "released by the send deadline");
     assert!(freed_after < Duration::from_secs(5), "{freed_after:?}");

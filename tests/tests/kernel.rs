@@ -688,3 +688,113 @@ fn a_reload_the_kernel_refuses_changes_nothing_in_the_proxy_or_the_kernel() {
     assert_eq!(status["max_syns_per_second"], 77, "{status}");
     assert_eq!(status["allow"], allow_before, "allow list not restored");
 }
+
+/// One HTTP/1.1 GET of `path` on `admin` from the namespace the caller runs
+/// in; how long the whole answer took, and its body.
+fn admin_get(admin: std::net::SocketAddr, path: &str) -> (Duration, String) {
+    use std::io::{Read as _, Write as _};
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(admin).expect("admin listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("write");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read");
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (started.elapsed(), body)
+}
+
+/// The 99th percentile of client GETs, one after another for `period`.
+fn p99_of_gets(topology: &Topology, period: Duration) -> Duration {
+    let started = Instant::now();
+    let mut took = Vec::new();
+    while started.elapsed() < period {
+        let sent = Instant::now();
+        let response = client_get(topology).expect("the client is served");
+        assert_eq!(response.status, 200, "{response:?}");
+        took.push(sent.elapsed());
+    }
+    took.sort();
+    took[(took.len() * 99).div_ceil(100) - 1]
+}
+
+#[test]
+fn a_full_source_map_does_not_stall_the_proxy_while_the_dashboard_is_polled() {
+    use limiter_agent::kernel::maps::Maps;
+    use limiter_common::{SOURCES_CAPACITY, SourceKey, SourceState};
+    let topology = Topology::new();
+    let agent = topology.agent(&config(1_000_000, ""), &[]);
+    let admin = agent.admin.expect("admin address");
+    // The per-source map filled to capacity, as a flood of many sources leaves it.
+    let mut maps = Maps::open_pinned(
+        &std::path::Path::new(limiter_agent::kernel::PIN_ROOT).join(&topology.instance),
+    )
+    .expect("pinned maps");
+    let now = limiter_tests::monotonic_ns();
+    for i in 0..SOURCES_CAPACITY {
+        let [_, b, c, d] = i.to_be_bytes();
+        let state = SourceState {
+            window_start_ns: now,
+            packets: 1 + i % 1000,
+            ..SourceState::default()
+        };
+        maps.put_source(&SourceKey::from_v4([10, b, c, d]), &state)
+            .expect("filling the source map");
+    }
+    let baseline = p99_of_gets(&topology, Duration::from_secs(3));
+    // An operator's dashboard tab and a status poller, 10 polls a second.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = topology.host.spawn({
+        let stop = stop.clone();
+        move || {
+            let mut polls = Vec::new();
+            let mut walked = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let path = if polls.len() % 2 == 0 {
+                    "/dashboard.json"
+                } else {
+                    "/status"
+                };
+                let (took, body) = admin_get(admin, path);
+                let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                if path == "/status" {
+                    walked |= json["xdp"]["top_sources"]
+                        .as_array()
+                        .is_some_and(|s| s.len() == 10);
+                }
+                polls.push(took);
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(took));
+            }
+            (polls, walked)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let during = p99_of_gets(&topology, Duration::from_secs(5));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut polls, walked) = poller.join().expect("poller");
+    polls.sort();
+    let slowest = polls[polls.len() - 1];
+    eprintln!(
+        "full map ({SOURCES_CAPACITY} entries): proxied GET p99 {during:?} while polled \
+         ({} polls, slowest {slowest:?}), baseline p99 {baseline:?}",
+        polls.len()
+    );
+    assert!(walked, "a snapshot of the full map was served");
+    assert!(polls.len() >= 30, "the pages were polled: {}", polls.len());
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a poll waits for a snapshot a bounded time: {slowest:?}"
+    );
+    assert!(
+        during <= baseline * 2 + Duration::from_millis(2),
+        "p99 {during:?} while polled, {baseline:?} before"
+    );
+}

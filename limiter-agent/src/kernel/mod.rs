@@ -9,6 +9,7 @@ mod escalate;
 pub mod maps;
 pub mod probe;
 pub mod report;
+mod reporter;
 pub mod state;
 pub mod sync;
 
@@ -154,6 +155,8 @@ pub struct Kernel {
     persist: bool,
     attachments: Vec<Attachment>,
     ipv6_prefix: Mutex<u8>,
+    /// Status snapshots and ban expiry, on a thread with handles of its own.
+    reporter: reporter::Reporter,
 }
 
 impl Kernel {
@@ -200,6 +203,15 @@ impl Kernel {
             });
         }
         drop_stale_links(&pin_dir, interfaces);
+        let reporter = reporter::Reporter::spawn(
+            Maps::open_pinned(&pin_dir)?,
+            reporter::Identity {
+                instance: instance.to_owned(),
+                attachments: attachments.clone(),
+                persist,
+            },
+        )
+        .map_err(|e| KernelError::Load(format!("starting the kernel reporter: {e}")))?;
         let kernel = Self {
             maps: Mutex::new(maps),
             ebpf: Mutex::new(Some(ebpf)),
@@ -208,6 +220,7 @@ impl Kernel {
             persist,
             attachments,
             ipv6_prefix: Mutex::new(config.live.ipv6_prefix),
+            reporter,
         };
         kernel.write_run_state();
         Ok(kernel)
@@ -247,14 +260,6 @@ impl Kernel {
             .ipv6_prefix
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Drops ban entries that have ended (the program already ignores them).
-    pub fn housekeeping(&self) {
-        let removed = self.maps().remove_expired_bans(monotonic_ns());
-        if removed > 0 {
-            tracing::debug!(removed, "expired bans removed");
-        }
     }
 
     /// Detaches (unless persisting) and records that the agent is gone. The
@@ -302,12 +307,7 @@ impl crate::metrics::KernelStats for Kernel {
     }
 
     fn bans_active(&self) -> u64 {
-        let now = monotonic_ns();
-        self.maps()
-            .bans()
-            .iter()
-            .filter(|b| b.until_ns > now)
-            .count() as u64
+        self.reporter.bans_active()
     }
 }
 
@@ -326,12 +326,11 @@ impl crate::admin::StatusReport for Kernel {
     }
 
     fn report(&self) -> serde_json::Value {
-        let maps = self.maps();
-        let mut report = report::Report::read(&maps, monotonic_ns(), 10);
-        report.instance.clone_from(&self.instance);
-        report.attachments.clone_from(&self.attachments);
-        report.persist = self.persist;
-        serde_json::to_value(&report).unwrap_or_default()
+        (*self.reporter.latest()).clone()
+    }
+
+    fn fresh(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.reporter.fresh())
     }
 }
 

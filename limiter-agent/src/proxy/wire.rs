@@ -82,7 +82,11 @@ pub enum WireError {
 }
 
 impl Wire {
-    pub(super) fn new(stream: TcpStream, authority: Arc<str>, permit: OwnedSemaphorePermit) -> Self {
+    pub(super) fn new(
+        stream: TcpStream,
+        authority: Arc<str>,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
         Self {
             stream,
             buf: BytesMut::new(),
@@ -626,7 +630,11 @@ mod tests {
             std::future::pending::<()>().await;
             drop(stream);
         });
-        Wire::new(TcpStream::connect(addr).await.unwrap(), "a".into(), spare_permit())
+        Wire::new(
+            TcpStream::connect(addr).await.unwrap(),
+            "a".into(),
+            spare_permit(),
+        )
     }
 
     /// A connection permit of a pool of its own.

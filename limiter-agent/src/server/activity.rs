@@ -333,7 +333,9 @@ impl<B: Body + Unpin, H: Unpin> Body for Tracked<B, H> {
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.body.is_end_stream() {
             this.waiting = true;
-            this.in_flight.tracker.with(|a| a.handed(id, Instant::now()));
+            this.in_flight
+                .tracker
+                .with(|a| a.handed(id, Instant::now()));
         }
         polled
     }
@@ -610,7 +612,11 @@ mod tests {
             Some((t0 + secs(59), Expiry::SendStalled))
         );
         a.request_ended(fast, t0 + secs(40));
-        assert_eq!(a.deadline(TIMEOUTS), None, "waiting on the upstream is nobody's stall");
+        assert_eq!(
+            a.deadline(TIMEOUTS),
+            None,
+            "waiting on the upstream is nobody's stall"
+        );
         a.request_ended(slow, t0 + secs(41));
         assert_eq!(a.deadline(TIMEOUTS), Some((t0 + secs(101), Expiry::Idle)));
     }
