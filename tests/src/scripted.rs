@@ -43,6 +43,9 @@ pub enum After {
     /// Keeps the connection open this long without reading, then closes it
     /// (an idle timeout).
     CloseIn(Duration),
+    /// Writes these bytes this long after the answer, unasked (a body a
+    /// broken server sends late), then serves the connection on.
+    LateWrite(Duration, &'static [u8]),
 }
 
 /// Starts the upstream; `answer` is called for each request. Its address,
@@ -72,6 +75,12 @@ pub fn upstream(
                         After::CloseIn(wait) => {
                             std::thread::sleep(wait);
                             return;
+                        }
+                        After::LateWrite(wait, bytes) => {
+                            std::thread::sleep(wait);
+                            if stream.write_all(bytes).is_err() {
+                                return;
+                            }
                         }
                     }
                 }

@@ -50,6 +50,15 @@ fn script(asked: &Asked) -> (Vec<u8>, After) {
                 .to_vec(),
             After::KeepOpen,
         ),
+        // A body after the answer to HEAD, in a write of its own, 100 ms
+        // later: a whole forged answer, as a broken upstream's would look.
+        "/api/late-stray" if method == "HEAD" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\n".to_vec(),
+            After::LateWrite(
+                Duration::from_millis(100),
+                b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged",
+            ),
+        ),
         "/api/to-close" => (b"HTTP/1.1 200 OK\r\n\r\nuntil the close".to_vec(), After::Close),
         "/api/early-hints" => (
             b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -145,9 +154,11 @@ async fn every_framing_of_an_answer_reaches_the_client_whole() {
     let (status, big) = get("/api/big").await.unwrap();
     assert_eq!((status, big.len()), (StatusCode::OK, 1 << 20));
     assert!(big.bytes().all(|b| b == b'x'));
+    // The answers to HEAD and the 204 closed theirs: a body they suppress
+    // may come late from a broken upstream.
     assert_eq!(
         accepted.load(Ordering::SeqCst),
-        1,
+        3,
         "answers that ended exactly leave their connection for the next request\n{}",
         agent.log()
     );
@@ -160,7 +171,7 @@ async fn every_framing_of_an_answer_reaches_the_client_whole() {
     assert_eq!(get("/api/plain").await.unwrap().1, "GET /api/plain");
     assert_eq!(
         accepted.load(Ordering::SeqCst),
-        2,
+        4,
         "after the close, a new connection"
     );
 
@@ -174,7 +185,7 @@ async fn every_framing_of_an_answer_reaches_the_client_whole() {
     assert_eq!(both.headers().get("content-length"), None);
     assert_eq!(both.text().await.unwrap(), "hello world");
     assert_eq!(get("/api/plain").await.unwrap().1, "GET /api/plain");
-    assert_eq!(accepted.load(Ordering::SeqCst), 3, "{}", agent.log());
+    assert_eq!(accepted.load(Ordering::SeqCst), 5, "{}", agent.log());
 }
 
 #[tokio::test]
@@ -257,6 +268,30 @@ async fn connections_the_upstream_closed_while_idle_are_replaced() {
             .unwrap();
         assert_eq!(status, StatusCode::OK, "{}", agent.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_late_stray_answer_after_head_is_never_read_as_the_next_requests_answer() {
+    let (upstream, _) = upstream();
+    let agent = agent_for(upstream);
+    let client = client();
+    // The next request comes before the stray bytes (10 ms), and after them
+    // (300 ms): neither gets them as its answer.
+    for pause in [10, 300] {
+        let (status, _) = fetch(&client, &agent, reqwest::Method::HEAD, "/api/late-stray")
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let (status, body) = fetch(&client, &agent, reqwest::Method::GET, "/api/next")
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "GET /api/next"),
+            "after {pause} ms"
+        );
     }
 }
 
