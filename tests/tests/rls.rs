@@ -495,3 +495,42 @@ descriptors:
         "{metrics}"
     );
 }
+
+#[test]
+fn remote_addresses_in_envoy_domains_are_grouped_and_spelled_once() {
+    let (config, rls_addr) = with_rls(
+        &one_tier("/api/chat", 5, "1m", ""),
+        &format!(
+            "envoy_config = [\"{}/../examples/envoy-ratelimit.yaml\"]",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    );
+    let agent = agent(&config, None, &[]);
+    let by_address = |ip: String| call("chat", &[descriptor(&[("remote_address", &ip)], None)], 0);
+    // 45 addresses of one /64 (the reference rule: 40 per 10 s per address).
+    let mut calls: Vec<Value> = (1..=45)
+        .map(|i| by_address(format!("2001:db8:7:1::{i:x}")))
+        .collect();
+    // One IPv4 client in four spellings, and an IPv6 one with a zone.
+    calls.extend((0..40).map(|i| {
+        by_address(match i % 4 {
+            0 => "192.0.2.9".into(),
+            1 => "::ffff:192.0.2.9".into(),
+            2 => "[::ffff:192.0.2.9]".into(),
+            _ => "::FFFF:c000:209".into(),
+        })
+    }));
+    calls.push(by_address("192.0.2.9".into()));
+    calls.push(by_address("2001:db8:7:1::99%eth0".into()));
+    let answers = rls::run(rls_addr, &calls, 1, None);
+    let codes: Vec<String> = answers.iter().map(code).collect();
+    let over = |range: std::ops::Range<usize>| {
+        codes[range].iter().filter(|c| *c == "OVER_LIMIT").count()
+    };
+    assert!(codes[..40].iter().all(|c| c == "OK"), "{codes:?}");
+    assert_eq!(over(40..45), 5, "one /64 is one client: {codes:?}");
+    assert!(codes[45..85].iter().all(|c| c == "OK"), "{codes:?}");
+    assert_eq!(codes[85], "OVER_LIMIT", "four spellings, one address");
+    assert_eq!(codes[86], "OVER_LIMIT", "a zone is not another address");
+    drop(agent);
+}

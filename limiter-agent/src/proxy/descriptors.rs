@@ -221,14 +221,14 @@ impl Proxy {
     ) -> Answer {
         let remote = match entry(entries, "remote_address") {
             Ok(Some(text)) => {
-                let Ok(ip) = text.trim_matches(['[', ']']).parse::<IpAddr>() else {
+                let Some(ip) = remote_address(text) else {
                     self.metrics.refuse("client_address");
                     return refused(
                         "BAD_IDENTITY",
                         format!("remote_address `{text}` is not an IP address"),
                     );
                 };
-                Some(ip.to_canonical())
+                Some(ip)
             }
             Ok(None) => None,
             Err(message) => return refused("BAD_IDENTITY", message),
@@ -239,6 +239,18 @@ impl Proxy {
         let Some(rules) = state.envoy.iter().find(|r| r.domain == domain) else {
             return Answer::NoLimit;
         };
+        // The address as the proxy counts it: one spelling (IPv4-mapped,
+        // zone, case, brackets), IPv6 grouped by `ipv6_prefix`, so a client
+        // can't mint buckets by rotating addresses or spellings.
+        let grouped = remote.map(|ip| state.identity.group(ip).to_string());
+        let entries: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|&(k, v)| match (k, &grouped) {
+                ("remote_address", Some(text)) => (k, text.as_str()),
+                _ => (k, v),
+            })
+            .collect();
+        let entries = entries.as_slice();
         let Some(node) = rules.lookup(entries) else {
             return Answer::NoLimit;
         };
@@ -352,6 +364,35 @@ impl Proxy {
     }
 }
 
+/// A `remote_address` entry's address: brackets and an IPv6 zone (`%eth0`)
+/// dropped, IPv4-mapped IPv6 as IPv4.
+fn remote_address(text: &str) -> Option<IpAddr> {
+    let text = text.trim_matches(['[', ']']);
+    let text = text.split_once('%').map_or(text, |(addr, _zone)| addr);
+    text.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
 fn refused(code: &'static str, message: String) -> Answer {
     Answer::Refused { code, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_addresses_have_one_spelling() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        for (text, expected) in [
+            ("192.0.2.7", "192.0.2.7"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+            ("[2001:DB8::1]", "2001:db8::1"),
+            ("fe80::1%eth0", "fe80::1"),
+            ("[fe80::1%25eth0]", "fe80::1"),
+        ] {
+            assert_eq!(remote_address(text), Some(ip(expected)), "{text}");
+        }
+        assert_eq!(remote_address("unknown"), None);
+        assert_eq!(remote_address("%eth0"), None);
+    }
 }
