@@ -168,7 +168,7 @@ impl App {
         } = self;
         // Gauges (store health above all) are right before the admin listener serves.
         proxy.housekeeping();
-        spawn_housekeeping(proxy.clone(), escalation.clone());
+        spawn_housekeeping(proxy.clone(), kernel.clone(), escalation.clone());
         let sections: Vec<Arc<dyn StatusReport>> = kernel
             .iter()
             .map(|k| k.clone() as Arc<dyn StatusReport>)
@@ -226,14 +226,20 @@ async fn shared_store(
     Ok(Some(Arc::new(store)))
 }
 
-/// Once a second: expired buckets and offenders; store and bucket gauges.
-/// (Expired bans are the kernel reporter's, off the runtime.)
-fn spawn_housekeeping(proxy: Arc<Proxy>, escalation: Option<Arc<Escalation>>) {
+/// Once a second: expired buckets, bans and offenders; store and bucket gauges.
+fn spawn_housekeeping(
+    proxy: Arc<Proxy>,
+    kernel: Option<Arc<Kernel>>,
+    escalation: Option<Arc<Escalation>>,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             proxy.housekeeping();
+            if let Some(kernel) = &kernel {
+                kernel.housekeeping();
+            }
             if let Some(escalation) = &escalation {
                 escalation.housekeeping();
             }

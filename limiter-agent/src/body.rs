@@ -80,7 +80,7 @@ impl ClientBody {
             return stalled;
         }
         let earned =
-            self.idle + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
+            self.idle + Duration::from_millis(self.received.saturating_mul(1000) / self.min_rate);
         let left = earned.saturating_sub(self.waited);
         if left < self.idle {
             (left, ClientBodyError::TooSlow(self.min_rate))

@@ -321,6 +321,10 @@ impl Proxy {
 
     /// Serves one request: the answer, and the in-flight slots a forwarded
     /// request holds until its answer is sent.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the request path in order, each early answer where it happens"
+    )]
     pub async fn handle(
         &self,
         req: Request<Incoming>,
@@ -364,7 +368,7 @@ impl Proxy {
                 .unwrap_or_else(|_| peer.addr.ip().to_canonical());
             let slots = match self.admit(&state, state.identity.group(source)) {
                 Ok(slots) => slots,
-                Err(refused) => return (refused, None),
+                Err(refused) => return (*refused, None),
             };
             state.unlimited.inc();
             return (self.forward(&state, req, peer).await, Some(slots));
@@ -386,7 +390,7 @@ impl Proxy {
         // Before the charge: a request refused here spends no quota.
         let slots = match self.admit(&state, client.ip) {
             Ok(slots) => slots,
-            Err(refused) => return (refused, None),
+            Err(refused) => return (*refused, None),
         };
         let tier = &state.tiers[tier_index];
         let now_ms = self.clock.now_ms();
@@ -439,12 +443,12 @@ impl Proxy {
 
     /// The in-flight slots of a request from `source` (the grouped client
     /// address), or the 503 that refuses it.
-    fn admit(&self, state: &State, source: IpAddr) -> Result<Slots, Response<Body>> {
+    fn admit(&self, state: &State, source: IpAddr) -> Result<Slots, Box<Response<Body>>> {
         self.in_flight
             .admit(source, state.config.live.max_requests_in_flight_per_source)
             .map_err(|refused| {
                 self.metrics.refuse(refused.setting());
-                error(
+                Box::new(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "OVERLOADED",
                     match refused {
@@ -455,7 +459,7 @@ impl Proxy {
                             "Too many requests in flight; try again later."
                         }
                     },
-                )
+                ))
             })
     }
 

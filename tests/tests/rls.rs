@@ -524,9 +524,8 @@ fn remote_addresses_in_envoy_domains_are_grouped_and_spelled_once() {
     calls.push(by_address("2001:db8:7:1::99%eth0".into()));
     let answers = rls::run(rls_addr, &calls, 1, None);
     let codes: Vec<String> = answers.iter().map(code).collect();
-    let over = |range: std::ops::Range<usize>| {
-        codes[range].iter().filter(|c| *c == "OVER_LIMIT").count()
-    };
+    let over =
+        |range: std::ops::Range<usize>| codes[range].iter().filter(|c| *c == "OVER_LIMIT").count();
     assert!(codes[..40].iter().all(|c| c == "OK"), "{codes:?}");
     assert_eq!(over(40..45), 5, "one /64 is one client: {codes:?}");
     assert!(codes[45..85].iter().all(|c| c == "OK"), "{codes:?}");

@@ -21,6 +21,10 @@ use crate::{
 };
 
 impl RawConfig {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one struct literal per settings half, each field beside its check"
+    )]
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
         let server = self.server;
         let listen = socket_addr(

@@ -254,6 +254,15 @@ impl Kernel {
         Ok(())
     }
 
+    /// Drops ban entries that have ended (the program already ignores them),
+    /// under the lock escalation takes, so a ban renewed meanwhile stays.
+    pub fn housekeeping(&self) {
+        let removed = self.maps().remove_expired_bans(monotonic_ns());
+        if removed > 0 {
+            tracing::debug!(removed, "expired bans removed");
+        }
+    }
+
     #[must_use]
     pub fn ipv6_prefix(&self) -> u8 {
         *self

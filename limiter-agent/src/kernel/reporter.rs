@@ -9,8 +9,9 @@
 //! [`MIN_INTERVAL`] and never more often than four times the last walk's
 //! length (so the walk itself uses at most a fifth of a CPU, however full the
 //! map). A poll reads the latest snapshot: the admin listener first waits for
-//! a fresh one at most [`FRESH_WAIT`], asynchronously. The same thread drops
-//! expired ban entries once a second.
+//! a fresh one at most [`FRESH_WAIT`], asynchronously. (Expired bans are
+//! dropped under the maps lock, by housekeeping: a sweep on other handles
+//! could delete a ban escalation renewed between its look and its delete.)
 
 use std::{
     sync::{Arc, Condvar, Mutex, PoisonError},
@@ -70,7 +71,7 @@ impl Reporter {
         let thread = shared.clone();
         std::thread::Builder::new()
             .name("kernel-reporter".into())
-            .spawn(move || run(&thread, maps, &identity))?;
+            .spawn(move || run(&thread, &maps, &identity))?;
         Ok(Self { shared })
     }
 
@@ -119,41 +120,24 @@ impl Reporter {
     }
 }
 
-/// The thread: a snapshot when one is wanted (no sooner than the duty
-/// cycle allows), expired bans dropped every second.
-fn run(shared: &Shared, mut maps: Maps, identity: &Identity) {
+/// The thread: a snapshot when one is wanted, no sooner than the duty cycle
+/// allows.
+fn run(shared: &Shared, maps: &Maps, identity: &Identity) {
     lowest_priority();
     let mut next_allowed = Instant::now();
-    let mut next_sweep = Instant::now();
     loop {
         {
             let latest = shared.latest.lock().unwrap_or_else(PoisonError::into_inner);
-            let wait = next_sweep.saturating_duration_since(Instant::now());
-            let (latest, _) = shared
+            let latest = shared
                 .wake
-                .wait_timeout_while(latest, wait, |l| !l.wanted)
+                .wait_while(latest, |l| !l.wanted)
                 .unwrap_or_else(PoisonError::into_inner);
             drop(latest);
-        }
-        if Instant::now() >= next_sweep {
-            let removed = maps.remove_expired_bans(monotonic_ns());
-            if removed > 0 {
-                tracing::debug!(removed, "expired bans removed");
-            }
-            next_sweep = Instant::now() + Duration::from_secs(1);
-        }
-        let wanted = shared
-            .latest
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .wanted;
-        if !wanted {
-            continue;
         }
         std::thread::sleep(next_allowed.saturating_duration_since(Instant::now()));
         let started = Instant::now();
         let now_ns = monotonic_ns();
-        let mut report = Report::read(&maps, now_ns, TOP);
+        let mut report = Report::read(maps, now_ns, TOP);
         report.instance.clone_from(&identity.instance);
         report.attachments.clone_from(&identity.attachments);
         report.persist = identity.persist;

@@ -163,13 +163,14 @@ impl Upstreams {
             // Given back as its exchange ended: ready at its task's next turn.
             // Not ready soon (closed while idle, or still writing to an
             // upstream that stopped reading), a new connection takes over.
-            Some(mut held) => match tokio::time::timeout(READY_WAIT, held.sender.ready()).await {
-                Ok(Ok(())) => held,
-                _ => {
+            Some(mut held) => {
+                if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, held.sender.ready()).await {
+                    held
+                } else {
                     drop(held);
                     self.connect(authority, wait).await?
                 }
-            },
+            }
             None => self.connect(authority, wait).await?,
         };
         // A request body still being sent when the answer comes means the

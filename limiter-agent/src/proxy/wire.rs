@@ -645,7 +645,7 @@ mod tests {
     }
 
     /// A connection permit of a pool of its own.
-    fn spare_permit() -> tokio::sync::OwnedSemaphorePermit {
+    fn spare_permit() -> OwnedSemaphorePermit {
         Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .unwrap()
