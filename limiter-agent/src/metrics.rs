@@ -88,6 +88,7 @@ pub struct Metrics {
     pub store_healthy: Gauge,
     pub buckets: Gauge,
     pub upstream_idle: Gauge,
+    pub upstream_open: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
     pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
     pub connections_cut: Family<CutLabels, Counter>,
@@ -106,6 +107,10 @@ impl Default for Metrics {
 
 impl Metrics {
     #[must_use]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per metric, each beside its help text"
+    )]
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
@@ -146,6 +151,12 @@ impl Metrics {
             "limiter_buckets",
             "Live buckets held in this agent's memory",
             buckets.clone(),
+        );
+        let upstream_open = Gauge::default();
+        registry.register(
+            "limiter_upstream_connections_open",
+            "Upstream connections open, busy and idle (at most max_upstream_connections)",
+            upstream_open.clone(),
         );
         let upstream_idle = Gauge::default();
         registry.register(
@@ -199,6 +210,7 @@ impl Metrics {
             store_healthy,
             buckets,
             upstream_idle,
+            upstream_open,
             reloads,
             connections_refused,
             connections_cut,

@@ -317,6 +317,9 @@ impl Proxy {
         self.metrics
             .upstream_idle
             .set(i64::try_from(self.upstreams.idle()).unwrap_or(i64::MAX));
+        self.metrics
+            .upstream_open
+            .set(i64::try_from(self.upstreams.open()).unwrap_or(i64::MAX));
     }
 
     /// Serves one request: the answer, and the in-flight slots a forwarded

@@ -259,3 +259,49 @@ fn a_request_body_trickled_under_the_idle_timeout_is_refused_at_the_minimum_rate
     );
     assert_eq!(upstream_settles(&upstream, 0, Duration::from_secs(3)), 0);
 }
+
+#[test]
+fn an_upload_the_upstream_answered_early_releases_its_upstream_connection() {
+    use std::io::{Read as _, Write as _};
+    // Answers at once without reading the body, then neither reads nor closes.
+    let (upstream, _) = limiter_tests::scripted::upstream(|_| {
+        (
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            limiter_tests::scripted::After::CloseIn(Duration::from_secs(20)),
+        )
+    });
+    let agent = agent(
+        &small_config("/api/limited", 1000, "1m", ""),
+        Some(upstream),
+        &[],
+    );
+    let mut stream = TcpStream::connect(agent.addr).expect("connect");
+    stream
+        .write_all(b"POST /api/upload HTTP/1.1\r\nhost: api\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .expect("head");
+    stream.set_nonblocking(true).expect("nonblocking");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut open_after = None;
+    // The upload goes on, a chunk every 100 ms (well above body_min_rate).
+    while started.elapsed() < Duration::from_secs(4) {
+        let _ = stream.write_all(b"400\r\n");
+        let _ = stream.write_all(&[b'x'; 1024]);
+        let _ = stream.write_all(b"\r\n");
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = stream.read(&mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+        }
+        if started.elapsed() > Duration::from_millis(2500) && open_after.is_none() {
+            open_after = Some(metric::<u64>(&agent, "limiter_upstream_connections_open"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status(&answer), Some(413), "{answer}");
+    assert_eq!(
+        open_after,
+        Some(0),
+        "the answered upload's upstream connection was closed, not left sending"
+    );
+}

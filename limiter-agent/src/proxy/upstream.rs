@@ -63,6 +63,16 @@ struct Held {
     authority: Arc<str>,
     sender: SendRequest<ClientBody>,
     idle_since: Instant,
+    /// The connection's task: aborted when this is dropped, so a connection
+    /// nobody will reuse is closed at once, with whatever it was still doing
+    /// (sending the rest of a request body the upstream already answered).
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl Held {
@@ -120,17 +130,18 @@ impl Upstreams {
             return Ok(permit);
         }
         // Idle connections hold permits too: the oldest makes room (dropped
-        // outside the lock; its permit comes back with it).
-        let oldest = self
-            .idle
+        // outside the lock). A wire first: its permit comes back as it drops;
+        // a hyper connection's comes back when its aborted task ends.
+        let wire = self
+            .wires
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop_front();
-        if oldest.is_some() {
-            drop(oldest);
+        if wire.is_some() {
+            drop(wire);
         } else {
             drop(
-                self.wires
+                self.idle
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .pop_front(),
@@ -198,7 +209,8 @@ impl Upstreams {
         Ok(response.map(|inner| Returning {
             inner,
             ended: false,
-            held: reusable.then_some((held, self.clone())),
+            reusable,
+            held: Some((held, self.clone())),
         }))
     }
 
@@ -364,8 +376,8 @@ impl Upstreams {
         let io = self.dial(authority).await?;
         let (mut sender, connection) = http1::Builder::new().handshake(io).await?;
         // The permit goes with the connection's task, which ends when the
-        // socket is closed (the sender dropped, or either side closed it).
-        tokio::spawn(async move {
+        // socket is closed (either side closed it, or the `Held` was dropped).
+        let task = tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -376,6 +388,7 @@ impl Upstreams {
             authority: authority.into(),
             sender,
             idle_since: Instant::now(),
+            task: task.abort_handle(),
         })
     }
 }
@@ -385,11 +398,15 @@ fn wire_reusable(wire: &Wire, authority: &str, now: Instant) -> bool {
 }
 
 /// An upstream response body that gives its connection back to the pool
-/// when dropped after its end; dropped before, the connection closes.
+/// when dropped after its end; dropped before, or with the request body
+/// still being sent, the connection closes. The connection lives as long as
+/// this body: its task feeds it.
 pub struct Returning {
     inner: Incoming,
     /// `None` was read: the end of a body whose length was not known.
     ended: bool,
+    /// The request body had been sent whole when the answer came.
+    reusable: bool,
     held: Option<(Held, Arc<Upstreams>)>,
 }
 
@@ -419,7 +436,8 @@ impl Body for Returning {
 
 impl Drop for Returning {
     fn drop(&mut self) {
-        if (self.ended || self.inner.is_end_stream())
+        if self.reusable
+            && (self.ended || self.inner.is_end_stream())
             && let Some((held, upstreams)) = self.held.take()
         {
             upstreams.give_back(held);
