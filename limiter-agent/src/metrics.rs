@@ -62,7 +62,7 @@ pub struct ConnectionRefusedLabels {
     pub cap: &'static str,
 }
 
-/// Labels of `limiter_connections_cut_total`.
+/// Labels of `limiter_answers_cut_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CutLabels {
     /// The setting whose deadline passed: `send_timeout` (an answer the
@@ -91,7 +91,7 @@ pub struct Metrics {
     pub upstream_open: Gauge,
     pub reloads: Family<ReloadLabels, Counter>,
     pub connections_refused: Family<ConnectionRefusedLabels, Counter>,
-    pub connections_cut: Family<CutLabels, Counter>,
+    pub answers_cut: Family<CutLabels, Counter>,
     pub escalations: Counter,
     pub refused: Family<RefusedLabels, Counter>,
     pub rls_calls: Family<RlsCallLabels, Counter>,
@@ -176,11 +176,11 @@ impl Metrics {
             "Connections answered 503 because a connection cap was reached, by cap",
             connections_refused.clone(),
         );
-        let connections_cut = Family::<CutLabels, Counter>::default();
+        let answers_cut = Family::<CutLabels, Counter>::default();
         registry.register(
-            "limiter_connections_cut",
-            "Connections closed with requests in flight because a deadline passed, by reason",
-            connections_cut.clone(),
+            "limiter_answers_cut",
+            "Answers cut because a deadline passed (HTTP/1: with their connection; HTTP/2: the stream), by reason",
+            answers_cut.clone(),
         );
         let escalations = Counter::default();
         registry.register(
@@ -213,7 +213,7 @@ impl Metrics {
             upstream_open,
             reloads,
             connections_refused,
-            connections_cut,
+            answers_cut,
             escalations,
             refused,
             rls_calls,
@@ -250,11 +250,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a connection cut because the deadline named `reason` passed.
-    pub fn connection_cut(&self, reason: &'static str) {
-        self.connections_cut
-            .get_or_create(&CutLabels { reason })
-            .inc();
+    /// Counts an answer cut because the deadline named `reason` passed.
+    pub fn answer_cut(&self, reason: &'static str) {
+        self.answers_cut.get_or_create(&CutLabels { reason }).inc();
     }
 
     /// Adds the kernel counters to every later scrape (once; later calls are ignored).

@@ -3,6 +3,7 @@
 //! requests to the [`Proxy`].
 
 mod activity;
+mod answer;
 mod sources;
 
 use std::{io::Write as _, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
@@ -21,7 +22,8 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use self::{
-    activity::{Expiry, Timeouts, Tracked, Tracker, Watched},
+    activity::{Expiry, Timeouts, Tracker, Watched},
+    answer::Tracked,
     sources::{Cap, Caps, Source, Sources},
 };
 use crate::{
@@ -296,10 +298,16 @@ where
                 }
                 Expiry::Headers => return Ended::HeaderTimeout,
                 Expiry::Abort => return Ended::Closed,
-                // Dropping the connection drops its answers, and with them
-                // their upstream connections.
+                // HTTP/2: the stalled streams alone let go of what they hold
+                // (a front proxy's other users share the connection).
+                // HTTP/1: the answer is the connection's only one.
+                Expiry::SendStalled if tracker.is_h2() => {
+                    for _ in 0..tracker.cut_stalled() {
+                        metrics.answer_cut("send_timeout");
+                    }
+                }
                 Expiry::SendStalled => {
-                    metrics.connection_cut("send_timeout");
+                    metrics.answer_cut("send_timeout");
                     tracing::debug!(peer = %addr, "an answer stalled on the client; connection cut");
                     return Ended::Closed;
                 }

@@ -15,6 +15,7 @@ import time
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 
 host, port, source, streams, path, hold = sys.argv[1:7]
@@ -37,7 +38,7 @@ for _ in range(streams):
 sock.sendall(conn.data_to_send())
 
 started = time.monotonic()
-statuses, resets, closed_after = {}, 0, None
+statuses, resets, closed_after, goaway = {}, 0, None, False
 sock.settimeout(0.2)
 while time.monotonic() - started < hold:
     try:
@@ -49,14 +50,23 @@ while time.monotonic() - started < hold:
     if not data:
         closed_after = time.monotonic() - started
         break
-    for event in conn.receive_data(data):
+    if goaway:
+        # After GOAWAY the h2 state machine takes nothing more; the bytes
+        # still tell when the agent closes the connection.
+        continue
+    try:
+        events = conn.receive_data(data)
+    except h2.exceptions.ProtocolError:
+        goaway = True
+        continue
+    for event in events:
         if isinstance(event, h2.events.ResponseReceived):
             status = dict(event.headers).get(b":status", b"?").decode()
             statuses[status] = statuses.get(status, 0) + 1
         elif isinstance(event, h2.events.StreamReset):
             resets += 1
         elif isinstance(event, h2.events.ConnectionTerminated):
-            pass
+            goaway = True
     out = conn.data_to_send()
     if out:
         try:

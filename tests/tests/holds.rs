@@ -72,23 +72,29 @@ fn a_shut_http2_window_holds_no_more_than_the_caps_and_is_cut_at_the_send_deadli
         Duration::from_secs(20),
     );
     // While the window is shut: the other source is served, the upstream
-    // never sees more connections than the caps allow.
+    // never sees more connections than the caps allow, and the stalled
+    // answers let go of theirs at the send deadline.
     let started = Instant::now();
     let mut during = Vec::new();
     let mut most_open = 0;
-    while started.elapsed() < Duration::from_millis(1500) {
+    let mut released_after = None;
+    while started.elapsed() < Duration::from_secs(5) {
         let (status, took) = timed_get(other, agent.addr, "/api/small");
         assert_eq!(status, Some(200), "another source is served throughout");
         during.push(took);
-        most_open = most_open.max(bulk::connections(&upstream).0);
+        let (open, _) = bulk::connections(&upstream);
+        most_open = most_open.max(open);
+        if most_open >= 20 && open <= 1 && released_after.is_none() {
+            released_after = Some(started.elapsed());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = bulk::finish(client);
     let (_, peak) = bulk::connections(&upstream);
     during.sort();
     eprintln!(
-        "zero window: {report:?}; upstream peak {peak}, most open seen {most_open}; \
-         other source median {:?} (baseline {:?}), max {:?}",
+        "zero window: {report:?}; upstream peak {peak}, most open seen {most_open}, \
+         released after {released_after:?}; other source median {:?} (baseline {:?}), max {:?}",
         during[during.len() / 2],
         baseline[baseline.len() / 2],
         during[during.len() - 1]
@@ -106,18 +112,18 @@ fn a_shut_http2_window_holds_no_more_than_the_caps_and_is_cut_at_the_send_deadli
         peak <= 22 && most_open <= 21,
         "the upstream saw {peak} connections at most, {most_open} while watched"
     );
+    let released =
+        released_after.expect("the stalled answers let go of their upstream connections");
+    assert!(
+        released < Duration::from_millis(3500),
+        "released at the send deadline (2 s), not after {released:?}"
+    );
+    // With nothing in flight the connection idles out (3 s), then gets its
+    // close grace (2 s).
     let closed = report
         .closed_after
         .expect("the agent closed the connection of the stalled answers");
-    assert!(
-        closed < Duration::from_secs(4),
-        "cut at the send deadline (2 s), not {closed:?}"
-    );
-    // The other source's connection may wait in the agent's idle pool.
-    assert!(
-        upstream_settles(&upstream, 1, Duration::from_secs(3)) <= 1,
-        "the upstream connections were released"
-    );
+    assert!(closed < Duration::from_secs(10), "closed after {closed:?}");
     assert!(
         during[during.len() / 2] < baseline[baseline.len() / 2] * 3 + Duration::from_millis(20),
         "the other source's median latency stayed normal: {during:?} vs {baseline:?}"
@@ -132,8 +138,8 @@ fn a_shut_http2_window_holds_no_more_than_the_caps_and_is_cut_at_the_send_deadli
     assert!(
         metric::<u64>(
             &agent,
-            r#"limiter_connections_cut_total{reason="send_timeout"}"#
-        ) >= 1
+            r#"limiter_answers_cut_total{reason="send_timeout"}"#
+        ) >= 20
     );
 }
 

@@ -14,14 +14,14 @@
 //! clock here.
 
 use std::{
+    collections::HashMap,
     io,
     pin::{Pin, pin},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, Weak},
     task::{Context, Poll},
     time::Duration,
 };
 
-use hyper::body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::Instant,
@@ -59,7 +59,7 @@ pub enum Expiry {
     /// Asked to close, still open after [`CLOSE_GRACE`] with nothing in flight.
     Abort,
     /// An answer waited `send_timeout` for the client to take its next piece:
-    /// cut the connection, requests in flight and all.
+    /// cut it (HTTP/1: the connection with it).
     SendStalled,
 }
 
@@ -144,6 +144,20 @@ impl Activity {
         }
     }
 
+    /// Takes the answers that have waited on the client `send` or longer
+    /// off the waiting list: their request numbers.
+    pub fn stalled(&mut self, now: Instant, send: Duration) -> Vec<u64> {
+        let mut stalled = Vec::new();
+        self.waiting.retain(|(id, since)| {
+            let keep = *since + send > now;
+            if !keep {
+                stalled.push(*id);
+            }
+            keep
+        });
+        stalled
+    }
+
     /// Request `id`'s response was sent (or abandoned). True when the
     /// connection is idle now.
     pub fn request_ended(&mut self, id: u64, now: Instant) -> bool {
@@ -191,11 +205,17 @@ impl Activity {
     }
 }
 
+/// An answer the timer can cut: what it holds is let go at once.
+pub trait Cut: Send + Sync {
+    fn cut(&self);
+}
+
 /// One connection's [`Activity`], shared by its IO, its requests and its timer.
-#[derive(Debug)]
 pub struct Tracker {
     activity: Mutex<Activity>,
     timeouts: Timeouts,
+    /// The answers in flight, by request number, for cutting a stalled one.
+    answers: Mutex<HashMap<u64, Weak<dyn Cut>>>,
 }
 
 impl Tracker {
@@ -204,10 +224,11 @@ impl Tracker {
         Arc::new(Self {
             activity: Mutex::new(Activity::new(Instant::now())),
             timeouts,
+            answers: Mutex::default(),
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Activity) -> T) -> T {
+    pub(super) fn with<T>(&self, f: impl FnOnce(&mut Activity) -> T) -> T {
         f(&mut self.activity.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
@@ -226,6 +247,32 @@ impl Tracker {
     /// again afterwards: the close grace is shorter than the timer's check.
     pub(super) fn closing(&self) {
         self.with(|a| a.closing(Instant::now()));
+    }
+
+    /// Request `id`'s answer, for [`Tracker::cut_stalled`].
+    pub(super) fn answer(&self, id: u64, answer: Weak<dyn Cut>) {
+        self.answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, answer);
+    }
+
+    /// Cuts every answer that waited on the client `send_timeout` or
+    /// longer: each lets go of its upstream connection and in-flight slots
+    /// at once, and its stream is reset when hyper next asks for it. How
+    /// many were cut.
+    pub fn cut_stalled(&self) -> usize {
+        let stalled = self.with(|a| a.stalled(Instant::now(), self.timeouts.send));
+        let answers: Vec<Weak<dyn Cut>> = {
+            let mut answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+            stalled.iter().filter_map(|id| answers.remove(id)).collect()
+        };
+        // Outside both locks: a cut ends its request, which takes them.
+        answers
+            .into_iter()
+            .filter_map(|answer| answer.upgrade())
+            .map(|answer| answer.cut())
+            .count()
     }
 
     /// Counts a request in flight until the returned guard is dropped.
@@ -276,76 +323,20 @@ impl Tracker {
 }
 
 /// A request in flight: the connection is not idle until this is dropped.
-#[derive(Debug)]
 pub struct InFlight {
-    tracker: Arc<Tracker>,
-    id: u64,
+    pub(super) tracker: Arc<Tracker>,
+    pub(super) id: u64,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.tracker
+            .answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        self.tracker
             .with(|a| a.request_ended(self.id, Instant::now()));
-    }
-}
-
-/// A response body that keeps its request in flight until it is sent, and
-/// tells the tracker when it waits for the client to take a piece. `H` is
-/// whatever else the request holds until then (an in-flight slot).
-pub struct Tracked<B, H> {
-    body: B,
-    in_flight: InFlight,
-    /// Handed a piece (or the head) that hyper has not come back for yet.
-    waiting: bool,
-    _holds: H,
-}
-
-impl<B, H> Tracked<B, H> {
-    /// The answer's head is handed to hyper with this body: it waits on the
-    /// client until hyper first asks for a piece.
-    pub fn new(body: B, in_flight: InFlight, holds: H) -> Self {
-        in_flight
-            .tracker
-            .with(|a| a.handed(in_flight.id, Instant::now()));
-        Self {
-            body,
-            in_flight,
-            waiting: true,
-            _holds: holds,
-        }
-    }
-}
-
-impl<B: Body + Unpin, H: Unpin> Body for Tracked<B, H> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
-        let id = this.in_flight.id;
-        if this.waiting {
-            this.waiting = false;
-            this.in_flight.tracker.with(|a| a.taken(id));
-        }
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !this.body.is_end_stream() {
-            this.waiting = true;
-            this.in_flight
-                .tracker
-                .with(|a| a.handed(id, Instant::now()));
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

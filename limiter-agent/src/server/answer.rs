@@ -1,0 +1,220 @@
+//! A response body on its way to the client: it keeps its request in flight
+//! (and the request's in-flight slots) until it is sent, hands hyper pieces
+//! of at most [`PIECE`] bytes, and tells the connection's tracker while a
+//! piece waits for the client to take it. The tracker can cut it: the body
+//! and what it holds (its upstream connection, its slots) are let go at once,
+//! and the stream ends with an error when hyper next asks for it.
+//!
+//! Pieces are bounded so the send deadline measures the client, not the
+//! upstream: an upstream read can yield hundreds of kilobytes at once, and
+//! the deadline is for one piece. A client that takes less than a piece per
+//! `send_timeout` (0.5 KiB/s at the defaults) is cut.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError, Weak},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use super::activity::{Cut, InFlight, Tracker};
+
+/// Largest piece handed to hyper at once.
+pub const PIECE: usize = 16 * 1024;
+
+/// The answer was cut: the client took no piece for `send_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took nothing of the answer for send_timeout; cut")]
+pub struct Stalled;
+
+/// What an answer holds until it is sent or cut.
+struct Held<B, H> {
+    body: B,
+    _in_flight: InFlight,
+    _holds: H,
+}
+
+/// The body and what it holds; `None` once cut.
+struct Slot<B, H>(Mutex<Option<Held<B, H>>>);
+
+impl<B: Send, H: Send> Cut for Slot<B, H> {
+    fn cut(&self) {
+        let held = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        drop(held);
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent. `H`
+/// is whatever else the request holds until then (its in-flight slots).
+pub struct Tracked<B, H> {
+    held: Arc<Slot<B, H>>,
+    tracker: Arc<Tracker>,
+    id: u64,
+    /// Handed a piece (or the head) that hyper has not come back for yet.
+    waiting: bool,
+    /// What is left of a data frame larger than a piece.
+    rest: Option<Bytes>,
+}
+
+impl<B, H> Tracked<B, H>
+where
+    B: Send + 'static,
+    H: Send + 'static,
+{
+    /// The answer's head is handed to hyper with this body: it waits on the
+    /// client until hyper first asks for a piece.
+    pub fn new(body: B, in_flight: InFlight, holds: H) -> Self {
+        let tracker = in_flight.tracker.clone();
+        let id = in_flight.id;
+        let held = Arc::new(Slot(Mutex::new(Some(Held {
+            body,
+            _in_flight: in_flight,
+            _holds: holds,
+        }))));
+        let weak: Weak<dyn Cut> = Arc::downgrade(&held) as Weak<dyn Cut>;
+        tracker.answer(id, weak);
+        tracker.with(|a| a.handed(id, Instant::now()));
+        Self {
+            held,
+            tracker,
+            id,
+            waiting: true,
+            rest: None,
+        }
+    }
+}
+
+impl<B, H> Body for Tracked<B, H>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: From<Stalled>,
+    H: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if this.waiting {
+            this.waiting = false;
+            this.tracker.with(|a| a.taken(this.id));
+        }
+        let polled = if let Some(rest) = this.rest.take() {
+            Poll::Ready(Some(Ok(Frame::data(rest))))
+        } else {
+            let mut held = this.held.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(held) = held.as_mut() else {
+                return Poll::Ready(Some(Err(Stalled.into())));
+            };
+            Pin::new(&mut held.body).poll_frame(cx)
+        };
+        let polled = polled.map(|frame| {
+            frame.map(|frame| {
+                frame.map(|frame| match frame.into_data() {
+                    Ok(mut data) => {
+                        if data.len() > PIECE {
+                            this.rest = Some(data.split_off(PIECE));
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => frame,
+                })
+            })
+        });
+        // The last piece too: hyper may hold an answer it has the whole of
+        // without finishing it (an HTTP/2 stream with no window). One it
+        // finishes is dropped, which ends the wait.
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            this.waiting = true;
+            this.tracker.with(|a| a.handed(this.id, Instant::now()));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A cut answer has not ended: hyper must ask, and be told.
+        self.rest.is_none()
+            && self
+                .held
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|held| held.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let held = self.held.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(held) = held.as_ref() else {
+            return SizeHint::default();
+        };
+        let inner = held.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt as _, Full};
+
+    use super::*;
+    use crate::server::activity::Timeouts;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        header_read: Duration::from_secs(10),
+        idle: Duration::from_mins(1),
+        send: Duration::from_secs(30),
+    };
+
+    type TestBody = http_body_util::combinators::BoxBody<Bytes, crate::proxy::BoxError>;
+
+    fn body(bytes: usize) -> TestBody {
+        Full::new(Bytes::from(vec![b'x'; bytes]))
+            .map_err(|e| match e {})
+            .boxed()
+    }
+
+    #[tokio::test]
+    async fn large_frames_are_handed_in_pieces_and_arrive_whole() {
+        let connection = Tracker::new(TIMEOUTS);
+        let answer = Tracked::new(body(3 * PIECE + 5), connection.request(), ());
+        assert_eq!(answer.size_hint().exact(), Some(3 * PIECE as u64 + 5));
+        let mut pinned = std::pin::pin!(answer);
+        let mut sizes = Vec::new();
+        while let Some(frame) = pinned.frame().await {
+            sizes.push(frame.unwrap().into_data().unwrap().len());
+        }
+        assert_eq!(sizes, [PIECE, PIECE, PIECE, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_cut_answer_lets_go_of_what_it_holds_and_ends_in_an_error() {
+        let connection = Tracker::new(TIMEOUTS);
+        let holds = Arc::new(());
+        let answer = Tracked::new(body(10), connection.request(), holds.clone());
+        assert_eq!(Arc::strong_count(&holds), 2);
+        // Nothing asked for a piece yet: it waits on the client.
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(connection.cut_stalled(), 1);
+        assert_eq!(Arc::strong_count(&holds), 1, "the holds were let go");
+        assert!(!answer.is_end_stream(), "a cut answer has not ended");
+        let mut pinned = std::pin::pin!(answer);
+        assert!(pinned.frame().await.unwrap().is_err());
+        assert_eq!(connection.cut_stalled(), 0, "cut once");
+    }
+}
