@@ -113,6 +113,12 @@ impl App {
                     None => None,
                 };
                 tracing::info!(listen = %listener.local_addr()?, domain = %config.live.rls.domain, tls = tls.is_some(), "envoy rate limit service listening");
+                if config.live.rls.secret.is_none() {
+                    tracing::warn!(
+                        "[rls] has no secret_file: any caller in [rls] clients can charge any \
+                         address, so RLS rejections never escalate to kernel bans"
+                    );
+                }
                 Some((listener, tls))
             }
             None => None,

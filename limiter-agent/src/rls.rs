@@ -225,6 +225,22 @@ impl RateLimitServer {
         admitted
     }
 
+    /// Whether the call carries `[rls] secret_file`'s secret in its
+    /// `x-limiter-rls-secret` metadata (always, when none is configured);
+    /// counts the refusal when not.
+    fn authenticated(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+        let state = self.proxy.state();
+        let Some(secret) = &state.config.live.rls.secret else {
+            return true;
+        };
+        let offered = metadata.get_all(SECRET_METADATA).iter().collect::<Vec<_>>();
+        let ok = matches!(offered.as_slice(), [one] if secret.matches(one.as_bytes()));
+        if !ok {
+            self.proxy.metrics().rls_call("permission_denied");
+        }
+        ok
+    }
+
     /// The headers and body Envoy sends the client: those of the binding
     /// descriptor, the proxy's 429 body when it is over, else the refusal's.
     fn headers(
@@ -302,6 +318,10 @@ fn unit(window_ms: u64) -> Unit {
     }
 }
 
+/// The call metadata that carries `[rls] secret_file`'s secret (Envoy's
+/// `grpc_service.initial_metadata`).
+pub const SECRET_METADATA: &str = "x-limiter-rls-secret";
+
 /// A call, decided and counted.
 #[derive(Clone)]
 struct Unary {
@@ -323,6 +343,11 @@ impl tonic::server::UnaryService<Call> for Unary {
             // from a connection that stays open.
             if !this.server.admits(this.peer) {
                 return Err(tonic::Status::permission_denied("not an [rls] client"));
+            }
+            if !this.server.authenticated(request.metadata()) {
+                return Err(tonic::Status::permission_denied(
+                    "missing or wrong x-limiter-rls-secret",
+                ));
             }
             let answered = this.server.decide(request.get_ref()).await;
             proxy.metrics().rls_call(match &answered {

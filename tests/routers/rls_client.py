@@ -15,6 +15,7 @@ document:
 
     {"concurrency": 100,   # optional, default 1: number of calls in flight at once
      "timeout": 5.0,       # optional per-call deadline in seconds (default: none)
+     "metadata": [["x-limiter-rls-secret", "..."]],  # optional, sent with every call
      "calls": [
        {"domain": "limiter",                   # optional, default ""
         "descriptors": [                       # optional, default []
@@ -133,7 +134,7 @@ def parse_input(text):
         raise BadInput(f"stdin is not JSON: {e}")
     if not isinstance(doc, dict):
         raise BadInput("stdin must be a JSON object")
-    unknown = set(doc) - {"concurrency", "timeout", "calls"}
+    unknown = set(doc) - {"concurrency", "timeout", "calls", "metadata"}
     if unknown:
         raise BadInput(f"unknown keys {sorted(unknown)}")
     concurrency = doc.get("concurrency", 1)
@@ -144,6 +145,15 @@ def parse_input(text):
         isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
     ):
         raise BadInput("timeout must be a positive number")
+    metadata = doc.get("metadata") or []
+    if not (
+        isinstance(metadata, list)
+        and all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
+            for m in metadata
+        )
+    ):
+        raise BadInput("metadata must be a list of [key, value] strings")
     calls = doc.get("calls")
     if not isinstance(calls, list):
         raise BadInput("calls must be a list")
@@ -155,7 +165,8 @@ def parse_input(text):
             raise
         except Exception as e:  # pydantic validation of the package's types
             raise BadInput(f"calls[{i}] rejected by RateLimitRequest: {e}")
-    return concurrency, (None if timeout is None else float(timeout)), requests
+    timeout = None if timeout is None else float(timeout)
+    return concurrency, timeout, [tuple(m) for m in metadata], requests
 
 
 def _enum(v):
@@ -211,7 +222,7 @@ def error_json(err):
     }
 
 
-def run(target, concurrency, timeout, requests):
+def run(target, concurrency, timeout, metadata, requests):
     results = [None] * len(requests)
     slots = threading.BoundedSemaphore(concurrency)
     finished = threading.Event()
@@ -242,7 +253,7 @@ def run(target, concurrency, timeout, requests):
 
         for i, req in enumerate(requests):
             slots.acquire()
-            fut = should_rate_limit.future(req, timeout=timeout)
+            fut = should_rate_limit.future(req, timeout=timeout, metadata=metadata or None)
             fut.add_done_callback(lambda f, i=i: done(i, f))
         finished.wait()
     return results
@@ -253,11 +264,11 @@ def main(argv):
         print(f"usage: {argv[0]} HOST:PORT < calls.json", file=sys.stderr)
         return 2
     try:
-        concurrency, timeout, requests = parse_input(sys.stdin.read())
+        concurrency, timeout, metadata, requests = parse_input(sys.stdin.read())
     except BadInput as e:
         print(f"rls_client: bad input: {e}", file=sys.stderr)
         return 2
-    results = run(argv[1], concurrency, timeout, requests)
+    results = run(argv[1], concurrency, timeout, metadata, requests)
     json.dump(results, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()

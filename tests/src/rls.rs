@@ -52,6 +52,22 @@ pub fn run(
     concurrency: usize,
     ns: Option<&Netns>,
 ) -> Vec<Value> {
+    run_with(target, calls, concurrency, ns, &[])
+}
+
+/// As [`run`], with `metadata` sent with every call (Envoy's
+/// `grpc_service.initial_metadata`).
+///
+/// # Panics
+/// The client is not installed, or it failed.
+#[must_use]
+pub fn run_with(
+    target: SocketAddr,
+    calls: &[Value],
+    concurrency: usize,
+    ns: Option<&Netns>,
+    metadata: &[(&str, &str)],
+) -> Vec<Value> {
     let dir = crate::routers::dir();
     let python = dir.join(".venv/bin/python");
     assert!(
@@ -70,7 +86,13 @@ pub fn run(
         ns.enter_on_exec(&mut command);
     }
     let mut child = command.spawn().expect("starting the RLS client");
-    let input = json!({ "concurrency": concurrency, "timeout": 10.0, "calls": calls });
+    let metadata: Vec<[&str; 2]> = metadata.iter().map(|(k, v)| [*k, *v]).collect();
+    let input = json!({
+        "concurrency": concurrency,
+        "timeout": 10.0,
+        "calls": calls,
+        "metadata": metadata,
+    });
     child
         .stdin
         .take()

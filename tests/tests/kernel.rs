@@ -286,22 +286,51 @@ fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
     );
 }
 
+/// The secret Envoy's calls carry in these tests, and an `[rls]` section
+/// that requires it (its file written under `dir`).
+const RLS_SECRET: &str = "test-secret-0123456789abcdef";
+
+fn rls_section(port: u16, dir: &std::path::Path, with_secret: bool) -> String {
+    let mut section = format!("\n[rls]\nlisten = \"127.0.0.1:{port}\"\n");
+    if with_secret {
+        std::fs::create_dir_all(dir).expect("temp dir");
+        let file = dir.join("rls.secret");
+        std::fs::write(&file, format!("{RLS_SECRET}\n")).expect("secret file");
+        section.push_str(&format!("secret_file = \"{}\"\n", file.display()));
+    }
+    section
+}
+
+/// Envoy's calls, with the secret.
+fn rls_calls(topology: &Topology, port: u16, calls: &[serde_json::Value]) -> Vec<String> {
+    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    rls::run_with(
+        target,
+        calls,
+        1,
+        Some(&topology.host),
+        &[("x-limiter-rls-secret", RLS_SECRET)],
+    )
+    .iter()
+    .map(rls::code)
+    .collect()
+}
+
 #[test]
 fn a_source_kept_over_its_limit_through_envoys_rls_is_banned_in_the_kernel() {
     // Envoy on this host asks the agent's rate limit service; its listener
     // is the API port XDP watches. The descriptors name the attacker.
     let topology = Topology::new();
     let rls_port = limiter_tests::agent::free_port();
+    let dir = std::env::temp_dir().join(format!("limiter-rls-{}", topology.instance));
     let text = config(2, "escalate_after_rejections = 3\nban_seconds = 30")
-        + &format!("\n[rls]\nlisten = \"127.0.0.1:{rls_port}\"\n");
+        + &rls_section(rls_port, &dir, true);
     let _agent = topology.agent(&text, &[]);
     let attacker = ATTACKER_ADDR.to_string();
     let calls: Vec<_> = (0..6)
         .map(|_| rls::path_call("/api/chat", &attacker))
         .collect();
-    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, rls_port));
-    let answers = rls::run(target, &calls, 1, Some(&topology.host));
-    let codes: Vec<String> = answers.iter().map(rls::code).collect();
+    let codes = rls_calls(&topology, rls_port, &calls);
     assert_eq!(
         codes,
         [
@@ -321,6 +350,125 @@ fn a_source_kept_over_its_limit_through_envoys_rls_is_banned_in_the_kernel() {
         "API connections from the banned source fail"
     );
     assert!(client_get(&topology).is_ok(), "other clients unaffected");
+}
+
+#[test]
+fn rls_callers_that_cannot_prove_they_are_envoy_get_no_address_banned() {
+    let topology = Topology::new();
+    let attacker = ATTACKER_ADDR.to_string();
+    let calls: Vec<_> = (0..8)
+        .map(|_| rls::path_call("/api/chat", &attacker))
+        .collect();
+    // No secret configured: calls are counted, but naming an address never
+    // gets it banned (any local user could call).
+    let rls_port = limiter_tests::agent::free_port();
+    let dir = std::env::temp_dir().join(format!("limiter-rls-{}", topology.instance));
+    let text = config(2, "escalate_after_rejections = 3\nban_seconds = 30")
+        + &rls_section(rls_port, &dir, false);
+    let agent = topology.agent(&text, &[]);
+    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, rls_port));
+    let codes: Vec<String> = rls::run(target, &calls, 1, Some(&topology.host))
+        .iter()
+        .map(rls::code)
+        .collect();
+    assert_eq!(
+        codes.iter().filter(|c| *c == "OVER_LIMIT").count(),
+        6,
+        "{codes:?}"
+    );
+    assert!(
+        !topology.dump("bans").contains("0a 5b 02 02"),
+        "nobody banned on an unauthenticated caller's word"
+    );
+    assert!(connects(&topology.attacker, api(HOST_ATTACKER_ADDR), SHORT));
+    drop(agent);
+    // With a secret: calls without it, or with another, are refused before
+    // anything is counted.
+    let rls_port = limiter_tests::agent::free_port();
+    let text = config(2, "escalate_after_rejections = 3\nban_seconds = 30")
+        + &rls_section(rls_port, &dir, true);
+    std::fs::write(dir.join("limiter.toml"), &text).ok();
+    let topology_b = Topology::new();
+    let _agent = topology_b.agent(&text, &[]);
+    let target = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, rls_port));
+    for metadata in [
+        &[][..],
+        &[("x-limiter-rls-secret", "not-the-secret-0123456789")][..],
+    ] {
+        let answers = rls::run_with(target, &calls, 1, Some(&topology_b.host), metadata);
+        assert!(
+            answers
+                .iter()
+                .all(|a| rls::code(a) == "error:PERMISSION_DENIED"),
+            "{answers:?}"
+        );
+    }
+    assert!(!topology_b.dump("bans").contains("0a 5b 02 02"));
+    assert_eq!(
+        rls_calls(&topology_b, rls_port, &calls[..1]),
+        ["OK"],
+        "nothing was counted"
+    );
+}
+
+#[test]
+fn a_keyed_clients_rejections_ban_only_the_address_that_sent_them() {
+    // Someone who knows the owner's key runs its bucket far past the
+    // threshold from its own address; the owner's next rejected call must
+    // not get the owner banned.
+    let topology = Topology::new();
+    let rls_port = limiter_tests::agent::free_port();
+    let dir = std::env::temp_dir().join(format!("limiter-rls-{}", topology.instance));
+    let text = config(
+        2,
+        "escalate_after_rejections = 3\nban_seconds = 30\nban_keyed_clients = true",
+    ) + &rls_section(rls_port, &dir, true)
+        + "\n[identity]\nverify_keys = \"none\"\n";
+    let _agent = topology.agent(&text, &[]);
+    let keyed = |from: Ipv4Addr| {
+        rls::call(
+            "limiter",
+            &[rls::descriptor(
+                &[
+                    ("path", "/api/chat"),
+                    ("api_key", "sk-owner-0123456789"),
+                    ("remote_address", &from.to_string()),
+                ],
+                None,
+            )],
+            0,
+        )
+    };
+    let thief: Vec<_> = (0..12).map(|_| keyed(ATTACKER_ADDR)).collect();
+    let codes = rls_calls(&topology, rls_port, &thief);
+    assert_eq!(
+        codes.iter().filter(|c| *c == "OVER_LIMIT").count(),
+        10,
+        "{codes:?}"
+    );
+    let owner = rls_calls(
+        &topology,
+        rls_port,
+        &[keyed(CLIENT_ADDR), keyed(CLIENT_ADDR)],
+    );
+    assert_eq!(
+        owner,
+        ["OVER_LIMIT", "OVER_LIMIT"],
+        "the key's bucket is spent"
+    );
+    let bans = topology.dump("bans");
+    assert!(
+        bans.contains("0a 5b 02 02"),
+        "the sender of the rejections banned: {bans}"
+    );
+    assert!(
+        !bans.contains("0a 5b 01 02"),
+        "the owner not banned: {bans}"
+    );
+    assert!(
+        client_get(&topology).is_ok(),
+        "the owner's address is served"
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit};
 pub use model::{
     Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
-    RlsPolicy, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+    RlsPolicy, RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
 };
 pub use validate::parse_duration;
 

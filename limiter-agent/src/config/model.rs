@@ -145,6 +145,44 @@ pub struct RlsPolicy {
     pub domain: String,
     pub clients: Networks,
     pub envoy: Vec<EnvoyDomain>,
+    /// The secret every call must carry (`secret_file`, read at start and
+    /// on reload). Without one, calls are counted but never escalate to a
+    /// kernel ban: any local user could otherwise name an address to ban.
+    pub secret: Option<RlsSecret>,
+}
+
+/// The RLS callers' shared secret; never shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RlsSecret(Vec<u8>);
+
+impl RlsSecret {
+    /// Shortest secret accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
+
+    #[must_use]
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// Whether `offered` is the secret, in time that does not depend on
+    /// where the two first differ.
+    #[must_use]
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        if offered.len() != self.0.len() {
+            return false;
+        }
+        offered
+            .iter()
+            .zip(&self.0)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for RlsSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RlsSecret(***)")
+    }
 }
 
 /// `[xdp]`: what the attached program enforces (a reload pushes it into the maps).

@@ -233,6 +233,9 @@ pub(super) struct RawRls {
     pub clients: Vec<String>,
     /// Files in the envoyproxy/ratelimit config shape (YAML), each a domain.
     pub envoy_config: Vec<PathBuf>,
+    /// A file holding the secret every call must carry in its
+    /// `x-limiter-rls-secret` metadata.
+    pub secret_file: Option<PathBuf>,
 }
 
 impl Default for RawRls {
@@ -244,6 +247,7 @@ impl Default for RawRls {
             domain: "limiter".into(),
             clients: vec!["127.0.0.0/8".into(), "::1".into()],
             envoy_config: Vec::new(),
+            secret_file: None,
         }
     }
 }

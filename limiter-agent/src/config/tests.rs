@@ -289,6 +289,36 @@ fn rls_section_and_the_envoy_ratelimit_example() {
 }
 
 #[test]
+fn the_rls_secret_comes_from_a_file_is_long_enough_and_never_shown() {
+    let dir = std::env::temp_dir().join(format!("limiter-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good");
+    std::fs::write(&good, "  0123456789abcdef-secret\n").unwrap();
+    let short = dir.join("short");
+    std::fs::write(&short, "0123456789\n").unwrap();
+    let parse = |path: &Path| {
+        Config::parse(&format!(
+            "{MINIMAL}[rls]\nsecret_file = \"{}\"\n",
+            path.display()
+        ))
+    };
+    let config = parse(&good).expect("valid");
+    let secret = config.live.rls.secret.as_ref().expect("a secret");
+    assert!(secret.matches(b"0123456789abcdef-secret"), "trimmed");
+    assert!(!secret.matches(b"0123456789abcdef-secreT"));
+    assert!(!secret.matches(b"0123456789abcdef-secret "));
+    assert!(
+        !format!("{config:?}").contains("0123456789abcdef"),
+        "never shown"
+    );
+    for bad in [short, dir.join("missing")] {
+        let error = parse(&bad).unwrap_err().to_string();
+        assert!(error.contains("rls.secret_file"), "{error}");
+    }
+    assert!(Config::parse(MINIMAL).unwrap().live.rls.secret.is_none());
+}
+
+#[test]
 fn at_most_max_windows_distinct_windows() {
     let tiers = |n: usize| -> String {
         use std::fmt::Write as _;

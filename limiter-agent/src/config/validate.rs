@@ -9,7 +9,7 @@ use super::{
     invalid,
     model::{
         Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
-        RlsPolicy, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+        RlsPolicy, RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
     raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawTier, RawXdp},
     valid_instance,
@@ -466,10 +466,35 @@ fn rls(raw: RawRls) -> Result<RlsParts, ConfigError> {
         }
         domains.push(&d.domain);
     }
+    let secret = raw
+        .secret_file
+        .as_deref()
+        .map(|path| {
+            let text = std::fs::read(path).map_err(|e| {
+                invalid(
+                    "rls.secret_file",
+                    format!("reading {}: {e}", path.display()),
+                )
+            })?;
+            let secret = text.trim_ascii().to_vec();
+            if secret.len() < RlsSecret::MIN_LEN || !secret.iter().all(u8::is_ascii_graphic) {
+                return Err(invalid(
+                    "rls.secret_file",
+                    format!(
+                        "{} must hold at least {} visible ASCII characters",
+                        path.display(),
+                        RlsSecret::MIN_LEN
+                    ),
+                ));
+            }
+            Ok(RlsSecret::new(secret))
+        })
+        .transpose()?;
     let policy = RlsPolicy {
         domain: raw.domain,
         clients: networks("rls.clients", &raw.clients)?,
         envoy,
+        secret,
     };
     Ok((listen, tls, policy))
 }

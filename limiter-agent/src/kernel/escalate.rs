@@ -22,6 +22,16 @@ use crate::{
 
 /// Offenders are forgotten this long after their last ban ended.
 const FORGET_AFTER_NS: u64 = 3600 * 1_000_000_000;
+/// (key, address) pairs whose rejections are counted at most; beyond it a
+/// new pair is not counted (never banned on a guess).
+const MAX_KEYED: usize = 65_536;
+
+/// A keyed client's rejections from one address, in one window.
+#[derive(Clone, Copy, Debug)]
+struct Strikes {
+    rejected: u32,
+    window_end_ns: u64,
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Offender {
@@ -76,6 +86,10 @@ pub struct Escalation {
     /// Swapped whole on reload; a rejection takes a reference count.
     settings: Mutex<Arc<EscalationSettings>>,
     offenders: Mutex<HashMap<IpAddr, Offender>>,
+    /// Rejections of keyed clients per (key, sending address): a bucket's
+    /// own count is everyone's who knows the key, and must not get its
+    /// owner banned for what another sender did.
+    keyed: Mutex<HashMap<(String, IpAddr), Strikes>>,
 }
 
 impl Escalation {
@@ -86,6 +100,7 @@ impl Escalation {
             metrics,
             settings: Mutex::new(Arc::new(EscalationSettings::from_config(config))),
             offenders: Mutex::default(),
+            keyed: Mutex::default(),
         }
     }
 
@@ -102,6 +117,35 @@ impl Escalation {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, o| o.banned_until_ns.saturating_add(FORGET_AFTER_NS) > now);
+        self.keyed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, s| s.window_end_ns > now);
+    }
+
+    /// The rejections `key` has had from `addr` in the current window,
+    /// this one counted; `None` when the table is full of live windows.
+    fn keyed_rejections(&self, key: &str, addr: IpAddr, window_ms: u64, now: u64) -> Option<u32> {
+        let mut keyed = self.keyed.lock().unwrap_or_else(PoisonError::into_inner);
+        let pair = (key.to_owned(), addr);
+        if !keyed.contains_key(&pair) && keyed.len() >= MAX_KEYED {
+            keyed.retain(|_, s| s.window_end_ns > now);
+            if keyed.len() >= MAX_KEYED {
+                return None;
+            }
+        }
+        let strikes = keyed.entry(pair).or_insert(Strikes {
+            rejected: 0,
+            window_end_ns: 0,
+        });
+        if strikes.window_end_ns <= now {
+            *strikes = Strikes {
+                rejected: 0,
+                window_end_ns: now.saturating_add(window_ms.saturating_mul(1_000_000)),
+            };
+        }
+        strikes.rejected = strikes.rejected.saturating_add(1);
+        Some(strikes.rejected)
     }
 
     /// The address to ban for this client, if banning it at L3 is right: the
@@ -123,15 +167,25 @@ impl Escalation {
 }
 
 impl RejectionSink for Escalation {
-    fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, _window_ms: u64) {
+    fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, window_ms: u64) {
         let settings = Arc::clone(&self.settings.lock().unwrap_or_else(PoisonError::into_inner));
-        if decision.rejected <= settings.threshold(decision.limit) {
-            return;
-        }
+        let threshold = settings.threshold(decision.limit);
         let Some(addr) = Self::target(&settings, peer, identity) else {
             return;
         };
         let now = monotonic_ns();
+        // A key's bucket counts every sender's rejections: the address is
+        // banned only for the rejections it sent itself.
+        let rejected = match identity {
+            Identity::Key(key) => match self.keyed_rejections(key, addr, window_ms, now) {
+                Some(own) => own.min(decision.rejected),
+                None => return,
+            },
+            Identity::Ip(_) => decision.rejected,
+        };
+        if rejected <= threshold {
+            return;
+        }
         let seconds = {
             let mut offenders = self
                 .offenders
@@ -162,7 +216,7 @@ impl RejectionSink for Escalation {
         {
             Ok(net) => {
                 self.metrics.escalations.inc();
-                tracing::warn!(%net, seconds, rejected = decision.rejected, "banned in the kernel for ignoring 429s");
+                tracing::warn!(%net, seconds, rejected, "banned in the kernel for ignoring 429s");
             }
             Err(e) => tracing::error!(%addr, "escalation ban failed: {e}"),
         }

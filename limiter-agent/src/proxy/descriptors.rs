@@ -267,7 +267,9 @@ impl Proxy {
             named.push('\u{1e}');
         }
         let identity = Identity::Key(sha256_hex(named.as_bytes()));
-        let source = remote.map(|ip| (ip, Identity::Ip(state.identity.group(ip))));
+        let source = remote
+            .filter(|_| may_escalate(state))
+            .map(|ip| (ip, Identity::Ip(state.identity.group(ip))));
         let charge = Charge {
             identity: &identity,
             limit: tier.limit,
@@ -333,7 +335,9 @@ impl Proxy {
             identity: &identity,
             limit: state.effective_limit(&identity, tier_index),
             hits,
-            source: remote.map(|ip| (ip, &identity)),
+            source: remote
+                .filter(|_| may_escalate(state))
+                .map(|ip| (ip, &identity)),
         };
         self.verdict(state, tier, charge).await
     }
@@ -362,6 +366,13 @@ impl Proxy {
         self.metrics.refuse("descriptor");
         refused("BAD_REQUEST", message.into())
     }
+}
+
+/// Whether a descriptor's rejections may escalate its `remote_address` to a
+/// kernel ban: only when callers prove they are Envoy (`[rls] secret_file`),
+/// since a caller names the address itself.
+fn may_escalate(state: &State) -> bool {
+    state.config.live.rls.secret.is_some()
 }
 
 /// A `remote_address` entry's address: brackets and an IPv6 zone (`%eth0`)
