@@ -291,12 +291,13 @@ fn a_source_ignoring_429s_is_banned_at_the_api_ports_until_the_ban_expires() {
 const RLS_SECRET: &str = "test-secret-0123456789abcdef";
 
 fn rls_section(port: u16, dir: &std::path::Path, with_secret: bool) -> String {
+    use std::fmt::Write as _;
     let mut section = format!("\n[rls]\nlisten = \"127.0.0.1:{port}\"\n");
     if with_secret {
         std::fs::create_dir_all(dir).expect("temp dir");
         let file = dir.join("rls.secret");
         std::fs::write(&file, format!("{RLS_SECRET}\n")).expect("secret file");
-        section.push_str(&format!("secret_file = \"{}\"\n", file.display()));
+        let _ = writeln!(section, "secret_file = \"{}\"", file.display());
     }
     section
 }
