@@ -244,7 +244,8 @@ fn spawn_housekeeping(
             tick.tick().await;
             proxy.housekeeping();
             if let Some(kernel) = &kernel {
-                kernel.housekeeping();
+                let kernel = kernel.clone();
+                let _ = tokio::task::spawn_blocking(move || kernel.housekeeping()).await;
             }
             if let Some(escalation) = &escalation {
                 escalation.housekeeping();

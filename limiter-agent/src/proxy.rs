@@ -390,11 +390,7 @@ impl Proxy {
                 );
             }
         };
-        // Before the charge: a request refused here spends no quota.
-        let slots = match self.admit(&state, client.ip) {
-            Ok(slots) => slots,
-            Err(refused) => return (*refused, None),
-        };
+        let source = client.ip;
         let tier = &state.tiers[tier_index];
         let now_ms = self.clock.now_ms();
         let preflight = req.method() == http::Method::OPTIONS;
@@ -430,6 +426,13 @@ impl Proxy {
                 None,
             );
         }
+        // Only what goes upstream takes a slot (a 429 holds nothing there).
+        // A request the tier admitted and the cap refuses has spent its
+        // unit, as one the upstream itself refused would have.
+        let slots = match self.admit(&state, source) {
+            Ok(slots) => slots,
+            Err(refused) => return (*refused, None),
+        };
         let mut response = self.forward(&state, req, peer).await;
         self.learn(&state, tier, check, response.status()).await;
         // Both clocks read as the answer leaves: the reset is told as the wall

@@ -46,7 +46,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     headers,
-    proxy::{Answer, Proxy, Verdict},
+    proxy::{Answer, Proxy, State, Verdict},
 };
 
 /// Longest TLS handshake before the connection is dropped.
@@ -112,6 +112,16 @@ impl RateLimitServer {
     /// negative hits; `UNAVAILABLE` when the shared store failed and
     /// `on_error = "deny"`.
     pub async fn decide(&self, call: &Call) -> Result<RateLimitResponse, tonic::Status> {
+        self.decide_in(&self.proxy.state(), call).await
+    }
+
+    /// [`RateLimitServer::decide`] under the config `state`: one config for
+    /// the whole call, its authentication included.
+    async fn decide_in(
+        &self,
+        state: &State,
+        call: &Call,
+    ) -> Result<RateLimitResponse, tonic::Status> {
         if call.domain.is_empty() {
             return Err(tonic::Status::invalid_argument(
                 "rate limit domain must not be empty",
@@ -128,7 +138,6 @@ impl RateLimitServer {
                 "negative hits are not supported",
             ));
         }
-        let state = self.proxy.state();
         let mut statuses = Vec::with_capacity(call.descriptors.len());
         let mut verdicts: Vec<Verdict> = Vec::new();
         let mut refusal: Option<String> = None;
@@ -152,7 +161,7 @@ impl RateLimitServer {
             let answer = match entries {
                 Some(entries) => {
                     self.proxy
-                        .decide_descriptor(&state, &call.domain, &entries, hits)
+                        .decide_descriptor(state, &call.domain, &entries, hits)
                         .await
                 }
                 None => self
@@ -228,8 +237,7 @@ impl RateLimitServer {
     /// Whether the call carries `[rls] secret_file`'s secret in its
     /// `x-limiter-rls-secret` metadata (always, when none is configured);
     /// counts the refusal when not.
-    fn authenticated(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
-        let state = self.proxy.state();
+    fn authenticated(&self, state: &State, metadata: &tonic::metadata::MetadataMap) -> bool {
         let Some(secret) = &state.config.live.rls.secret else {
             return true;
         };
@@ -344,12 +352,13 @@ impl tonic::server::UnaryService<Call> for Unary {
             if !this.server.admits(this.peer) {
                 return Err(tonic::Status::permission_denied("not an [rls] client"));
             }
-            if !this.server.authenticated(request.metadata()) {
+            let state = proxy.state();
+            if !this.server.authenticated(&state, request.metadata()) {
                 return Err(tonic::Status::permission_denied(
                     "missing or wrong x-limiter-rls-secret",
                 ));
             }
-            let answered = this.server.decide(request.get_ref()).await;
+            let answered = this.server.decide_in(&state, request.get_ref()).await;
             proxy.metrics().rls_call(match &answered {
                 Ok(r) if r.overall_code == i32::from(Code::OverLimit) => "over_limit",
                 Ok(r) if r.statuses.iter().all(|s| s.current_limit.is_none()) => "no_limit",

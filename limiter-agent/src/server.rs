@@ -199,6 +199,8 @@ enum Ended {
     Closed,
     /// A request's headers (or the first request) did not arrive in time.
     HeaderTimeout,
+    /// Cut with an answer unfinished: the client must not take it for whole.
+    Cut,
 }
 
 async fn connection(
@@ -234,6 +236,12 @@ async fn connection(
     };
     let tracker = Tracker::new(timeouts);
     let ended = drive(stream, &tracker, peer, proxy, builder, &mut stop).await;
+    if ended == Ended::Cut {
+        // A reset, not a FIN: an answer framed by the close (HTTP/1.0, no
+        // length) would otherwise look whole.
+        let _ = socket2::SockRef::from(&spare).set_linger(Some(Duration::ZERO));
+        return;
+    }
     if ended == Ended::HeaderTimeout && !tracker.is_h2() {
         let _ = spare.set_nonblocking(false);
         let _ = spare.set_write_timeout(Some(Duration::from_secs(1)));
@@ -309,7 +317,11 @@ where
                 Expiry::SendStalled => {
                     metrics.answer_cut("send_timeout");
                     tracing::debug!(peer = %addr, "an answer stalled on the client; connection cut");
-                    return Ended::Closed;
+                    return Ended::Cut;
+                }
+                Expiry::CutLingers => {
+                    tracing::debug!(peer = %addr, "a cut answer lingers in a shut window; connection cut");
+                    return Ended::Cut;
                 }
             },
         }

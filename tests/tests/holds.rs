@@ -118,12 +118,12 @@ fn a_shut_http2_window_holds_no_more_than_the_caps_and_is_cut_at_the_send_deadli
         released < Duration::from_millis(3500),
         "released at the send deadline (2 s), not after {released:?}"
     );
-    // With nothing in flight the connection idles out (3 s), then gets its
-    // close grace (2 s).
+    // The cut streams' window stays shut, so hyper never lets go of them:
+    // a send timeout after the cut the connection is closed.
     let closed = report
         .closed_after
         .expect("the agent closed the connection of the stalled answers");
-    assert!(closed < Duration::from_secs(10), "closed after {closed:?}");
+    assert!(closed < Duration::from_secs(6), "closed after {closed:?}");
     assert!(
         during[during.len() / 2] < baseline[baseline.len() / 2] * 3 + Duration::from_millis(20),
         "the other source's median latency stayed normal: {during:?} vs {baseline:?}"

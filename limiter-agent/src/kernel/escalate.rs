@@ -22,8 +22,8 @@ use crate::{
 
 /// Offenders are forgotten this long after their last ban ended.
 const FORGET_AFTER_NS: u64 = 3600 * 1_000_000_000;
-/// (key, address) pairs whose rejections are counted at most; beyond it a
-/// new pair is not counted (never banned on a guess).
+/// (key, source) pairs whose rejections are counted at most; beyond it a
+/// new pair falls back to the bucket's own count.
 const MAX_KEYED: usize = 65_536;
 
 /// A keyed client's rejections from one address, in one window.
@@ -86,10 +86,20 @@ pub struct Escalation {
     /// Swapped whole on reload; a rejection takes a reference count.
     settings: Mutex<Arc<EscalationSettings>>,
     offenders: Mutex<HashMap<IpAddr, Offender>>,
-    /// Rejections of keyed clients per (key, sending address): a bucket's
-    /// own count is everyone's who knows the key, and must not get its
-    /// owner banned for what another sender did.
-    keyed: Mutex<HashMap<(String, IpAddr), Strikes>>,
+    /// Rejections of keyed clients per (key, sending source, IPv6 grouped
+    /// as bans are): a bucket's own count is everyone's who knows the key,
+    /// and must not get its owner banned for what another sender did.
+    keyed: Mutex<Keyed>,
+}
+
+/// The (key, source) strike table.
+#[derive(Default)]
+struct Keyed {
+    strikes: HashMap<(u64, IpAddr), Strikes>,
+    /// Keys the table by a hash the clients can't aim collisions at.
+    hasher: std::collections::hash_map::RandomState,
+    /// When full windows were last swept out (at most once a second).
+    swept_ns: u64,
 }
 
 impl Escalation {
@@ -120,21 +130,27 @@ impl Escalation {
         self.keyed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .strikes
             .retain(|_, s| s.window_end_ns > now);
     }
 
-    /// The rejections `key` has had from `addr` in the current window,
-    /// this one counted; `None` when the table is full of live windows.
-    fn keyed_rejections(&self, key: &str, addr: IpAddr, window_ms: u64, now: u64) -> Option<u32> {
+    /// The rejections `key` has had from `source` (grouped) in the current
+    /// window, this one counted; `None` when the table is full of live
+    /// windows.
+    fn keyed_rejections(&self, key: &str, source: IpAddr, window_ms: u64, now: u64) -> Option<u32> {
+        use std::hash::BuildHasher as _;
         let mut keyed = self.keyed.lock().unwrap_or_else(PoisonError::into_inner);
-        let pair = (key.to_owned(), addr);
-        if !keyed.contains_key(&pair) && keyed.len() >= MAX_KEYED {
-            keyed.retain(|_, s| s.window_end_ns > now);
-            if keyed.len() >= MAX_KEYED {
+        let pair = (keyed.hasher.hash_one(key), source);
+        if !keyed.strikes.contains_key(&pair) && keyed.strikes.len() >= MAX_KEYED {
+            if now.saturating_sub(keyed.swept_ns) >= 1_000_000_000 {
+                keyed.swept_ns = now;
+                keyed.strikes.retain(|_, s| s.window_end_ns > now);
+            }
+            if keyed.strikes.len() >= MAX_KEYED {
                 return None;
             }
         }
-        let strikes = keyed.entry(pair).or_insert(Strikes {
+        let strikes = keyed.strikes.entry(pair).or_insert(Strikes {
             rejected: 0,
             window_end_ns: 0,
         });
@@ -177,10 +193,13 @@ impl RejectionSink for Escalation {
         // A key's bucket counts every sender's rejections: the address is
         // banned only for the rejections it sent itself.
         let rejected = match identity {
-            Identity::Key(key) => match self.keyed_rejections(key, addr, window_ms, now) {
-                Some(own) => own.min(decision.rejected),
-                None => return,
-            },
+            Identity::Key(key) => {
+                let source = net::group(addr, settings.ipv6_prefix);
+                // A table full of live windows (an attack of its own) falls
+                // back to the bucket's count, as before the table existed.
+                self.keyed_rejections(key, source, window_ms, now)
+                    .map_or(decision.rejected, |own| own.min(decision.rejected))
+            }
             Identity::Ip(_) => decision.rejected,
         };
         if rejected <= threshold {

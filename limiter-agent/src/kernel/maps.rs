@@ -186,20 +186,14 @@ impl Maps {
             .collect()
     }
 
-    /// Removes bans that ended before `now_ns`; how many.
-    pub fn remove_expired_bans(&mut self, now_ns: u64) -> usize {
-        let expired: Vec<_> = self
-            .bans()
-            .into_iter()
-            .filter(|b| b.until_ns <= now_ns)
-            .collect();
-        let mut removed = 0;
-        for ban in expired {
-            if self.bans.remove(&trie_key(ban.net)).is_ok() {
-                removed += 1;
-            }
+    /// Removes the ban on exactly `net` if it ended before `now_ns` (read
+    /// again here: a ban renewed since it was listed stays); whether it did.
+    pub fn remove_ban_if_expired(&mut self, net: IpNet, now_ns: u64) -> bool {
+        let key = trie_key(net);
+        match self.bans.get(&key, 0) {
+            Ok(ban) if ban.until_ns <= now_ns => self.bans.remove(&key).is_ok(),
+            _ => false,
         }
-        removed
     }
 
     /// Replaces the allow list with `nets` (IPv6 entries widened like bans),

@@ -25,6 +25,7 @@ use aya::{
     programs::{ProgramError, Xdp},
 };
 pub use escalate::Escalation;
+use ipnet::IpNet;
 use limiter_common::{GLOBAL_USE_COARSE_CLOCK, PROGRAM_NAME, map_names};
 
 use self::{
@@ -155,8 +156,10 @@ pub struct Kernel {
     persist: bool,
     attachments: Vec<Attachment>,
     ipv6_prefix: Mutex<u8>,
-    /// Status snapshots and ban expiry, on a thread with handles of its own.
+    /// Status snapshots, on a thread with handles of its own.
     reporter: reporter::Reporter,
+    /// Handles of its own for walking the ban trie in housekeeping.
+    sweep: Mutex<Maps>,
 }
 
 impl Kernel {
@@ -212,6 +215,7 @@ impl Kernel {
             },
         )
         .map_err(|e| KernelError::Load(format!("starting the kernel reporter: {e}")))?;
+        let sweep = Maps::open_pinned(&pin_dir)?;
         let kernel = Self {
             maps: Mutex::new(maps),
             ebpf: Mutex::new(Some(ebpf)),
@@ -221,6 +225,7 @@ impl Kernel {
             attachments,
             ipv6_prefix: Mutex::new(config.live.ipv6_prefix),
             reporter,
+            sweep: Mutex::new(sweep),
         };
         kernel.write_run_state();
         Ok(kernel)
@@ -254,10 +259,26 @@ impl Kernel {
         Ok(())
     }
 
-    /// Drops ban entries that have ended (the program already ignores them),
-    /// under the lock escalation takes, so a ban renewed meanwhile stays.
+    /// Drops ban entries that have ended (the program already ignores them).
+    /// The ban trie is walked on handles of its own, off the lock escalation
+    /// takes; each expired entry is read again and removed under that lock,
+    /// so a ban renewed meanwhile stays. Blocking (a walk of up to 65,536
+    /// entries): run it off the runtime.
     pub fn housekeeping(&self) {
-        let removed = self.maps().remove_expired_bans(monotonic_ns());
+        let now = monotonic_ns();
+        let expired: Vec<IpNet> = self
+            .sweep
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bans()
+            .into_iter()
+            .filter(|b| b.until_ns <= now)
+            .map(|b| b.net)
+            .collect();
+        let removed = expired
+            .into_iter()
+            .filter(|net| self.maps().remove_ban_if_expired(*net, now))
+            .count();
         if removed > 0 {
             tracing::debug!(removed, "expired bans removed");
         }

@@ -239,21 +239,29 @@ impl Proxy {
         let Some(rules) = state.envoy.iter().find(|r| r.domain == domain) else {
             return Answer::NoLimit;
         };
-        // The address as the proxy counts it: one spelling (IPv4-mapped,
-        // zone, case, brackets), IPv6 grouped by `ipv6_prefix`, so a client
-        // can't mint buckets by rotating addresses or spellings.
+        // The address in one spelling (IPv4-mapped, zone, case, brackets)
+        // to match the domain's nodes, and grouped by `ipv6_prefix` as the
+        // proxy counts clients to name the bucket, so a client can't mint
+        // buckets by rotating addresses or spellings.
+        let canonical = remote.map(|ip| ip.to_string());
         let grouped = remote.map(|ip| state.identity.group(ip).to_string());
-        let entries: Vec<(&str, &str)> = entries
-            .iter()
-            .map(|&(k, v)| match (k, &grouped) {
-                ("remote_address", Some(text)) => (k, text.as_str()),
-                _ => (k, v),
-            })
-            .collect();
-        let entries = entries.as_slice();
-        let Some(node) = rules.lookup(entries) else {
+        let with_address = |address: &Option<String>| -> Vec<(&str, String)> {
+            entries
+                .iter()
+                .map(|&(k, v)| match (k, address) {
+                    ("remote_address", Some(text)) => (k, text.clone()),
+                    _ => (k, v.to_owned()),
+                })
+                .collect()
+        };
+        let matched = with_address(&canonical);
+        let matched: Vec<(&str, &str)> = matched.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let Some(node) = rules.lookup(&matched) else {
             return Answer::NoLimit;
         };
+        let named = with_address(&grouped);
+        let entries: Vec<(&str, &str)> = named.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let entries = entries.as_slice();
         let tier = match &node.limit {
             NodeLimit::Limit(tier) => tier,
             NodeLimit::None | NodeLimit::Unlimited => return Answer::NoLimit,

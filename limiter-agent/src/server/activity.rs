@@ -61,6 +61,10 @@ pub enum Expiry {
     /// An answer waited `send_timeout` for the client to take its next piece:
     /// cut it (HTTP/1: the connection with it).
     SendStalled,
+    /// An answer cut a `send_timeout` ago is still held by hyper (an HTTP/2
+    /// stream whose window stays shut is never asked again, so never reset):
+    /// close the connection.
+    CutLingers,
 }
 
 /// A connection's activity as a pure state machine (time passed in).
@@ -216,6 +220,8 @@ pub struct Tracker {
     timeouts: Timeouts,
     /// The answers in flight, by request number, for cutting a stalled one.
     answers: Mutex<HashMap<u64, Weak<dyn Cut>>>,
+    /// Answers cut, and when, until hyper lets go of them.
+    cut: Mutex<Vec<(Instant, Weak<dyn Cut>)>>,
 }
 
 impl Tracker {
@@ -225,6 +231,7 @@ impl Tracker {
             activity: Mutex::new(Activity::new(Instant::now())),
             timeouts,
             answers: Mutex::default(),
+            cut: Mutex::default(),
         })
     }
 
@@ -262,17 +269,33 @@ impl Tracker {
     /// at once, and its stream is reset when hyper next asks for it. How
     /// many were cut.
     pub fn cut_stalled(&self) -> usize {
-        let stalled = self.with(|a| a.stalled(Instant::now(), self.timeouts.send));
+        let now = Instant::now();
+        let stalled = self.with(|a| a.stalled(now, self.timeouts.send));
         let answers: Vec<Weak<dyn Cut>> = {
             let mut answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
             stalled.iter().filter_map(|id| answers.remove(id)).collect()
         };
         // Outside both locks: a cut ends its request, which takes them.
-        answers
-            .into_iter()
-            .filter_map(|answer| answer.upgrade())
-            .map(|answer| answer.cut())
-            .count()
+        let mut cut = 0;
+        for answer in answers {
+            if let Some(live) = answer.upgrade() {
+                live.cut();
+                cut += 1;
+                self.cut
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((now, answer));
+            }
+        }
+        cut
+    }
+
+    /// When the oldest answer cut and still held by hyper has lingered a
+    /// `send_timeout`; answers hyper let go of are forgotten.
+    fn lingering_until(&self) -> Option<Instant> {
+        let mut cut = self.cut.lock().unwrap_or_else(PoisonError::into_inner);
+        cut.retain(|(_, answer)| answer.strong_count() > 0);
+        cut.first().map(|(at, _)| *at + self.timeouts.send)
     }
 
     /// Counts a request in flight until the returned guard is dropped.
@@ -315,6 +338,11 @@ impl Tracker {
                 Some((at, why)) if at <= now => return why,
                 Some((at, _)) => at.min(now + check),
                 None => now + check,
+            };
+            let at = match self.lingering_until() {
+                Some(lingers) if lingers <= now => return Expiry::CutLingers,
+                Some(lingers) => at.min(lingers),
+                None => at,
             };
             timer.as_mut().reset(at);
             timer.as_mut().await;

@@ -16,7 +16,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -31,16 +31,17 @@ pub const PIECE: usize = 16 * 1024;
 pub struct Stalled;
 
 /// What an answer holds until it is sent or cut.
-struct Held<B, H> {
+struct Held<B> {
     body: B,
+    /// What is left of a data frame larger than a piece.
+    rest: Option<Bytes>,
     _in_flight: InFlight,
-    _holds: H,
 }
 
 /// The body and what it holds; `None` once cut.
-struct Slot<B, H>(Mutex<Option<Held<B, H>>>);
+struct Slot<B>(Mutex<Option<Held<B>>>);
 
-impl<B: Send, H: Send> Cut for Slot<B, H> {
+impl<B: Send> Cut for Slot<B> {
     fn cut(&self) {
         let held = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         drop(held);
@@ -48,15 +49,17 @@ impl<B: Send, H: Send> Cut for Slot<B, H> {
 }
 
 /// A response body that keeps its request in flight until it is sent. `H`
-/// is whatever else the request holds until then (its in-flight slots).
+/// is whatever else the request holds until then (its in-flight slots):
+/// kept until hyper lets go of the answer, even once cut, so answers hyper
+/// still holds stay under the caps (the connection is closed when a cut one
+/// lingers).
 pub struct Tracked<B, H> {
-    held: Arc<Slot<B, H>>,
+    held: Arc<Slot<B>>,
     tracker: Arc<Tracker>,
     id: u64,
     /// Handed a piece (or the head) that hyper has not come back for yet.
     waiting: bool,
-    /// What is left of a data frame larger than a piece.
-    rest: Option<Bytes>,
+    _holds: H,
 }
 
 impl<B, H> Tracked<B, H>
@@ -71,8 +74,8 @@ where
         let id = in_flight.id;
         let held = Arc::new(Slot(Mutex::new(Some(Held {
             body,
+            rest: None,
             _in_flight: in_flight,
-            _holds: holds,
         }))));
         let weak: Weak<dyn Cut> = Arc::downgrade(&held) as Weak<dyn Cut>;
         tracker.answer(id, weak);
@@ -82,7 +85,7 @@ where
             tracker,
             id,
             waiting: true,
-            rest: None,
+            _holds: holds,
         }
     }
 }
@@ -105,28 +108,23 @@ where
             this.waiting = false;
             this.tracker.with(|a| a.taken(this.id));
         }
-        let polled = if let Some(rest) = this.rest.take() {
-            Poll::Ready(Some(Ok(Frame::data(rest))))
-        } else {
+        let polled = {
             let mut held = this.held.0.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(held) = held.as_mut() else {
                 return Poll::Ready(Some(Err(Stalled.into())));
             };
-            Pin::new(&mut held.body).poll_frame(cx)
+            match held.rest.take() {
+                Some(rest) => Poll::Ready(Some(Ok(Frame::data(piece(rest, &mut held.rest))))),
+                None => Pin::new(&mut held.body).poll_frame(cx).map(|frame| {
+                    frame.map(|frame| {
+                        frame.map(|frame| match frame.into_data() {
+                            Ok(data) => Frame::data(piece(data, &mut held.rest)),
+                            Err(frame) => frame,
+                        })
+                    })
+                }),
+            }
         };
-        let polled = polled.map(|frame| {
-            frame.map(|frame| {
-                frame.map(|frame| match frame.into_data() {
-                    Ok(mut data) => {
-                        if data.len() > PIECE {
-                            this.rest = Some(data.split_off(PIECE));
-                        }
-                        Frame::data(data)
-                    }
-                    Err(frame) => frame,
-                })
-            })
-        });
         // The last piece too: hyper may hold an answer it has the whole of
         // without finishing it (an HTTP/2 stream with no window). One it
         // finishes is dropped, which ends the wait.
@@ -139,22 +137,20 @@ where
 
     fn is_end_stream(&self) -> bool {
         // A cut answer has not ended: hyper must ask, and be told.
-        self.rest.is_none()
-            && self
-                .held
-                .0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .is_some_and(|held| held.body.is_end_stream())
+        self.held
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|held| held.rest.is_none() && held.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
         let held = self.held.0.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(held) = held.as_ref() else {
             return SizeHint::default();
         };
+        let rest = held.rest.as_ref().map_or(0, |r| r.len() as u64);
         let inner = held.body.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + rest);
@@ -165,6 +161,19 @@ where
     }
 }
 
+/// The first piece of `data`, the rest left in `rest`. A piece cut from a
+/// larger frame is copied: hyper may keep it for as long as a stream's
+/// window stays shut, and a view would keep the whole upstream read buffer.
+fn piece(mut data: Bytes, rest: &mut Option<Bytes>) -> Bytes {
+    if data.len() <= PIECE {
+        return data;
+    }
+    let first = Bytes::copy_from_slice(&data[..PIECE]);
+    data.advance(PIECE);
+    *rest = Some(data);
+    first
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -172,7 +181,7 @@ mod tests {
     use http_body_util::{BodyExt as _, Full};
 
     use super::*;
-    use crate::server::activity::Timeouts;
+    use crate::server::activity::{Expiry, Timeouts};
 
     const TIMEOUTS: Timeouts = Timeouts {
         header_read: Duration::from_secs(10),
@@ -201,20 +210,50 @@ mod tests {
         assert_eq!(sizes, [PIECE, PIECE, PIECE, 5]);
     }
 
-    #[tokio::test]
-    async fn a_cut_answer_lets_go_of_what_it_holds_and_ends_in_an_error() {
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_answer_lets_go_of_its_body_at_once_and_of_its_slots_with_hyper() {
         let connection = Tracker::new(TIMEOUTS);
-        let holds = Arc::new(());
-        let answer = Tracked::new(body(10), connection.request(), holds.clone());
-        assert_eq!(Arc::strong_count(&holds), 2);
+        let slots = Arc::new(());
+        let answer = Tracked::new(body(10), connection.request(), slots.clone());
         // Nothing asked for a piece yet: it waits on the client.
-        tokio::time::pause();
         tokio::time::advance(Duration::from_secs(31)).await;
         assert_eq!(connection.cut_stalled(), 1);
-        assert_eq!(Arc::strong_count(&holds), 1, "the holds were let go");
+        assert!(answer.held.0.lock().unwrap().is_none(), "the body let go");
+        assert_eq!(
+            Arc::strong_count(&slots),
+            2,
+            "the slots stay while hyper holds it"
+        );
         assert!(!answer.is_end_stream(), "a cut answer has not ended");
-        let mut pinned = std::pin::pin!(answer);
-        assert!(pinned.frame().await.unwrap().is_err());
         assert_eq!(connection.cut_stalled(), 0, "cut once");
+        // Held a send timeout more, the connection is to be closed.
+        let lingering = tokio::spawn({
+            let connection = connection.clone();
+            async move { connection.expired().await }
+        });
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(lingering.await.unwrap(), Expiry::CutLingers);
+        let mut pinned = std::pin::pin!(answer);
+        assert!(
+            pinned.frame().await.unwrap().is_err(),
+            "asked again: an error"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_answer_hyper_let_go_of_closes_nothing() {
+        let connection = Tracker::new(TIMEOUTS);
+        let slots = Arc::new(());
+        let answer = Tracked::new(body(10), connection.request(), slots.clone());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(connection.cut_stalled(), 1);
+        drop(answer);
+        assert_eq!(Arc::strong_count(&slots), 1, "the slots come back with it");
+        let timer = tokio::spawn({
+            let connection = connection.clone();
+            async move { connection.expired().await }
+        });
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(timer.await.unwrap(), Expiry::Idle, "only the idle timeout");
     }
 }
