@@ -428,15 +428,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
+/// The timeouts of the unit tests here and beside.
+#[cfg(test)]
+pub(super) const TEST_TIMEOUTS: Timeouts = Timeouts {
+    header_read: Duration::from_secs(10),
+    idle: Duration::from_mins(1),
+    send: Duration::from_secs(30),
+};
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    const TIMEOUTS: Timeouts = Timeouts {
-        header_read: Duration::from_secs(10),
-        idle: Duration::from_mins(1),
-        send: Duration::from_secs(30),
-    };
+    use super::{TEST_TIMEOUTS as TIMEOUTS, *};
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)

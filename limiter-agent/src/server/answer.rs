@@ -181,13 +181,7 @@ mod tests {
     use http_body_util::{BodyExt as _, Full};
 
     use super::*;
-    use crate::server::activity::{Expiry, Timeouts};
-
-    const TIMEOUTS: Timeouts = Timeouts {
-        header_read: Duration::from_secs(10),
-        idle: Duration::from_mins(1),
-        send: Duration::from_secs(30),
-    };
+    use crate::server::activity::{Expiry, TEST_TIMEOUTS as TIMEOUTS};
 
     type TestBody = http_body_util::combinators::BoxBody<Bytes, crate::proxy::BoxError>;
 
