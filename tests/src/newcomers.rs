@@ -96,7 +96,7 @@ fn ratio(part: usize, whole: usize) -> f64 {
 
 /// Connects from `local` to `to` within `timeout` (bound before connecting,
 /// so the client is `local` to the host); the stream and the handshake's time.
-fn connect_from(
+pub fn connect_from(
     local: Ipv4Addr,
     to: SocketAddrV4,
     timeout: Duration,

@@ -43,10 +43,11 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
 
-/// The five maps of one instance.
+/// The six pinned maps of one instance.
 pub struct Maps {
     config: Array<MapData, Config>,
     sources: HashMap<MapData, SourceKey, SourceState>,
+    probation: HashMap<MapData, SourceKey, SourceState>,
     allow: LpmTrie<MapData, SourceKey, u8>,
     bans: LpmTrie<MapData, SourceKey, Ban>,
     stats: PerCpuArray<MapData, u64>,
@@ -76,6 +77,7 @@ impl Maps {
             take(map_names::ALLOW)?,
             take(map_names::BANS)?,
             take(map_names::STATS)?,
+            take(map_names::PROBATION)?,
         )
     }
 
@@ -94,6 +96,7 @@ impl Maps {
             Map::LpmTrie(open(map_names::ALLOW)?),
             Map::LpmTrie(open(map_names::BANS)?),
             Map::PerCpuArray(open(map_names::STATS)?),
+            Map::LruHashMap(open(map_names::PROBATION)?),
         )
     }
 
@@ -103,10 +106,12 @@ impl Maps {
         allow: Map,
         bans: Map,
         stats: Map,
+        probation: Map,
     ) -> Result<Self, MapsError> {
         Ok(Self {
             config: Array::try_from(config).map_err(map_err(map_names::CONFIG))?,
             sources: HashMap::try_from(sources).map_err(map_err(map_names::SOURCES))?,
+            probation: HashMap::try_from(probation).map_err(map_err(map_names::PROBATION))?,
             allow: LpmTrie::try_from(allow).map_err(map_err(map_names::ALLOW))?,
             bans: LpmTrie::try_from(bans).map_err(map_err(map_names::BANS))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err(map_names::STATS))?,
@@ -244,6 +249,32 @@ impl Maps {
                 state,
             })
             .collect()
+    }
+
+    /// Sources admitted by the SYN challenge and not yet promoted.
+    pub fn probation(&self) -> Vec<SourceView> {
+        self.probation
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, state)| SourceView {
+                addr: source_addr(&key),
+                state,
+            })
+            .collect()
+    }
+
+    /// The probation entry of exactly `key`.
+    #[must_use]
+    pub fn probation_at(&self, key: &SourceKey) -> Option<SourceState> {
+        self.probation.get(key, 0).ok()
+    }
+
+    /// Puts `key` in probation, as a valid cookie does.
+    #[cfg(feature = "test-util")]
+    pub fn put_probation(&mut self, key: &SourceKey, state: &SourceState) -> Result<(), MapsError> {
+        self.probation
+            .insert(key, state, 0)
+            .map_err(map_err(map_names::PROBATION))
     }
 
     /// The state of one source (as the program keys it).

@@ -70,6 +70,26 @@ pub fn new_sources_per_cpu(config: &Config, cpus: u32) -> u32 {
     new_source_ceiling(config).div_ceil(cpus.max(1))
 }
 
+/// Sources the challenge may admit to probation per second, all CPUs
+/// together: the probation map's capacity / 4, so a client admitted there
+/// stays at least four seconds, however fast a campaign of reflected RSTs
+/// churns the map, far longer than its handshake takes.
+#[must_use]
+pub fn challenge_admissions_per_second() -> u32 {
+    limiter_common::PROBATION_CAPACITY / 4
+}
+
+/// `max_syn_acks_per_second`, or when 0: as many challenge SYN-ACKs a
+/// second as the challenge may admit sources (8,192): one answer per
+/// admission, and no more reflected toward whatever addresses a flood claims.
+#[must_use]
+pub fn syn_ack_cap(config: &Config) -> u32 {
+    match config.live.xdp.max_syn_acks_per_second {
+        0 => challenge_admissions_per_second(),
+        set => set,
+    }
+}
+
 /// The API ports: `[xdp] ports`, or the listen port.
 #[must_use]
 pub fn ports(config: &Config) -> Vec<u16> {
@@ -99,6 +119,8 @@ pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common
             XdpMode::Observe => mode::OBSERVE,
         },
         syn_challenge: u8::from(config.live.xdp.syn_challenge),
+        max_syn_acks: syn_ack_cap(config).div_ceil(cpus.max(1)),
+        max_challenge_admissions: challenge_admissions_per_second().div_ceil(cpus.max(1)),
         ..limiter_common::Config::default()
     };
     for (slot, port) in out.ports.iter_mut().zip(ports(config)) {
@@ -154,6 +176,8 @@ mod tests {
         assert_eq!(ports(&config), vec![8080]);
         let k = kernel_config(&config, Clock::default(), 2);
         assert_eq!(k.max_new_sources, 1024, "2048 a second over two CPUs");
+        assert_eq!(k.max_syn_acks, 4096, "8192 a second over two CPUs");
+        assert_eq!(k.max_challenge_admissions, 4096);
         assert_eq!(k.ports[0], 8080u16.to_be());
         assert_eq!(k.ports[1], 0);
         assert_eq!(k.max_packets, 4100);
@@ -174,6 +198,7 @@ mod tests {
         assert_eq!(ports(&config), vec![443, 8443]);
         let k = kernel_config(&config, Clock::default(), 3);
         assert_eq!(k.max_new_sources, 683, "2048 a second over three CPUs");
+        assert_eq!(k.max_syn_acks, 2731, "8192 a second over three CPUs");
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
         assert_eq!(k.mode, mode::OBSERVE);
         assert_eq!(EscalationSettings::from_config(&config).threshold(100), 4);
