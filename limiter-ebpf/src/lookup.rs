@@ -5,8 +5,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_TCP_ESTABLISHED,
-        bpf_fib_lookup as FibParams, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, BPF_TCP_ESTABLISHED, bpf_fib_lookup as FibParams, bpf_sock_tuple,
     },
     helpers::{bpf_fib_lookup, bpf_sk_lookup_tcp, bpf_sk_release},
     programs::XdpContext,
@@ -30,7 +30,8 @@ const LOOPBACK_IFINDEX: u32 = 1;
 pub const HOP_NONE: u8 = 0;
 /// Through the ingress interface to the MACs written out.
 pub const HOP_LINK: u8 = 1;
-/// The loopback device: no link layer to look up, the frame's MACs swapped.
+/// Back to the frame's sender, its MACs swapped: where the FIB cannot say
+/// (the loopback device, or an interface that does not forward).
 pub const HOP_SWAP: u8 = 2;
 
 /// Reads a `T` at `offset` of the packet, bounds read afresh (see
@@ -60,8 +61,13 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 /// all of that exists; [`HOP_NONE`] when the route leaves by another
 /// interface, the address is local, broadcast, multicast or unreachable, or
 /// the next hop's neighbour entry is not resolved (a real reply would wait
-/// for ARP or neighbour discovery; this answer is never sent instead);
-/// [`HOP_SWAP`] on the loopback device.
+/// for ARP or neighbour discovery; this answer is never sent instead).
+///
+/// [`HOP_SWAP`] where the FIB cannot say: on the loopback device (no link
+/// layer; also where `BPF_PROG_TEST_RUN` runs frames), and on an interface
+/// with forwarding off, where the kernel refuses the lookup
+/// (`BPF_FIB_LKUP_RET_FWD_DISABLED`, Linux 5.10 to 6.12 alike: the helper
+/// was made for forwarding).
 #[inline(always)]
 pub fn next_hop(ctx: &XdpContext, src: &Source, macs: &mut [[u8; 6]; 2]) -> u8 {
     // SAFETY: `ctx.ctx` is the `xdp_md` the kernel passed in.
@@ -110,6 +116,9 @@ pub fn next_hop(ctx: &XdpContext, src: &Source, macs: &mut [[u8; 6]; 2]) -> u8 {
             BPF_FIB_LOOKUP_OUTPUT,
         )
     };
+    if rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) {
+        return HOP_SWAP;
+    }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex != ingress {
         return HOP_NONE;
     }
