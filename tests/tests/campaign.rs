@@ -317,3 +317,96 @@ fn over_the_cap(topology: &Topology) {
     assert!(answered <= 3 * SYN_ACK_CAP, "{answered} SYN-ACKs in 2 s");
     assert!(capped > 0, "the cap dropped some: {after}");
 }
+
+#[test]
+fn where_the_interface_forwards_the_answer_goes_only_where_the_fib_says() {
+    // `bpf_fib_lookup` answers only on an interface with forwarding on.
+    let topology = Topology::new();
+    for interface in [netns::HOST_CLIENT_IF, netns::HOST_ATTACKER_IF] {
+        let _ = topology.host.output(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.conf.{interface}.forwarding=1")],
+        );
+    }
+    let _rx_client = RxNapi::attach(&topology.client, "vc");
+    let _rx_attacker = RxNapi::attach(&topology.attacker, "va");
+    let _agent = topology.agent(&netns::config("/api/chat", 1_000_000, XDP), &[]);
+    // A flood from addresses the host has no route to: dropped unanswered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (host, attacker, stop) = (
+            topology.host.clone(),
+            topology.attacker.clone(),
+            Arc::clone(&stop),
+        );
+        std::thread::spawn(move || {
+            pin_to_cpu(0);
+            netns::spoofed_syn_flood_until(&host, &attacker, stop)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1_500));
+    // New clients, routed through the client's namespace: answered through
+    // their gateway's neighbour entry, and served.
+    let clients = newcomers::run_clients(
+        &topology,
+        Ipv4Addr::new(10, 92, 2, 0),
+        20,
+        4,
+        "/api/chat",
+        Duration::from_millis(1_500),
+    );
+    // Addresses that live behind the client's interface, claimed from the
+    // attacker's: the route back leaves by another interface, so nothing
+    // goes back to the attacker.
+    let before = topology.status();
+    let claim_stop = Arc::new(AtomicBool::new(false));
+    let claims = {
+        let (host, attacker, stop) = (
+            topology.host.clone(),
+            topology.attacker.clone(),
+            Arc::clone(&claim_stop),
+        );
+        std::thread::spawn(move || {
+            spoofed_syns_paced(
+                &host,
+                &attacker,
+                (Ipv4Addr::new(10, 91, 1, 64), 64),
+                2_000,
+                stop,
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    claim_stop.store(true, Ordering::Relaxed);
+    let claimed = claims.join().expect("claims thread");
+    let after = topology.status();
+    stop.store(true, Ordering::Relaxed);
+    let flooded = flood.join().expect("flood thread");
+    let delta = |verdict: &str, reason: &str| {
+        counter(&after, verdict, reason) - counter(&before, verdict, reason)
+    };
+    eprintln!(
+        "forwarding on: {flooded} unroutable SYNs; new clients served {}/{}; {claimed} SYNs \
+         claiming client-side addresses: {} answered, {} without a return path; {}",
+        clients.served,
+        clients.attempts,
+        delta("tx", "syn_challenge"),
+        delta("drop", "no_return_path"),
+        after["counters"]
+    );
+    assert!(
+        counter(&after, "drop", "no_return_path") >= flooded / 2,
+        "the unroutable flood went unanswered: {after}"
+    );
+    assert!(clients.served >= 19, "{clients:?}");
+    assert!(
+        counter(&before, "tx", "syn_challenge") >= 20,
+        "the clients met the challenge: {before}"
+    );
+    assert!(claimed >= 1_000, "{claimed} claims sent");
+    assert_eq!(
+        delta("tx", "syn_challenge"),
+        0,
+        "no answer to the attacker's claims: {after}"
+    );
+}
