@@ -286,9 +286,13 @@ const _: () = assert!(size_of::<Config>() == 120);
 ///   stack would go: to the next hop the FIB gives for the source
 ///   (`bpf_fib_lookup`), when that is out of the interface the SYN came in
 ///   on and its neighbour entry is known; otherwise not at all
-///   (`no_return_path`). On the loopback device, which has no link layer
-///   (and where `BPF_PROG_TEST_RUN` runs its frames), the frame's MACs are
-///   swapped instead.
+///   (`no_return_path`). Where the FIB cannot say, the frame's MACs are
+///   swapped instead, as before: on the loopback device (no link layer;
+///   also where `BPF_PROG_TEST_RUN` runs its frames) and on an interface
+///   with forwarding off, where the kernel refuses the lookup. There a
+///   spoofer on the same segment reads the cookies of addresses it claims;
+///   what that buys is probation, budgeted, and never promotion: the
+///   kernel's own SYN-ACK goes by the real route.
 ///
 /// The cookie is `SipHash`-2-4 of the source address, both ports and a time
 /// slot under a random key; it is valid for the current slot and the one
