@@ -51,6 +51,9 @@ macro_rules! map_name {
     (probation) => {
         "probation"
     };
+    (local) => {
+        "local"
+    };
 }
 
 /// Map names (at most 15 bytes: the kernel's object-name limit). The agent pins
@@ -73,8 +76,12 @@ pub mod map_names {
     /// admitted by the SYN challenge and not yet promoted to [`SOURCES`]
     /// (see [`crate::challenge`]).
     pub const PROBATION: &str = map_name!(probation);
+    /// LPM trie of the host's own addresses ([`crate::SourceKey`], host
+    /// routes), which the SYN challenge never answers (written by the agent
+    /// at start and on reload).
+    pub const LOCAL: &str = map_name!(local);
     /// The maps pinned, so counters, bans and the allow list outlive the agent.
-    pub const PINNED: [&str; 6] = [CONFIG, SOURCES, ALLOW, BANS, STATS, PROBATION];
+    pub const PINNED: [&str; 7] = [CONFIG, SOURCES, ALLOW, BANS, STATS, PROBATION, LOCAL];
 }
 
 /// Default capacity of the per-source LRU hash (overridable at load time).
@@ -82,6 +89,8 @@ pub const SOURCES_CAPACITY: u32 = 131_072;
 /// Capacity of the probation LRU hash: sources admitted by the SYN
 /// challenge, held apart from the per-source map until promoted.
 pub const PROBATION_CAPACITY: u32 = SOURCES_CAPACITY / 4;
+/// Capacity of the trie of the host's own addresses.
+pub const LOCAL_CAPACITY: u32 = 1024;
 /// Capacity of the allow-list trie.
 pub const ALLOW_CAPACITY: u32 = 16_384;
 /// Capacity of the ban trie.
@@ -281,8 +290,8 @@ const _: () = assert!(size_of::<Config>() == 120);
 /// - **Reflection.** The SYN-ACKs themselves are capped per CPU
 ///   ([`crate::Config::max_syn_acks`], a token bucket; over it
 ///   `syn_ack_cap`), never sent to a source no reply may go to
-///   ([`martian_v4`], [`martian_v6`], or the SYN's own destination:
-///   `martian_source`), and sent only the way a reply of the host's own
+///   ([`martian_v4`], [`martian_v6`], the SYN's own destination, or any
+///   other address of the host in the `local` trie: `martian_source`), and sent only the way a reply of the host's own
 ///   stack would go: to the next hop the FIB gives for the source
 ///   (`bpf_fib_lookup`), when that is out of the interface the SYN came in
 ///   on and its neighbour entry is known; otherwise not at all

@@ -2,7 +2,7 @@
 //! an unknown source's SYN into the challenge SYN-ACK in place, and checking
 //! the cookie its RST carries.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use limiter_common::{
     Config,
     challenge::{SLOT_SHIFT, cookie, martian_v4, martian_v6},
@@ -80,10 +80,13 @@ fn fold(mut sum: u64) -> u16 {
 }
 
 /// Whether no answer may go to the source of the SYN described by `src`:
-/// a martian address (see `limiter_common::challenge`) or the SYN's own
-/// destination (one of ours).
+/// a martian address (see `limiter_common::challenge`), the SYN's own
+/// destination, or another address of this host (the `local` trie).
 #[inline(always)]
 pub fn martian(ctx: &XdpContext, src: &Source) -> bool {
+    if crate::LOCAL.get(Key::new(128, src.key)).is_some() {
+        return true;
+    }
     if src.ipv6 {
         let Some(to) = read::<[u8; 16]>(ctx, src.l3 + 24) else {
             return true;

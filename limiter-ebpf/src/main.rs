@@ -4,7 +4,9 @@
 //! Per API packet the program does one lookup in the per-source LRU hash, which
 //! holds the ceiling counters, the cached allow/ban policy and the auto-ban
 //! together. The allow and ban tries are read only when a source is new or the
-//! policy generation changed. Non-API traffic touches no hash map at all.
+//! policy generation changed. A source that map does not hold is looked up in
+//! `probation` (sources the SYN challenge admitted, `admission.rs`). Non-API
+//! traffic touches no hash map at all.
 #![no_std]
 #![no_main]
 #![expect(
@@ -35,9 +37,9 @@ use aya_ebpf::{
 };
 use limiter_common::{
     ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN, Config,
-    GLOBAL_USE_COARSE_CLOCK, NewSources, PROBATION_CAPACITY, PROGRAM_NAME, SOURCE_ALLOWED,
-    SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name, mode, reason, stat_index,
-    verdict,
+    GLOBAL_USE_COARSE_CLOCK, LOCAL_CAPACITY, NewSources, PROBATION_CAPACITY, PROGRAM_NAME,
+    SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name, mode, reason,
+    stat_index, verdict,
 };
 
 use crate::{
@@ -105,6 +107,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(new_sources))]
 static NEW_SOURCES: PerCpuArray<NewSources> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(local))]
+static LOCAL: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(LOCAL_CAPACITY, 0);
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(probation))]

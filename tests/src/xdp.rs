@@ -293,6 +293,13 @@ impl Harness {
             .expect("writing a probation entry");
     }
 
+    /// Sets the host's own addresses, as the agent does at start.
+    pub fn set_local(&mut self, addrs: &[std::net::IpAddr]) {
+        self.maps_mut()
+            .set_local(addrs)
+            .expect("writing the host's addresses");
+    }
+
     /// Overwrites the per-source entry of `key`.
     pub fn put_source(&mut self, key: &SourceKey, state: &SourceState) {
         self.maps_mut()

@@ -43,11 +43,12 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
 
-/// The six pinned maps of one instance.
+/// The seven pinned maps of one instance.
 pub struct Maps {
     config: Array<MapData, Config>,
     sources: HashMap<MapData, SourceKey, SourceState>,
     probation: HashMap<MapData, SourceKey, SourceState>,
+    local: LpmTrie<MapData, SourceKey, u8>,
     allow: LpmTrie<MapData, SourceKey, u8>,
     bans: LpmTrie<MapData, SourceKey, Ban>,
     stats: PerCpuArray<MapData, u64>,
@@ -78,6 +79,7 @@ impl Maps {
             take(map_names::BANS)?,
             take(map_names::STATS)?,
             take(map_names::PROBATION)?,
+            take(map_names::LOCAL)?,
         )
     }
 
@@ -97,6 +99,7 @@ impl Maps {
             Map::LpmTrie(open(map_names::BANS)?),
             Map::PerCpuArray(open(map_names::STATS)?),
             Map::LruHashMap(open(map_names::PROBATION)?),
+            Map::LpmTrie(open(map_names::LOCAL)?),
         )
     }
 
@@ -107,11 +110,13 @@ impl Maps {
         bans: Map,
         stats: Map,
         probation: Map,
+        local: Map,
     ) -> Result<Self, MapsError> {
         Ok(Self {
             config: Array::try_from(config).map_err(map_err(map_names::CONFIG))?,
             sources: HashMap::try_from(sources).map_err(map_err(map_names::SOURCES))?,
             probation: HashMap::try_from(probation).map_err(map_err(map_names::PROBATION))?,
+            local: LpmTrie::try_from(local).map_err(map_err(map_names::LOCAL))?,
             allow: LpmTrie::try_from(allow).map_err(map_err(map_names::ALLOW))?,
             bans: LpmTrie::try_from(bans).map_err(map_err(map_names::BANS))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err(map_names::STATS))?,
@@ -226,6 +231,32 @@ impl Maps {
         }
         if changed {
             self.bump_policy()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the host's own addresses, which the SYN challenge never
+    /// answers, with `addrs` (at most [`limiter_common::LOCAL_CAPACITY`];
+    /// the rest are left out).
+    pub fn set_local(&mut self, addrs: &[IpAddr]) -> Result<(), MapsError> {
+        let wanted: Vec<IpNet> = addrs
+            .iter()
+            .map(|a| IpNet::from(a.to_canonical()))
+            .take(limiter_common::LOCAL_CAPACITY as usize)
+            .collect();
+        let present: Vec<IpNet> = self
+            .local
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| from_trie_key(&k))
+            .collect();
+        for net in present.iter().filter(|n| !wanted.contains(n)) {
+            let _ = self.local.remove(&trie_key(*net));
+        }
+        for net in wanted.iter().filter(|n| !present.contains(n)) {
+            self.local
+                .insert(&trie_key(*net), 1, 0)
+                .map_err(map_err(map_names::LOCAL))?;
         }
         Ok(())
     }

@@ -90,6 +90,53 @@ pub fn syn_ack_cap(config: &Config) -> u32 {
     }
 }
 
+/// The addresses of this host's interfaces (in the agent's network
+/// namespace, where it attaches), which the SYN challenge never answers:
+/// read at start and on each reload.
+#[must_use]
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list it allocates, freed below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        tracing::warn!(
+            "listing the host's addresses: {}",
+            std::io::Error::last_os_error()
+        );
+        return Vec::new();
+    }
+    let mut addrs = Vec::new();
+    let mut next = head;
+    while !next.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let entry = unsafe { &*next };
+        if !entry.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` points at a sockaddr of the family it
+            // names; each arm reads the struct of that family (unaligned:
+            // the list promises only a `sockaddr`'s alignment).
+            let addr = unsafe {
+                match i32::from((*entry.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
+                        Some(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()))
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = entry.ifa_addr.cast::<libc::sockaddr_in6>().read_unaligned();
+                        Some(IpAddr::from(v6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                }
+            };
+            addrs.extend(addr);
+        }
+        next = entry.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
 /// The API ports: `[xdp] ports`, or the listen port.
 #[must_use]
 pub fn ports(config: &Config) -> Vec<u16> {
@@ -202,6 +249,12 @@ mod tests {
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
         assert_eq!(k.mode, mode::OBSERVE);
         assert_eq!(EscalationSettings::from_config(&config).threshold(100), 4);
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_include_loopback() {
+        let addrs = local_addresses();
+        assert!(addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{addrs:?}");
     }
 
     #[test]

@@ -118,6 +118,22 @@ fn no_answer_goes_to_martian_loopback_multicast_broadcast_or_our_own_addresses()
     land6[ETH_LEN + 24..ETH_LEN + 40].copy_from_slice(&own.octets());
     limiter_tests::packet::seal(&mut land6);
     send(&h, &land6, XDP_DROP);
+    // Any other address of the host, as the agent lists them.
+    let mut h = h;
+    h.set_local(&[
+        std::net::IpAddr::from([198, 51, 100, 140]),
+        "2001:db8:9::2".parse().unwrap(),
+    ]);
+    send(
+        &h,
+        &syn(Frame::tcp4([198, 51, 100, 140], API_PORT, SYN)),
+        XDP_DROP,
+    );
+    send(
+        &h,
+        &syn(Frame::tcp6("2001:db8:9::2", API_PORT, SYN)),
+        XDP_DROP,
+    );
     // An ordinary address still gets the challenge.
     send(
         &h,
@@ -129,7 +145,7 @@ fn no_answer_goes_to_martian_loopback_multicast_broadcast_or_our_own_addresses()
         &[
             (PASS, API, 1),
             (TX, SYN_CHALLENGE, 1),
-            (DROP, MARTIAN_SOURCE, 16),
+            (DROP, MARTIAN_SOURCE, 18),
         ],
     );
     assert_eq!(h.source_count(), 1);
