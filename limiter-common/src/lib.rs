@@ -48,6 +48,12 @@ macro_rules! map_name {
     (new_sources) => {
         "new_sources"
     };
+    (probation) => {
+        "probation"
+    };
+    (local) => {
+        "local"
+    };
 }
 
 /// Map names (at most 15 bytes: the kernel's object-name limit). The agent pins
@@ -66,12 +72,25 @@ pub mod map_names {
     /// Per-CPU array with one [`crate::NewSources`]: this CPU's new-source
     /// budget in the current window (not pinned: it restarts with the program).
     pub const NEW_SOURCES: &str = map_name!(new_sources);
+    /// LRU hash [`crate::SourceKey`] → [`crate::SourceState`] of the sources
+    /// admitted by the SYN challenge and not yet promoted to [`SOURCES`]
+    /// (see [`crate::challenge`]).
+    pub const PROBATION: &str = map_name!(probation);
+    /// LPM trie of the host's own addresses ([`crate::SourceKey`], host
+    /// routes), which the SYN challenge never answers (written by the agent
+    /// at start and on reload).
+    pub const LOCAL: &str = map_name!(local);
     /// The maps pinned, so counters, bans and the allow list outlive the agent.
-    pub const PINNED: [&str; 5] = [CONFIG, SOURCES, ALLOW, BANS, STATS];
+    pub const PINNED: [&str; 7] = [CONFIG, SOURCES, ALLOW, BANS, STATS, PROBATION, LOCAL];
 }
 
 /// Default capacity of the per-source LRU hash (overridable at load time).
 pub const SOURCES_CAPACITY: u32 = 131_072;
+/// Capacity of the probation LRU hash: sources admitted by the SYN
+/// challenge, held apart from the per-source map until promoted.
+pub const PROBATION_CAPACITY: u32 = SOURCES_CAPACITY / 4;
+/// Capacity of the trie of the host's own addresses.
+pub const LOCAL_CAPACITY: u32 = 1024;
 /// Capacity of the allow-list trie.
 pub const ALLOW_CAPACITY: u32 = 16_384;
 /// Capacity of the ban trie.
@@ -217,15 +236,23 @@ pub struct Config {
     /// from more spoofed addresses than the map holds cannot evict the
     /// sources it already tracks, nor escape the ceilings by being forgotten.
     pub max_new_sources: u32,
-    pub _pad2: u32,
+    /// Challenge SYN-ACKs each CPU may send per window (a token bucket of
+    /// this size, refilled at this rate); 0 = no cap. Over it an unknown
+    /// source's SYN is dropped (`syn_ack_cap`).
+    pub max_syn_acks: u32,
     /// Secret `SipHash` key of the SYN challenge cookies, random per boot
     /// (kept across agent restarts by the pinned map, like the clock).
     pub challenge_key: [u64; 2],
+    /// Sources each CPU may admit to probation by a valid cookie per
+    /// window; 0 = no limit.
+    pub max_challenge_admissions: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Config>() == 112);
+const _: () = assert!(size_of::<Config>() == 120);
 
 /// The SYN challenge: how a source the map does not hold proves, during a
-/// spoofed flood, that it receives what is sent to its address.
+/// spoofed flood, that it receives what is sent to its address, and what
+/// that proof is worth.
 ///
 /// The program answers such a source's SYN with a SYN-ACK whose
 /// acknowledgment number is a cookie instead of the SYN's sequence number + 1
@@ -233,9 +260,48 @@ const _: () = assert!(size_of::<Config>() == 112);
 /// unacceptable SYN-ACK with a RST whose sequence number is that
 /// acknowledgment number (RFC 9293 3.10.7.3), and sends its SYN again (Linux
 /// 5.7+ after two jiffies, other stacks after their first retransmission
-/// timeout). A RST carrying a valid cookie puts the source in the map; its
-/// retransmitted SYN then goes to the listener as usual. A spoofed source
-/// never sees the cookie, so the flood creates no entry.
+/// timeout).
+///
+/// **What a valid cookie proves, and what it does not.** Every host answers
+/// an unexpected SYN-ACK on a closed port the same way, so an attacker who
+/// spoofs SYNs from the addresses of real third-party hosts ("bystanders")
+/// has their kernels echo the cookies back. A valid RST proves only that
+/// *some* host at the address answers, not that it wants to talk to us.
+/// Hence:
+///
+/// - **Probation.** A RST with a valid cookie puts its source in the
+///   `probation` LRU map ([`crate::PROBATION_CAPACITY`] entries), never in
+///   `sources`: a campaign of reflected RSTs can churn only probation, never
+///   push out a source that has been served, nor the auto-ban its entry
+///   holds. A probation source is served like a known one (same ceilings).
+/// - **Admission budget.** Each CPU admits at most
+///   [`crate::Config::max_challenge_admissions`] sources to probation per
+///   window (over it: `challenge_budget`, no entry), so a legitimate client
+///   stays in probation for at least capacity / (budget × CPUs) seconds,
+///   far longer than its handshake takes, however fast the campaign runs.
+/// - **Promotion.** A probation source moves to `sources` on its first
+///   packet that belongs to an established connection of this host (the
+///   kernel's socket lookup, `bpf_sk_lookup_tcp`, finds the connection in
+///   `ESTABLISHED`): a completed three-way handshake, which a host that did
+///   not send the SYN never makes. Promotions share the new-source budget
+///   ([`crate::Config::max_new_sources`] per CPU per window), so the map
+///   takes in at most twice that budget a second however many real hosts an
+///   attacker owns.
+/// - **Reflection.** The SYN-ACKs themselves are capped per CPU
+///   ([`crate::Config::max_syn_acks`], a token bucket; over it
+///   `syn_ack_cap`), never sent to a source no reply may go to
+///   ([`martian_v4`], [`martian_v6`], the SYN's own destination, or any
+///   other address of the host in the `local` trie: `martian_source`), and sent only the way a reply of the host's own
+///   stack would go: to the next hop the FIB gives for the source
+///   (`bpf_fib_lookup`), when that is out of the interface the SYN came in
+///   on and its neighbour entry is known; otherwise not at all
+///   (`no_return_path`). Where the FIB cannot say, the frame's MACs are
+///   swapped instead, as before: on the loopback device (no link layer;
+///   also where `BPF_PROG_TEST_RUN` runs its frames) and on an interface
+///   with forwarding off, where the kernel refuses the lookup. There a
+///   spoofer on the same segment reads the cookies of addresses it claims;
+///   what that buys is probation, budgeted, and never promotion: the
+///   kernel's own SYN-ACK goes by the real route.
 ///
 /// The cookie is `SipHash`-2-4 of the source address, both ports and a time
 /// slot under a random key; it is valid for the current slot and the one
@@ -243,6 +309,34 @@ const _: () = assert!(size_of::<Config>() == 112);
 pub mod challenge {
     /// `CLOCK_MONOTONIC` ns >> this = the time slot (2^34 ns, about 17 s).
     pub const SLOT_SHIFT: u32 = 34;
+
+    /// Whether no SYN-ACK may go to the IPv4 address `addr` (network
+    /// order): "this network" 0/8 (the unspecified address included),
+    /// loopback 127/8, multicast 224/4, reserved 240/4 (the limited
+    /// broadcast address included).
+    #[inline(always)]
+    #[must_use]
+    pub fn martian_v4(addr: [u8; 4]) -> bool {
+        addr[0] == 0 || addr[0] == 127 || addr[0] >= 224
+    }
+
+    /// Whether no SYN-ACK may go to the IPv6 address `addr` (network
+    /// order): unspecified `::`, loopback `::1`, multicast `ff00::/8`, and
+    /// the IPv4-mapped and -compatible ranges `::ffff:0:0/96` and `::/96`
+    /// (no IPv6 packet comes from those).
+    #[inline(always)]
+    #[must_use]
+    pub fn martian_v6(addr: &[u8; 16]) -> bool {
+        if addr[0] == 0xff {
+            return true;
+        }
+        let head = u64::from_ne_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]);
+        let middle = u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]);
+        // ::/96 (unspecified, loopback, IPv4-compatible) and ::ffff:0:0/96.
+        head == 0 && (middle == 0 || middle == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+    }
 
     /// The cookie for `addr` (a [`crate::SourceKey`]'s unmasked bytes),
     /// `ports` (the TCP header's first four bytes, as loaded) and `slot`.
@@ -304,7 +398,9 @@ pub mod challenge {
     }
 }
 
-/// Value of the per-CPU `new_sources` array: the new-source budget's window.
+/// Value of the per-CPU `new_sources` array: this CPU's budgets for sources
+/// the map does not hold (new-source, challenge admission, promotion, and
+/// the SYN-ACK token bucket).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NewSources {
@@ -314,11 +410,71 @@ pub struct NewSources {
     /// admitted, refused and challenged alike).
     pub count: u32,
     /// 1 when the window before this one ended over budget: a flood is on,
-    /// and every unknown source's SYN gets the challenge (when on) without
-    /// spending the budget, so the flood adds no entry after its first window.
+    /// and (with the challenge on) unknown sources get in only through the
+    /// challenge, so the flood adds no entry to `sources` after its first
+    /// window.
     pub flooded: u32,
+    /// Sources admitted to probation by a valid cookie in this window.
+    pub admitted: u32,
+    /// Probation sources promoted to `sources` in this window.
+    pub promoted: u32,
+    /// When the SYN-ACK bucket was last refilled up to (`CLOCK_MONOTONIC` ns).
+    pub syn_ack_refill_ns: u64,
+    /// SYN-ACKs this CPU may still send.
+    pub syn_ack_tokens: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<NewSources>() == 16);
+const _: () = assert!(size_of::<NewSources>() == 40);
+
+impl NewSources {
+    /// Refills the SYN-ACK bucket up to `now_ns` (`rate` tokens per
+    /// `window_ns`, at most `rate` held: a full bucket after a quiet
+    /// window) and says whether it holds a token. `rate` 0 means no cap.
+    #[inline(always)]
+    pub fn syn_ack_ready(&mut self, now_ns: u64, rate: u32, window_ns: u64) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let window_ns = window_ns.max(1);
+        // Clamped, so the product below cannot overflow: a window refills
+        // the whole bucket anyway.
+        let elapsed = now_ns.wrapping_sub(self.syn_ack_refill_ns).min(window_ns);
+        let earned = elapsed * u64::from(rate) / window_ns;
+        if earned > 0 {
+            let tokens = u64::from(self.syn_ack_tokens) + earned;
+            if tokens >= u64::from(rate) {
+                self.syn_ack_tokens = rate;
+                self.syn_ack_refill_ns = now_ns;
+            } else {
+                // Only the time the tokens were earned in is spent, so a
+                // fraction of a token is never lost between calls.
+                self.syn_ack_tokens = tokens as u32;
+                self.syn_ack_refill_ns = self
+                    .syn_ack_refill_ns
+                    .wrapping_add(earned * window_ns / u64::from(rate));
+            }
+        }
+        self.syn_ack_tokens > 0
+    }
+
+    /// Spends a token [`NewSources::syn_ack_ready`] found (no-op without a cap).
+    #[inline(always)]
+    pub fn spend_syn_ack(&mut self, rate: u32) {
+        if rate != 0 {
+            self.syn_ack_tokens = self.syn_ack_tokens.saturating_sub(1);
+        }
+    }
+
+    /// [`NewSources::syn_ack_ready`], then the token spent.
+    #[inline(always)]
+    pub fn take_syn_ack(&mut self, now_ns: u64, rate: u32, window_ns: u64) -> bool {
+        let ready = self.syn_ack_ready(now_ns, rate, window_ns);
+        if ready {
+            self.spend_syn_ack(rate);
+        }
+        ready
+    }
+}
 
 /// How the program tells the time.
 ///
@@ -471,9 +627,26 @@ pub mod reason {
     /// Such a source's SYN, answered with a SYN challenge (verdict `tx`).
     pub const SYN_CHALLENGE: u32 = 9;
     /// Such a source's RST carrying a valid cookie: the source is admitted
-    /// to the map and the RST, meant for the challenge, dropped.
+    /// to probation and the RST, meant for the challenge, dropped.
     pub const CHALLENGE_PASSED: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Such a source's SYN while this CPU's SYN-ACK bucket is empty: dropped
+    /// unanswered.
+    pub const SYN_ACK_CAP: u32 = 11;
+    /// Such a source's SYN from an address no reply may go to (martian,
+    /// loopback, multicast, broadcast, unspecified, the SYN's own
+    /// destination): dropped unanswered.
+    pub const MARTIAN_SOURCE: u32 = 12;
+    /// Such a source's SYN when the FIB gives no way back to it through the
+    /// interface it came in on with a known neighbour (or says the address
+    /// is local, broadcast or unreachable): dropped unanswered.
+    pub const NO_RETURN_PATH: u32 = 13;
+    /// A RST with a valid cookie while this CPU's challenge admission budget
+    /// is spent: dropped, no entry.
+    pub const CHALLENGE_BUDGET: u32 = 14;
+    /// A probation source's packet on an established connection: the source
+    /// is moved to the per-source map and the packet passed.
+    pub const PROMOTED: u32 = 15;
+    pub const COUNT: u32 = 16;
     pub const NAMES: [&str; COUNT as usize] = [
         "non_api",
         "api",
@@ -486,6 +659,11 @@ pub mod reason {
         "new_source_ceiling",
         "syn_challenge",
         "challenge_passed",
+        "syn_ack_cap",
+        "martian_source",
+        "no_return_path",
+        "challenge_budget",
+        "promoted",
     ];
 }
 
@@ -548,10 +726,13 @@ mod tests {
     #[test]
     fn sizes_match_the_kernel_layout() {
         assert_eq!(size_of::<SourceKey>(), 16);
-        assert_eq!(size_of::<Config>(), 112);
+        assert_eq!(size_of::<Config>(), 120);
         assert_eq!(core::mem::offset_of!(Config, max_new_sources), 88);
+        assert_eq!(core::mem::offset_of!(Config, max_syn_acks), 92);
         assert_eq!(core::mem::offset_of!(Config, challenge_key), 96);
-        assert_eq!(size_of::<NewSources>(), 16);
+        assert_eq!(core::mem::offset_of!(Config, max_challenge_admissions), 112);
+        assert_eq!(size_of::<NewSources>(), 40);
+        assert_eq!(core::mem::offset_of!(NewSources, syn_ack_refill_ns), 24);
         assert_eq!(size_of::<SourceState>(), 40);
         assert_eq!(align_of::<SourceState>(), 8);
         assert_eq!(size_of::<Ban>(), 8);
@@ -589,6 +770,86 @@ mod tests {
         assert_ne!(base, challenge::cookie(&key, &addr, 0x901f_3931, 7));
         assert_ne!(base, challenge::cookie(&key, &addr, 0x901f_3930, 8));
         assert_ne!(base, challenge::cookie(&[1, 2], &addr, 0x901f_3930, 7));
+    }
+
+    #[test]
+    fn martian_sources_get_no_answer() {
+        use challenge::{martian_v4, martian_v6};
+        for v4 in [
+            [0, 0, 0, 0],
+            [0, 1, 2, 3],
+            [127, 0, 0, 1],
+            [127, 255, 0, 9],
+            [224, 0, 0, 1],
+            [239, 255, 255, 250],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            assert!(martian_v4(v4), "{v4:?}");
+        }
+        for v4 in [
+            [1, 0, 0, 0],
+            [10, 0, 0, 1],
+            [192, 0, 2, 7],
+            [223, 255, 255, 255],
+        ] {
+            assert!(!martian_v4(v4), "{v4:?}");
+        }
+        let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        for addr in [
+            "::",
+            "::1",
+            "ff02::1",
+            "ff0e::1234",
+            "::ffff:192.0.2.7",
+            "::192.0.2.7",
+        ] {
+            assert!(martian_v6(&v6(addr)), "{addr}");
+        }
+        for addr in [
+            "2001:db8::1",
+            "fe80::1",
+            "fd00::1",
+            "64:ff9b::192.0.2.7",
+            "::1:0:0:1",
+        ] {
+            assert!(!martian_v6(&v6(addr)), "{addr}");
+        }
+    }
+
+    #[test]
+    fn the_syn_ack_bucket_refills_at_its_rate_and_holds_one_window() {
+        const SECOND: u64 = 1_000_000_000;
+        let mut bucket = NewSources::default();
+        let t0 = 1_000 * SECOND;
+        // Full after a quiet window: exactly `rate` at once, then none.
+        assert_eq!(
+            (0..20)
+                .filter(|_| bucket.take_syn_ack(t0, 10, SECOND))
+                .count(),
+            10
+        );
+        // A tenth of a second earns one; two twentieths earn one, not zero.
+        assert!(bucket.take_syn_ack(t0 + SECOND / 10, 10, SECOND));
+        assert!(!bucket.take_syn_ack(t0 + SECOND / 10, 10, SECOND));
+        assert!(!bucket.take_syn_ack(t0 + SECOND / 10 + SECOND / 20, 10, SECOND));
+        assert!(bucket.take_syn_ack(t0 + SECOND / 5, 10, SECOND));
+        // Over a long run the rate holds: one per 100 ms, so 99 in the
+        // 9.999 s after the last one taken.
+        let taken = (0..10_000u64)
+            .filter(|i| bucket.take_syn_ack(t0 + SECOND / 5 + i * SECOND / 1000, 10, SECOND))
+            .count();
+        assert_eq!(taken, 99);
+        // However long the pause, the bucket holds one window's worth.
+        let later = t0 + 3600 * SECOND;
+        assert_eq!(
+            (0..50)
+                .filter(|_| bucket.take_syn_ack(later, 10, SECOND))
+                .count(),
+            10
+        );
+        // No cap.
+        assert!((0..1000).all(|_| bucket.take_syn_ack(later, 0, SECOND)));
     }
 
     #[test]

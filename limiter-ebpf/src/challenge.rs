@@ -2,13 +2,16 @@
 //! an unknown source's SYN into the challenge SYN-ACK in place, and checking
 //! the cookie its RST carries.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use limiter_common::{
     Config,
-    challenge::{SLOT_SHIFT, cookie},
+    challenge::{SLOT_SHIFT, cookie, martian_v4, martian_v6},
 };
 
-use crate::parse::{Source, TCP_ACK, TCP_SYN};
+use crate::{
+    lookup::HOP_LINK,
+    parse::{Source, TCP_ACK, TCP_SYN},
+};
 
 /// Offsets inside the TCP header.
 const TCP_SEQ: usize = 4;
@@ -76,15 +79,51 @@ fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
+/// Whether no answer may go to the source of the SYN described by `src`:
+/// a martian address (see `limiter_common::challenge`), the SYN's own
+/// destination, or another address of this host (the `local` trie).
+#[inline(always)]
+pub fn martian(ctx: &XdpContext, src: &Source) -> bool {
+    if crate::LOCAL.get(Key::new(128, src.key)).is_some() {
+        return true;
+    }
+    if src.ipv6 {
+        let Some(to) = read::<[u8; 16]>(ctx, src.l3 + 24) else {
+            return true;
+        };
+        martian_v6(&src.key.addr) || to == src.key.addr
+    } else {
+        let from = [
+            src.key.addr[12],
+            src.key.addr[13],
+            src.key.addr[14],
+            src.key.addr[15],
+        ];
+        let Some(to) = read::<[u8; 4]>(ctx, src.l3 + 16) else {
+            return true;
+        };
+        martian_v4(from) || to == from
+    }
+}
+
 /// Turns the SYN described by `src` into the challenge SYN-ACK, to be sent
-/// back with `XDP_TX`: addresses and ports swapped, the acknowledgment number
+/// back with `XDP_TX`: to the link addresses `macs` (source, destination)
+/// when `hop` is `HOP_LINK`, else back to the frame's sender; addresses and
+/// ports swapped, the acknowledgment number
 /// the cookie, options overwritten with no-ops, the TCP checksum computed
 /// afresh (the SYN's may be a partial one, left for the device to finish,
 /// when it comes from a local veth; the IPv4 header's is unchanged: swapping
 /// two of its words changes no sum). `None` when the frame cannot carry it
 /// (a SYN with a payload, say); the caller drops the SYN then.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> Option<()> {
+pub fn answer(
+    ctx: &XdpContext,
+    config: &Config,
+    src: &Source,
+    now_ns: u64,
+    hop: u8,
+    macs: &[[u8; 6]; 2],
+) -> Option<()> {
     let l3 = src.l3;
     let l4 = src.l4;
     let ports: u32 = read(ctx, l4)?;
@@ -113,11 +152,16 @@ pub fn answer(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> O
         return None;
     }
 
-    // Ethernet: back to the sender.
-    let dst: [u8; 6] = read(ctx, 0)?;
-    let from: [u8; 6] = read(ctx, 6)?;
-    write(ctx, 0, from)?;
-    write(ctx, 6, dst)?;
+    // Ethernet: to the next hop of the route back, or back to the sender.
+    if hop == HOP_LINK {
+        write(ctx, 0, macs[1])?;
+        write(ctx, 6, macs[0])?;
+    } else {
+        let dst: [u8; 6] = read(ctx, 0)?;
+        let from: [u8; 6] = read(ctx, 6)?;
+        write(ctx, 0, from)?;
+        write(ctx, 6, dst)?;
+    }
     // IP: source and destination swapped, summed for the pseudo-header.
     let mut sum = 0u64;
     if src.ipv6 {

@@ -4,7 +4,9 @@
 //! Per API packet the program does one lookup in the per-source LRU hash, which
 //! holds the ceiling counters, the cached allow/ban policy and the auto-ban
 //! together. The allow and ban tries are read only when a source is new or the
-//! policy generation changed. Non-API traffic touches no hash map at all.
+//! policy generation changed. A source that map does not hold is looked up in
+//! `probation` (sources the SYN challenge admitted, `admission.rs`). Non-API
+//! traffic touches no hash map at all.
 #![no_std]
 #![no_main]
 #![expect(
@@ -20,7 +22,9 @@
     reason = "the #[xdp] entry point's signature is fixed by aya"
 )]
 
+mod admission;
 mod challenge;
+mod lookup;
 mod parse;
 
 use aya_ebpf::{
@@ -33,11 +37,15 @@ use aya_ebpf::{
 };
 use limiter_common::{
     ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN, Config,
-    GLOBAL_USE_COARSE_CLOCK, NewSources, PROGRAM_NAME, SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN,
-    SourceKey, SourceState, map_name, mode, reason, stat_index, verdict,
+    GLOBAL_USE_COARSE_CLOCK, LOCAL_CAPACITY, NewSources, PROBATION_CAPACITY, PROGRAM_NAME,
+    SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name, mode, reason,
+    stat_index, verdict,
 };
 
-use crate::parse::{Packet, Source, TCP_RST, parse};
+use crate::{
+    admission::{admit_new_source, challenge_unknown, on_probation},
+    parse::{Packet, Source, parse},
+};
 
 // `#[xdp]` names a program after its function and `#[no_mangle]` a global
 // after its static; neither takes a constant. These asserts hold the contract's
@@ -100,7 +108,19 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 #[unsafe(export_name = map_name!(new_sources))]
 static NEW_SOURCES: PerCpuArray<NewSources> = PerCpuArray::with_max_entries(1, 0);
 
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(local))]
+static LOCAL: LpmTrie<SourceKey, u8> = LpmTrie::with_max_entries(LOCAL_CAPACITY, 0);
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = map_name!(probation))]
+static PROBATION: LruHashMap<SourceKey, SourceState> =
+    LruHashMap::with_max_entries(PROBATION_CAPACITY, 0);
+
+// Inlined into the entry `#[xdp]` generates: left to LLVM, a body this size
+// becomes a BPF-to-BPF call, a call and a return on every packet.
 #[xdp]
+#[inline(always)]
 pub fn limiter(ctx: XdpContext) -> u32 {
     let (verdict, reason) = classify(&ctx);
     if let Some(counter) = STATS.get_ptr_mut(stat_index(verdict, reason)) {
@@ -180,9 +200,13 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
         // account.
         Some(state) => account(config, unsafe { &mut *state }, &key, syn),
         None => {
+            if let Some(state) = PROBATION.get_ptr_mut(key) {
+                // SAFETY: as for the per-source entry above.
+                return on_probation(ctx, config, unsafe { &mut *state }, &key, syn, passed);
+            }
             let challenge =
                 config.syn_challenge != 0 && config.mode == mode::ENFORCE && src.challengeable;
-            if !admit_new_source(config, challenge && syn) {
+            if !admit_new_source(config, challenge) {
                 // No entry: the map keeps the sources it tracks.
                 if ALLOW.get(Key::new(128, key)).is_some() {
                     return (verdict::PASS, reason::ALLOWLISTED);
@@ -208,32 +232,6 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
     }
 }
 
-/// A packet of a source the map does not hold, to an API port, while the
-/// new-source budget is spent: its SYN is answered with the challenge, its RST
-/// with a valid cookie admits it (see `limiter_common::challenge`), anything
-/// else is dropped at the new-source ceiling.
-#[inline(always)]
-fn challenge_unknown(ctx: &XdpContext, config: &Config, syn: bool) -> (u32, u32) {
-    // Parsed again rather than carried: kept live across the per-source
-    // lookup, the parser's findings cost every known source's packet.
-    let mut src = Source::default();
-    let _ = parse(ctx, config, &mut src);
-    let key = source_key(config, &src);
-    let (src, key) = (&src, &key);
-    let now = now_ns(config);
-    if syn {
-        if challenge::answer(ctx, config, src, now).is_some() {
-            return (verdict::TX, reason::SYN_CHALLENGE);
-        }
-    } else if src.tcp_flags & TCP_RST != 0 && challenge::passed(ctx, config, src, now) {
-        let mut state = SourceState::default();
-        refresh_policy(config, &mut state, key);
-        let _ = SOURCES.insert(key, state, 0);
-        return (verdict::DROP, reason::CHALLENGE_PASSED);
-    }
-    (verdict::DROP, reason::NEW_SOURCE_CEILING)
-}
-
 /// The per-source key: IPv6 sources grouped by the configured prefix.
 #[inline(always)]
 fn source_key(config: &Config, src: &Source) -> SourceKey {
@@ -252,37 +250,6 @@ fn enforce(config: &Config, reason: u32) -> (u32, u32) {
         _ if config.mode == mode::OBSERVE => (verdict::WOULD_DROP, reason),
         _ => (verdict::DROP, reason),
     }
-}
-
-/// Takes one unit of this CPU's new-source budget for the current window;
-/// false when it is spent, or when a flood is on and `challengeable_syn`
-/// (the caller then challenges the SYN rather than spend the budget on it).
-#[inline(always)]
-fn admit_new_source(config: &Config, challengeable_syn: bool) -> bool {
-    if config.max_new_sources == 0 {
-        return true;
-    }
-    let Some(budget) = NEW_SOURCES.get_ptr_mut(0) else {
-        return true;
-    };
-    // SAFETY: the pointer comes from a successful lookup of a per-CPU slot:
-    // live, this CPU's own, and XDP does not preempt itself, so this is the
-    // only reference to it.
-    let budget = unsafe { &mut *budget };
-    let now = now_ns(config);
-    let elapsed = now.wrapping_sub(budget.window_start_ns);
-    if elapsed >= config.window_ns {
-        // Flooded when the window just ended (not an older one) went over.
-        budget.flooded =
-            u32::from(elapsed < 2 * config.window_ns && budget.count > config.max_new_sources);
-        budget.window_start_ns = now;
-        budget.count = 0;
-    }
-    budget.count = budget.count.saturating_add(1);
-    if challengeable_syn && budget.flooded != 0 {
-        return false;
-    }
-    budget.count <= config.max_new_sources
 }
 
 /// Re-reads the allow list and the ban trie for `key` into `state`.

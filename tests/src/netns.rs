@@ -330,6 +330,86 @@ impl Drop for Topology {
     }
 }
 
+/// Where the bystanders live: third-party hosts on the far side of the
+/// attacker's namespace, which routes between them and the host (as the
+/// Internet would).
+pub const BYSTANDERS: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 0);
+/// The bystanders' prefix length: 65,536 addresses.
+pub const BYSTANDERS_PREFIX: u8 = 16;
+/// Where clients new to the host come from: a range routed through the
+/// client's namespace (the host reaches it by its gateway, as it reaches
+/// Internet clients), added to `vc` as needed.
+pub const NEW_CLIENTS: Ipv4Addr = Ipv4Addr::new(10, 92, 0, 0);
+
+/// A fourth namespace holding [`BYSTANDERS`]: every address of the range is
+/// local there (one `local` route on its loopback), with no listener, so
+/// its kernel answers a SYN-ACK it did not ask for with a RST, as any host
+/// does. The attacker's namespace forwards between it and the host; the
+/// host routes the range to the attacker. Removed on drop.
+pub struct Bystanders {
+    pub ns: Netns,
+}
+
+impl Topology {
+    /// Adds the [`Bystanders`] behind the attacker.
+    #[must_use]
+    pub fn bystanders(&self) -> Bystanders {
+        let ns = Netns {
+            name: self.attacker.name.replacen("lim-a", "lim-b", 1),
+        };
+        let b = &ns.name.clone();
+        let (a, h) = (&self.attacker.name, &self.host.name);
+        let range = format!("{BYSTANDERS}/{BYSTANDERS_PREFIX}");
+        ip(&["netns", "add", b]);
+        let bystanders = Bystanders { ns };
+        ip(&["-n", b, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", a, "link", "add", "ab", "type", "veth", "peer", "name", "vb", "netns", b,
+        ]);
+        ip(&["-n", a, "addr", "add", "10.91.3.1/24", "dev", "ab"]);
+        ip(&["-n", a, "link", "set", "ab", "up"]);
+        ip(&["-n", b, "addr", "add", "10.91.3.2/24", "dev", "vb"]);
+        ip(&["-n", b, "link", "set", "vb", "up"]);
+        ip(&["-n", b, "route", "add", "local", &range, "dev", "lo"]);
+        ip(&["-n", b, "route", "add", "10.91.0.0/16", "via", "10.91.3.1"]);
+        ip(&["-n", a, "route", "add", &range, "via", "10.91.3.2"]);
+        let _ = self
+            .attacker
+            .output("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        ip(&[
+            "-n",
+            h,
+            "route",
+            "add",
+            &range,
+            "via",
+            &ATTACKER_ADDR.to_string(),
+        ]);
+        bystanders
+    }
+
+    /// Routes [`NEW_CLIENTS`] from the host through the client's namespace.
+    pub fn route_new_clients(&self) {
+        ip(&[
+            "-n",
+            &self.host.name,
+            "route",
+            "replace",
+            "10.92.0.0/16",
+            "via",
+            &CLIENT_ADDR.to_string(),
+        ]);
+    }
+}
+
+impl Drop for Bystanders {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns.name])
+            .status();
+    }
+}
+
 /// The packets counted for (verdict, reason) in a [`Topology::status`] report.
 #[must_use]
 pub fn counter(status: &serde_json::Value, verdict: &str, reason: &str) -> u64 {
@@ -433,13 +513,47 @@ pub fn spoofed_syn_flood_until(
 /// The first address [`spoofed_syn_flood`] sends from.
 pub const SPOOFED_BASE: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 0);
 
-/// Sends SYNs through an `AF_PACKET` socket on the attacker's veth until
-/// `done(sent)` (from spoofed, ever-new source addresses when `spoofed`);
-/// returns how many were sent.
+/// Sends SYNs from the attacker's veth until `done(sent)` (from spoofed,
+/// ever-new source addresses when `spoofed`); returns how many were sent.
 fn flood(
     host: &Netns,
     attacker: &Netns,
     spoofed: bool,
+    done: impl Fn(u64) -> bool + Send + 'static,
+) -> u64 {
+    let from = spoofed.then_some((SPOOFED_BASE, u32::MAX));
+    flood_from(host, attacker, from, None, done)
+}
+
+/// Sends SYNs from spoofed sources `base`, `base + 1`, … (cycling through
+/// `count` of them) at `rate` a second, until `stop` is set; returns how
+/// many were sent.
+#[must_use]
+pub fn spoofed_syns_paced(
+    host: &Netns,
+    attacker: &Netns,
+    (base, count): (Ipv4Addr, u32),
+    rate: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    flood_from(
+        host,
+        attacker,
+        Some((base, count)),
+        Some(rate),
+        move |sent| sent % 64 == 0 && stop.load(Ordering::Relaxed),
+    )
+}
+
+/// Sends SYNs through an `AF_PACKET` socket on the attacker's veth until
+/// `done(sent)`: from the attacker's own address, or from `count` spoofed
+/// sources from `base` on, cycling; as fast as one thread can, or at `rate`
+/// a second; returns how many were sent.
+fn flood_from(
+    host: &Netns,
+    attacker: &Netns,
+    spoofed: Option<(Ipv4Addr, u32)>,
+    rate: Option<u32>,
     done: impl Fn(u64) -> bool + Send + 'static,
 ) -> u64 {
     let dst_mac = mac(host, HOST_ATTACKER_IF);
@@ -473,10 +587,20 @@ fn flood(
             .map(|i| syn_frame(src_mac, dst_mac, ATTACKER_ADDR, 20_000 + i as u16, i))
             .collect();
         let mut sent = 0u64;
+        let started = std::time::Instant::now();
         while !done(sent) {
+            if let Some(rate) = rate {
+                // Paced: never ahead of `rate` a second since the start.
+                let due = started.elapsed().as_micros() * u128::from(rate) / 1_000_000;
+                if u128::from(sent) >= due {
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                }
+            }
             let fresh;
-            let frame = if spoofed {
-                let src = Ipv4Addr::from(u32::from(SPOOFED_BASE) + sent as u32);
+            let frame = if let Some((base, count)) = spoofed {
+                let offset = (sent % u64::from(count.max(1))) as u32;
+                let src = Ipv4Addr::from(u32::from(base).wrapping_add(offset));
                 fresh = syn_frame(src_mac, dst_mac, src, 20_000, sent as u32);
                 &fresh
             } else {

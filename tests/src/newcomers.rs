@@ -96,7 +96,7 @@ fn ratio(part: usize, whole: usize) -> f64 {
 
 /// Connects from `local` to `to` within `timeout` (bound before connecting,
 /// so the client is `local` to the host); the stream and the handshake's time.
-fn connect_from(
+pub fn connect_from(
     local: Ipv4Addr,
     to: SocketAddrV4,
     timeout: Duration,
@@ -153,9 +153,12 @@ fn one_client(local: Ipv4Addr, path: &str, timeout: Duration) -> (Option<Duratio
 }
 
 /// Runs `clients` new clients from fresh addresses `first`, `first + 1`, …
-/// (added to the client's veth `vc`, on the host's client subnet), `batch` at
-/// a time, each allowed `timeout` to connect and be answered.
-fn run_clients(
+/// (in [`crate::netns::NEW_CLIENTS`], added to the client's veth `vc`; the host reaches
+/// them through the client's namespace, as it reaches Internet clients by
+/// its gateway), `batch` at a time, each allowed `timeout` to connect and
+/// be answered.
+#[must_use]
+pub fn run_clients(
     topology: &Topology,
     first: Ipv4Addr,
     clients: u32,
@@ -171,6 +174,7 @@ fn run_clients(
         .map(|i| Ipv4Addr::from(u32::from(first) + i))
         .collect();
     let client = &topology.client.name;
+    topology.route_new_clients();
     for addr in &addrs {
         ip(&[
             "-n",

@@ -274,6 +274,32 @@ impl Harness {
         self.maps().sources().len()
     }
 
+    /// The probation entry of exactly `key`, if the challenge admitted one.
+    #[must_use]
+    pub fn probation(&self, key: &SourceKey) -> Option<SourceState> {
+        self.maps().probation_at(key)
+    }
+
+    /// Number of probation entries.
+    #[must_use]
+    pub fn probation_count(&self) -> usize {
+        self.maps().probation().len()
+    }
+
+    /// Puts `key` in probation, as a valid cookie does.
+    pub fn put_probation(&mut self, key: &SourceKey, state: &SourceState) {
+        self.maps_mut()
+            .put_probation(key, state)
+            .expect("writing a probation entry");
+    }
+
+    /// Sets the host's own addresses, as the agent does at start.
+    pub fn set_local(&mut self, addrs: &[std::net::IpAddr]) {
+        self.maps_mut()
+            .set_local(addrs)
+            .expect("writing the host's addresses");
+    }
+
     /// Overwrites the per-source entry of `key`.
     pub fn put_source(&mut self, key: &SourceKey, state: &SourceState) {
         self.maps_mut()

@@ -214,6 +214,9 @@ pub struct XdpPolicy {
     /// with the SYN challenge (`limiter_common::challenge`) instead of
     /// dropping them.
     pub syn_challenge: bool,
+    /// Challenge SYN-ACKs the kernel may send per second, all CPUs
+    /// together; 0 = derived from the probation map's capacity.
+    pub max_syn_acks_per_second: u32,
 }
 
 /// `[xdp] mode`: whether the program drops what it would drop.

@@ -194,6 +194,7 @@ pub(super) struct RawXdp {
     pub max_ban_seconds: u64,
     pub autoban_after_seconds: u16,
     pub syn_challenge: bool,
+    pub max_syn_acks_per_second: u32,
 }
 
 impl Default for RawXdp {
@@ -215,6 +216,7 @@ impl Default for RawXdp {
             max_ban_seconds: 3600,
             autoban_after_seconds: 3,
             syn_challenge: true,
+            max_syn_acks_per_second: 0,
         }
     }
 }

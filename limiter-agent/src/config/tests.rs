@@ -109,6 +109,16 @@ fn xdp_settings_validate_into_typed_values() {
         ),
         (60, 3600)
     );
+    assert_eq!(defaults.live.xdp.max_syn_acks_per_second, 0, "derived");
+    let capped =
+        Config::parse(&format!("{MINIMAL}[xdp]\nmax_syn_acks_per_second = 500\n")).unwrap();
+    assert_eq!(capped.live.xdp.max_syn_acks_per_second, 500);
+    let error = Config::parse(&format!(
+        "{MINIMAL}[xdp]\nmax_syn_acks_per_second = 1000001\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("xdp.max_syn_acks_per_second"), "{error}");
 }
 
 #[test]

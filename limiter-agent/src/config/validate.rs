@@ -350,6 +350,10 @@ fn redis_url(field: &str, url: &str) -> Result<(), ConfigError> {
         .map_err(|e| invalid(field, format!("`{url}`: {e}")))
 }
 
+/// Highest `[xdp] max_syn_acks_per_second`: a million 60-byte answers a
+/// second (about 0.5 Gbit/s) is already a reflector, not a bound.
+const MAX_SYN_ACKS_PER_SECOND: u32 = 1_000_000;
+
 /// `[xdp]`: where the program attaches, and what it enforces.
 fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
     let mode = one_of(
@@ -379,6 +383,14 @@ fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
             "must be at least xdp.ban_seconds",
         ));
     }
+    if raw.max_syn_acks_per_second > MAX_SYN_ACKS_PER_SECOND {
+        return Err(invalid(
+            "xdp.max_syn_acks_per_second",
+            format!(
+                "at most {MAX_SYN_ACKS_PER_SECOND} (the cap bounds what the host reflects; 0 = derived)"
+            ),
+        ));
+    }
     let attach = XdpAttach {
         enabled: raw.enabled,
         interfaces: raw.interfaces,
@@ -398,6 +410,7 @@ fn xdp(raw: RawXdp) -> Result<(XdpAttach, XdpPolicy), ConfigError> {
         max_ban_seconds: raw.max_ban_seconds,
         autoban_after_seconds: raw.autoban_after_seconds,
         syn_challenge: raw.syn_challenge,
+        max_syn_acks_per_second: raw.max_syn_acks_per_second,
     };
     Ok((attach, policy))
 }

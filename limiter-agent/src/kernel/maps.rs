@@ -43,10 +43,12 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
 
-/// The five maps of one instance.
+/// The seven pinned maps of one instance.
 pub struct Maps {
     config: Array<MapData, Config>,
     sources: HashMap<MapData, SourceKey, SourceState>,
+    probation: HashMap<MapData, SourceKey, SourceState>,
+    local: LpmTrie<MapData, SourceKey, u8>,
     allow: LpmTrie<MapData, SourceKey, u8>,
     bans: LpmTrie<MapData, SourceKey, Ban>,
     stats: PerCpuArray<MapData, u64>,
@@ -76,6 +78,8 @@ impl Maps {
             take(map_names::ALLOW)?,
             take(map_names::BANS)?,
             take(map_names::STATS)?,
+            take(map_names::PROBATION)?,
+            take(map_names::LOCAL)?,
         )
     }
 
@@ -94,6 +98,8 @@ impl Maps {
             Map::LpmTrie(open(map_names::ALLOW)?),
             Map::LpmTrie(open(map_names::BANS)?),
             Map::PerCpuArray(open(map_names::STATS)?),
+            Map::LruHashMap(open(map_names::PROBATION)?),
+            Map::LpmTrie(open(map_names::LOCAL)?),
         )
     }
 
@@ -103,10 +109,14 @@ impl Maps {
         allow: Map,
         bans: Map,
         stats: Map,
+        probation: Map,
+        local: Map,
     ) -> Result<Self, MapsError> {
         Ok(Self {
             config: Array::try_from(config).map_err(map_err(map_names::CONFIG))?,
             sources: HashMap::try_from(sources).map_err(map_err(map_names::SOURCES))?,
+            probation: HashMap::try_from(probation).map_err(map_err(map_names::PROBATION))?,
+            local: LpmTrie::try_from(local).map_err(map_err(map_names::LOCAL))?,
             allow: LpmTrie::try_from(allow).map_err(map_err(map_names::ALLOW))?,
             bans: LpmTrie::try_from(bans).map_err(map_err(map_names::BANS))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err(map_names::STATS))?,
@@ -219,6 +229,32 @@ impl Maps {
         Ok(())
     }
 
+    /// Replaces the host's own addresses, which the SYN challenge never
+    /// answers, with `addrs` (at most [`limiter_common::LOCAL_CAPACITY`];
+    /// the rest are left out).
+    pub fn set_local(&mut self, addrs: &[IpAddr]) -> Result<(), MapsError> {
+        let wanted: Vec<IpNet> = addrs
+            .iter()
+            .map(|a| IpNet::from(a.to_canonical()))
+            .take(limiter_common::LOCAL_CAPACITY as usize)
+            .collect();
+        let present: Vec<IpNet> = self
+            .local
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| from_trie_key(&k))
+            .collect();
+        for net in present.iter().filter(|n| !wanted.contains(n)) {
+            let _ = self.local.remove(&trie_key(*net));
+        }
+        for net in wanted.iter().filter(|n| !present.contains(n)) {
+            self.local
+                .insert(&trie_key(*net), 1, 0)
+                .map_err(map_err(map_names::LOCAL))?;
+        }
+        Ok(())
+    }
+
     /// The allow list.
     pub fn allow_list(&self) -> Vec<IpNet> {
         self.allow
@@ -238,6 +274,32 @@ impl Maps {
                 state,
             })
             .collect()
+    }
+
+    /// Sources admitted by the SYN challenge and not yet promoted.
+    pub fn probation(&self) -> Vec<SourceView> {
+        self.probation
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, state)| SourceView {
+                addr: source_addr(&key),
+                state,
+            })
+            .collect()
+    }
+
+    /// The probation entry of exactly `key`.
+    #[must_use]
+    pub fn probation_at(&self, key: &SourceKey) -> Option<SourceState> {
+        self.probation.get(key, 0).ok()
+    }
+
+    /// Puts `key` in probation, as a valid cookie does.
+    #[cfg(feature = "test-util")]
+    pub fn put_probation(&mut self, key: &SourceKey, state: &SourceState) -> Result<(), MapsError> {
+        self.probation
+            .insert(key, state, 0)
+            .map_err(map_err(map_names::PROBATION))
     }
 
     /// The state of one source (as the program keys it).

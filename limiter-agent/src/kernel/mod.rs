@@ -195,6 +195,7 @@ impl Kernel {
         let wanted = sync::kernel_config(config, current.clock, possible_cpus());
         maps.write_config(&wanted)?;
         maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
+        maps.set_local(&sync::local_addresses())?;
         let program = program_mut(&mut ebpf)?;
         let mut attachments = Vec::new();
         for interface in interfaces {
@@ -252,6 +253,7 @@ impl Kernel {
         let clock = maps.config()?.clock;
         maps.write_config(&sync::kernel_config(config, clock, possible_cpus()))?;
         maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
+        maps.set_local(&sync::local_addresses())?;
         *self
             .ipv6_prefix
             .lock()

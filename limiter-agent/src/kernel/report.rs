@@ -24,6 +24,12 @@ pub struct Report {
     pub max_new_sources_per_cpu: u32,
     /// Unknown sources' SYNs over that budget get the SYN challenge.
     pub syn_challenge: bool,
+    /// Challenge SYN-ACKs each CPU may send per second (0 = no cap).
+    pub max_syn_acks_per_cpu: u32,
+    /// Sources each CPU may admit to probation by the challenge per second.
+    pub max_challenge_admissions_per_cpu: u32,
+    /// Sources in probation (admitted by the challenge, not yet promoted).
+    pub probation: usize,
     pub autoban_after_seconds: u16,
     pub autoban_seconds: u64,
     /// `jiffies` (calibrated tick clock) or `helper`.
@@ -111,6 +117,9 @@ impl Report {
             max_syns_per_second: config.max_syns,
             max_new_sources_per_cpu: config.max_new_sources,
             syn_challenge: config.syn_challenge != 0,
+            max_syn_acks_per_cpu: config.max_syn_acks,
+            max_challenge_admissions_per_cpu: config.max_challenge_admissions,
+            probation: maps.probation().len(),
             autoban_after_seconds: config.autoban_after_windows,
             autoban_seconds: config.autoban_ns / 1_000_000_000,
             clock: if config.clock.ns_per_jiffy == 0 {
@@ -176,6 +185,13 @@ impl Report {
                 "are dropped"
             }
         );
+        if self.syn_challenge {
+            let _ = writeln!(
+                out,
+                "challenge:  {} SYN-ACKs/s and {} admissions/s per CPU; {} sources in probation",
+                self.max_syn_acks_per_cpu, self.max_challenge_admissions_per_cpu, self.probation
+            );
+        }
         let _ = writeln!(
             out,
             "ipv6:       grouped by /{}; clock: {}",

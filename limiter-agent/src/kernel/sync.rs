@@ -70,6 +70,73 @@ pub fn new_sources_per_cpu(config: &Config, cpus: u32) -> u32 {
     new_source_ceiling(config).div_ceil(cpus.max(1))
 }
 
+/// Sources the challenge may admit to probation per second, all CPUs
+/// together: the probation map's capacity / 4, so a client admitted there
+/// stays at least four seconds, however fast a campaign of reflected RSTs
+/// churns the map, far longer than its handshake takes.
+#[must_use]
+pub fn challenge_admissions_per_second() -> u32 {
+    limiter_common::PROBATION_CAPACITY / 4
+}
+
+/// `max_syn_acks_per_second`, or when 0: as many challenge SYN-ACKs a
+/// second as the challenge may admit sources (8,192): one answer per
+/// admission, and no more reflected toward whatever addresses a flood claims.
+#[must_use]
+pub fn syn_ack_cap(config: &Config) -> u32 {
+    match config.live.xdp.max_syn_acks_per_second {
+        0 => challenge_admissions_per_second(),
+        set => set,
+    }
+}
+
+/// The addresses of this host's interfaces (in the agent's network
+/// namespace, where it attaches), which the SYN challenge never answers:
+/// read at start and on each reload.
+#[must_use]
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list it allocates, freed below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        tracing::warn!(
+            "listing the host's addresses: {}",
+            std::io::Error::last_os_error()
+        );
+        return Vec::new();
+    }
+    let mut addrs = Vec::new();
+    let mut next = head;
+    while !next.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let entry = unsafe { &*next };
+        if !entry.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` points at a sockaddr of the family it
+            // names; each arm reads the struct of that family (unaligned:
+            // the list promises only a `sockaddr`'s alignment).
+            let addr = unsafe {
+                match i32::from((*entry.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
+                        Some(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()))
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = entry.ifa_addr.cast::<libc::sockaddr_in6>().read_unaligned();
+                        Some(IpAddr::from(v6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                }
+            };
+            addrs.extend(addr);
+        }
+        next = entry.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
 /// The API ports: `[xdp] ports`, or the listen port.
 #[must_use]
 pub fn ports(config: &Config) -> Vec<u16> {
@@ -99,6 +166,8 @@ pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common
             XdpMode::Observe => mode::OBSERVE,
         },
         syn_challenge: u8::from(config.live.xdp.syn_challenge),
+        max_syn_acks: syn_ack_cap(config).div_ceil(cpus.max(1)),
+        max_challenge_admissions: challenge_admissions_per_second().div_ceil(cpus.max(1)),
         ..limiter_common::Config::default()
     };
     for (slot, port) in out.ports.iter_mut().zip(ports(config)) {
@@ -154,6 +223,8 @@ mod tests {
         assert_eq!(ports(&config), vec![8080]);
         let k = kernel_config(&config, Clock::default(), 2);
         assert_eq!(k.max_new_sources, 1024, "2048 a second over two CPUs");
+        assert_eq!(k.max_syn_acks, 4096, "8192 a second over two CPUs");
+        assert_eq!(k.max_challenge_admissions, 4096);
         assert_eq!(k.ports[0], 8080u16.to_be());
         assert_eq!(k.ports[1], 0);
         assert_eq!(k.max_packets, 4100);
@@ -174,9 +245,16 @@ mod tests {
         assert_eq!(ports(&config), vec![443, 8443]);
         let k = kernel_config(&config, Clock::default(), 3);
         assert_eq!(k.max_new_sources, 683, "2048 a second over three CPUs");
+        assert_eq!(k.max_syn_acks, 2731, "8192 a second over three CPUs");
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));
         assert_eq!(k.mode, mode::OBSERVE);
         assert_eq!(EscalationSettings::from_config(&config).threshold(100), 4);
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_include_loopback() {
+        let addrs = local_addresses();
+        assert!(addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{addrs:?}");
     }
 
     #[test]

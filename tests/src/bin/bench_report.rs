@@ -38,8 +38,8 @@ fn xdp_section(out: &mut String, xdp: &Value) {
     }
     let _ = writeln!(
         out,
-        "\n- API packet of a known source ≤ 4× trivial: {known:.2}× — {}\n- non-API packet ≤ 1.5× trivial: {non_api:.2}× — {}",
-        verdict(known > 0.0 && known <= 4.0),
+        "\n- API packet of a known source ≤ 3× trivial (goal 2.5×): {known:.2}× — {}\n- non-API packet ≤ 1.5× trivial: {non_api:.2}× — {}",
+        verdict(known > 0.0 && known <= 3.0),
         verdict(non_api > 0.0 && non_api <= 1.5)
     );
     let _ = writeln!(

@@ -136,10 +136,10 @@ fn new_clients(challenge: bool, clients: u32) -> serde_json::Value {
         ),
         &[],
     );
-    let calm = newcomers::without_flood(&topology, Ipv4Addr::new(10, 91, 1, 20), 20, BENCH_PATH);
+    let calm = newcomers::without_flood(&topology, Ipv4Addr::new(10, 92, 0, 20), 20, BENCH_PATH);
     let report = newcomers::under_spoofed_flood(
         &topology,
-        Ipv4Addr::new(10, 91, 1, 50),
+        Ipv4Addr::new(10, 92, 0, 50),
         clients,
         10,
         BENCH_PATH,

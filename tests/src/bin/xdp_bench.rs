@@ -169,7 +169,8 @@ fn main() {
             .find(|(n, _)| *n == name)
             .map_or(f64::NAN, |(_, ns)| ns / trivial)
     };
-    for (name, target) in [("api_known_source", 4.0), ("non_api", 1.5)] {
+    // A known source's packet: 3x the trivial program (the goal is 2.5x).
+    for (name, target) in [("api_known_source", 3.0), ("non_api", 1.5)] {
         let r = ratio(name);
         let verdict = if r <= target { "meets" } else { "misses" };
         println!("target {name} <= {target}x trivial: {verdict} ({r:.2}x)");

@@ -1,8 +1,8 @@
 //! The SYN challenge: while the new-source budget is spent, a source the map
 //! does not hold gets a SYN-ACK whose acknowledgment number is a cookie
-//! (`XDP_TX`), and is admitted when it answers with a RST carrying that cookie,
-//! as a real TCP stack in SYN-SENT does. Spoofed sources never see the cookie,
-//! so they create no entry.
+//! (`XDP_TX`), and is admitted to probation when it answers with a RST
+//! carrying that cookie, as a real TCP stack in SYN-SENT does (and as any
+//! host does for a SYN-ACK it did not ask for: `probation.rs`).
 
 use limiter_common::{
     reason::{API, CHALLENGE_PASSED, NEW_SOURCE_CEILING, SYN_CHALLENGE},
@@ -14,8 +14,8 @@ use limiter_tests::{
 };
 
 use crate::support::{
-    DEST_OPTS, ETH_LEN, IPV4_LEN, IPV6_LEN, WINDOW_NS, api4, assert_stats, entry, pin_to_one_cpu,
-    send, v4, v6_64,
+    DEST_OPTS, ETH_LEN, IPV4_LEN, IPV6_LEN, WINDOW_NS, api4, assert_stats, pin_to_one_cpu, send,
+    v4, v6_64,
 };
 
 /// MSS 1460, SACK permitted, timestamps, a NOP and window scale 7: what
@@ -26,7 +26,7 @@ const SYN_OPTIONS: [u8; 20] = [
 const CLIENT_ISN: u32 = 0x1234_5678;
 
 /// A harness whose new-source budget is spent by one known source.
-fn flooded() -> Harness {
+pub fn flooded() -> Harness {
     // The budget is per CPU, and BPF_PROG_TEST_RUN runs on the caller's.
     pin_to_one_cpu();
     let mut h = Harness::new();
@@ -42,7 +42,7 @@ fn flooded() -> Harness {
 }
 
 /// A SYN as a client's stack sends it, checksums included.
-fn syn(frame: Frame) -> Vec<u8> {
+pub fn syn(frame: Frame) -> Vec<u8> {
     let mut bytes = frame.tcp_header(CLIENT_ISN, &SYN_OPTIONS).build();
     seal(&mut bytes);
     bytes
@@ -50,7 +50,7 @@ fn syn(frame: Frame) -> Vec<u8> {
 
 /// The RST a client's stack answers an unacceptable SYN-ACK with: sequence
 /// number = the SYN-ACK's acknowledgment number, no ACK flag (RFC 9293).
-fn rst(frame: Frame, challenge: &[u8], l4: usize) -> Vec<u8> {
+pub fn rst(frame: Frame, challenge: &[u8], l4: usize) -> Vec<u8> {
     let ack = u32::from_be_bytes(challenge[l4 + 8..l4 + 12].try_into().unwrap());
     let mut bytes = frame.tcp_header(ack, &[]).build();
     seal(&mut bytes);
@@ -119,7 +119,7 @@ fn an_unknown_sources_syn_during_a_flood_gets_a_challenge_and_no_entry() {
 }
 
 #[test]
-fn a_rst_with_the_cookie_admits_the_source_and_its_next_syn_passes() {
+fn a_rst_with_the_cookie_admits_the_source_to_probation_and_its_next_syn_passes() {
     let h = flooded();
     let src = [198, 51, 100, 9];
     let (_, answer) = h.run_out(&syn(Frame::tcp4(src, API_PORT, SYN)));
@@ -129,10 +129,11 @@ fn a_rst_with_the_cookie_admits_the_source_and_its_next_syn_passes() {
         &rst(Frame::tcp4(src, API_PORT, RST), &answer, l4),
         XDP_DROP,
     );
-    assert!(h.source(&v4(src)).is_some(), "admitted");
+    assert!(h.probation(&v4(src)).is_some(), "admitted to probation");
+    assert!(h.source(&v4(src)).is_none(), "not to the per-source map");
     // Its SYN, sent again, goes to the listener and is counted as usual.
     send(&h, &syn(Frame::tcp4(src, API_PORT, SYN)), XDP_PASS);
-    assert_eq!(entry(&h, &v4(src)).syns, 1);
+    assert_eq!(h.probation(&v4(src)).expect("in probation").syns, 1);
     assert_stats(
         &h,
         &[
@@ -192,7 +193,7 @@ fn ipv6_sources_get_the_challenge_too_unless_extension_headers_are_in_the_way() 
         &rst(Frame::tcp6(src, API_PORT, RST), &answer, l4),
         XDP_DROP,
     );
-    assert!(h.source(&v6_64(src)).is_some(), "admitted by its /64");
+    assert!(h.probation(&v6_64(src)).is_some(), "admitted by its /64");
     // Behind an extension header the answer would carry it back: dropped.
     let behind = Frame::tcp6("2001:db8:c:1::1", API_PORT, SYN)
         .ipv6_ext(DEST_OPTS, 8)
@@ -265,13 +266,21 @@ fn after_a_window_over_budget_every_unknown_syn_is_challenged_and_spends_nothing
     std::thread::sleep(window + window / 4);
     // The budget is fresh, but the window before went over: challenged.
     send(&h, &fresh(10), XDP_TX);
-    // Other packets of unknown sources still spend the budget.
-    send(&h, &api4([198, 51, 100, 40], ACK), XDP_PASS);
+    // Other packets of unknown sources spend the budget too, and during a
+    // flood get no entry: the challenge is the only way in.
+    send(&h, &api4([198, 51, 100, 40], ACK), XDP_DROP);
     std::thread::sleep(window + window / 4);
     // That window stayed within the budget: the flood is over.
     send(&h, &fresh(11), XDP_PASS);
-    assert_stats(&h, &[(PASS, API, 4), (TX, SYN_CHALLENGE, 4)]);
-    assert_eq!(h.source_count(), 4);
+    assert_stats(
+        &h,
+        &[
+            (PASS, API, 3),
+            (TX, SYN_CHALLENGE, 4),
+            (DROP, NEW_SOURCE_CEILING, 1),
+        ],
+    );
+    assert_eq!(h.source_count(), 3);
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! malformed headers, VLAN tags, IPv4 options, IPv6 extension headers and prefix
 //! grouping, the packet and SYN ceilings, the auto-ban, bans and the allow list
 //! written by userspace, fragments, observe mode, the LRU capacity, the
-//! all-zero config, the SYN challenge, and the program's jiffies clock and
+//! all-zero config, the SYN challenge, its probation and its bounds on
+//! reflection, and the program's jiffies clock and
 //! its calibration.
 //!
 //! Each test loads its own instance of the program with private maps, and checks
@@ -24,4 +25,6 @@ mod headers;
 mod malformed;
 mod observe;
 mod parse;
+mod probation;
+mod reflection;
 mod support;
