@@ -89,6 +89,17 @@ pub const SOURCES_CAPACITY: u32 = 131_072;
 /// Capacity of the probation LRU hash: sources admitted by the SYN
 /// challenge, held apart from the per-source map until promoted.
 pub const PROBATION_CAPACITY: u32 = SOURCES_CAPACITY / 4;
+/// SYNs a source in probation may pass per window until it is promoted. A
+/// valid cookie proves only that some host answers at the address (a
+/// bystander's kernel echoes it), so probation is worth a client's
+/// handshakes, not a known source's ceilings: 32,768 bystander entries at
+/// the full SYN ceiling would be a SYN flood (and the kernel's SYN-ACKs a
+/// reflection) the budgets never see. Each SYN passed also takes a token of
+/// the SYN-ACK cap.
+pub const PROBATION_MAX_SYNS: u32 = 8;
+/// Packets a source in probation may pass per window until it is promoted
+/// (its first packet of an established connection promotes it).
+pub const PROBATION_MAX_PACKETS: u32 = 64;
 /// Capacity of the trie of the host's own addresses.
 pub const LOCAL_CAPACITY: u32 = 1024;
 /// Capacity of the allow-list trie.

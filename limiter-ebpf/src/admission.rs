@@ -5,7 +5,10 @@
 //! clients. The design is in `limiter_common::challenge`.
 
 use aya_ebpf::programs::XdpContext;
-use limiter_common::{Config, NewSources, SourceKey, SourceState, reason, verdict};
+use limiter_common::{
+    Config, NewSources, PROBATION_MAX_PACKETS, PROBATION_MAX_SYNS, SourceKey, SourceState, reason,
+    verdict,
+};
 
 use crate::{
     NEW_SOURCES, PROBATION, SOURCES, account, challenge, enforce, lookup, now_ns,
@@ -53,9 +56,10 @@ pub fn admit_new_source(config: &Config, challenge: bool) -> bool {
 }
 
 /// A packet of a source in probation: counted against the ceilings like a
-/// known source's, and when it belongs to an established connection (and
-/// this CPU's promotion budget allows) the source is moved to the
-/// per-source map.
+/// known source's and against probation's own, tighter ones; a SYN passed
+/// to the kernel takes a token of the SYN-ACK cap (the kernel answers it);
+/// and when it belongs to an established connection (and this CPU's
+/// promotion budget allows) the source is moved to the per-source map.
 #[inline(always)]
 pub fn on_probation(
     ctx: &XdpContext,
@@ -69,17 +73,29 @@ pub fn on_probation(
     if reason != reason::API {
         return enforce(config, reason);
     }
-    if !syn {
-        let mut src = Source::default();
-        let _ = parse(ctx, config, &mut src);
-        if src.tcp_flags & TCP_RST == 0 && lookup::established(ctx, &src) && take_promotion(config)
-        {
-            let promoted = *state;
-            // Inserted first: a source is never in neither map.
-            let _ = SOURCES.insert(key, promoted, 0);
-            let _ = PROBATION.remove(key);
-            return (verdict::PASS, reason::PROMOTED);
+    if syn {
+        if state.syns > PROBATION_MAX_SYNS {
+            return enforce(config, reason::SYN_CEILING);
         }
+        let now = now_ns(config);
+        if let Some(budget) = budgets(config, now)
+            && !budget.take_syn_ack(now, config.max_syn_acks, config.window_ns)
+        {
+            return enforce(config, reason::SYN_ACK_CAP);
+        }
+        return (verdict::PASS, passed);
+    }
+    if state.packets > PROBATION_MAX_PACKETS {
+        return enforce(config, reason::PACKET_CEILING);
+    }
+    let mut src = Source::default();
+    let _ = parse(ctx, config, &mut src);
+    if src.tcp_flags & TCP_RST == 0 && lookup::established(ctx, &src) && take_promotion(config) {
+        let promoted = *state;
+        // Inserted first: a source is never in neither map.
+        let _ = SOURCES.insert(key, promoted, 0);
+        let _ = PROBATION.remove(key);
+        return (verdict::PASS, reason::PROMOTED);
     }
     (verdict::PASS, passed)
 }

@@ -204,14 +204,16 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
                 // SAFETY: as for the per-source entry above.
                 return on_probation(ctx, config, unsafe { &mut *state }, &key, syn, passed);
             }
-            let challenge =
-                config.syn_challenge != 0 && config.mode == mode::ENFORCE && src.challengeable;
-            if !admit_new_source(config, challenge) {
+            // With the challenge on, a flood admits unknown sources only
+            // through it: packets it cannot answer (fragments, extension
+            // headers) get no entry then either.
+            let challenge_on = config.syn_challenge != 0 && config.mode == mode::ENFORCE;
+            if !admit_new_source(config, challenge_on) {
                 // No entry: the map keeps the sources it tracks.
                 if ALLOW.get(Key::new(128, key)).is_some() {
                     return (verdict::PASS, reason::ALLOWLISTED);
                 }
-                if challenge {
+                if challenge_on && src.challengeable {
                     return challenge_unknown(ctx, config, syn);
                 }
                 return enforce(config, reason::NEW_SOURCE_CEILING);

@@ -12,8 +12,11 @@ use std::{
 };
 
 use limiter_common::{
-    SourceState,
-    reason::{API, CHALLENGE_BUDGET, CHALLENGE_PASSED, PROMOTED, SYN_CHALLENGE},
+    PROBATION_MAX_PACKETS, PROBATION_MAX_SYNS, SourceState,
+    reason::{
+        API, CHALLENGE_BUDGET, CHALLENGE_PASSED, NEW_SOURCE_CEILING, PACKET_CEILING, PROMOTED,
+        SYN_ACK_CAP, SYN_CEILING, SYN_CHALLENGE,
+    },
     verdict::{DROP, PASS, TX},
 };
 use limiter_tests::{
@@ -24,7 +27,7 @@ use limiter_tests::{
 
 use crate::{
     challenge::{flooded, rst, syn},
-    support::{ETH_LEN, IPV4_LEN, assert_stats, send, v4},
+    support::{ETH_LEN, IPV4_LEN, IPV4_MF, api4, assert_stats, send, v4},
 };
 
 const L4: usize = ETH_LEN + IPV4_LEN;
@@ -74,7 +77,7 @@ fn a_campaign_of_reflected_rsts_cannot_evict_known_sources() {
     });
     let known: Vec<[u8; 4]> = (0..64).map(|i| [192, 0, 2, i]).collect();
     for src in &known {
-        send(&h, &crate::support::api4(*src, SYN), XDP_PASS);
+        send(&h, &api4(*src, SYN), XDP_PASS);
     }
     assert_eq!(h.source_count(), 64);
     for i in 0..300u16 {
@@ -183,4 +186,81 @@ fn promotions_share_the_new_source_budget() {
     );
     assert!(h.source(&v4([127, 0, 0, 2])).is_none());
     assert_stats(&h, &[(PASS, API, 2), (PASS, PROMOTED, 1)]);
+}
+
+#[test]
+fn a_source_in_probation_gets_a_clients_handshakes_not_a_known_sources_ceilings() {
+    // A bystander's echoed cookie put it there: its address may pass a
+    // client's few SYNs and packets, not a flood into the kernel.
+    let mut h = flooded();
+    let src = [198, 51, 100, 9];
+    h.put_probation(&v4(src), &SourceState::default());
+    let syns = PROBATION_MAX_SYNS + 4;
+    for i in 0..syns {
+        let expected = if i < PROBATION_MAX_SYNS {
+            XDP_PASS
+        } else {
+            XDP_DROP
+        };
+        send(&h, &api4(src, SYN), expected);
+    }
+    let acks = PROBATION_MAX_PACKETS - syns;
+    for _ in 0..acks {
+        send(&h, &api4(src, ACK), XDP_PASS);
+    }
+    send(&h, &api4(src, ACK), XDP_DROP);
+    let state = h.probation(&v4(src)).expect("still in probation");
+    assert_eq!(state.packets, PROBATION_MAX_PACKETS + 1);
+    assert!(h.source(&v4(src)).is_none());
+    assert_stats(
+        &h,
+        &[
+            (PASS, API, 1 + u64::from(PROBATION_MAX_SYNS + acks)),
+            (DROP, SYN_CEILING, 4),
+            (DROP, PACKET_CEILING, 1),
+        ],
+    );
+}
+
+#[test]
+fn a_probation_sources_syns_take_the_syn_ack_caps_tokens() {
+    // The kernel answers each SYN it is passed: that reflection is capped
+    // with the challenge's own.
+    let mut h = flooded();
+    h.update_config(|c| c.max_syn_acks = 3);
+    let src = [198, 51, 100, 10];
+    h.put_probation(&v4(src), &SourceState::default());
+    for expected in [XDP_PASS, XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP] {
+        send(&h, &api4(src, SYN), expected);
+    }
+    assert_stats(&h, &[(PASS, API, 4), (DROP, SYN_ACK_CAP, 2)]);
+}
+
+#[test]
+fn during_a_flood_packets_the_challenge_cannot_answer_get_no_entry_either() {
+    // A window over the new-source budget flags the next one as a flood:
+    // then a fragment (which the challenge cannot answer) from a new source
+    // is turned away like everything else unknown, though the new window's
+    // budget is untouched.
+    limiter_tests::pin_to_cpu(0);
+    let mut h = Harness::new();
+    let window = Duration::from_millis(300);
+    h.update_config(|c| {
+        c.window_ns = u64::try_from(window.as_nanos()).unwrap();
+        c.max_new_sources = 1;
+        c.syn_challenge = 1;
+        c.challenge_key = [7, 11];
+    });
+    send(&h, &api4([192, 0, 2, 1], ACK), XDP_PASS);
+    send(&h, &api4([192, 0, 2, 2], ACK), XDP_DROP);
+    std::thread::sleep(window + window / 3);
+    let fragment = Frame::tcp4([192, 0, 2, 3], API_PORT, ACK)
+        .ipv4_frag(IPV4_MF)
+        .build();
+    send(&h, &fragment, XDP_DROP);
+    assert!(
+        h.source(&v4([192, 0, 2, 3])).is_none(),
+        "no entry in a flood"
+    );
+    assert_stats(&h, &[(PASS, API, 1), (DROP, NEW_SOURCE_CEILING, 2)]);
 }
