@@ -69,6 +69,22 @@ pub fn on_probation(
     syn: bool,
     passed: u32,
 ) -> (u32, u32) {
+    // Outside a flood a source needs no proof to get an entry: one left in
+    // probation by a flood graduates as any new source would (clients whose
+    // sockets the lookup can't see, behind DNAT, are not held to probation's
+    // ceilings once the flood is over).
+    let now = now_ns(config);
+    if budgets(config, now).is_some_and(|b| b.flooded == 0) && admit_new_source(config, true) {
+        let mut graduated = *state;
+        let reason = account(config, &mut graduated, key, syn);
+        let _ = SOURCES.insert(key, graduated, 0);
+        let _ = PROBATION.remove(key);
+        return if reason == reason::API {
+            (verdict::PASS, reason::PROMOTED)
+        } else {
+            enforce(config, reason)
+        };
+    }
     let reason = account(config, state, key, syn);
     if reason != reason::API {
         return enforce(config, reason);
@@ -77,7 +93,6 @@ pub fn on_probation(
         if state.syns > PROBATION_MAX_SYNS {
             return enforce(config, reason::SYN_CEILING);
         }
-        let now = now_ns(config);
         if let Some(budget) = budgets(config, now)
             && !budget.take_syn_ack(now, config.max_syn_acks, config.window_ns)
         {

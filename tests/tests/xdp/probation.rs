@@ -264,3 +264,33 @@ fn during_a_flood_packets_the_challenge_cannot_answer_get_no_entry_either() {
     );
     assert_stats(&h, &[(PASS, API, 1), (DROP, NEW_SOURCE_CEILING, 2)]);
 }
+
+#[test]
+fn a_source_left_in_probation_graduates_once_the_flood_is_over() {
+    // Outside a flood no source needs proof: one a flood left in probation
+    // (a client whose socket the lookup cannot see, say) gets its entry as
+    // any new source would, and with it a known source's ceilings.
+    limiter_tests::pin_to_cpu(0);
+    let mut h = Harness::new();
+    h.update_config(|c| {
+        c.window_ns = crate::support::WINDOW_NS;
+        c.max_new_sources = 4;
+        c.syn_challenge = 1;
+        c.challenge_key = [7, 11];
+    });
+    let src = [198, 51, 100, 11];
+    h.put_probation(&v4(src), &SourceState::default());
+    send(&h, &api4(src, ACK), XDP_PASS);
+    assert!(h.probation(&v4(src)).is_none(), "out of probation");
+    assert_eq!(h.source(&v4(src)).expect("an entry").packets, 1);
+    for _ in 0..PROBATION_MAX_PACKETS + 10 {
+        send(&h, &api4(src, ACK), XDP_PASS);
+    }
+    assert_stats(
+        &h,
+        &[
+            (PASS, PROMOTED, 1),
+            (PASS, API, u64::from(PROBATION_MAX_PACKETS + 10)),
+        ],
+    );
+}
