@@ -9,9 +9,11 @@
 //! way (HTTP/1: room in its write buffer, so in the socket's; HTTP/2: window
 //! from the client). An answer that waits longer than `send_timeout` means a
 //! client that stopped reading (a shut window, a full socket buffer) while
-//! the answer holds an upstream connection: the connection is cut. An answer
-//! waiting on the upstream (an SSE stream between events) waits on nobody's
-//! clock here.
+//! the answer holds an upstream connection: it is cut (`server/answer.rs`;
+//! HTTP/1: the connection with it), and an HTTP/2 answer cut and still held
+//! by hyper a `send_timeout` later closes the connection. An answer waiting
+//! on the upstream (an SSE stream between events) waits on nobody's clock
+//! here.
 
 use std::{
     collections::HashMap,
