@@ -8,10 +8,9 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use limiter_agent::{
-    config::RedisSettings,
     headers,
     identity::Identity,
-    limit::{Ask, BucketKey, Clock as _, FakeClock, RedisStore, Store},
+    limit::{Ask, BucketKey, Clock as _, FakeClock, RedisSettings, RedisStore, Store},
 };
 use limiter_tests::{
     agent::{

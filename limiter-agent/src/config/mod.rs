@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit};
 pub use model::{
-    Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
-    RlsPolicy, RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+    Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy, RlsSecret,
+    StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
 };
 pub use validate::parse_duration;
 

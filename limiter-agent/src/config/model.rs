@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use super::envoy::EnvoyDomain;
-use crate::{identity::ClientIpHeader, net::Networks, route::PathPolicy};
+use crate::{identity::ClientIpHeader, limit::RedisSettings, net::Networks, route::PathPolicy};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -263,52 +263,6 @@ pub struct KeyOverride {
 pub enum StoreKind {
     Memory,
     Redis(RedisSettings),
-}
-
-/// `[store] kind = "redis"`: where the shared counters live and how hard to try.
-/// Its `Debug` (the startup line) hides URL passwords.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL of one server (or the first Cluster seed).
-    pub url: Option<String>,
-    /// Redis Cluster seed nodes; non-empty means Cluster mode.
-    pub cluster_nodes: Vec<String>,
-    /// Prepended to every key, outside the hash tag.
-    pub key_prefix: String,
-    /// Budget for one decision's round trip.
-    pub timeout: Duration,
-    /// Consecutive failures that open the circuit breaker.
-    pub breaker_failures: u32,
-    /// How long an open breaker refuses calls before one probe is let through.
-    pub breaker_cooldown: Duration,
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        fn redact(url: &str) -> String {
-            match (url.find("://"), url.rfind('@')) {
-                (Some(scheme), Some(at)) if at > scheme => {
-                    format!("{}***{}", &url[..scheme + 3], &url[at..])
-                }
-                _ => url.to_owned(),
-            }
-        }
-        f.debug_struct("RedisSettings")
-            .field("url", &self.url.as_deref().map(redact))
-            .field(
-                "cluster_nodes",
-                &self
-                    .cluster_nodes
-                    .iter()
-                    .map(|u| redact(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field("key_prefix", &self.key_prefix)
-            .field("timeout", &self.timeout)
-            .field("breaker_failures", &self.breaker_failures)
-            .field("breaker_cooldown", &self.breaker_cooldown)
-            .finish()
-    }
 }
 
 /// When an API key is a bucket of its own (`[identity] verify_keys`); until

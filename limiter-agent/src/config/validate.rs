@@ -8,14 +8,15 @@ use super::{
     envoy::EnvoyDomain,
     invalid,
     model::{
-        Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RedisSettings,
-        RlsPolicy, RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+        Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy,
+        RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
     raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawTier, RawXdp},
     valid_instance,
 };
 use crate::{
     identity::ClientIpHeader,
+    limit::RedisSettings,
     net::Networks,
     route::{PathPolicy, canonicalize},
 };

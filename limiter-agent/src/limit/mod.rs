@@ -13,7 +13,7 @@ pub use clock::{Clock, FakeClock, Now, SystemClock};
 pub use memory::{MAX_WINDOWS, MemoryStore, StoreFull};
 pub use verified::VerifiedKeys;
 
-pub use self::redis::{RedisStore, bucket_key};
+pub use self::redis::{RedisSettings, RedisStore, bucket_key};
 use crate::identity::Identity;
 
 /// Identifies a bucket: a keyed hash of (client identity, tier), computed by the caller.

@@ -23,7 +23,53 @@ use self::{
     over_limit::OverLimitCache,
 };
 use super::{Ask, Clock, Decision, Store, StoreError, StoreFuture, VerifiedFuture};
-use crate::{config::RedisSettings, identity::Identity};
+use crate::identity::Identity;
+
+/// `[store] kind = "redis"`: where the shared counters live and how hard to try.
+/// Its `Debug` (the startup line) hides URL passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL of one server (or the first Cluster seed).
+    pub url: Option<String>,
+    /// Redis Cluster seed nodes; non-empty means Cluster mode.
+    pub cluster_nodes: Vec<String>,
+    /// Prepended to every key, outside the hash tag.
+    pub key_prefix: String,
+    /// Budget for one decision's round trip.
+    pub timeout: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls before one probe is let through.
+    pub breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn redact(url: &str) -> String {
+            match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}***{}", &url[..scheme + 3], &url[at..])
+                }
+                _ => url.to_owned(),
+            }
+        }
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url.as_deref().map(redact))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .finish()
+    }
+}
 
 /// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
 /// `ARGV[1]`: the limit; `ARGV[2]`: the window in ms; `ARGV[3]`: the units the

@@ -20,9 +20,8 @@ use std::{
 };
 
 use limiter_agent::{
-    config::RedisSettings,
     identity::Identity,
-    limit::{Ask, BucketKey, Clock, MemoryStore, RedisStore, Store, SystemClock},
+    limit::{Ask, BucketKey, Clock, MemoryStore, RedisSettings, RedisStore, Store, SystemClock},
 };
 use limiter_tests::redis::RedisServer;
 
