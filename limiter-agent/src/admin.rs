@@ -11,19 +11,11 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::{dashboard::Dashboard, proxy::Proxy};
+mod dashboard;
+mod status;
 
-/// Adds a section to `/status` (the kernel side reports its interfaces, ceilings, bans).
-pub trait StatusReport: Send + Sync + 'static {
-    /// The section's key in the `/status` object.
-    fn name(&self) -> &'static str;
-    /// The latest report, at once (never a walk of the maps).
-    fn report(&self) -> serde_json::Value;
-    /// Resolves when the report is fresh, or after a short bounded wait.
-    fn fresh(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async {})
-    }
-}
+pub use self::{dashboard::Dashboard, status::StatusReport};
+use crate::proxy::Proxy;
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -99,7 +91,7 @@ impl Admin {
             ("/", Some(_)) => text(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                crate::dashboard::PAGE.into(),
+                dashboard::PAGE.into(),
             ),
             ("/dashboard.json", Some(dashboard)) => text(
                 StatusCode::OK,

@@ -9,10 +9,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    admin::{self, Admin, StatusReport},
+    admin::{self, Admin, Dashboard, StatusReport},
     cli::RunArgs,
     config::{Config, StoreKind},
-    dashboard::Dashboard,
     demo,
     kernel::{Escalation, Kernel},
     limit::{Clock, RedisStore, Store, SystemClock},

@@ -36,11 +36,11 @@ pub use self::{
 };
 use crate::{
     config::{Config, ConfigError, LimitMode, OnError},
-    dashboard::Offenders,
     headers::{self, PolicyName},
     identity::{Identity, IdentityError, IdentityResolver},
     limit::{Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, VerifiedKeys},
     metrics::Metrics,
+    offenders::Offenders,
     route::{RouteTable, canonicalize},
 };
 
