@@ -2,12 +2,12 @@
 //! embedded XDP object.
 
 pub mod admin;
+pub mod answers;
 pub mod app;
 pub mod body;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod headers;
 pub mod identity;
 pub mod kernel;
 pub mod limit;

@@ -35,8 +35,8 @@ pub use self::{
     upstream::Upstreams,
 };
 use crate::{
+    answers::{self, PolicyName},
     config::{Config, ConfigError, LimitMode, OnError},
-    headers::{self, PolicyName},
     identity::{Identity, IdentityError, IdentityResolver},
     limit::{Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, VerifiedKeys},
     metrics::Metrics,
@@ -437,7 +437,7 @@ impl Proxy {
         self.learn(&state, tier, check, response.status()).await;
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).
-        headers::apply(
+        answers::apply(
             response.headers_mut(),
             &decision,
             tier.window_ms,

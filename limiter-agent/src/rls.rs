@@ -45,7 +45,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    headers,
+    answers,
     proxy::{Answer, Proxy, State, Verdict},
 };
 
@@ -179,7 +179,7 @@ impl RateLimitServer {
                     status
                 }
                 Answer::Refused { code, message } => {
-                    refusal.get_or_insert_with(|| headers::error_body(code, &message));
+                    refusal.get_or_insert_with(|| answers::error_body(code, &message));
                     DescriptorStatus {
                         code: Code::OverLimit.into(),
                         ..DescriptorStatus::default()
@@ -261,7 +261,7 @@ impl RateLimitServer {
         let mut headers = HeaderMap::new();
         let mut raw_body = Vec::new();
         if let Some(v) = binding {
-            headers::apply(
+            answers::apply(
                 &mut headers,
                 &v.decision,
                 v.window_ms,
@@ -269,9 +269,9 @@ impl RateLimitServer {
                 v.policy.as_ref(),
             );
             if v.over_limit() {
-                let retry = headers::retry_after_secs(&v.decision, now);
+                let retry = answers::retry_after_secs(&v.decision, now);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry));
-                raw_body = headers::too_many_requests_body(retry).into_bytes();
+                raw_body = answers::too_many_requests_body(retry).into_bytes();
             }
         }
         if over {

@@ -27,7 +27,7 @@ use self::{
     sources::{Cap, Caps, Source, Sources},
 };
 use crate::{
-    headers,
+    answers,
     proxy::{Peer, Proxy},
 };
 
@@ -60,7 +60,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
 
 /// Raw response for a connection refused before HTTP starts (over a cap).
 fn raw_response(status: &str, code: &str, message: &str) -> Vec<u8> {
-    let body = headers::error_body(code, message);
+    let body = answers::error_body(code, message);
     format!(
         "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use limiter_agent::{
-    headers,
+    answers,
     identity::Identity,
     limit::{Ask, BucketKey, Clock as _, FakeClock, RedisSettings, RedisStore, Store},
 };
@@ -643,9 +643,9 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
     let decide = || async { store.decide(ask, clock.now_ms()).await.expect("a decision") };
     let told = |decision| {
         let mut map = reqwest::header::HeaderMap::new();
-        headers::apply(&mut map, &decision, 60_000, clock.now(), None);
+        answers::apply(&mut map, &decision, 60_000, clock.now(), None);
         let reset: u64 = map["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
-        (reset, headers::retry_after_secs(&decision, clock.now()))
+        (reset, answers::retry_after_secs(&decision, clock.now()))
     };
 
     let first = decide().await;

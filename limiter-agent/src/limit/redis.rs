@@ -345,7 +345,7 @@ impl Inner {
         // Redis's clock ran the window; its TTL becomes a deadline on this host's
         // monotonic clock at answer time, off by the one-way latency (and never
         // earlier than the request). Neither clock is the wall clock: the Unix time
-        // a client is told is worked out when the answer goes (`headers::apply`).
+        // a client is told is worked out when the answer goes (`answers::apply`).
         let reset_ms = self
             .clock
             .now_ms()

@@ -16,8 +16,8 @@ use std::{collections::hash_map::RandomState, net::IpAddr};
 
 use super::{Charge, Charged, Proxy, State, TierState};
 use crate::{
+    answers::PolicyName,
     config::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit, LimitMode},
-    headers::PolicyName,
     identity::{Identity, Requester, hashed_key_in, sha256_hex},
     limit::Decision,
     metrics::Metrics,

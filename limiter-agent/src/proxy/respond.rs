@@ -7,7 +7,7 @@ use http_body_util::{BodyExt as _, Full};
 
 use super::Body;
 use crate::{
-    headers::{self, PolicyName},
+    answers::{self, PolicyName},
     limit::{Decision, Now},
 };
 
@@ -19,12 +19,12 @@ pub(super) fn too_many(
     now: Now,
     policy: Option<&PolicyName>,
 ) -> Response<Body> {
-    let retry = headers::retry_after_secs(decision, now);
+    let retry = answers::retry_after_secs(decision, now);
     let mut response = json_response(
         StatusCode::TOO_MANY_REQUESTS,
-        headers::too_many_requests_body(retry),
+        answers::too_many_requests_body(retry),
     );
-    headers::apply(response.headers_mut(), decision, window_ms, now, policy);
+    answers::apply(response.headers_mut(), decision, window_ms, now, policy);
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry));
@@ -50,5 +50,5 @@ pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
 /// A JSON error response: `{"error":{"code":…,"message":…}}`.
 #[must_use]
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, headers::error_body(code, message))
+    json_response(status, answers::error_body(code, message))
 }

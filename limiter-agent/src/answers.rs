@@ -1,4 +1,6 @@
-//! Rate-limit response headers (X-RateLimit-* and the IETF draft's `RateLimit` fields) and the JSON error bodies.
+//! What an answer tells the client about its limit: the rate-limit header
+//! fields (X-RateLimit-* and the IETF draft's `RateLimit` fields), and the
+//! JSON bodies of the 429 and of every other error.
 
 use std::fmt::Write as _;
 
