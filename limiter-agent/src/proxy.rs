@@ -38,7 +38,7 @@ use crate::{
     answers::{self, PolicyName},
     config::{Config, ConfigError, LimitMode, OnError},
     identity::{Identity, IdentityError, IdentityResolver},
-    limit::{Ask, BucketKey, Clock, Decision, MemoryStore, Store, StoreError, VerifiedKeys},
+    limit::{Ask, BucketKey, Clock, Decision, LapsingSet, MemoryStore, Store, StoreError},
     metrics::Metrics,
     offenders::Offenders,
     route::{RouteTable, canonicalize},
@@ -63,10 +63,10 @@ pub struct Proxy {
     /// setting is read per request, so a reload may change it).
     fallback: Option<MemoryStore>,
     /// (key, tier) pairs whose key the upstream has accepted.
-    verified: VerifiedKeys,
+    verified: LapsingSet,
     /// Tiers the upstream has been seen authenticating (a 401/403 within
     /// `verified_key_ttl`); apart from `verified`, so marks never evict keys.
-    authenticating: VerifiedKeys,
+    authenticating: LapsingSet,
     /// When the last "store full" warning was logged (ms), to log at most every 10 s.
     full_logged: AtomicU64,
     clock: Arc<dyn Clock>,
@@ -225,9 +225,9 @@ impl Proxy {
         };
         let ttl_ms =
             u64::try_from(state.config.startup.verified_key_ttl.as_millis()).unwrap_or(u64::MAX);
-        let verified = VerifiedKeys::new(state.config.startup.verified_keys_max, ttl_ms);
+        let verified = LapsingSet::new(state.config.startup.verified_keys_max, ttl_ms);
         // One entry per tier; tiers come and go with reloads.
-        let authenticating = VerifiedKeys::new(4096, ttl_ms);
+        let authenticating = LapsingSet::new(4096, ttl_ms);
         let startup = state.config.startup.clone();
         Ok(Self {
             state: ArcSwap::from_pointee(state),

@@ -59,7 +59,7 @@ macro_rules! map_name {
 /// Map names (at most 15 bytes: the kernel's object-name limit). The agent pins
 /// each map of [`map_names::PINNED`] under `/sys/fs/bpf/limiter/<instance>/<name>`.
 pub mod map_names {
-    /// [`crate::Config`] array with one entry.
+    /// [`crate::ProgramConfig`] array with one entry.
     pub const CONFIG: &str = map_name!(config);
     /// LRU hash [`crate::SourceKey`] → [`crate::SourceState`].
     pub const SOURCES: &str = map_name!(sources);
@@ -216,7 +216,7 @@ pub mod mode {
 /// state before userspace writes it) means: no API ports, so every packet passes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Config {
+pub struct ProgramConfig {
     /// API ports, network byte order; 0 marks an unused slot.
     pub ports: [u16; MAX_PORTS],
     /// Mask applied to IPv6 sources before the per-source lookup (network order).
@@ -225,8 +225,8 @@ pub struct Config {
     pub window_ns: u64,
     /// Kernel auto-ban length in nanoseconds; 0 disables the auto-ban.
     pub autoban_ns: u64,
-    /// The program's clock, see [`Clock`].
-    pub clock: Clock,
+    /// The program's clock, see [`TickCalibration`].
+    pub clock: TickCalibration,
     /// Packets per source per window; 0 = no ceiling.
     pub max_packets: u32,
     /// SYNs (new connections) per source per window; 0 = no ceiling.
@@ -259,7 +259,7 @@ pub struct Config {
     pub max_challenge_admissions: u32,
     pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Config>() == 120);
+const _: () = assert!(size_of::<ProgramConfig>() == 120);
 
 /// The SYN challenge: how a source the map does not hold proves, during a
 /// spoofed flood, that it receives what is sent to its address, and what
@@ -286,7 +286,7 @@ const _: () = assert!(size_of::<Config>() == 120);
 ///   push out a source that has been served, nor the auto-ban its entry
 ///   holds. A probation source is served like a known one (same ceilings).
 /// - **Admission budget.** Each CPU admits at most
-///   [`crate::Config::max_challenge_admissions`] sources to probation per
+///   [`crate::ProgramConfig::max_challenge_admissions`] sources to probation per
 ///   window (over it: `challenge_budget`, no entry), so a legitimate client
 ///   stays in probation for at least capacity / (budget × CPUs) seconds,
 ///   far longer than its handshake takes, however fast the campaign runs.
@@ -295,11 +295,11 @@ const _: () = assert!(size_of::<Config>() == 120);
 ///   kernel's socket lookup, `bpf_sk_lookup_tcp`, finds the connection in
 ///   `ESTABLISHED`): a completed three-way handshake, which a host that did
 ///   not send the SYN never makes. Promotions share the new-source budget
-///   ([`crate::Config::max_new_sources`] per CPU per window), so the map
+///   ([`crate::ProgramConfig::max_new_sources`] per CPU per window), so the map
 ///   takes in at most twice that budget a second however many real hosts an
 ///   attacker owns.
 /// - **Reflection.** The SYN-ACKs themselves are capped per CPU
-///   ([`crate::Config::max_syn_acks`], a token bucket; over it
+///   ([`crate::ProgramConfig::max_syn_acks`], a token bucket; over it
 ///   `syn_ack_cap`), never sent to a source no reply may go to
 ///   ([`martian_v4`], [`martian_v6`], the SYN's own destination, or any
 ///   other address of the host in the `local` trie: `martian_source`), and sent only the way a reply of the host's own
@@ -503,7 +503,7 @@ impl NewSources {
 /// coarse-clock helper instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Clock {
+pub struct TickCalibration {
     /// `CLOCK_MONOTONIC` ns at the calibration sample.
     pub mono_base_ns: u64,
     /// jiffies at the calibration sample.
@@ -511,9 +511,9 @@ pub struct Clock {
     /// Length of a tick (`1e9 / CONFIG_HZ`); 0 = use the helper clock.
     pub ns_per_jiffy: u64,
 }
-const _: () = assert!(size_of::<Clock>() == 24);
+const _: () = assert!(size_of::<TickCalibration>() == 24);
 
-impl Clock {
+impl TickCalibration {
     /// `CLOCK_MONOTONIC` ns at `jiffies` (calibrated clocks only).
     #[inline(always)]
     #[must_use]
@@ -534,7 +534,7 @@ pub const CLOCK_PROGRAM_NAME: &str = "limiter_clock";
 /// Frame length the clock program needs.
 pub const CLOCK_SAMPLE_LEN: usize = 64;
 
-impl Config {
+impl ProgramConfig {
     /// Whether `port` (network byte order) is one of the API ports.
     #[inline(always)]
     #[must_use]
@@ -570,7 +570,7 @@ pub struct SourceState {
     pub packets: u32,
     /// SYNs (SYN without ACK) seen in the current window.
     pub syns: u32,
-    /// The `Config::policy_gen` that `flags` and `ban_until_ns` were read at.
+    /// The `ProgramConfig::policy_gen` that `flags` and `ban_until_ns` were read at.
     pub policy_gen: u32,
     /// Consecutive windows in which this source went over a ceiling.
     pub strikes: u16,
@@ -696,7 +696,7 @@ mod pod {
     // SAFETY: repr(C) `[u8; 16]`, no padding.
     unsafe impl aya::Pod for super::SourceKey {}
     // SAFETY: repr(C) integers and integer arrays, padding written out (size asserted).
-    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::ProgramConfig {}
     // SAFETY: repr(C) integers, padding written out (size asserted).
     unsafe impl aya::Pod for super::SourceState {}
     // SAFETY: repr(C) one `u64`.
@@ -710,7 +710,7 @@ mod pod {
 /// the two cannot drift apart.
 #[cfg(feature = "test-util")]
 pub mod fixture {
-    use super::{Config, ipv6_mask};
+    use super::{ProgramConfig, ipv6_mask};
 
     /// The API port the test frames are addressed to.
     pub const API_PORT: u16 = 8080;
@@ -718,12 +718,12 @@ pub mod fixture {
     /// Port [`API_PORT`], /64 grouping, 1 s windows, no ceilings, enforce
     /// mode, policy generation 1, the precise clock.
     #[must_use]
-    pub fn config() -> Config {
-        let mut config = Config {
+    pub fn config() -> ProgramConfig {
+        let mut config = ProgramConfig {
             ipv6_mask: ipv6_mask(64),
             window_ns: 1_000_000_000,
             policy_gen: 1,
-            ..Config::default()
+            ..ProgramConfig::default()
         };
         config.ports[0] = API_PORT.to_be();
         config
@@ -737,17 +737,20 @@ mod tests {
     #[test]
     fn sizes_match_the_kernel_layout() {
         assert_eq!(size_of::<SourceKey>(), 16);
-        assert_eq!(size_of::<Config>(), 120);
-        assert_eq!(core::mem::offset_of!(Config, max_new_sources), 88);
-        assert_eq!(core::mem::offset_of!(Config, max_syn_acks), 92);
-        assert_eq!(core::mem::offset_of!(Config, challenge_key), 96);
-        assert_eq!(core::mem::offset_of!(Config, max_challenge_admissions), 112);
+        assert_eq!(size_of::<ProgramConfig>(), 120);
+        assert_eq!(core::mem::offset_of!(ProgramConfig, max_new_sources), 88);
+        assert_eq!(core::mem::offset_of!(ProgramConfig, max_syn_acks), 92);
+        assert_eq!(core::mem::offset_of!(ProgramConfig, challenge_key), 96);
+        assert_eq!(
+            core::mem::offset_of!(ProgramConfig, max_challenge_admissions),
+            112
+        );
         assert_eq!(size_of::<NewSources>(), 40);
         assert_eq!(core::mem::offset_of!(NewSources, syn_ack_refill_ns), 24);
         assert_eq!(size_of::<SourceState>(), 40);
         assert_eq!(align_of::<SourceState>(), 8);
         assert_eq!(size_of::<Ban>(), 8);
-        assert_eq!(core::mem::offset_of!(Config, ipv6_mask), 16);
+        assert_eq!(core::mem::offset_of!(ProgramConfig, ipv6_mask), 16);
         assert_eq!(core::mem::offset_of!(SourceState, packets), 24);
     }
 
@@ -881,7 +884,7 @@ mod tests {
 
     #[test]
     fn ports_are_matched_in_network_order() {
-        let mut config = Config::default();
+        let mut config = ProgramConfig::default();
         assert!(!config.is_api_port(0));
         assert!(!config.is_api_port(8080u16.to_be()));
         config.ports[3] = 8080u16.to_be();
@@ -908,7 +911,7 @@ mod tests {
 
     #[test]
     fn calibrated_clock_maps_jiffies_to_monotonic_ns() {
-        let clock = Clock {
+        let clock = TickCalibration {
             mono_base_ns: 5_000_000_000,
             jiffies_base: 4_294_967_000,
             ns_per_jiffy: 4_000_000,

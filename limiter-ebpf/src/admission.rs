@@ -6,8 +6,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use limiter_common::{
-    Config, NewSources, PROBATION_MAX_PACKETS, PROBATION_MAX_SYNS, SourceKey, SourceState, reason,
-    verdict,
+    NewSources, PROBATION_MAX_PACKETS, PROBATION_MAX_SYNS, ProgramConfig, SourceKey, SourceState,
+    reason, verdict,
 };
 
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
 
 /// This CPU's budgets, the window rolled forward to `now` first.
 #[inline(always)]
-fn budgets(config: &Config, now: u64) -> Option<&'static mut NewSources> {
+fn budgets(config: &ProgramConfig, now: u64) -> Option<&'static mut NewSources> {
     let budget = NEW_SOURCES.get_ptr_mut(0)?;
     // SAFETY: the pointer comes from a successful lookup of a per-CPU slot:
     // live, this CPU's own, and XDP does not preempt itself, so this is the
@@ -41,7 +41,7 @@ fn budgets(config: &Config, now: u64) -> Option<&'static mut NewSources> {
 /// false when it is spent, or when a flood is on and `challenge` (with the
 /// challenge on, sources get in during a flood only through it).
 #[inline(always)]
-pub fn admit_new_source(config: &Config, challenge: bool) -> bool {
+pub fn admit_new_source(config: &ProgramConfig, challenge: bool) -> bool {
     if config.max_new_sources == 0 {
         return true;
     }
@@ -63,7 +63,7 @@ pub fn admit_new_source(config: &Config, challenge: bool) -> bool {
 #[inline(always)]
 pub fn on_probation(
     ctx: &XdpContext,
-    config: &Config,
+    config: &ProgramConfig,
     state: &mut SourceState,
     key: &SourceKey,
     syn: bool,
@@ -117,7 +117,7 @@ pub fn on_probation(
 
 /// One unit of this CPU's promotion budget (the new-source budget's size).
 #[inline(always)]
-fn take_promotion(config: &Config) -> bool {
+fn take_promotion(config: &ProgramConfig) -> bool {
     if config.max_new_sources == 0 {
         return true;
     }
@@ -138,7 +138,7 @@ fn take_promotion(config: &Config) -> bool {
 /// (within the admission budget), anything else is dropped at the
 /// new-source ceiling.
 #[inline(always)]
-pub fn challenge_unknown(ctx: &XdpContext, config: &Config, syn: bool) -> (u32, u32) {
+pub fn challenge_unknown(ctx: &XdpContext, config: &ProgramConfig, syn: bool) -> (u32, u32) {
     // Parsed again rather than carried: kept live across the per-source
     // lookup, the parser's findings cost every known source's packet.
     let mut src = Source::default();

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
 use limiter_common::{
-    Config,
+    ProgramConfig,
     challenge::{SLOT_SHIFT, cookie, martian_v4, martian_v6},
 };
 
@@ -118,7 +118,7 @@ pub fn martian(ctx: &XdpContext, src: &Source) -> bool {
 #[inline(always)]
 pub fn answer(
     ctx: &XdpContext,
-    config: &Config,
+    config: &ProgramConfig,
     src: &Source,
     now_ns: u64,
     hop: u8,
@@ -217,7 +217,7 @@ pub fn answer(
 /// Whether the RST described by `src` carries the cookie of a challenge sent
 /// in the current slot or the one before.
 #[inline(always)]
-pub fn passed(ctx: &XdpContext, config: &Config, src: &Source, now_ns: u64) -> bool {
+pub fn passed(ctx: &XdpContext, config: &ProgramConfig, src: &Source, now_ns: u64) -> bool {
     let (Some(ports), Some(seq)) = (read::<u32>(ctx, src.l4), read::<u32>(ctx, src.l4 + TCP_SEQ))
     else {
         return false;

@@ -36,10 +36,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use limiter_common::{
-    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN, Config,
+    ALLOW_CAPACITY, BANS_CAPACITY, Ban, CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN,
     GLOBAL_USE_COARSE_CLOCK, LOCAL_CAPACITY, NewSources, PROBATION_CAPACITY, PROGRAM_NAME,
-    SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name, mode, reason,
-    stat_index, verdict,
+    ProgramConfig, SOURCE_ALLOWED, SOURCES_CAPACITY, STATS_LEN, SourceKey, SourceState, map_name,
+    mode, reason, stat_index, verdict,
 };
 
 use crate::{
@@ -85,7 +85,7 @@ static USE_COARSE_CLOCK: Global<u8> = Global::new(0);
 // side only.
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(config))]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+static CONFIG: Array<ProgramConfig> = Array::with_max_entries(1, 0);
 
 #[unsafe(link_section = "maps")]
 #[unsafe(export_name = map_name!(sources))]
@@ -137,7 +137,7 @@ pub fn limiter(ctx: XdpContext) -> u32 {
 }
 
 /// Samples jiffies and `CLOCK_MONOTONIC` at one instant into the frame, for
-/// userspace to calibrate [`limiter_common::Clock`]. Run only through
+/// userspace to calibrate [`limiter_common::TickCalibration`]. Run only through
 /// `BPF_PROG_TEST_RUN`; never attached.
 #[xdp]
 pub fn limiter_clock(ctx: XdpContext) -> u32 {
@@ -155,9 +155,9 @@ pub fn limiter_clock(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// `CLOCK_MONOTONIC` ns with one tick of resolution (see `Clock` for why).
+/// `CLOCK_MONOTONIC` ns with one tick of resolution (see `TickCalibration` for why).
 #[inline(always)]
-fn now_ns(config: &Config) -> u64 {
+fn now_ns(config: &ProgramConfig) -> u64 {
     if config.clock.ns_per_jiffy != 0 {
         // Inlined by the verifier into a load: no call.
         // SAFETY: a helper without arguments, callable from XDP.
@@ -236,7 +236,7 @@ fn classify(ctx: &XdpContext) -> (u32, u32) {
 
 /// The per-source key: IPv6 sources grouped by the configured prefix.
 #[inline(always)]
-fn source_key(config: &Config, src: &Source) -> SourceKey {
+fn source_key(config: &ProgramConfig, src: &Source) -> SourceKey {
     if src.ipv6 {
         src.key.masked(&config.ipv6_mask)
     } else {
@@ -246,7 +246,7 @@ fn source_key(config: &Config, src: &Source) -> SourceKey {
 
 /// Turns a reason into the verdict for the current mode.
 #[inline(always)]
-fn enforce(config: &Config, reason: u32) -> (u32, u32) {
+fn enforce(config: &ProgramConfig, reason: u32) -> (u32, u32) {
     match reason {
         reason::API | reason::ALLOWLISTED => (verdict::PASS, reason),
         _ if config.mode == mode::OBSERVE => (verdict::WOULD_DROP, reason),
@@ -256,7 +256,7 @@ fn enforce(config: &Config, reason: u32) -> (u32, u32) {
 
 /// Re-reads the allow list and the ban trie for `key` into `state`.
 #[inline(always)]
-fn refresh_policy(config: &Config, state: &mut SourceState, key: &SourceKey) {
+fn refresh_policy(config: &ProgramConfig, state: &mut SourceState, key: &SourceKey) {
     let lookup = Key::new(128, *key);
     state.flags = if ALLOW.get(&lookup).is_some() {
         SOURCE_ALLOWED
@@ -269,7 +269,7 @@ fn refresh_policy(config: &Config, state: &mut SourceState, key: &SourceKey) {
 
 /// Counts an API packet against its source and returns the reason for its verdict.
 #[inline(always)]
-fn account(config: &Config, state: &mut SourceState, key: &SourceKey, syn: bool) -> u32 {
+fn account(config: &ProgramConfig, state: &mut SourceState, key: &SourceKey, syn: bool) -> u32 {
     // The tries are read for a new source (by the caller) and again only when
     // userspace has changed them: allowed and banned sources never start a
     // window, so nothing else may trigger a re-read.
@@ -314,7 +314,7 @@ fn account(config: &Config, state: &mut SourceState, key: &SourceKey, syn: bool)
 }
 
 #[inline(always)]
-fn over_ceiling(config: &Config, state: &SourceState) -> bool {
+fn over_ceiling(config: &ProgramConfig, state: &SourceState) -> bool {
     (config.max_packets != 0 && state.packets > config.max_packets)
         || (config.max_syns != 0 && state.syns > config.max_syns)
 }

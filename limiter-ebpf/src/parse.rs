@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use limiter_common::{Config, SourceKey};
+use limiter_common::{ProgramConfig, SourceKey};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -92,7 +92,7 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 
 /// Parses `ctx` far enough to classify it against `config`'s API ports.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, config: &Config, src: &mut Source) -> Packet {
+pub fn parse(ctx: &XdpContext, config: &ProgramConfig, src: &mut Source) -> Packet {
     match parse_l2(ctx, config, src) {
         Some(packet) => packet,
         None => Packet::Malformed,
@@ -100,7 +100,7 @@ pub fn parse(ctx: &XdpContext, config: &Config, src: &mut Source) -> Packet {
 }
 
 #[inline(always)]
-fn parse_l2(ctx: &XdpContext, config: &Config, src: &mut Source) -> Option<Packet> {
+fn parse_l2(ctx: &XdpContext, config: &ProgramConfig, src: &mut Source) -> Option<Packet> {
     // Destination and source MACs, then the EtherType (or a VLAN TPID).
     let mut offset = 12;
     let mut ethertype = u16::from_be(read::<u16>(ctx, offset)?);
@@ -139,7 +139,7 @@ struct Ipv4Hdr {
 #[inline(always)]
 fn parse_ipv4(
     ctx: &XdpContext,
-    config: &Config,
+    config: &ProgramConfig,
     offset: usize,
     src: &mut Source,
 ) -> Option<Packet> {
@@ -195,7 +195,7 @@ struct Ipv6Hdr {
 #[inline(always)]
 fn parse_ipv6(
     ctx: &XdpContext,
-    config: &Config,
+    config: &ProgramConfig,
     offset: usize,
     src: &mut Source,
 ) -> Option<Packet> {
@@ -231,7 +231,7 @@ fn parse_ipv6(
 #[inline(always)]
 fn ipv6_payload(
     ctx: &XdpContext,
-    config: &Config,
+    config: &ProgramConfig,
     mut offset: usize,
     mut next: u8,
     fragment: &mut bool,
@@ -298,7 +298,7 @@ struct TcpHdr {
 #[inline(always)]
 fn tcp(
     ctx: &XdpContext,
-    config: &Config,
+    config: &ProgramConfig,
     offset: usize,
     fragment: bool,
     src: &mut Source,

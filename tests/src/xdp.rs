@@ -9,7 +9,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_agent::kernel::{self, KernelError, LoadOptions, clock::ClockError, maps::Maps};
-use limiter_common::{Clock, Config, PROGRAM_NAME, SourceKey, SourceState};
+use limiter_common::{PROGRAM_NAME, ProgramConfig, SourceKey, SourceState, TickCalibration};
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -41,8 +41,8 @@ pub struct Harness {
 /// jiffies update), and over 100 ms a 1.2 ms error already snaps `HZ=250` to
 /// `HZ=256`, after which the program's clock drifts 2.3% from `CLOCK_MONOTONIC`
 /// (`clock_calibration_finds_the_kernel_tick_every_time` in `tests/xdp_clock.rs`).
-fn clock(ebpf: &mut Ebpf) -> Clock {
-    static CLOCK: OnceLock<Clock> = OnceLock::new();
+fn clock(ebpf: &mut Ebpf) -> TickCalibration {
+    static CLOCK: OnceLock<TickCalibration> = OnceLock::new();
     *CLOCK.get_or_init(|| {
         kernel::clock::calibrate(ebpf, Duration::from_secs(1))
             .expect("calibrating the program clock")
@@ -80,7 +80,7 @@ pub fn load_with_coarse_clock(coarse: bool) -> Result<(), String> {
 /// The config the tests start from: port [`API_PORT`], /64 grouping, 1 s
 /// windows, no ceilings, enforce mode, policy generation 1, the precise clock.
 #[must_use]
-pub fn test_config() -> Config {
+pub fn test_config() -> ProgramConfig {
     limiter_common::fixture::config()
 }
 
@@ -108,7 +108,7 @@ impl Harness {
             program: PROGRAM_NAME,
             maps: Some(maps),
         };
-        harness.set_config(&Config {
+        harness.set_config(&ProgramConfig {
             clock,
             ..test_config()
         });
@@ -117,7 +117,7 @@ impl Harness {
 
     /// Runs the agent's clock calibration over `span` on this instance's
     /// `limiter_clock` program (the config is left as it is).
-    pub fn calibrate_clock(&mut self, span: Duration) -> Result<Clock, ClockError> {
+    pub fn calibrate_clock(&mut self, span: Duration) -> Result<TickCalibration, ClockError> {
         kernel::clock::calibrate(&mut self.ebpf, span)
     }
 
@@ -217,12 +217,12 @@ impl Harness {
 
     /// The current config.
     #[must_use]
-    pub fn config(&self) -> Config {
+    pub fn config(&self) -> ProgramConfig {
         self.maps().config().expect("reading the config")
     }
 
     /// Replaces the config exactly, `policy_gen` included.
-    pub fn set_config(&mut self, config: &Config) {
+    pub fn set_config(&mut self, config: &ProgramConfig) {
         self.maps_mut()
             .put_config_exact(config)
             .expect("writing the config");
@@ -230,14 +230,14 @@ impl Harness {
 
     /// Writes `config` the agent's way: the policy generation bumped past
     /// the map's, so every source re-reads the tries.
-    pub fn write_config(&mut self, config: &Config) {
+    pub fn write_config(&mut self, config: &ProgramConfig) {
         self.maps_mut()
             .write_config(config)
             .expect("writing the config");
     }
 
     /// Edits the config in place.
-    pub fn update_config(&mut self, edit: impl FnOnce(&mut Config)) {
+    pub fn update_config(&mut self, edit: impl FnOnce(&mut ProgramConfig)) {
         let mut config = self.config();
         edit(&mut config);
         self.set_config(&config);

@@ -1,4 +1,4 @@
-//! Calibration of the program's tick clock (see [`limiter_common::Clock`]):
+//! Calibration of the program's tick clock (see [`limiter_common::TickCalibration`]):
 //! jiffies and `CLOCK_MONOTONIC` sampled at one instant by the object's
 //! `limiter_clock` program, and the tick length measured and snapped to a
 //! kernel `HZ`.
@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
-use limiter_common::{CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN, Clock};
+use limiter_common::{CLOCK_PROGRAM_NAME, CLOCK_SAMPLE_LEN, TickCalibration};
 
 /// Why the clock could not be calibrated.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ const MAX_EDGE_ATTEMPTS: usize = 100;
 /// Takes about `span`: use 1 s. Tick edges can be seen a millisecond or more
 /// late (delayed jiffies updates in VMs); over 100 ms that occasionally picks
 /// the wrong `HZ`, over 1 s the error is 0.1%, far inside the 1% snap.
-pub fn calibrate(ebpf: &mut Ebpf, span: Duration) -> Result<Clock, ClockError> {
+pub fn calibrate(ebpf: &mut Ebpf, span: Duration) -> Result<TickCalibration, ClockError> {
     let program: &mut Xdp = ebpf
         .program_mut(CLOCK_PROGRAM_NAME)
         .ok_or(ClockError::MissingProgram)?
@@ -102,7 +102,7 @@ pub fn calibrate(ebpf: &mut Ebpf, span: Duration) -> Result<Clock, ClockError> {
     let ticks = last.jiffies.saturating_sub(first.jiffies).max(1);
     let measured_ns = last.mono_ns.saturating_sub(first.mono_ns) / ticks;
     let ns_per_jiffy = snap_to_hz(measured_ns).ok_or(ClockError::UnknownHz { measured_ns })?;
-    Ok(Clock {
+    Ok(TickCalibration {
         mono_base_ns: last.mono_ns,
         jiffies_base: last.jiffies,
         ns_per_jiffy,

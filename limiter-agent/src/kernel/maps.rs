@@ -13,8 +13,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    Ban, Config, SourceKey, SourceState, V4_MAPPED_PREFIX_LEN, map_names, reason, stat_index,
-    verdict,
+    Ban, ProgramConfig, SourceKey, SourceState, V4_MAPPED_PREFIX_LEN, map_names, reason,
+    stat_index, verdict,
 };
 
 use crate::net::{group, widen};
@@ -45,7 +45,7 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
 
 /// The seven pinned maps of one instance.
 pub struct Maps {
-    config: Array<MapData, Config>,
+    config: Array<MapData, ProgramConfig>,
     sources: HashMap<MapData, SourceKey, SourceState>,
     probation: HashMap<MapData, SourceKey, SourceState>,
     local: LpmTrie<MapData, SourceKey, u8>,
@@ -123,7 +123,7 @@ impl Maps {
         })
     }
 
-    pub fn config(&self) -> Result<Config, MapsError> {
+    pub fn config(&self) -> Result<ProgramConfig, MapsError> {
         self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
     }
 
@@ -131,14 +131,14 @@ impl Maps {
     /// every source re-reads the tries (a `ban` from another process may have
     /// bumped it meanwhile). A zero `challenge_key` keeps the map's (cookies
     /// sent before a reload or a restart stay valid), or draws a new one.
-    pub fn write_config(&mut self, config: &Config) -> Result<(), MapsError> {
+    pub fn write_config(&mut self, config: &ProgramConfig) -> Result<(), MapsError> {
         let current = self.config()?;
         let challenge_key = match (config.challenge_key, current.challenge_key) {
             ([0, 0], [0, 0]) => random_key(),
             ([0, 0], kept) => kept,
             (given, _) => given,
         };
-        self.put_config(&Config {
+        self.put_config(&ProgramConfig {
             policy_gen: current
                 .policy_gen
                 .max(config.policy_gen)
@@ -149,7 +149,7 @@ impl Maps {
         })
     }
 
-    fn put_config(&mut self, config: &Config) -> Result<(), MapsError> {
+    fn put_config(&mut self, config: &ProgramConfig) -> Result<(), MapsError> {
         self.config
             .set(0, config, 0)
             .map_err(map_err(map_names::CONFIG))
@@ -326,7 +326,7 @@ impl Maps {
     /// Writes `config` exactly, `policy_gen` included: the tests set
     /// generations by hand to show when the program re-reads the tries.
     #[cfg(feature = "test-util")]
-    pub fn put_config_exact(&mut self, config: &Config) -> Result<(), MapsError> {
+    pub fn put_config_exact(&mut self, config: &ProgramConfig) -> Result<(), MapsError> {
         self.put_config(config)
     }
 

@@ -192,7 +192,7 @@ impl Kernel {
                 Err(e) => tracing::warn!("program clock not calibrated, using the helper: {e}"),
             }
         }
-        let wanted = sync::kernel_config(config, current.clock, possible_cpus());
+        let wanted = sync::program_config(config, current.clock, possible_cpus());
         maps.write_config(&wanted)?;
         maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
         maps.set_local(&sync::local_addresses())?;
@@ -251,7 +251,7 @@ impl Kernel {
     pub fn sync(&self, config: &Config) -> Result<(), KernelError> {
         let mut maps = self.maps();
         let clock = maps.config()?.clock;
-        maps.write_config(&sync::kernel_config(config, clock, possible_cpus()))?;
+        maps.write_config(&sync::program_config(config, clock, possible_cpus()))?;
         maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
         maps.set_local(&sync::local_addresses())?;
         *self

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, UdpSocket};
 
 use ipnet::IpNet;
-use limiter_common::{Clock, mode};
+use limiter_common::{TickCalibration, mode};
 
 use crate::config::{Config, XdpMode};
 
@@ -150,8 +150,12 @@ pub fn ports(config: &Config) -> Vec<u16> {
 /// The program's config for `config`, keeping `clock` (calibrated once per
 /// boot), for a machine with `cpus` possible CPUs.
 #[must_use]
-pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common::Config {
-    let mut out = limiter_common::Config {
+pub fn program_config(
+    config: &Config,
+    clock: TickCalibration,
+    cpus: u32,
+) -> limiter_common::ProgramConfig {
+    let mut out = limiter_common::ProgramConfig {
         ipv6_mask: limiter_common::ipv6_mask(config.live.ipv6_prefix),
         window_ns: 1_000_000_000,
         autoban_ns: config.live.xdp.ban_seconds.saturating_mul(1_000_000_000),
@@ -168,7 +172,7 @@ pub fn kernel_config(config: &Config, clock: Clock, cpus: u32) -> limiter_common
         syn_challenge: u8::from(config.live.xdp.syn_challenge),
         max_syn_acks: syn_ack_cap(config).div_ceil(cpus.max(1)),
         max_challenge_admissions: challenge_admissions_per_second().div_ceil(cpus.max(1)),
-        ..limiter_common::Config::default()
+        ..limiter_common::ProgramConfig::default()
     };
     for (slot, port) in out.ports.iter_mut().zip(ports(config)) {
         *slot = port.to_be();
@@ -221,7 +225,7 @@ mod tests {
         assert_eq!(packet_ceiling(&config), 4100);
         assert_eq!(syn_ceiling(&config), 820);
         assert_eq!(ports(&config), vec![8080]);
-        let k = kernel_config(&config, Clock::default(), 2);
+        let k = program_config(&config, TickCalibration::default(), 2);
         assert_eq!(k.max_new_sources, 1024, "2048 a second over two CPUs");
         assert_eq!(k.max_syn_acks, 4096, "8192 a second over two CPUs");
         assert_eq!(k.max_challenge_admissions, 4096);
@@ -243,7 +247,7 @@ mod tests {
         assert_eq!(packet_ceiling(&config), MIN_PACKETS_PER_SECOND);
         assert_eq!(syn_ceiling(&config), 7);
         assert_eq!(ports(&config), vec![443, 8443]);
-        let k = kernel_config(&config, Clock::default(), 3);
+        let k = program_config(&config, TickCalibration::default(), 3);
         assert_eq!(k.max_new_sources, 683, "2048 a second over three CPUs");
         assert_eq!(k.max_syn_acks, 2731, "8192 a second over three CPUs");
         assert_eq!((k.ports[0], k.ports[1]), (443u16.to_be(), 8443u16.to_be()));

@@ -3,15 +3,15 @@
 //! shared [`RedisStore`] for several hosts).
 
 mod clock;
+mod lapsing;
 mod memory;
 mod redis;
-mod verified;
 
 use std::{future::Future, pin::Pin};
 
 pub use clock::{Clock, FakeClock, Now, SystemClock};
+pub use lapsing::LapsingSet;
 pub use memory::{MAX_WINDOWS, MemoryStore, StoreFull};
-pub use verified::VerifiedKeys;
 
 pub use self::redis::{RedisSettings, RedisStore, bucket_key};
 use crate::identity::Identity;

@@ -3,7 +3,7 @@
 //! ethertypes, the all-zero config).
 
 use limiter_common::{
-    Config,
+    ProgramConfig,
     reason::{API, FRAGMENT, MALFORMED, NON_API},
     verdict::PASS,
 };
@@ -130,7 +130,7 @@ fn every_api_port_slot_matches_in_network_byte_order() {
 #[test]
 fn an_all_zero_config_passes_everything_as_non_api() {
     let mut h = Harness::new();
-    h.set_config(&Config::default());
+    h.set_config(&ProgramConfig::default());
     let frames = [
         api4([192, 0, 2, 70], SYN),
         api4([192, 0, 2, 70], ACK),

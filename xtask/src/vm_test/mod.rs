@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::Context as _;
 use limiter_common::{
-    Ban, Config, SourceKey,
+    Ban, ProgramConfig, SourceKey,
     fixture::{self, API_PORT},
     reason, stat_index, verdict,
 };
@@ -266,7 +266,7 @@ fn stripped(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
 /// from the kernel/user contract itself.
 fn environment() -> String {
     let config = fixture::config();
-    let banned = Config {
+    let banned = ProgramConfig {
         policy_gen: 2,
         ..config
     };
@@ -307,12 +307,15 @@ fn environment() -> String {
 }
 
 /// The bytes of a map value as the kernel sees them.
-fn as_bytes(config: &Config) -> &[u8] {
-    // SAFETY: `Config` is `repr(C)` with every padding byte written out as a
+fn as_bytes(config: &ProgramConfig) -> &[u8] {
+    // SAFETY: `ProgramConfig` is `repr(C)` with every padding byte written out as a
     // field (its size is asserted in limiter-common), so all its bytes are
     // initialised.
     unsafe {
-        std::slice::from_raw_parts(std::ptr::from_ref(config).cast::<u8>(), size_of::<Config>())
+        std::slice::from_raw_parts(
+            std::ptr::from_ref(config).cast::<u8>(),
+            size_of::<ProgramConfig>(),
+        )
     }
 }
 

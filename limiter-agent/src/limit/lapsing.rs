@@ -1,15 +1,17 @@
-//! API keys the upstream has accepted, per tier: a key is a bucket of its own
-//! only once verified, so random keys cannot mint fresh quota. Bounded: when
-//! full, the least recently used verification is forgotten, which only costs
-//! that key one more request charged to its client address.
+//! A bounded set of entries that lapse: each is held for a time-to-live after
+//! its last mark, and when the set is full the least recently marked goes.
+//! The proxy keeps two: the (key, tier) pairs whose API key the upstream has
+//! accepted (a key is a bucket of its own only once verified, so random keys
+//! cannot mint fresh quota; forgetting one only costs that key one more
+//! request charged to its client address), and the tiers seen authenticating.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Mutex, PoisonError},
 };
 
-/// (key, tier) entries as keyed hashes, with the time each verification lapses.
-pub struct VerifiedKeys {
+/// Entries (keyed hashes), with the time each lapses.
+pub struct LapsingSet {
     inner: Mutex<Inner>,
     capacity: usize,
     ttl_ms: u64,
@@ -34,7 +36,7 @@ impl Inner {
     }
 }
 
-impl VerifiedKeys {
+impl LapsingSet {
     /// At most `capacity` entries, each trusted for `ttl_ms` after its last
     /// successful answer.
     #[must_use]
@@ -152,7 +154,7 @@ mod tests {
 
     #[test]
     fn entries_lapse_and_can_be_revoked() {
-        let keys = VerifiedKeys::new(10, 1_000);
+        let keys = LapsingSet::new(10, 1_000);
         assert!(!keys.contains(1, 0));
         keys.insert(1, 0);
         assert!(keys.contains(1, 999));
@@ -168,7 +170,7 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_under_churn() {
-        let keys = VerifiedKeys::new(100, 60_000);
+        let keys = LapsingSet::new(100, 60_000);
         for i in 0..10_000u64 {
             keys.insert(i, 0);
             if i % 3 == 0 {
@@ -185,7 +187,7 @@ mod tests {
 
     #[test]
     fn keys_in_use_are_renewed_and_kept_when_others_churn() {
-        let keys = VerifiedKeys::new(3, 1_000);
+        let keys = LapsingSet::new(3, 1_000);
         keys.insert(1, 0);
         assert!(!keys.renewal_due(1, 400), "more than half left: no write");
         assert!(keys.renewal_due(1, 600), "less than half left: due");
@@ -203,7 +205,7 @@ mod tests {
 
     #[test]
     fn marks_and_churn_never_evict_live_entries_below_capacity() {
-        let keys = VerifiedKeys::new(4, 60_000);
+        let keys = LapsingSet::new(4, 60_000);
         keys.insert(7, 0);
         // Thousands of re-marks of one entry, and renewals of another: the
         // queue compacts, nobody is evicted.
