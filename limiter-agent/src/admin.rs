@@ -15,7 +15,7 @@ mod dashboard;
 mod status;
 
 pub use self::{dashboard::Dashboard, status::StatusReport};
-use crate::proxy::Proxy;
+use crate::{accept::accept_until, proxy::Proxy};
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -134,11 +134,7 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 
 /// Serves the admin endpoints until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
+    accept_until(&listener, "admin", std::future::pending(), |stream, _| {
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
@@ -158,5 +154,6 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
+    })
+    .await;
 }

@@ -16,6 +16,8 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
+use crate::accept::accept_until;
+
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Binds `addr` and serves the stand-in until the process ends.
@@ -24,10 +26,7 @@ pub async fn spawn(addr: SocketAddr, api_keys: Vec<String>) -> std::io::Result<S
     let local = listener.local_addr()?;
     let api_keys: Arc<[String]> = api_keys.into();
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+        accept_until(&listener, "demo", std::future::pending(), |stream, _| {
             let api_keys = api_keys.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| answer(req, api_keys.clone()));
@@ -35,7 +34,8 @@ pub async fn spawn(addr: SocketAddr, api_keys: Vec<String>) -> std::io::Result<S
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
-        }
+        })
+        .await;
     });
     Ok(local)
 }

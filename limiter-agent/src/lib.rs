@@ -1,6 +1,7 @@
 //! The limiter agent as a library: the modules the binary is made of, and the
 //! embedded XDP object.
 
+pub mod accept;
 pub mod admin;
 pub mod answers;
 pub mod app;

@@ -45,6 +45,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
+    accept::accept_until,
     answers,
     proxy::{Answer, Proxy, State, Verdict},
 };
@@ -406,24 +407,11 @@ pub async fn serve(
 ) {
     let server = RateLimitServer::new(proxy.clone());
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, peer): (_, SocketAddr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "rls accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    accept_until(&listener, "rls", shutdown, |stream, peer| {
         if !server.admits(peer) {
             tracing::debug!(%peer, "rls caller outside [rls] clients: closed");
-            continue;
+            return;
         }
-        let _ = stream.set_nodelay(true);
         let server = server.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
@@ -442,7 +430,8 @@ pub async fn serve(
                 }
             }
         });
-    }
+    })
+    .await;
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())
         .await

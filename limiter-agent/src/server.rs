@@ -27,6 +27,7 @@ use self::{
     sources::{Cap, Caps, Source, Sources},
 };
 use crate::{
+    accept::accept_until,
     answers,
     proxy::{Peer, Proxy},
 };
@@ -112,21 +113,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     // Every connection holds a receiver; the drain waits for the last one.
     let (stop, _) = watch::channel(());
-    let mut shutdown = pin!(shutdown);
-    loop {
-        let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
+    accept_until(&listener, "proxy", shutdown, |stream, addr| {
         let (source, timeouts) = {
             let state = proxy.state();
             let config = &state.config.live;
@@ -151,11 +138,11 @@ pub async fn serve(
         // the total is full too.
         let Some(source_slot) = source.acquire(&sources) else {
             refused(&proxy, stream, source.cap);
-            continue;
+            return;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             refused(&proxy, stream, Cap::Total);
-            continue;
+            return;
         };
         let proxy = proxy.clone();
         let builder = builder.clone();
@@ -165,7 +152,8 @@ pub async fn serve(
             let _slots = (permit, source_slot);
             connection(stream, addr, proxy, &builder, tls, timeouts, stop).await;
         });
-    }
+    })
+    .await;
     drop(listener);
     tracing::info!(deadline = ?drain, "draining open connections");
     stop.send_replace(());
