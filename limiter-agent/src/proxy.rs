@@ -23,6 +23,7 @@ mod descriptors;
 mod forward;
 mod in_flight;
 mod keys;
+mod pool;
 mod respond;
 mod upstream;
 mod wire;

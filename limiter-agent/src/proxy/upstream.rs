@@ -25,11 +25,10 @@
 //! connection the upstream had just closed sent again on a new one.
 
 use std::{
-    collections::VecDeque,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -44,25 +43,21 @@ use tower_service::Service as _;
 
 use super::{
     BoxError,
+    pool::{Pool, Pooled},
     wire::{self, Wire, WireBody, WireError},
 };
 use crate::body::ClientBody;
 
 /// Longest wait for the upstream's TCP handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle upstream connections older than this are closed.
-const IDLE_TIMEOUT: Duration = Duration::from_mins(1);
 /// Longest wait for a pooled connection to take a request before a new one is opened.
 const READY_WAIT: Duration = Duration::from_millis(100);
-/// Most idle upstream connections kept; beyond it the oldest is closed.
-const MAX_IDLE: usize = 1024;
 
 /// An upstream connection and the authority (`host:port`) it was opened to;
 /// a reload may move the upstream, and connections to the old one are closed.
 struct Held {
     authority: Arc<str>,
     sender: SendRequest<ClientBody>,
-    idle_since: Instant,
     /// The connection's task: aborted when this is dropped, so a connection
     /// nobody will reuse is closed at once, with whatever it was still doing
     /// (sending the rest of a request body the upstream already answered).
@@ -75,11 +70,13 @@ impl Drop for Held {
     }
 }
 
-impl Held {
-    fn reusable(&self, authority: &str, now: Instant) -> bool {
-        &*self.authority == authority
-            && !self.sender.is_closed()
-            && now.saturating_duration_since(self.idle_since) < IDLE_TIMEOUT
+impl Pooled for Held {
+    fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    fn fit(&self) -> bool {
+        !self.sender.is_closed()
     }
 }
 
@@ -91,9 +88,10 @@ pub struct UpstreamBusy(pub usize);
 /// The upstream connections not carrying a request now, and the permits of
 /// all of them.
 pub struct Upstreams {
-    idle: Mutex<VecDeque<Held>>,
+    /// Connections driven by hyper's client, for requests with a body.
+    idle: Pool<Held>,
     /// Connections for requests without a body ([`wire`]).
-    wires: Mutex<VecDeque<Wire>>,
+    wires: Arc<Pool<Wire>>,
     connector: HttpConnector,
     /// One per open connection: `max_upstream_connections` in all.
     permits: Arc<Semaphore>,
@@ -109,8 +107,8 @@ impl Upstreams {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let max_connections = max_connections.min(Semaphore::MAX_PERMITS);
         Self {
-            idle: Mutex::new(VecDeque::new()),
-            wires: Mutex::new(VecDeque::new()),
+            idle: Pool::default(),
+            wires: Arc::new(Pool::default()),
             connector,
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
@@ -129,23 +127,11 @@ impl Upstreams {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        // Idle connections hold permits too: the oldest makes room (dropped
-        // outside the lock). A wire first: its permit comes back as it drops;
-        // a hyper connection's comes back when its aborted task ends.
-        let wire = self
-            .wires
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front();
-        if wire.is_some() {
-            drop(wire);
-        } else {
-            drop(
-                self.idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .pop_front(),
-            );
+        // Idle connections hold permits too: the oldest makes room. A wire
+        // first: its permit comes back as it drops; a hyper connection's
+        // comes back when its aborted task ends.
+        if !self.wires.close_oldest() {
+            self.idle.close_oldest();
         }
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(permit);
@@ -169,7 +155,7 @@ impl Upstreams {
         request: Request<ClientBody>,
         wait: Duration,
     ) -> Result<Response<Returning>, BoxError> {
-        let mut held = match self.checkout(authority) {
+        let mut held = match self.idle.take(authority) {
             Some(held) if held.sender.is_ready() => held,
             // Given back as its exchange ended: ready at its task's next turn.
             // Not ready soon (closed while idle, or still writing to an
@@ -214,77 +200,24 @@ impl Upstreams {
         }))
     }
 
-    /// The newest reusable idle connection to `authority`.
-    fn checkout(&self, authority: &str) -> Option<Held> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(held) = idle.pop_back() {
-            if held.reusable(authority, now) {
-                return Some(held);
-            }
+    /// Keeps `held` for the next request, unless it closed.
+    fn give_back(&self, held: Held) {
+        if !held.sender.is_closed() {
+            self.idle.put(held);
         }
-        None
-    }
-
-    /// Keeps `held` for the next request; the oldest goes when the pool is full.
-    fn give_back(&self, mut held: Held) {
-        if held.sender.is_closed() {
-            return;
-        }
-        held.idle_since = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() >= MAX_IDLE {
-            idle.pop_front();
-        }
-        idle.push_back(held);
     }
 
     /// Closes idle connections that expired, closed, or lead to another
     /// upstream than `authority` (housekeeping, once a second).
     pub fn sweep(&self, authority: &str) {
-        let now = Instant::now();
-        let stale: VecDeque<Held> = {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let (keep, stale) = idle
-                .drain(..)
-                .partition(|held| held.reusable(authority, now));
-            *idle = keep;
-            stale
-        };
-        // Dropped outside the lock: each drop ends a connection's task.
-        drop(stale);
-        // Checked outside the lock: a check may be a system call.
-        let wires: Vec<Wire> = self
-            .wires
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-            .collect();
-        let keep: Vec<Wire> = wires
-            .into_iter()
-            .filter(|wire| wire_reusable(wire, authority, now) && wire.quiet())
-            .collect();
-        let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
-        // Given back meanwhile: newer, so after these.
-        for (i, wire) in keep.into_iter().enumerate() {
-            wires.insert(i, wire);
-        }
-        let excess = wires.len().saturating_sub(MAX_IDLE);
-        wires.drain(..excess);
+        self.idle.sweep(authority);
+        self.wires.sweep(authority);
     }
 
     /// Idle connections now.
     #[must_use]
     pub fn idle(&self) -> usize {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-            + self
-                .wires
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len()
+        self.idle.len() + self.wires.len()
     }
 
     /// Sends a request without a body (see [`wire::carries`]) to
@@ -306,7 +239,7 @@ impl Upstreams {
         // A request that must not reach the upstream twice is retried only
         // when it could not be written.
         let idempotent = parts.method.is_idempotent();
-        let (mut wire, reused) = match self.checkout_wire(authority) {
+        let (mut wire, reused) = match self.wires.take(authority) {
             Some(wire) => (wire, true),
             None => (self.connect_wire(authority, wait).await?, false),
         };
@@ -322,33 +255,7 @@ impl Upstreams {
             wire = self.connect_wire(authority, wait).await?;
             wire.exchange(&head, &parts.method).await?
         };
-        Ok(answer.map(|()| WireBody::new(wire, framing, self.clone())))
-    }
-
-    /// The newest idle [`Wire`] to `authority` that nothing arrived on.
-    fn checkout_wire(&self, authority: &str) -> Option<Wire> {
-        let now = Instant::now();
-        loop {
-            let wire = self
-                .wires
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop_back()?;
-            if wire_reusable(&wire, authority, now) && wire.quiet() {
-                return Some(wire);
-            }
-        }
-    }
-
-    /// Keeps `wire` for the next request; the oldest goes when the pool is full.
-    pub(super) fn give_back_wire(&self, mut wire: Wire) {
-        wire.idle_since = Instant::now();
-        wire.shrink();
-        let mut wires = self.wires.lock().unwrap_or_else(PoisonError::into_inner);
-        if wires.len() >= MAX_IDLE {
-            wires.pop_front();
-        }
-        wires.push_back(wire);
+        Ok(answer.map(|()| WireBody::new(wire, framing, self.wires.clone())))
     }
 
     /// A new connection to `authority` for requests written here.
@@ -387,14 +294,9 @@ impl Upstreams {
         Ok(Held {
             authority: authority.into(),
             sender,
-            idle_since: Instant::now(),
             task: task.abort_handle(),
         })
     }
-}
-
-fn wire_reusable(wire: &Wire, authority: &str, now: Instant) -> bool {
-    &*wire.authority == authority && now.saturating_duration_since(wire.idle_since) < IDLE_TIMEOUT
 }
 
 /// An upstream response body that gives its connection back to the pool

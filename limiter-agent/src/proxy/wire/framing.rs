@@ -1,0 +1,474 @@
+//! The HTTP/1.1 framing rules of the upstream leg, with no socket: the
+//! request head as it is written, which requests may go without a body,
+//! the answer's head and how its body is delimited (RFC 9112 §6.3), and
+//! whether the connection may carry another exchange after it. Table tests
+//! below; the reading itself is in [`super::body`].
+
+use bytes::{Buf as _, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header, request};
+
+use super::WireError;
+
+/// Most header fields in an upstream's answer or its trailers (hyper's
+/// client allows 100).
+pub(super) const MAX_HEADERS: usize = 100;
+/// Most informational (1xx) answers before the final one.
+const MAX_INFORMATIONAL: usize = 16;
+
+/// The answer's head when `buf` holds all of it, taken off the buffer;
+/// informational answers are consumed and skipped (`informational` counts
+/// them across calls). The header values share the head's bytes.
+pub(super) fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    informational: &mut usize,
+) -> Result<Option<(Response<()>, Framing)>, WireError> {
+    loop {
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(WireError::Malformed("invalid answer head")),
+        };
+        let code = response.code.unwrap_or(0);
+        let reason: Box<str> = response.reason.unwrap_or("").into();
+        if (100..200).contains(&code) {
+            // No upgrade was asked for (`Upgrade` is not forwarded).
+            if code == 101 {
+                return Err(WireError::Malformed("unrequested protocol switch"));
+            }
+            *informational += 1;
+            if *informational > MAX_INFORMATIONAL {
+                return Err(WireError::Malformed("too many informational answers"));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| WireError::Malformed("invalid status code"))?;
+        let http11 = response.version == Some(1);
+        // Where each field's name and value sit in the head, so the head
+        // can be split off and the values share its bytes.
+        let base = buf.as_ptr() as usize;
+        let mut fields = Vec::with_capacity(response.headers.len());
+        for field in response.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| WireError::Malformed("invalid header name"))?;
+            let start = field.value.as_ptr() as usize - base;
+            fields.push((name, start, start + field.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(fields.len());
+        for (name, start, end) in fields {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| WireError::Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let framing = Framing::of(&headers, status, method, http11)?;
+        // Read by its transfer coding, an answer that also carries a
+        // length goes on without it (RFC 9112 §6.3, 3): the client must
+        // not frame it by a length the body does not have.
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        let mut answer = Response::new(());
+        *answer.status_mut() = status;
+        *answer.headers_mut() = headers;
+        // A reason phrase of the upstream's own reaches the client, as
+        // through hyper's client.
+        if status.canonical_reason() != Some(&*reason)
+            && let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
+        {
+            answer.extensions_mut().insert(phrase);
+        }
+        return Ok(Some((answer, framing)));
+    }
+}
+
+/// How an answer's body is delimited (RFC 9112 §6.3), and whether the
+/// connection may carry another exchange after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::proxy) struct Framing {
+    pub(super) body: BodyState,
+    pub(super) reusable: bool,
+}
+
+impl Framing {
+    pub(super) fn of(
+        headers: &HeaderMap,
+        status: StatusCode,
+        method: &Method,
+        http11: bool,
+    ) -> Result<Self, WireError> {
+        let close = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"));
+        let reusable = http11 && !close;
+        if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            // No body, whatever the fields say; but an upstream that writes
+            // one anyway (a known bug class) may write it late, after the
+            // next request went out on the connection, where it would be
+            // read as that request's answer. Such a connection is closed.
+            return Ok(Self {
+                body: BodyState::Length(0),
+                reusable: false,
+            });
+        }
+        let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+        if codings.peek().is_some() && !http11 {
+            // HTTP/1.0 has no transfer codings (RFC 9112 §6.1).
+            return Err(WireError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 answer",
+            ));
+        }
+        if codings.peek().is_some() {
+            // Chunked last means chunked; any other coding runs to the
+            // close. With a `Content-Length` too the answer is suspect: read
+            // by the transfer coding, never reused (§6.3, 3).
+            let chunked = codings
+                .last()
+                .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            let both = headers.contains_key(header::CONTENT_LENGTH);
+            return Ok(Self {
+                body: if chunked {
+                    BodyState::ChunkSize
+                } else {
+                    BodyState::Close
+                },
+                reusable: reusable && chunked && !both,
+            });
+        }
+        let mut length = None;
+        for value in headers.get_all(header::CONTENT_LENGTH) {
+            for item in value.as_bytes().split(|b| *b == b',') {
+                let n = parse_length(item.trim_ascii())
+                    .ok_or(WireError::Malformed("invalid Content-Length"))?;
+                if length.is_some_and(|seen| seen != n) {
+                    return Err(WireError::Malformed("conflicting Content-Length"));
+                }
+                length = Some(n);
+            }
+        }
+        Ok(match length {
+            Some(n) => Self {
+                body: BodyState::Length(n),
+                reusable,
+            },
+            None => Self {
+                body: BodyState::Close,
+                reusable: false,
+            },
+        })
+    }
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|b| *b == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Where reading an answer's body stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BodyState {
+    /// This many bytes left.
+    Length(u64),
+    /// Until the upstream closes.
+    Close,
+    /// Before a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk, this many bytes left.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+    Done,
+}
+
+/// The request head as it goes to the upstream: the origin-form target and
+/// the headers as `forward` left them, as hyper's client writes a request
+/// whose body is empty (no framing header is added: neither means no body).
+pub(in crate::proxy) fn encode_head(parts: &request::Parts, out: &mut Vec<u8>) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a request can go this way: no body, and no `Content-Length` that
+/// says otherwise (the upstream would read the next request as its body).
+pub(in crate::proxy) fn carries(parts: &request::Parts, body_ended: bool) -> bool {
+    body_ended
+        && parts.method != Method::CONNECT
+        && parts
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes().trim_ascii() == b"0")
+}
+
+pub(super) fn trailer_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, WireError> {
+    let mut trailers = HeaderMap::new();
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| WireError::Malformed("invalid trailer name"))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| WireError::Malformed("invalid trailer value"))?;
+        trailers.append(name, value);
+    }
+    Ok(trailers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(head: &[(&str, &str)], status: u16, method: &Method) -> Result<Framing, WireError> {
+        let mut headers = HeaderMap::new();
+        for (n, v) in head {
+            headers.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        Framing::of(
+            &headers,
+            StatusCode::from_u16(status).unwrap(),
+            method,
+            true,
+        )
+    }
+
+    /// The head of `raw` as the wire reads it, or the reason it is refused.
+    fn head(raw: &str) -> Result<Option<(Response<()>, Framing)>, &'static str> {
+        let mut buf = BytesMut::from(raw);
+        let mut informational = 0;
+        parse_head(&mut buf, &Method::GET, &mut informational).map_err(|e| match e {
+            WireError::Malformed(why) => why,
+            _ => "other",
+        })
+    }
+
+    #[test]
+    fn answer_heads_are_refused_by_rule() {
+        let endless = "HTTP/1.1 100 Continue\r\n\r\n".repeat(MAX_INFORMATIONAL + 1);
+        let cases: &[(&str, &str)] = &[
+            (&endless, "too many informational answers"),
+            (
+                "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                "Transfer-Encoding in an HTTP/1.0 answer",
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                "unrequested protocol switch",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                "conflicting Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            ("HTTP/1.1 2000 OK\r\n\r\n", "invalid answer head"),
+            (
+                "HTTP/1.1 200 OK\r\nbad name: x\r\n\r\n",
+                "invalid answer head",
+            ),
+        ];
+        for (raw, why) in cases {
+            assert_eq!(head(raw).map(|_| ()), Err(*why), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn a_head_is_taken_whole_after_its_informational_answers() {
+        assert!(
+            head("HTTP/1.1 200 OK\r\ncontent-le").unwrap().is_none(),
+            "partial"
+        );
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n\
+             content-length: 2\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\nrest",
+        );
+        let mut informational = 0;
+        let (answer, framing) = parse_head(&mut buf, &Method::GET, &mut informational)
+            .unwrap()
+            .unwrap();
+        assert_eq!((answer.status(), informational), (StatusCode::OK, 1));
+        assert_eq!(answer.headers()["x-a"], "1");
+        assert!(
+            !answer.headers().contains_key(header::CONTENT_LENGTH),
+            "a length beside a transfer coding goes no further"
+        );
+        assert_eq!(
+            (framing.body, framing.reusable),
+            (BodyState::ChunkSize, false)
+        );
+        assert_eq!(&buf[..], b"rest", "the body's bytes stay in the buffer");
+    }
+
+    #[test]
+    fn an_upstreams_own_reason_phrase_is_kept() {
+        let phrase = |raw| {
+            head(raw)
+                .unwrap()
+                .unwrap()
+                .0
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|p| p.as_bytes().to_vec())
+        };
+        assert_eq!(
+            phrase("HTTP/1.1 499 Client Went Away\r\ncontent-length: 0\r\n\r\n"),
+            Some(b"Client Went Away".to_vec())
+        );
+        assert_eq!(
+            phrase("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn trailers_keep_their_fields_and_refuse_bad_names() {
+        let mut fields = [httparse::EMPTY_HEADER; 4];
+        let (_, parsed) = httparse::parse_headers(b"x-sum: 1\r\n\r\n", &mut fields)
+            .unwrap()
+            .unwrap();
+        assert_eq!(trailer_map(parsed).unwrap()["x-sum"], "1");
+        let bad = [httparse::Header {
+            name: "a b",
+            value: b"1",
+        }];
+        assert!(trailer_map(&bad).is_err());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let get = &Method::GET;
+        let length = |n| Framing {
+            body: BodyState::Length(n),
+            reusable: true,
+        };
+        assert_eq!(
+            framing(&[("content-length", "12")], 200, get).unwrap(),
+            length(12)
+        );
+        assert_eq!(
+            framing(&[("content-length", "12, 12")], 200, get).unwrap(),
+            length(12)
+        );
+        assert!(
+            framing(
+                &[("content-length", "12"), ("content-length", "13")],
+                200,
+                get
+            )
+            .is_err()
+        );
+        assert!(framing(&[("content-length", "+12")], 200, get).is_err());
+        assert!(framing(&[("content-length", "")], 200, get).is_err());
+        // No body whatever the fields say, and never reused: a broken
+        // upstream may send one anyway, late.
+        let suppressed = Framing {
+            body: BodyState::Length(0),
+            reusable: false,
+        };
+        assert_eq!(
+            framing(&[("content-length", "12")], 200, &Method::HEAD).unwrap(),
+            suppressed
+        );
+        assert_eq!(
+            framing(&[("content-length", "12")], 304, get).unwrap(),
+            suppressed
+        );
+        assert_eq!(framing(&[], 204, get).unwrap(), suppressed);
+        // Chunked last wins; with a length too it is read but not reused.
+        let chunked = framing(&[("transfer-encoding", "gzip, Chunked")], 200, get).unwrap();
+        assert_eq!(
+            (chunked.body, chunked.reusable),
+            (BodyState::ChunkSize, true)
+        );
+        let both = framing(
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+            200,
+            get,
+        )
+        .unwrap();
+        assert_eq!((both.body, both.reusable), (BodyState::ChunkSize, false));
+        let not_last = framing(&[("transfer-encoding", "chunked, gzip")], 200, get).unwrap();
+        assert_eq!(
+            (not_last.body, not_last.reusable),
+            (BodyState::Close, false)
+        );
+        // Neither: to the close.
+        let close = framing(&[], 200, get).unwrap();
+        assert_eq!((close.body, close.reusable), (BodyState::Close, false));
+        let told = framing(
+            &[("content-length", "1"), ("connection", "Close")],
+            200,
+            get,
+        )
+        .unwrap();
+        assert!(!told.reusable);
+    }
+
+    #[test]
+    fn requests_with_a_length_other_than_zero_are_not_carried() {
+        let parts = |cl: Option<&str>| {
+            let mut req = http::Request::post("/x");
+            if let Some(cl) = cl {
+                req = req.header("content-length", cl);
+            }
+            req.body(()).unwrap().into_parts().0
+        };
+        assert!(carries(&parts(None), true));
+        assert!(carries(&parts(Some("0")), true));
+        assert!(!carries(&parts(Some("5")), true));
+        assert!(!carries(&parts(None), false));
+    }
+
+    #[test]
+    fn the_head_is_written_as_http_1_1() {
+        let (parts, ()) = http::Request::post("/a?b=1")
+            .header("host", "up")
+            .header("x-k", "v")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        encode_head(&parts, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: up\r\nx-k: v\r\n\r\n"
+        );
+    }
+}
