@@ -112,4 +112,6 @@ impl LiveSettings {
 }
 
 #[cfg(test)]
+mod reference;
+#[cfg(test)]
 mod tests;

@@ -51,11 +51,14 @@ pub struct Options {
     /// Hard time limit per VM, in seconds.
     #[arg(long, default_value_t = TIMEOUT_S)]
     timeout: u64,
-    /// Replace the kernel table in README.md with this run's results (whole
-    /// matrix only).
-    #[arg(long)]
-    update_readme: bool,
+    /// Replace the kernel table in docs/testing.md with this run's results
+    /// (whole matrix only).
+    #[arg(long, alias = "update-readme")]
+    update_docs: bool,
 }
+
+/// The doc whose kernel table `--update-docs` replaces.
+const MATRIX_DOC: &str = "docs/testing.md";
 
 /// A VM runs for 1.5 to 3.5 minutes under TCG on a loaded 2-core machine.
 const TIMEOUT_S: u64 = 420;
@@ -68,7 +71,7 @@ impl Options {
             refresh: false,
             accel: Accel::Tcg,
             timeout: TIMEOUT_S,
-            update_readme: false,
+            update_docs: false,
         }
     }
 }
@@ -116,8 +119,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         named
     };
     anyhow::ensure!(
-        !options.update_readme || kernels.len() == KERNELS.len(),
-        "--update-readme replaces the README's table: run the whole matrix"
+        !options.update_docs || kernels.len() == KERNELS.len(),
+        "--update-docs replaces the kernel table in {MATRIX_DOC}: run the whole matrix"
     );
     setup::ensure(setup::Need::All)?;
     let base = cmd::workspace_root().join("target/vm");
@@ -133,8 +136,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let table = report::table(&outcomes);
     println!("\n{table}");
     fs::write(base.join("matrix.md"), &table)?;
-    if options.update_readme {
-        report::update_readme(&cmd::workspace_root().join("README.md"), &table)?;
+    if options.update_docs {
+        report::update_doc(&cmd::workspace_root().join(MATRIX_DOC), &table)?;
     }
     let failed: Vec<&str> = outcomes
         .iter()

@@ -1,5 +1,5 @@
 //! Reading a VM's console into per-step results, and the matrix table that
-//! the README carries.
+//! `docs/testing.md` carries.
 
 use std::{
     fmt::Write as _,
@@ -247,16 +247,16 @@ pub fn table(outcomes: &[Outcome]) -> String {
 const BEGIN: &str = "<!-- vm-test matrix: begin -->";
 const END: &str = "<!-- vm-test matrix: end -->";
 
-/// Replaces the table between the README's markers.
-pub fn update_readme(readme: &Path, table: &str) -> anyhow::Result<()> {
-    let text = fs::read_to_string(readme)?;
+/// Replaces the table between the doc's markers.
+pub fn update_doc(doc: &Path, table: &str) -> anyhow::Result<()> {
+    let text = fs::read_to_string(doc)?;
     let (head, rest) = text
         .split_once(BEGIN)
-        .with_context(|| format!("no `{BEGIN}` in {}", readme.display()))?;
+        .with_context(|| format!("no `{BEGIN}` in {}", doc.display()))?;
     let (_, tail) = rest
         .split_once(END)
-        .with_context(|| format!("no `{END}` in {}", readme.display()))?;
-    fs::write(readme, format!("{head}{BEGIN}\n{table}{END}{tail}"))?;
-    eprintln!("vm-test: updated the kernel table in {}", readme.display());
+        .with_context(|| format!("no `{END}` in {}", doc.display()))?;
+    fs::write(doc, format!("{head}{BEGIN}\n{table}{END}{tail}"))?;
+    eprintln!("vm-test: updated the kernel table in {}", doc.display());
     Ok(())
 }
