@@ -9,7 +9,6 @@
 )]
 
 pub mod agent;
-pub mod bench;
 pub mod bulk;
 pub mod http;
 pub mod netns;

@@ -1,6 +1,13 @@
-//! Support for the side-by-side benchmarks (`cargo xtask bench proxy | flood |
-//! memory`): peers started from their Debian packages with generated configs,
-//! `wrk` runs pinned to a core, and the results as JSON.
+//! What the benchmark programs (`src/bin/`, run by `cargo xtask bench`) share:
+//! peers started from their Debian packages with generated configs, `wrk`
+//! runs and open-loop load pinned to a core, CPU accounting from `/proc`,
+//! medians, and the results as JSON. Agents, namespaces and HTTP come from the
+//! test kit (`limiter_tests`).
+
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "benchmark support panics with a message rather than returning errors"
+)]
 
 use std::{
     fmt::Write as _,
@@ -9,6 +16,8 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use limiter_tests::{agent, netns::Netns, pin_to_cpu};
 
 /// The path every benchmark request goes to (the chat-completions tier).
 pub const BENCH_PATH: &str = "/api/v1/chat/completions";
@@ -27,23 +36,6 @@ pub fn route_regex(route: &str) -> String {
     }
     out.push('$');
     out
-}
-
-/// Reads a bench's `--name N` options into `options` (name, value), panicking
-/// with `usage` on any other argument.
-pub fn numeric_options(usage: &str, options: &mut [(&str, &mut u32)]) {
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value: u32 = args
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{arg} needs a number"));
-        let (_, slot) = options
-            .iter_mut()
-            .find(|(name, _)| *name == arg)
-            .unwrap_or_else(|| panic!("unknown argument {arg}; usage: {usage}"));
-        **slot = value;
-    }
 }
 
 /// A scratch directory under `target/bench/run/<name>`, emptied first.
@@ -74,7 +66,7 @@ impl Peer {
     /// `addr` probed from inside it.
     #[must_use]
     pub fn start_in(
-        ns: Option<&crate::netns::Netns>,
+        ns: Option<&Netns>,
         name: &str,
         cpu: u32,
         program: &str,
@@ -103,9 +95,9 @@ impl Peer {
         peer
     }
 
-    fn wait_for(&mut self, addr: SocketAddr, ns: Option<&crate::netns::Netns>) {
+    fn wait_for(&mut self, addr: SocketAddr, ns: Option<&Netns>) {
         let connects = |addr: SocketAddr| {
-            let probe = move || crate::agent::listening(addr, Duration::from_millis(200));
+            let probe = move || agent::listening(addr, Duration::from_millis(200));
             match ns {
                 Some(ns) => ns.run(probe),
                 None => probe(),
@@ -401,21 +393,6 @@ pub fn write_json(name: &str, value: &serde_json::Value) -> PathBuf {
     path
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_regexes_match_like_the_router() {
-        assert_eq!(
-            route_regex("/api/v1/fashion/status/:id"),
-            "^/api/v1/fashion/status/[^/]+$"
-        );
-        assert_eq!(route_regex("/api/v1/media/*"), "^/api/v1/media/.+$");
-        assert_eq!(route_regex("/api/health"), "^/api/health$");
-    }
-}
-
 /// What an open-loop run offered and what came back.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Offered {
@@ -461,7 +438,7 @@ pub fn offer(
     let before = (cpu_ticks(contender_cpu).0, tree_ticks(pid));
     let started = Instant::now();
     std::thread::spawn(move || {
-        crate::pin_to_cpu(cpu as usize);
+        pin_to_cpu(cpu as usize);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -471,7 +448,7 @@ pub fn offer(
             let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(rate));
             let mut tasks = Vec::new();
             for _ in 0..connections {
-                let stream = crate::agent::connect_from(from, addr).await;
+                let stream = agent::connect_from(from, addr).await;
                 let _ = stream.set_nodelay(true);
                 let (mut reader, writer) = stream.into_split();
                 let (offered, answered, rejected) = counters.clone();
@@ -545,5 +522,20 @@ pub fn offer(
         seconds,
         cpu_us_per_offered: per(busy),
         process_cpu_us_per_offered: per(process),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_regexes_match_like_the_router() {
+        assert_eq!(
+            route_regex("/api/v1/fashion/status/:id"),
+            "^/api/v1/fashion/status/[^/]+$"
+        );
+        assert_eq!(route_regex("/api/v1/media/*"), "^/api/v1/media/.+$");
+        assert_eq!(route_regex("/api/health"), "^/api/health$");
     }
 }

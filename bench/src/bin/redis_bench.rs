@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser as _;
 use limiter_agent::{
     config::RedisSettings,
     identity::Identity,
@@ -29,36 +30,19 @@ use limiter_tests::redis::RedisServer;
 const WINDOW_MS: u64 = 60_000;
 const BUCKETS: u64 = 10_000;
 
+/// Decisions per second and latency of the Redis store beside the in-memory
+/// store, through the `Store` trait.
+#[derive(clap::Parser)]
 struct Args {
+    /// Where the results go, as JSON.
+    #[arg(value_name = "OUT.json", default_value = "target/bench/redis.json")]
     out: PathBuf,
+    /// Seconds of each throughput case.
+    #[arg(long, value_name = "S", default_value_t = 3.0)]
     seconds: f64,
+    /// Concurrent callers in the throughput cases.
+    #[arg(long, value_name = "N", default_value_t = 64)]
     concurrency: usize,
-}
-
-fn parse_args() -> Args {
-    let mut args = std::env::args().skip(1);
-    let mut parsed = Args {
-        out: PathBuf::from("target/bench/redis.json"),
-        seconds: 3.0,
-        concurrency: 64,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--seconds" => parsed.seconds = value("--seconds").parse().expect("--seconds S"),
-            "--concurrency" => {
-                parsed.concurrency = value("--concurrency").parse().expect("--concurrency N");
-            }
-            other if !other.starts_with('-') => parsed.out = PathBuf::from(other),
-            other => panic!(
-                "unknown argument {other}; usage: redis-bench [OUT.json] [--seconds S] [--concurrency N]"
-            ),
-        }
-    }
-    parsed
 }
 
 /// The identities of the bench's buckets (API-key hashes, as the proxy makes them).
@@ -196,7 +180,7 @@ fn number(value: &serde_json::Value, field: &str) -> f64 {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

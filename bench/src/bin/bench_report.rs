@@ -4,9 +4,24 @@
 //!
 //! Usage: `bench-report TARGET_BENCH_DIR OUT_DIR`.
 
-use std::{fmt::Write as _, path::Path};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
+use clap::Parser as _;
 use serde_json::Value;
+
+/// `RESULTS.md` (and `flood.svg`) from the benchmarks' latest JSON.
+#[derive(clap::Parser)]
+struct Args {
+    /// Where the benchmarks wrote their JSON (`target/bench`).
+    #[arg(value_name = "TARGET_BENCH_DIR")]
+    bench_dir: PathBuf,
+    /// Where the report goes (`bench/`).
+    #[arg(value_name = "OUT_DIR")]
+    out_dir: PathBuf,
+}
 
 fn read(dir: &Path, name: &str) -> Option<Value> {
     let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).ok()?;
@@ -493,16 +508,13 @@ fn flood_svg(flood: &Value) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [bench_dir, out_dir] = args.as_slice() else {
-        panic!("usage: bench-report TARGET_BENCH_DIR OUT_DIR");
-    };
-    let (bench_dir, out_dir) = (Path::new(bench_dir), Path::new(out_dir));
+    let Args { bench_dir, out_dir } = Args::parse();
+    let (bench_dir, out_dir) = (bench_dir.as_path(), out_dir.as_path());
     std::fs::create_dir_all(out_dir).expect("output directory");
     let machine = ["proxy", "flood", "memory"]
         .iter()
         .find_map(|p| read(bench_dir, p).and_then(|v| v["machine"].as_str().map(str::to_owned)))
-        .unwrap_or_else(limiter_tests::bench::machine);
+        .unwrap_or_else(limiter_bench::machine);
     let mut out = format!(
         "# Benchmark results\n\nProduced by `cargo xtask bench` (this file is written by it). \
          Machine: {machine}. Every number is a median over interleaved rounds on a shared, \

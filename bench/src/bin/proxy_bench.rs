@@ -27,18 +27,39 @@ use std::{
     path::Path,
 };
 
+use clap::Parser as _;
 use limiter_agent::config::Tier;
+use limiter_bench::{
+    BENCH_PATH, Peer, WrkResult, machine, median_run, offer, route_regex, scratch, with_cpu_cost,
+    write_json, wrk,
+};
 use limiter_tests::{
     agent::{agent_binary, free_port, reference_tiers, tier},
-    bench::{
-        BENCH_PATH, Peer, WrkResult, machine, median_run, numeric_options, offer, route_regex,
-        scratch, with_cpu_cost, write_json, wrk,
-    },
     http,
     netns::{HOST_CLIENT_ADDR, HOST_CLIENT_IF, Netns, Topology},
     prometheus::metric,
 };
 use serde_json::json;
+
+/// wrk through the limiter and its peers, side by side; or, as a contender
+/// the bench starts, one of the floors.
+#[derive(clap::Parser)]
+struct Args {
+    /// Interleaved rounds of every contender; the median round is reported.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: u32,
+    /// Seconds of each wrk run.
+    #[arg(long, value_name = "S", default_value_t = 8)]
+    seconds: u32,
+    /// Serve as the `tcp_relay` floor instead: bytes relayed to UPSTREAM, no
+    /// HTTP (the bench starts itself so).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"], conflicts_with = "hyper")]
+    relay: Option<Vec<SocketAddr>>,
+    /// Serve as the `hyper_floor` floor instead: hyper's HTTP/1 server and
+    /// client and nothing else (the bench starts itself so).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    hyper: Option<Vec<SocketAddr>>,
+}
 
 const CONTENDER_CPU: u32 = 1;
 const LOAD_CPU: u32 = 0;
@@ -297,7 +318,7 @@ fn floor_peer(mode: &str, place: Place, port: u16, upstream: u16) -> Peer {
         &exe.display().to_string(),
         &[
             mode,
-            &format!("{}:{port}", place.listen),
+            &SocketAddr::from((place.listen, port)).to_string(),
             &local(upstream).to_string(),
         ],
         local(port),
@@ -608,7 +629,7 @@ fn print_verdicts(result: &serde_json::Value) {
 /// Serves `listen` on a current-thread tokio runtime, as the agent's runtime
 /// is on one CPU: each client connection gets a new connection to `upstream`
 /// (both `TCP_NODELAY`) and is handed with it to `serve` in a task of its own.
-fn floor<F, Fut>(listen: &str, upstream: &str, serve: F)
+fn floor<F, Fut>(listen: SocketAddr, upstream: SocketAddr, serve: F)
 where
     F: Fn(tokio::net::TcpStream, tokio::net::TcpStream) -> Fut,
     Fut: Future<Output = ()> + 'static,
@@ -641,7 +662,7 @@ where
 /// `writev` per request as the agent, with no HTTP parsing, no decision and
 /// no headers added. What the limiter costs over it is what its HTTP
 /// handling and deciding cost.
-fn relay(listen: &str, upstream: &str) {
+fn relay(listen: SocketAddr, upstream: SocketAddr) {
     floor(listen, upstream, |mut client, mut server| async move {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
     });
@@ -651,7 +672,7 @@ fn relay(listen: &str, upstream: &str) {
 /// reverse proxy of hyper's HTTP/1 server and client and nothing else
 /// ([`floor`]: one upstream connection per client connection, no pool at
 /// all): what the HTTP library costs before the limiter does anything.
-fn hyper_floor(listen: &str, upstream: &str) {
+fn hyper_floor(listen: SocketAddr, upstream: SocketAddr) {
     use hyper::{client::conn::http1 as client, server::conn::http1 as server};
     use hyper_util::rt::TokioIo;
     floor(listen, upstream, |downstream, up| async move {
@@ -675,19 +696,18 @@ fn hyper_floor(listen: &str, upstream: &str) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, listen, upstream] = args.as_slice() {
-        match flag.as_str() {
-            "--relay" => return relay(listen, upstream),
-            "--hyper" => return hyper_floor(listen, upstream),
-            _ => {}
-        }
+    let Args {
+        rounds,
+        seconds,
+        relay: relay_addrs,
+        hyper: hyper_addrs,
+    } = Args::parse();
+    if let Some([listen, upstream]) = relay_addrs.as_deref() {
+        return relay(*listen, *upstream);
     }
-    let (mut rounds, mut seconds) = (3, 8);
-    numeric_options(
-        "proxy-bench [--rounds N] [--seconds S]",
-        &mut [("--rounds", &mut rounds), ("--seconds", &mut seconds)],
-    );
+    if let Some([listen, upstream]) = hyper_addrs.as_deref() {
+        return hyper_floor(*listen, *upstream);
+    }
     limiter_tests::require_root("the proxy benchmark (XDP on lo and on a veth)");
     // Limits far above what the run can send, then the reference limits.
     let allowed = scenario(

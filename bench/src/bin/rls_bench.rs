@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser as _;
 use envoy_types::pb::envoy::{
     extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
     service::ratelimit::v3::{
@@ -35,9 +36,9 @@ use envoy_types::pb::envoy::{
         rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
     },
 };
+use limiter_bench::{ticks_to_us, tree_ticks};
 use limiter_tests::{
     agent::{Process, agent, free_addr},
-    bench::{ticks_to_us, tree_ticks},
     redis::RedisServer,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -45,37 +46,22 @@ use tonic::transport::{Channel, Endpoint};
 const CLIENTS: u32 = 10_000;
 const STREAMS_PER_CHANNEL: usize = 16;
 
+/// Decisions per second and latency of the agent's rate limit service on
+/// both stores, beside a floor of the same gRPC stack.
+#[derive(clap::Parser)]
 struct Args {
+    /// Where the results go, as JSON (`$LIMITER_BENCH_OUT/rls.json` when set).
+    #[arg(value_name = "OUT.json", default_value = "target/bench/rls.json")]
     out: PathBuf,
+    /// Seconds of each case.
+    #[arg(long, value_name = "S", default_value_t = 5.0)]
     seconds: f64,
+    /// Calls in flight.
+    #[arg(long, value_name = "N", default_value_t = 64)]
     concurrency: usize,
-}
-
-fn parse_args() -> Result<Args, SocketAddr> {
-    let mut args = std::env::args().skip(1);
-    let mut parsed = Args {
-        out: PathBuf::from("target/bench/rls.json"),
-        seconds: 5.0,
-        concurrency: 64,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--floor" => return Err(value("--floor").parse().expect("--floor ADDR")),
-            "--seconds" => parsed.seconds = value("--seconds").parse().expect("--seconds S"),
-            "--concurrency" => {
-                parsed.concurrency = value("--concurrency").parse().expect("--concurrency N");
-            }
-            other if !other.starts_with('-') => parsed.out = PathBuf::from(other),
-            other => panic!(
-                "unknown argument {other}; usage: rls-bench [OUT.json] [--seconds S] [--concurrency N]"
-            ),
-        }
-    }
-    Ok(parsed)
+    /// Serve as the floor on ADDR instead (the bench starts itself so).
+    #[arg(long, value_name = "ADDR")]
+    floor: Option<SocketAddr>,
 }
 
 /// The floor: answers OK at once.
@@ -265,10 +251,10 @@ fn ratio(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(floor) => return serve_floor(floor),
-    };
+    let args = Args::parse();
+    if let Some(floor) = args.floor {
+        return serve_floor(floor);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
