@@ -22,6 +22,17 @@ use limiter_tests::{agent, netns::Netns, pin_to_cpu};
 /// The path every benchmark request goes to (the chat-completions tier).
 pub const BENCH_PATH: &str = "/api/v1/chat/completions";
 
+/// The flood bench's scenarios, in the order it runs and reports them: no
+/// flood, then the flood against no protection, an iptables `hashlimit` rule,
+/// the XDP program, and the XDP program with nothing reaching the host.
+pub const FLOOD_SCENARIOS: [&str; 5] = [
+    "baseline",
+    "no_protection",
+    "iptables_hashlimit",
+    "with_xdp",
+    "attacker_busy_control",
+];
+
 /// A regex matching exactly the paths of `route` (for nginx and `HAProxy`).
 #[must_use]
 pub fn route_regex(route: &str) -> String {
@@ -327,6 +338,82 @@ pub fn with_cpu_cost(cpu: u32, pid: u32, run: impl FnOnce() -> WrkResult) -> Wrk
     result
 }
 
+/// The `quantile` of `samples` in µs, to 0.1 µs (sorts them; `samples` must
+/// not be empty).
+#[must_use]
+pub fn quantile_us(samples: &mut [Duration], quantile: f64) -> f64 {
+    samples.sort_unstable();
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a non-empty sample"
+    )]
+    let index = ((samples.len() as f64 * quantile) as usize).min(samples.len() - 1);
+    (samples[index].as_secs_f64() * 1e7).round() / 10.0
+}
+
+/// What a [`closed_loop`] run measured.
+pub struct ClosedLoop {
+    /// The latency of every call that succeeded.
+    pub samples: Vec<Duration>,
+    /// Calls that failed.
+    pub failed: u64,
+    pub seconds: f64,
+}
+
+impl ClosedLoop {
+    /// Successful calls per second.
+    #[must_use]
+    pub fn per_second(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "a count of calls")]
+        let calls = self.samples.len() as f64;
+        calls / self.seconds
+    }
+}
+
+/// `callers` tasks, each making its next call as soon as the last returns,
+/// for `seconds`: caller `c`'s calls are `call(c, i)` with `i` counting up
+/// from `c × 7,919` (so callers start on different buckets); a call returns
+/// its latency, or `None` when it failed.
+pub async fn closed_loop<F, Fut>(callers: usize, seconds: f64, call: F) -> ClosedLoop
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Option<Duration>> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let (mut samples, mut failed) = (Vec::new(), 0u64);
+                let mut i = c as u64 * 7_919;
+                while Instant::now() < deadline {
+                    match call(c, i).await {
+                        Some(took) => samples.push(took),
+                        None => failed += 1,
+                    }
+                    i += 1;
+                }
+                (samples, failed)
+            })
+        })
+        .collect();
+    let mut run = ClosedLoop {
+        samples: Vec::new(),
+        failed: 0,
+        seconds: 0.0,
+    };
+    for task in tasks {
+        let (samples, failed) = task.await.expect("a caller task");
+        run.samples.extend(samples);
+        run.failed += failed;
+    }
+    run.seconds = started.elapsed().as_secs_f64();
+    run
+}
+
 /// The median of `values` (upper median for even counts).
 #[must_use]
 pub fn median(mut values: Vec<f64>) -> f64 {
@@ -384,13 +471,20 @@ pub fn write_json(name: &str, value: &serde_json::Value) -> PathBuf {
         PathBuf::from,
     );
     let path = dir.join(format!("{name}.json"));
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("target/bench");
+    write_json_to(&path, value);
+    path
+}
+
+/// Writes `value` as pretty JSON to `path`, creating its directory.
+pub fn write_json_to(path: &Path, value: &serde_json::Value) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("the results' directory");
+    }
     std::fs::write(
-        &path,
+        path,
         serde_json::to_string_pretty(value).expect("JSON") + "\n",
     )
-    .expect("writing the results");
-    path
+    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 /// What an open-loop run offered and what came back.

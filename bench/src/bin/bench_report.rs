@@ -10,6 +10,7 @@ use std::{
 };
 
 use clap::Parser as _;
+use limiter_bench::{FLOOD_SCENARIOS, machine};
 use serde_json::Value;
 
 /// `RESULTS.md` (and `flood.svg`) from the benchmarks' latest JSON.
@@ -255,13 +256,7 @@ fn flood_section(out: &mut String, flood: &Value) {
         "| scenario | legit req/s | legit p99 ms | × baseline | attacker pps | XDP dropped pps | softirq ns per attack packet |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     let baseline = f(&flood["baseline"]["legit_rps"]);
-    for scenario in [
-        "baseline",
-        "no_protection",
-        "iptables_hashlimit",
-        "with_xdp",
-        "attacker_busy_control",
-    ] {
+    for scenario in FLOOD_SCENARIOS {
         let s = &flood[scenario];
         let ratio = if baseline > 0.0 {
             f(&s["legit_rps"]) / baseline
@@ -514,7 +509,7 @@ fn main() {
     let machine = ["proxy", "flood", "memory"]
         .iter()
         .find_map(|p| read(bench_dir, p).and_then(|v| v["machine"].as_str().map(str::to_owned)))
-        .unwrap_or_else(limiter_bench::machine);
+        .unwrap_or_else(machine);
     let mut out = format!(
         "# Benchmark results\n\nProduced by `cargo xtask bench` (this file is written by it). \
          Machine: {machine}. Every number is a median over interleaved rounds on a shared, \

@@ -19,7 +19,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use clap::Parser as _;
 use limiter_bench::{
-    BENCH_PATH, WrkResult, machine, median_run, softirq_ticks, ticks_to_us, write_json, wrk,
+    BENCH_PATH, FLOOD_SCENARIOS, WrkResult, machine, median_run, softirq_ticks, ticks_to_us,
+    write_json, wrk,
 };
 use limiter_tests::{
     netns::{self, API_PORT, HOST_ATTACKER_IF, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
@@ -106,12 +107,10 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
     }
     let softirq_before = softirq_ticks();
     let flood = (scenario != "baseline").then(|| {
-        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
         // The flood outlasts the client's run on both ends.
         let duration = Duration::from_secs(u64::from(seconds) + 2);
-        std::thread::spawn(move || {
-            limiter_tests::pin_to_cpu(1);
-            syn_flood_for(&host, &attacker, duration)
+        topology.flood_thread(Some(1), move |host, attacker| {
+            syn_flood_for(host, attacker, duration)
         })
     });
     if flood.is_some() {
@@ -215,13 +214,7 @@ fn main() {
         clients,
     } = Args::parse();
     limiter_tests::require_root("the flood benchmark (namespaces, XDP, iptables)");
-    let scenarios = [
-        "baseline",
-        "no_protection",
-        "iptables_hashlimit",
-        "with_xdp",
-        "attacker_busy_control",
-    ];
+    let scenarios = FLOOD_SCENARIOS;
     let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, scenario) in scenarios.iter().enumerate() {

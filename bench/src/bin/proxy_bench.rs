@@ -137,7 +137,8 @@ fn upstream(dir: &Path, port: u16, place: Place) -> Peer {
     )
 }
 
-/// Writes `conf` to `dir/file` and starts nginx with it.
+/// Writes `conf` to `dir/file` and starts nginx with it (`dir` is this
+/// nginx's own: its pid, logs and temporary files go there).
 fn start_nginx(
     name: &str,
     cpu: u32,
@@ -146,6 +147,7 @@ fn start_nginx(
     port: u16,
     place: Place,
 ) -> Peer {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let path = dir.join(file);
     std::fs::write(&path, conf).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     Peer::start_in(
@@ -357,6 +359,28 @@ fn kernel_counts(place: Place, admin: u16) -> serde_json::Value {
     })
 }
 
+/// Removes the pinned maps of the agent `instance` (an earlier run's, or
+/// this one's once it is done).
+fn unpin(instance: &str) {
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+}
+
+/// Adds the XDP contender's kernel counts (read through its admin port) to
+/// its entry in `out`, then stops it and removes its pins.
+fn xdp_done(
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    place: Place,
+    (xdp, admin): (Peer, u16),
+    instance: &str,
+) {
+    let kernel = kernel_counts(place, admin);
+    if let Some(serde_json::Value::Object(entry)) = out.get_mut("limiter_xdp") {
+        entry.insert("kernel".into(), kernel);
+    }
+    xdp.stop();
+    unpin(instance);
+}
+
 /// One scenario: every contender up at once at `place`, `rounds` interleaved wrk runs.
 fn scenario(
     name: &str,
@@ -370,15 +394,17 @@ fn scenario(
     let (lim_port, lim_admin, xdp_port, xdp_admin) =
         (free_port(), free_port(), free_port(), free_port());
     let instance = format!("bench-{name}");
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
-    let upstream_dir = dir.join("upstream");
-    let nginx_dir = dir.join("nginx");
-    for d in [&upstream_dir, &nginx_dir] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
-    let upstream = upstream(&upstream_dir, up_port, place);
+    unpin(&instance);
+    let upstream = upstream(&dir.join("upstream"), up_port, place);
     let tiers = reference_tiers();
-    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale, place);
+    let nginx = nginx(
+        &dir.join("nginx"),
+        nginx_port,
+        up_port,
+        &tiers,
+        scale,
+        place,
+    );
     let haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale, place);
     let limiter_plain = limiter(
         &dir, lim_port, lim_admin, up_port, &tiers, scale, None, true, place,
@@ -465,12 +491,7 @@ fn scenario(
     for (i, (contender, ..)) in contenders.iter().enumerate() {
         out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
     }
-    let kernel = kernel_counts(place, xdp_admin);
-    if let Some(serde_json::Value::Object(xdp)) = out.get_mut("limiter_xdp") {
-        xdp.insert("kernel".into(), kernel);
-    }
-    limiter_xdp.stop();
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    xdp_done(&mut out, place, (limiter_xdp, xdp_admin), &instance);
     serde_json::Value::Object(out)
 }
 
@@ -490,14 +511,10 @@ fn escalation(seconds: u32) -> serde_json::Value {
         free_port(),
     );
     let instance = "bench-escalation";
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
-    let (upstream_dir, nginx_dir) = (dir.join("upstream"), dir.join("nginx"));
-    for d in [&upstream_dir, &nginx_dir] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
+    unpin(instance);
     let tiers = reference_tiers();
-    let _upstream = upstream(&upstream_dir, up_port, place);
-    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, 1, place);
+    let _upstream = upstream(&dir.join("upstream"), up_port, place);
+    let nginx = nginx(&dir.join("nginx"), nginx_port, up_port, &tiers, 1, place);
     let plain = limiter(
         &dir, lim_port, lim_admin, up_port, &tiers, 1, None, true, place,
     );
@@ -544,12 +561,7 @@ fn escalation(seconds: u32) -> serde_json::Value {
             }),
         );
     }
-    let kernel = kernel_counts(place, xdp_admin);
-    if let Some(serde_json::Value::Object(entry)) = out.get_mut("limiter_xdp") {
-        entry.insert("kernel".into(), kernel);
-    }
-    xdp.stop();
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    xdp_done(&mut out, place, (xdp, xdp_admin), instance);
     serde_json::Value::Object(out)
 }
 

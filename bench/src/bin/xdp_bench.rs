@@ -12,7 +12,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Parser as _;
 use ipnet::IpNet;
-use limiter_bench::median;
+use limiter_bench::{median, write_json_to};
 use limiter_common::{SourceKey, SourceState};
 use limiter_tests::{
     monotonic_ns,
@@ -158,13 +158,6 @@ fn main() {
         "repeat": args.repeat,
         "cases": cases.iter().map(|(name, ns)| serde_json::json!({"name": name, "ns": (ns * 100.0).round() / 100.0, "ratio": (ns / trivial * 100.0).round() / 100.0})).collect::<Vec<_>>(),
     });
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir).expect("creating the output directory");
-    }
-    std::fs::write(
-        &args.out,
-        serde_json::to_string_pretty(&json).expect("json") + "\n",
-    )
-    .expect("writing the results");
+    write_json_to(&args.out, &json);
     println!("wrote {}", args.out.display());
 }
