@@ -1,7 +1,18 @@
-//! Shared test support: a loaded instance of the XDP program driven through
-//! `BPF_PROG_TEST_RUN` ([`xdp`]), hand-built packets ([`packet`]), real agent
-//! processes ([`agent`]), real Redis servers ([`redis`]), and real routers
-//! ([`routers`]) for the path spellings ([`spellings`]) of the differential suite.
+//! The kit every suite (and the benchmarks, `limiter-bench`) shares:
+//!
+//! - [`agent`]: the agent binary and its demo upstream as real processes, free ports.
+//! - [`bulk`]: an upstream of large answers and an HTTP/2 client that shuts its window.
+//! - [`http`]: raw HTTP/1 requests and answers, the `reqwest` client, the agent's metrics.
+//! - [`netns`]: host, client and attacker namespaces joined by veths, and SYN floods.
+//! - [`newcomers`]: new clients connecting during a spoofed SYN flood.
+//! - [`packet`]: hand-built frames (Ethernet, VLAN, IPv4/IPv6, TCP/UDP) for the XDP tests.
+//! - [`prometheus`]: the reader of the agent's Prometheus text.
+//! - [`redis`]: throwaway `redis-server`s, single and a three-node Cluster.
+//! - [`rls`]: Envoy's rate limit service called by a client nobody here wrote.
+//! - [`routers`]: Express, Starlette, Flask and nginx as upstreams of the path suite.
+//! - [`scripted`]: a TCP upstream answering with the bytes a test chooses.
+//! - [`spellings`]: spellings of the reference tiers' paths for the path suite.
+//! - [`xdp`]: a private instance of the XDP program driven through `BPF_PROG_TEST_RUN`.
 
 #![expect(
     clippy::missing_panics_doc,
@@ -9,7 +20,6 @@
 )]
 
 pub mod agent;
-pub mod bench;
 pub mod bulk;
 pub mod http;
 pub mod netns;

@@ -466,6 +466,26 @@ pub fn connects(ns: &Netns, addr: SocketAddrV4, timeout: Duration) -> bool {
     ns.run(move || TcpStream::connect_timeout(&addr.into(), timeout).is_ok())
 }
 
+impl Topology {
+    /// Runs `send(host, attacker)`, one of the SYN senders below, on a thread
+    /// of its own, pinned to `cpu` when given (over veth the program runs on
+    /// the sender's CPU, and the new-source budget is per CPU); join it for
+    /// what the sender returns.
+    pub fn flood_thread<T: Send + 'static>(
+        &self,
+        cpu: Option<usize>,
+        send: impl FnOnce(&Netns, &Netns) -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let (host, attacker) = (self.host.clone(), self.attacker.clone());
+        std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                crate::pin_to_cpu(cpu);
+            }
+            send(&host, &attacker)
+        })
+    }
+}
+
 /// Sends `count` TCP SYNs from the attacker's veth to the host's API port, as
 /// fast as one thread can, from rotating source ports; returns how long it took.
 #[must_use]

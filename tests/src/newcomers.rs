@@ -245,14 +245,9 @@ pub fn under_spoofed_flood(
 ) -> Report {
     let stop = Arc::new(AtomicBool::new(false));
     let flood = {
-        let (host, attacker, stop) = (
-            topology.host.clone(),
-            topology.attacker.clone(),
-            Arc::clone(&stop),
-        );
-        std::thread::spawn(move || {
-            pin_to_cpu(0);
-            spoofed_syn_flood_until(&host, &attacker, stop)
+        let stop = Arc::clone(&stop);
+        topology.flood_thread(Some(0), move |host, attacker| {
+            spoofed_syn_flood_until(host, attacker, stop)
         })
     };
     let started = Instant::now();

@@ -23,7 +23,6 @@ use limiter_tests::{
         HOST_CLIENT_ADDR, Topology, connects, counter, ip, spoofed_syns_paced, syn_flood,
     },
     newcomers::{self, RxNapi},
-    pin_to_cpu,
 };
 
 /// Spoofed SYNs a second: over the new-source budget (2,048 a second, 1,024
@@ -101,14 +100,9 @@ fn campaign(
     rate: u32,
     stop: &Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<u64> {
-    let (host, attacker, stop) = (
-        topology.host.clone(),
-        topology.attacker.clone(),
-        Arc::clone(stop),
-    );
-    std::thread::spawn(move || {
-        pin_to_cpu(0);
-        spoofed_syns_paced(&host, &attacker, (BYSTANDERS, 1 << 16), rate, stop)
+    let stop = Arc::clone(stop);
+    topology.flood_thread(Some(0), move |host, attacker| {
+        spoofed_syns_paced(host, attacker, (BYSTANDERS, 1 << 16), rate, stop)
     })
 }
 
@@ -334,14 +328,9 @@ fn where_the_interface_forwards_the_answer_goes_only_where_the_fib_says() {
     // A flood from addresses the host has no route to: dropped unanswered.
     let stop = Arc::new(AtomicBool::new(false));
     let flood = {
-        let (host, attacker, stop) = (
-            topology.host.clone(),
-            topology.attacker.clone(),
-            Arc::clone(&stop),
-        );
-        std::thread::spawn(move || {
-            pin_to_cpu(0);
-            netns::spoofed_syn_flood_until(&host, &attacker, stop)
+        let stop = Arc::clone(&stop);
+        topology.flood_thread(Some(0), move |host, attacker| {
+            netns::spoofed_syn_flood_until(host, attacker, stop)
         })
     };
     std::thread::sleep(Duration::from_millis(1_500));
@@ -361,15 +350,11 @@ fn where_the_interface_forwards_the_answer_goes_only_where_the_fib_says() {
     let before = topology.status();
     let claim_stop = Arc::new(AtomicBool::new(false));
     let claims = {
-        let (host, attacker, stop) = (
-            topology.host.clone(),
-            topology.attacker.clone(),
-            Arc::clone(&claim_stop),
-        );
-        std::thread::spawn(move || {
+        let stop = Arc::clone(&claim_stop);
+        topology.flood_thread(None, move |host, attacker| {
             spoofed_syns_paced(
-                &host,
-                &attacker,
+                host,
+                attacker,
                 (Ipv4Addr::new(10, 91, 1, 64), 64),
                 2_000,
                 stop,

@@ -127,10 +127,7 @@ fn the_client_is_served_with_headers_through_the_attached_interfaces() {
 fn a_syn_flood_is_dropped_in_xdp_while_the_client_keeps_being_served() {
     let topology = Topology::new();
     let _agent = topology.agent(&config(1000, "max_syns_per_second = 100"), &[]);
-    let flood = {
-        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
-        std::thread::spawn(move || syn_flood(&host, &attacker, 40_000))
-    };
+    let flood = topology.flood_thread(None, |host, attacker| syn_flood(host, attacker, 40_000));
     // The client opens a connection per request, about 15 a second: under
     // the 100 SYNs/s ceiling that the attacker's flood far exceeds.
     let mut served = 0;
@@ -674,10 +671,9 @@ fn a_spoofed_flood_from_more_sources_than_the_map_holds_cannot_evict_a_known_cli
     // more than the 131,072 entries of the per-source map.
     let _agent = topology.agent(&config(1_000_000, ""), &[]);
     assert!(client_get(&topology).is_ok());
-    let flood = {
-        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
-        std::thread::spawn(move || spoofed_syn_flood(&host, &attacker, 200_000))
-    };
+    let flood = topology.flood_thread(None, |host, attacker| {
+        spoofed_syn_flood(host, attacker, 200_000)
+    });
     let mut served = 0;
     while !flood.is_finished() {
         let response =

@@ -56,7 +56,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         "--package",
         "limiter-agent",
         "--package",
-        "limiter-tests",
+        "limiter-bench",
         "--bins",
     ]))?;
     for part in parts {
@@ -170,7 +170,7 @@ fn xdp(quick: bool) -> anyhow::Result<()> {
         "--quiet",
         "--release",
         "--package",
-        "limiter-tests",
+        "limiter-bench",
         "--bin",
         "xdp-bench",
         "--",

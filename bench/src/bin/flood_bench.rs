@@ -17,15 +17,31 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use clap::Parser as _;
+use limiter_bench::{
+    BENCH_PATH, FLOOD_SCENARIOS, WrkResult, machine, median_run, softirq_ticks, ticks_to_us,
+    write_json, wrk,
+};
 use limiter_tests::{
-    bench::{
-        BENCH_PATH, WrkResult, machine, median_run, numeric_options, softirq_ticks, ticks_to_us,
-        write_json, wrk,
-    },
     netns::{self, API_PORT, HOST_ATTACKER_IF, HOST_CLIENT_ADDR, Topology, dropped, syn_flood_for},
     newcomers::{self, RxNapi},
 };
 use serde_json::json;
+
+/// A legitimate client's throughput under a SYN flood, per protection, and
+/// new clients under a spoofed flood.
+#[derive(clap::Parser)]
+struct Args {
+    /// Seconds of each measured client run.
+    #[arg(long, value_name = "S", default_value_t = 8)]
+    seconds: u32,
+    /// Interleaved rounds of every scenario; the median round is reported.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: u32,
+    /// New clients that connect under the spoofed flood.
+    #[arg(long, value_name = "C", default_value_t = 100)]
+    clients: u32,
+}
 
 /// The SYN ceiling every protection uses (per source, per second).
 const SYN_CEILING: u32 = 200;
@@ -91,12 +107,10 @@ fn run(scenario: &str, seconds: u32) -> Outcome {
     }
     let softirq_before = softirq_ticks();
     let flood = (scenario != "baseline").then(|| {
-        let (host, attacker) = (topology.host.clone(), topology.attacker.clone());
         // The flood outlasts the client's run on both ends.
         let duration = Duration::from_secs(u64::from(seconds) + 2);
-        std::thread::spawn(move || {
-            limiter_tests::pin_to_cpu(1);
-            syn_flood_for(&host, &attacker, duration)
+        topology.flood_thread(Some(1), move |host, attacker| {
+            syn_flood_for(host, attacker, duration)
         })
     });
     if flood.is_some() {
@@ -194,23 +208,13 @@ fn summary(scenario: &str, outcomes: &[Outcome]) -> serde_json::Value {
 }
 
 fn main() {
-    let (mut seconds, mut rounds, mut clients) = (8, 3, 100);
-    numeric_options(
-        "flood-bench [--seconds S] [--rounds N] [--clients C]",
-        &mut [
-            ("--seconds", &mut seconds),
-            ("--rounds", &mut rounds),
-            ("--clients", &mut clients),
-        ],
-    );
+    let Args {
+        seconds,
+        rounds,
+        clients,
+    } = Args::parse();
     limiter_tests::require_root("the flood benchmark (namespaces, XDP, iptables)");
-    let scenarios = [
-        "baseline",
-        "no_protection",
-        "iptables_hashlimit",
-        "with_xdp",
-        "attacker_busy_control",
-    ];
+    let scenarios = FLOOD_SCENARIOS;
     let mut results: Vec<Vec<Outcome>> = scenarios.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (i, scenario) in scenarios.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! `cargo xtask bench xdp`: the XDP program's cost per packet through
 //! `BPF_PROG_TEST_RUN`, beside a trivial `XDP_PASS` program loaded in the same run.
 //!
-//! Usage: `xdp-bench OUT.json [--rounds N] [--repeat N]`. Each case runs `rounds`
+//! Usage: `xdp-bench [OUT.json] [--rounds N] [--repeat N] [--singles N]`. Each case runs `rounds`
 //! times with `repeat` packets in the kernel; the median per-packet time is
 //! reported. A new source cannot be repeated in one kernel loop (the second packet
 //! finds the entry the first created), so `api_new_source` is the median of single
@@ -10,46 +10,33 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
+use clap::Parser as _;
 use ipnet::IpNet;
+use limiter_bench::{median, write_json_to};
 use limiter_common::{SourceKey, SourceState};
 use limiter_tests::{
-    bench::median,
     monotonic_ns,
     packet::{ACK, Frame},
+    pin_to_cpu,
     xdp::{API_PORT, Harness, XDP_DROP, XDP_PASS},
 };
 
+/// The XDP program's cost per packet through `BPF_PROG_TEST_RUN`, beside a
+/// trivial `XDP_PASS` program.
+#[derive(clap::Parser)]
 struct Args {
+    /// Where the results go, as JSON.
+    #[arg(value_name = "OUT.json", default_value = "target/bench/xdp.json")]
     out: PathBuf,
+    /// Interleaved rounds of every case; the median is reported.
+    #[arg(long, value_name = "N", default_value_t = 7)]
     rounds: usize,
+    /// Packets per round, repeated in the kernel.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     repeat: u32,
+    /// Single runs, each from a fresh address, for the new-source case.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
     singles: u32,
-}
-
-fn parse_args() -> Args {
-    let mut args = std::env::args().skip(1);
-    let mut parsed = Args {
-        out: PathBuf::from("target/bench/xdp.json"),
-        rounds: 7,
-        repeat: 1_000_000,
-        singles: 20_000,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--rounds" => parsed.rounds = value("--rounds").parse().expect("--rounds N"),
-            "--repeat" => parsed.repeat = value("--repeat").parse().expect("--repeat N"),
-            "--singles" => parsed.singles = value("--singles").parse().expect("--singles N"),
-            other if !other.starts_with('-') => parsed.out = PathBuf::from(other),
-            other => panic!(
-                "unknown argument {other}; usage: xdp-bench [OUT.json] [--rounds N] [--repeat N] [--singles N]"
-            ),
-        }
-    }
-    parsed
 }
 
 fn nanos(d: Duration) -> f64 {
@@ -71,21 +58,11 @@ fn looped(h: &Harness, frame: &[u8], args: &Args, expect: u32) -> f64 {
     median(samples)
 }
 
-/// Runs the whole benchmark on CPU 0: `BPF_PROG_TEST_RUN` runs the program on
-/// the caller's CPU, and the new-source budget is per CPU.
-fn pin_to_cpu0() {
-    // SAFETY: an all-zero cpu_set_t is a valid, empty set; CPU_SET writes bit 0
-    // of the set we own, and sched_setaffinity reads it for the call only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
-    }
-}
-
 fn main() {
-    let args = parse_args();
-    pin_to_cpu0();
+    let args = Args::parse();
+    // The whole benchmark on CPU 0: `BPF_PROG_TEST_RUN` runs the program on
+    // the caller's CPU, and the new-source budget is per CPU.
+    pin_to_cpu(0);
     let trivial_h = Harness::baseline();
     let mut h = Harness::new();
     // Ceilings high enough never to trip, so the known-source case takes the
@@ -181,13 +158,6 @@ fn main() {
         "repeat": args.repeat,
         "cases": cases.iter().map(|(name, ns)| serde_json::json!({"name": name, "ns": (ns * 100.0).round() / 100.0, "ratio": (ns / trivial * 100.0).round() / 100.0})).collect::<Vec<_>>(),
     });
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir).expect("creating the output directory");
-    }
-    std::fs::write(
-        &args.out,
-        serde_json::to_string_pretty(&json).expect("json") + "\n",
-    )
-    .expect("writing the results");
+    write_json_to(&args.out, &json);
     println!("wrote {}", args.out.display());
 }

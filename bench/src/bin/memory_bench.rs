@@ -12,13 +12,22 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser as _;
+use limiter_bench::{Peer, machine, rss_bytes, scratch, write_json};
 use limiter_tests::{
     agent::{agent_binary, free_port, tier},
-    bench::{Peer, machine, rss_bytes, scratch, write_json},
     http,
     prometheus::metric,
 };
 use serde_json::json;
+
+/// The agent's RSS growth per live bucket with the in-memory store.
+#[derive(clap::Parser)]
+struct Args {
+    /// Live buckets to add after the warm-up.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    buckets: u64,
+}
 
 const WARMUP: u64 = 20_000;
 const CONNECTIONS: u64 = 8;
@@ -96,19 +105,9 @@ fn buckets(admin: SocketAddr) -> f64 {
 }
 
 fn main() {
-    let mut buckets_wanted: u64 = 1_000_000;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--buckets" => {
-                buckets_wanted = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--buckets N");
-            }
-            other => panic!("unknown argument {other}; usage: memory-bench [--buckets N]"),
-        }
-    }
+    let Args {
+        buckets: buckets_wanted,
+    } = Args::parse();
     let dir = scratch("memory");
     let (port, admin, upstream) = (free_port(), free_port(), free_port());
     let local = |p: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, p));

@@ -27,18 +27,39 @@ use std::{
     path::Path,
 };
 
+use clap::Parser as _;
 use limiter_agent::config::Tier;
+use limiter_bench::{
+    BENCH_PATH, Peer, WrkResult, machine, median_run, offer, route_regex, scratch, with_cpu_cost,
+    write_json, wrk,
+};
 use limiter_tests::{
     agent::{agent_binary, free_port, reference_tiers, tier},
-    bench::{
-        BENCH_PATH, Peer, WrkResult, machine, median_run, numeric_options, offer, route_regex,
-        scratch, with_cpu_cost, write_json, wrk,
-    },
     http,
     netns::{HOST_CLIENT_ADDR, HOST_CLIENT_IF, Netns, Topology},
     prometheus::metric,
 };
 use serde_json::json;
+
+/// wrk through the limiter and its peers, side by side; or, as a contender
+/// the bench starts, one of the floors.
+#[derive(clap::Parser)]
+struct Args {
+    /// Interleaved rounds of every contender; the median round is reported.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: u32,
+    /// Seconds of each wrk run.
+    #[arg(long, value_name = "S", default_value_t = 8)]
+    seconds: u32,
+    /// Serve as the `tcp_relay` floor instead: bytes relayed to UPSTREAM, no
+    /// HTTP (the bench starts itself so).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"], conflicts_with = "hyper")]
+    relay: Option<Vec<SocketAddr>>,
+    /// Serve as the `hyper_floor` floor instead: hyper's HTTP/1 server and
+    /// client and nothing else (the bench starts itself so).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    hyper: Option<Vec<SocketAddr>>,
+}
 
 const CONTENDER_CPU: u32 = 1;
 const LOAD_CPU: u32 = 0;
@@ -116,7 +137,8 @@ fn upstream(dir: &Path, port: u16, place: Place) -> Peer {
     )
 }
 
-/// Writes `conf` to `dir/file` and starts nginx with it.
+/// Writes `conf` to `dir/file` and starts nginx with it (`dir` is this
+/// nginx's own: its pid, logs and temporary files go there).
 fn start_nginx(
     name: &str,
     cpu: u32,
@@ -125,6 +147,7 @@ fn start_nginx(
     port: u16,
     place: Place,
 ) -> Peer {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let path = dir.join(file);
     std::fs::write(&path, conf).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     Peer::start_in(
@@ -297,7 +320,7 @@ fn floor_peer(mode: &str, place: Place, port: u16, upstream: u16) -> Peer {
         &exe.display().to_string(),
         &[
             mode,
-            &format!("{}:{port}", place.listen),
+            &SocketAddr::from((place.listen, port)).to_string(),
             &local(upstream).to_string(),
         ],
         local(port),
@@ -336,6 +359,28 @@ fn kernel_counts(place: Place, admin: u16) -> serde_json::Value {
     })
 }
 
+/// Removes the pinned maps of the agent `instance` (an earlier run's, or
+/// this one's once it is done).
+fn unpin(instance: &str) {
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+}
+
+/// Adds the XDP contender's kernel counts (read through its admin port) to
+/// its entry in `out`, then stops it and removes its pins.
+fn xdp_done(
+    out: &mut serde_json::Map<String, serde_json::Value>,
+    place: Place,
+    (xdp, admin): (Peer, u16),
+    instance: &str,
+) {
+    let kernel = kernel_counts(place, admin);
+    if let Some(serde_json::Value::Object(entry)) = out.get_mut("limiter_xdp") {
+        entry.insert("kernel".into(), kernel);
+    }
+    xdp.stop();
+    unpin(instance);
+}
+
 /// One scenario: every contender up at once at `place`, `rounds` interleaved wrk runs.
 fn scenario(
     name: &str,
@@ -349,15 +394,17 @@ fn scenario(
     let (lim_port, lim_admin, xdp_port, xdp_admin) =
         (free_port(), free_port(), free_port(), free_port());
     let instance = format!("bench-{name}");
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
-    let upstream_dir = dir.join("upstream");
-    let nginx_dir = dir.join("nginx");
-    for d in [&upstream_dir, &nginx_dir] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
-    let upstream = upstream(&upstream_dir, up_port, place);
+    unpin(&instance);
+    let upstream = upstream(&dir.join("upstream"), up_port, place);
     let tiers = reference_tiers();
-    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, scale, place);
+    let nginx = nginx(
+        &dir.join("nginx"),
+        nginx_port,
+        up_port,
+        &tiers,
+        scale,
+        place,
+    );
     let haproxy = haproxy(&dir, haproxy_port, up_port, &tiers, scale, place);
     let limiter_plain = limiter(
         &dir, lim_port, lim_admin, up_port, &tiers, scale, None, true, place,
@@ -444,12 +491,7 @@ fn scenario(
     for (i, (contender, ..)) in contenders.iter().enumerate() {
         out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
     }
-    let kernel = kernel_counts(place, xdp_admin);
-    if let Some(serde_json::Value::Object(xdp)) = out.get_mut("limiter_xdp") {
-        xdp.insert("kernel".into(), kernel);
-    }
-    limiter_xdp.stop();
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    xdp_done(&mut out, place, (limiter_xdp, xdp_admin), &instance);
     serde_json::Value::Object(out)
 }
 
@@ -469,14 +511,10 @@ fn escalation(seconds: u32) -> serde_json::Value {
         free_port(),
     );
     let instance = "bench-escalation";
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
-    let (upstream_dir, nginx_dir) = (dir.join("upstream"), dir.join("nginx"));
-    for d in [&upstream_dir, &nginx_dir] {
-        std::fs::create_dir_all(d).expect("dir");
-    }
+    unpin(instance);
     let tiers = reference_tiers();
-    let _upstream = upstream(&upstream_dir, up_port, place);
-    let nginx = nginx(&nginx_dir, nginx_port, up_port, &tiers, 1, place);
+    let _upstream = upstream(&dir.join("upstream"), up_port, place);
+    let nginx = nginx(&dir.join("nginx"), nginx_port, up_port, &tiers, 1, place);
     let plain = limiter(
         &dir, lim_port, lim_admin, up_port, &tiers, 1, None, true, place,
     );
@@ -523,12 +561,7 @@ fn escalation(seconds: u32) -> serde_json::Value {
             }),
         );
     }
-    let kernel = kernel_counts(place, xdp_admin);
-    if let Some(serde_json::Value::Object(entry)) = out.get_mut("limiter_xdp") {
-        entry.insert("kernel".into(), kernel);
-    }
-    xdp.stop();
-    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{instance}"));
+    xdp_done(&mut out, place, (xdp, xdp_admin), instance);
     serde_json::Value::Object(out)
 }
 
@@ -608,7 +641,7 @@ fn print_verdicts(result: &serde_json::Value) {
 /// Serves `listen` on a current-thread tokio runtime, as the agent's runtime
 /// is on one CPU: each client connection gets a new connection to `upstream`
 /// (both `TCP_NODELAY`) and is handed with it to `serve` in a task of its own.
-fn floor<F, Fut>(listen: &str, upstream: &str, serve: F)
+fn floor<F, Fut>(listen: SocketAddr, upstream: SocketAddr, serve: F)
 where
     F: Fn(tokio::net::TcpStream, tokio::net::TcpStream) -> Fut,
     Fut: Future<Output = ()> + 'static,
@@ -641,7 +674,7 @@ where
 /// `writev` per request as the agent, with no HTTP parsing, no decision and
 /// no headers added. What the limiter costs over it is what its HTTP
 /// handling and deciding cost.
-fn relay(listen: &str, upstream: &str) {
+fn relay(listen: SocketAddr, upstream: SocketAddr) {
     floor(listen, upstream, |mut client, mut server| async move {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
     });
@@ -651,7 +684,7 @@ fn relay(listen: &str, upstream: &str) {
 /// reverse proxy of hyper's HTTP/1 server and client and nothing else
 /// ([`floor`]: one upstream connection per client connection, no pool at
 /// all): what the HTTP library costs before the limiter does anything.
-fn hyper_floor(listen: &str, upstream: &str) {
+fn hyper_floor(listen: SocketAddr, upstream: SocketAddr) {
     use hyper::{client::conn::http1 as client, server::conn::http1 as server};
     use hyper_util::rt::TokioIo;
     floor(listen, upstream, |downstream, up| async move {
@@ -675,19 +708,18 @@ fn hyper_floor(listen: &str, upstream: &str) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, listen, upstream] = args.as_slice() {
-        match flag.as_str() {
-            "--relay" => return relay(listen, upstream),
-            "--hyper" => return hyper_floor(listen, upstream),
-            _ => {}
-        }
+    let Args {
+        rounds,
+        seconds,
+        relay: relay_addrs,
+        hyper: hyper_addrs,
+    } = Args::parse();
+    if let Some([listen, upstream]) = relay_addrs.as_deref() {
+        return relay(*listen, *upstream);
     }
-    let (mut rounds, mut seconds) = (3, 8);
-    numeric_options(
-        "proxy-bench [--rounds N] [--seconds S]",
-        &mut [("--rounds", &mut rounds), ("--seconds", &mut seconds)],
-    );
+    if let Some([listen, upstream]) = hyper_addrs.as_deref() {
+        return hyper_floor(*listen, *upstream);
+    }
     limiter_tests::require_root("the proxy benchmark (XDP on lo and on a veth)");
     // Limits far above what the run can send, then the reference limits.
     let allowed = scenario(

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser as _;
 use envoy_types::pb::envoy::{
     extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
     service::ratelimit::v3::{
@@ -35,9 +36,9 @@ use envoy_types::pb::envoy::{
         rate_limit_service_server::{RateLimitService, RateLimitServiceServer},
     },
 };
+use limiter_bench::{closed_loop, quantile_us, ticks_to_us, tree_ticks, write_json_to};
 use limiter_tests::{
     agent::{Process, agent, free_addr},
-    bench::{ticks_to_us, tree_ticks},
     redis::RedisServer,
 };
 use tonic::transport::{Channel, Endpoint};
@@ -45,37 +46,22 @@ use tonic::transport::{Channel, Endpoint};
 const CLIENTS: u32 = 10_000;
 const STREAMS_PER_CHANNEL: usize = 16;
 
+/// Decisions per second and latency of the agent's rate limit service on
+/// both stores, beside a floor of the same gRPC stack.
+#[derive(clap::Parser)]
 struct Args {
+    /// Where the results go, as JSON (`$LIMITER_BENCH_OUT/rls.json` when set).
+    #[arg(value_name = "OUT.json", default_value = "target/bench/rls.json")]
     out: PathBuf,
+    /// Seconds of each case.
+    #[arg(long, value_name = "S", default_value_t = 5.0)]
     seconds: f64,
+    /// Calls in flight.
+    #[arg(long, value_name = "N", default_value_t = 64)]
     concurrency: usize,
-}
-
-fn parse_args() -> Result<Args, SocketAddr> {
-    let mut args = std::env::args().skip(1);
-    let mut parsed = Args {
-        out: PathBuf::from("target/bench/rls.json"),
-        seconds: 5.0,
-        concurrency: 64,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--floor" => return Err(value("--floor").parse().expect("--floor ADDR")),
-            "--seconds" => parsed.seconds = value("--seconds").parse().expect("--seconds S"),
-            "--concurrency" => {
-                parsed.concurrency = value("--concurrency").parse().expect("--concurrency N");
-            }
-            other if !other.starts_with('-') => parsed.out = PathBuf::from(other),
-            other => panic!(
-                "unknown argument {other}; usage: rls-bench [OUT.json] [--seconds S] [--concurrency N]"
-            ),
-        }
-    }
-    Ok(parsed)
+    /// Serve as the floor on ADDR instead (the bench starts itself so).
+    #[arg(long, value_name = "ADDR")]
+    floor: Option<SocketAddr>,
 }
 
 /// The floor: answers OK at once.
@@ -149,18 +135,6 @@ fn request(i: u32) -> RateLimitRequest {
     }
 }
 
-fn micros(samples: &mut [Duration], quantile: f64) -> f64 {
-    samples.sort_unstable();
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into a non-empty sample"
-    )]
-    let index = ((samples.len() as f64 * quantile) as usize).min(samples.len() - 1);
-    (samples[index].as_secs_f64() * 1e7).round() / 10.0
-}
-
 async fn channels(addr: SocketAddr, count: usize) -> Vec<Channel> {
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
@@ -193,48 +167,28 @@ async fn load(
             .expect("warm-up call");
     }
     let ticks = tree_ticks(server);
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs_f64(seconds);
-    let streams: Vec<_> = (0..concurrency)
-        .map(|s| {
-            let mut client = RateLimitServiceClient::new(channels[s / STREAMS_PER_CHANNEL].clone());
-            tokio::spawn(async move {
-                let (mut samples, mut not_ok) = (Vec::new(), 0u64);
-                let mut i = u32::try_from(s).unwrap_or(0) * 7_919;
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    match client.should_rate_limit(request(i)).await {
-                        Ok(r) if r.get_ref().overall_code == i32::from(Code::Ok) => {
-                            samples.push(sent.elapsed());
-                        }
-                        _ => not_ok += 1,
-                    }
-                    i = i.wrapping_add(1);
-                }
-                (samples, not_ok)
-            })
-        })
-        .collect();
-    let (mut samples, mut not_ok) = (Vec::new(), 0);
-    for stream in streams {
-        let (done, failed) = stream.await.expect("bench stream");
-        samples.extend(done);
-        not_ok += failed;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let mut run = closed_loop(concurrency, seconds, move |stream, i| {
+        let mut client =
+            RateLimitServiceClient::new(channels[stream / STREAMS_PER_CHANNEL].clone());
+        async move {
+            let sent = Instant::now();
+            match client.should_rate_limit(request(i as u32)).await {
+                Ok(r) if r.get_ref().overall_code == i32::from(Code::Ok) => Some(sent.elapsed()),
+                _ => None,
+            }
+        }
+    })
+    .await;
     let cpu_us = ticks_to_us(tree_ticks(server).saturating_sub(ticks));
     #[expect(clippy::cast_precision_loss, reason = "a count of decisions")]
-    let (rate, per_decision) = (
-        samples.len() as f64 / elapsed,
-        cpu_us / samples.len().max(1) as f64,
-    );
+    let per_decision = cpu_us / run.samples.len().max(1) as f64;
     serde_json::json!({
-        "decisions": samples.len(),
-        "not_ok": not_ok,
+        "decisions": run.samples.len(),
+        "not_ok": run.failed,
         "server_cpu_us_per_decision": (per_decision * 10.0).round() / 10.0,
-        "decisions_per_second": rate.round(),
-        "p50_us": micros(&mut samples, 0.50),
-        "p99_us": micros(&mut samples, 0.99),
+        "decisions_per_second": run.per_second().round(),
+        "p50_us": quantile_us(&mut run.samples, 0.50),
+        "p99_us": quantile_us(&mut run.samples, 0.99),
     })
 }
 
@@ -265,10 +219,10 @@ fn ratio(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(args) => args,
-        Err(floor) => return serve_floor(floor),
-    };
+    let args = Args::parse();
+    if let Some(floor) = args.floor {
+        return serve_floor(floor);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -334,13 +288,6 @@ fn main() {
     );
     let out = std::env::var_os("LIMITER_BENCH_OUT")
         .map_or(args.out, |dir| PathBuf::from(dir).join("rls.json"));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).expect("bench output directory");
-    }
-    std::fs::write(
-        &out,
-        serde_json::to_string_pretty(&json).expect("json") + "\n",
-    )
-    .expect("writing the bench results");
+    write_json_to(&out, &json);
     println!("wrote {}", out.display());
 }

@@ -19,45 +19,30 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser as _;
 use limiter_agent::{
     identity::Identity,
     limit::{Ask, BucketKey, Clock, MemoryStore, RedisSettings, RedisStore, Store, SystemClock},
 };
+use limiter_bench::{closed_loop, quantile_us, write_json_to};
 use limiter_tests::redis::RedisServer;
 
 const WINDOW_MS: u64 = 60_000;
 const BUCKETS: u64 = 10_000;
 
+/// Decisions per second and latency of the Redis store beside the in-memory
+/// store, through the `Store` trait.
+#[derive(clap::Parser)]
 struct Args {
+    /// Where the results go, as JSON.
+    #[arg(value_name = "OUT.json", default_value = "target/bench/redis.json")]
     out: PathBuf,
+    /// Seconds of each throughput case.
+    #[arg(long, value_name = "S", default_value_t = 3.0)]
     seconds: f64,
+    /// Concurrent callers in the throughput cases.
+    #[arg(long, value_name = "N", default_value_t = 64)]
     concurrency: usize,
-}
-
-fn parse_args() -> Args {
-    let mut args = std::env::args().skip(1);
-    let mut parsed = Args {
-        out: PathBuf::from("target/bench/redis.json"),
-        seconds: 3.0,
-        concurrency: 64,
-    };
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
-        match arg.as_str() {
-            "--seconds" => parsed.seconds = value("--seconds").parse().expect("--seconds S"),
-            "--concurrency" => {
-                parsed.concurrency = value("--concurrency").parse().expect("--concurrency N");
-            }
-            other if !other.starts_with('-') => parsed.out = PathBuf::from(other),
-            other => panic!(
-                "unknown argument {other}; usage: redis-bench [OUT.json] [--seconds S] [--concurrency N]"
-            ),
-        }
-    }
-    parsed
 }
 
 /// The identities of the bench's buckets (API-key hashes, as the proxy makes them).
@@ -112,18 +97,6 @@ impl Bench {
     }
 }
 
-fn micros(samples: &mut [Duration], quantile: f64) -> f64 {
-    samples.sort_unstable();
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into a non-empty sample"
-    )]
-    let index = ((samples.len() as f64 * quantile) as usize).min(samples.len() - 1);
-    (samples[index].as_secs_f64() * 1e7).round() / 10.0
-}
-
 /// One decision at a time: per-decision latency.
 async fn latency(bench: &Bench, count: u64) -> serde_json::Value {
     let mut samples = Vec::new();
@@ -133,47 +106,25 @@ async fn latency(bench: &Bench, count: u64) -> serde_json::Value {
     serde_json::json!({
         "decisions": samples.len(),
         "errors": count - samples.len() as u64,
-        "p50_us": micros(&mut samples, 0.50),
-        "p99_us": micros(&mut samples, 0.99),
+        "p50_us": quantile_us(&mut samples, 0.50),
+        "p99_us": quantile_us(&mut samples, 0.99),
     })
 }
 
 /// `concurrency` callers for `seconds`: decisions per second and latency under load.
 async fn throughput(bench: &Arc<Bench>, concurrency: usize, seconds: f64) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency as u64)
-        .map(|w| {
-            let bench = bench.clone();
-            tokio::spawn(async move {
-                let (mut samples, mut errors) = (Vec::new(), 0u64);
-                let mut i = w * 7919;
-                while Instant::now() < deadline {
-                    match bench.decide(i).await {
-                        Some(took) => samples.push(took),
-                        None => errors += 1,
-                    }
-                    i += 1;
-                }
-                (samples, errors)
-            })
-        })
-        .collect();
-    let (mut samples, mut errors) = (Vec::new(), 0);
-    for worker in workers {
-        let (done, failed) = worker.await.expect("bench worker");
-        samples.extend(done);
-        errors += failed;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    #[expect(clippy::cast_precision_loss, reason = "a count of decisions")]
-    let rate = samples.len() as f64 / elapsed;
+    let bench = bench.clone();
+    let mut run = closed_loop(concurrency, seconds, move |_, i| {
+        let bench = bench.clone();
+        async move { bench.decide(i).await }
+    })
+    .await;
     serde_json::json!({
-        "decisions": samples.len(),
-        "errors": errors,
-        "decisions_per_second": rate.round(),
-        "p50_us": micros(&mut samples, 0.50),
-        "p99_us": micros(&mut samples, 0.99),
+        "decisions": run.samples.len(),
+        "errors": run.failed,
+        "decisions_per_second": run.per_second().round(),
+        "p50_us": quantile_us(&mut run.samples, 0.50),
+        "p99_us": quantile_us(&mut run.samples, 0.99),
     })
 }
 
@@ -195,7 +146,7 @@ fn number(value: &serde_json::Value, field: &str) -> f64 {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -285,13 +236,6 @@ fn main() {
         "redis adds p50 {} µs, p99 {} µs per decision (one at a time)",
         json["added_latency_us"]["p50"], json["added_latency_us"]["p99"]
     );
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir).expect("bench output directory");
-    }
-    std::fs::write(
-        &args.out,
-        serde_json::to_string_pretty(&json).expect("json") + "\n",
-    )
-    .expect("writing the bench results");
+    write_json_to(&args.out, &json);
     println!("wrote {}", args.out.display());
 }

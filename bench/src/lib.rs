@@ -1,6 +1,13 @@
-//! Support for the side-by-side benchmarks (`cargo xtask bench proxy | flood |
-//! memory`): peers started from their Debian packages with generated configs,
-//! `wrk` runs pinned to a core, and the results as JSON.
+//! What the benchmark programs (`src/bin/`, run by `cargo xtask bench`) share:
+//! peers started from their Debian packages with generated configs, `wrk`
+//! runs and open-loop load pinned to a core, CPU accounting from `/proc`,
+//! medians, and the results as JSON. Agents, namespaces and HTTP come from the
+//! test kit (`limiter_tests`).
+
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "benchmark support panics with a message rather than returning errors"
+)]
 
 use std::{
     fmt::Write as _,
@@ -10,8 +17,21 @@ use std::{
     time::{Duration, Instant},
 };
 
+use limiter_tests::{agent, netns::Netns, pin_to_cpu};
+
 /// The path every benchmark request goes to (the chat-completions tier).
 pub const BENCH_PATH: &str = "/api/v1/chat/completions";
+
+/// The flood bench's scenarios, in the order it runs and reports them: no
+/// flood, then the flood against no protection, an iptables `hashlimit` rule,
+/// the XDP program, and the XDP program with nothing reaching the host.
+pub const FLOOD_SCENARIOS: [&str; 5] = [
+    "baseline",
+    "no_protection",
+    "iptables_hashlimit",
+    "with_xdp",
+    "attacker_busy_control",
+];
 
 /// A regex matching exactly the paths of `route` (for nginx and `HAProxy`).
 #[must_use]
@@ -27,23 +47,6 @@ pub fn route_regex(route: &str) -> String {
     }
     out.push('$');
     out
-}
-
-/// Reads a bench's `--name N` options into `options` (name, value), panicking
-/// with `usage` on any other argument.
-pub fn numeric_options(usage: &str, options: &mut [(&str, &mut u32)]) {
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let value: u32 = args
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{arg} needs a number"));
-        let (_, slot) = options
-            .iter_mut()
-            .find(|(name, _)| *name == arg)
-            .unwrap_or_else(|| panic!("unknown argument {arg}; usage: {usage}"));
-        **slot = value;
-    }
 }
 
 /// A scratch directory under `target/bench/run/<name>`, emptied first.
@@ -74,7 +77,7 @@ impl Peer {
     /// `addr` probed from inside it.
     #[must_use]
     pub fn start_in(
-        ns: Option<&crate::netns::Netns>,
+        ns: Option<&Netns>,
         name: &str,
         cpu: u32,
         program: &str,
@@ -103,9 +106,9 @@ impl Peer {
         peer
     }
 
-    fn wait_for(&mut self, addr: SocketAddr, ns: Option<&crate::netns::Netns>) {
+    fn wait_for(&mut self, addr: SocketAddr, ns: Option<&Netns>) {
         let connects = |addr: SocketAddr| {
-            let probe = move || crate::agent::listening(addr, Duration::from_millis(200));
+            let probe = move || agent::listening(addr, Duration::from_millis(200));
             match ns {
                 Some(ns) => ns.run(probe),
                 None => probe(),
@@ -335,6 +338,82 @@ pub fn with_cpu_cost(cpu: u32, pid: u32, run: impl FnOnce() -> WrkResult) -> Wrk
     result
 }
 
+/// The `quantile` of `samples` in µs, to 0.1 µs (sorts them; `samples` must
+/// not be empty).
+#[must_use]
+pub fn quantile_us(samples: &mut [Duration], quantile: f64) -> f64 {
+    samples.sort_unstable();
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a non-empty sample"
+    )]
+    let index = ((samples.len() as f64 * quantile) as usize).min(samples.len() - 1);
+    (samples[index].as_secs_f64() * 1e7).round() / 10.0
+}
+
+/// What a [`closed_loop`] run measured.
+pub struct ClosedLoop {
+    /// The latency of every call that succeeded.
+    pub samples: Vec<Duration>,
+    /// Calls that failed.
+    pub failed: u64,
+    pub seconds: f64,
+}
+
+impl ClosedLoop {
+    /// Successful calls per second.
+    #[must_use]
+    pub fn per_second(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "a count of calls")]
+        let calls = self.samples.len() as f64;
+        calls / self.seconds
+    }
+}
+
+/// `callers` tasks, each making its next call as soon as the last returns,
+/// for `seconds`: caller `c`'s calls are `call(c, i)` with `i` counting up
+/// from `c × 7,919` (so callers start on different buckets); a call returns
+/// its latency, or `None` when it failed.
+pub async fn closed_loop<F, Fut>(callers: usize, seconds: f64, call: F) -> ClosedLoop
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Option<Duration>> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let (mut samples, mut failed) = (Vec::new(), 0u64);
+                let mut i = c as u64 * 7_919;
+                while Instant::now() < deadline {
+                    match call(c, i).await {
+                        Some(took) => samples.push(took),
+                        None => failed += 1,
+                    }
+                    i += 1;
+                }
+                (samples, failed)
+            })
+        })
+        .collect();
+    let mut run = ClosedLoop {
+        samples: Vec::new(),
+        failed: 0,
+        seconds: 0.0,
+    };
+    for task in tasks {
+        let (samples, failed) = task.await.expect("a caller task");
+        run.samples.extend(samples);
+        run.failed += failed;
+    }
+    run.seconds = started.elapsed().as_secs_f64();
+    run
+}
+
 /// The median of `values` (upper median for even counts).
 #[must_use]
 pub fn median(mut values: Vec<f64>) -> f64 {
@@ -392,28 +471,20 @@ pub fn write_json(name: &str, value: &serde_json::Value) -> PathBuf {
         PathBuf::from,
     );
     let path = dir.join(format!("{name}.json"));
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("target/bench");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(value).expect("JSON") + "\n",
-    )
-    .expect("writing the results");
+    write_json_to(&path, value);
     path
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_regexes_match_like_the_router() {
-        assert_eq!(
-            route_regex("/api/v1/fashion/status/:id"),
-            "^/api/v1/fashion/status/[^/]+$"
-        );
-        assert_eq!(route_regex("/api/v1/media/*"), "^/api/v1/media/.+$");
-        assert_eq!(route_regex("/api/health"), "^/api/health$");
+/// Writes `value` as pretty JSON to `path`, creating its directory.
+pub fn write_json_to(path: &Path, value: &serde_json::Value) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("the results' directory");
     }
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(value).expect("JSON") + "\n",
+    )
+    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 /// What an open-loop run offered and what came back.
@@ -461,7 +532,7 @@ pub fn offer(
     let before = (cpu_ticks(contender_cpu).0, tree_ticks(pid));
     let started = Instant::now();
     std::thread::spawn(move || {
-        crate::pin_to_cpu(cpu as usize);
+        pin_to_cpu(cpu as usize);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -471,7 +542,7 @@ pub fn offer(
             let interval = Duration::from_secs_f64(f64::from(connections) / f64::from(rate));
             let mut tasks = Vec::new();
             for _ in 0..connections {
-                let stream = crate::agent::connect_from(from, addr).await;
+                let stream = agent::connect_from(from, addr).await;
                 let _ = stream.set_nodelay(true);
                 let (mut reader, writer) = stream.into_split();
                 let (offered, answered, rejected) = counters.clone();
@@ -545,5 +616,20 @@ pub fn offer(
         seconds,
         cpu_us_per_offered: per(busy),
         process_cpu_us_per_offered: per(process),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_regexes_match_like_the_router() {
+        assert_eq!(
+            route_regex("/api/v1/fashion/status/:id"),
+            "^/api/v1/fashion/status/[^/]+$"
+        );
+        assert_eq!(route_regex("/api/v1/media/*"), "^/api/v1/media/.+$");
+        assert_eq!(route_regex("/api/health"), "^/api/health$");
     }
 }

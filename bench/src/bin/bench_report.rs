@@ -4,9 +4,25 @@
 //!
 //! Usage: `bench-report TARGET_BENCH_DIR OUT_DIR`.
 
-use std::{fmt::Write as _, path::Path};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
+use clap::Parser as _;
+use limiter_bench::{FLOOD_SCENARIOS, machine};
 use serde_json::Value;
+
+/// `RESULTS.md` (and `flood.svg`) from the benchmarks' latest JSON.
+#[derive(clap::Parser)]
+struct Args {
+    /// Where the benchmarks wrote their JSON (`target/bench`).
+    #[arg(value_name = "TARGET_BENCH_DIR")]
+    bench_dir: PathBuf,
+    /// Where the report goes (`bench/`).
+    #[arg(value_name = "OUT_DIR")]
+    out_dir: PathBuf,
+}
 
 fn read(dir: &Path, name: &str) -> Option<Value> {
     let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).ok()?;
@@ -240,13 +256,7 @@ fn flood_section(out: &mut String, flood: &Value) {
         "| scenario | legit req/s | legit p99 ms | × baseline | attacker pps | XDP dropped pps | softirq ns per attack packet |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     let baseline = f(&flood["baseline"]["legit_rps"]);
-    for scenario in [
-        "baseline",
-        "no_protection",
-        "iptables_hashlimit",
-        "with_xdp",
-        "attacker_busy_control",
-    ] {
+    for scenario in FLOOD_SCENARIOS {
         let s = &flood[scenario];
         let ratio = if baseline > 0.0 {
             f(&s["legit_rps"]) / baseline
@@ -493,16 +503,13 @@ fn flood_svg(flood: &Value) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let [bench_dir, out_dir] = args.as_slice() else {
-        panic!("usage: bench-report TARGET_BENCH_DIR OUT_DIR");
-    };
-    let (bench_dir, out_dir) = (Path::new(bench_dir), Path::new(out_dir));
+    let Args { bench_dir, out_dir } = Args::parse();
+    let (bench_dir, out_dir) = (bench_dir.as_path(), out_dir.as_path());
     std::fs::create_dir_all(out_dir).expect("output directory");
     let machine = ["proxy", "flood", "memory"]
         .iter()
         .find_map(|p| read(bench_dir, p).and_then(|v| v["machine"].as_str().map(str::to_owned)))
-        .unwrap_or_else(limiter_tests::bench::machine);
+        .unwrap_or_else(machine);
     let mut out = format!(
         "# Benchmark results\n\nProduced by `cargo xtask bench` (this file is written by it). \
          Machine: {machine}. Every number is a median over interleaved rounds on a shared, \
