@@ -3,12 +3,8 @@
 
 use std::{
     collections::hash_map::RandomState,
-    hash::{BuildHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::Instant,
 };
 
@@ -17,32 +13,39 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use prometheus_client::metrics::counter::Counter;
 
+mod charge;
 mod descriptors;
 mod forward;
 mod in_flight;
 mod keys;
 mod pool;
 mod respond;
+mod state;
 mod upstream;
 mod wire;
 
-use self::{descriptors::EnvoyRules, in_flight::InFlightCaps, respond::too_many};
+use self::{
+    charge::{Charge, Charged, store_full},
+    in_flight::InFlightCaps,
+    respond::too_many,
+    state::TierState,
+};
 pub use self::{
     descriptors::{Answer, Verdict},
     in_flight::Slots,
     respond::{error, json_response},
+    state::State,
     upstream::Upstreams,
 };
 use crate::{
-    answers::{self, PolicyName},
-    config::{Config, ConfigError, LimitMode, OnError},
-    identity::{Identity, IdentityError, IdentityResolver},
-    limit::{Ask, BucketKey, Clock, Decision, LapsingSet, MemoryStore, Store, StoreError},
+    answers::{self},
+    config::{Config, ConfigError},
+    identity::{Identity, IdentityError},
+    limit::{Clock, Decision, LapsingSet, MemoryStore, Store},
     metrics::Metrics,
     offenders::Offenders,
-    route::{RouteTable, canonicalize},
+    route::canonicalize,
 };
 
 /// Response bodies: upstream bodies streamed through, or small local ones.
@@ -82,101 +85,6 @@ pub struct Proxy {
     rejections: Option<Arc<dyn RejectionSink>>,
     /// Clients rejected in their current windows, for the dashboard.
     offenders: Offenders,
-}
-
-/// The part of the proxy a reload replaces, validated as a whole.
-pub struct State {
-    pub config: Config,
-    routes: RouteTable,
-    identity: IdentityResolver,
-    tiers: Vec<TierState>,
-    /// `[rls] envoy_config` domains.
-    envoy: Vec<EnvoyRules>,
-    unlimited: Counter,
-}
-
-/// A tier ready for the hot path.
-struct TierState {
-    /// Route and window: the same on every host and across reloads.
-    id: String,
-    /// The route as configured.
-    route: String,
-    /// Keyed hash of `id`, mixed into bucket keys.
-    hash: u64,
-    window_ms: u64,
-    /// The tier's own limit (key overrides aside).
-    limit: u32,
-    /// `id` of the per-address budget of new key verifications.
-    verify_id: String,
-    /// The IETF fields' quota policy name, when `ietf_headers` is on.
-    policy: Option<PolicyName>,
-    /// Entry in the verified-key cache saying the upstream authenticates this
-    /// tier (a 401 or 403 was seen within `verified_key_ttl`); also keys the
-    /// verification budget's buckets.
-    authenticates: u64,
-    allowed: Counter,
-    rejected: Counter,
-    /// Rejections a tier in observe mode did not send.
-    would_reject: Counter,
-    /// `mode = "observe"`: the dry run.
-    observe: bool,
-    store_error: Counter,
-}
-
-impl TierState {
-    /// `id` names the bucket family on every host (route and window); `route`
-    /// labels the tier's counters and the offenders board.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one constructor for tiers and envoy nodes"
-    )]
-    fn new(
-        id: String,
-        route: String,
-        limit: u32,
-        window_ms: u64,
-        mode: LimitMode,
-        hasher: &RandomState,
-        metrics: &Metrics,
-        ietf_headers: bool,
-    ) -> Self {
-        Self {
-            hash: hasher.hash_one(&id),
-            limit,
-            verify_id: format!("{id}|verify"),
-            policy: ietf_headers.then(|| PolicyName::from_route(&route)),
-            authenticates: hasher.hash_one((&id, "authenticates")),
-            allowed: metrics.request_counter(&route, "allowed"),
-            rejected: metrics.request_counter(&route, "rejected"),
-            would_reject: metrics.request_counter(&route, "would_reject"),
-            observe: mode == LimitMode::Observe,
-            store_error: metrics.request_counter(&route, "store_error"),
-            id,
-            route,
-            window_ms,
-        }
-    }
-}
-
-/// One request's charge to a bucket.
-#[derive(Clone, Copy)]
-struct Charge<'a> {
-    identity: &'a Identity,
-    limit: u32,
-    /// Units the request is worth (1 for an HTTP request).
-    hits: u32,
-    /// The source address to escalate, and as whom, when the rejection is sent.
-    source: Option<(IpAddr, &'a Identity)>,
-}
-
-/// How a charge came out.
-enum Charged {
-    /// Admitted, or rejected (sent, or in a dry run: see the tier's mode).
-    Decided(Decision),
-    /// A new bucket, and the store full of live windows.
-    Full,
-    /// The shared store failed and `on_error = "deny"`.
-    Unavailable,
 }
 
 /// Connection facts the request path needs.
@@ -468,182 +376,5 @@ impl Proxy {
                     },
                 ))
             })
-    }
-
-    /// Charges a request to its bucket in `tier` and does what follows from
-    /// the answer, the same for the proxy and Envoy's rate limit service:
-    /// the tier's counters, the offenders board and, for a rejection that is
-    /// sent, escalation of the source. A shared store that fails decides in
-    /// the local fallback when `on_error = "allow"`.
-    async fn charge(
-        &self,
-        state: &State,
-        tier: &TierState,
-        charge: Charge<'_>,
-        now_ms: u64,
-    ) -> Charged {
-        let ask = Ask {
-            key: self.bucket(charge.identity, tier.hash),
-            tier: &tier.id,
-            identity: charge.identity,
-            limit: charge.limit,
-            hits: charge.hits,
-            window_ms: tier.window_ms,
-        };
-        let decision = match self.store.decide(ask, now_ms).await {
-            Ok(decision) => decision,
-            Err(StoreError::Full) => {
-                self.note_full(tier);
-                return Charged::Full;
-            }
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                tracing::debug!(error = %e, "store failed");
-                let fallback = match &self.fallback {
-                    Some(fallback) if state.config.live.on_error == OnError::Allow => {
-                        fallback.decide_hits(ask.key, ask.limit, ask.hits, ask.window_ms, now_ms)
-                    }
-                    _ => {
-                        tier.store_error.inc();
-                        return Charged::Unavailable;
-                    }
-                };
-                let Ok(decision) = fallback else {
-                    self.note_full(tier);
-                    return Charged::Full;
-                };
-                decision
-            }
-        };
-        if decision.allowed {
-            tier.allowed.inc();
-        } else if tier.observe {
-            // Dry run: counted, told in the headers, served, never escalated.
-            tier.would_reject.inc();
-            self.offenders
-                .note(&tier.route, charge.identity, &decision, now_ms);
-        } else {
-            tier.rejected.inc();
-            self.offenders
-                .note(&tier.route, charge.identity, &decision, now_ms);
-            if let (Some(sink), Some((addr, as_identity))) = (&self.rejections, charge.source) {
-                sink.rejected(addr, as_identity, &decision, tier.window_ms);
-            }
-        }
-        Charged::Decided(decision)
-    }
-
-    /// Counts a new client refused by a full store, and says so in the log
-    /// at most every 10 s.
-    fn note_full(&self, tier: &TierState) {
-        self.metrics.refuse("store_full");
-        tier.store_error.inc();
-        let now = self.clock.now_ms();
-        let last = self.full_logged.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 10_000
-            && self
-                .full_logged
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                max_buckets = self.state().config.startup.max_buckets,
-                "bucket store full of live windows: new clients refused (raise [store] max_buckets)"
-            );
-        }
-    }
-
-    fn bucket(&self, identity: &Identity, tier_hash: u64) -> BucketKey {
-        let mut h = self.hasher.build_hasher();
-        identity.hash(&mut h);
-        tier_hash.hash(&mut h);
-        BucketKey(h.finish())
-    }
-}
-
-/// 503 for a new client when every bucket slot holds a live window: the
-/// store never forgets a window that has counted requests to make room.
-fn store_full() -> Response<Body> {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "STORE_FULL",
-        "The rate limiter is at capacity; try again later.",
-    )
-}
-
-impl State {
-    /// The identity rules in force (the listener asks which peers are proxies).
-    #[must_use]
-    pub fn identity(&self) -> &IdentityResolver {
-        &self.identity
-    }
-
-    fn new(config: Config, hasher: &RandomState, metrics: &Metrics) -> Result<Self, ConfigError> {
-        let routes = config.live.route_table()?;
-        let identity = IdentityResolver::new(
-            config.live.api_key_headers.clone(),
-            config.live.client_ip_header.clone(),
-            config.live.trusted_proxies.clone(),
-            config.live.ipv6_prefix,
-        );
-        let ietf = config.live.ietf_headers;
-        let tiers = config
-            .live
-            .tiers
-            .iter()
-            .map(|tier| {
-                let window_ms = u64::try_from(tier.window.as_millis()).unwrap_or(u64::MAX);
-                TierState::new(
-                    format!("{}|{window_ms}", tier.route),
-                    tier.route.clone(),
-                    tier.limit.get(),
-                    window_ms,
-                    tier.mode,
-                    hasher,
-                    metrics,
-                    ietf,
-                )
-            })
-            .collect();
-        let envoy = config
-            .live
-            .rls
-            .envoy
-            .iter()
-            .map(|domain| EnvoyRules::new(domain, hasher, metrics, ietf))
-            .collect();
-        Ok(Self {
-            unlimited: metrics.request_counter("none", "unlimited"),
-            config,
-            routes,
-            identity,
-            tiers,
-            envoy,
-        })
-    }
-
-    /// The tier's limit, or the key's override of it.
-    fn effective_limit(&self, identity: &Identity, tier: usize) -> u32 {
-        let base = self.config.live.tiers[tier].limit.get();
-        let Identity::Key(hash) = identity else {
-            return base;
-        };
-        let Some(o) = self.config.live.keys.get(hash) else {
-            return base;
-        };
-        if let Some(limit) = o.limits.get(&tier) {
-            return limit.get();
-        }
-        o.multiplier.map_or(base, |m| {
-            #[expect(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "clamped to 1..=u32::MAX before the cast"
-            )]
-            let scaled = (f64::from(base) * m)
-                .round()
-                .clamp(1.0, f64::from(u32::MAX)) as u32;
-            scaled
-        })
     }
 }
