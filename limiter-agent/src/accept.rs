@@ -4,9 +4,11 @@
 //! An error that belongs to one connection (it was reset or aborted before
 //! it was taken) is skipped at once. Any other (out of descriptors, out of
 //! memory) would fail again straight away, so the loop pauses before the
-//! next try, 5 ms at first, doubling up to a second while the errors last,
+//! next try, 5 ms at first, doubling up to 100 ms while the errors last,
 //! and back to 5 ms after the next success: it neither spins on a full
-//! descriptor table nor stays deaf long after one frees.
+//! descriptor table nor stays deaf long after one frees. A run of failures
+//! is logged once as it starts and once as it ends. Once `stop` is ready,
+//! no further connection is taken.
 
 use std::{io, net::SocketAddr, pin::pin, time::Duration};
 
@@ -15,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 /// The first pause after a failed accept.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 /// The longest pause between two failed accepts.
-const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+const LONGEST_PAUSE: Duration = Duration::from_millis(100);
 
 /// Accepts on `listener` until `stop` resolves, handing each connection
 /// (`TCP_NODELAY` set) and its peer to `each`, which must not wait: it
@@ -29,13 +31,19 @@ pub async fn accept_until(
 ) {
     let mut stop = pin!(stop);
     let mut pause = FIRST_PAUSE;
+    let mut failures = 0u64;
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             () = &mut stop => return,
+            accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                if failures > 0 {
+                    tracing::info!(listener = name, failures, "accepting again");
+                    failures = 0;
+                }
                 pause = FIRST_PAUSE;
                 let _ = stream.set_nodelay(true);
                 each(stream, peer);
@@ -44,10 +52,16 @@ pub async fn accept_until(
                 tracing::debug!(listener = name, error = %e, "connection gone before accept");
             }
             Err(e) => {
-                tracing::warn!(listener = name, error = %e, pause = ?pause, "accept failed");
+                if failures == 0 {
+                    tracing::warn!(listener = name, error = %e, "accept failing; pausing between tries");
+                } else {
+                    tracing::debug!(listener = name, error = %e, pause = ?pause, "accept failed");
+                }
+                failures += 1;
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    biased;
                     () = &mut stop => return,
+                    () = tokio::time::sleep(pause) => {}
                 }
                 pause = (pause * 2).min(LONGEST_PAUSE);
             }

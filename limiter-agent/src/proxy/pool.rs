@@ -4,8 +4,9 @@
 //!
 //! A connection is fit when it leads to the request's upstream (a reload may
 //! move it), has been idle less than [`IDLE_TIMEOUT`], and its own check
-//! ([`Pooled::fit`]) passes. That check may be a system call, so it is never
-//! made under the pool's lock, and neither is a connection's drop (a close).
+//! ([`Pooled::fit`]) passes. That check may be a system call, so unless the
+//! kind says it is cheap it is never made under the pool's lock, and a
+//! connection's drop (a close) never is.
 
 use std::{
     collections::VecDeque,
@@ -22,9 +23,13 @@ pub(super) const MAX_IDLE: usize = 1024;
 pub(super) trait Pooled {
     /// The `host:port` it was opened to.
     fn authority(&self) -> &str;
-    /// Whether it can carry another request now (asked just before reuse,
-    /// outside the lock).
+    /// Whether it can carry another request now (asked just before reuse).
     fn fit(&self) -> bool;
+    /// Whether [`Self::fit`] is cheap (no system call): the sweep then asks
+    /// it under the lock, and every kept connection stays takeable
+    /// throughout. Otherwise the sweep takes the connections out to ask,
+    /// and a request meanwhile finds the pool empty.
+    const FIT_IS_CHEAP: bool = false;
     /// Called as it goes into the pool: a place to let go of large buffers.
     fn park(&mut self) {}
 }
@@ -93,6 +98,18 @@ impl<C: Pooled> Pool<C> {
     /// another upstream than `authority` (housekeeping, once a second).
     pub(super) fn sweep(&self, authority: &str) {
         let now = Instant::now();
+        if C::FIT_IS_CHEAP {
+            let stale: VecDeque<Idle<C>> = {
+                let mut idle = self.lock();
+                let (keep, stale) = idle
+                    .drain(..)
+                    .partition(|idle| fresh(idle, authority, now) && idle.conn.fit());
+                *idle = keep;
+                stale
+            };
+            drop(stale);
+            return;
+        }
         let all: Vec<Idle<C>> = self.lock().drain(..).collect();
         let keep: Vec<Idle<C>> = all
             .into_iter()
@@ -196,5 +213,33 @@ mod tests {
         pool.sweep("moved:80");
         assert_eq!(pool.len(), 0, "a reload moved the upstream");
         assert!(!pool.close_oldest());
+    }
+
+    /// A kind whose check is cheap: swept in place, with the same outcome.
+    struct Cheap(Conn);
+
+    impl Pooled for Cheap {
+        fn authority(&self) -> &str {
+            self.0.authority
+        }
+        fn fit(&self) -> bool {
+            self.0.fit.get()
+        }
+        const FIT_IS_CHEAP: bool = true;
+    }
+
+    #[test]
+    fn a_cheap_check_is_swept_in_place() {
+        let pool = Pool::default();
+        let (a, a_fit) = conn(1, "up:80");
+        let (b, _) = conn(2, "up:80");
+        let (c, _) = conn(3, "other:80");
+        pool.put(Cheap(a));
+        pool.put(Cheap(b));
+        pool.put(Cheap(c));
+        a_fit.set(false);
+        pool.sweep("up:80");
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.take("up:80").map(|c| c.0.id), Some(2));
     }
 }

@@ -78,6 +78,8 @@ impl Pooled for Held {
     fn fit(&self) -> bool {
         !self.sender.is_closed()
     }
+
+    const FIT_IS_CHEAP: bool = true;
 }
 
 /// Every upstream connection was busy for `upstream_wait` (answered 503).
