@@ -6,11 +6,14 @@
 //! - an import from a module to one in a higher layer or in the same layer
 //!   (modules on one line are independent of each other);
 //! - a module missing from the list, or listed but absent;
-//! - a circle of imports between files, at any depth (a folder's files among
-//!   themselves too). A module's file and the files of its own submodules
-//!   (`proxy.rs` and `proxy/wire.rs`) are one unit here, as Rust makes them:
-//!   the parent declares and re-exports its children, a child reads its
-//!   parent's shared types; circles through siblings are what count.
+//! - a circle of imports between modules, at any depth (a folder's files
+//!   among themselves too). A module's file and the files of its own
+//!   submodules (`proxy.rs` and `proxy/wire.rs`) are one unit here, as Rust
+//!   makes them: the parent declares and re-exports its children, a child
+//!   reads its parent's shared types. An import is lifted to the children of
+//!   the two files' closest common module (`proxy/upstream.rs` importing
+//!   `proxy/wire/body.rs` is `upstream` importing `wire`), so circles
+//!   through siblings are what count, however deep the files sit.
 //!
 //! It reads the sources as text with comments and literals blanked, which is
 //! all the resolution the crate's own paths need: a path resolves to the
@@ -101,15 +104,16 @@ fn the_reader_sees_every_kind_of_path() {
     .map(|m| m.into_iter().map(String::from).collect())
     .collect();
     let code = blank(
-        r#"
+        r##"
         mod c;
         use self::c::X; // crate::e::Commented
         use super::{b::Y, *};
         use c::Z as W;
-        fn f() { let s = "crate::e::InAString"; crate::d::call(); }
+        fn f() -> impl Sized + use<> { let s = "crate::e::InAString"; let b = br#"say "hi"#; crate::d::call(); }
+        /* outer /* inner */ crate::e::StillAComment */
         #[cfg(test)]
         mod tests { use super::*; }
-        "#,
+        "##,
     );
     let source = Source {
         module: vec!["a".into(), "b".into()],
@@ -206,14 +210,34 @@ fn blank(text: &str) -> String {
                 i += 1;
             }
         } else if c == '/' && next == Some('*') {
-            i += 2;
-            while i + 1 < chars.len() && !(chars[i] == '*' && chars[i + 1] == '/') {
-                i += 1;
+            // Block comments nest.
+            let mut depth = 0;
+            while i + 1 < chars.len() {
+                if chars[i] == '/' && chars[i + 1] == '*' {
+                    depth += 1;
+                    i += 2;
+                } else if chars[i] == '*' && chars[i + 1] == '/' {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
             }
-            i += 2;
+        } else if matches!(c, 'b' | 'c')
+            && chars.get(i + 1) == Some(&'r')
+            && matches!(chars.get(i + 2), Some('"' | '#'))
+            && !ident_char(prev(&chars, i))
+        {
+            // `br"…"`, `cr#"…"#`: the prefix goes, the raw string is read next.
+            out.push(' ');
+            i += 1;
         } else if c == 'r'
             && (next == Some('"') || next == Some('#'))
-            && !ident_char(prev(&chars, i))
+            && (!ident_char(prev(&chars, i))
+                || (matches!(prev(&chars, i), 'b' | 'c') && !ident_char(prev(&chars, i - 1))))
         {
             let mut j = i + 1;
             let mut hashes = 0;
@@ -324,7 +348,8 @@ fn targets(source: &Source, modules: &BTreeSet<Vec<String>>) -> BTreeSet<Vec<Str
                 i += 3;
                 continue;
             }
-            "use" => {
+            // `impl Trait + use<'a>` is a bound, not an import.
+            "use" if tokens.get(i + 1).is_none_or(|t| t != "<") => {
                 let module = here();
                 let mut j = i + 1;
                 let mut found = Vec::new();
@@ -466,14 +491,24 @@ fn edges(sources: &[Source], modules: &BTreeSet<Vec<String>>) -> Edges {
 fn circles(edges: &Edges) -> Vec<Vec<String>> {
     let mut graph: BTreeMap<&Vec<String>, Vec<&Vec<String>>> = BTreeMap::new();
     let mut names: BTreeMap<&Vec<String>, &str> = BTreeMap::new();
-    for ((from, to), (a, b)) in edges {
+    // Each import between two files lifted to the children of their closest
+    // common module: `proxy/upstream.rs` importing `proxy/wire/body.rs` is
+    // `upstream` importing `wire`, so a circle through a submodule closes.
+    let mut lifted: Edges = BTreeMap::new();
+    for ((from, to), files) in edges {
         if from.starts_with(to) || to.starts_with(from) {
             continue;
         }
+        let common = from.iter().zip(to).take_while(|(a, b)| a == b).count();
+        lifted
+            .entry((from[..=common].to_vec(), to[..=common].to_vec()))
+            .or_insert_with(|| files.clone());
+    }
+    for ((from, to), (a, b)) in &lifted {
         graph.entry(from).or_default().push(to);
         graph.entry(to).or_default();
-        names.insert(from, a);
-        names.insert(to, b);
+        names.entry(from).or_insert(a);
+        names.entry(to).or_insert(b);
     }
     // Kosaraju: finish order on the graph, then components on its reverse.
     let mut order = Vec::new();
