@@ -14,7 +14,7 @@ fn harness() -> &'static Mutex<Harness> {
     HARNESS.get_or_init(|| {
         let mut h = Harness::new();
         let clock = h.config().clock;
-        h.set_config(&limiter_common::Config {
+        h.set_config(&limiter_common::ProgramConfig {
             clock,
             ..test_config()
         });

@@ -1,4 +1,5 @@
-//! The command line (stable interface, see the design notes).
+//! The command line: a stable interface (`docs/operating.md` lists the
+//! commands).
 
 use std::{net::SocketAddr, path::PathBuf};
 

@@ -169,7 +169,7 @@ fn a_known_source_reads_the_tries_only_when_the_generation_changes() {
 #[test]
 fn a_banned_source_reads_the_tries_only_when_the_generation_changes() {
     // The tries are read "only for a new source or when userspace bumps the
-    // policy generation" (README), banned sources included. A banned source's
+    // policy generation" (docs/xdp.md), banned sources included. A banned source's
     // entry never starts a window (window_start_ns stays 0), and the program
     // once re-read both tries whenever window_start_ns was 0: every packet of a
     // banned flood cost two LPM lookups. That shows as a trie change without a
