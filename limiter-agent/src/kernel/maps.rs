@@ -266,26 +266,12 @@ impl Maps {
 
     /// Live source entries (LRU order is the kernel's; sort as needed).
     pub fn sources(&self) -> Vec<SourceView> {
-        self.sources
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, state)| SourceView {
-                addr: source_addr(&key),
-                state,
-            })
-            .collect()
+        views(&self.sources)
     }
 
     /// Sources admitted by the SYN challenge and not yet promoted.
     pub fn probation(&self) -> Vec<SourceView> {
-        self.probation
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, state)| SourceView {
-                addr: source_addr(&key),
-                state,
-            })
-            .collect()
+        views(&self.probation)
     }
 
     /// The probation entry of exactly `key`.
@@ -400,6 +386,17 @@ fn trie_key(net: IpNet) -> Key<SourceKey> {
             SourceKey::from_v6(n.network().octets()),
         ),
     }
+}
+
+/// Every entry of a per-source map, as addresses.
+fn views(map: &HashMap<MapData, SourceKey, SourceState>) -> Vec<SourceView> {
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(key, state)| SourceView {
+            addr: source_addr(&key),
+            state,
+        })
+        .collect()
 }
 
 fn source_addr(key: &SourceKey) -> IpAddr {

@@ -244,6 +244,12 @@ mod tests {
     /// A connection to a server that answers its first request with `raw`
     /// and then keeps the socket open until the test ends.
     async fn answering(raw: &'static [u8]) -> Wire {
+        served(raw, false).await
+    }
+
+    /// A connection to a server that reads the first request, writes `raw`
+    /// and then closes the socket (`close`) or keeps it open.
+    async fn served(raw: &'static [u8], close: bool) -> Wire {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -251,7 +257,9 @@ mod tests {
             let mut head = [0u8; 1024];
             let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await;
             stream.write_all(raw).await.unwrap();
-            std::future::pending::<()>().await;
+            if !close {
+                std::future::pending::<()>().await;
+            }
             drop(stream);
         });
         Wire::new(
@@ -312,15 +320,8 @@ mod tests {
             .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
             .await;
         assert!(matches!(refused, Err(WireError::Malformed(_))));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut head = [0u8; 1024];
-            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut head).await;
-        });
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let closed = Wire::new(stream, "a".into(), spare_permit())
+        let closed = served(b"", true)
+            .await
             .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
             .await;
         assert!(matches!(closed, Err(WireError::ClosedEarly)));
