@@ -1,14 +1,21 @@
 //! Holds `docs/configuration.md` to the config types, so the reference
 //! cannot drift: every key the file accepts is documented and no other (read
-//! from the raw serde types themselves), every documented default is the one
-//! applied, and every key's Reload column is the side of the
-//! startup/live split its example changes.
+//! from the raw serde types themselves, tables keyed by name included), every
+//! documented default is the one applied (a key left out of the file, even
+//! one the base sets; a default `as` another key at that key's example too;
+//! `none` only for an option whose absence is unset), and every key's Reload
+//! column is the side of the startup/live split its example changes. Configs
+//! are compared field by field, never through `Debug`, which prints a
+//! `HashMap` in no fixed order.
 
 use std::{
     cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use serde::{
@@ -16,7 +23,7 @@ use serde::{
     de::{self, DeserializeSeed, IntoDeserializer as _, MapAccess, SeqAccess, Visitor},
 };
 
-use super::{Config, ConfigError, raw::RawConfig};
+use super::{Config, ConfigError, LiveSettings, raw::RawConfig};
 
 const DOC: &str = include_str!("../../../docs/configuration.md");
 
@@ -37,15 +44,25 @@ key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 
 // ---- The keys the config file accepts, read from the raw types ----
 
-type Shapes = RefCell<BTreeMap<String, Vec<&'static str>>>;
+/// What the recorder saw of the raw types.
+#[derive(Default)]
+struct Shapes {
+    /// Each struct's field names, by the dotted path of the table it sits in.
+    tables: BTreeMap<String, Vec<&'static str>>,
+    /// The paths of the fields read through `deserialize_option`: the keys
+    /// whose absence can mean unset.
+    optional: BTreeSet<String>,
+}
 
 /// A deserializer that answers every request with a placeholder value and
 /// records, for each struct it is asked for, the field names serde's derive
 /// passes to `deserialize_struct`, under the dotted path of the table it
-/// sits in (`""` for the file, `"server"`, `"tier"` for each `[[tier]]`).
+/// sits in (`""` for the file, `"server"`, `"tier"` for each `[[tier]]`,
+/// `"name.*"` for the values of a table keyed by name), and which fields are
+/// options.
 struct Recorder<'a> {
     path: String,
-    shapes: &'a Shapes,
+    shapes: &'a RefCell<Shapes>,
 }
 
 impl Recorder<'_> {
@@ -92,11 +109,18 @@ impl<'de> de::Deserializer<'de> for Recorder<'_> {
         deserialize_u32 => visit_u64(0), deserialize_u64 => visit_u64(0),
         deserialize_f32 => visit_f64(0.0), deserialize_f64 => visit_f64(0.0),
         deserialize_str => visit_str(""), deserialize_string => visit_str(""),
-        deserialize_map => visit_map(NoEntries),
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        self.shapes.borrow_mut().optional.insert(self.path.clone());
         visitor.visit_some(self)
+    }
+
+    /// One entry named `*`, so that the values of a table with free-form
+    /// keys (`[[key]] limits`) are recorded too, under `path.*`: a table of
+    /// tables keyed by name cannot hide its keys.
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        visitor.visit_map(AnyName(Some(self)))
     }
 
     /// One element, so that a list of tables (`[[tier]]`) is recorded too.
@@ -112,6 +136,7 @@ impl<'de> de::Deserializer<'de> for Recorder<'_> {
     ) -> Result<V::Value, Self::Error> {
         self.shapes
             .borrow_mut()
+            .tables
             .insert(self.path.clone(), fields.to_vec());
         visitor.visit_map(Fields {
             parent: self,
@@ -169,41 +194,70 @@ impl<'de> MapAccess<'de> for Fields<'_> {
     }
 }
 
-/// An empty map (a table with free-form keys, like `[[key]] limits`).
-struct NoEntries;
+/// A table with free-form keys (like `[[key]] limits`) of one entry, named
+/// `*`, its value recorded under `path.*`. A map whose keys are not names
+/// is refused, so a shape the reference cannot describe fails loudly.
+struct AnyName<'a>(Option<Recorder<'a>>);
 
-impl<'de> MapAccess<'de> for NoEntries {
+impl<'de> MapAccess<'de> for AnyName<'_> {
     type Error = de::value::Error;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(
         &mut self,
-        _: K,
+        seed: K,
     ) -> Result<Option<K::Value>, Self::Error> {
-        Ok(None)
+        let Some(recorder) = &self.0 else {
+            return Ok(None);
+        };
+        let path = recorder.path.clone();
+        seed.deserialize("*".into_deserializer())
+            .map(Some)
+            .map_err(|e: Self::Error| {
+                de::Error::custom(format!("{path}: a table whose keys are not names: {e}"))
+            })
     }
 
-    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, _: V) -> Result<V::Value, Self::Error> {
-        Err(de::Error::custom("a value without a key"))
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Self::Error> {
+        let recorder = self
+            .0
+            .take()
+            .ok_or_else(|| de::Error::custom("a value without a key"))?;
+        seed.deserialize(recorder.child("*"))
     }
+}
+
+/// The raw types' shapes, read once.
+fn shapes() -> &'static Shapes {
+    static SHAPES: OnceLock<Shapes> = OnceLock::new();
+    SHAPES.get_or_init(|| {
+        let shapes = RefCell::default();
+        RawConfig::deserialize(Recorder {
+            path: String::new(),
+            shapes: &shapes,
+        })
+        .expect("the raw types take the recorder's placeholders");
+        shapes.into_inner()
+    })
 }
 
 /// The keys the file accepts, by section: each recorded table but the file
 /// itself, with the fields that are tables themselves taken out (they are
-/// sections of their own).
+/// sections of their own, `[name]` or, for a table of tables keyed by name,
+/// `[name.*]`).
 fn accepted() -> BTreeMap<String, BTreeSet<String>> {
-    let shapes = Shapes::default();
-    RawConfig::deserialize(Recorder {
-        path: String::new(),
-        shapes: &shapes,
-    })
-    .expect("the raw types take the recorder's placeholders");
-    let shapes = shapes.into_inner();
-    let mut accepted: BTreeMap<String, BTreeSet<String>> = shapes
+    let tables = &shapes().tables;
+    let mut accepted: BTreeMap<String, BTreeSet<String>> = tables
         .iter()
         .map(|(path, fields)| {
             let keys = fields
                 .iter()
-                .filter(|field| !shapes.contains_key(&join(path, field)))
+                .filter(|field| {
+                    let path = join(path, field);
+                    !tables.contains_key(&path) && !tables.contains_key(&join(&path, "*"))
+                })
                 .map(|field| (*field).to_owned())
                 .collect();
             (path.clone(), keys)
@@ -416,17 +470,23 @@ fn with_files(value: toml::Value) -> toml::Value {
 fn file(rows: &[Row], section: &str, entries: &[(String, toml::Value)]) -> toml::Table {
     let mut file: toml::Table = toml::from_str(BASE).expect("the base parses");
     for (key, value) in entries {
-        let is_path = rows
-            .iter()
-            .any(|r| r.section == section && r.key == *key && r.format.contains("path"));
-        let value = if is_path {
-            with_files(value.clone())
-        } else {
-            value.clone()
-        };
-        table(&mut file, section).insert(key.clone(), value);
+        set(rows, &mut file, section, key, value);
     }
     file
+}
+
+/// `key = value` in `section` of `file`; a key documented as a path names a
+/// real file.
+fn set(rows: &[Row], file: &mut toml::Table, section: &str, key: &str, value: &toml::Value) {
+    let is_path = rows
+        .iter()
+        .any(|r| r.section == section && r.key == key && r.format.contains("path"));
+    let value = if is_path {
+        with_files(value.clone())
+    } else {
+        value.clone()
+    };
+    table(file, section).insert(key.to_owned(), value);
 }
 
 fn table<'a>(file: &'a mut toml::Table, section: &str) -> &'a mut toml::Table {
@@ -493,64 +553,207 @@ fn every_key_the_file_accepts_is_documented_and_no_other() {
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
 
+/// Whether two configs are the same, field by field: `PartialEq` where the
+/// types have it, so that neither the order a `HashMap` (`keys`, `limits`)
+/// prints in nor what a `Debug` hides (Redis passwords) can decide.
+fn same(a: &Config, b: &Config) -> bool {
+    a.startup == b.startup && same_live(&a.live, &b.live)
+}
+
+/// [`same`] for the live part, which has no `PartialEq` of its own: every
+/// field is named, so one added to `LiveSettings` cannot go uncompared.
+fn same_live(a: &LiveSettings, b: &LiveSettings) -> bool {
+    let LiveSettings {
+        upstream,
+        trusted_proxies,
+        ietf_headers,
+        path_policy,
+        upstream_timeout,
+        header_read_timeout,
+        body_read_timeout,
+        idle_timeout,
+        max_connections_per_source,
+        max_connections_per_proxy,
+        send_timeout,
+        body_min_rate,
+        max_requests_in_flight_per_source,
+        upstream_wait,
+        api_key_headers,
+        ipv6_prefix,
+        client_ip_header,
+        verify_keys,
+        on_error,
+        xdp,
+        rls,
+        tiers,
+        keys,
+    } = a;
+    *upstream == b.upstream
+        && *trusted_proxies == b.trusted_proxies
+        && *ietf_headers == b.ietf_headers
+        && *path_policy == b.path_policy
+        && *upstream_timeout == b.upstream_timeout
+        && *header_read_timeout == b.header_read_timeout
+        && *body_read_timeout == b.body_read_timeout
+        && *idle_timeout == b.idle_timeout
+        && *max_connections_per_source == b.max_connections_per_source
+        && *max_connections_per_proxy == b.max_connections_per_proxy
+        && *send_timeout == b.send_timeout
+        && *body_min_rate == b.body_min_rate
+        && *max_requests_in_flight_per_source == b.max_requests_in_flight_per_source
+        && *upstream_wait == b.upstream_wait
+        && *api_key_headers == b.api_key_headers
+        && *ipv6_prefix == b.ipv6_prefix
+        && *client_ip_header == b.client_ip_header
+        && *verify_keys == b.verify_keys
+        && *on_error == b.on_error
+        && *xdp == b.xdp
+        && *rls == b.rls
+        && *tiers == b.tiers
+        && *keys == b.keys
+}
+
+/// The file a key's default is checked in: the base with `setting` (entries
+/// both files hold) and, where the example shows the key needs others beside
+/// it (a Redis URL beside the Redis settings), those too when the file
+/// takes them; the key itself taken out, even where the base sets it.
+fn without_key(rows: &[Row], row: &Row, setting: &[(String, toml::Value)]) -> toml::Table {
+    let (companions, _) = context(row);
+    let mut entries = companions;
+    entries.extend_from_slice(setting);
+    let mut without = file(rows, &row.section, &entries);
+    if parse(&without).is_err() {
+        without = file(rows, &row.section, setting);
+    }
+    table(&mut without, &row.section).remove(&row.key);
+    without
+}
+
+/// Whether setting the key to `default` in the file without it changes
+/// nothing; the problem, if any.
+fn default_applies(
+    rows: &[Row],
+    row: &Row,
+    setting: &[(String, toml::Value)],
+    default: &str,
+) -> Result<(), String> {
+    let name = row.name();
+    let without = without_key(rows, row, setting);
+    let expected = parse(&without).map_err(|e| {
+        format!("{name}: documented default `{default}`, but the key is required: a file without it is refused: {e}")
+    })?;
+    let mut with = without;
+    set(
+        rows,
+        &mut with,
+        &row.section,
+        &row.key,
+        &value(&name, default),
+    );
+    let set = parse(&with)
+        .map_err(|e| format!("{name}: the documented default `{default}` is refused: {e}"))?;
+    if same(&set, &expected) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}: `{default}` is not its default: a file setting it differs from one without it"
+        ))
+    }
+}
+
+/// A file's raw config with the key explicitly unset (`None`), which TOML
+/// cannot write: the file is read as JSON with the key `null`.
+fn unset(file: &toml::Table, row: &Row) -> Result<Config, String> {
+    let mut json = serde_json::to_value(file).map_err(|e| e.to_string())?;
+    let section = &mut json[row.section.as_str()];
+    let section = match section {
+        serde_json::Value::Array(items) => items.first_mut().ok_or("no entry")?,
+        other => other,
+    };
+    section
+        .as_object_mut()
+        .ok_or("not a table")?
+        .insert(row.key.clone(), serde_json::Value::Null);
+    let raw: RawConfig = serde_json::from_value(json).map_err(|e| e.to_string())?;
+    raw.validate().map_err(|e| e.to_string())
+}
+
+/// Whether a key documented as `none` is an option whose absence is its
+/// unset value; the problem, if any.
+fn unset_by_default(rows: &[Row], row: &Row) -> Result<(), String> {
+    let name = row.name();
+    if !shapes().optional.contains(&name) {
+        return Err(format!(
+            "{name}: documented as `none`, but the key is not optional: left out, it takes a value"
+        ));
+    }
+    let mut without = without_key(rows, row, &[]);
+    // The section must be there for the key to be unset in it; an empty one
+    // is the same as none.
+    table(&mut without, &row.section);
+    let absent = parse(&without).map_err(|e| {
+        format!("{name}: documented as `none`, but a file without it is refused: {e}")
+    })?;
+    let unset = unset(&without, row)
+        .map_err(|e| format!("{name}: a file with the key unset is refused: {e}"))?;
+    if same(&absent, &unset) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}: documented as `none`, but a file without it differs from one with it unset: its default is a value"
+        ))
+    }
+}
+
 #[test]
 fn every_documented_default_is_the_default_applied() {
     let rows = rows();
     let mut problems = Vec::new();
-    let base = parse(&file(&rows, "server", &[])).expect("the base is valid");
     for row in &rows {
         let name = row.name();
-        let text = match &row.default {
-            Documented::Unset => continue,
+        let checked = match &row.default {
+            Documented::Unset => unset_by_default(&rows, row),
             Documented::Required => {
                 let mut without = file(&rows, &row.section, &[]);
                 table(&mut without, &row.section).remove(&row.key);
                 match parse(&without) {
-                    Ok(_) => problems.push(format!(
+                    Ok(_) => Err(format!(
                         "{name}: documented as required, but a file without it is valid"
                     )),
-                    Err(e) if !e.to_string().contains(&row.key) => {
-                        problems.push(format!(
-                            "{name}: required, but the refusal does not name it: {e}"
-                        ));
-                    }
-                    Err(_) => {}
+                    Err(e) if !e.to_string().contains(&row.key) => Err(format!(
+                        "{name}: required, but the refusal does not name it: {e}"
+                    )),
+                    Err(_) => Ok(()),
                 }
-                continue;
             }
-            Documented::Value(text) => text.clone(),
-            Documented::As(other) => {
-                let Some(Row {
-                    default: Documented::Value(text),
-                    ..
-                }) = rows
-                    .iter()
-                    .find(|r| r.section == row.section && r.key == *other)
-                else {
-                    problems.push(format!(
-                        "{name}: its default is that of `{other}`, which has no value in the table"
-                    ));
-                    continue;
-                };
-                text.clone()
-            }
+            Documented::Value(text) => default_applies(&rows, row, &[], text),
+            Documented::As(other) => match rows
+                .iter()
+                .find(|r| r.section == row.section && r.key == *other)
+            {
+                Some(
+                    other_row @ Row {
+                        default: Documented::Value(text),
+                        ..
+                    },
+                ) => {
+                    // At the other key's default, and at its example: a
+                    // fixed default that happens to equal the other's
+                    // passes only the first.
+                    let (mut setting, own) = context(other_row);
+                    setting.push((other.clone(), own.clone()));
+                    default_applies(&rows, row, &[], text).and_then(|()| {
+                        default_applies(&rows, row, &setting, &own.to_string())
+                            .map_err(|e| format!("{e} (with `{other} = {own}`)"))
+                    })
+                }
+                _ => Err(format!(
+                    "{name}: its default is that of `{other}`, which has no value in the table"
+                )),
+            },
         };
-        // Where the example shows the key needs others (a Redis URL beside
-        // the Redis settings), the default is checked with them.
-        let (companions, _) = context(row);
-        let (expected, mut entries) = match parse(&file(&rows, &row.section, &companions)) {
-            Ok(with) => (with, companions),
-            Err(_) => (base.clone(), Vec::new()),
-        };
-        entries.push((row.key.clone(), value(&name, &text)));
-        match parse(&file(&rows, &row.section, &entries)) {
-            Err(e) => problems.push(format!(
-                "{name}: the documented default `{text}` is refused: {e}"
-            )),
-            Ok(set) if format!("{set:?}") != format!("{expected:?}") => problems.push(format!(
-                "{name}: `{text}` is not its default: a file setting it differs from one without it"
-            )),
-            Ok(_) => {}
+        if let Err(problem) = checked {
+            problems.push(problem);
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
@@ -599,7 +802,7 @@ fn every_example_changes_the_part_its_reload_column_names() {
         // The split a reload uses: what `needs_restart` names is kept until
         // a restart, everything in `live` is applied.
         let restart = after.needs_restart(&before);
-        let live_changed = format!("{:?}", after.live) != format!("{:?}", before.live);
+        let live_changed = !same_live(&after.live, &before.live);
         if row.restart {
             if !restart.iter().any(|r| reports(r, &row.section, &row.key)) {
                 problems.push(format!(
