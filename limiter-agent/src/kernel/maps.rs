@@ -265,11 +265,13 @@ impl Maps {
     }
 
     /// Live source entries (LRU order is the kernel's; sort as needed).
+    #[must_use]
     pub fn sources(&self) -> Vec<SourceView> {
         views(&self.sources)
     }
 
     /// Sources admitted by the SYN challenge and not yet promoted.
+    #[must_use]
     pub fn probation(&self) -> Vec<SourceView> {
         views(&self.probation)
     }
