@@ -51,6 +51,13 @@ pub enum Command {
         /// `IP` or `IP/LEN`, as banned.
         net: String,
     },
+    /// Print the man page (roff) or a shell's completion script, generated
+    /// from these definitions (the package builds its own with it).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generated,
+    },
     /// Serve only the built-in stand-in upstream (what --demo-upstream runs in-process).
     #[command(hide = true)]
     DemoUpstream {
@@ -61,6 +68,32 @@ pub enum Command {
         #[arg(long = "api-key")]
         api_keys: Vec<String>,
     },
+}
+
+/// What `generate` prints.
+#[derive(Subcommand, Debug)]
+pub enum Generated {
+    /// The man page, `limiter-agent(8)`.
+    Man,
+    /// The completion script for `shell`.
+    Completion { shell: clap_complete::Shell },
+}
+
+impl Generated {
+    /// Writes the man page or completion script for [`Cli`] to `out`.
+    ///
+    /// # Errors
+    /// Writing to `out` failed.
+    pub fn write(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        match self {
+            Self::Man => clap_mangen::Man::new(command).section("8").render(out),
+            Self::Completion { shell } => {
+                clap_complete::generate(*shell, &mut command, "limiter-agent", out);
+                Ok(())
+            }
+        }
+    }
 }
 
 #[derive(clap::Args, Debug, Clone, Default)]

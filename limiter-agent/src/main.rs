@@ -46,6 +46,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Generate { what } => match what.write(&mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("writing it out: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::DemoUpstream { listen, api_keys } => block_on(async {
             let addr = demo::spawn(listen, api_keys)
                 .await

@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod cmd;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Command {
     Bench(bench::Options),
     /// The kernel matrix: the XDP suite and a real attach in a VM per kernel.
     VmTest(vm_test::Options),
+    /// The Debian package, target/package/limiter_<version>_<arch>.deb.
+    Package(package::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(options) => test::run(&options),
         Command::Bench(options) => bench::run(&options),
         Command::VmTest(options) => vm_test::run(&options),
+        Command::Package(options) => package::run(&options),
     }
 }

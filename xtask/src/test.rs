@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the project's one test command (what CI runs).
 
-use crate::{bench, build_ebpf, cmd, setup, vm_test};
+use crate::{bench, build_ebpf, cmd, package, setup, vm_test};
 
 #[derive(clap::Args)]
 pub struct Options {}
@@ -41,16 +41,23 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     if let Err(e) = &smoke {
         eprintln!("{e:#}");
     }
+    // The Debian package, built from the release build the benchmarks made,
+    // checked with lintian, installed, used, removed and purged.
+    let packaged = package::build().and_then(|deb| package::check(&deb));
+    if let Err(e) = &packaged {
+        eprintln!("{e:#}");
+    }
     // One closing line for the whole suite: cargo's own last line is that of
     // whichever test binary ran last (often the doc tests, with no test).
     let verdict = |ok: bool| if ok { "passed" } else { "FAILED" };
     println!(
-        "tests: {passed} passed, {failed} failed; vm-test (Linux 6.1) {}; bench --quick {}",
+        "tests: {passed} passed, {failed} failed; vm-test (Linux 6.1) {}; bench --quick {}; package {}",
         verdict(matrix.is_ok()),
-        verdict(smoke.is_ok())
+        verdict(smoke.is_ok()),
+        verdict(packaged.is_ok())
     );
     anyhow::ensure!(
-        failed == 0 && passed > 0 && matrix.is_ok() && smoke.is_ok(),
+        failed == 0 && passed > 0 && matrix.is_ok() && smoke.is_ok() && packaged.is_ok(),
         "the test suite failed"
     );
     Ok(())
