@@ -208,7 +208,6 @@ fn control(stage: &Path, entries: &[Entry], depends: &str, arch: &str) -> anyhow
              Depends: {depends}\n\
              Section: net\n\
              Priority: optional\n\
-             Homepage: https://limiter.invalid/\n\
              Description: XDP-accelerated rate limiter for HTTP APIs\n \
              limiter-agent is a reverse proxy in front of an HTTP API that enforces\n \
              exact per-endpoint rate limits per client, tells every client where it\n \
@@ -217,12 +216,24 @@ fn control(stage: &Path, entries: &[Entry], depends: &str, arch: &str) -> anyhow
         ),
     )?;
     fs::write(control.join("conffiles"), "/etc/limiter/limiter.toml\n")?;
+    // Every file but the conffile (dpkg keeps its own sums of those).
+    let mut sums = Vec::new();
+    for entry in entries.iter().filter(|e| !e.path.starts_with("etc/")) {
+        let output = Command::new("md5sum")
+            .arg(&entry.path)
+            .current_dir(stage)
+            .output()
+            .context("running md5sum")?;
+        ensure!(output.status.success(), "md5sum {} failed", entry.path);
+        sums.extend_from_slice(&output.stdout);
+    }
+    fs::write(control.join("md5sums"), sums)?;
     for script in ["postinst", "prerm", "postrm"] {
         let path = control.join(script);
         fs::copy(root.join("packaging/debian").join(script), &path)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
     }
-    for file in ["control", "conffiles"] {
+    for file in ["control", "conffiles", "md5sums"] {
         fs::set_permissions(control.join(file), fs::Permissions::from_mode(0o644))?;
     }
 
