@@ -73,8 +73,12 @@ pub enum Command {
 /// What `generate` prints.
 #[derive(Subcommand, Debug)]
 pub enum Generated {
-    /// The man page, `limiter-agent(8)`.
-    Man,
+    /// The man page, `limiter-agent(8)`; with `--dir`, it and a page per
+    /// subcommand (`limiter-agent-run(8)`…) written there as files.
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// The completion script for `shell`.
     Completion { shell: clap_complete::Shell },
 }
@@ -87,7 +91,21 @@ impl Generated {
     pub fn write(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         let mut command = <Cli as clap::CommandFactory>::command();
         match self {
-            Self::Man => clap_mangen::Man::new(command).section("8").render(out),
+            Self::Man { dir: None } => clap_mangen::Man::new(command).section("8").render(out),
+            Self::Man { dir: Some(dir) } => {
+                command.build();
+                let mut pages = vec![("limiter-agent".to_owned(), command.clone())];
+                for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+                    let name = format!("limiter-agent-{}", sub.get_name());
+                    pages.push((name.clone(), sub.clone().display_name(name)));
+                }
+                for (name, page) in pages {
+                    let mut file = std::fs::File::create(dir.join(format!("{name}.8")))?;
+                    clap_mangen::Man::new(page).section("8").render(&mut file)?;
+                    writeln!(out, "{name}.8")?;
+                }
+                Ok(())
+            }
             Self::Completion { shell } => {
                 clap_complete::generate(*shell, &mut command, "limiter-agent", out);
                 Ok(())

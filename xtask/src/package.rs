@@ -100,8 +100,18 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let deb = root
         .join(OUT_DIR)
         .join(format!("{NAME}_{version}_{arch}.deb"));
+    // File times clamped to the changelog's date: the same tree gives the
+    // same package.
+    let released = cmd::output(
+        Command::new("dpkg-parsechangelog")
+            .args(["-l", "packaging/debian/changelog", "-S", "Timestamp"])
+            .current_dir(&root),
+    )
+    .map(|t| t.trim().to_owned())
+    .context("dpkg-parsechangelog")?;
     cmd::run(
         Command::new("dpkg-deb")
+            .env("SOURCE_DATE_EPOCH", released)
             .args(["--root-owner-group", "-Zxz", "--build"])
             .arg(&stage)
             .arg(&deb),
@@ -142,11 +152,6 @@ fn files(root: &Path, binary: &Path, stripped: &Path) -> anyhow::Result<Vec<Entr
             content: conffile(&read("examples/concurred.toml")?),
         },
         Entry {
-            path: "usr/share/man/man8/limiter-agent.8.gz".into(),
-            mode: 0o644,
-            content: gzip(&generate(&["man"])?)?,
-        },
-        Entry {
             path: "usr/share/bash-completion/completions/limiter-agent".into(),
             mode: 0o644,
             content: generate(&["completion", "bash"])?,
@@ -177,6 +182,20 @@ fn files(root: &Path, binary: &Path, stripped: &Path) -> anyhow::Result<Vec<Entr
             content: gzip(&read("packaging/debian/changelog")?)?,
         },
     ];
+    // limiter-agent(8) and a page per subcommand, which it refers to.
+    let pages = root.join(OUT_DIR).join("man");
+    if pages.exists() {
+        fs::remove_dir_all(&pages)?;
+    }
+    fs::create_dir_all(&pages)?;
+    let written = generate(&["man", "--dir", &pages.to_string_lossy()])?;
+    for page in String::from_utf8(written)?.lines() {
+        entries.push(Entry {
+            path: format!("usr/share/man/man8/{page}.gz"),
+            mode: 0o644,
+            content: gzip(&fs::read(pages.join(page))?)?,
+        });
+    }
     for doc in DOCS {
         let name = Path::new(doc).file_name().expect("a file name");
         let path = format!("usr/share/doc/limiter/{}", name.to_string_lossy());
@@ -338,15 +357,33 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
     println!("package: {} ({size} bytes)", deb.display());
 
     let files = contents(deb)?;
-    cmd::run(Command::new("dpkg").arg("-i").arg(deb))?;
-    let installed = (|| -> anyhow::Result<()> {
-        exercise()?;
-        Ok(())
-    })();
+    let installed = cmd::run(Command::new("dpkg").arg("-i").arg(deb))
+        .and_then(|()| exercise())
+        .and_then(|()| upgrade(deb));
     // Removed whatever happened, so a failed check leaves the machine as it was.
     let removed = cmd::run(Command::new("dpkg").args(["-r", NAME]));
     let kept = Path::new("/etc/limiter/limiter.toml").exists();
+    // Pins of two instances: one whose agent runs (this process stands in
+    // for it) must survive the purge, one no agent holds must go.
+    let pins = Path::new("/sys/fs/bpf/limiter");
+    let (stale, live) = (
+        pins.join("package-check-stale"),
+        pins.join("package-check-live"),
+    );
+    let live_state = Path::new("/run/limiter/package-check-live.json");
+    fs::create_dir_all(&stale)?;
+    fs::create_dir_all(&live)?;
+    fs::create_dir_all("/run/limiter")?;
+    fs::write(
+        live_state,
+        format!("{{\n  \"pid\": {}\n}}\n", std::process::id()),
+    )?;
     let purged = cmd::run(Command::new("dpkg").args(["--purge", NAME]));
+    let pins_right = !stale.exists() && live.exists();
+    let _ = fs::remove_dir(&live);
+    let _ = fs::remove_file(live_state);
+    let _ = fs::remove_dir(pins);
+    let _ = fs::remove_dir("/run/limiter");
     installed?;
     removed?;
     purged?;
@@ -354,15 +391,28 @@ pub fn check(deb: &Path) -> anyhow::Result<()> {
         kept,
         "dpkg -r removed /etc/limiter/limiter.toml; only a purge may"
     );
+    ensure!(
+        pins_right,
+        "the purge must remove the pins no agent holds and keep a running agent's"
+    );
     let left: Vec<&String> = files
         .iter()
         .filter(|f| Path::new(f).symlink_metadata().is_ok() && !is_shared_dir(f))
         .collect();
     ensure!(left.is_empty(), "left behind after the purge: {left:?}");
+    let known = Command::new("dpkg")
+        .args(["-s", NAME])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(!known.success(), "dpkg still knows {NAME} after the purge");
     for path in [
         "/etc/limiter",
         "/etc/systemd/system/multi-user.target.wants/limiter-agent.service",
+        "/etc/systemd/system/limiter-agent.service",
         "/var/lib/systemd/deb-systemd-helper-enabled/limiter-agent.service.dsh-also",
+        "/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/limiter-agent.service",
+        "/var/lib/systemd/deb-systemd-helper-masked/limiter-agent.service",
     ] {
         ensure!(
             Path::new(path).symlink_metadata().is_err(),
@@ -382,10 +432,22 @@ fn exercise() -> anyhow::Result<()> {
         "the unit is not enabled after install"
     );
     cmd::run(Command::new(agent).args(["check-config", config]))?;
+    // The unit as installed: its paths exist, its directives are known.
+    cmd::run(
+        Command::new("systemd-analyze")
+            .args(["verify", "/usr/lib/systemd/system/limiter-agent.service"]),
+    )?;
 
     // Run with the installed config on free ports, in front of the demo
     // upstream, without XDP (nothing attached, nothing pinned).
-    let (listen, admin) = (free_port()?, free_port()?);
+    // Both ports held until the agent starts, so they differ.
+    let (listen, admin) = (
+        TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
+    );
+    let (listen_port, admin_port) = (listen.local_addr()?.port(), admin.local_addr()?.port());
+    drop((listen, admin));
+    let (listen, admin) = (listen_port, admin_port);
     let mut child = Command::new(agent)
         .args(["run", "--config", config, "--demo-upstream", "--no-xdp"])
         .args(["--listen", &format!("127.0.0.1:{listen}")])
@@ -409,9 +471,15 @@ fn exercise() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
     })();
+    // The answer must be the installed agent's: it is still running.
+    let running = child.try_wait()?.is_none();
     let _ = child.kill();
     let _ = child.wait();
     let answer = answer?.to_ascii_lowercase();
+    ensure!(
+        running,
+        "the installed agent exited; the answer on port {listen} was not its own"
+    );
     for header in [
         "x-ratelimit-limit: 60",
         "x-ratelimit-remaining: 59",
@@ -467,6 +535,30 @@ fn exercise() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same package installed over itself, as an upgrade is: the operator's
+/// edit of the config stays, and so does the unit's enablement.
+fn upgrade(deb: &Path) -> anyhow::Result<()> {
+    let config = Path::new("/etc/limiter/limiter.toml");
+    let edit = "\n# an operator's edit, kept across upgrades\n";
+    let mut edited = fs::read_to_string(config)?;
+    edited.push_str(edit);
+    fs::write(config, &edited)?;
+    cmd::run(
+        Command::new("dpkg")
+            .args(["-i", "--force-confold"])
+            .arg(deb),
+    )?;
+    ensure!(
+        fs::read_to_string(config)?.contains(edit),
+        "reinstalling the package replaced the operator's config"
+    );
+    ensure!(
+        Path::new("/etc/systemd/system/multi-user.target.wants/limiter-agent.service").exists(),
+        "the unit is no longer enabled after the upgrade"
+    );
+    Ok(())
+}
+
 /// The files and directories the package holds, as absolute paths.
 fn contents(deb: &Path) -> anyhow::Result<Vec<String>> {
     let listing =
@@ -483,8 +575,4 @@ fn contents(deb: &Path) -> anyhow::Result<Vec<String>> {
 /// purge leaves them, and rightly.
 fn is_shared_dir(path: &str) -> bool {
     Path::new(path).is_dir() && !path.contains("limiter")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
