@@ -1,7 +1,8 @@
 //! End to end, connections against the real agent binary: one source holding
 //! its cap of idle HTTP/2 connections cannot lock another out, a trusted proxy
 //! has a cap of its own, idle connections are closed (HTTP/1 keep-alive and
-//! HTTP/2, pings or not), and a stream longer than the idle timeout is not cut.
+//! HTTP/2, pings or not), a stream longer than the idle timeout is not cut,
+//! and an agent out of descriptors neither spins nor stays deaf.
 //! Clients are told apart by binding to different loopback addresses.
 
 use std::{
@@ -390,4 +391,95 @@ async fn sigterm_closes_idle_connections_at_once() {
         "exit took {:?}",
         stopped.elapsed()
     );
+}
+
+/// CPU seconds (user + system) the process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th and stime the 13th of them.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks / f64::from(u32::try_from(hz).expect("a clock tick rate"))
+}
+
+/// Out of descriptors, the accept loop neither spins nor stays deaf: with
+/// its descriptor limit lowered to what it holds plus a few, a crowd of
+/// connections leaves accepts failing with EMFILE; the agent uses almost no
+/// CPU meanwhile, logs the run of failures once, and serves again within a
+/// few pauses (100 ms at most each) of the crowd leaving.
+#[test]
+fn an_agent_out_of_descriptors_neither_spins_nor_stays_deaf() {
+    use std::io::{Read as _, Write as _};
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/limited",
+        1_000_000,
+        "1m",
+        "max_connections_per_source = 10000",
+    ));
+    let pid = agent.pid();
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    let limit = libc::rlimit {
+        rlim_cur: (held + 8) as libc::rlim_t,
+        rlim_max: (held + 8) as libc::rlim_t,
+    };
+    // SAFETY: a valid pid, a valid rlimit struct we own, a null old limit.
+    let set = unsafe {
+        libc::prlimit(
+            i32::try_from(pid).unwrap(),
+            libc::RLIMIT_NOFILE,
+            &raw const limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let crowd: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(agent.addr).expect("the backlog takes it"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_seconds(pid) - before;
+    assert!(
+        agent.log().contains("accept failing"),
+        "the descriptor limit was reached: {}",
+        agent.log()
+    );
+    assert!(
+        spent < 0.3,
+        "{spent:.2} s of CPU in 2 s out of descriptors: a spin"
+    );
+
+    drop(crowd);
+    let left = Instant::now();
+    let answered = loop {
+        let mut stream = std::net::TcpStream::connect(agent.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let _ =
+            stream.write_all(b"GET /api/limited HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break left.elapsed();
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "never served again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "out of descriptors: {spent:.3} s of CPU in 2 s; served again {answered:?} after the crowd left"
+    );
+    assert!(answered < Duration::from_secs(2), "deaf for {answered:?}");
+    let log = agent.log();
+    assert!(log.contains("accepting again"), "{log}");
 }
