@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: the agent binary and its demo upstream as real processes, free ports.
 //! - [`bulk`]: an upstream of large answers and an HTTP/2 client that shuts its window.
+//! - [`cpu`]: CPU time of a process tree, from `/proc`.
 //! - [`http`]: raw HTTP/1 requests and answers, the `reqwest` client, the agent's metrics.
 //! - [`netns`]: host, client and attacker namespaces joined by veths, and SYN floods.
 //! - [`newcomers`]: new clients connecting during a spoofed SYN flood.
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod bulk;
+pub mod cpu;
 pub mod http;
 pub mod netns;
 pub mod newcomers;

@@ -16,6 +16,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use limiter_tests::{
     agent::{agent_in_front, connect_from, loopback, small_config},
+    cpu::tree_seconds,
     http::{complete, metrics},
     prometheus::metric,
 };
@@ -393,19 +394,6 @@ async fn sigterm_closes_idle_connections_at_once() {
     );
 }
 
-/// CPU seconds (user + system) the process `pid` has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // Fields after the command name (which may hold spaces): utime is the
-    // 12th and stime the 13th of them.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf with a valid name has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ticks / f64::from(u32::try_from(hz).expect("a clock tick rate"))
-}
-
 /// Out of descriptors, the accept loop neither spins nor stays deaf: with
 /// its descriptor limit lowered to what it holds plus a few, a crowd of
 /// connections leaves accepts failing with EMFILE; the agent uses almost no
@@ -443,9 +431,9 @@ fn an_agent_out_of_descriptors_neither_spins_nor_stays_deaf() {
         .map(|_| std::net::TcpStream::connect(agent.addr).expect("the backlog takes it"))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_seconds(pid);
+    let before = tree_seconds(pid);
     std::thread::sleep(Duration::from_secs(2));
-    let spent = cpu_seconds(pid) - before;
+    let spent = tree_seconds(pid) - before;
     assert!(
         agent.log().contains("accept failing"),
         "the descriptor limit was reached: {}",
