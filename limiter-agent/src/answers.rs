@@ -61,6 +61,101 @@ pub fn apply(
     }
 }
 
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// A token budget's state in an answer: the decision on its bucket, its
+/// window, and its IETF policy name when `ietf_headers` is on.
+#[derive(Clone, Copy)]
+pub struct TokenState<'a> {
+    pub decision: &'a Decision,
+    pub window_ms: u64,
+    pub policy: Option<&'a PolicyName>,
+}
+
+/// On a tier with a token budget, adds `OpenAI`'s own rate-limit headers, as
+/// its SDKs and clients read them: `x-ratelimit-limit-requests`,
+/// `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` for the
+/// request limit (`requests`), the same three `-tokens` for the budget; a
+/// reset is the time until the full quota is back, in Go's duration format
+/// (`"6m0s"`, `"1.5s"`, `"20ms"`), never early. With the IETF fields on, the
+/// budget is a second item of `RateLimit-Policy` and `RateLimit` (call after
+/// [`apply`]).
+pub fn apply_tokens(
+    headers: &mut HeaderMap,
+    requests: &Decision,
+    tokens: TokenState<'_>,
+    now: Now,
+) {
+    let left = |decision: &Decision| {
+        HeaderValue::try_from(go_duration(decision.reset_ms.saturating_sub(now.mono_ms)))
+            .unwrap_or(HeaderValue::from_static("0s"))
+    };
+    headers.insert(LIMIT_REQUESTS, HeaderValue::from(requests.limit));
+    headers.insert(REMAINING_REQUESTS, HeaderValue::from(requests.remaining));
+    headers.insert(RESET_REQUESTS, left(requests));
+    let budget = tokens.decision;
+    headers.insert(LIMIT_TOKENS, HeaderValue::from(budget.limit));
+    headers.insert(REMAINING_TOKENS, HeaderValue::from(budget.remaining));
+    headers.insert(RESET_TOKENS, left(budget));
+    let Some(PolicyName(name)) = tokens.policy else {
+        return;
+    };
+    let window_secs = tokens.window_ms.div_ceil(1000).max(1);
+    for (field, item) in [
+        (
+            POLICY,
+            format!("\"{name}\";q={};w={window_secs}", budget.limit),
+        ),
+        (
+            RATELIMIT,
+            format!(
+                "\"{name}\";r={};t={}",
+                budget.remaining,
+                retry_after_secs(budget, now)
+            ),
+        ),
+    ] {
+        let joined = match headers.get(&field).and_then(|v| v.to_str().ok()) {
+            Some(first) => format!("{first}, {item}"),
+            None => item,
+        };
+        if let Ok(value) = HeaderValue::try_from(joined) {
+            headers.insert(field, value);
+        }
+    }
+}
+
+/// `ms` as Go prints a `time.Duration` (`OpenAI`'s reset format): `"20ms"`
+/// under a second, else hours, minutes and seconds with the seconds'
+/// fraction trimmed of zeros (`"1.5s"`, `"6m0s"`, `"1h0m5s"`).
+#[must_use]
+pub fn go_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (hours, minutes) = (ms / 3_600_000, ms / 60_000 % 60);
+    let (secs, frac) = (ms / 1000 % 60, ms % 1000);
+    let mut out = String::with_capacity(12);
+    if hours > 0 {
+        let _ = write!(out, "{hours}h");
+    }
+    if hours > 0 || minutes > 0 {
+        let _ = write!(out, "{minutes}m");
+    }
+    let _ = write!(out, "{secs}");
+    if frac > 0 {
+        let digits = format!("{frac:03}");
+        let _ = write!(out, ".{}", digits.trim_end_matches('0'));
+    }
+    out.push('s');
+    out
+}
+
 /// A tier's quota policy name in the IETF fields: its route, lowercased,
 /// every run of other characters than letters and digits turned into one
 /// `-` (`/api/v1/fashion/status/:id` → `api-v1-fashion-status-id`); `default`
@@ -116,6 +211,22 @@ pub fn too_many_requests_body(retry_after_secs: u64) -> String {
     )
 }
 
+/// The 429 of a client with `max_in_flight` requests in flight on the tier:
+/// the rate limit's shape, code `CONCURRENCY_LIMIT_EXCEEDED`, `retryAfter` 1.
+#[must_use]
+pub fn concurrency_limit_body() -> &'static str {
+    r#"{"error":{"code":"CONCURRENCY_LIMIT_EXCEEDED","message":"Too many requests in flight. Try again later.","details":{"retryAfter":1}}}"#
+}
+
+/// The 429 of a request its client's token budget cannot hold now: the rate
+/// limit's shape, code `TOKEN_LIMIT_EXCEEDED`, the tokens asked for and left.
+#[must_use]
+pub fn token_limit_body(retry_after_secs: u64, requested: u32, remaining: u32) -> String {
+    format!(
+        r#"{{"error":{{"code":"TOKEN_LIMIT_EXCEEDED","message":"Token budget exceeded. Try again later.","details":{{"retryAfter":{retry_after_secs},"requestedTokens":{requested},"remainingTokens":{remaining}}}}}}}"#
+    )
+}
+
 /// A JSON error body of the same shape for other errors: `{"error":{"code":CODE,"message":MESSAGE}}`, properly JSON-escaped.
 #[must_use]
 pub fn error_body(code: &str, message: &str) -> String {
@@ -150,6 +261,7 @@ mod tests {
             remaining,
             reset_ms,
             rejected: u32::from(!allowed),
+            window: reset_ms,
         }
     }
 

@@ -21,8 +21,26 @@ use prometheus_client::{
 pub struct RequestLabels {
     /// The tier's route, or `none` for unmatched paths.
     pub tier: String,
-    /// `allowed`, `rejected` (429), `unlimited` (no tier) or `store_error` (503).
+    /// `allowed`, `rejected` (429), `unlimited` (no tier), `store_error`
+    /// (503), `in_flight_rejected` (429, `max_in_flight`) or
+    /// `tokens_rejected` (429, the token budget); `would_reject` in a dry run.
     pub decision: &'static str,
+}
+
+/// Labels of `limiter_tier_in_flight`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: String,
+}
+
+/// Labels of `limiter_tokens_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub tier: String,
+    /// `reserved` at admission; `refunded` or `charged` when settled (what
+    /// the answer's usage came to below or above the reservation); `used`,
+    /// the usage answers reported.
+    pub kind: &'static str,
 }
 
 /// Labels of `limiter_requests_refused_total`.
@@ -95,6 +113,8 @@ pub struct Metrics {
     pub escalations: Counter,
     pub refused: Family<RefusedLabels, Counter>,
     pub rls_calls: Family<RlsCallLabels, Counter>,
+    pub tier_in_flight: Family<TierLabels, Gauge>,
+    pub tokens: Family<TokenLabels, Counter>,
     kernel: Arc<OnceLock<Arc<dyn KernelStats>>>,
     registry: Arc<Registry>,
 }
@@ -200,6 +220,18 @@ impl Metrics {
             "Envoy rate limit service calls, by the code answered",
             rls_calls.clone(),
         );
+        let tier_in_flight = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "limiter_tier_in_flight",
+            "Requests this agent has in flight on tiers with max_in_flight, by tier",
+            tier_in_flight.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "limiter_tokens",
+            "Tokens of tiers with a token budget, by tier and kind (reserved, refunded, charged, used)",
+            tokens.clone(),
+        );
         let kernel: Arc<OnceLock<Arc<dyn KernelStats>>> = Arc::default();
         registry.register_collector(Box::new(KernelCollector(kernel.clone())));
         Self {
@@ -217,6 +249,8 @@ impl Metrics {
             escalations,
             refused,
             rls_calls,
+            tier_in_flight,
+            tokens,
             kernel,
             registry: Arc::new(registry),
         }
@@ -229,6 +263,27 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 tier: tier.to_owned(),
                 decision,
+            })
+            .clone()
+    }
+
+    /// The in-flight gauge of one tier (resolve once, keep the handle).
+    #[must_use]
+    pub fn in_flight_gauge(&self, tier: &str) -> Gauge {
+        self.tier_in_flight
+            .get_or_create(&TierLabels {
+                tier: tier.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The token counter of one tier and kind (resolve once, keep the handle).
+    #[must_use]
+    pub fn token_counter(&self, tier: &str, kind: &'static str) -> Counter {
+        self.tokens
+            .get_or_create(&TokenLabels {
+                tier: tier.to_owned(),
+                kind,
             })
             .clone()
     }

@@ -129,6 +129,7 @@ mod tests {
             remaining: 0,
             reset_ms,
             rejected: count,
+            window: reset_ms,
         }
     }
 

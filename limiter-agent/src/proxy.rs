@@ -5,7 +5,6 @@ use std::{
     collections::hash_map::RandomState,
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::AtomicU64},
-    time::Instant,
 };
 
 use arc_swap::ArcSwap;
@@ -19,16 +18,18 @@ mod descriptors;
 mod forward;
 mod in_flight;
 mod keys;
+mod limited;
 mod pool;
 mod respond;
 mod state;
+mod tokens;
 mod upstream;
 mod wire;
 
 use self::{
-    charge::{Charge, Charged, store_full},
+    charge::{Charge, Charged},
+    forward::Outgoing,
     in_flight::InFlightCaps,
-    respond::too_many,
     state::TierState,
 };
 pub use self::{
@@ -39,7 +40,6 @@ pub use self::{
     upstream::Upstreams,
 };
 use crate::{
-    answers::{self},
     config::{Config, ConfigError},
     identity::{Identity, IdentityError},
     limit::{Clock, Decision, LapsingSet, MemoryStore, Store},
@@ -65,7 +65,7 @@ pub struct Proxy {
     store: Arc<dyn Store>,
     /// Decides when a shared store fails and `on_error = "allow"` (the
     /// setting is read per request, so a reload may change it).
-    fallback: Option<MemoryStore>,
+    fallback: Option<Arc<MemoryStore>>,
     /// (key, tier) pairs whose key the upstream has accepted.
     verified: LapsingSet,
     /// Tiers the upstream has been seen authenticating (a 401/403 within
@@ -125,7 +125,7 @@ impl Proxy {
             // Allocated lazily: empty until the shared store first fails.
             Some(shared) => (
                 shared,
-                Some(MemoryStore::new(state.config.startup.max_buckets)),
+                Some(Arc::new(MemoryStore::new(state.config.startup.max_buckets))),
             ),
             None => (
                 Arc::new(MemoryStore::new(state.config.startup.max_buckets)) as Arc<dyn Store>,
@@ -233,10 +233,6 @@ impl Proxy {
 
     /// Serves one request: the answer, and the in-flight slots a forwarded
     /// request holds until its answer is sent.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "the request path in order, each early answer where it happens"
-    )]
     pub async fn handle(
         &self,
         req: Request<Incoming>,
@@ -283,9 +279,11 @@ impl Proxy {
                 Err(refused) => return (*refused, None),
             };
             state.unlimited.inc();
-            return (self.forward(&state, req, peer).await, Some(slots));
+            return (
+                self.forward(&state, Outgoing::Streamed(req), peer).await,
+                Some(slots),
+            );
         };
-        let started = Instant::now();
         let client = match state.identity.resolve(req.headers(), peer.addr.ip()) {
             Ok(client) => client,
             Err(e) => {
@@ -299,61 +297,7 @@ impl Proxy {
                 );
             }
         };
-        let source = client.ip;
-        let tier = &state.tiers[tier_index];
-        let now_ms = self.clock.now_ms();
-        let preflight = req.method() == http::Method::OPTIONS;
-        let (identity, check) = self.identify(&state, client, tier, preflight, now_ms).await;
-        let charge = Charge {
-            identity: &identity,
-            limit: state.effective_limit(&identity, tier_index),
-            hits: 1,
-            source: Some((peer.addr.ip(), &identity)),
-        };
-        let charged = self.charge(&state, tier, charge, now_ms).await;
-        self.metrics
-            .decision_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let decision = match charged {
-            Charged::Decided(decision) => decision,
-            Charged::Full => return (store_full(), None),
-            Charged::Unavailable => {
-                return (
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "STORE_UNAVAILABLE",
-                        "The rate-limit store is unavailable; try again later.",
-                    ),
-                    None,
-                );
-            }
-        };
-        if !decision.allowed && !tier.observe {
-            let now = self.clock.now();
-            return (
-                too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
-                None,
-            );
-        }
-        // Only what goes upstream takes a slot (a 429 holds nothing there).
-        // A request the tier admitted and the cap refuses has spent its
-        // unit, as one the upstream itself refused would have.
-        let slots = match self.admit(&state, source) {
-            Ok(slots) => slots,
-            Err(refused) => return (*refused, None),
-        };
-        let mut response = self.forward(&state, req, peer).await;
-        self.learn(&state, tier, check, response.status()).await;
-        // Both clocks read as the answer leaves: the reset is told as the wall
-        // clock now plus the monotonic time left (the upstream took some of it).
-        answers::apply(
-            response.headers_mut(),
-            &decision,
-            tier.window_ms,
-            self.clock.now(),
-            tier.policy.as_ref(),
-        );
-        (response, Some(slots))
+        self.limited(&state, req, peer, tier_index, client).await
     }
 
     /// The in-flight slots of a request from `source` (the grouped client

@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use limiter_agent::{
     answers,
     identity::Identity,
-    limit::{Ask, BucketKey, Clock as _, FakeClock, RedisSettings, RedisStore, Store},
+    limit::{Ask, BucketKey, Clock as _, FakeClock, RedisSettings, RedisStore, Spend, Store},
 };
 use limiter_tests::{
     agent::{
@@ -628,6 +628,7 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
         timeout: Duration::from_secs(2),
         breaker_failures: 3,
         breaker_cooldown: Duration::from_millis(200),
+        lease: Duration::from_secs(30),
     };
     let store = RedisStore::new(&settings, clock.clone(), 1_000).expect("the redis store");
     store.probe().await.expect("redis answers");
@@ -639,6 +640,7 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
         limit: 2,
         hits: 1,
         window_ms: 60_000,
+        spend: Spend::Admit,
     };
     let decide = || async { store.decide(ask, clock.now_ms()).await.expect("a decision") };
     let told = |decision| {

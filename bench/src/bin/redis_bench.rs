@@ -22,7 +22,9 @@ use std::{
 use clap::Parser as _;
 use limiter_agent::{
     identity::Identity,
-    limit::{Ask, BucketKey, Clock, MemoryStore, RedisSettings, RedisStore, Store, SystemClock},
+    limit::{
+        Ask, BucketKey, Clock, MemoryStore, RedisSettings, RedisStore, Spend, Store, SystemClock,
+    },
 };
 use limiter_bench::{closed_loop, quantile_us, write_json_to};
 use limiter_tests::redis::RedisServer;
@@ -76,6 +78,7 @@ impl Bench {
             limit: self.limit,
             hits: 1,
             window_ms: WINDOW_MS,
+            spend: Spend::Admit,
         };
         let started = Instant::now();
         let decision = self.store.decide(ask, self.clock.now_ms()).await;
@@ -137,6 +140,7 @@ fn redis_store(redis: &RedisServer, clock: Arc<dyn Clock>) -> RedisStore {
         timeout: Duration::from_secs(5),
         breaker_failures: 5,
         breaker_cooldown: Duration::from_secs(1),
+        lease: Duration::from_secs(30),
     };
     RedisStore::new(&settings, clock, 1_000_000).expect("the redis store")
 }

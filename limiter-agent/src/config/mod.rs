@@ -7,14 +7,16 @@ mod envoy;
 mod model;
 mod overlay;
 mod raw;
+mod tiers;
 mod validate;
 
 use std::path::{Path, PathBuf};
 
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit};
 pub use model::{
-    Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy, RlsSecret,
-    StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+    Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, Reserve, RlsPolicy,
+    RlsSecret, StartupSettings, StoreKind, Tier, TokenBudget, UsageField, XdpAttach, XdpMode,
+    XdpPolicy,
 };
 pub use validate::parse_duration;
 

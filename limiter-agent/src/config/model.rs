@@ -248,6 +248,62 @@ pub struct Tier {
     pub window: Duration,
     /// Its own mode, or observe when the whole agent observes.
     pub mode: LimitMode,
+    /// Requests of one client in flight on the tier at once.
+    pub max_in_flight: Option<NonZeroU32>,
+    /// Units one request is worth (at most `limit`).
+    pub cost: NonZeroU32,
+    /// The upstream's answer header reporting a request's cost: charged
+    /// beyond `cost` when more, and taken out before the client sees it.
+    pub cost_header: Option<http::HeaderName>,
+    /// `[tier.tokens]`: a token budget beside the request limit.
+    pub tokens: Option<TokenBudget>,
+}
+
+/// `[tier.tokens]`: tokens per window per client, reserved at admission
+/// and settled from the answer's `usage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBudget {
+    pub limit: NonZeroU32,
+    pub window: Duration,
+    pub reserve: Reserve,
+    /// The completion bound held when a request names none.
+    pub default_max_tokens: u32,
+    /// The prompt estimate's divisor: request body bytes per token held.
+    pub prompt_bytes_per_token: NonZeroU32,
+    /// The `usage` fields whose sum a request is settled at.
+    pub usage: Vec<UsageField>,
+    /// Largest request body read to find `max_tokens`; larger: 413.
+    pub max_request_bytes: usize,
+}
+
+/// What a request holds of its client's token budget until it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Its completion bound (`max_completion_tokens`, `max_tokens`, else
+    /// `default_max_tokens`) times `n`, plus the prompt estimate.
+    MaxTokens,
+    /// A fixed number of tokens.
+    Fixed(u32),
+}
+
+/// A field of an `OpenAI` `usage` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageField {
+    Total,
+    Prompt,
+    Completion,
+}
+
+impl UsageField {
+    /// The field's name in `usage`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Total => "total_tokens",
+            Self::Prompt => "prompt_tokens",
+            Self::Completion => "completion_tokens",
+        }
+    }
 }
 
 /// Per-key limits ("enterprise limits"): a multiplier and/or exact limits per route.

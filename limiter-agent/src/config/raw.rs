@@ -151,6 +151,7 @@ pub(super) struct RawStore {
     pub timeout: String,
     pub breaker_failures: u32,
     pub breaker_cooldown: String,
+    pub lease: String,
 }
 
 impl Default for RawStore {
@@ -165,6 +166,7 @@ impl Default for RawStore {
             timeout: "50ms".into(),
             breaker_failures: 5,
             breaker_cooldown: "1s".into(),
+            lease: "30s".into(),
         }
     }
 }
@@ -262,6 +264,58 @@ pub(super) struct RawTier {
     pub window: String,
     /// `enforce` or `observe`; absent: enforce (unless `[server] mode` observes).
     pub mode: Option<String>,
+    /// Requests of one client in flight on the tier at once.
+    pub max_in_flight: Option<u32>,
+    /// Units one request is worth; absent: 1.
+    pub cost: Option<u32>,
+    /// The upstream's answer header that reports a request's cost.
+    pub cost_header: Option<String>,
+    /// `[tier.tokens]`: a token budget beside the request limit.
+    pub tokens: Option<RawTokens>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokens {
+    pub limit: u32,
+    pub window: String,
+    /// `"max_tokens"` or a fixed number of tokens.
+    pub reserve: RawReserve,
+    pub default_max_tokens: Option<u32>,
+    pub prompt_bytes_per_token: Option<u32>,
+    pub usage: Option<Vec<String>>,
+    pub max_request_bytes: Option<usize>,
+}
+
+/// `reserve`: a name (`"max_tokens"`) or a number, told apart by the
+/// value's TOML type.
+#[derive(Debug)]
+pub(super) enum RawReserve {
+    Named(String),
+    Fixed(i64),
+}
+
+impl<'de> Deserialize<'de> for RawReserve {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawReserve;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"max_tokens\" or a number of tokens")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawReserve, E> {
+                Ok(RawReserve::Named(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawReserve, E> {
+                Ok(RawReserve::Fixed(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawReserve, E> {
+                Ok(RawReserve::Fixed(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+        // TOML hands over what the value is, whatever is asked for.
+        deserializer.deserialize_str(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

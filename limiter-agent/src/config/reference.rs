@@ -489,17 +489,23 @@ fn set(rows: &[Row], file: &mut toml::Table, section: &str, key: &str, value: &t
     table(file, section).insert(key.to_owned(), value);
 }
 
+/// `section` of `file`, made if absent; a dotted section (`tier.tokens`)
+/// is a table inside its parent, and a list of tables stands for its first.
 fn table<'a>(file: &'a mut toml::Table, section: &str) -> &'a mut toml::Table {
-    let entry = file
-        .entry(section)
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let entry = match entry {
-        toml::Value::Array(items) => items.first_mut().expect("the base's entry"),
-        other => other,
-    };
-    entry
-        .as_table_mut()
-        .unwrap_or_else(|| panic!("[{section}] is a table in the base"))
+    let mut current = file;
+    for part in section.split('.') {
+        let entry = current
+            .entry(part)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = match entry {
+            toml::Value::Array(items) => items.first_mut().expect("the base's entry"),
+            other => other,
+        };
+        current = entry
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("[{section}] is a table in the base"));
+    }
+    current
 }
 
 fn parse(file: &toml::Table) -> Result<Config, ConfigError> {
@@ -714,7 +720,9 @@ fn every_documented_default_is_the_default_applied() {
         let checked = match &row.default {
             Documented::Unset => unset_by_default(&rows, row),
             Documented::Required => {
-                let mut without = file(&rows, &row.section, &[]);
+                // With what its example shows beside it (the other
+                // required keys of a nested table).
+                let mut without = file(&rows, &row.section, &context(row).0);
                 table(&mut without, &row.section).remove(&row.key);
                 match parse(&without) {
                     Ok(_) => Err(format!(

@@ -11,7 +11,7 @@ use super::{
         Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy,
         RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
-    raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawTier, RawXdp},
+    raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawXdp},
     valid_instance,
 };
 use crate::{
@@ -79,7 +79,7 @@ impl RawConfig {
         let (store, on_error) = store(self.store)?;
         let (xdp_attach, xdp_policy) = xdp(self.xdp)?;
         let agent_mode = limit_mode("server.mode", &server.mode)?;
-        let tiers = tiers(&self.tier, agent_mode)?;
+        let tiers = super::tiers::tiers(&self.tier, agent_mode)?;
         let (rls_listen, rls_tls, rls) = rls(self.rls)?;
         let mut live = LiveSettings {
             upstream,
@@ -166,7 +166,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     (millis > 0).then(|| Duration::from_millis(millis))
 }
 
-fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+pub(super) fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
     parse_duration(text).ok_or_else(|| {
         invalid(
             field,
@@ -335,6 +335,13 @@ fn redis_settings(raw: RawStore) -> Result<RedisSettings, ConfigError> {
         timeout: duration("store.timeout", &raw.timeout)?,
         breaker_failures: raw.breaker_failures,
         breaker_cooldown: duration("store.breaker_cooldown", &raw.breaker_cooldown)?,
+        lease: {
+            let lease = duration("store.lease", &raw.lease)?;
+            if lease < Duration::from_secs(1) {
+                return Err(invalid("store.lease", "must be at least 1s"));
+            }
+            lease
+        },
     })
 }
 
@@ -429,7 +436,11 @@ fn windows(live: &LiveSettings, verified_key_ttl: Duration) -> Result<(), Config
             envoy_windows(&node.descriptors, out);
         }
     }
-    let mut all: Vec<Duration> = live.tiers.iter().map(|t| t.window).collect();
+    let mut all: Vec<Duration> = live
+        .tiers
+        .iter()
+        .flat_map(|t| std::iter::once(t.window).chain(t.tokens.as_ref().map(|b| b.window)))
+        .collect();
     all.push(verified_key_ttl);
     for domain in &live.rls.envoy {
         envoy_windows(&domain.descriptors, &mut all);
@@ -440,7 +451,7 @@ fn windows(live: &LiveSettings, verified_key_ttl: Duration) -> Result<(), Config
         return Err(invalid(
             "tier",
             format!(
-                "{} distinct windows (tiers, [rls] envoy_config limits and identity.verified_key_ttl); at most {}",
+                "{} distinct windows (tiers, their token budgets, [rls] envoy_config limits and identity.verified_key_ttl); at most {}",
                 all.len(),
                 crate::limit::MAX_WINDOWS
             ),
@@ -513,7 +524,7 @@ fn rls(raw: RawRls) -> Result<RlsParts, ConfigError> {
     Ok((listen, tls, policy))
 }
 
-fn limit_mode(field: &str, text: &str) -> Result<LimitMode, ConfigError> {
+pub(super) fn limit_mode(field: &str, text: &str) -> Result<LimitMode, ConfigError> {
     one_of(
         field,
         text,
@@ -522,28 +533,6 @@ fn limit_mode(field: &str, text: &str) -> Result<LimitMode, ConfigError> {
             ("observe", LimitMode::Observe),
         ],
     )
-}
-
-fn tiers(raw: &[RawTier], agent_mode: LimitMode) -> Result<Vec<Tier>, ConfigError> {
-    if raw.is_empty() {
-        return Err(invalid("tier", "at least one [[tier]] is required"));
-    }
-    raw.iter()
-        .enumerate()
-        .map(|(i, t)| {
-            Ok(Tier {
-                route: t.route.clone(),
-                limit: NonZeroU32::new(t.limit)
-                    .ok_or_else(|| invalid(format!("tier[{i}].limit"), "must be at least 1"))?,
-                window: duration(&format!("tier[{i}].window"), &t.window)?,
-                mode: match t.mode.as_deref() {
-                    Some(own) => limit_mode(&format!("tier[{i}].mode"), own)?,
-                    None => LimitMode::Enforce,
-                }
-                .max(agent_mode),
-            })
-        })
-        .collect()
 }
 
 /// `[[key]]`: overrides by key hash, their routes resolved to tier indexes.

@@ -10,12 +10,16 @@ mod shard;
 pub const MAX_WINDOWS: usize = shard::MAX_QUEUES;
 
 use std::sync::{
-    Mutex, MutexGuard, PoisonError,
+    Arc, Mutex, MutexGuard, PoisonError,
     atomic::{AtomicU64, Ordering},
 };
 
 use self::shard::Shard;
-use super::{Ask, BucketKey, Decision, Store, StoreError, StoreFuture};
+use super::{
+    Ask, BucketKey, Decision, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store, StoreError,
+    StoreFuture,
+};
+use crate::tally::Tally;
 
 const DEFAULT_SHARDS: usize = 64;
 /// Shard index bits start at 32: the map takes its slot index from the low bits and a 7-bit
@@ -41,6 +45,8 @@ pub struct MemoryStore {
     shard_cap: usize,
     /// New buckets refused because their shard was full of live windows.
     full: AtomicU64,
+    /// In-flight slots held, by bucket.
+    leases: Arc<Tally<BucketKey>>,
 }
 
 impl MemoryStore {
@@ -60,6 +66,7 @@ impl MemoryStore {
             mask: (shards - 1) as u64,
             shard_cap: (max_buckets / shards).max(1),
             full: AtomicU64::new(0),
+            leases: Arc::default(),
         }
     }
 
@@ -100,13 +107,77 @@ impl MemoryStore {
         window_ms: u64,
         now_ms: u64,
     ) -> Result<Decision, StoreFull> {
-        let decided = self
-            .shard(key)
-            .decide(key.0, limit, hits, window_ms, now_ms, self.shard_cap);
+        self.decide_spend(key, limit, hits, Spend::Reported, window_ms, now_ms)
+    }
+
+    /// [`Self::decide_hits`] with the charge counted as `spend` says: only a
+    /// [`Spend::Reported`] charge that does not fit exhausts the window.
+    ///
+    /// # Errors
+    /// As [`Self::decide`].
+    pub fn decide_spend(
+        &self,
+        key: BucketKey,
+        limit: u32,
+        hits: u32,
+        spend: Spend,
+        window_ms: u64,
+        now_ms: u64,
+    ) -> Result<Decision, StoreFull> {
+        let exhaust = spend == Spend::Reported;
+        let decided = self.shard(key).decide(
+            key.0,
+            limit,
+            hits,
+            exhaust,
+            window_ms,
+            now_ms,
+            self.shard_cap,
+        );
         if decided.is_err() {
             self.full.fetch_add(1, Ordering::Relaxed);
         }
         decided
+    }
+
+    /// Applies a settlement (see [`Settle`]) to `key`'s bucket.
+    ///
+    /// # Errors
+    /// [`StoreFull`] when a charge needs a new bucket and there is no room.
+    pub fn settle(
+        &self,
+        key: BucketKey,
+        limit: u32,
+        window_ms: u64,
+        window: u64,
+        delta: i64,
+        now_ms: u64,
+    ) -> Result<Decision, StoreFull> {
+        let window_ms = window_ms.max(1);
+        self.shard(key).settle(
+            key.0,
+            limit,
+            window_ms,
+            window,
+            delta,
+            now_ms,
+            self.shard_cap,
+        )
+    }
+
+    /// One of `key`'s in-flight slots, of `limit`; `None` when all are held.
+    #[must_use]
+    pub fn lease(&self, key: BucketKey, limit: u32) -> Option<Lease> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.leases
+            .acquire(key, limit)
+            .map(|held| Box::new(held) as Lease)
+    }
+
+    /// Slots `key` holds now.
+    #[must_use]
+    pub fn leased(&self, key: BucketKey) -> usize {
+        self.leases.held(key)
     }
 
     /// Current state of a bucket without changing it (None if absent or expired).
@@ -157,9 +228,34 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a> {
         let decision = self
-            .decide_hits(ask.key, ask.limit, ask.hits, ask.window_ms, now_ms)
+            .decide_spend(
+                ask.key,
+                ask.limit,
+                ask.hits,
+                ask.spend,
+                ask.window_ms,
+                now_ms,
+            )
             .map_err(|StoreFull| StoreError::Full);
         Box::pin(std::future::ready(decision))
+    }
+
+    fn settle<'a>(&'a self, settle: Settle<'a>, now_ms: u64) -> StoreFuture<'a> {
+        let decision = MemoryStore::settle(
+            self,
+            settle.key,
+            settle.limit,
+            settle.window_ms,
+            settle.window,
+            settle.delta,
+            now_ms,
+        )
+        .map_err(|StoreFull| StoreError::Full);
+        Box::pin(std::future::ready(decision))
+    }
+
+    fn acquire<'a>(&'a self, ask: LeaseAsk<'a>) -> LeaseFuture<'a> {
+        Box::pin(std::future::ready(Ok(self.lease(ask.key, ask.limit))))
     }
 
     fn reclaim(&self, now_ms: u64) {
@@ -223,6 +319,7 @@ mod tests {
             remaining,
             reset_ms,
             rejected,
+            window: reset_ms,
         };
         assert_eq!(store.peek(KEY, 5, clock.now_ms()), Some(expected));
     }

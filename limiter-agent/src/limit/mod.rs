@@ -1,6 +1,7 @@
-//! Fixed-window rate-limit decisions: the clock, the decision, and the [`Store`]
-//! trait the stores implement (the embedded [`MemoryStore`] by default, the
-//! shared [`RedisStore`] for several hosts).
+//! Fixed-window rate-limit decisions, their settlement, and in-flight
+//! leases: the clock, the decision, and the [`Store`] trait the stores
+//! implement (the embedded [`MemoryStore`] by default, the shared
+//! [`RedisStore`] for several hosts).
 
 mod clock;
 mod lapsing;
@@ -32,7 +33,61 @@ pub struct Decision {
     pub reset_ms: u64,
     /// Rejected requests in this window so far, including this one if rejected.
     pub rejected: u32,
+    /// Names the window, for a later [`Settle`]: the in-memory store's
+    /// reset time, Redis's expiry of the key on its own clock. Only
+    /// [`Spend::Reserve`] decisions are sure to carry it (0 otherwise).
+    pub window: u64,
 }
+
+/// How a charge of `hits` units that does not fit is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spend {
+    /// An HTTP request asking to be admitted: all its units if they fit,
+    /// none otherwise (a rejected request consumes nothing).
+    Admit,
+    /// Usage reported after the fact (Envoy's `hits_addend`): a charge that
+    /// does not fit exhausts the window, so spent units are never lost.
+    Reported,
+    /// As `Admit`, for a charge to be settled later (a token reservation, a
+    /// cost the upstream reports): the decision names its window, and no
+    /// local shortcut answers for the bucket, whose count may go down.
+    Reserve,
+}
+
+/// A correction to an earlier [`Spend::Reserve`] charge, once the real
+/// figure is known.
+#[derive(Clone, Copy, Debug)]
+pub struct Settle<'a> {
+    pub key: BucketKey,
+    pub tier: &'a str,
+    pub identity: &'a Identity,
+    pub limit: u32,
+    pub window_ms: u64,
+    /// The reserving decision's [`Decision::window`].
+    pub window: u64,
+    /// Units to add (a charge beyond the reservation: counted in the window
+    /// in force, exhausting it when it does not fit) or to give back (a
+    /// refund: only to the window that took the reservation, never to a
+    /// later one, which never held it).
+    pub delta: i64,
+}
+
+/// A request's claim on one of its client's in-flight slots in a tier.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseAsk<'a> {
+    pub key: BucketKey,
+    pub tier: &'a str,
+    pub identity: &'a Identity,
+    /// Slots the client may hold at once.
+    pub limit: u32,
+}
+
+/// A held in-flight slot, given back when dropped.
+pub type Lease = Box<dyn std::any::Any + Send + Sync>;
+
+/// What [`Store::acquire`] returns: the slot, or `None` when all are held.
+pub type LeaseFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<Lease>, StoreError>> + Send + 'a>>;
 
 /// One request's question to a store.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +104,7 @@ pub struct Ask<'a> {
     /// fit, none if they do not.
     pub hits: u32,
     pub window_ms: u64,
+    pub spend: Spend,
 }
 
 /// Why a store could not decide.
@@ -81,6 +137,15 @@ pub trait Store: Send + Sync + 'static {
     /// store with its own clock, like Redis, may run the window on that, but the
     /// `reset_ms` it returns is on this host's monotonic clock).
     fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a>;
+
+    /// Applies a [`Settle`]; the decision is the bucket's state after it
+    /// (`allowed`: whether a request now would be admitted).
+    fn settle<'a>(&'a self, settle: Settle<'a>, now_ms: u64) -> StoreFuture<'a>;
+
+    /// One of the client's in-flight slots in a tier, held until the lease
+    /// is dropped; `None` when it holds `limit` already. A shared store
+    /// counts every host's leases, each expiring unless its host renews it.
+    fn acquire<'a>(&'a self, ask: LeaseAsk<'a>) -> LeaseFuture<'a>;
 
     /// Drops expired local state; called every second, off the request path.
     fn reclaim(&self, _now_ms: u64) {}

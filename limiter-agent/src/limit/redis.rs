@@ -6,7 +6,12 @@ mod breaker;
 mod over_limit;
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    collections::HashSet,
+    hash::BuildHasher as _,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -22,7 +27,10 @@ use self::{
     breaker::{Attempt, Breaker, Failed},
     over_limit::OverLimitCache,
 };
-use super::{Ask, Clock, Decision, Store, StoreError, StoreFuture, VerifiedFuture};
+use super::{
+    Ask, Clock, Decision, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store, StoreError,
+    StoreFuture, VerifiedFuture,
+};
 use crate::identity::Identity;
 
 /// `[store] kind = "redis"`: where the shared counters live and how hard to try.
@@ -41,6 +49,9 @@ pub struct RedisSettings {
     pub breaker_failures: u32,
     /// How long an open breaker refuses calls before one probe is let through.
     pub breaker_cooldown: Duration,
+    /// How long an in-flight lease lives unless its host renews it (every
+    /// third of it): what a host that dies holding slots keeps them for.
+    pub lease: Duration,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -67,20 +78,25 @@ impl std::fmt::Debug for RedisSettings {
             .field("timeout", &self.timeout)
             .field("breaker_failures", &self.breaker_failures)
             .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("lease", &self.lease)
             .finish()
     }
 }
 
 /// One decision, atomically, on Redis's clock. `KEYS[1]`: the bucket;
 /// `ARGV[1]`: the limit; `ARGV[2]`: the window in ms; `ARGV[3]`: the units the
-/// request is worth, as `Bucket::admit` counts them: all if they fit (a
-/// rejection of one unit consumes nothing), a charge of several that does not
-/// fit exhausts the window (`SET … KEEPTTL`), 0 checks without counting. The
-/// first hit starts the window (`PEXPIRE`), anchoring it at the client's first
-/// request. Returns `{admitted (0|1), count, ms until reset}`.
+/// request is worth, counted as `Bucket::admit` counts them: all if they fit
+/// (0 checks without counting); `ARGV[4]`: how a charge that does not fit is
+/// counted (`Spend`: 0 admit, nothing; 1 reported, the window is exhausted,
+/// `SET … KEEPTTL`; 2 reserve, nothing, and the window is named). The first
+/// hit starts the window (`PEXPIRE`), anchoring it at the client's first
+/// request. Returns `{admitted (0|1), count, ms until reset, window}`, the
+/// window being the key's expiry on Redis's clock (`PEXPIRETIME`, Redis 7)
+/// when reserving, else 0.
 const DECIDE_LUA: &str = r"
 local limit = tonumber(ARGV[1])
 local hits = tonumber(ARGV[3])
+local spend = tonumber(ARGV[4] or 1)
 local count = tonumber(redis.call('GET', KEYS[1]) or 0)
 local admitted = 0
 if hits == 0 then
@@ -91,14 +107,13 @@ elseif count + hits <= limit then
   count = redis.call('INCRBY', KEYS[1], hits)
   if before == 0 and count == hits then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, count, tonumber(ARGV[2])}
   end
-elseif hits > 1 and count < limit then
+elseif spend == 1 and hits > 1 and count < limit then
   if count == 0 then
     redis.call('SET', KEYS[1], limit, 'PX', ARGV[2])
-    return {0, limit, tonumber(ARGV[2])}
+  else
+    redis.call('SET', KEYS[1], limit, 'KEEPTTL')
   end
-  redis.call('SET', KEYS[1], limit, 'KEEPTTL')
   count = limit
 end
 local ttl = redis.call('PTTL', KEYS[1])
@@ -107,7 +122,66 @@ if ttl < 0 then
   if ttl == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
   ttl = tonumber(ARGV[2])
 end
-return {admitted, count, ttl}
+local window = 0
+if spend == 2 then window = redis.call('PEXPIRETIME', KEYS[1]) end
+return {admitted, count, ttl, window}
+";
+
+/// A settlement (`Settle`), atomically. `KEYS[1]`: the bucket; `ARGV[1]`:
+/// the limit; `ARGV[2]`: the window in ms; `ARGV[3]`: the reserving
+/// decision's window (`PEXPIRETIME`); `ARGV[4]`: the units to add (> 0: up
+/// to the limit, in whatever window is live, a new one if none) or to give
+/// back (< 0: only to the window named, down to 0). Returns `{count, ms
+/// until reset}`.
+const SETTLE_LUA: &str = r"
+local limit = tonumber(ARGV[1])
+local delta = tonumber(ARGV[4])
+local count = tonumber(redis.call('GET', KEYS[1]) or 0)
+if delta > 0 then
+  local settled = math.max(count, math.min(count + delta, limit))
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('SET', KEYS[1], settled, 'PX', ARGV[2])
+  else
+    redis.call('SET', KEYS[1], settled, 'KEEPTTL')
+  end
+  count = settled
+elseif delta < 0 and redis.call('PEXPIRETIME', KEYS[1]) == tonumber(ARGV[3]) then
+  count = math.max(0, count + delta)
+  redis.call('SET', KEYS[1], count, 'KEEPTTL')
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then ttl = tonumber(ARGV[2]) end
+return {count, ttl}
+";
+
+/// Takes an in-flight slot, atomically, on Redis's clock. `KEYS[1]`: the
+/// client's leases in a tier, a sorted set of lease ids scored by expiry;
+/// `ARGV[1]`: the slots it may hold; `ARGV[2]`: the lease in ms; `ARGV[3]`:
+/// this lease's id. Expired leases (their hosts stopped renewing them) are
+/// dropped first. Returns 1 when taken, 0 when all are held.
+const ACQUIRE_LUA: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Renews leases still held (`ZADD XX`: one that expired meanwhile is not
+/// brought back, its slot may be another's now). `KEYS[1]`: the set;
+/// `ARGV[1]`: the lease in ms; `ARGV[2..]`: the ids. Returns how many were
+/// renewed.
+const RENEW_LUA: &str = r"
+local t = redis.call('TIME')
+local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+local renewed = 0
+for i = 2, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', expiry, ARGV[i])
+end
+if renewed > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return renewed
 ";
 
 /// The Redis key of a bucket: the same on every host, since it is built from the
@@ -159,16 +233,11 @@ impl Backend {
         Ok(connected)
     }
 
-    async fn decide(
+    /// Runs a script invocation on the connection.
+    async fn run<T: redis::FromRedisValue>(
         &self,
-        script: &Script,
-        key: &str,
-        limit: u32,
-        hits: u32,
-        window_ms: u64,
-    ) -> RedisResult<(u8, u64, u64)> {
-        let mut invocation = script.key(key);
-        invocation.arg(limit).arg(window_ms).arg(hits);
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
         match self {
             // Concurrent calls share one multiplexed connection: they are pipelined.
             Self::Single(manager) => invocation.invoke_async(&mut manager.clone()).await,
@@ -202,6 +271,17 @@ pub struct RedisStore {
 struct Inner {
     backend: Backend,
     script: Script,
+    settle: Script,
+    acquire: Script,
+    renew: Script,
+    /// Leases this host holds, to renew: (set key, lease id).
+    leases: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    lease_ms: u64,
+    /// When the leases were last renewed (this host's monotonic ms).
+    renewed_ms: AtomicU64,
+    /// This process's lease id prefix, and the count after it.
+    lease_host: String,
+    next_lease: AtomicU64,
     prefix: String,
     timeout: Duration,
     /// Probes are off the request path: they may wait for a (TLS) connection.
@@ -268,6 +348,16 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 backend,
                 script: Script::new(DECIDE_LUA),
+                settle: Script::new(SETTLE_LUA),
+                acquire: Script::new(ACQUIRE_LUA),
+                renew: Script::new(RENEW_LUA),
+                leases: Mutex::default(),
+                lease_ms: u64::try_from(settings.lease.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(3),
+                renewed_ms: AtomicU64::new(0),
+                lease_host: lease_host(),
+                next_lease: AtomicU64::new(0),
                 prefix: settings.key_prefix.clone(),
                 timeout: settings.timeout,
                 probe_timeout: connect_timeout,
@@ -330,28 +420,30 @@ impl Inner {
     }
 
     async fn decide(&self, ask: Ask<'_>, now_ms: u64) -> Result<Decision, StoreError> {
-        if let Some(rejection) = self.over_limit.check(ask.key, ask.limit, now_ms) {
+        // A reserved bucket's count may go down (a settlement): no shortcut.
+        let cached = ask.spend != Spend::Reserve;
+        if cached && let Some(rejection) = self.over_limit.check(ask.key, ask.limit, now_ms) {
             return Ok(rejection);
         }
         let key = bucket_key(&self.prefix, ask.tier, ask.identity);
         let window_ms = ask.window_ms.max(1);
-        let (admitted, count, ttl_ms) = self
-            .guarded(
-                self.timeout,
-                self.backend
-                    .decide(&self.script, &key, ask.limit, ask.hits, window_ms),
-            )
+        let spend = match ask.spend {
+            Spend::Admit => 0,
+            Spend::Reported => 1,
+            Spend::Reserve => 2,
+        };
+        let mut invocation = self.script.key(&key);
+        invocation
+            .arg(ask.limit)
+            .arg(window_ms)
+            .arg(ask.hits)
+            .arg(spend);
+        let (admitted, count, ttl_ms, window): (u8, u64, u64, i64) = self
+            .guarded(self.timeout, self.backend.run(&invocation))
             .await?;
-        // Redis's clock ran the window; its TTL becomes a deadline on this host's
-        // monotonic clock at answer time, off by the one-way latency (and never
-        // earlier than the request). Neither clock is the wall clock: the Unix time
-        // a client is told is worked out when the answer goes (`answers::apply`).
-        let reset_ms = self
-            .clock
-            .now_ms()
-            .max(now_ms)
-            .saturating_add(ttl_ms.max(1));
+        let reset_ms = self.reset_at(now_ms, ttl_ms);
         let count = u32::try_from(count).unwrap_or(u32::MAX);
+        let window = u64::try_from(window).unwrap_or(0);
         if admitted == 1 {
             return Ok(Decision {
                 allowed: true,
@@ -359,12 +451,13 @@ impl Inner {
                 remaining: ask.limit.saturating_sub(count),
                 reset_ms,
                 rejected: 0,
+                window,
             });
         }
-        // A rejection leaves the bucket full (a charge that did not fit
-        // exhausts it), so it is over its limit for every request until its
-        // reset; the check is kept for counters written by something else.
-        let rejected = if count >= ask.limit {
+        // A rejection of a reported charge leaves the bucket full, so it is
+        // over its limit for every request until its reset; the check is
+        // kept for counters written by something else.
+        let rejected = if cached && count >= ask.limit {
             self.over_limit.insert(ask.key, ask.limit, reset_ms)
         } else {
             1
@@ -375,8 +468,141 @@ impl Inner {
             remaining: 0,
             reset_ms,
             rejected,
+            window,
         })
     }
+
+    /// Redis's clock ran the window; its TTL becomes a deadline on this
+    /// host's monotonic clock at answer time, off by the one-way latency (and
+    /// never earlier than the request). Neither clock is the wall clock: the
+    /// Unix time a client is told is worked out when the answer goes
+    /// (`answers::apply`).
+    fn reset_at(&self, now_ms: u64, ttl_ms: u64) -> u64 {
+        self.clock
+            .now_ms()
+            .max(now_ms)
+            .saturating_add(ttl_ms.max(1))
+    }
+
+    async fn settle(&self, settle: Settle<'_>, now_ms: u64) -> Result<Decision, StoreError> {
+        let key = bucket_key(&self.prefix, settle.tier, settle.identity);
+        let mut invocation = self.settle.key(&key);
+        invocation
+            .arg(settle.limit)
+            .arg(settle.window_ms.max(1))
+            .arg(settle.window)
+            .arg(settle.delta);
+        let (count, ttl_ms): (u64, u64) = self
+            .guarded(self.timeout, self.backend.run(&invocation))
+            .await?;
+        if settle.delta < 0 {
+            self.over_limit.forget(settle.key);
+        }
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        Ok(Decision {
+            allowed: count < settle.limit,
+            limit: settle.limit,
+            remaining: settle.limit.saturating_sub(count),
+            reset_ms: self.reset_at(now_ms, ttl_ms),
+            rejected: 0,
+            window: settle.window,
+        })
+    }
+
+    async fn acquire(self: &Arc<Self>, ask: LeaseAsk<'_>) -> Result<Option<Lease>, StoreError> {
+        let key: Arc<str> = lease_key(&self.prefix, ask.tier, ask.identity).into();
+        let id: Arc<str> = format!(
+            "{}:{}",
+            self.lease_host,
+            self.next_lease.fetch_add(1, Ordering::Relaxed)
+        )
+        .into();
+        let mut invocation = self.acquire.key(&*key);
+        invocation.arg(ask.limit).arg(self.lease_ms).arg(&*id);
+        let taken: u8 = self
+            .guarded(self.timeout, self.backend.run(&invocation))
+            .await?;
+        if taken == 0 {
+            return Ok(None);
+        }
+        self.held_leases().insert((key.clone(), id.clone()));
+        Ok(Some(Box::new(RedisLease {
+            inner: self.clone(),
+            key,
+            id,
+        })))
+    }
+
+    fn held_leases(&self) -> MutexGuard<'_, HashSet<(Arc<str>, Arc<str>)>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Renews every lease this host holds, one script per client and tier,
+    /// all at once; a failure leaves the lease to expire on its own.
+    async fn renew(&self) {
+        let mut by_key: std::collections::HashMap<Arc<str>, Vec<Arc<str>>> =
+            std::collections::HashMap::new();
+        for (key, id) in self.held_leases().iter() {
+            by_key.entry(key.clone()).or_default().push(id.clone());
+        }
+        let calls = by_key.into_iter().map(|(key, ids)| async move {
+            let mut invocation = self.renew.key(&*key);
+            invocation.arg(self.lease_ms);
+            for id in &ids {
+                invocation.arg(&**id);
+            }
+            let renewed: RedisResult<u64> = self.backend.run(&invocation).await;
+            if let Err(e) = renewed {
+                tracing::debug!(error = %e, "renewing in-flight leases failed");
+            }
+        });
+        let all = futures_util::future::join_all(calls);
+        let _ = tokio::time::timeout(Duration::from_millis(self.lease_ms / 3), all).await;
+    }
+}
+
+/// A slot held in Redis: given back (`ZREM`, off the response path) when
+/// dropped; if that fails, the lease expires once no longer renewed.
+struct RedisLease {
+    inner: Arc<Inner>,
+    key: Arc<str>,
+    id: Arc<str>,
+}
+
+impl Drop for RedisLease {
+    fn drop(&mut self) {
+        let held = (self.key.clone(), self.id.clone());
+        self.inner.held_leases().remove(&held);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        runtime.spawn(async move {
+            let mut remove = redis::cmd("ZREM");
+            remove.arg(&*held.0).arg(&*held.1);
+            let sent = inner.backend.query::<u8>(&remove);
+            if let Ok(Err(e)) = tokio::time::timeout(inner.timeout, sent).await {
+                tracing::debug!(error = %e, "giving back an in-flight lease failed");
+            }
+        });
+    }
+}
+
+/// A process-unique lease id prefix: leases of agents that share a store
+/// never collide.
+fn lease_host() -> String {
+    let seed = std::collections::hash_map::RandomState::new();
+    format!(
+        "{:016x}",
+        seed.hash_one((std::process::id(), std::time::SystemTime::now()))
+    )
+}
+
+/// The Redis key of a client's in-flight leases in a tier; hash-tagged
+/// whole, like buckets.
+#[must_use]
+pub fn lease_key(prefix: &str, tier: &str, identity: &Identity) -> String {
+    bucket_key(prefix, &format!("{tier}|in-flight"), identity)
 }
 
 impl Store for RedisStore {
@@ -384,10 +610,26 @@ impl Store for RedisStore {
         Box::pin(self.inner.decide(ask, now_ms))
     }
 
+    fn settle<'a>(&'a self, settle: Settle<'a>, now_ms: u64) -> StoreFuture<'a> {
+        Box::pin(self.inner.settle(settle, now_ms))
+    }
+
+    fn acquire<'a>(&'a self, ask: LeaseAsk<'a>) -> LeaseFuture<'a> {
+        Box::pin(self.inner.acquire(ask))
+    }
+
     /// Drops expired over-limit entries and, while the breaker is open, sends
     /// the probe that brings the store back without waiting for traffic.
     fn reclaim(&self, now_ms: u64) {
         self.inner.over_limit.reclaim(now_ms);
+        let renewed = self.inner.renewed_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(renewed) >= self.inner.lease_ms / 3
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            self.inner.renewed_ms.store(now_ms, Ordering::Relaxed);
+            let inner = self.inner.clone();
+            runtime.spawn(async move { inner.renew().await });
+        }
         if !self.inner.breaker().is_closed()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {

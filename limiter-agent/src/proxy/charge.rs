@@ -6,7 +6,7 @@
 use std::{
     hash::{BuildHasher as _, Hash as _, Hasher as _},
     net::IpAddr,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
 };
 
 use http::{Response, StatusCode};
@@ -15,7 +15,7 @@ use super::{Body, Proxy, State, respond::error, state::TierState};
 use crate::{
     config::OnError,
     identity::Identity,
-    limit::{Ask, BucketKey, Decision, StoreError},
+    limit::{Ask, BucketKey, Decision, Spend, Store, StoreError},
 };
 
 /// One request's charge to a bucket.
@@ -23,16 +23,19 @@ use crate::{
 pub(super) struct Charge<'a> {
     pub(super) identity: &'a Identity,
     pub(super) limit: u32,
-    /// Units the request is worth (1 for an HTTP request).
+    /// Units the request is worth (the tier's `cost` for an HTTP request).
     pub(super) hits: u32,
+    /// How units that do not fit are counted.
+    pub(super) spend: Spend,
     /// The source address to escalate, and as whom, when the rejection is sent.
     pub(super) source: Option<(IpAddr, &'a Identity)>,
 }
 
 /// How a charge came out.
 pub(super) enum Charged {
-    /// Admitted, or rejected (sent, or in a dry run: see the tier's mode).
-    Decided(Decision),
+    /// Admitted, or rejected (sent, or in a dry run: see the tier's mode),
+    /// and by the store that will settle it.
+    Decided(Decision, Arc<dyn Store>),
     /// A new bucket, and the store full of live windows.
     Full,
     /// The shared store failed and `on_error = "deny"`.
@@ -59,30 +62,18 @@ impl Proxy {
             limit: charge.limit,
             hits: charge.hits,
             window_ms: tier.window_ms,
+            spend: charge.spend,
         };
-        let decision = match self.store.decide(ask, now_ms).await {
-            Ok(decision) => decision,
-            Err(StoreError::Full) => {
-                self.note_full(tier);
-                return Charged::Full;
-            }
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                tracing::debug!(error = %e, "store failed");
-                let fallback = match &self.fallback {
-                    Some(fallback) if state.config.live.on_error == OnError::Allow => {
-                        fallback.decide_hits(ask.key, ask.limit, ask.hits, ask.window_ms, now_ms)
-                    }
+        let (decision, decider) = match self.decide(state, ask, now_ms).await {
+            Ok(decided) => decided,
+            Err(failed) => {
+                match failed {
+                    Charged::Full => self.note_full(tier),
                     _ => {
                         tier.store_error.inc();
-                        return Charged::Unavailable;
                     }
-                };
-                let Ok(decision) = fallback else {
-                    self.note_full(tier);
-                    return Charged::Full;
-                };
-                decision
+                }
+                return failed;
             }
         };
         if decision.allowed {
@@ -100,7 +91,40 @@ impl Proxy {
                 sink.rejected(addr, as_identity, &decision, tier.window_ms);
             }
         }
-        Charged::Decided(decision)
+        Charged::Decided(decision, decider)
+    }
+
+    /// Asks the store, or the local fallback when the shared store fails
+    /// and `on_error = "allow"`; the decision and the store that made it.
+    /// `Err` is [`Charged::Full`] or [`Charged::Unavailable`].
+    pub(super) async fn decide(
+        &self,
+        state: &State,
+        ask: Ask<'_>,
+        now_ms: u64,
+    ) -> Result<(Decision, Arc<dyn Store>), Charged> {
+        match self.store.decide(ask, now_ms).await {
+            Ok(decision) => Ok((decision, self.store.clone())),
+            Err(StoreError::Full) => Err(Charged::Full),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::debug!(error = %e, "store failed");
+                match &self.fallback {
+                    Some(fallback) if state.config.live.on_error == OnError::Allow => fallback
+                        .decide_spend(
+                            ask.key,
+                            ask.limit,
+                            ask.hits,
+                            ask.spend,
+                            ask.window_ms,
+                            now_ms,
+                        )
+                        .map(|decision| (decision, fallback.clone() as Arc<dyn Store>))
+                        .map_err(|_| Charged::Full),
+                    _ => Err(Charged::Unavailable),
+                }
+            }
+        }
     }
 
     /// Counts a new client refused by a full store, and says so in the log
@@ -151,7 +175,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        limit::{FakeClock, Store, StoreFuture},
+        limit::{FakeClock, LeaseAsk, LeaseFuture, Settle, StoreFuture},
         metrics::Metrics,
         proxy::RejectionSink,
     };
@@ -164,6 +188,14 @@ mod tests {
 
     impl Store for Failing {
         fn decide<'a>(&'a self, _ask: Ask<'a>, _now_ms: u64) -> StoreFuture<'a> {
+            Box::pin(std::future::ready(Err((self.0)())))
+        }
+
+        fn settle<'a>(&'a self, _settle: Settle<'a>, _now_ms: u64) -> StoreFuture<'a> {
+            Box::pin(std::future::ready(Err((self.0)())))
+        }
+
+        fn acquire<'a>(&'a self, _ask: LeaseAsk<'a>) -> LeaseFuture<'a> {
             Box::pin(std::future::ready(Err((self.0)())))
         }
     }
@@ -196,6 +228,7 @@ mod tests {
             identity,
             limit: tier.limit,
             hits: 1,
+            spend: Spend::Admit,
             source: escalate.then_some((PEER, identity)),
         };
         proxy.charge(&state, tier, charge, 1_000).await
@@ -203,7 +236,7 @@ mod tests {
 
     fn decided(charged: &Charged) -> Option<bool> {
         match charged {
-            Charged::Decided(decision) => Some(decision.allowed),
+            Charged::Decided(decision, _) => Some(decision.allowed),
             Charged::Full | Charged::Unavailable => None,
         }
     }

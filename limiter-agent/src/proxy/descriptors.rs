@@ -19,7 +19,7 @@ use crate::{
     answers::PolicyName,
     config::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit, LimitMode},
     identity::{Identity, Requester, hashed_key_in, sha256_hex},
-    limit::Decision,
+    limit::{Decision, Spend},
     metrics::Metrics,
     route::canonicalize,
 };
@@ -282,6 +282,7 @@ impl Proxy {
             identity: &identity,
             limit: tier.limit,
             hits,
+            spend: Spend::Reported,
             source: source.as_ref().map(|(ip, as_identity)| (*ip, as_identity)),
         };
         self.verdict(state, tier, charge).await
@@ -343,6 +344,7 @@ impl Proxy {
             identity: &identity,
             limit: state.effective_limit(&identity, tier_index),
             hits,
+            spend: Spend::Reported,
             source: remote
                 .filter(|_| may_escalate(state))
                 .map(|ip| (ip, &identity)),
@@ -353,7 +355,7 @@ impl Proxy {
     async fn verdict(&self, state: &State, tier: &TierState, charge: Charge<'_>) -> Answer {
         let now_ms = self.clock.now_ms();
         match self.charge(state, tier, charge, now_ms).await {
-            Charged::Decided(decision) => Answer::Decided(Verdict {
+            Charged::Decided(decision, _) => Answer::Decided(Verdict {
                 decision,
                 window_ms: tier.window_ms,
                 observe: tier.observe,

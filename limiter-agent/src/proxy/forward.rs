@@ -3,12 +3,31 @@
 
 use std::{borrow::Cow, time::Instant};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header, request,
+};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 
 use super::{Body, Peer, Proxy, State, respond::error, upstream::UpstreamBusy, wire};
 use crate::body::{ClientBody, ClientBodyError, client_fault};
+
+/// A request on its way upstream: its body streamed from the client as it
+/// comes, or read whole first (to find what it costs).
+pub(super) enum Outgoing {
+    Streamed(Request<Incoming>),
+    Whole(request::Parts, Bytes),
+}
+
+impl Outgoing {
+    pub(super) fn headers_mut(&mut self) -> &mut HeaderMap {
+        match self {
+            Self::Streamed(req) => req.headers_mut(),
+            Self::Whole(parts, _) => &mut parts.headers,
+        }
+    }
+}
 
 impl Proxy {
     /// Forwards to the upstream; 502 when it can't be reached, 504 when it
@@ -16,10 +35,16 @@ impl Proxy {
     pub(super) async fn forward(
         &self,
         state: &State,
-        req: Request<Incoming>,
+        outgoing: Outgoing,
         peer: &Peer,
     ) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, body) = match outgoing {
+            Outgoing::Streamed(req) => {
+                let (parts, body) = req.into_parts();
+                (parts, Ok(body))
+            }
+            Outgoing::Whole(parts, body) => (parts, Err(body)),
+        };
         let upstream = upstream_authority(state);
         // The upstream gets the origin form (`/path?query`): HTTP/2 targets
         // and absolute-form HTTP/1 ones carry a scheme and authority.
@@ -52,11 +77,38 @@ impl Proxy {
         let connect_to = connect_to(state);
         let live = &state.config.live;
         let (timeout, wait) = (live.upstream_timeout, live.upstream_wait);
-        let result = if wire::carries(&parts, body.is_end_stream()) {
+        let result = match body {
+            Err(whole) => {
+                // Framed here, whatever the client's framing was.
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
+                tokio::time::timeout(
+                    timeout,
+                    self.upstreams.send_whole(&connect_to, &parts, &whole, wait),
+                )
+                .await
+                .map(|sent| sent.map(answer))
+            }
+            Ok(body) => self.forward_streamed(parts, body, &connect_to, state).await,
+        };
+        self.answered(started, result)
+    }
+
+    async fn forward_streamed(
+        &self,
+        parts: request::Parts,
+        body: Incoming,
+        connect_to: &str,
+        state: &State,
+    ) -> Result<Result<Response<Body>, super::BoxError>, tokio::time::error::Elapsed> {
+        let live = &state.config.live;
+        let (timeout, wait) = (live.upstream_timeout, live.upstream_wait);
+        if wire::carries(&parts, body.is_end_stream()) {
             drop(body);
             tokio::time::timeout(
                 timeout,
-                self.upstreams.send_bodyless(&connect_to, &parts, wait),
+                self.upstreams.send_whole(connect_to, &parts, &[], wait),
             )
             .await
             .map(|sent| sent.map(answer))
@@ -65,10 +117,18 @@ impl Proxy {
                 parts,
                 ClientBody::new(body, live.body_read_timeout, live.body_min_rate),
             );
-            tokio::time::timeout(timeout, self.upstreams.send(&connect_to, request, wait))
+            tokio::time::timeout(timeout, self.upstreams.send(connect_to, request, wait))
                 .await
                 .map(|sent| sent.map(answer))
-        };
+        }
+    }
+
+    /// The upstream's answer, or the error that stands for it.
+    fn answered(
+        &self,
+        started: Instant,
+        result: Result<Result<Response<Body>, super::BoxError>, tokio::time::error::Elapsed>,
+    ) -> Response<Body> {
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -115,7 +175,7 @@ impl Proxy {
 /// dropped, the body streamed.
 fn answer<B>(response: Response<B>) -> Response<Body>
 where
-    B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<super::BoxError>,
 {
     let (mut parts, body) = response.into_parts();

@@ -1,13 +1,19 @@
 //! Requests in flight to the upstream, bounded per client address and in
 //! all: a request holds a slot of each from before its charge until its
 //! answer's last byte is sent (or the client goes away), so one client
-//! cannot hold every upstream connection with answers it never reads.
+//! cannot hold every upstream connection with answers it never reads. A
+//! tier's own cap per client (`max_in_flight`) is a lease from the store,
+//! held as long.
 
 use std::{net::IpAddr, sync::Arc};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::tally::{Held, Tally};
+use crate::{
+    limit::Lease,
+    tally::{Held, Tally},
+};
 
 /// Which cap refused a request (the `reason` label of
 /// `limiter_requests_refused_total`: the setting's name).
@@ -35,11 +41,51 @@ pub struct InFlightCaps {
     total: Arc<Semaphore>,
 }
 
-/// A request's two slots; given back when dropped.
-#[derive(Debug)]
+/// A request's two slots, and its tier's in-flight lease if the tier caps
+/// them; given back when dropped.
 pub struct Slots {
     _source: Held<IpAddr>,
     _total: OwnedSemaphorePermit,
+    tier: Option<TierLease>,
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("tier", &self.tier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slots {
+    /// These slots holding `lease` too.
+    pub(super) fn with_tier(mut self, lease: Option<TierLease>) -> Self {
+        self.tier = lease;
+        self
+    }
+}
+
+/// A client's in-flight slot on a tier (`max_in_flight`), counted in the
+/// tier's gauge while held.
+pub(super) struct TierLease {
+    _lease: Lease,
+    gauge: Gauge,
+}
+
+impl TierLease {
+    pub(super) fn new(lease: Lease, gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self {
+            _lease: lease,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for TierLease {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 impl InFlightCaps {
@@ -71,6 +117,7 @@ impl InFlightCaps {
         Ok(Slots {
             _source: source,
             _total: total,
+            tier: None,
         })
     }
 

@@ -9,7 +9,7 @@ use super::{Proxy, State, TierState};
 use crate::{
     config::KeyVerification,
     identity::{Identity, Requester},
-    limit::Ask,
+    limit::{Ask, Spend},
 };
 
 /// How long a verification read from the shared store is trusted locally
@@ -138,6 +138,7 @@ impl Proxy {
             limit: tier.limit,
             hits: 1,
             window_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            spend: Spend::Admit,
         };
         matches!(self.store.decide(ask, now_ms).await, Ok(d) if d.allowed)
     }

@@ -52,3 +52,12 @@ pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
 pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json_response(status, answers::error_body(code, message))
 }
+
+/// 503 when the shared store failed and `on_error = "deny"`.
+pub(super) fn unavailable() -> Response<Body> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "STORE_UNAVAILABLE",
+        "The rate-limit store is unavailable; try again later.",
+    )
+}

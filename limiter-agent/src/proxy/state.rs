@@ -2,14 +2,15 @@
 //! identity rules and each tier made ready for the hot path (its keyed
 //! hash, its counters, its policy name), swapped whole.
 
-use std::{collections::hash_map::RandomState, hash::BuildHasher as _};
+use std::{collections::hash_map::RandomState, hash::BuildHasher as _, num::NonZeroU32};
 
-use prometheus_client::metrics::counter::Counter;
+use http::HeaderName;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 use super::descriptors::EnvoyRules;
 use crate::{
     answers::PolicyName,
-    config::{Config, ConfigError, LimitMode},
+    config::{Config, ConfigError, LimitMode, Tier, TokenBudget},
     identity::{Identity, IdentityResolver},
     metrics::Metrics,
     route::RouteTable,
@@ -52,6 +53,33 @@ pub(super) struct TierState {
     /// `mode = "observe"`: the dry run.
     pub(super) observe: bool,
     pub(super) store_error: Counter,
+    /// Requests of one client in flight at once (`max_in_flight`).
+    pub(super) max_in_flight: Option<u32>,
+    /// This agent's requests in flight on the tier, when it caps them.
+    pub(super) in_flight: Gauge,
+    pub(super) in_flight_rejected: Counter,
+    /// Units one request is charged at admission.
+    pub(super) cost: u32,
+    /// The answer header the upstream reports a request's cost in.
+    pub(super) cost_header: Option<HeaderName>,
+    pub(super) tokens: Option<Box<TokenState>>,
+}
+
+/// A tier's token budget, ready for the hot path.
+pub(super) struct TokenState {
+    /// The budget's buckets' name on every host: the tier's and its window.
+    pub(super) id: String,
+    /// Keyed hash of `id`.
+    pub(super) hash: u64,
+    pub(super) window_ms: u64,
+    pub(super) budget: TokenBudget,
+    /// The IETF fields' second policy item.
+    pub(super) policy: Option<PolicyName>,
+    pub(super) rejected: Counter,
+    pub(super) reserved: Counter,
+    pub(super) refunded: Counter,
+    pub(super) charged: Counter,
+    pub(super) used: Counter,
 }
 
 impl TierState {
@@ -82,10 +110,46 @@ impl TierState {
             would_reject: metrics.request_counter(&route, "would_reject"),
             observe: mode == LimitMode::Observe,
             store_error: metrics.request_counter(&route, "store_error"),
+            max_in_flight: None,
+            in_flight: Gauge::default(),
+            in_flight_rejected: metrics.request_counter(&route, "in_flight_rejected"),
+            cost: 1,
+            cost_header: None,
+            tokens: None,
             id,
             route,
             window_ms,
         }
+    }
+}
+
+impl TierState {
+    /// Takes a configured tier's in-flight cap, cost and token budget.
+    fn weighed(mut self, tier: &Tier, hasher: &RandomState, metrics: &Metrics, ietf: bool) -> Self {
+        self.max_in_flight = tier.max_in_flight.map(NonZeroU32::get);
+        if self.max_in_flight.is_some() {
+            self.in_flight = metrics.in_flight_gauge(&self.route);
+        }
+        self.cost = tier.cost.get();
+        self.cost_header.clone_from(&tier.cost_header);
+        self.tokens = tier.tokens.as_ref().map(|budget| {
+            let window_ms = u64::try_from(budget.window.as_millis()).unwrap_or(u64::MAX);
+            let id = format!("{}|tokens|{window_ms}", self.id);
+            let route = &self.route;
+            Box::new(TokenState {
+                hash: hasher.hash_one(&id),
+                id,
+                window_ms,
+                budget: budget.clone(),
+                policy: ietf.then(|| PolicyName::from_route(&format!("{route}/tokens"))),
+                rejected: metrics.request_counter(route, "tokens_rejected"),
+                reserved: metrics.token_counter(route, "reserved"),
+                refunded: metrics.token_counter(route, "refunded"),
+                charged: metrics.token_counter(route, "charged"),
+                used: metrics.token_counter(route, "used"),
+            })
+        });
+        self
     }
 }
 
@@ -125,6 +189,7 @@ impl State {
                     metrics,
                     ietf,
                 )
+                .weighed(tier, hasher, metrics, ietf)
             })
             .collect();
         let envoy = config

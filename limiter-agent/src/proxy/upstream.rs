@@ -222,22 +222,25 @@ impl Upstreams {
         self.idle.len() + self.wires.len()
     }
 
-    /// Sends a request without a body (see [`wire::carries`]) to
-    /// `authority` on an idle connection, else a new one, written and read
-    /// in the caller's task. A pooled connection the upstream closed as it
+    /// Sends a request with its whole body in hand (none, see
+    /// [`wire::carries`], or one read first, framed by the `Content-Length`
+    /// in `parts`) to `authority` on an idle connection, else a new one,
+    /// written with the head in one write and read in the caller's task. A pooled connection the upstream closed as it
     /// was reused is replaced once: always when the request could not be
     /// written, for an idempotent method when no answer came.
     ///
     /// # Errors
     /// The upstream could not be reached, or its answer was malformed.
-    pub async fn send_bodyless(
+    pub async fn send_whole(
         self: &Arc<Self>,
         authority: &str,
         parts: &request::Parts,
+        body: &[u8],
         wait: Duration,
     ) -> Result<Response<WireBody>, BoxError> {
-        let mut head = Vec::with_capacity(256);
+        let mut head = Vec::with_capacity(256 + body.len());
         wire::encode_head(parts, &mut head);
+        head.extend_from_slice(body);
         // A request that must not reach the upstream twice is retried only
         // when it could not be written.
         let idempotent = parts.method.is_idempotent();

@@ -56,21 +56,20 @@ impl Bucket {
         u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
     }
 
-    /// Counts one request of `hits` units, under the shard lock:
-    /// - 1 (every HTTP request): admitted under the limit; a rejection
-    ///   consumes nothing.
-    /// - more: admitted if all of them fit. A charge that does not fit
-    ///   exhausts the window rather than vanish (usage reported after the
-    ///   fact, like Envoy's costs charged when a stream ends, is never lost),
-    ///   so the window never admits past its limit either way.
-    /// - 0: a check that counts nothing: admitted while a unit is left.
-    fn admit(&mut self, limit: u32, hits: u32) -> Decision {
+    /// Counts one request of `hits` units, under the shard lock: admitted
+    /// if all of them fit in what is left, and then all are counted; 0 is a
+    /// check that counts nothing (admitted while a unit is left). A charge
+    /// that does not fit consumes nothing, unless `exhaust` (usage reported
+    /// after the fact, like Envoy's costs charged when a stream ends): then
+    /// it exhausts the window rather than vanish, so the window never admits
+    /// past its limit either way.
+    fn admit(&mut self, limit: u32, hits: u32, exhaust: bool) -> Decision {
         let left = limit.saturating_sub(self.count);
         let allowed = if hits == 0 { left > 0 } else { hits <= left };
         if allowed {
             self.count += hits;
         } else {
-            if hits > 1 {
+            if exhaust && hits > 1 {
                 self.count = self.count.max(limit);
             }
             if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
@@ -84,6 +83,18 @@ impl Bucket {
         }
     }
 
+    /// Adds `delta` units (at most up to the limit: a charge that does not
+    /// fit exhausts the window) or takes them back (down to 0).
+    fn adjust(&mut self, limit: u32, delta: i64) {
+        let count = i64::from(self.count);
+        let adjusted = if delta > 0 {
+            (count + delta).min(i64::from(limit)).max(count)
+        } else {
+            (count + delta).max(0)
+        };
+        self.count = u32::try_from(adjusted).unwrap_or(u32::MAX);
+    }
+
     /// `allowed` here says whether a request now would be admitted.
     fn state(self, limit: u32) -> Decision {
         Decision {
@@ -92,6 +103,7 @@ impl Bucket {
             remaining: limit.saturating_sub(self.count),
             reset_ms: self.reset_ms(),
             rejected: self.rejected(),
+            window: self.reset_ms(),
         }
     }
 }
@@ -187,11 +199,13 @@ impl Shard {
 
     /// One decision on this shard (see [`super::MemoryStore::decide`]); `cap` is
     /// the shard's share of `max_buckets`.
+    #[expect(clippy::too_many_arguments, reason = "one bucket's whole question")]
     pub(super) fn decide(
         &mut self,
         key: u64,
         limit: u32,
         hits: u32,
+        exhaust: bool,
         window_ms: u64,
         now_ms: u64,
         cap: usize,
@@ -204,17 +218,59 @@ impl Shard {
                 // old, earlier position; the flag tells the front-popper to requeue it.
                 *bucket = Bucket::new(reset_ms, RENEWED);
             }
-            return Ok(bucket.admit(limit, hits));
+            return Ok(bucket.admit(limit, hits, exhaust));
         }
         if !self.make_room(cap, now_ms) {
             return Err(StoreFull);
         }
         let q = self.queue_for(window_ms);
         let mut bucket = Bucket::new(reset_ms, 0);
-        let decision = bucket.admit(limit, hits);
+        let decision = bucket.admit(limit, hits, exhaust);
         self.map.insert(SlotKey(key), bucket);
         self.queues[q].keys.push_back(key);
         Ok(decision)
+    }
+
+    /// A settlement (see [`crate::limit::Settle`]): a refund only to the
+    /// live window named `window`, a charge to whichever window is live (a
+    /// new one if none is). The bucket's state after it; `StoreFull` when a
+    /// charge needs a new bucket and there is no room.
+    #[expect(clippy::too_many_arguments, reason = "one bucket's whole question")]
+    pub(super) fn settle(
+        &mut self,
+        key: u64,
+        limit: u32,
+        window_ms: u64,
+        window: u64,
+        delta: i64,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<Decision, StoreFull> {
+        let live = self
+            .map
+            .get_mut(&SlotKey(key))
+            .filter(|b| b.reset_ms() > now_ms);
+        match live {
+            Some(bucket) => {
+                if delta > 0 || bucket.reset_ms() == window {
+                    bucket.adjust(limit, delta);
+                }
+                Ok(bucket.state(limit))
+            }
+            None if delta > 0 => {
+                let fresh = self.decide(key, limit, 0, false, window_ms, now_ms, cap)?;
+                let bucket = self
+                    .map
+                    .get_mut(&SlotKey(key))
+                    .expect("decide just made it");
+                bucket.adjust(limit, delta);
+                Ok(Decision {
+                    rejected: fresh.rejected,
+                    ..bucket.state(limit)
+                })
+            }
+            None => Ok(Bucket::new(now_ms, 0).state(limit)),
+        }
     }
 
     /// A live bucket's state, unchanged (None if absent or expired).
@@ -294,8 +350,12 @@ mod tests {
     fn rejections_saturate_and_the_reset_time_is_kept() {
         const T0: u64 = 1_706_540_000_000;
         let mut bucket = Bucket::new(T0, (REJECTED_MAX - 1) << REJECTED_SHIFT);
-        assert_eq!(bucket.admit(0, 1).rejected, (1 << 20) - 1);
-        assert_eq!(bucket.admit(0, 1).rejected, (1 << 20) - 1, "saturates");
+        assert_eq!(bucket.admit(0, 1, false).rejected, (1 << 20) - 1);
+        assert_eq!(
+            bucket.admit(0, 1, false).rejected,
+            (1 << 20) - 1,
+            "saturates"
+        );
         assert_eq!(bucket.reset_ms(), T0);
     }
 }

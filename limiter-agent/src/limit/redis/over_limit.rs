@@ -62,7 +62,13 @@ impl OverLimitCache {
             remaining: 0,
             reset_ms: entry.reset_ms,
             rejected: entry.rejected,
+            window: 0,
         })
+    }
+
+    /// Forgets `key` (its count went down).
+    pub(super) fn forget(&self, key: BucketKey) {
+        self.shard(key).remove(&key);
     }
 
     /// Records a rejection Redis made; returns this host's rejections of the bucket so far.

@@ -1,0 +1,157 @@
+//! `[[tier]]` and `[tier.tokens]`: each tier's limit, window and mode, and
+//! what makes requests unequal (in-flight caps, cost, token budgets).
+
+use std::num::NonZeroU32;
+
+use super::{
+    ConfigError, invalid,
+    model::{LimitMode, Reserve, Tier, TokenBudget, UsageField},
+    raw::{RawReserve, RawTier, RawTokens},
+    validate::{duration, limit_mode},
+};
+
+/// The token budget's defaults.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+const DEFAULT_MAX_REQUEST_BYTES: usize = 10 * 1024 * 1024;
+
+/// Answer headers a cost may not be read from: the agent frames the answer
+/// and sends its own limit headers.
+const NOT_A_COST: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "content-type",
+    "retry-after",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "date",
+];
+
+/// `[[tier]]`: at least one, each with a limit and a window.
+pub(super) fn tiers(raw: &[RawTier], agent_mode: LimitMode) -> Result<Vec<Tier>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid("tier", "at least one [[tier]] is required"));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, t)| tier(i, t, agent_mode))
+        .collect()
+}
+
+fn tier(i: usize, t: &RawTier, agent_mode: LimitMode) -> Result<Tier, ConfigError> {
+    let limit = NonZeroU32::new(t.limit)
+        .ok_or_else(|| invalid(format!("tier[{i}].limit"), "must be at least 1"))?;
+    let max_in_flight = t
+        .max_in_flight
+        .map(|n| {
+            NonZeroU32::new(n)
+                .ok_or_else(|| invalid(format!("tier[{i}].max_in_flight"), "must be at least 1"))
+        })
+        .transpose()?;
+    let cost = NonZeroU32::new(t.cost.unwrap_or(1))
+        .ok_or_else(|| invalid(format!("tier[{i}].cost"), "must be at least 1"))?;
+    if cost > limit {
+        return Err(invalid(
+            format!("tier[{i}].cost"),
+            format!("{cost} is more than the tier's limit ({limit}): no request would fit"),
+        ));
+    }
+    let cost_header = t
+        .cost_header
+        .as_deref()
+        .map(|name| {
+            let field = format!("tier[{i}].cost_header");
+            let header = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(&field, format!("`{name}` is not a header name")))?;
+            if NOT_A_COST.contains(&header.as_str()) || header.as_str().starts_with("ratelimit") {
+                return Err(invalid(
+                    &field,
+                    format!("`{name}` frames or limits the answer; name a header of its own"),
+                ));
+            }
+            Ok(header)
+        })
+        .transpose()?;
+    Ok(Tier {
+        route: t.route.clone(),
+        limit,
+        window: duration(&format!("tier[{i}].window"), &t.window)?,
+        mode: match t.mode.as_deref() {
+            Some(own) => limit_mode(&format!("tier[{i}].mode"), own)?,
+            None => LimitMode::Enforce,
+        }
+        .max(agent_mode),
+        max_in_flight,
+        cost,
+        cost_header,
+        tokens: t
+            .tokens
+            .as_ref()
+            .map(|tokens| budget(&format!("tier[{i}].tokens"), tokens))
+            .transpose()?,
+    })
+}
+
+fn budget(at: &str, raw: &RawTokens) -> Result<TokenBudget, ConfigError> {
+    let field = |key: &str| format!("{at}.{key}");
+    let limit =
+        NonZeroU32::new(raw.limit).ok_or_else(|| invalid(field("limit"), "must be at least 1"))?;
+    let reserve = match &raw.reserve {
+        RawReserve::Named(name) if name == "max_tokens" => Reserve::MaxTokens,
+        RawReserve::Named(other) => {
+            return Err(invalid(
+                field("reserve"),
+                format!("`{other}`: \"max_tokens\" or a number of tokens"),
+            ));
+        }
+        RawReserve::Fixed(n) => {
+            let n = u32::try_from(*n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| invalid(field("reserve"), "a number of tokens, at least 1"))?;
+            if n > limit.get() {
+                return Err(invalid(
+                    field("reserve"),
+                    format!("{n} is more than the budget ({limit}): no request would fit"),
+                ));
+            }
+            Reserve::Fixed(n)
+        }
+    };
+    let prompt_bytes_per_token = NonZeroU32::new(raw.prompt_bytes_per_token.unwrap_or(1))
+        .ok_or_else(|| invalid(field("prompt_bytes_per_token"), "must be at least 1"))?;
+    let usage = match &raw.usage {
+        None => vec![UsageField::Total],
+        Some(names) if names.is_empty() => {
+            return Err(invalid(field("usage"), "name at least one usage field"));
+        }
+        Some(names) => names
+            .iter()
+            .map(|name| match name.as_str() {
+                "total_tokens" => Ok(UsageField::Total),
+                "prompt_tokens" => Ok(UsageField::Prompt),
+                "completion_tokens" => Ok(UsageField::Completion),
+                other => Err(invalid(
+                    field("usage"),
+                    format!(
+                        "`{other}`: \"total_tokens\", \"prompt_tokens\" or \"completion_tokens\""
+                    ),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let max_request_bytes = raw.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+    if max_request_bytes == 0 {
+        return Err(invalid(field("max_request_bytes"), "must be at least 1"));
+    }
+    Ok(TokenBudget {
+        limit,
+        window: duration(&field("window"), &raw.window)?,
+        reserve,
+        default_max_tokens: raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        prompt_bytes_per_token,
+        usage,
+        max_request_bytes,
+    })
+}

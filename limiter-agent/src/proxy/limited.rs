@@ -1,0 +1,549 @@
+//! A request on a tier, in order: its client's in-flight slot on the tier
+//! (`max_in_flight`), its body read for what it may cost (a token budget),
+//! its charge, its token reservation, the agent's own caps, the upstream,
+//! the cost the upstream reports (`cost_header`), and the headers that tell
+//! the client where it stands. Each refusal gives back what was taken
+//! before it: a rejected request consumes nothing.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::{Body as _, Incoming};
+
+use super::{
+    Body, Charge, Charged, Outgoing, Peer, Proxy, Slots, State, TierState,
+    charge::store_full,
+    in_flight::TierLease,
+    respond::{error, json_response, too_many, unavailable},
+    state::TokenState,
+    tokens::{self, Metered, Settlement},
+};
+use crate::{
+    answers,
+    body::{ClientBody, ClientBodyError, client_fault},
+    config::OnError,
+    identity::{Identity, Requester},
+    limit::{Ask, Decision, LeaseAsk, Settle, Spend, Store},
+};
+
+/// A token reservation held for a forwarded request.
+struct Held {
+    decision: Decision,
+    settlement: Settlement,
+    /// The client did not ask for usage in its stream.
+    strip: bool,
+}
+
+/// How a token reservation came out.
+enum Reservation {
+    Held(Held),
+    /// Over the budget on a tier in a dry run: forwarded, nothing held.
+    DryRun,
+    Refused(Response<Body>),
+}
+
+/// What a request's body says it may cost.
+struct Planned {
+    tokens: u32,
+    strip: bool,
+}
+
+impl Proxy {
+    /// Serves a request on the tier `tier_index` from `client`.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the tier's path in order, each refusal where it happens"
+    )]
+    pub(super) async fn limited(
+        &self,
+        state: &State,
+        req: Request<Incoming>,
+        peer: &Peer,
+        tier_index: usize,
+        client: Requester,
+    ) -> (Response<Body>, Option<Slots>) {
+        let started = Instant::now();
+        let tier = &state.tiers[tier_index];
+        let source = client.ip;
+        let now_ms = self.clock.now_ms();
+        let preflight = req.method() == http::Method::OPTIONS;
+        let (identity, check) = self.identify(state, client, tier, preflight, now_ms).await;
+        let limit = state.effective_limit(&identity, tier_index);
+        let lease = match self.lease(state, tier, &identity, limit, now_ms).await {
+            Ok(lease) => lease,
+            Err(refused) => return (*refused, None),
+        };
+        let mut outgoing = Outgoing::Streamed(req);
+        if let Some(name) = &tier.cost_header {
+            // Only the upstream says what a request cost.
+            outgoing.headers_mut().remove(name);
+        }
+        let (outgoing, planned) = match &tier.tokens {
+            Some(tokens) => match read_plan(outgoing, tokens, state).await {
+                Ok(read) => read,
+                Err(refused) => return (*refused, None),
+            },
+            None => (outgoing, None),
+        };
+        let settled_later = tier.cost_header.is_some() || planned.is_some();
+        let charge = Charge {
+            identity: &identity,
+            limit,
+            hits: tier.cost,
+            spend: if settled_later {
+                Spend::Reserve
+            } else {
+                Spend::Admit
+            },
+            source: Some((peer.addr.ip(), &identity)),
+        };
+        let charged = self.charge(state, tier, charge, now_ms).await;
+        self.metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (decision, decider) = match charged {
+            Charged::Decided(decision, decider) => (decision, decider),
+            Charged::Full => return (store_full(), None),
+            Charged::Unavailable => return (unavailable(), None),
+        };
+        if !decision.allowed && !tier.observe {
+            let now = self.clock.now();
+            return (
+                too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
+                None,
+            );
+        }
+        let reserved = match (planned, &tier.tokens) {
+            (Some(planned), Some(tokens)) => {
+                match self
+                    .reserve(state, tier, tokens, &identity, &planned, &decision, now_ms)
+                    .await
+                {
+                    Reservation::Held(held) => Some(held),
+                    Reservation::DryRun => None,
+                    Reservation::Refused(refused) => {
+                        self.give_back(tier, &identity, limit, &decision, &decider);
+                        return (refused, None);
+                    }
+                }
+            }
+            _ => None,
+        };
+        // Only what goes upstream takes a slot (a 429 holds nothing there).
+        // A request the tier admitted and the cap refuses has spent its
+        // unit, as one the upstream itself refused would have; its tokens
+        // come back, none were generated.
+        let slots = match self.admit(state, source) {
+            Ok(slots) => slots.with_tier(lease),
+            Err(refused) => {
+                if let Some(held) = reserved {
+                    held.settlement.refund();
+                }
+                return (*refused, None);
+            }
+        };
+        let mut response = self.forward(state, outgoing, peer).await;
+        self.learn(state, tier, check, response.status()).await;
+        let decision = self
+            .settle_cost(
+                tier,
+                &identity,
+                limit,
+                decision,
+                &decider,
+                response.headers_mut(),
+            )
+            .await;
+        // Both clocks read as the answer leaves: the reset is told as the wall
+        // clock now plus the monotonic time left (the upstream took some of it).
+        let now = self.clock.now();
+        answers::apply(
+            response.headers_mut(),
+            &decision,
+            tier.window_ms,
+            now,
+            tier.policy.as_ref(),
+        );
+        if let (Some(held), Some(tokens)) = (reserved, &tier.tokens) {
+            let budget = answers::TokenState {
+                decision: &held.decision,
+                window_ms: tokens.window_ms,
+                policy: tokens.policy.as_ref(),
+            };
+            answers::apply_tokens(response.headers_mut(), &decision, budget, now);
+            let events = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+            if events && held.strip {
+                response.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+            response = response
+                .map(|body| Metered::new(body, events, held.strip, held.settlement).boxed());
+        }
+        (response, Some(slots))
+    }
+
+    /// The client's in-flight slot on `tier` when the tier caps them
+    /// (`Ok(None)` when it does not, or in a dry run over the cap), or the
+    /// answer that refuses the request: 429 over the cap, 503 without a
+    /// store to ask.
+    async fn lease(
+        &self,
+        state: &State,
+        tier: &TierState,
+        identity: &Identity,
+        limit: u32,
+        now_ms: u64,
+    ) -> Result<Option<TierLease>, Box<Response<Body>>> {
+        let Some(max) = tier.max_in_flight else {
+            return Ok(None);
+        };
+        let ask = LeaseAsk {
+            key: self.bucket(identity, tier.hash),
+            tier: &tier.id,
+            identity,
+            limit: max,
+        };
+        let leased = match self.store.acquire(ask).await {
+            Ok(leased) => leased,
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::debug!(error = %e, "store failed to lease an in-flight slot");
+                match &self.fallback {
+                    Some(fallback) if state.config.live.on_error == OnError::Allow => {
+                        fallback.lease(ask.key, max)
+                    }
+                    _ => {
+                        tier.store_error.inc();
+                        return Err(Box::new(unavailable()));
+                    }
+                }
+            }
+        };
+        match leased {
+            Some(lease) => Ok(Some(TierLease::new(lease, &tier.in_flight))),
+            None if tier.observe => {
+                tier.would_reject.inc();
+                Ok(None)
+            }
+            None => {
+                tier.in_flight_rejected.inc();
+                Err(Box::new(
+                    self.too_many_in_flight(state, tier, identity, limit, now_ms)
+                        .await,
+                ))
+            }
+        }
+    }
+
+    /// The 429 of a client over `max_in_flight`: `CONCURRENCY_LIMIT_EXCEEDED`,
+    /// `Retry-After: 1`, and the request limit's headers as they stand
+    /// (asked without a charge).
+    async fn too_many_in_flight(
+        &self,
+        state: &State,
+        tier: &TierState,
+        identity: &Identity,
+        limit: u32,
+        now_ms: u64,
+    ) -> Response<Body> {
+        let mut response = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            answers::concurrency_limit_body().to_owned(),
+        );
+        let ask = Ask {
+            key: self.bucket(identity, tier.hash),
+            tier: &tier.id,
+            identity,
+            limit,
+            hits: 0,
+            window_ms: tier.window_ms,
+            spend: Spend::Admit,
+        };
+        if let Ok((decision, _)) = self.decide(state, ask, now_ms).await {
+            answers::apply(
+                response.headers_mut(),
+                &decision,
+                tier.window_ms,
+                self.clock.now(),
+                tier.policy.as_ref(),
+            );
+        }
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(1));
+        response
+    }
+
+    /// Reserves `planned` tokens of the client's budget.
+    #[expect(clippy::too_many_arguments, reason = "the request's whole standing")]
+    async fn reserve(
+        &self,
+        state: &State,
+        tier: &TierState,
+        tokens: &TokenState,
+        identity: &Identity,
+        planned: &Planned,
+        requests: &Decision,
+        now_ms: u64,
+    ) -> Reservation {
+        let limit = tokens.budget.limit.get();
+        let ask = Ask {
+            key: self.bucket(identity, tokens.hash),
+            tier: &tokens.id,
+            identity,
+            limit,
+            hits: planned.tokens,
+            window_ms: tokens.window_ms,
+            spend: Spend::Reserve,
+        };
+        let (decision, store) = match self.decide(state, ask, now_ms).await {
+            Ok(decided) => decided,
+            Err(Charged::Full) => return Reservation::Refused(store_full()),
+            Err(_) => return Reservation::Refused(unavailable()),
+        };
+        if decision.allowed {
+            tokens.reserved.inc_by(u64::from(planned.tokens));
+            return Reservation::Held(Held {
+                decision,
+                strip: planned.strip,
+                settlement: Settlement {
+                    store,
+                    key: ask.key,
+                    tier: tokens.id.as_str().into(),
+                    identity: identity.clone(),
+                    limit,
+                    window_ms: tokens.window_ms,
+                    window: decision.window,
+                    reserved: planned.tokens,
+                    fields: tokens.budget.usage.clone(),
+                    counters: [
+                        tokens.used.clone(),
+                        tokens.refunded.clone(),
+                        tokens.charged.clone(),
+                    ],
+                    clock: self.clock.clone(),
+                },
+            });
+        }
+        if tier.observe {
+            tier.would_reject.inc();
+            return Reservation::DryRun;
+        }
+        tokens.rejected.inc();
+        Reservation::Refused(self.too_many_tokens(
+            tier,
+            tokens,
+            planned.tokens,
+            &decision,
+            requests,
+        ))
+    }
+
+    /// The 429 of a request its budget cannot hold now: the request limit's
+    /// headers as they stand once its unit is given back, the budget's, and
+    /// `Retry-After` until the budget's window resets.
+    fn too_many_tokens(
+        &self,
+        tier: &TierState,
+        tokens: &TokenState,
+        requested: u32,
+        budget: &Decision,
+        requests: &Decision,
+    ) -> Response<Body> {
+        let now = self.clock.now();
+        let retry = answers::retry_after_secs(budget, now);
+        let mut response = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            answers::token_limit_body(retry, requested, budget.remaining),
+        );
+        let requests = Decision {
+            remaining: requests
+                .remaining
+                .saturating_add(tier.cost)
+                .min(requests.limit),
+            ..*requests
+        };
+        answers::apply(
+            response.headers_mut(),
+            &requests,
+            tier.window_ms,
+            now,
+            tier.policy.as_ref(),
+        );
+        let state = answers::TokenState {
+            decision: budget,
+            window_ms: tokens.window_ms,
+            policy: tokens.policy.as_ref(),
+        };
+        answers::apply_tokens(response.headers_mut(), &requests, state, now);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+        response
+    }
+
+    /// Gives back the units an admitted request was charged, off the answer's
+    /// path, to the window that took them.
+    fn give_back(
+        &self,
+        tier: &TierState,
+        identity: &Identity,
+        limit: u32,
+        decision: &Decision,
+        store: &Arc<dyn Store>,
+    ) {
+        if !decision.allowed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, clock) = (store.clone(), self.clock.clone());
+        let (key, tier_id, identity) = (
+            self.bucket(identity, tier.hash),
+            tier.id.clone(),
+            identity.clone(),
+        );
+        let (window_ms, window, delta) = (tier.window_ms, decision.window, -i64::from(tier.cost));
+        runtime.spawn(async move {
+            let settle = Settle {
+                key,
+                tier: &tier_id,
+                identity: &identity,
+                limit,
+                window_ms,
+                window,
+                delta,
+            };
+            if let Err(e) = store.settle(settle, clock.now_ms()).await {
+                tracing::debug!(error = %e, "giving back a request's units failed");
+            }
+        });
+    }
+
+    /// Charges or refunds what the upstream says the request cost beyond or
+    /// below the tier's `cost` (in the answer's `cost_header`, which is taken
+    /// out whatever it holds); the request limit's state after.
+    async fn settle_cost(
+        &self,
+        tier: &TierState,
+        identity: &Identity,
+        limit: u32,
+        decision: Decision,
+        store: &Arc<dyn Store>,
+        headers: &mut HeaderMap,
+    ) -> Decision {
+        let Some(name) = &tier.cost_header else {
+            return decision;
+        };
+        let reported = headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u32>().ok());
+        headers.remove(name);
+        let Some(cost) = reported else {
+            return decision;
+        };
+        let delta = i64::from(cost) - i64::from(tier.cost);
+        // A dry run's rejection charged nothing to correct.
+        if delta == 0 || !decision.allowed {
+            return decision;
+        }
+        let settle = Settle {
+            key: self.bucket(identity, tier.hash),
+            tier: &tier.id,
+            identity,
+            limit,
+            window_ms: tier.window_ms,
+            window: decision.window,
+            delta,
+        };
+        match store.settle(settle, self.clock.now_ms()).await {
+            Ok(after) => Decision {
+                allowed: true,
+                rejected: decision.rejected,
+                ..after
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "charging a reported cost failed");
+                decision
+            }
+        }
+    }
+}
+
+/// Reads the body of a request on a tier with a token budget: the request
+/// to forward with it, and what it may cost; a request without a body
+/// (nothing to generate) is neither read nor metered. Refused: 413 over
+/// `max_request_bytes`, 408 or 400 for a body that stalls or breaks, 400
+/// for one the agent cannot read a cost from.
+async fn read_plan(
+    outgoing: Outgoing,
+    tokens: &TokenState,
+    state: &State,
+) -> Result<(Outgoing, Option<Planned>), Box<Response<Body>>> {
+    let Outgoing::Streamed(req) = outgoing else {
+        return Ok((outgoing, None));
+    };
+    if req.body().is_end_stream() {
+        return Ok((Outgoing::Streamed(req), None));
+    }
+    let max = tokens.budget.max_request_bytes;
+    let too_large = || {
+        Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "REQUEST_TOO_LARGE",
+            "The request body is larger than this endpoint reads.",
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let live = &state.config.live;
+    let (parts, body) = req.into_parts();
+    let body = ClientBody::new(body, live.body_read_timeout, live.body_min_rate);
+    let body: Bytes = match Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Err(Box::new(match client_fault(&*e) {
+                Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "REQUEST_TIMEOUT",
+                    "The request body took too long.",
+                ),
+                Some(ClientBodyError::Malformed(_)) => error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    "The request body is malformed.",
+                ),
+                None => return Err(too_large()),
+            }));
+        }
+    };
+    let plan = tokens::plan(body, &tokens.budget).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            &e.to_string(),
+        ))
+    })?;
+    Ok((
+        Outgoing::Whole(parts, plan.body),
+        Some(Planned {
+            tokens: plan.tokens,
+            strip: plan.strip,
+        }),
+    ))
+}
