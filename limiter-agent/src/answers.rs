@@ -77,7 +77,7 @@ pub struct TokenState<'a> {
     pub policy: Option<&'a PolicyName>,
 }
 
-/// On a tier with a token budget, adds `OpenAI`'s own rate-limit headers, as
+/// On a tier with a token budget, adds OpenAI's own rate-limit headers, as
 /// its SDKs and clients read them: `x-ratelimit-limit-requests`,
 /// `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` for the
 /// request limit (`requests`), the same three `-tokens` for the budget; a
@@ -130,7 +130,7 @@ pub fn apply_tokens(
     }
 }
 
-/// `ms` as Go prints a `time.Duration` (`OpenAI`'s reset format): `"20ms"`
+/// `ms` as Go prints a `time.Duration` (OpenAI's reset format): `"20ms"`
 /// under a second, else hours, minutes and seconds with the seconds'
 /// fraction trimmed of zeros (`"1.5s"`, `"6m0s"`, `"1h0m5s"`).
 #[must_use]
@@ -221,9 +221,19 @@ pub fn concurrency_limit_body() -> &'static str {
 /// The 429 of a request its client's token budget cannot hold now: the rate
 /// limit's shape, code `TOKEN_LIMIT_EXCEEDED`, the tokens asked for and left.
 #[must_use]
-pub fn token_limit_body(retry_after_secs: u64, requested: u32, remaining: u32) -> String {
+pub fn token_limit_body(
+    retry_after_secs: u64,
+    requested: u32,
+    remaining: u32,
+    limit: u32,
+) -> String {
+    let message = if requested > limit {
+        "Request too large: it reserves more tokens than the budget holds per window; lower max_tokens."
+    } else {
+        "Token budget exceeded. Try again later."
+    };
     format!(
-        r#"{{"error":{{"code":"TOKEN_LIMIT_EXCEEDED","message":"Token budget exceeded. Try again later.","details":{{"retryAfter":{retry_after_secs},"requestedTokens":{requested},"remainingTokens":{remaining}}}}}}}"#
+        r#"{{"error":{{"code":"TOKEN_LIMIT_EXCEEDED","message":"{message}","details":{{"retryAfter":{retry_after_secs},"requestedTokens":{requested},"remainingTokens":{remaining}}}}}}}"#
     )
 }
 

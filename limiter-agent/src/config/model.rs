@@ -286,7 +286,7 @@ pub enum Reserve {
     Fixed(u32),
 }
 
-/// A field of an `OpenAI` `usage` object.
+/// A field of an OpenAI `usage` object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageField {
     Total,

@@ -427,6 +427,93 @@ mod tests {
     }
 
     #[test]
+    fn a_charge_that_does_not_fit_consumes_nothing_unless_reported() {
+        let store = MemoryStore::new(1000);
+        let admit = |key, hits, spend| {
+            store
+                .decide_spend(BucketKey(key), 10, hits, spend, 60_000, T0)
+                .unwrap()
+        };
+        assert!(admit(1, 8, Spend::Admit).allowed);
+        let refused = admit(1, 5, Spend::Admit);
+        assert!(!refused.allowed);
+        assert_eq!(store.peek(BucketKey(1), 10, T0).unwrap().remaining, 2);
+        assert!(!admit(1, 5, Spend::Reserve).allowed);
+        assert_eq!(store.peek(BucketKey(1), 10, T0).unwrap().remaining, 2);
+        assert!(!admit(1, 5, Spend::Reported).allowed);
+        assert_eq!(
+            store.peek(BucketKey(1), 10, T0).unwrap().remaining,
+            0,
+            "usage reported after the fact exhausts the window"
+        );
+    }
+
+    #[test]
+    fn a_settlement_refunds_only_its_own_window_and_charges_any() {
+        let store = MemoryStore::new(1000);
+        let clock = FakeClock::new(T0);
+        let reserve = |hits| {
+            store
+                .decide_spend(KEY, 100, hits, Spend::Reserve, 10_000, clock.now_ms())
+                .unwrap()
+        };
+        let held = reserve(60);
+        assert_eq!((held.remaining, held.window), (40, T0 + 10_000));
+        assert!(!reserve(50).allowed, "60 held: 50 more do not fit");
+        // Used 20 of the 60: 40 come back, and then 50 fit.
+        let settled = store
+            .settle(KEY, 100, 10_000, held.window, -40, clock.now_ms())
+            .unwrap();
+        assert_eq!(settled.remaining, 80);
+        assert!(reserve(50).allowed);
+        // Used more than reserved: the excess is charged, at most up to the limit.
+        let over = store
+            .settle(KEY, 100, 10_000, held.window, 500, clock.now_ms())
+            .unwrap();
+        assert_eq!((over.remaining, over.allowed), (0, false));
+        // A refund to a window that has ended gives nothing to the next one.
+        clock.advance(10_000);
+        let next = reserve(30);
+        assert_eq!(next.remaining, 70);
+        let stale = store
+            .settle(KEY, 100, 10_000, held.window, -60, clock.now_ms())
+            .unwrap();
+        assert_eq!(stale.remaining, 70, "the old window's refund is dropped");
+        // A charge with no live window starts one.
+        let fresh = BucketKey(77);
+        let charged = store
+            .settle(fresh, 100, 10_000, 0, 30, clock.now_ms())
+            .unwrap();
+        assert_eq!(
+            (charged.remaining, charged.reset_ms),
+            (70, clock.now_ms() + 10_000)
+        );
+        assert_eq!(
+            store
+                .settle(BucketKey(78), 100, 10_000, 0, -30, clock.now_ms())
+                .unwrap()
+                .remaining,
+            100,
+            "a refund to nothing makes nothing"
+        );
+        assert!(store.peek(BucketKey(78), 100, clock.now_ms()).is_none());
+    }
+
+    #[test]
+    fn leases_cap_what_a_key_holds_and_come_back_when_dropped() {
+        let store = MemoryStore::new(10);
+        let first = store.lease(KEY, 2).expect("first");
+        let second = store.lease(KEY, 2).expect("second");
+        assert!(store.lease(KEY, 2).is_none());
+        assert!(store.lease(BucketKey(9), 2).is_some(), "another key");
+        assert_eq!(store.leased(KEY), 2);
+        drop(first);
+        let third = store.lease(KEY, 2).expect("given back");
+        drop((second, third));
+        assert_eq!(store.leased(KEY), 0);
+    }
+
+    #[test]
     fn keys_are_independent() {
         let store = MemoryStore::new(1000);
         assert!(store.decide(key(1), 1, 1000, T0).unwrap().allowed);

@@ -26,7 +26,8 @@ pub struct BucketKey(pub u64);
 pub struct Decision {
     pub allowed: bool,
     pub limit: u32,
-    /// Requests left in the window after this one (0 when rejected).
+    /// Units left in the window after this request (a rejected request of
+    /// one unit: 0; of several: what is left, too few for it).
     pub remaining: u32,
     /// When the window resets, on the monotonic clock ([`Clock::now_ms`]); the
     /// Unix time sent to clients is worked out at answer time ([`Now::unix_at`]).

@@ -465,7 +465,7 @@ impl Inner {
         Ok(Decision {
             allowed: false,
             limit: ask.limit,
-            remaining: 0,
+            remaining: ask.limit.saturating_sub(count),
             reset_ms,
             rejected,
             window,

@@ -359,7 +359,7 @@ impl Proxy {
         let retry = answers::retry_after_secs(budget, now);
         let mut response = json_response(
             StatusCode::TOO_MANY_REQUESTS,
-            answers::token_limit_body(retry, requested, budget.remaining),
+            answers::token_limit_body(retry, requested, budget.remaining, budget.limit),
         );
         let requests = Decision {
             remaining: requests

@@ -544,10 +544,13 @@ impl hyper::body::Body for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        // Cut before its end: the client went away, and the usage the answer
-        // would have reported is not known. The reservation stands.
+        // A body of known length is dropped once its last byte is sent,
+        // without being asked for its end: what was read is read now (a
+        // JSON answer cut short does not parse). A client gone before the
+        // usage came leaves it unknown, and the reservation stands.
         if let Some(settlement) = self.settlement.take() {
-            settlement.settle(None);
+            let _ = self.finish();
+            settlement.settle(self.usage);
         }
     }
 }

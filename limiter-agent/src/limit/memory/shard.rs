@@ -62,7 +62,8 @@ impl Bucket {
     /// that does not fit consumes nothing, unless `exhaust` (usage reported
     /// after the fact, like Envoy's costs charged when a stream ends): then
     /// it exhausts the window rather than vanish, so the window never admits
-    /// past its limit either way.
+    /// past its limit either way. `remaining` is the units left after it
+    /// (0 for a rejected single unit: none was left).
     fn admit(&mut self, limit: u32, hits: u32, exhaust: bool) -> Decision {
         let left = limit.saturating_sub(self.count);
         let allowed = if hits == 0 { left > 0 } else { hits <= left };
@@ -78,7 +79,6 @@ impl Bucket {
         }
         Decision {
             allowed,
-            remaining: if allowed { limit - self.count } else { 0 },
             ..self.state(limit)
         }
     }
