@@ -48,7 +48,7 @@ def plain(client):
     return {
         "status": raw.status_code,
         "content": completion.choices[0].message.content,
-        "usage": completion.usage.model_dump() if completion.usage is not None else None,
+        "usage": completion.usage.model_dump(exclude_unset=True) if completion.usage is not None else None,
         "headers": limit_headers(raw.headers),
     }
 
@@ -64,7 +64,7 @@ def stream(client, include_usage):
         chunks += 1
         if chunk.usage is not None:
             usage_chunks += 1
-            usage = chunk.usage.model_dump()
+            usage = chunk.usage.model_dump(exclude_unset=True)
         if chunk.choices == []:
             empty_choice_chunks += 1
         for choice in chunk.choices:

@@ -28,6 +28,7 @@ pub mod netns;
 pub mod newcomers;
 pub mod packet;
 pub mod prometheus;
+pub mod provider;
 pub mod redis;
 pub mod rls;
 pub mod routers;
