@@ -11,7 +11,7 @@
 
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -195,8 +195,37 @@ end
 /// `prefix` runs it through another command (e.g. `ip netns exec NS`).
 #[must_use]
 pub fn wrk(prefix: &[&str], cpu: u32, url: &str, connections: u32, seconds: u32) -> WrkResult {
-    let script = std::env::temp_dir().join("limiter-wrk-report.lua");
-    std::fs::write(&script, WRK_REPORT).expect("wrk script");
+    wrk_with(prefix, cpu, url, (connections, seconds), "")
+}
+
+/// [`wrk`] sending every request as `POST` with the JSON `body`.
+#[must_use]
+pub fn wrk_post(
+    prefix: &[&str],
+    cpu: u32,
+    url: &str,
+    (connections, seconds): (u32, u32),
+    body: &str,
+) -> WrkResult {
+    let prelude = format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.body = [[{body}]]\n"
+    );
+    wrk_with(prefix, cpu, url, (connections, seconds), &prelude)
+}
+
+/// [`wrk`] with `prelude` (Lua) before the report script.
+fn wrk_with(
+    prefix: &[&str],
+    cpu: u32,
+    url: &str,
+    (connections, seconds): (u32, u32),
+    prelude: &str,
+) -> WrkResult {
+    let script = std::env::temp_dir().join(format!(
+        "limiter-wrk-report-{}.lua",
+        if prelude.is_empty() { "get" } else { "post" }
+    ));
+    std::fs::write(&script, format!("{prelude}{WRK_REPORT}")).expect("wrk script");
     let mut command = match prefix.split_first() {
         Some((program, rest)) => {
             let mut c = Command::new(program);
@@ -576,6 +605,37 @@ pub fn offer(
         seconds,
         cpu_us_per_offered: per(busy),
         process_cpu_us_per_offered: per(process),
+    }
+}
+
+/// Time to the first event of a streamed chat completion at `addr`
+/// (`POST` [`BENCH_PATH`] with `"stream": true`): from the request's write
+/// to the first `data:` byte read, on a new connection each time.
+#[must_use]
+pub fn time_to_first_event(addr: SocketAddr) -> Duration {
+    use std::io::{Read as _, Write as _};
+    let body = r#"{"model":"m","stream":true,"max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST {BENCH_PATH} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let started = Instant::now();
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut seen = Vec::new();
+    let mut buf = [0_u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).expect("read");
+        assert!(n > 0, "the stream ended before its first event: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(5).any(|w| w == b"data:") {
+            return started.elapsed();
+        }
     }
 }
 

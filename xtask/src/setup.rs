@@ -173,7 +173,7 @@ const ROUTERS: [Routers; 2] = [
         },
     },
     Routers {
-        what: "Starlette, uvicorn and Flask (pip)",
+        what: "Starlette, uvicorn, Flask, grpcio and the OpenAI SDK (pip)",
         list: "requirements.txt",
         dir: ".venv",
         installed: ".venv/bin/python",
@@ -188,7 +188,7 @@ const ROUTERS: [Routers; 2] = [
                     .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
                     .arg(dir.join("requirements.txt")),
             )
-            .context("installing Starlette, uvicorn and Flask for the path suite")
+            .context("installing the Python routers and clients of the test suites")
         },
     },
 ];

@@ -144,6 +144,47 @@ fn escalation_table(out: &mut String, escalation: &Value) {
     let _ = writeln!(out);
 }
 
+/// The token scenario: a chat completion `POST` with and without a token
+/// budget on its tier, and a stream's first event through the agent.
+fn tokens_table(out: &mut String, proxy: &Value) {
+    let tokens = &proxy["tokens"];
+    if tokens.is_null() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "### tokens (`POST` a chat completion; the upstream answers with a usage)\n\n| contender | req/s | p50 ms | p99 ms | non-2xx | errors | CPU µs/req | process µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for contender in ["limiter_post", "limiter_tokens"] {
+        let c = &tokens[contender];
+        let _ = writeln!(
+            out,
+            "| {contender} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            f(&c["rps"]),
+            f(&c["p50_ms"]),
+            f(&c["p99_ms"]),
+            c["non_2xx"],
+            c["errors"],
+            cpu_cell(&c["cpu_us_per_request"]),
+            cpu_cell(&c["process_cpu_us_per_request"])
+        );
+    }
+    let first = &tokens["first_event_ms"];
+    let added = f(&first["added"]);
+    let _ = writeln!(
+        out,
+        "\n- a token budget on the tier (`limiter_tokens`, the body read and parsed, the \
+         reservation, the answer read for its usage, the settlement) costs {:.2}× the CPU per \
+         request of the same `POST` without one (`limiter_post`)\n\
+         - a stream's first event, median: {:.3} ms through a metered tier, {:.3} ms direct \
+         (+{added:.3} ms), within 1 ms of direct — {}\n",
+        f(&proxy["ratios"]["tokens_cpu_vs_post"]),
+        f(&first["through_agent"]),
+        f(&first["direct"]),
+        verdict(added <= 1.0)
+    );
+}
+
 fn proxy_section(out: &mut String, proxy: &Value) {
     let _ = writeln!(out, "## proxy: wrk through each contender\n");
     for scenario in ["allowed", "rejected", "allowed_veth"] {
@@ -199,6 +240,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
         let _ = writeln!(out);
     }
     escalation_table(out, &proxy["escalation"]);
+    tokens_table(out, proxy);
     let allowed = f(&proxy["ratios"]["allowed_vs_nginx"]);
     let rejected = f(&proxy["ratios"]["rejected_vs_nginx"]);
     let allowed_cpu = f(&proxy["ratios"]["allowed_cpu_vs_nginx"]);

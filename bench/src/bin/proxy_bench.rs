@@ -30,11 +30,11 @@ use std::{
 use clap::Parser as _;
 use limiter_agent::config::Tier;
 use limiter_bench::{
-    BENCH_PATH, Peer, WrkResult, machine, median_run, offer, route_regex, scratch, with_cpu_cost,
-    write_json, wrk,
+    BENCH_PATH, Peer, WrkResult, machine, median_run, offer, route_regex, scratch,
+    time_to_first_event, with_cpu_cost, write_json, wrk, wrk_post,
 };
 use limiter_tests::{
-    agent::{agent_binary, free_port, reference_tiers, tier},
+    agent::{agent_binary, demo_upstream, free_port, reference_tiers, tier},
     http,
     netns::{HOST_CLIENT_ADDR, HOST_CLIENT_IF, Netns, Topology},
     prometheus::metric,
@@ -121,9 +121,14 @@ fn nginx_temp(dir: &Path) -> String {
 
 /// The fast static upstream every contender proxies to (on the contenders' host).
 fn upstream(dir: &Path, port: u16, place: Place) -> Peer {
+    upstream_answering(dir, port, place, r#"{"ok":true}"#)
+}
+
+/// [`upstream`] answering `answer` to every request.
+fn upstream_answering(dir: &Path, port: u16, place: Place, answer: &str) -> Peer {
     let conf = format!(
         "{}http {{\n{}keepalive_requests 1000000;\nserver {{\nlisten 127.0.0.1:{port};\n\
-         location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }}\n}}\n}}\n",
+         location / {{ default_type application/json; return 200 '{answer}'; }}\n}}\n}}\n",
         nginx_common(dir),
         nginx_temp(dir)
     );
@@ -495,6 +500,112 @@ fn scenario(
     serde_json::Value::Object(out)
 }
 
+/// A completion's answer with its usage, as the static upstream of the
+/// token scenario sends it.
+const COMPLETION: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":12,"total_tokens":42}}"#;
+/// The chat request wrk posts.
+const CHAT_BODY: &str =
+    r#"{"model":"m","max_tokens":64,"messages":[{"role":"user","content":"Say something short"}]}"#;
+
+/// A limiter on the reference tiers (far above what a run sends) in front of
+/// `upstream`, its chat tier with a token budget when `metered`.
+fn limiter_tokens(dir: &Path, port: u16, upstream: u16, metered: bool) -> Peer {
+    let mut conf = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
+         max_connections = 20000\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n\n[xdp]\nenabled = false\n\n",
+        free_port()
+    );
+    for t in reference_tiers() {
+        let window = format!("{}s", t.window.as_secs());
+        conf.push_str(&tier(&t.route, scaled(&t, 1_000_000), &window));
+        if metered && t.route == BENCH_PATH {
+            conf.push_str(
+                "[tier.tokens]\nlimit = 4000000000\nwindow = \"1m\"\nreserve = \"max_tokens\"\n",
+            );
+        }
+    }
+    let name = if metered {
+        "limiter-tokens.toml"
+    } else {
+        "limiter-post.toml"
+    };
+    let path = dir.join(name);
+    std::fs::write(&path, conf).expect("limiter config");
+    Peer::start_in(
+        None,
+        if metered {
+            "limiter (token budget)"
+        } else {
+            "limiter (POST, no budget)"
+        },
+        CONTENDER_CPU,
+        &agent_binary().display().to_string(),
+        &["run", "--no-xdp", "--config", &path.display().to_string()],
+        local(port),
+    )
+}
+
+/// The allowed path of a chat completion `POST` with and without a token
+/// budget on its tier (the body read and parsed, the reservation, the
+/// answer read for its usage, the settlement), in front of a static
+/// upstream that answers with a usage; and the time to a stream's first
+/// event through the agent beside direct, against the demo upstream.
+fn tokens(rounds: u32, seconds: u32) -> serde_json::Value {
+    let dir = scratch("proxy-tokens");
+    let up_port = free_port();
+    let upstream = upstream_answering(&dir.join("upstream"), up_port, Place::LOOPBACK, COMPLETION);
+    let (post_port, metered_port) = (free_port(), free_port());
+    let post = limiter_tokens(&dir, post_port, up_port, false);
+    let metered = limiter_tokens(&dir, metered_port, up_port, true);
+    let contenders = [
+        ("limiter_post", post_port, post.pid()),
+        ("limiter_tokens", metered_port, metered.pid()),
+    ];
+    let mut runs: Vec<Vec<WrkResult>> = vec![Vec::new(); contenders.len()];
+    for round in 1..=rounds {
+        for (i, (contender, port, pid)) in contenders.iter().enumerate() {
+            eprintln!("proxy/tokens: round {round}/{rounds}: {contender}…");
+            let url = format!("http://127.0.0.1:{port}{BENCH_PATH}");
+            let result = with_cpu_cost(CONTENDER_CPU, *pid, || {
+                wrk_post(&[], LOAD_CPU, &url, (CONNECTIONS, seconds), CHAT_BODY)
+            });
+            eprintln!(
+                "  {:.0} req/s, p99 {:.2} ms, {} non-2xx, {:.1} µs CPU per request",
+                result.rps, result.p99_ms, result.non_2xx, result.cpu_us_per_request
+            );
+            runs[i].push(result);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (i, (contender, ..)) in contenders.iter().enumerate() {
+        out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
+    }
+    drop((post, metered, upstream));
+    // Time to first event: the demo upstream streams its first event at
+    // once; through a metered agent (the stream read line by line, its usage
+    // stripped) and direct, interleaved.
+    let demo = demo_upstream();
+    let through_port = free_port();
+    let through = limiter_tokens(&dir, through_port, demo.addr.port(), true);
+    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    for _ in 0..(rounds * 50) {
+        direct.push(time_to_first_event(demo.addr));
+        via.push(time_to_first_event(local(through_port)));
+    }
+    drop(through);
+    let median = |mut samples: Vec<std::time::Duration>| {
+        samples.sort_unstable();
+        samples[samples.len() / 2].as_secs_f64() * 1e3
+    };
+    let (direct, via) = (median(direct), median(via));
+    eprintln!("proxy/tokens: first event {via:.3} ms through the agent, {direct:.3} ms direct");
+    out.insert(
+        "first_event_ms".to_owned(),
+        json!({ "direct": direct, "through_agent": via, "added": via - direct }),
+    );
+    serde_json::Value::Object(out)
+}
+
 /// One client far over its limit at a fixed offered rate (open loop, so the
 /// requests sent are known whatever happens to them): what each contender
 /// spends per offered request, with the limiter's XDP escalation banning the
@@ -732,6 +843,7 @@ fn main() {
     let rejected = scenario("rejected", 1, (rounds, seconds), false, Place::LOOPBACK);
     let allowed_veth = allowed_veth(rounds, seconds);
     let escalation = escalation(seconds);
+    let tokens = tokens(rounds, seconds);
     let ratio = |scenario: &serde_json::Value, key: &str| {
         let ours = scenario["limiter"]["rps"].as_f64().unwrap_or(0.0);
         let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
@@ -765,7 +877,12 @@ fn main() {
         "rejected": rejected,
         "allowed_veth": allowed_veth,
         "escalation": escalation,
+        "tokens": tokens,
         "ratios": {
+            "tokens_cpu_vs_post": tokens["limiter_tokens"]["cpu_us_per_request"]
+                .as_f64()
+                .zip(tokens["limiter_post"]["cpu_us_per_request"].as_f64())
+                .map_or(0.0, |(metered, plain)| if plain > 0.0 { metered / plain } else { 0.0 }),
             "allowed_vs_nginx": ratio(&allowed, "nginx"),
             "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
             "rejected_vs_nginx": ratio(&rejected, "nginx"),
