@@ -204,6 +204,15 @@ async fn a_client_never_has_more_than_max_in_flight_at_the_upstream() {
         ),
         3
     );
+    let board: serde_json::Value = serde_json::from_str(
+        &limiter_tests::http::get(agent.admin.expect("admin"), "/dashboard.json").body,
+    )
+    .expect("the dashboard's JSON");
+    assert_eq!(
+        board["tiers"][0]["in_flight"],
+        serde_json::json!({ "max": 3, "now": 3 }),
+        "the dashboard shows the slots held"
+    );
     let over = chat(&client, &agent, "client-a", body, &[]).await;
     assert_eq!(
         (over.status, over.code().as_str()),

@@ -30,7 +30,13 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// Samples the "now" rates average over.
 const RECENT: usize = 10;
 /// The request decisions charted per tier.
-const DECISIONS: [&str; 3] = ["allowed", "rejected", "would_reject"];
+const DECISIONS: [&str; 5] = [
+    "allowed",
+    "rejected",
+    "would_reject",
+    "in_flight_rejected",
+    "tokens_rejected",
+];
 
 /// The rings of per-second rates, and the totals they are the deltas of.
 struct Rings {
@@ -157,6 +163,14 @@ impl Dashboard {
                     },
                     "rates": rates,
                     "now": now,
+                    "in_flight": t.max_in_flight.map(|max| json!({
+                        "max": max.get(),
+                        "now": metrics.in_flight_gauge(&t.route).get(),
+                    })),
+                    "tokens": t.tokens.as_ref().map(|b| json!({
+                        "limit": b.limit.get(),
+                        "window_seconds": b.window.as_secs_f64(),
+                    })),
                 })
             })
             .collect();

@@ -532,6 +532,10 @@ async fn read_plan(
             }));
         }
     };
+    let mut parts = parts;
+    // The answer is read for its usage on the way: asked for as it is, not
+    // compressed (every client accepts an answer in identity coding).
+    parts.headers.remove(header::ACCEPT_ENCODING);
     let plan = tokens::plan(body, &tokens.budget).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
