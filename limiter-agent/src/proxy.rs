@@ -78,6 +78,9 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     /// Requests in flight to the upstream, per client address and in all.
     in_flight: InFlightCaps,
+    /// KiB of request bodies held whole to read their cost, in all
+    /// (`limited::MAX_BUFFERED_BYTES`).
+    buffered: Arc<tokio::sync::Semaphore>,
     /// Keys the bucket hash so clients cannot aim for collisions. Fixed for the
     /// process, so a reload keeps the buckets of unchanged tiers.
     hasher: RandomState,
@@ -148,6 +151,9 @@ impl Proxy {
             clock,
             upstreams: Arc::new(Upstreams::new(startup.max_upstream_connections)),
             in_flight: InFlightCaps::new(startup.max_requests_in_flight),
+            buffered: Arc::new(tokio::sync::Semaphore::new(
+                limited::MAX_BUFFERED_BYTES / 1024,
+            )),
             hasher,
             metrics,
             rejections: None,

@@ -337,8 +337,9 @@ fn redis_settings(raw: RawStore) -> Result<RedisSettings, ConfigError> {
         breaker_cooldown: duration("store.breaker_cooldown", &raw.breaker_cooldown)?,
         lease: {
             let lease = duration("store.lease", &raw.lease)?;
-            if lease < Duration::from_secs(1) {
-                return Err(invalid("store.lease", "must be at least 1s"));
+            // Renewed every third of it, on the 1 s housekeeping tick.
+            if lease < Duration::from_secs(3) {
+                return Err(invalid("store.lease", "must be at least 3s"));
             }
             lease
         },

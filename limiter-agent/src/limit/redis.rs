@@ -97,6 +97,13 @@ const DECIDE_LUA: &str = r"
 local limit = tonumber(ARGV[1])
 local hits = tonumber(ARGV[3])
 local spend = tonumber(ARGV[4] or 1)
+if spend == 2 then
+  -- Before any write: a server without PEXPIRETIME (Redis 6) fails here.
+  local probe = redis.pcall('PEXPIRETIME', KEYS[1])
+  if type(probe) == 'table' and probe.err then
+    return redis.error_reply('token budgets and reported costs need Redis 7 or Valkey 7.2 (PEXPIRETIME)')
+  end
+end
 local count = tonumber(redis.call('GET', KEYS[1]) or 0)
 local admitted = 0
 if hits == 0 then
@@ -517,20 +524,27 @@ impl Inner {
             self.next_lease.fetch_add(1, Ordering::Relaxed)
         )
         .into();
-        let mut invocation = self.acquire.key(&*key);
-        invocation.arg(ask.limit).arg(self.lease_ms).arg(&*id);
+        // Made before the call: if the call times out or is dropped (its
+        // client gone) after the script ran, the lease it may have taken is
+        // given back rather than held until it lapses.
+        let mut lease = RedisLease {
+            inner: self.clone(),
+            key,
+            id,
+            taken: true,
+        };
+        let mut invocation = self.acquire.key(&*lease.key);
+        invocation.arg(ask.limit).arg(self.lease_ms).arg(&*lease.id);
         let taken: u8 = self
             .guarded(self.timeout, self.backend.run(&invocation))
             .await?;
         if taken == 0 {
+            lease.taken = false;
             return Ok(None);
         }
-        self.held_leases().insert((key.clone(), id.clone()));
-        Ok(Some(Box::new(RedisLease {
-            inner: self.clone(),
-            key,
-            id,
-        })))
+        self.held_leases()
+            .insert((lease.key.clone(), lease.id.clone()));
+        Ok(Some(Box::new(lease)))
     }
 
     fn held_leases(&self) -> MutexGuard<'_, HashSet<(Arc<str>, Arc<str>)>> {
@@ -567,10 +581,15 @@ struct RedisLease {
     inner: Arc<Inner>,
     key: Arc<str>,
     id: Arc<str>,
+    /// Whether the set may hold it (not when the script said all were held).
+    taken: bool,
 }
 
 impl Drop for RedisLease {
     fn drop(&mut self) {
+        if !self.taken {
+            return;
+        }
         let held = (self.key.clone(), self.id.clone());
         self.inner.held_leases().remove(&held);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

@@ -20,7 +20,20 @@ pub(super) enum Outgoing {
     Whole(request::Parts, Bytes),
 }
 
+/// Marks an answer the agent gave because the request never reached the
+/// upstream (every upstream connection busy).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct NotSent;
+
 impl Outgoing {
+    /// Whether the request has a body (one to come, or one in hand).
+    pub(super) fn has_body(&self) -> bool {
+        match self {
+            Self::Streamed(req) => !req.body().is_end_stream(),
+            Self::Whole(_, body) => !body.is_empty(),
+        }
+    }
+
     pub(super) fn headers_mut(&mut self) -> &mut HeaderMap {
         match self {
             Self::Streamed(req) => req.headers_mut(),
@@ -140,11 +153,13 @@ impl Proxy {
             ),
             Ok(Err(e)) if e.is::<UpstreamBusy>() => {
                 self.metrics.refuse("max_upstream_connections");
-                error(
+                let mut busy = error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "OVERLOADED",
                     "Every upstream connection is busy; try again later.",
-                )
+                );
+                busy.extensions_mut().insert(NotSent);
+                busy
             }
             Ok(Err(e)) => match client_fault(&*e) {
                 Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(

@@ -10,11 +10,13 @@ use std::{sync::Arc, time::Instant};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
     Body, Charge, Charged, Outgoing, Peer, Proxy, Slots, State, TierState,
     charge::store_full,
+    forward::NotSent,
     in_flight::TierLease,
     respond::{error, json_response, too_many, unavailable},
     state::TokenState,
@@ -80,19 +82,14 @@ impl Proxy {
             // Only the upstream says what a request cost.
             outgoing.headers_mut().remove(name);
         }
-        let (outgoing, planned) = match &tier.tokens {
-            Some(tokens) => match read_plan(outgoing, tokens, state).await {
-                Ok(read) => read,
-                Err(refused) => return (*refused, None),
-            },
-            None => (outgoing, None),
-        };
-        let settled_later = tier.cost_header.is_some() || planned.is_some();
+        // A request with a body on a tier with a token budget is metered;
+        // one without (a `GET`) has nothing to generate.
+        let metered = tier.tokens.is_some() && outgoing.has_body();
         let charge = Charge {
             identity: &identity,
             limit,
             hits: tier.cost,
-            spend: if settled_later {
+            spend: if tier.cost_header.is_some() || metered {
                 Spend::Reserve
             } else {
                 Spend::Admit
@@ -115,34 +112,37 @@ impl Proxy {
                 None,
             );
         }
-        let reserved = match (planned, &tier.tokens) {
-            (Some(planned), Some(tokens)) => {
+        // Only what goes upstream takes a slot (a 429 holds nothing there),
+        // before a body is read whole: the caps bound what bodies held at
+        // once take. A request the tier admitted and a cap refuses has spent
+        // its unit, as one the upstream itself refused would have.
+        let slots = match self.admit(state, source) {
+            Ok(slots) => slots.with_tier(lease),
+            Err(refused) => return (*refused, None),
+        };
+        let (outgoing, reserved, _buffered) = match (&tier.tokens, metered) {
+            (Some(tokens), true) => {
+                let read = match self.read_plan(outgoing, tokens, state).await {
+                    Ok(read) => read,
+                    Err(refused) => {
+                        self.give_back(tier, &identity, limit, &decision, &decider);
+                        return (*refused, None);
+                    }
+                };
+                let (outgoing, planned, buffered) = read;
                 match self
                     .reserve(state, tier, tokens, &identity, &planned, &decision, now_ms)
                     .await
                 {
-                    Reservation::Held(held) => Some(held),
-                    Reservation::DryRun => None,
+                    Reservation::Held(held) => (outgoing, Some(held), Some(buffered)),
+                    Reservation::DryRun => (outgoing, None, Some(buffered)),
                     Reservation::Refused(refused) => {
                         self.give_back(tier, &identity, limit, &decision, &decider);
                         return (refused, None);
                     }
                 }
             }
-            _ => None,
-        };
-        // Only what goes upstream takes a slot (a 429 holds nothing there).
-        // A request the tier admitted and the cap refuses has spent its
-        // unit, as one the upstream itself refused would have; its tokens
-        // come back, none were generated.
-        let slots = match self.admit(state, source) {
-            Ok(slots) => slots.with_tier(lease),
-            Err(refused) => {
-                if let Some(held) = reserved {
-                    held.settlement.refund();
-                }
-                return (*refused, None);
-            }
+            _ => (outgoing, None, None),
         };
         let mut response = self.forward(state, outgoing, peer).await;
         self.learn(state, tier, check, response.status()).await;
@@ -166,23 +166,40 @@ impl Proxy {
             now,
             tier.policy.as_ref(),
         );
-        if let (Some(held), Some(tokens)) = (reserved, &tier.tokens) {
-            let budget = answers::TokenState {
-                decision: &held.decision,
-                window_ms: tokens.window_ms,
-                policy: tokens.policy.as_ref(),
-            };
-            answers::apply_tokens(response.headers_mut(), &decision, budget, now);
-            let events = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-            if events && held.strip {
-                response.headers_mut().remove(header::CONTENT_LENGTH);
+        let not_sent = response.extensions().get::<NotSent>().is_some();
+        match (reserved, &tier.tokens) {
+            // The agent answered for an upstream it could not reach with the
+            // request (503): nothing was generated.
+            (Some(held), _) if not_sent => held.settlement.refund(),
+            (Some(held), Some(tokens)) => {
+                let budget = answers::TokenState {
+                    decision: &held.decision,
+                    window_ms: tokens.window_ms,
+                    policy: tokens.policy.as_ref(),
+                };
+                answers::apply_tokens(response.headers_mut(), &decision, budget, now);
+                let headers = response.headers();
+                let events = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim_start().get(..17))
+                    .is_some_and(|v| v.eq_ignore_ascii_case("text/event-stream"));
+                let encoded = headers
+                    .get_all(header::CONTENT_ENCODING)
+                    .iter()
+                    .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                // An answer in a coding the agent did not ask for cannot be
+                // read: passed on as it is, the reservation standing.
+                if !encoded {
+                    if events && held.strip {
+                        response.headers_mut().remove(header::CONTENT_LENGTH);
+                    }
+                    response = response.map(|body| {
+                        Metered::new(body, events, held.strip, held.settlement).boxed()
+                    });
+                }
             }
-            response = response
-                .map(|body| Metered::new(body, events, held.strip, held.settlement).boxed());
+            _ => {}
         }
         (response, Some(slots))
     }
@@ -479,75 +496,94 @@ impl Proxy {
     }
 }
 
-/// Reads the body of a request on a tier with a token budget: the request
-/// to forward with it, and what it may cost; a request without a body
-/// (nothing to generate) is neither read nor metered. Refused: 413 over
-/// `max_request_bytes`, 408 or 400 for a body that stalls or breaks, 400
-/// for one the agent cannot read a cost from.
-async fn read_plan(
-    outgoing: Outgoing,
-    tokens: &TokenState,
-    state: &State,
-) -> Result<(Outgoing, Option<Planned>), Box<Response<Body>>> {
-    let Outgoing::Streamed(req) = outgoing else {
-        return Ok((outgoing, None));
-    };
-    if req.body().is_end_stream() {
-        return Ok((Outgoing::Streamed(req), None));
-    }
-    let max = tokens.budget.max_request_bytes;
-    let too_large = || {
-        Box::new(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "REQUEST_TOO_LARGE",
-            "The request body is larger than this endpoint reads.",
-        ))
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let live = &state.config.live;
-    let (parts, body) = req.into_parts();
-    let body = ClientBody::new(body, live.body_read_timeout, live.body_min_rate);
-    let body: Bytes = match Limited::new(body, max).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return Err(Box::new(match client_fault(&*e) {
-                Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "REQUEST_TIMEOUT",
-                    "The request body took too long.",
-                ),
-                Some(ClientBodyError::Malformed(_)) => error(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    "The request body is malformed.",
-                ),
-                None => return Err(too_large()),
-            }));
+/// Bytes of request bodies the agent holds at once to read their cost, in
+/// all; beyond it, 503.
+pub(super) const MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
+
+impl Proxy {
+    /// Reads the body of a request on a tier with a token budget: the
+    /// request to forward with it, what it may cost, and its share of
+    /// [`MAX_BUFFERED_BYTES`] (held until the request is forwarded).
+    /// Refused: 413 over `max_request_bytes`, 503 with every buffer byte
+    /// held, 408 or 400 for a body that stalls or breaks, 400 for one the
+    /// agent cannot read a cost from.
+    async fn read_plan(
+        &self,
+        outgoing: Outgoing,
+        tokens: &TokenState,
+        state: &State,
+    ) -> Result<(Outgoing, Planned, OwnedSemaphorePermit), Box<Response<Body>>> {
+        let Outgoing::Streamed(req) = outgoing else {
+            unreachable!("a request's body is read once");
+        };
+        let max = tokens.budget.max_request_bytes;
+        let too_large = || {
+            Box::new(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "REQUEST_TOO_LARGE",
+                "The request body is larger than this endpoint reads.",
+            ))
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max as u64) {
+            return Err(too_large());
         }
-    };
-    let mut parts = parts;
-    // The answer is read for its usage on the way: asked for as it is, not
-    // compressed (every client accepts an answer in identity coding).
-    parts.headers.remove(header::ACCEPT_ENCODING);
-    let plan = tokens::plan(body, &tokens.budget).map_err(|e| {
-        Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            &e.to_string(),
+        // What the body may take: its declared length, else the most.
+        let room = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max));
+        let kib = u32::try_from(room.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let Ok(buffered) = self.buffered.clone().try_acquire_many_owned(kib) else {
+            self.metrics.refuse("buffered_bytes");
+            return Err(Box::new(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "OVERLOADED",
+                "Too many request bodies are being read; try again later.",
+            )));
+        };
+        let live = &state.config.live;
+        let (mut parts, body) = req.into_parts();
+        let body = ClientBody::new(body, live.body_read_timeout, live.body_min_rate);
+        let body: Bytes = match Limited::new(body, room).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return Err(Box::new(match client_fault(&*e) {
+                    Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "REQUEST_TIMEOUT",
+                        "The request body took too long.",
+                    ),
+                    Some(ClientBodyError::Malformed(_)) => error(
+                        StatusCode::BAD_REQUEST,
+                        "BAD_REQUEST",
+                        "The request body is malformed.",
+                    ),
+                    None => return Err(too_large()),
+                }));
+            }
+        };
+        // The answer is read for its usage on the way: asked for as it is,
+        // not compressed.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let plan = tokens::plan(&body, &tokens.budget).map_err(|e| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &e.to_string(),
+            ))
+        })?;
+        Ok((
+            Outgoing::Whole(parts, plan.body),
+            Planned {
+                tokens: plan.tokens,
+                strip: plan.strip,
+            },
+            buffered,
         ))
-    })?;
-    Ok((
-        Outgoing::Whole(parts, plan.body),
-        Some(Planned {
-            tokens: plan.tokens,
-            strip: plan.strip,
-        }),
-    ))
+    }
 }
