@@ -280,6 +280,62 @@ mod tests {
     }
 
     #[test]
+    fn go_durations_are_what_openai_sends() {
+        for (ms, text) in [
+            (0, "0ms"),
+            (20, "20ms"),
+            (999, "999ms"),
+            (1_000, "1s"),
+            (1_500, "1.5s"),
+            (59_999, "59.999s"),
+            (60_000, "1m0s"),
+            (360_000, "6m0s"),
+            (3_605_250, "1h0m5.25s"),
+        ] {
+            assert_eq!(go_duration(ms), text, "{ms} ms");
+        }
+    }
+
+    #[test]
+    fn a_token_budget_adds_openais_headers_and_a_second_ietf_item() {
+        let requests = decision(true, 59, NOW + 60_000);
+        let budget = Decision {
+            limit: 90_000,
+            remaining: 89_500,
+            ..decision(true, 0, NOW + 30_000)
+        };
+        let policy = PolicyName::from_route("/api/v1/chat/completions");
+        let tokens_policy = PolicyName::from_route("/api/v1/chat/completions/tokens");
+        let mut headers = HeaderMap::new();
+        apply(&mut headers, &requests, 60_000, at(NOW), Some(&policy));
+        let state = TokenState {
+            decision: &budget,
+            window_ms: 60_000,
+            policy: Some(&tokens_policy),
+        };
+        apply_tokens(&mut headers, &requests, state, at(NOW));
+        for (name, value) in [
+            ("x-ratelimit-limit-requests", "100"),
+            ("x-ratelimit-remaining-requests", "59"),
+            ("x-ratelimit-reset-requests", "1m0s"),
+            ("x-ratelimit-limit-tokens", "90000"),
+            ("x-ratelimit-remaining-tokens", "89500"),
+            ("x-ratelimit-reset-tokens", "30s"),
+            (
+                "ratelimit-policy",
+                "\"api-v1-chat-completions\";q=100;w=60, \"api-v1-chat-completions-tokens\";q=90000;w=60",
+            ),
+            (
+                "ratelimit",
+                "\"api-v1-chat-completions\";r=59;t=61, \"api-v1-chat-completions-tokens\";r=89500;t=31",
+            ),
+            ("x-ratelimit-remaining", "59"),
+        ] {
+            assert_eq!(header(&headers, name), Some(value), "{name}");
+        }
+    }
+
+    #[test]
     fn exact_header_values() {
         let d = decision(true, 99, 1_706_540_059_001);
         let mut headers = HeaderMap::new();
