@@ -7,7 +7,6 @@ mod envoy;
 mod model;
 mod overlay;
 mod raw;
-mod tiers;
 mod validate;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! From the file's shape to the typed [`Config`]: every check, each error
 //! naming the field at fault.
 
+mod tiers;
+
 use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use super::{
@@ -79,7 +81,7 @@ impl RawConfig {
         let (store, on_error) = store(self.store)?;
         let (xdp_attach, xdp_policy) = xdp(self.xdp)?;
         let agent_mode = limit_mode("server.mode", &server.mode)?;
-        let tiers = super::tiers::tiers(&self.tier, agent_mode)?;
+        let tiers = tiers::tiers(&self.tier, agent_mode)?;
         let (rls_listen, rls_tls, rls) = rls(self.rls)?;
         let mut live = LiveSettings {
             upstream,

@@ -3,11 +3,11 @@
 
 use std::num::NonZeroU32;
 
-use super::{
+use super::{duration, limit_mode};
+use crate::config::{
     ConfigError, invalid,
     model::{LimitMode, Reserve, Tier, TokenBudget, UsageField},
     raw::{RawReserve, RawTier, RawTokens},
-    validate::{duration, limit_mode},
 };
 
 /// The token budget's defaults.
