@@ -286,7 +286,9 @@ impl Proxy {
             };
             state.unlimited.inc();
             return (
-                self.forward(&state, Outgoing::Streamed(req), peer).await,
+                // Boxed: unlimited paths are the rare case, and the service's
+                // future, moved whole on every request, holds one path's.
+                Box::pin(self.forward(&state, Outgoing::Streamed(req), peer)).await,
                 Some(slots),
             );
         };

@@ -52,76 +52,25 @@ impl Proxy {
         peer: &Peer,
     ) -> Response<Body> {
         let (mut parts, body) = match outgoing {
-            Outgoing::Streamed(req) => {
-                let (parts, body) = req.into_parts();
-                (parts, Ok(body))
+            Outgoing::Streamed(req) => req.into_parts(),
+            Outgoing::Whole(parts, body) => {
+                // Rare, and its future is large: boxed, so the common
+                // path's future (moved whole on every request) stays small.
+                return Box::pin(self.forward_whole(state, parts, body, peer)).await;
             }
-            Outgoing::Whole(parts, body) => (parts, Err(body)),
         };
-        let upstream = upstream_authority(state);
-        // The upstream gets the origin form (`/path?query`): HTTP/2 targets
-        // and absolute-form HTTP/1 ones carry a scheme and authority.
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let path = parts
-                .uri
-                .path_and_query()
-                .map_or("/", http::uri::PathAndQuery::as_str);
-            if let Ok(origin) = Uri::builder().path_and_query(path).build() {
-                parts.uri = origin;
-            } else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    "invalid request target",
-                );
-            }
+        if let Err(refused) = one_hop(&mut parts, state, peer) {
+            return *refused;
         }
-        // HTTP/2 clients send :authority, and HTTP/1.0 clients may send no
-        // Host; the upstream speaks HTTP/1.1 and needs one.
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(value) = HeaderValue::from_str(upstream)
-        {
-            parts.headers.insert(header::HOST, value);
-        }
-        parts.version = http::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        append_forwarded(&mut parts.headers, peer);
         let started = Instant::now();
         let connect_to = connect_to(state);
         let live = &state.config.live;
         let (timeout, wait) = (live.upstream_timeout, live.upstream_wait);
-        let result = match body {
-            Err(whole) => {
-                // Framed here, whatever the client's framing was.
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(whole.len()));
-                tokio::time::timeout(
-                    timeout,
-                    self.upstreams.send_whole(&connect_to, &parts, &whole, wait),
-                )
-                .await
-                .map(|sent| sent.map(answer))
-            }
-            Ok(body) => self.forward_streamed(parts, body, &connect_to, state).await,
-        };
-        self.answered(started, result)
-    }
-
-    async fn forward_streamed(
-        &self,
-        parts: request::Parts,
-        body: Incoming,
-        connect_to: &str,
-        state: &State,
-    ) -> Result<Result<Response<Body>, super::BoxError>, tokio::time::error::Elapsed> {
-        let live = &state.config.live;
-        let (timeout, wait) = (live.upstream_timeout, live.upstream_wait);
-        if wire::carries(&parts, body.is_end_stream()) {
+        let result = if wire::carries(&parts, body.is_end_stream()) {
             drop(body);
             tokio::time::timeout(
                 timeout,
-                self.upstreams.send_whole(connect_to, &parts, &[], wait),
+                self.upstreams.send_whole(&connect_to, &parts, &[], wait),
             )
             .await
             .map(|sent| sent.map(answer))
@@ -130,10 +79,39 @@ impl Proxy {
                 parts,
                 ClientBody::new(body, live.body_read_timeout, live.body_min_rate),
             );
-            tokio::time::timeout(timeout, self.upstreams.send(connect_to, request, wait))
+            tokio::time::timeout(timeout, self.upstreams.send(&connect_to, request, wait))
                 .await
                 .map(|sent| sent.map(answer))
+        };
+        self.answered(started, result)
+    }
+
+    /// [`Self::forward`] for a body read whole: framed here, whatever the
+    /// client's framing was.
+    async fn forward_whole(
+        &self,
+        state: &State,
+        mut parts: request::Parts,
+        body: Bytes,
+        peer: &Peer,
+    ) -> Response<Body> {
+        if let Err(refused) = one_hop(&mut parts, state, peer) {
+            return *refused;
         }
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let started = Instant::now();
+        let connect_to = connect_to(state);
+        let live = &state.config.live;
+        let sent = tokio::time::timeout(
+            live.upstream_timeout,
+            self.upstreams
+                .send_whole(&connect_to, &parts, &body, live.upstream_wait),
+        )
+        .await
+        .map(|sent| sent.map(answer));
+        self.answered(started, sent)
     }
 
     /// The upstream's answer, or the error that stands for it.
@@ -184,6 +162,44 @@ impl Proxy {
             Ok(Ok(response)) => response,
         }
     }
+}
+
+/// Rewrites a request's head for the hop to the upstream: the origin-form
+/// target, a `Host`, HTTP/1.1, no hop-by-hop fields, `X-Forwarded-*`; a 400
+/// for a target that has no origin form.
+fn one_hop(
+    parts: &mut request::Parts,
+    state: &State,
+    peer: &Peer,
+) -> Result<(), Box<Response<Body>>> {
+    let upstream = upstream_authority(state);
+    // The upstream gets the origin form (`/path?query`): HTTP/2 targets
+    // and absolute-form HTTP/1 ones carry a scheme and authority.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let Ok(origin) = Uri::builder().path_and_query(path).build() else {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "invalid request target",
+            )));
+        };
+        parts.uri = origin;
+    }
+    // HTTP/2 clients send :authority, and HTTP/1.0 clients may send no
+    // Host; the upstream speaks HTTP/1.1 and needs one.
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(value) = HeaderValue::from_str(upstream)
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    append_forwarded(&mut parts.headers, peer);
+    Ok(())
 }
 
 /// The upstream's answer as it goes to the client: hop-by-hop fields

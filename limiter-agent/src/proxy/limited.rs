@@ -40,7 +40,8 @@ struct Held {
 
 /// How a token reservation came out.
 enum Reservation {
-    Held(Held),
+    /// Boxed: it lives across the upstream's answer in the request's future.
+    Held(Box<Held>),
     /// Over the budget on a tier in a dry run: forwarded, nothing held.
     DryRun,
     Refused(Response<Body>),
@@ -73,9 +74,16 @@ impl Proxy {
         let preflight = req.method() == http::Method::OPTIONS;
         let (identity, check) = self.identify(state, client, tier, preflight, now_ms).await;
         let limit = state.effective_limit(&identity, tier_index);
-        let lease = match self.lease(state, tier, &identity, limit, now_ms).await {
-            Ok(lease) => lease,
-            Err(refused) => return (*refused, None),
+        // What only some tiers do is boxed, and only built where it is
+        // done: the futures of the common path stay small, since each is
+        // moved whole as it is awaited.
+        let lease = if tier.max_in_flight.is_some() {
+            match Box::pin(self.lease(state, tier, &identity, limit, now_ms)).await {
+                Ok(lease) => lease,
+                Err(refused) => return (*refused, None),
+            }
+        } else {
+            None
         };
         let mut outgoing = Outgoing::Streamed(req);
         if let Some(name) = &tier.cost_header {
@@ -122,7 +130,7 @@ impl Proxy {
         };
         let (outgoing, reserved, _buffered) = match (&tier.tokens, metered) {
             (Some(tokens), true) => {
-                let read = match self.read_plan(outgoing, tokens, state).await {
+                let read = match Box::pin(self.read_plan(outgoing, tokens, state)).await {
                     Ok(read) => read,
                     Err(refused) => {
                         self.give_back(tier, &identity, limit, &decision, &decider);
@@ -130,10 +138,9 @@ impl Proxy {
                     }
                 };
                 let (outgoing, planned, buffered) = read;
-                match self
-                    .reserve(state, tier, tokens, &identity, &planned, &decision, now_ms)
-                    .await
-                {
+                let reserving =
+                    self.reserve(state, tier, tokens, &identity, &planned, &decision, now_ms);
+                match Box::pin(reserving).await {
                     Reservation::Held(held) => (outgoing, Some(held), Some(buffered)),
                     Reservation::DryRun => (outgoing, None, Some(buffered)),
                     Reservation::Refused(refused) => {
@@ -146,16 +153,19 @@ impl Proxy {
         };
         let mut response = self.forward(state, outgoing, peer).await;
         self.learn(state, tier, check, response.status()).await;
-        let decision = self
-            .settle_cost(
+        let decision = if tier.cost_header.is_some() {
+            let settling = self.settle_cost(
                 tier,
                 &identity,
                 limit,
                 decision,
                 &decider,
                 response.headers_mut(),
-            )
-            .await;
+            );
+            Box::pin(settling).await
+        } else {
+            decision
+        };
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).
         let now = self.clock.now();
@@ -249,10 +259,8 @@ impl Proxy {
             }
             None => {
                 tier.in_flight_rejected.inc();
-                Err(Box::new(
-                    self.too_many_in_flight(state, tier, identity, limit, now_ms)
-                        .await,
-                ))
+                let refusing = self.too_many_in_flight(state, tier, identity, limit, now_ms);
+                Err(Box::new(Box::pin(refusing).await))
             }
         }
     }
@@ -325,7 +333,7 @@ impl Proxy {
         };
         if decision.allowed {
             tokens.reserved.inc_by(u64::from(planned.tokens));
-            return Reservation::Held(Held {
+            return Reservation::Held(Box::new(Held {
                 decision,
                 strip: planned.strip,
                 settlement: Settlement {
@@ -345,7 +353,7 @@ impl Proxy {
                     ],
                     clock: self.clock.clone(),
                 },
-            });
+            }));
         }
         if tier.observe {
             tier.would_reject.inc();
