@@ -4,6 +4,7 @@
 //! [`RedisStore`] for several hosts).
 
 mod clock;
+mod gcra;
 mod lapsing;
 mod memory;
 mod redis;
@@ -11,6 +12,7 @@ mod redis;
 use std::{future::Future, pin::Pin};
 
 pub use clock::{Clock, FakeClock, Now, SystemClock};
+pub use gcra::{Gcra, GcraDecision};
 pub use lapsing::LapsingSet;
 pub use memory::{MAX_WINDOWS, MemoryStore, StoreFull};
 
