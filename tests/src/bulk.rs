@@ -6,7 +6,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
@@ -16,23 +15,12 @@ use crate::{
     routers,
 };
 
-/// The venv's Python, with the h2 package (`cargo xtask setup` installs it).
-fn python() -> PathBuf {
-    let python = routers::dir().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run `cargo xtask setup`",
-        python.display()
-    );
-    python
-}
-
 /// Starts the bulk upstream on a free port.
 #[must_use]
 pub fn upstream() -> Process {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let mut command = Command::new(python());
+    let mut command = Command::new(routers::python());
     command
         .arg(routers::dir().join("bulk_upstream.py"))
         .arg(port.to_string());
@@ -92,7 +80,7 @@ pub fn zero_window(
     path: &str,
     hold: Duration,
 ) -> std::process::Child {
-    Command::new(python())
+    Command::new(routers::python())
         .arg(routers::dir().join("h2_zero_window.py"))
         .arg(agent.ip().to_string())
         .arg(agent.port().to_string())

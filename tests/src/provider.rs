@@ -8,7 +8,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
@@ -18,23 +17,12 @@ use crate::{
     routers,
 };
 
-/// The venv's Python, with the OpenAI SDK (`cargo xtask setup` installs it).
-fn python() -> PathBuf {
-    let python = routers::dir().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run `cargo xtask setup`",
-        python.display()
-    );
-    python
-}
-
 /// Starts the provider on a free port; `delay_ms` between stream events.
 #[must_use]
 pub fn start(delay_ms: u64) -> Process {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-    let mut command = Command::new(python());
+    let mut command = Command::new(routers::python());
     command
         .arg(routers::dir().join("provider.py"))
         .arg(port.to_string())
@@ -102,7 +90,7 @@ pub fn reset(provider: &Process) {
 /// `mode`; its one line of JSON.
 #[must_use]
 pub fn sdk(base_url: &str, mode: &str) -> serde_json::Value {
-    let output = Command::new(python())
+    let output = Command::new(routers::python())
         .arg(routers::dir().join("openai_client.py"))
         .args([base_url, mode])
         .output()

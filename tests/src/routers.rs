@@ -20,6 +20,19 @@ pub fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("routers")
 }
 
+/// The venv's Python, with every package of `requirements.txt` (`cargo
+/// xtask setup` installs them); a panic that says so when it is missing.
+#[must_use]
+pub fn python() -> PathBuf {
+    let python = dir().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `cargo xtask setup`",
+        python.display()
+    );
+    python
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Router {
     Express,

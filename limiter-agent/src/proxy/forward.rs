@@ -139,28 +139,36 @@ impl Proxy {
                 busy.extensions_mut().insert(NotSent);
                 busy
             }
-            Ok(Err(e)) => match client_fault(&*e) {
-                Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "REQUEST_TIMEOUT",
-                    "The request body took too long.",
-                ),
-                Some(ClientBodyError::Malformed(_)) => error(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    "The request body is malformed.",
-                ),
-                None => {
-                    tracing::warn!(error = %e, "upstream request failed");
-                    error(
-                        StatusCode::BAD_GATEWAY,
-                        "UPSTREAM_UNAVAILABLE",
-                        "The upstream could not be reached.",
-                    )
+            Ok(Err(e)) => {
+                if let Some(fault) = client_fault(&*e) {
+                    return client_body_answer(fault);
                 }
-            },
+                tracing::warn!(error = %e, "upstream request failed");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "UPSTREAM_UNAVAILABLE",
+                    "The upstream could not be reached.",
+                )
+            }
             Ok(Ok(response)) => response,
         }
+    }
+}
+
+/// The answer to a request body the client broke: 408 for one that stalled
+/// or came too slowly, 400 for one malformed or cut off.
+pub(super) fn client_body_answer(fault: &ClientBodyError) -> Response<Body> {
+    match fault {
+        ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            "REQUEST_TIMEOUT",
+            "The request body took too long.",
+        ),
+        ClientBodyError::Malformed(_) => error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "The request body is malformed.",
+        ),
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::{
     Body, Charge, Charged, Outgoing, Peer, Proxy, Slots, State, TierState,
     charge::store_full,
-    forward::NotSent,
+    forward::{NotSent, client_body_answer},
     in_flight::TierLease,
     respond::{error, json_response, too_many, unavailable},
     state::TokenState,
@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     answers,
-    body::{ClientBody, ClientBodyError, client_fault},
+    body::{ClientBody, client_fault},
     config::OnError,
     identity::{Identity, Requester},
     limit::{Ask, Decision, LeaseAsk, Settle, Spend, Store},
@@ -557,19 +557,10 @@ impl Proxy {
         let body: Bytes = match Limited::new(body, room).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
-                return Err(Box::new(match client_fault(&*e) {
-                    Some(ClientBodyError::Stalled(_) | ClientBodyError::TooSlow(_)) => error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "REQUEST_TIMEOUT",
-                        "The request body took too long.",
-                    ),
-                    Some(ClientBodyError::Malformed(_)) => error(
-                        StatusCode::BAD_REQUEST,
-                        "BAD_REQUEST",
-                        "The request body is malformed.",
-                    ),
-                    None => return Err(too_large()),
-                }));
+                return Err(match client_fault(&*e) {
+                    Some(fault) => Box::new(client_body_answer(fault)),
+                    None => too_large(),
+                });
             }
         };
         // The answer is read for its usage on the way: asked for as it is,
