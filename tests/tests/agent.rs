@@ -216,8 +216,14 @@ async fn ietf_headers_follow_the_current_draft_exactly() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_requests_admit_exactly_the_limit() {
-    let (_upstream, agent) =
-        agent_in_front(&small_config("/api/v1/chat/completions", 60, "1m", ""));
+    // The per-source caps (100 connections, 100 in flight by default) well
+    // above the 100 at once: what is measured is the limit alone.
+    let (_upstream, agent) = agent_in_front(&small_config(
+        "/api/v1/chat/completions",
+        60,
+        "1m",
+        "max_connections_per_source = 1000\nmax_requests_in_flight_per_source = 1000",
+    ));
     let client = client();
     let u = agent.url("/api/v1/chat/completions");
     let requests = (0..100).map(|_| {
