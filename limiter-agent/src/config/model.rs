@@ -257,6 +257,22 @@ pub struct Tier {
     pub cost_header: Option<http::HeaderName>,
     /// `[tier.tokens]`: a token budget beside the request limit.
     pub tokens: Option<TokenBudget>,
+    /// How the tier's buckets count; a GCRA burst is for the tier's own
+    /// limit (a key's override scales it).
+    pub algorithm: crate::limit::Algorithm,
+}
+
+impl Tier {
+    /// How long a bucket lives after its last change when nothing renews
+    /// it, which groups buckets in the store's expiry queues: the window,
+    /// twice it for a sliding window (its count weighs through the next).
+    #[must_use]
+    pub fn bucket_span(&self) -> Duration {
+        match self.algorithm {
+            crate::limit::Algorithm::Sliding => self.window.saturating_mul(2),
+            _ => self.window,
+        }
+    }
 }
 
 /// `[tier.tokens]`: tokens per window per client, reserved at admission

@@ -272,6 +272,10 @@ pub(super) struct RawTier {
     pub cost_header: Option<String>,
     /// `[tier.tokens]`: a token budget beside the request limit.
     pub tokens: Option<RawTokens>,
+    /// `fixed`, `sliding` or `gcra`; absent: fixed.
+    pub algorithm: Option<String>,
+    /// GCRA's burst; absent: the limit.
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

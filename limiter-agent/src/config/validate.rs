@@ -442,7 +442,7 @@ fn windows(live: &LiveSettings, verified_key_ttl: Duration) -> Result<(), Config
     let mut all: Vec<Duration> = live
         .tiers
         .iter()
-        .flat_map(|t| std::iter::once(t.window).chain(t.tokens.as_ref().map(|b| b.window)))
+        .flat_map(|t| std::iter::once(t.bucket_span()).chain(t.tokens.as_ref().map(|b| b.window)))
         .collect();
     all.push(verified_key_ttl);
     for domain in &live.rls.envoy {

@@ -8,17 +8,19 @@
 //! `burst + t / interval` units are admitted, and a request that waits the
 //! time it was told is admitted.
 //!
-//! Times are nanoseconds on one clock (this host's monotonic clock, or
-//! Redis's). The emission interval is the window divided by the limit,
-//! rounded up, so the rate is never above `limit / window`.
+//! Times are microseconds on one clock (this host's monotonic clock, or
+//! Redis's `TIME`), so a Unix time in them stays below 2^53 and Redis's Lua
+//! does the same integer arithmetic as this module. The emission interval
+//! is the window divided by the limit, rounded up, so the rate is never
+//! above `limit / window`.
 
 /// A rate and its burst.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gcra {
     /// `window / limit`, rounded up.
-    interval_ns: u64,
+    interval_us: u64,
     /// How far ahead of now the TAT may run: `burst` intervals.
-    tolerance_ns: u64,
+    tolerance_us: u64,
 }
 
 /// One decision on a GCRA bucket.
@@ -26,14 +28,14 @@ pub struct Gcra {
 pub struct GcraDecision {
     pub allowed: bool,
     /// The bucket's TAT after the decision (unchanged by a rejection).
-    pub tat_ns: u64,
+    pub tat_us: u64,
     /// Units that could be admitted right after this decision.
     pub remaining: u32,
     /// From now until a request of the same units would be admitted: 0 when
     /// this one was.
-    pub retry_ns: u64,
+    pub retry_us: u64,
     /// From now until the full burst is back.
-    pub reset_ns: u64,
+    pub reset_us: u64,
 }
 
 impl Gcra {
@@ -41,43 +43,56 @@ impl Gcra {
     /// 1; a window of 0 counts as 1 ms).
     #[must_use]
     pub fn new(limit: u32, window_ms: u64, burst: u32) -> Self {
-        let span = u128::from(window_ms.max(1)) * 1_000_000;
+        let span = u128::from(window_ms.max(1)) * 1_000;
         let interval = span.div_ceil(u128::from(limit.max(1)));
-        let interval_ns = u64::try_from(interval).unwrap_or(u64::MAX);
+        let interval_us = u64::try_from(interval).unwrap_or(u64::MAX);
         Self {
-            interval_ns,
-            tolerance_ns: interval_ns.saturating_mul(u64::from(burst.max(1))),
+            interval_us,
+            tolerance_us: interval_us.saturating_mul(u64::from(burst.max(1))),
         }
     }
 
     /// The emission interval: the time one unit takes to come back.
     #[must_use]
-    pub fn interval_ns(&self) -> u64 {
-        self.interval_ns
+    pub fn interval_us(&self) -> u64 {
+        self.interval_us
+    }
+
+    /// How far ahead of now the TAT may run: `burst` intervals.
+    #[must_use]
+    pub fn tolerance_us(&self) -> u64 {
+        self.tolerance_us
+    }
+
+    /// The TAT after a reported charge that did not fit (Envoy's
+    /// `hits_addend`): the burst is spent, so the units are never lost.
+    #[must_use]
+    pub fn exhausted(&self, tat_us: u64, now_us: u64) -> u64 {
+        tat_us.max(now_us.saturating_add(self.tolerance_us))
     }
 
     /// Admits or rejects a request of `hits` units (0: a check that takes
-    /// nothing, admitted while a unit is left) at `now_ns` on a bucket whose
-    /// TAT is `tat_ns` (0 for a new bucket).
+    /// nothing, admitted while a unit is left) at `now_us` on a bucket whose
+    /// TAT is `tat_us` (0 for a new bucket).
     #[must_use]
-    pub fn decide(&self, tat_ns: u64, now_ns: u64, hits: u32) -> GcraDecision {
-        let from = tat_ns.max(now_ns);
-        let asked = u64::from(hits.max(1)).saturating_mul(self.interval_ns);
+    pub fn decide(&self, tat_us: u64, now_us: u64, hits: u32) -> GcraDecision {
+        let from = tat_us.max(now_us);
+        let asked = u64::from(hits.max(1)).saturating_mul(self.interval_us);
         let moved = from.saturating_add(asked);
-        let allowed = moved - now_ns <= self.tolerance_ns;
+        let allowed = moved - now_us <= self.tolerance_us;
         let tat = if allowed && hits > 0 { moved } else { from };
-        let ahead = tat - now_ns;
-        let remaining = (self.tolerance_ns.saturating_sub(ahead)) / self.interval_ns;
+        let ahead = tat - now_us;
+        let remaining = (self.tolerance_us.saturating_sub(ahead)) / self.interval_us;
         GcraDecision {
             allowed,
-            tat_ns: if allowed && hits > 0 { tat } else { tat_ns },
+            tat_us: if allowed && hits > 0 { tat } else { tat_us },
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-            retry_ns: if allowed {
+            retry_us: if allowed {
                 0
             } else {
-                (moved - now_ns).saturating_sub(self.tolerance_ns)
+                (moved - now_us).saturating_sub(self.tolerance_us)
             },
-            reset_ns: ahead,
+            reset_us: ahead,
         }
     }
 }
@@ -88,34 +103,34 @@ mod tests {
 
     use super::*;
 
-    const MS: u64 = 1_000_000;
+    const MS: u64 = 1_000;
 
     #[test]
     fn a_burst_then_one_per_interval_and_the_retry_told_is_exact() {
         // 60 a minute, bursts of 5: an interval of 1 s.
         let gcra = Gcra::new(60, 60_000, 5);
-        assert_eq!(gcra.interval_ns(), 1_000 * MS);
+        assert_eq!(gcra.interval_us(), 1_000 * MS);
         let mut tat = 0;
         let now = 1_000_000 * MS;
         for left in (0..5).rev() {
             let d = gcra.decide(tat, now, 1);
             assert!(d.allowed);
             assert_eq!(d.remaining, left);
-            tat = d.tat_ns;
+            tat = d.tat_us;
         }
         let refused = gcra.decide(tat, now, 1);
         assert!(!refused.allowed);
-        assert_eq!(refused.tat_ns, tat, "a rejection moves nothing");
+        assert_eq!(refused.tat_us, tat, "a rejection moves nothing");
         assert_eq!(
-            (refused.retry_ns, refused.reset_ns),
+            (refused.retry_us, refused.reset_us),
             (1_000 * MS, 5_000 * MS)
         );
-        assert!(!gcra.decide(tat, now + refused.retry_ns - 1, 1).allowed);
-        let waited = gcra.decide(tat, now + refused.retry_ns, 1);
+        assert!(!gcra.decide(tat, now + refused.retry_us - 1, 1).allowed);
+        let waited = gcra.decide(tat, now + refused.retry_us, 1);
         assert!(waited.allowed, "a client that waits until told is admitted");
         assert_eq!(waited.remaining, 0);
         // Idle for the whole burst's time: full again.
-        let rested = gcra.decide(waited.tat_ns, waited.tat_ns, 0);
+        let rested = gcra.decide(waited.tat_us, waited.tat_us, 0);
         assert_eq!(rested.remaining, 5);
     }
 
@@ -124,13 +139,13 @@ mod tests {
         let gcra = Gcra::new(10, 1_000, 10);
         let d = gcra.decide(0, 0, 7);
         assert_eq!((d.allowed, d.remaining), (true, 3));
-        let refused = gcra.decide(d.tat_ns, 0, 4);
+        let refused = gcra.decide(d.tat_us, 0, 4);
         assert!(!refused.allowed);
-        assert_eq!(refused.retry_ns, 100 * MS, "one unit must come back first");
-        assert_eq!(gcra.decide(d.tat_ns, 0, 3).remaining, 0);
+        assert_eq!(refused.retry_us, 100 * MS, "one unit must come back first");
+        assert_eq!(gcra.decide(d.tat_us, 0, 3).remaining, 0);
         // 40 per 10 s → 250 ms; 7 a minute → 8571428.58 µs, rounded up.
-        assert_eq!(Gcra::new(40, 10_000, 40).interval_ns(), 250 * MS);
-        assert_eq!(Gcra::new(7, 60_000, 1).interval_ns(), 8_571_428_572);
+        assert_eq!(Gcra::new(40, 10_000, 40).interval_us(), 250 * MS);
+        assert_eq!(Gcra::new(7, 60_000, 1).interval_us(), 8_571_429);
     }
 
     /// (gap in ms before the request, units): arrivals of one client.
@@ -155,11 +170,11 @@ mod tests {
                 now += gap * MS;
                 let d = gcra.decide(tat, now, hits);
                 if d.allowed {
-                    tat = d.tat_ns;
+                    tat = d.tat_us;
                     admitted.push((now, hits));
                 } else {
                     // Told when to come back: then it is admitted.
-                    let again = gcra.decide(tat, now + d.retry_ns, hits);
+                    let again = gcra.decide(tat, now + d.retry_us, hits);
                     prop_assert!(again.allowed || hits > burst);
                 }
             }
@@ -167,10 +182,10 @@ mod tests {
                 let mut units = 0_u64;
                 for &(b, hits) in &admitted[i..] {
                     units += u64::from(hits);
-                    let bound = u128::from(burst) * u128::from(gcra.interval_ns())
+                    let bound = u128::from(burst) * u128::from(gcra.interval_us())
                         + u128::from(b - a);
                     prop_assert!(
-                        u128::from(units) * u128::from(gcra.interval_ns()) <= bound,
+                        u128::from(units) * u128::from(gcra.interval_us()) <= bound,
                         "{units} units in {} ms", (b - a) / MS
                     );
                 }

@@ -14,10 +14,10 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use self::shard::Shard;
+use self::shard::{Question, Shard};
 use super::{
-    Ask, BucketKey, Decision, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store, StoreError,
-    StoreFuture,
+    Algorithm, Ask, BucketKey, Decision, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store,
+    StoreError, StoreFuture,
 };
 use crate::tally::Tally;
 
@@ -124,16 +124,41 @@ impl MemoryStore {
         window_ms: u64,
         now_ms: u64,
     ) -> Result<Decision, StoreFull> {
-        let exhaust = spend == Spend::Reported;
-        let decided = self.shard(key).decide(
-            key.0,
+        let question = Question {
+            key: key.0,
             limit,
             hits,
-            exhaust,
+            exhaust: spend == Spend::Reported,
             window_ms,
-            now_ms,
-            self.shard_cap,
-        );
+            algorithm: Algorithm::Fixed,
+        };
+        self.decide_question(question, now_ms)
+    }
+
+    /// One request's decision by its tier's algorithm: [`Self::decide_spend`]
+    /// for a fixed window; see [`crate::limit::Gcra`] and
+    /// [`crate::limit::Sliding`] for the others (a [`Spend::Reserve`] charge
+    /// is counted as `Admit` by them: only fixed windows settle).
+    ///
+    /// # Errors
+    /// As [`Self::decide`]; a sliding window also needs a slot for its
+    /// previous count when it rolls over.
+    pub fn decide_ask(&self, ask: &Ask<'_>, now_ms: u64) -> Result<Decision, StoreFull> {
+        let question = Question {
+            key: ask.key.0,
+            limit: ask.limit,
+            hits: ask.hits,
+            exhaust: ask.spend == Spend::Reported,
+            window_ms: ask.window_ms,
+            algorithm: ask.algorithm,
+        };
+        self.decide_question(question, now_ms)
+    }
+
+    fn decide_question(&self, question: Question, now_ms: u64) -> Result<Decision, StoreFull> {
+        let decided = self
+            .shard(BucketKey(question.key))
+            .decide(question, now_ms, self.shard_cap);
         if decided.is_err() {
             self.full.fetch_add(1, Ordering::Relaxed);
         }
@@ -228,14 +253,7 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn decide<'a>(&'a self, ask: Ask<'a>, now_ms: u64) -> StoreFuture<'a> {
         let decision = self
-            .decide_spend(
-                ask.key,
-                ask.limit,
-                ask.hits,
-                ask.spend,
-                ask.window_ms,
-                now_ms,
-            )
+            .decide_ask(&ask, now_ms)
             .map_err(|StoreFull| StoreError::Full);
         Box::pin(std::future::ready(decision))
     }

@@ -1,6 +1,6 @@
-//! Fixed-window rate-limit decisions, their settlement, and in-flight
-//! leases: the clock, the decision, and the [`Store`] trait the stores
-//! implement (the embedded [`MemoryStore`] by default, the shared
+//! Rate-limit decisions (fixed window, sliding window, GCRA), their
+//! settlement, and in-flight leases: the clock, the decision, and the
+//! [`Store`] trait the stores implement (the embedded [`MemoryStore`] by default, the shared
 //! [`RedisStore`] for several hosts).
 
 mod clock;
@@ -8,6 +8,7 @@ mod gcra;
 mod lapsing;
 mod memory;
 mod redis;
+mod sliding;
 
 use std::{future::Future, pin::Pin};
 
@@ -15,6 +16,7 @@ pub use clock::{Clock, FakeClock, Now, SystemClock};
 pub use gcra::{Gcra, GcraDecision};
 pub use lapsing::LapsingSet;
 pub use memory::{MAX_WINDOWS, MemoryStore, StoreFull};
+pub use sliding::{Sliding, SlidingDecision, SlidingState};
 
 pub use self::redis::{RedisSettings, RedisStore, bucket_key};
 use crate::identity::Identity;
@@ -28,11 +30,13 @@ pub struct BucketKey(pub u64);
 pub struct Decision {
     pub allowed: bool,
     pub limit: u32,
-    /// Units left in the window after this request (a rejected request of
-    /// one unit: 0; of several: what is left, too few for it).
+    /// Units the client may send right after this request (a rejected
+    /// request of one unit: 0; of several: what is left, too few for it).
     pub remaining: u32,
-    /// When the window resets, on the monotonic clock ([`Clock::now_ms`]); the
-    /// Unix time sent to clients is worked out at answer time ([`Now::unix_at`]).
+    /// When the request would be admitted (a rejection) or the whole limit
+    /// is back (an admission): for a fixed window both are its reset. On
+    /// the monotonic clock ([`Clock::now_ms`]); the Unix time sent to
+    /// clients is worked out at answer time ([`Now::unix_at`]).
     pub reset_ms: u64,
     /// Rejected requests in this window so far, including this one if rejected.
     pub rejected: u32,
@@ -92,6 +96,19 @@ pub type Lease = Box<dyn std::any::Any + Send + Sync>;
 pub type LeaseFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Option<Lease>, StoreError>> + Send + 'a>>;
 
+/// How a bucket counts (`[[tier]] algorithm`; see `docs/algorithms.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// `limit` per window anchored at the client's first request.
+    #[default]
+    Fixed,
+    /// Two windows, the previous one weighted by what the sliding window
+    /// still covers of it ([`Sliding`]).
+    Sliding,
+    /// `limit` per window as a steady rate, with bursts of `burst` ([`Gcra`]).
+    Gcra { burst: u32 },
+}
+
 /// One request's question to a store.
 #[derive(Clone, Copy, Debug)]
 pub struct Ask<'a> {
@@ -108,6 +125,7 @@ pub struct Ask<'a> {
     pub hits: u32,
     pub window_ms: u64,
     pub spend: Spend,
+    pub algorithm: Algorithm,
 }
 
 /// Why a store could not decide.

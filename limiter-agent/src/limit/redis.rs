@@ -28,8 +28,8 @@ use self::{
     over_limit::OverLimitCache,
 };
 use super::{
-    Ask, Clock, Decision, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store, StoreError,
-    StoreFuture, VerifiedFuture,
+    Algorithm, Ask, Clock, Decision, Gcra, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store,
+    StoreError, StoreFuture, VerifiedFuture,
 };
 use crate::identity::Identity;
 
@@ -132,6 +132,112 @@ end
 local window = 0
 if spend == 2 then window = redis.call('PEXPIRETIME', KEYS[1]) end
 return {admitted, count, ttl, window}
+";
+
+/// A GCRA decision (see `Gcra`), atomically, in µs on Redis's clock.
+/// `KEYS[1]`: the bucket, its TAT as a string (absent: full); `ARGV[1]`: the
+/// emission interval; `ARGV[2]`: the tolerance (burst × interval); `ARGV[3]`:
+/// the units; `ARGV[4]`: 1 when a charge that does not fit exhausts the
+/// burst (`Spend::Reported`); `ARGV[5]`: now, or empty for `TIME`. The key
+/// expires when its TAT passes. Integers stay below 2^53, so the doubles of
+/// Lua count them exactly, and are written with `%.0f`. Returns `{admitted,
+/// TAT − now after the decision, µs until the units would fit}`.
+const GCRA_LUA: &str = r"
+local now
+if ARGV[5] ~= '' then
+  now = tonumber(ARGV[5])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local hits = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+local from = math.max(tat, now)
+local moved = from + math.max(hits, 1) * interval
+local admitted = 0
+local retry = moved - now - tolerance
+local after = tat
+if retry <= 0 then
+  admitted = 1
+  retry = 0
+  if hits > 0 then after = moved end
+elseif ARGV[4] == '1' and hits > 1 then
+  after = math.max(tat, now + tolerance)
+  retry = math.max(after, now) + math.max(hits, 1) * interval - now - tolerance
+end
+if after ~= tat then
+  redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', string.format('%.0f', math.ceil((after - now) / 1000)))
+end
+return {admitted, math.max(after, now) - now, retry}
+";
+
+/// A sliding-window decision (see `Sliding`), atomically, in ms on Redis's
+/// clock. `KEYS[1]`: the bucket, a hash of the current window's start `s`,
+/// its count `c` and the previous window's `p`; `ARGV[1]`: the limit;
+/// `ARGV[2]`: the window; `ARGV[3]`: the units; `ARGV[4]`: 1 when a charge
+/// that does not fit fills the window (`Spend::Reported`); `ARGV[5]`: now,
+/// or empty for `TIME`. The key expires when its count stops weighing.
+/// Products stay below 2^53 (the config holds limit × window there), so
+/// Lua's doubles compare them exactly. Returns `{admitted, units left, ms
+/// from now until the units fit (a rejection) or the limit is whole}`.
+const SLIDING_LUA: &str = r"
+local now
+if ARGV[5] ~= '' then
+  now = tonumber(ARGV[5])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local limit = tonumber(ARGV[1])
+local w = tonumber(ARGV[2])
+local hits = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 's', 'c', 'p')
+local s, c, p = tonumber(state[1]), tonumber(state[2] or 0), tonumber(state[3] or 0)
+if s == nil or now >= s + 2 * w then
+  s, c, p = now, 0, 0
+elseif now >= s + w then
+  s, c, p = s + w, 0, c
+end
+-- floor(a / b) for integers below 2^53, exactly.
+local function div(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
+  return q
+end
+local function left()
+  local room = limit * w - p * (w - math.min(now - s, w))
+  if room < 0 then return 0 end
+  return math.max(div(room, w) - c, 0)
+end
+-- The least e with weighed·(w − e) ≤ room·w.
+local function within(weighed, room)
+  return w - math.min(div(room * w, math.max(weighed, 1)), w)
+end
+local function full()
+  if c > 0 then return s + 2 * w elseif p > 0 then return s + w else return s end
+end
+local admitted = 0
+local at
+if left() >= math.max(hits, 1) then
+  admitted = 1
+  c = c + hits
+  at = full()
+else
+  if ARGV[4] == '1' and hits > 1 then c = math.max(c, limit) end
+  local need = c + math.max(hits, 1)
+  if need <= limit then
+    at = s + within(p, limit - need)
+  elseif math.max(hits, 1) <= limit and c > 0 then
+    at = s + w + within(c, limit - math.max(hits, 1))
+  else
+    at = full()
+  end
+end
+redis.call('HSET', KEYS[1], 's', string.format('%.0f', s), 'c', string.format('%.0f', c), 'p', string.format('%.0f', p))
+redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.max(s + 2 * w - now, 1)))
+return {admitted, left(), math.max(at - now, 0)}
 ";
 
 /// A settlement (`Settle`), atomically. `KEYS[1]`: the bucket; `ARGV[1]`:
@@ -278,6 +384,10 @@ pub struct RedisStore {
 struct Inner {
     backend: Backend,
     script: Script,
+    gcra: Script,
+    sliding: Script,
+    /// GCRA and sliding windows run on the caller's clock, not `TIME`.
+    caller_clock: bool,
     settle: Script,
     acquire: Script,
     renew: Script,
@@ -355,6 +465,9 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 backend,
                 script: Script::new(DECIDE_LUA),
+                gcra: Script::new(GCRA_LUA),
+                sliding: Script::new(SLIDING_LUA),
+                caller_clock: false,
                 settle: Script::new(SETTLE_LUA),
                 acquire: Script::new(ACQUIRE_LUA),
                 renew: Script::new(RENEW_LUA),
@@ -376,6 +489,22 @@ impl RedisStore {
                 clock,
             }),
         })
+    }
+
+    /// This store with GCRA and sliding windows run on the clock the caller
+    /// passes to [`Store::decide`] rather than on Redis's `TIME`: for tests
+    /// that drive a fake clock through the same scripts. Not for several
+    /// hosts, whose monotonic clocks differ.
+    ///
+    /// # Panics
+    /// If the store was shared already (call it right after [`Self::new`]).
+    #[must_use]
+    pub fn on_caller_clock(self) -> Self {
+        let mut inner = Arc::into_inner(self.inner).expect("not shared yet");
+        inner.caller_clock = true;
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Pings Redis through the breaker (startup and the background probe).
@@ -433,6 +562,9 @@ impl Inner {
             return Ok(rejection);
         }
         let key = bucket_key(&self.prefix, ask.tier, ask.identity);
+        if ask.algorithm != Algorithm::Fixed {
+            return self.decide_smooth(ask, &key, now_ms).await;
+        }
         let window_ms = ask.window_ms.max(1);
         let spend = match ask.spend {
             Spend::Admit => 0,
@@ -477,6 +609,80 @@ impl Inner {
             rejected,
             window,
         })
+    }
+
+    /// A GCRA or sliding-window decision: one script, one key.
+    async fn decide_smooth(
+        &self,
+        ask: Ask<'_>,
+        key: &str,
+        now_ms: u64,
+    ) -> Result<Decision, StoreError> {
+        let exhaust = u8::from(ask.spend == Spend::Reported);
+        let (admitted, remaining, wait_ms) = if let Algorithm::Gcra { burst } = ask.algorithm {
+            let gcra = Gcra::new(ask.limit, ask.window_ms, burst);
+            let mut invocation = self.gcra.key(key);
+            invocation
+                .arg(gcra.interval_us())
+                .arg(gcra.tolerance_us())
+                .arg(ask.hits)
+                .arg(exhaust)
+                .arg(self.given_now(now_ms.saturating_mul(1_000)));
+            let (admitted, ahead_us, retry_us): (u8, u64, u64) = self
+                .guarded(self.timeout, self.backend.run(&invocation))
+                .await?;
+            let remaining =
+                gcra.tolerance_us().saturating_sub(ahead_us) / gcra.interval_us().max(1);
+            let wait_us = if admitted == 1 { ahead_us } else { retry_us };
+            (
+                admitted,
+                u32::try_from(remaining).unwrap_or(u32::MAX),
+                wait_us.div_ceil(1_000),
+            )
+        } else {
+            let mut invocation = self.sliding.key(key);
+            invocation
+                .arg(ask.limit)
+                .arg(ask.window_ms.max(1))
+                .arg(ask.hits)
+                .arg(exhaust)
+                .arg(self.given_now(now_ms));
+            let (admitted, remaining, wait_ms): (u8, u64, u64) = self
+                .guarded(self.timeout, self.backend.run(&invocation))
+                .await?;
+            (
+                admitted,
+                u32::try_from(remaining).unwrap_or(u32::MAX),
+                wait_ms,
+            )
+        };
+        let reset_ms = self.clock.now_ms().max(now_ms).saturating_add(wait_ms);
+        let rejected = if admitted == 1 {
+            0
+        } else if remaining == 0 && ask.hits <= 1 {
+            // Nothing fits before then: answered here until then.
+            self.over_limit.insert(ask.key, ask.limit, reset_ms)
+        } else {
+            1
+        };
+        Ok(Decision {
+            allowed: admitted == 1,
+            limit: ask.limit,
+            remaining,
+            reset_ms,
+            rejected,
+            window: 0,
+        })
+    }
+
+    /// The time a script runs at: Redis's own (`TIME`, an empty argument),
+    /// or the caller's with [`RedisStore::on_caller_clock`].
+    fn given_now(&self, now: u64) -> String {
+        if self.caller_clock {
+            now.to_string()
+        } else {
+            String::new()
+        }
     }
 
     /// Redis's clock ran the window; its TTL becomes a deadline on this

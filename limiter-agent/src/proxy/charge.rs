@@ -63,6 +63,7 @@ impl Proxy {
             hits: charge.hits,
             window_ms: tier.window_ms,
             spend: charge.spend,
+            algorithm: tier.algorithm_for(charge.limit),
         };
         let (decision, decider) = match self.decide(state, ask, now_ms).await {
             Ok(decided) => decided,
@@ -111,14 +112,7 @@ impl Proxy {
                 tracing::debug!(error = %e, "store failed");
                 match &self.fallback {
                     Some(fallback) if state.config.live.on_error == OnError::Allow => fallback
-                        .decide_spend(
-                            ask.key,
-                            ask.limit,
-                            ask.hits,
-                            ask.spend,
-                            ask.window_ms,
-                            now_ms,
-                        )
+                        .decide_ask(&ask, now_ms)
                         .map(|decision| (decision, fallback.clone() as Arc<dyn Store>))
                         .map_err(|_| Charged::Full),
                     _ => Err(Charged::Unavailable),

@@ -9,7 +9,7 @@ use super::{Proxy, State, TierState};
 use crate::{
     config::KeyVerification,
     identity::{Identity, Requester},
-    limit::{Ask, Spend},
+    limit::{Algorithm, Ask, Spend},
 };
 
 /// How long a verification read from the shared store is trusted locally
@@ -139,6 +139,7 @@ impl Proxy {
             hits: 1,
             window_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             spend: Spend::Admit,
+            algorithm: Algorithm::Fixed,
         };
         matches!(self.store.decide(ask, now_ms).await, Ok(d) if d.allowed)
     }

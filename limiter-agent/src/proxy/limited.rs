@@ -27,7 +27,7 @@ use crate::{
     body::{ClientBody, client_fault},
     config::OnError,
     identity::{Identity, Requester},
-    limit::{Ask, Decision, LeaseAsk, Settle, Spend, Store},
+    limit::{Algorithm, Ask, Decision, LeaseAsk, Settle, Spend, Store},
 };
 
 /// A token reservation held for a forwarded request.
@@ -288,6 +288,7 @@ impl Proxy {
             hits: 0,
             window_ms: tier.window_ms,
             spend: Spend::Admit,
+            algorithm: tier.algorithm_for(limit),
         };
         if let Ok((decision, _)) = self.decide(state, ask, now_ms).await {
             answers::apply(
@@ -325,6 +326,7 @@ impl Proxy {
             hits: planned.tokens,
             window_ms: tokens.window_ms,
             spend: Spend::Reserve,
+            algorithm: Algorithm::Fixed,
         };
         let (decision, store) = match self.decide(state, ask, now_ms).await {
             Ok(decided) => decided,

@@ -12,6 +12,7 @@ use crate::{
     answers::PolicyName,
     config::{Config, ConfigError, LimitMode, Tier, TokenBudget},
     identity::{Identity, IdentityResolver},
+    limit::Algorithm,
     metrics::Metrics,
     route::RouteTable,
 };
@@ -63,6 +64,8 @@ pub(super) struct TierState {
     /// The answer header the upstream reports a request's cost in.
     pub(super) cost_header: Option<HeaderName>,
     pub(super) tokens: Option<Box<TokenState>>,
+    /// How the buckets count, the burst for the tier's own `limit`.
+    pub(super) algorithm: Algorithm,
 }
 
 /// A tier's token budget, ready for the hot path.
@@ -116,6 +119,7 @@ impl TierState {
             cost: 1,
             cost_header: None,
             tokens: None,
+            algorithm: Algorithm::Fixed,
             id,
             route,
             window_ms,
@@ -124,8 +128,23 @@ impl TierState {
 }
 
 impl TierState {
+    /// The algorithm for a client whose limit is `limit`: a GCRA burst
+    /// scaled as its limit is from the tier's (a key's override).
+    pub(super) fn algorithm_for(&self, limit: u32) -> Algorithm {
+        match self.algorithm {
+            Algorithm::Gcra { burst } if limit != self.limit => {
+                let scaled = u64::from(burst) * u64::from(limit) / u64::from(self.limit.max(1));
+                Algorithm::Gcra {
+                    burst: u32::try_from(scaled).unwrap_or(u32::MAX).max(1),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Takes a configured tier's in-flight cap, cost and token budget.
     fn weighed(mut self, tier: &Tier, hasher: &RandomState, metrics: &Metrics, ietf: bool) -> Self {
+        self.algorithm = tier.algorithm;
         self.max_in_flight = tier.max_in_flight.map(NonZeroU32::get);
         if self.max_in_flight.is_some() {
             self.in_flight = metrics.in_flight_gauge(&self.route);
@@ -179,8 +198,14 @@ impl State {
             .iter()
             .map(|tier| {
                 let window_ms = u64::try_from(tier.window.as_millis()).unwrap_or(u64::MAX);
+                // Buckets of another algorithm hold another state: another name.
+                let algorithm = match tier.algorithm {
+                    Algorithm::Fixed => String::new(),
+                    Algorithm::Sliding => "|sliding".into(),
+                    Algorithm::Gcra { burst } => format!("|gcra:{burst}"),
+                };
                 TierState::new(
-                    format!("{}|{window_ms}", tier.route),
+                    format!("{}|{window_ms}{algorithm}", tier.route),
                     tier.route.clone(),
                     tier.limit.get(),
                     window_ms,

@@ -4,10 +4,13 @@
 use std::num::NonZeroU32;
 
 use super::{duration, limit_mode};
-use crate::config::{
-    ConfigError, invalid,
-    model::{LimitMode, Reserve, Tier, TokenBudget, UsageField},
-    raw::{RawReserve, RawTier, RawTokens},
+use crate::{
+    config::{
+        ConfigError, invalid,
+        model::{LimitMode, Reserve, Tier, TokenBudget, UsageField},
+        raw::{RawReserve, RawTier, RawTokens},
+    },
+    limit::Algorithm,
 };
 
 /// The token budget's defaults.
@@ -73,10 +76,19 @@ fn tier(i: usize, t: &RawTier, agent_mode: LimitMode) -> Result<Tier, ConfigErro
             Ok(header)
         })
         .transpose()?;
+    let window = duration(&format!("tier[{i}].window"), &t.window)?;
+    let algorithm = algorithm(i, t, limit, cost, window)?;
+    if cost_header.is_some() && algorithm != Algorithm::Fixed {
+        return Err(invalid(
+            format!("tier[{i}].cost_header"),
+            "a reported cost is settled in the window that took it: fixed windows only",
+        ));
+    }
     Ok(Tier {
         route: t.route.clone(),
         limit,
-        window: duration(&format!("tier[{i}].window"), &t.window)?,
+        window,
+        algorithm,
         mode: match t.mode.as_deref() {
             Some(own) => limit_mode(&format!("tier[{i}].mode"), own)?,
             None => LimitMode::Enforce,
@@ -91,6 +103,57 @@ fn tier(i: usize, t: &RawTier, agent_mode: LimitMode) -> Result<Tier, ConfigErro
             .map(|tokens| budget(&format!("tier[{i}].tokens"), tokens))
             .transpose()?,
     })
+}
+
+/// Products of a limit and a window in ms a sliding window compares
+/// exactly: Redis's Lua counts in doubles.
+const SLIDING_MAX_PRODUCT: u128 = 1 << 53;
+
+/// `algorithm` and `burst`.
+fn algorithm(
+    i: usize,
+    t: &RawTier,
+    limit: NonZeroU32,
+    cost: NonZeroU32,
+    window: std::time::Duration,
+) -> Result<Algorithm, ConfigError> {
+    let field = |key: &str| format!("tier[{i}].{key}");
+    let algorithm = match t.algorithm.as_deref().unwrap_or("fixed") {
+        "fixed" => Algorithm::Fixed,
+        "sliding" => Algorithm::Sliding,
+        "gcra" => {
+            let burst = NonZeroU32::new(t.burst.unwrap_or(limit.get()))
+                .ok_or_else(|| invalid(field("burst"), "must be at least 1"))?;
+            if cost > burst {
+                return Err(invalid(
+                    field("cost"),
+                    format!("{cost} is more than the tier's burst ({burst}): no request would fit"),
+                ));
+            }
+            Algorithm::Gcra { burst: burst.get() }
+        }
+        other => {
+            return Err(invalid(
+                field("algorithm"),
+                format!("`{other}`: expected \"fixed\", \"sliding\" or \"gcra\""),
+            ));
+        }
+    };
+    if t.burst.is_some() && !matches!(algorithm, Algorithm::Gcra { .. }) {
+        return Err(invalid(field("burst"), "only with algorithm = \"gcra\""));
+    }
+    if algorithm == Algorithm::Sliding
+        && u128::from(limit.get()) * window.as_millis() >= SLIDING_MAX_PRODUCT
+    {
+        return Err(invalid(
+            field("limit"),
+            "a sliding window's limit times its window in ms must stay below 2^53",
+        ));
+    }
+    if window.as_millis() == 0 && algorithm != Algorithm::Fixed {
+        return Err(invalid(field("window"), "must be at least 1 ms"));
+    }
+    Ok(algorithm)
 }
 
 fn budget(at: &str, raw: &RawTokens) -> Result<TokenBudget, ConfigError> {

@@ -1,6 +1,8 @@
 //! One shard of the in-memory store: its buckets, packed to 20 bytes a slot,
 //! and the per-window queues that give reclaim and the "full" check their
-//! expiry order without scanning.
+//! expiry order without scanning. Every algorithm keeps the same 12-byte
+//! bucket (see [`Bucket`]); a sliding window's previous count takes a
+//! second slot.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -8,7 +10,23 @@ use std::{
 };
 
 use super::StoreFull;
-use crate::limit::Decision;
+use crate::limit::{Algorithm, Decision, Gcra, Sliding, SlidingState};
+
+/// The slot of a sliding-window bucket's previous count: its key with the
+/// low bit flipped (same shard: shards are taken from bits 32 and up).
+const COMPANION: u64 = 1;
+
+/// One question to a shard (see [`super::MemoryStore::decide_ask`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Question {
+    pub(super) key: u64,
+    pub(super) limit: u32,
+    pub(super) hits: u32,
+    /// A charge that does not fit exhausts the bucket (`Spend::Reported`).
+    pub(super) exhaust: bool,
+    pub(super) window_ms: u64,
+    pub(super) algorithm: Algorithm,
+}
 
 /// Reset times are kept in 43 bits (up to year 2248); later ones saturate.
 const RESET_BITS: u32 = 43;
@@ -29,7 +47,16 @@ pub(super) const MAX_QUEUES: usize = 32;
 struct SlotKey(u64);
 
 /// One bucket: 12 bytes. The limit is not kept (it comes with each call), which is what
-/// makes 12 possible; the window length is implied by the reset time.
+/// makes 12 possible; the window length is implied by the reset time. The
+/// reset time is when the bucket may be forgotten, and the count is, by
+/// algorithm:
+/// - fixed window: the window's reset and its count;
+/// - GCRA: the theoretical arrival time (TAT) in µs rounded up to a ms, and
+///   what the rounding added in µs (a bucket whose TAT has passed is full,
+///   the same as none);
+/// - sliding window: the end of the window after the current one (when the
+///   current count stops weighing) and the current count; the previous
+///   window's count is in the `COMPANION` slot with the same reset.
 #[derive(Clone, Copy)]
 #[repr(C, packed(4))]
 struct Bucket {
@@ -56,6 +83,31 @@ impl Bucket {
         u32::try_from(self.packed >> REJECTED_SHIFT).unwrap_or(u32::MAX)
     }
 
+    /// Counts one more rejection, saturating.
+    fn reject(&mut self) {
+        if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
+            self.packed += 1 << REJECTED_SHIFT;
+        }
+    }
+
+    /// Moves the reset time, keeping the rejections, and flags the bucket
+    /// renewed so its queue entry (now too early) is requeued.
+    fn move_reset(&mut self, reset_ms: u64) {
+        self.packed = (self.packed & !RESET_MAX) | reset_ms.min(RESET_MAX) | RENEWED;
+    }
+
+    /// A GCRA bucket's TAT in µs.
+    fn tat_us(self) -> u64 {
+        (self.reset_ms() * 1_000).saturating_sub(u64::from(self.count))
+    }
+
+    /// Sets a GCRA bucket's TAT.
+    fn set_tat(&mut self, tat_us: u64) {
+        let reset_ms = tat_us.div_ceil(1_000);
+        self.move_reset(reset_ms);
+        self.count = u32::try_from(reset_ms * 1_000 - tat_us).unwrap_or(0);
+    }
+
     /// Counts one request of `hits` units, under the shard lock: admitted
     /// if all of them fit in what is left, and then all are counted; 0 is a
     /// check that counts nothing (admitted while a unit is left). A charge
@@ -73,9 +125,7 @@ impl Bucket {
             if exhaust && hits > 1 {
                 self.count = self.count.max(limit);
             }
-            if self.packed >> REJECTED_SHIFT < REJECTED_MAX {
-                self.packed += 1 << REJECTED_SHIFT;
-            }
+            self.reject();
         }
         Decision {
             allowed,
@@ -154,6 +204,9 @@ enum Step {
 }
 
 impl Shard {
+    /// The queue of buckets that live `window_ms` from their creation when
+    /// nothing renews them (a fixed window's length, twice a sliding one's,
+    /// a GCRA burst's time).
     fn queue_for(&mut self, window_ms: u64) -> usize {
         if let Some(q) = self.queues.iter().position(|q| q.window_ms == window_ms) {
             q
@@ -197,10 +250,26 @@ impl Shard {
         }
     }
 
-    /// One decision on this shard (see [`super::MemoryStore::decide`]); `cap` is
-    /// the shard's share of `max_buckets`.
-    #[expect(clippy::too_many_arguments, reason = "one bucket's whole question")]
+    /// One decision on this shard (see [`super::MemoryStore::decide_ask`]);
+    /// `cap` is the shard's share of `max_buckets`.
     pub(super) fn decide(
+        &mut self,
+        q: Question,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<Decision, StoreFull> {
+        match q.algorithm {
+            Algorithm::Fixed => {
+                self.decide_fixed(q.key, q.limit, q.hits, q.exhaust, q.window_ms, now_ms, cap)
+            }
+            Algorithm::Gcra { burst } => self.decide_gcra(q, burst, now_ms, cap),
+            Algorithm::Sliding => self.decide_sliding(q, now_ms, cap),
+        }
+    }
+
+    /// A fixed-window decision.
+    #[expect(clippy::too_many_arguments, reason = "one bucket's whole question")]
+    fn decide_fixed(
         &mut self,
         key: u64,
         limit: u32,
@@ -231,6 +300,173 @@ impl Shard {
         Ok(decision)
     }
 
+    /// A GCRA decision: the bucket holds the TAT; one whose TAT has passed
+    /// is full, so a new bucket is stored only once a request moves it.
+    fn decide_gcra(
+        &mut self,
+        q: Question,
+        burst: u32,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<Decision, StoreFull> {
+        let gcra = Gcra::new(q.limit, q.window_ms, burst);
+        let clock_us = now_ms.saturating_mul(1_000);
+        let (tat_us, rejected) = self
+            .map
+            .get(&SlotKey(q.key))
+            .filter(|b| b.reset_ms() > now_ms)
+            .map_or((0, 0), |b| (b.tat_us(), b.rejected()));
+        let d = gcra.decide(tat_us, clock_us, q.hits);
+        let tat_after = if d.allowed {
+            d.tat_us
+        } else if q.exhaust && q.hits > 1 {
+            gcra.exhausted(tat_us, clock_us)
+        } else {
+            tat_us
+        };
+        let wait_us = if d.allowed {
+            d.reset_us
+        } else {
+            // After an exhausting charge, from the TAT it left.
+            gcra.decide(tat_after, clock_us, q.hits).retry_us
+        };
+        let mut decision = Decision {
+            allowed: d.allowed,
+            limit: q.limit,
+            remaining: if tat_after == d.tat_us {
+                d.remaining
+            } else {
+                0
+            },
+            reset_ms: now_ms + wait_us.div_ceil(1_000),
+            rejected: rejected.saturating_add(u32::from(!d.allowed)),
+            window: 0,
+        };
+        if tat_after <= clock_us {
+            // Full before and after (a rejection of more than the burst):
+            // nothing to keep.
+            return Ok(decision);
+        }
+        let fresh = !self.map.contains_key(&SlotKey(q.key));
+        let bucket = if let Some(b) = self.map.get_mut(&SlotKey(q.key)) {
+            if tat_us == 0 {
+                // Expired but not reclaimed yet: its rejections start over.
+                b.packed &= !(REJECTED_MAX << REJECTED_SHIFT);
+            }
+            b
+        } else {
+            // Queued with the tier's window: a fresh bucket's TAT is at
+            // most a burst's time ahead, which is the window for the
+            // default burst.
+            self.insert(q.key, tat_after.div_ceil(1_000), q.window_ms, now_ms, cap)?
+        };
+        if tat_after != tat_us {
+            bucket.set_tat(tat_after);
+        }
+        if fresh {
+            // Queued just now, in its place.
+            bucket.packed &= !RENEWED;
+        }
+        if !d.allowed {
+            bucket.reject();
+            decision.rejected = bucket.rejected();
+        }
+        Ok(decision)
+    }
+
+    /// A sliding-window decision: the current count in the bucket, the
+    /// previous one in its companion slot.
+    fn decide_sliding(
+        &mut self,
+        q: Question,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<Decision, StoreFull> {
+        let sliding = Sliding::new(q.limit, q.window_ms);
+        let window_ms = q.window_ms.max(1);
+        let span = window_ms.saturating_mul(2);
+        let companion = q.key ^ COMPANION;
+        let stored = self
+            .map
+            .get(&SlotKey(q.key))
+            .filter(|b| b.reset_ms() > now_ms)
+            .map(|b| {
+                let previous = self
+                    .map
+                    .get(&SlotKey(companion))
+                    .filter(|p| p.reset_ms() == b.reset_ms())
+                    .map_or(0, |p| p.count);
+                (
+                    SlidingState {
+                        start_ms: b.reset_ms().saturating_sub(span),
+                        count: b.count,
+                        previous,
+                    },
+                    b.rejected(),
+                )
+            });
+        let d = sliding.decide(stored.map(|(s, _)| s), now_ms, q.hits, q.exhaust);
+        let rolled = stored.is_none_or(|(s, _)| s.start_ms != d.state.start_ms);
+        let reset_ms = sliding.forget_at(d.state);
+        // The previous count first: when there is no room for it, nothing changed.
+        if d.state.previous > 0 && rolled {
+            match self.map.get_mut(&SlotKey(companion)) {
+                Some(p) => {
+                    p.move_reset(reset_ms);
+                    p.count = d.state.previous;
+                }
+                None => {
+                    self.insert(companion, reset_ms, span, now_ms, cap)?.count = d.state.previous;
+                }
+            }
+        }
+        let bucket = match self.map.get_mut(&SlotKey(q.key)) {
+            Some(b) => {
+                if b.reset_ms() != reset_ms {
+                    b.move_reset(reset_ms);
+                }
+                b
+            }
+            None => self.insert(q.key, reset_ms, span, now_ms, cap)?,
+        };
+        bucket.count = d.state.count;
+        if rolled {
+            bucket.packed &= !(REJECTED_MAX << REJECTED_SHIFT);
+        }
+        if !d.allowed {
+            bucket.reject();
+        }
+        Ok(Decision {
+            allowed: d.allowed,
+            limit: q.limit,
+            remaining: d.remaining,
+            reset_ms: d.reset_ms,
+            rejected: bucket.rejected(),
+            window: 0,
+        })
+    }
+
+    /// Stores a new bucket resetting at `reset_ms`, queued with the buckets
+    /// that live `span_ms`; `StoreFull` when there is no room.
+    fn insert(
+        &mut self,
+        key: u64,
+        reset_ms: u64,
+        span_ms: u64,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<&mut Bucket, StoreFull> {
+        if !self.make_room(cap, now_ms) {
+            return Err(StoreFull);
+        }
+        let q = self.queue_for(span_ms.max(1));
+        self.queues[q].keys.push_back(key);
+        Ok(self
+            .map
+            .entry(SlotKey(key))
+            .or_insert(Bucket::new(reset_ms, 0)))
+    }
+
     /// A settlement (see [`crate::limit::Settle`]): a refund only to the
     /// live window named `window`, a charge to whichever window is live (a
     /// new one if none is). The bucket's state after it; `StoreFull` when a
@@ -258,7 +494,7 @@ impl Shard {
                 Ok(bucket.state(limit))
             }
             None if delta > 0 => {
-                let fresh = self.decide(key, limit, 0, false, window_ms, now_ms, cap)?;
+                let fresh = self.decide_fixed(key, limit, 0, false, window_ms, now_ms, cap)?;
                 let bucket = self
                     .map
                     .get_mut(&SlotKey(key))
