@@ -10,7 +10,9 @@ use futures_util::future::join_all;
 use limiter_agent::{
     answers,
     identity::Identity,
-    limit::{Ask, BucketKey, Clock as _, FakeClock, RedisSettings, RedisStore, Spend, Store},
+    limit::{
+        Algorithm, Ask, BucketKey, Clock as _, FakeClock, RedisSettings, RedisStore, Spend, Store,
+    },
 };
 use limiter_tests::{
     agent::{
@@ -641,6 +643,7 @@ async fn redis_windows_ignore_a_wall_clock_step_and_the_reset_told_follows_it() 
         hits: 1,
         window_ms: 60_000,
         spend: Spend::Admit,
+        algorithm: Algorithm::Fixed,
     };
     let decide = || async { store.decide(ask, clock.now_ms()).await.expect("a decision") };
     let told = |decision| {

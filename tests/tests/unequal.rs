@@ -17,8 +17,8 @@ use futures_util::future::join_all;
 use limiter_agent::{
     identity::Identity,
     limit::{
-        Ask, BucketKey, Clock as _, LeaseAsk, MemoryStore, RedisSettings, RedisStore, Settle,
-        Spend, Store, SystemClock,
+        Algorithm, Ask, BucketKey, Clock as _, LeaseAsk, MemoryStore, RedisSettings, RedisStore,
+        Settle, Spend, Store, SystemClock,
     },
 };
 use limiter_tests::{
@@ -615,6 +615,7 @@ async fn memory_and_redis_settle_and_lease_alike() {
             hits,
             window_ms: 60_000,
             spend: Spend::Reserve,
+            algorithm: Algorithm::Fixed,
         };
         let held = store.decide(ask(60), clock.now_ms()).await.unwrap();
         assert_eq!((held.allowed, held.remaining), (true, 40));

@@ -23,7 +23,8 @@ use clap::Parser as _;
 use limiter_agent::{
     identity::Identity,
     limit::{
-        Ask, BucketKey, Clock, MemoryStore, RedisSettings, RedisStore, Spend, Store, SystemClock,
+        Algorithm, Ask, BucketKey, Clock, MemoryStore, RedisSettings, RedisStore, Spend, Store,
+        SystemClock,
     },
 };
 use limiter_bench::{closed_loop, quantile_us, write_json_to};
@@ -79,6 +80,7 @@ impl Bench {
             hits: 1,
             window_ms: WINDOW_MS,
             spend: Spend::Admit,
+            algorithm: Algorithm::Fixed,
         };
         let started = Instant::now();
         let decision = self.store.decide(ask, self.clock.now_ms()).await;

@@ -32,7 +32,7 @@ pub struct GcraDecision {
     /// Units that could be admitted right after this decision.
     pub remaining: u32,
     /// From now until a request of the same units would be admitted: 0 when
-    /// this one was.
+    /// this one was; until the full burst is back when they never fit.
     pub retry_us: u64,
     /// From now until the full burst is back.
     pub reset_us: u64,
@@ -89,6 +89,9 @@ impl Gcra {
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
             retry_us: if allowed {
                 0
+            } else if asked > self.tolerance_us {
+                // More than the burst never fits: when it is whole.
+                ahead
             } else {
                 (moved - now_us).saturating_sub(self.tolerance_us)
             },

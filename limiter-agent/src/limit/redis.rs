@@ -167,6 +167,10 @@ elseif ARGV[4] == '1' and hits > 1 then
   after = math.max(tat, now + tolerance)
   retry = math.max(after, now) + math.max(hits, 1) * interval - now - tolerance
 end
+if retry > 0 and math.max(hits, 1) * interval > tolerance then
+  -- More than the burst never fits: when it is whole.
+  retry = math.max(after, now) - now
+end
 if after ~= tat then
   redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', string.format('%.0f', math.ceil((after - now) / 1000)))
 end
@@ -200,6 +204,8 @@ if s == nil or now >= s + 2 * w then
 elseif now >= s + w then
   s, c, p = s + w, 0, c
 end
+-- Nothing weighs: a new window from this request.
+if c == 0 and p == 0 then s = now end
 -- floor(a / b) for integers below 2^53, exactly.
 local function div(a, b)
   local q = math.floor(a / b)
@@ -557,7 +563,9 @@ impl Inner {
 
     async fn decide(&self, ask: Ask<'_>, now_ms: u64) -> Result<Decision, StoreError> {
         // A reserved bucket's count may go down (a settlement): no shortcut.
-        let cached = ask.spend != Spend::Reserve;
+        // A smooth bucket's cached time is one unit's: not for more.
+        let cached =
+            ask.spend != Spend::Reserve && (ask.algorithm == Algorithm::Fixed || ask.hits <= 1);
         if cached && let Some(rejection) = self.over_limit.check(ask.key, ask.limit, now_ms) {
             return Ok(rejection);
         }

@@ -11,8 +11,8 @@
 //! compared exactly in integers (the previous window taken as if its
 //! requests were spread evenly over it). Windows are anchored at the
 //! client's first request, like the fixed window's; each next window starts
-//! where the last one ended, and a client idle for two windows starts
-//! afresh.
+//! where the last one ended, and once nothing weighs (no count in either
+//! window) the next request anchors a new one.
 //!
 //! The bound (in `docs/algorithms.md`): in any interval of length `W`
 //! starting a fraction `g` into a window that counted `P`, fewer than
@@ -62,22 +62,30 @@ impl Sliding {
     }
 
     /// The state at `now_ms`: the window in force, started where the last
-    /// one ended, or a new one anchored now (`state` of `None`: a new bucket).
+    /// one ended, or a new one anchored now when nothing weighs (`state` of
+    /// `None`: a new bucket).
     #[must_use]
     pub fn rolled(&self, state: Option<SlidingState>, now_ms: u64) -> SlidingState {
         let w = self.window_ms;
-        match state {
+        let rolled = match state {
             Some(s) if now_ms < s.start_ms.saturating_add(w) => s,
             Some(s) if now_ms < s.start_ms.saturating_add(2 * w) => SlidingState {
                 start_ms: s.start_ms + w,
                 count: 0,
                 previous: s.count,
             },
-            _ => SlidingState {
+            _ => SlidingState::default(),
+        };
+        if rolled.count == 0 && rolled.previous == 0 {
+            // Nothing weighs: the same as no bucket, whose window starts at
+            // its first request. So a request not seen (a rejection the
+            // Redis store answered from its cache) changes nothing after.
+            SlidingState {
                 start_ms: now_ms,
-                count: 0,
-                previous: 0,
-            },
+                ..rolled
+            }
+        } else {
+            rolled
         }
     }
 
@@ -123,7 +131,7 @@ impl Sliding {
             state.count = state.count.max(self.limit);
         }
         let reset_ms = if allowed {
-            self.full_at(state)
+            self.full_at(state).max(now_ms)
         } else {
             self.admits_at(state, hits.max(1))
         };

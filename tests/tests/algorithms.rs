@@ -1,0 +1,537 @@
+//! Fixed window, sliding window and GCRA, checked decision by decision
+//! against a reference model written here, on a fake clock, for the memory
+//! store, one real Redis and a real three-node Redis Cluster (the GCRA and
+//! sliding-window scripts run on the clock the test passes them; Redis's
+//! fixed window runs on key expiry, Redis's own clock, and is checked in
+//! real time by `tests/redis.rs`): scripted arrival
+//! patterns (a burst at a window boundary, steady rates just above and
+//! below the limit, concurrent arrivals, a client that waits exactly as
+//! long as it was told), and random ones (proptest).
+//!
+//! The model finds its answers by search, not by formula: the units left
+//! are the most a request could have now, and the time told is the first
+//! millisecond at which the request (a rejection) or the whole limit (an
+//! admission) would be admitted.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::future::join_all;
+use limiter_agent::{
+    answers,
+    identity::Identity,
+    limit::{
+        Algorithm, Ask, BucketKey, Clock as _, Decision, FakeClock, MemoryStore, RedisSettings,
+        RedisStore, Spend, Store,
+    },
+};
+use limiter_tests::redis::{RedisCluster, RedisServer};
+use proptest::prelude::*;
+
+const T0: u64 = 1_706_540_000_000;
+
+/// What the model knows of one client's bucket.
+#[derive(Clone, Debug)]
+struct Model {
+    algorithm: Algorithm,
+    limit: u32,
+    window_ms: u64,
+    /// Fixed: (window end, count). Sliding: (current window start, count,
+    /// previous count). GCRA: the TAT in µs.
+    fixed: Option<(u64, u32)>,
+    sliding: Option<(u64, u32, u32)>,
+    tat_us: u64,
+}
+
+/// The model's answer: admitted, units left, the time told (ms).
+type Told = (bool, u32, u64);
+
+impl Model {
+    fn new(algorithm: Algorithm, limit: u32, window_ms: u64) -> Self {
+        Self {
+            algorithm,
+            limit,
+            window_ms,
+            fixed: None,
+            sliding: None,
+            tat_us: 0,
+        }
+    }
+
+    /// The model as it would stand at `now` with nothing more counted.
+    fn at(&self, now: u64) -> Self {
+        let mut m = self.clone();
+        let w = self.window_ms;
+        m.fixed = self.fixed.filter(|&(end, _)| now < end);
+        m.sliding = match self.sliding {
+            Some((start, c, p)) if now < start + w => Some((start, c, p)),
+            Some((start, c, _)) if now < start + 2 * w => Some((start + w, 0, c)),
+            _ => None,
+        }
+        // Windows with nothing in them are no bucket at all: the next
+        // request opens a new one.
+        .filter(|&(_, c, p)| c + p > 0);
+        m
+    }
+
+    /// Whether `hits` units fit at `now` (state as of `at(now)`).
+    fn fits(&self, now: u64, hits: u32) -> bool {
+        let (limit, w) = (u128::from(self.limit), u128::from(self.window_ms));
+        let hits_wide = u128::from(hits);
+        match self.algorithm {
+            Algorithm::Fixed => {
+                let count = self.fixed.map_or(0, |(_, c)| c);
+                u128::from(count) + hits_wide <= limit
+            }
+            Algorithm::Sliding => {
+                let (start, c, p) = self.sliding.unwrap_or((now, 0, 0));
+                let elapsed = u128::from(now - start);
+                // The previous window's count times the share of it the
+                // sliding window still covers, plus this window's.
+                u128::from(p) * (w - elapsed) + (u128::from(c) + hits_wide) * w <= limit * w
+            }
+            Algorithm::Gcra { burst } => {
+                let interval = (w * 1000).div_ceil(limit);
+                let tolerance = interval * u128::from(burst);
+                let now_us = u128::from(now) * 1000;
+                let tat = u128::from(self.tat_us).max(now_us);
+                tat + hits_wide * interval - now_us <= tolerance
+            }
+        }
+    }
+
+    fn count(&mut self, now: u64, hits: u32) {
+        let w = self.window_ms;
+        match self.algorithm {
+            Algorithm::Fixed => {
+                let (end, c) = self.fixed.unwrap_or((now + w, 0));
+                self.fixed = Some((end, c + hits));
+            }
+            Algorithm::Sliding => {
+                let (start, c, p) = self.sliding.unwrap_or((now, 0, 0));
+                self.sliding = Some((start, c + hits, p));
+            }
+            Algorithm::Gcra { .. } => {
+                let interval = (w * 1000).div_ceil(u64::from(self.limit));
+                self.tat_us = self.tat_us.max(now * 1000) + u64::from(hits) * interval;
+            }
+        }
+    }
+
+    /// The most units a bucket ever holds: the burst for GCRA.
+    fn ceiling(&self) -> u32 {
+        match self.algorithm {
+            Algorithm::Gcra { burst } => burst,
+            _ => self.limit,
+        }
+    }
+
+    /// Units a request could have at `now`.
+    fn left(&self, now: u64) -> u32 {
+        let m = self.at(now);
+        (0..=self.ceiling())
+            .rev()
+            .find(|&h| m.fits(now, h))
+            .unwrap_or(0)
+    }
+
+    /// One request of `hits` units at `now`.
+    fn decide(&mut self, now: u64, hits: u32) -> Told {
+        let mut m = self.at(now);
+        // A new sliding window starts at its first request, admitted or not.
+        if m.algorithm == Algorithm::Sliding && m.sliding.is_none() {
+            m.sliding = Some((now, 0, 0));
+        }
+        let allowed = m.fits(now, hits);
+        if allowed {
+            m.count(now, hits);
+        }
+        *self = m;
+        let left = self.left(now);
+        let ceiling = self.ceiling();
+        let full = |t: u64| self.left(t) == ceiling;
+        // Nothing takes longer to come back than a burst at the rate.
+        let horizon = now..now + self.window_ms * u64::from(ceiling + 2);
+        let told = if allowed || hits > ceiling {
+            horizon
+                .into_iter()
+                .find(|&t| full(t))
+                .expect("the limit comes back")
+        } else {
+            horizon
+                .into_iter()
+                .find(|&t| self.at(t).fits(t, hits))
+                .expect("the units fit some day")
+        };
+        (allowed, left, told)
+    }
+}
+
+/// The stores under test: each decides on its own fake clock.
+struct Stores {
+    memory: (MemoryStore, Arc<FakeClock>),
+    redis: (RedisStore, Arc<FakeClock>),
+    cluster: Option<(RedisStore, Arc<FakeClock>)>,
+    _servers: (RedisServer, Option<RedisCluster>),
+}
+
+fn settings(url: Option<String>, cluster_nodes: Vec<String>) -> RedisSettings {
+    RedisSettings {
+        url,
+        cluster_nodes,
+        key_prefix: "limiter:".into(),
+        timeout: Duration::from_secs(2),
+        breaker_failures: 3,
+        breaker_cooldown: Duration::from_millis(200),
+        lease: Duration::from_secs(30),
+    }
+}
+
+async fn stores(with_cluster: bool) -> Stores {
+    let server = RedisServer::start();
+    let clock = Arc::new(FakeClock::new(T0));
+    let redis = RedisStore::new(
+        &settings(Some(server.url()), Vec::new()),
+        clock.clone(),
+        1_000,
+    )
+    .expect("the redis store")
+    .on_caller_clock();
+    redis.probe().await.expect("redis answers");
+    let (cluster, cluster_servers) = if with_cluster {
+        let c = RedisCluster::start();
+        let cluster_clock = Arc::new(FakeClock::new(T0));
+        let store = RedisStore::new(&settings(None, c.urls()), cluster_clock.clone(), 1_000)
+            .expect("the cluster store")
+            .on_caller_clock();
+        store.probe().await.expect("the cluster answers");
+        (Some((store, cluster_clock)), Some(c))
+    } else {
+        (None, None)
+    };
+    Stores {
+        memory: (MemoryStore::new(100_000), Arc::new(FakeClock::new(T0))),
+        redis: (redis, clock),
+        cluster,
+        _servers: (server, cluster_servers),
+    }
+}
+
+impl Stores {
+    /// The stores that run `algorithm` on the fake clock. Redis runs a
+    /// fixed window on key expiry, its own clock, which no test can move:
+    /// its fixed windows are checked in real time by `tests/redis.rs`.
+    fn each(&self, algorithm: Algorithm) -> Vec<(&'static str, &dyn Store, &FakeClock)> {
+        let mut all: Vec<(&'static str, &dyn Store, &FakeClock)> =
+            vec![("memory", &self.memory.0, &self.memory.1)];
+        if algorithm == Algorithm::Fixed {
+            return all;
+        }
+        all.push(("redis", &self.redis.0, &self.redis.1));
+        if let Some((store, clock)) = &self.cluster {
+            all.push(("cluster", store, clock));
+        }
+        all
+    }
+}
+
+/// A client's identity and bucket: distinct per case so buckets never mix.
+fn client(case: u64) -> (Identity, BucketKey) {
+    (
+        Identity::Key(format!("{case:064x}")),
+        BucketKey(case.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 << 40),
+    )
+}
+
+fn tier_name(algorithm: Algorithm, limit: u32, window_ms: u64) -> String {
+    format!("/api/conformance|{window_ms}|{limit}|{algorithm:?}")
+}
+
+/// The headers a decision tells at `clock`'s now: Remaining, Reset, Retry-After.
+fn headers(decision: &Decision, window_ms: u64, clock: &FakeClock) -> (String, String, u64) {
+    let mut map = reqwest::header::HeaderMap::new();
+    answers::apply(&mut map, decision, window_ms, clock.now(), None);
+    let text = |name: &str| map[name].to_str().expect("ASCII").to_owned();
+    (
+        text("x-ratelimit-remaining"),
+        text("x-ratelimit-reset"),
+        answers::retry_after_secs(decision, clock.now()),
+    )
+}
+
+/// One arrival: ms after the pattern's start, and its units.
+type Arrival = (u64, u32);
+
+/// Runs `arrivals` (sorted by time; same-time arrivals go concurrently)
+/// against every store and the model; returns how many each admitted.
+async fn conform(
+    stores: &Stores,
+    case: u64,
+    algorithm: Algorithm,
+    limit: u32,
+    window_ms: u64,
+    arrivals: &[Arrival],
+) -> u32 {
+    let tier = tier_name(algorithm, limit, window_ms);
+    let (identity, key) = client(case);
+    let mut admitted_by_model = 0;
+    for (name, store, clock) in stores.each(algorithm) {
+        let mut model = Model::new(algorithm, limit, window_ms);
+        let start = clock.now_ms();
+        let mut admitted = 0;
+        let mut i = 0;
+        while i < arrivals.len() {
+            let at = arrivals[i].0;
+            let same: Vec<Arrival> = arrivals[i..]
+                .iter()
+                .take_while(|a| a.0 == at)
+                .copied()
+                .collect();
+            i += same.len();
+            clock.set(start + at);
+            let now = clock.now_ms();
+            let asks = same.iter().map(|&(_, hits)| Ask {
+                key,
+                tier: &tier,
+                identity: &identity,
+                limit,
+                hits,
+                window_ms,
+                spend: Spend::Admit,
+                algorithm,
+            });
+            let decisions: Vec<Decision> = join_all(asks.map(|ask| store.decide(ask, now)))
+                .await
+                .into_iter()
+                .map(|d| d.expect("a decision"))
+                .collect();
+            if same.len() > 1 {
+                // Concurrent: the count admitted is the model's, whatever
+                // the order they ran in.
+                let mut count = 0;
+                for &(_, hits) in &same {
+                    count += u32::from(model.decide(now, hits).0);
+                }
+                let got = decisions.iter().filter(|d| d.allowed).count();
+                assert_eq!(
+                    got,
+                    count as usize,
+                    "{name} {algorithm:?}: {} concurrent at {at} ms",
+                    same.len()
+                );
+                admitted += count;
+                continue;
+            }
+            let d = decisions[0];
+            let (allowed, left, told) = model.decide(now, same[0].1);
+            assert_eq!(
+                (d.allowed, d.remaining, d.reset_ms - start),
+                (allowed, left, told - start),
+                "{name} {algorithm:?} limit {limit}/{window_ms} ms: arrival {} at {at} ms \
+                 (allowed, remaining, told) against the model; arrivals {arrivals:?}",
+                i - 1
+            );
+            let mut expected = d;
+            (expected.allowed, expected.remaining, expected.reset_ms) = (allowed, left, told);
+            assert_eq!(
+                headers(&d, window_ms, clock),
+                headers(&expected, window_ms, clock)
+            );
+            admitted += u32::from(allowed);
+        }
+        // The next case starts later than anything this one left behind.
+        clock.set(start + arrivals.last().map_or(0, |a| a.0) + 3 * window_ms + 10_000);
+        admitted_by_model = admitted;
+    }
+    admitted_by_model
+}
+
+const ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::Fixed,
+    Algorithm::Sliding,
+    Algorithm::Gcra { burst: 10 },
+];
+
+/// `n` arrivals of one unit each, `gap` ms apart from `from`.
+fn steady(from: u64, gap: u64, n: u64) -> Vec<Arrival> {
+    (0..n).map(|i| (from + i * gap, 1)).collect()
+}
+
+#[tokio::test]
+async fn scripted_patterns_match_the_model_in_memory_redis_and_cluster() {
+    let stores = stores(true).await;
+    let (limit, window) = (10, 1_000);
+    let mut case = 0;
+    let mut next = || {
+        case += 1;
+        case
+    };
+    for algorithm in ALGORITHMS {
+        // A burst at the boundary: one request opens the window, `limit`
+        // come 50 ms before it ends, `limit` 50 ms after.
+        let mut boundary = vec![(0, 1)];
+        boundary.extend(std::iter::repeat_n((950, 1), limit as usize));
+        boundary.extend(std::iter::repeat_n((1_050, 1), limit as usize));
+        let got = conform(&stores, next(), algorithm, limit, window, &boundary).await;
+        let expected = match algorithm {
+            Algorithm::Fixed => 2 * limit,
+            // 9 before the boundary; after it 10·(W − 50) + c·W ≤ 10·W: c = 0.
+            Algorithm::Sliding => limit,
+            // The burst of 10, then one per 100 ms for the 100 ms between.
+            // The first, the burst of 10, then one per 100 ms for the
+            // 100 ms between.
+            Algorithm::Gcra { .. } => limit + 2,
+        };
+        assert_eq!(got, expected, "{algorithm:?}: boundary burst");
+
+        // Steady just above the limit (one per 90 ms) and just below (one
+        // per 110 ms), for five windows.
+        conform(
+            &stores,
+            next(),
+            algorithm,
+            limit,
+            window,
+            &steady(0, 90, 56),
+        )
+        .await;
+        let below = conform(
+            &stores,
+            next(),
+            algorithm,
+            limit,
+            window,
+            &steady(0, 110, 46),
+        )
+        .await;
+        assert_eq!(
+            below, 46,
+            "{algorithm:?}: a client below the limit is never refused"
+        );
+
+        // Concurrent arrivals: 25 at once, twice.
+        let mut together = std::iter::repeat_n((0, 1), 25).collect::<Vec<_>>();
+        together.extend(std::iter::repeat_n((400, 1), 25));
+        conform(&stores, next(), algorithm, limit, window, &together).await;
+
+        // Requests of several units.
+        let units = [
+            (0, 3),
+            (10, 4),
+            (20, 4),
+            (30, 2),
+            (600, 5),
+            (1_200, 10),
+            (1_250, 1),
+        ];
+        conform(&stores, next(), algorithm, limit, window, &units).await;
+    }
+}
+
+/// After a 429, a client that waits until the reset it was told (the ms
+/// the store decided, and the whole second of the headers) is admitted,
+/// and one a millisecond early is not.
+#[tokio::test]
+async fn a_client_that_waits_as_told_is_admitted() {
+    let stores = stores(false).await;
+    let (limit, window) = (10, 1_000);
+    for (n, algorithm) in ALGORITHMS.into_iter().enumerate() {
+        for (name, store, clock) in stores.each(algorithm) {
+            let tier = tier_name(algorithm, limit, window);
+            let (identity, key) = client(1_000 + n as u64);
+            let ask = Ask {
+                key,
+                tier: &tier,
+                identity: &identity,
+                limit,
+                hits: 1,
+                window_ms: window,
+                spend: Spend::Admit,
+                algorithm,
+            };
+            let start = clock.now_ms();
+            let mut refused = None;
+            for i in 0..40 {
+                clock.set(start + i * 7);
+                let d = store.decide(ask, clock.now_ms()).await.unwrap();
+                if !d.allowed {
+                    refused = Some(d);
+                    break;
+                }
+            }
+            let refused = refused.expect("the limit is reached");
+            let (_, reset, retry_after) = headers(&refused, window, clock);
+            let told_ms = refused.reset_ms;
+            clock.set(told_ms - 1);
+            let early = store.decide(ask, clock.now_ms()).await.unwrap();
+            assert!(
+                !early.allowed,
+                "{name} {algorithm:?}: a ms early is refused"
+            );
+            clock.set(told_ms);
+            let on_time = store.decide(ask, clock.now_ms()).await.unwrap();
+            assert!(on_time.allowed, "{name} {algorithm:?}: admitted when told");
+            // The headers' whole seconds are never earlier than the ms.
+            let reset: u64 = reset.parse().unwrap();
+            assert!(
+                reset * 1000 >= clock.unix_ms(),
+                "{name} {algorithm:?}: Reset {reset}"
+            );
+            assert!(retry_after >= 1);
+            clock.set(start + 10_000);
+        }
+    }
+}
+
+/// `(gap ms, units)`: a client's arrivals.
+fn arrivals() -> impl Strategy<Value = Vec<(u64, u32)>> {
+    proptest::collection::vec((1_u64..300, 1_u32..4), 1..60)
+}
+
+fn algorithm() -> impl Strategy<Value = Algorithm> {
+    prop_oneof![
+        Just(Algorithm::Fixed),
+        Just(Algorithm::Sliding),
+        (1_u32..12).prop_map(|burst| Algorithm::Gcra { burst }),
+    ]
+}
+
+fn timeline(gaps: &[(u64, u32)]) -> Vec<Arrival> {
+    let mut at = 0;
+    gaps.iter()
+        .map(|&(gap, hits)| {
+            at += gap;
+            (at, hits)
+        })
+        .collect()
+}
+
+/// Random arrivals: memory and Redis decide as the model does, decision
+/// by decision (one runtime and one Redis for all cases).
+#[test]
+fn random_arrivals_match_the_model_in_memory_and_redis() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let stores = runtime.block_on(stores(false));
+    let case = std::cell::Cell::new(10_000);
+    let config = ProptestConfig {
+        cases: 200,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(
+        algorithm in algorithm(),
+        limit in 1_u32..15,
+        window in prop_oneof![Just(100_u64), Just(1_000), Just(7_000)],
+        gaps in arrivals(),
+    )| {
+        case.set(case.get() + 1);
+        // Units beyond a limit or a burst never fit; keep them possible.
+        let arrivals: Vec<Arrival> = timeline(&gaps)
+            .into_iter()
+            .map(|(at, hits)| (at, hits.min(limit)))
+            .collect();
+        runtime.block_on(conform(&stores, case.get(), algorithm, limit, window, &arrivals));
+    });
+}
