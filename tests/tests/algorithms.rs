@@ -35,10 +35,10 @@ struct Model {
     algorithm: Algorithm,
     limit: u32,
     window_ms: u64,
-    /// Fixed: (window end, count). Sliding: (current window start, count,
-    /// previous count). GCRA: the TAT in µs.
+    /// Fixed: (window end, count). Sliding: every admission, (ms, units).
+    /// GCRA: the TAT in µs.
     fixed: Option<(u64, u32)>,
-    sliding: Option<(u64, u32, u32)>,
+    sliding: Vec<(u64, u32)>,
     tat_us: u64,
 }
 
@@ -52,7 +52,7 @@ impl Model {
             limit,
             window_ms,
             fixed: None,
-            sliding: None,
+            sliding: Vec::new(),
             tat_us: 0,
         }
     }
@@ -60,17 +60,13 @@ impl Model {
     /// The model as it would stand at `now` with nothing more counted.
     fn at(&self, now: u64) -> Self {
         let mut m = self.clone();
-        let w = self.window_ms;
         m.fixed = self.fixed.filter(|&(end, _)| now < end);
-        m.sliding = match self.sliding {
-            Some((start, c, p)) if now < start + w => Some((start, c, p)),
-            Some((start, c, _)) if now < start + 2 * w => Some((start + w, 0, c)),
-            _ => None,
-        }
-        // Windows with nothing in them are no bucket at all: the next
-        // request opens a new one.
-        .filter(|&(_, c, p)| c + p > 0);
         m
+    }
+
+    /// A sliding window's slice: the window in 20 parts, on a grid from 0.
+    fn slice(&self, ms: u64) -> u64 {
+        ms / self.window_ms.div_ceil(20)
     }
 
     /// Whether `hits` units fit at `now` (state as of `at(now)`).
@@ -83,11 +79,15 @@ impl Model {
                 u128::from(count) + hits_wide <= limit
             }
             Algorithm::Sliding => {
-                let (start, c, p) = self.sliding.unwrap_or((now, 0, 0));
-                let elapsed = u128::from(now - start);
-                // The previous window's count times the share of it the
-                // sliding window still covers, plus this window's.
-                u128::from(p) * (w - elapsed) + (u128::from(c) + hits_wide) * w <= limit * w
+                // Everything admitted in this slice and the 20 before it.
+                let since = self.slice(now).saturating_sub(20);
+                let held: u128 = self
+                    .sliding
+                    .iter()
+                    .filter(|&&(at, _)| self.slice(at) >= since)
+                    .map(|&(_, units)| u128::from(units))
+                    .sum();
+                held + hits_wide <= limit
             }
             Algorithm::Gcra { burst } => {
                 let interval = (w * 1000).div_ceil(limit);
@@ -106,10 +106,7 @@ impl Model {
                 let (end, c) = self.fixed.unwrap_or((now + w, 0));
                 self.fixed = Some((end, c + hits));
             }
-            Algorithm::Sliding => {
-                let (start, c, p) = self.sliding.unwrap_or((now, 0, 0));
-                self.sliding = Some((start, c + hits, p));
-            }
+            Algorithm::Sliding => self.sliding.push((now, hits)),
             Algorithm::Gcra { .. } => {
                 let interval = (w * 1000).div_ceil(u64::from(self.limit));
                 self.tat_us = self.tat_us.max(now * 1000) + u64::from(hits) * interval;
@@ -137,10 +134,6 @@ impl Model {
     /// One request of `hits` units at `now`.
     fn decide(&mut self, now: u64, hits: u32) -> Told {
         let mut m = self.at(now);
-        // A new sliding window starts at its first request, admitted or not.
-        if m.algorithm == Algorithm::Sliding && m.sliding.is_none() {
-            m.sliding = Some((now, 0, 0));
-        }
         let allowed = m.fits(now, hits);
         if allowed {
             m.count(now, hits);
@@ -276,7 +269,8 @@ async fn conform(
     let mut admitted_by_model = 0;
     for (name, store, clock) in stores.each(algorithm) {
         let mut model = Model::new(algorithm, limit, window_ms);
-        let start = clock.now_ms();
+        // Each case starts on a window's edge, so on a slice's.
+        let start = clock.now_ms().next_multiple_of(window_ms);
         let mut admitted = 0;
         let mut i = 0;
         while i < arrivals.len() {
@@ -374,9 +368,9 @@ async fn scripted_patterns_match_the_model_in_memory_redis_and_cluster() {
         let got = conform(&stores, next(), algorithm, limit, window, &boundary).await;
         let expected = match algorithm {
             Algorithm::Fixed => 2 * limit,
-            // 9 before the boundary; after it 10·(W − 50) + c·W ≤ 10·W: c = 0.
-            Algorithm::Sliding => limit,
-            // The burst of 10, then one per 100 ms for the 100 ms between.
+            // 9 before the boundary and 1 after, once the first request
+            // has left the window: never more than the limit in a window.
+            Algorithm::Sliding => limit + 1,
             // The first, the burst of 10, then one per 100 ms for the
             // 100 ms between.
             Algorithm::Gcra { .. } => limit + 2,

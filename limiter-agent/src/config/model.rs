@@ -265,11 +265,15 @@ pub struct Tier {
 impl Tier {
     /// How long a bucket lives after its last change when nothing renews
     /// it, which groups buckets in the store's expiry queues: the window,
-    /// twice it for a sliding window (its count weighs through the next).
+    /// for a sliding window its slices' ring (a window and a slice).
     #[must_use]
     pub fn bucket_span(&self) -> Duration {
         match self.algorithm {
-            crate::limit::Algorithm::Sliding => self.window.saturating_mul(2),
+            crate::limit::Algorithm::Sliding => {
+                let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+                let slice_ms = crate::limit::Sliding::new(1, window_ms).slice_ms();
+                Duration::from_millis(slice_ms.saturating_mul(crate::limit::sliding::SLICES + 1))
+            }
             _ => self.window,
         }
     }

@@ -8,7 +8,7 @@ mod gcra;
 mod lapsing;
 mod memory;
 mod redis;
-mod sliding;
+pub mod sliding;
 
 use std::{future::Future, pin::Pin};
 
@@ -16,7 +16,7 @@ pub use clock::{Clock, FakeClock, Now, SystemClock};
 pub use gcra::{Gcra, GcraDecision};
 pub use lapsing::LapsingSet;
 pub use memory::{MAX_WINDOWS, MemoryStore, StoreFull};
-pub use sliding::{Sliding, SlidingDecision, SlidingState};
+pub use sliding::{Slice, Sliding, SlidingDecision};
 
 pub use self::redis::{RedisSettings, RedisStore, bucket_key};
 use crate::identity::Identity;
@@ -102,8 +102,8 @@ pub enum Algorithm {
     /// `limit` per window anchored at the client's first request.
     #[default]
     Fixed,
-    /// Two windows, the previous one weighted by what the sliding window
-    /// still covers of it ([`Sliding`]).
+    /// `limit` in any interval of the window's length, counted in slices
+    /// ([`Sliding`]).
     Sliding,
     /// `limit` per window as a steady rate, with bursts of `burst` ([`Gcra`]).
     Gcra { burst: u32 },

@@ -28,8 +28,8 @@ use self::{
     over_limit::OverLimitCache,
 };
 use super::{
-    Algorithm, Ask, Clock, Decision, Gcra, Lease, LeaseAsk, LeaseFuture, Settle, Spend, Store,
-    StoreError, StoreFuture, VerifiedFuture,
+    Algorithm, Ask, Clock, Decision, Gcra, Lease, LeaseAsk, LeaseFuture, Settle, Sliding, Spend,
+    Store, StoreError, StoreFuture, VerifiedFuture, sliding::SLICES,
 };
 use crate::identity::Identity;
 
@@ -178,14 +178,13 @@ return {admitted, math.max(after, now) - now, retry}
 ";
 
 /// A sliding-window decision (see `Sliding`), atomically, in ms on Redis's
-/// clock. `KEYS[1]`: the bucket, a hash of the current window's start `s`,
-/// its count `c` and the previous window's `p`; `ARGV[1]`: the limit;
-/// `ARGV[2]`: the window; `ARGV[3]`: the units; `ARGV[4]`: 1 when a charge
-/// that does not fit fills the window (`Spend::Reported`); `ARGV[5]`: now,
-/// or empty for `TIME`. The key expires when its count stops weighing.
-/// Products stay below 2^53 (the config holds limit × window there), so
-/// Lua's doubles compare them exactly. Returns `{admitted, units left, ms
-/// from now until the units fit (a rejection) or the limit is whole}`.
+/// clock. `KEYS[1]`: the bucket, a hash of slice index → units; `ARGV[1]`:
+/// the limit; `ARGV[2]`: the slice in ms; `ARGV[3]`: the units; `ARGV[4]`:
+/// 1 when a charge that does not fit fills the window (`Spend::Reported`);
+/// `ARGV[5]`: now, or empty for `TIME`; `ARGV[6]`: slices per window.
+/// Slices that no longer count are deleted; the key expires when the last
+/// one stops counting. Returns `{admitted, units left, ms from now until
+/// the units fit (a rejection) or the limit is whole}`.
 const SLIDING_LUA: &str = r"
 local now
 if ARGV[5] ~= '' then
@@ -195,55 +194,50 @@ else
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local limit = tonumber(ARGV[1])
-local w = tonumber(ARGV[2])
+local slice = tonumber(ARGV[2])
 local hits = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 's', 'c', 'p')
-local s, c, p = tonumber(state[1]), tonumber(state[2] or 0), tonumber(state[3] or 0)
-if s == nil or now >= s + 2 * w then
-  s, c, p = now, 0, 0
-elseif now >= s + w then
-  s, c, p = s + w, 0, c
-end
--- Nothing weighs: a new window from this request.
-if c == 0 and p == 0 then s = now end
--- floor(a / b) for integers below 2^53, exactly.
-local function div(a, b)
-  local q = math.floor(a / b)
-  if q * b > a then q = q - 1 elseif (q + 1) * b <= a then q = q + 1 end
-  return q
-end
-local function left()
-  local room = limit * w - p * (w - math.min(now - s, w))
-  if room < 0 then return 0 end
-  return math.max(div(room, w) - c, 0)
-end
--- The least e with weighed·(w − e) ≤ room·w.
-local function within(weighed, room)
-  return w - math.min(div(room * w, math.max(weighed, 1)), w)
-end
-local function full()
-  if c > 0 then return s + 2 * w elseif p > 0 then return s + w else return s end
-end
-local admitted = 0
-local at
-if left() >= math.max(hits, 1) then
-  admitted = 1
-  c = c + hits
-  at = full()
-else
-  if ARGV[4] == '1' and hits > 1 then c = math.max(c, limit) end
-  local need = c + math.max(hits, 1)
-  if need <= limit then
-    at = s + within(p, limit - need)
-  elseif math.max(hits, 1) <= limit and c > 0 then
-    at = s + w + within(c, limit - math.max(hits, 1))
+local n = tonumber(ARGV[6])
+local current = math.floor(now / slice)
+local function forget(index) return (index + n + 1) * slice end
+local live, held = {}, 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local index = tonumber(fields[i])
+  if forget(index) > now then
+    local units = tonumber(fields[i + 1])
+    live[#live + 1] = {index, units}
+    held = held + units
   else
-    at = full()
+    redis.call('HDEL', KEYS[1], fields[i])
   end
 end
-redis.call('HSET', KEYS[1], 's', string.format('%.0f', s), 'c', string.format('%.0f', c), 'p', string.format('%.0f', p))
-redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.max(s + 2 * w - now, 1)))
-return {admitted, left(), math.max(at - now, 0)}
+local admitted, add = 0, 0
+if limit - held >= math.max(hits, 1) then
+  admitted, add = 1, hits
+elseif ARGV[4] == '1' and hits > 1 then
+  add = math.max(limit - held, 0)
+end
+if add > 0 then
+  redis.call('HINCRBY', KEYS[1], current, add)
+  live[#live + 1] = {current, add}
+  held = held + add
+end
+table.sort(live, function(a, b) return a[1] < b[1] end)
+local full = now
+if #live > 0 then full = forget(live[#live][1]) end
+local at = full
+if admitted == 0 and hits <= limit then
+  local must_go = held + math.max(hits, 1) - limit
+  local gone = 0
+  for _, s in ipairs(live) do
+    gone = gone + s[2]
+    if gone >= must_go then at = forget(s[1]) break end
+  end
+end
+if #live > 0 then
+  redis.call('PEXPIRE', KEYS[1], math.max(full - now, 1))
+end
+return {admitted, math.max(limit - held, 0), math.max(at - now, 0)}
 ";
 
 /// A settlement (`Settle`), atomically. `KEYS[1]`: the bucket; `ARGV[1]`:
@@ -651,10 +645,11 @@ impl Inner {
             let mut invocation = self.sliding.key(key);
             invocation
                 .arg(ask.limit)
-                .arg(ask.window_ms.max(1))
+                .arg(Sliding::new(ask.limit, ask.window_ms).slice_ms())
                 .arg(ask.hits)
                 .arg(exhaust)
-                .arg(self.given_now(now_ms));
+                .arg(self.given_now(now_ms))
+                .arg(SLICES);
             let (admitted, remaining, wait_ms): (u8, u64, u64) = self
                 .guarded(self.timeout, self.backend.run(&invocation))
                 .await?;

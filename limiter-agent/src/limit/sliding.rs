@@ -1,42 +1,34 @@
-//! The sliding window: two fixed windows back to back, the previous one's
-//! count weighted by how much of it the sliding window still covers. A
-//! request at `e` ms into the current window (of `W`), whose previous
-//! window counted `P` and the current one `c`, is admitted with `h` units
-//! when
+//! The sliding window: the window cut into [`SLICES`] slices of
+//! `ceil(window / SLICES)` ms on the store's clock, one count per slice. A
+//! request is admitted when its units and those of the slices that
+//! overlap the last window (the current slice and the `SLICES` before it)
+//! are at most the limit.
 //!
-//! ```text
-//! P·(W − e) + (c + h)·W ≤ limit·W
-//! ```
+//! The bound (in `docs/algorithms.md`): since those slices always cover at
+//! least the last window, **no interval of one window's length ever holds
+//! more than `limit` admitted units**, whatever the arrivals: no boundary
+//! burst, no over-admission. What it costs: they cover at most
+//! `SLICES + 1` slices, a window and a slice, so a request is refused only
+//! when that much of the past held `limit`; a client steady below `limit`
+//! per window and slice (95% of the limit, give or take a unit) is never
+//! refused.
 //!
-//! compared exactly in integers (the previous window taken as if its
-//! requests were spread evenly over it). Windows are anchored at the
-//! client's first request, like the fixed window's; each next window starts
-//! where the last one ended, and once nothing weighs (no count in either
-//! window) the next request anchors a new one.
-//!
-//! The bound (in `docs/algorithms.md`): in any interval of length `W`
-//! starting a fraction `g` into a window that counted `P`, fewer than
-//! `limit + P·g` units are admitted. A client whose previous window's
-//! requests were spread evenly, a steady client among them, gets at most
-//! `limit`; the worst case, a previous window spent at its very end, tends
-//! to `2·limit` as `g` tends to 1, and a burst at the boundary gets
-//! `limit + limit·d/W` for a burst `d` ms long.
+//! Slices sit on a grid from the clock's zero, so a slice's index alone
+//! says when it stops counting: at the end of slice `index + SLICES`.
 
-/// A bucket's state: the current window's start and the two counts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SlidingState {
-    pub start_ms: u64,
-    pub count: u32,
-    pub previous: u32,
-}
+/// Slices per window.
+pub const SLICES: u64 = 20;
+
+/// One slice's units: its index on the grid and its count.
+pub type Slice = (u64, u32);
 
 /// One decision on a sliding-window bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlidingDecision {
     pub allowed: bool,
-    /// The state after the decision (rolled over to the window in force,
-    /// even for a rejection).
-    pub state: SlidingState,
+    /// Units to add to the current slice (the request's; for a reported
+    /// charge that does not fit, what fills the window).
+    pub add: u32,
     /// Units that could be admitted right after this decision.
     pub remaining: u32,
     /// When (ms, same clock) a request of the same units would be admitted
@@ -48,7 +40,7 @@ pub struct SlidingDecision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sliding {
     limit: u32,
-    window_ms: u64,
+    slice_ms: u64,
 }
 
 impl Sliding {
@@ -57,208 +49,199 @@ impl Sliding {
     pub fn new(limit: u32, window_ms: u64) -> Self {
         Self {
             limit,
-            window_ms: window_ms.max(1),
+            slice_ms: window_ms.max(1).div_ceil(SLICES),
         }
     }
 
-    /// The state at `now_ms`: the window in force, started where the last
-    /// one ended, or a new one anchored now when nothing weighs (`state` of
-    /// `None`: a new bucket).
+    /// A slice's length in ms.
     #[must_use]
-    pub fn rolled(&self, state: Option<SlidingState>, now_ms: u64) -> SlidingState {
-        let w = self.window_ms;
-        let rolled = match state {
-            Some(s) if now_ms < s.start_ms.saturating_add(w) => s,
-            Some(s) if now_ms < s.start_ms.saturating_add(2 * w) => SlidingState {
-                start_ms: s.start_ms + w,
-                count: 0,
-                previous: s.count,
-            },
-            _ => SlidingState::default(),
-        };
-        if rolled.count == 0 && rolled.previous == 0 {
-            // Nothing weighs: the same as no bucket, whose window starts at
-            // its first request. So a request not seen (a rejection the
-            // Redis store answered from its cache) changes nothing after.
-            SlidingState {
-                start_ms: now_ms,
-                ..rolled
-            }
-        } else {
-            rolled
-        }
+    pub fn slice_ms(&self) -> u64 {
+        self.slice_ms
     }
 
-    /// When the bucket says nothing any more (the current window's count
-    /// no longer weighs): a bucket may be forgotten from then on.
+    /// The slice `now_ms` falls in.
     #[must_use]
-    pub fn forget_at(&self, state: SlidingState) -> u64 {
-        state.start_ms.saturating_add(2 * self.window_ms)
+    pub fn slice_of(&self, now_ms: u64) -> u64 {
+        now_ms / self.slice_ms
     }
 
-    /// `P·(W − e)`: the previous window's weight at `e` ms into the current one.
-    fn carried(&self, state: SlidingState, now_ms: u64) -> u128 {
-        let e = now_ms.saturating_sub(state.start_ms).min(self.window_ms);
-        u128::from(state.previous) * u128::from(self.window_ms - e)
+    /// When a slice stops counting: the end of the `SLICES`-th after it.
+    #[must_use]
+    pub fn forget_at(&self, slice: u64) -> u64 {
+        slice
+            .saturating_add(SLICES + 1)
+            .saturating_mul(self.slice_ms)
     }
 
-    /// Units a request may have at `now_ms` (the state already rolled).
+    /// Whether a slice still counts at `now_ms`.
     #[must_use]
-    pub fn remaining(&self, state: SlidingState, now_ms: u64) -> u32 {
-        let w = u128::from(self.window_ms);
-        let room = (u128::from(self.limit) * w).saturating_sub(self.carried(state, now_ms));
-        let sendable = (room / w).saturating_sub(u128::from(state.count));
-        u32::try_from(sendable).unwrap_or(u32::MAX)
+    pub fn counts(&self, slice: u64, now_ms: u64) -> bool {
+        self.forget_at(slice) > now_ms
     }
 
     /// Admits or rejects a request of `hits` units (0: a check that counts
-    /// nothing, admitted while a unit is left) at `now_ms`. A rejection
-    /// counts nothing, unless `exhaust` (a reported charge, see
-    /// [`super::Spend::Reported`]): then the current window is counted full.
+    /// nothing, admitted while a unit is left) at `now_ms`; `live` is every
+    /// slice that still counts (see [`Self::counts`]), in any order. A
+    /// rejection adds nothing, unless `exhaust` (a reported charge, see
+    /// [`super::Spend::Reported`]): then what fills the window.
     #[must_use]
-    pub fn decide(
-        &self,
-        state: Option<SlidingState>,
-        now_ms: u64,
-        hits: u32,
-        exhaust: bool,
-    ) -> SlidingDecision {
-        let mut state = self.rolled(state, now_ms);
-        let allowed = self.remaining(state, now_ms) >= hits.max(1);
-        if allowed {
-            state.count += hits;
+    pub fn decide(&self, live: &[Slice], now_ms: u64, hits: u32, exhaust: bool) -> SlidingDecision {
+        let held: u64 = live.iter().map(|&(_, c)| u64::from(c)).sum();
+        let limit = u64::from(self.limit);
+        let left = limit.saturating_sub(held);
+        let allowed = left >= u64::from(hits.max(1));
+        let add = if allowed {
+            hits
         } else if exhaust && hits > 1 {
-            state.count = state.count.max(self.limit);
-        }
-        let reset_ms = if allowed {
-            self.full_at(state).max(now_ms)
+            u32::try_from(left).unwrap_or(u32::MAX)
         } else {
-            self.admits_at(state, hits.max(1))
+            0
+        };
+        let held = held + u64::from(add);
+        let mut slices: Vec<Slice> = live.to_vec();
+        if add > 0 {
+            slices.push((self.slice_of(now_ms), add));
+        }
+        slices.sort_unstable();
+        let full = slices
+            .last()
+            .map_or(now_ms, |&(last, _)| self.forget_at(last));
+        let reset_ms = if allowed || u64::from(hits) > limit {
+            full
+        } else {
+            // The oldest slices go first: when enough have gone.
+            let must_go = held + u64::from(hits.max(1)) - limit;
+            let mut gone = 0;
+            slices
+                .iter()
+                .find(|&&(_, c)| {
+                    gone += u64::from(c);
+                    gone >= must_go
+                })
+                .map_or(full, |&(slice, _)| self.forget_at(slice))
         };
         SlidingDecision {
             allowed,
-            state,
-            remaining: self.remaining(state, now_ms),
-            reset_ms,
-        }
-    }
-
-    /// When the whole limit is back if nothing more comes: once the
-    /// current window's count weighs nothing (the end of the next window),
-    /// or, if it is 0, once the previous one's does.
-    #[must_use]
-    pub fn full_at(&self, state: SlidingState) -> u64 {
-        if state.count > 0 {
-            self.forget_at(state)
-        } else if state.previous > 0 {
-            state.start_ms + self.window_ms
-        } else {
-            state.start_ms
-        }
-    }
-
-    /// The first ms at which `hits` units fit if nothing more comes (the
-    /// full limit's time when they never fit).
-    fn admits_at(&self, state: SlidingState, hits: u32) -> u64 {
-        let (limit, w) = (u128::from(self.limit), u128::from(self.window_ms));
-        let need = u128::from(state.count) + u128::from(hits);
-        let within = |weighed: u32, room: u128| -> u64 {
-            // The least e with weighed·(W − e) ≤ room·W.
-            let e = w - (room * w / u128::from(weighed.max(1))).min(w);
-            u64::try_from(e).unwrap_or(u64::MAX)
-        };
-        if need <= limit {
-            // In this window, as the previous one's weight falls (or at
-            // its end, when this one's count becomes the weighed one).
-            state.start_ms + within(state.previous, limit - need)
-        } else if u128::from(hits) <= limit && state.count > 0 {
-            state.start_ms + self.window_ms + within(state.count, limit - u128::from(hits))
-        } else {
-            self.full_at(state)
+            add,
+            remaining: u32::try_from(limit.saturating_sub(held)).unwrap_or(0),
+            reset_ms: reset_ms.max(now_ms),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
-    #[test]
-    fn the_previous_window_weighs_less_as_the_current_one_goes_on() {
-        // 10 a minute: 10 at the start of the first window.
-        let sliding = Sliding::new(10, 60_000);
-        let mut state = None;
-        for left in (0..10).rev() {
-            let d = sliding.decide(state, 1_000, 1, false);
-            assert!(d.allowed);
-            assert_eq!(d.remaining, left);
-            assert_eq!(
-                d.reset_ms,
-                1_000 + 120_000,
-                "full when the next window ends"
-            );
-            state = Some(d.state);
-        }
-        let refused = sliding.decide(state, 30_000, 1, false);
-        assert!(!refused.allowed);
-        // One fits once 10·(W − e) + W ≤ 10·W in the next window: e = 6 s.
-        assert_eq!(refused.reset_ms, 1_000 + 60_000 + 6_000);
-        // 15 s into the next window, 3/4 of the previous one's 10 weigh:
-        // 7.5, so 2 are left.
-        let d = sliding.decide(state, 76_000, 0, false);
-        assert_eq!((d.allowed, d.remaining), (true, 2));
-        let d = sliding.decide(Some(d.state), 76_000, 3, false);
-        assert!(!d.allowed);
-        // 3 fit once 10·(W − e) ≤ 7·W: e = 18 s.
-        assert_eq!(d.reset_ms, 61_000 + 18_000);
-        assert!(
-            !sliding
-                .decide(Some(d.state), d.reset_ms - 1, 3, false)
-                .allowed
-        );
-        assert!(sliding.decide(Some(d.state), d.reset_ms, 3, false).allowed);
-        // Two idle windows: a new one anchored at the request.
-        let fresh = sliding.decide(Some(d.state), 500_000, 1, false);
-        assert_eq!(
-            fresh.state,
-            SlidingState {
-                start_ms: 500_000,
-                count: 1,
-                previous: 0
+    /// Runs arrivals of one unit at `times` (sorted) against a bucket kept
+    /// here; returns the admitted times.
+    fn run(sliding: Sliding, times: &[u64]) -> Vec<u64> {
+        let mut slices: Vec<Slice> = Vec::new();
+        let mut admitted = Vec::new();
+        for &t in times {
+            slices.retain(|&(s, _)| sliding.counts(s, t));
+            let d = sliding.decide(&slices, t, 1, false);
+            if d.add > 0 {
+                let now = sliding.slice_of(t);
+                match slices.iter_mut().find(|(s, _)| *s == now) {
+                    Some(slice) => slice.1 += d.add,
+                    None => slices.push((now, d.add)),
+                }
             }
-        );
+            if d.allowed {
+                admitted.push(t);
+            }
+        }
+        admitted
+    }
+
+    /// The most admitted in an interval `[a, a + w)` starting at an admission.
+    fn busiest(admitted: &[u64], w: u64) -> (u64, usize) {
+        admitted
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                let n = admitted[i..].iter().take_while(|&&b| b < a + w).count();
+                (a, n)
+            })
+            .max_by_key(|&(_, n)| n)
+            .unwrap_or_default()
     }
 
     #[test]
-    fn a_burst_at_the_boundary_gets_the_limit_and_a_little() {
-        let sliding = Sliding::new(50, 10_000);
-        let mut state = Some(sliding.decide(None, 0, 1, false).state);
-        let mut admitted = 0;
-        for at in [9_750, 10_250] {
-            for _ in 0..50 {
-                let d = sliding.decide(state, at, 1, false);
-                admitted += u32::from(d.allowed);
-                state = Some(d.state);
-            }
-        }
-        // 49 before the boundary (the first request opened the window), then
-        // 50·(W − 250) + c·W ≤ 50·W: c = 1.
-        assert_eq!(admitted, 50);
-    }
-
-    #[test]
-    fn a_reported_charge_that_does_not_fit_fills_the_window() {
+    fn slices_leave_the_window_one_by_one_and_the_time_told_is_exact() {
+        // 10 a second: slices of 50 ms.
         let sliding = Sliding::new(10, 1_000);
-        let d = sliding.decide(None, 0, 8, false);
-        let over = sliding.decide(Some(d.state), 0, 5, true);
-        assert!(!over.allowed);
-        assert_eq!((over.state.count, over.remaining), (10, 0));
-        let kept = sliding.decide(Some(d.state), 0, 5, false);
-        assert_eq!((kept.state.count, kept.remaining), (8, 2));
-        let never = sliding.decide(Some(d.state), 0, 11, false);
+        assert_eq!(sliding.slice_ms(), 50);
+        let live = [(100, 4), (103, 6)];
+        // Slice 100 counts until the end of slice 120: 6_050 ms.
+        let refused = sliding.decide(&live, 5_999, 1, false);
+        assert!(!refused.allowed);
+        assert_eq!((refused.remaining, refused.reset_ms), (0, 6_050));
+        // Five units need both slices gone: 6_200.
+        assert_eq!(sliding.decide(&live, 5_999, 5, false).reset_ms, 6_200);
+        let live = [(103, 6)];
+        let d = sliding.decide(&live, 6_050, 3, false);
+        assert_eq!((d.allowed, d.add, d.remaining), (true, 3, 1));
         assert_eq!(
-            never.reset_ms, 2_000,
+            d.reset_ms,
+            sliding.forget_at(121),
+            "whole once the new slice goes"
+        );
+        let never = sliding.decide(&live, 6_050, 11, false);
+        assert_eq!(
+            never.reset_ms, 6_200,
             "too many ever: told when the limit is whole"
         );
+        let filled = sliding.decide(&live, 6_050, 5, true);
+        assert_eq!(
+            (filled.allowed, filled.add, filled.remaining),
+            (false, 4, 0)
+        );
+    }
+
+    #[test]
+    fn a_burst_at_a_boundary_gets_the_limit() {
+        let sliding = Sliding::new(50, 10_000);
+        let mut times = vec![0];
+        times.extend([9_750; 50]);
+        times.extend([10_250; 50]);
+        assert_eq!(run(sliding, &times).len(), 50);
+    }
+
+    proptest! {
+        /// The documented bound: no interval of one window's length holds
+        /// more than the limit, whatever the arrivals.
+        #[test]
+        fn never_more_than_the_limit_in_any_window(
+            limit in 1_u32..30,
+            w in 1_u64..3_000,
+            gaps in proptest::collection::vec(0_u64..400, 1..300),
+        ) {
+            let sliding = Sliding::new(limit, w);
+            let mut t = 1_000;
+            let times: Vec<u64> = gaps.iter().map(|g| { t += g; t }).collect();
+            let (a, n) = busiest(&run(sliding, &times), w);
+            prop_assert!(n <= limit as usize, "{n} admitted from {a}");
+        }
+
+        /// What it costs: a steady client with room for a unit more per
+        /// window and slice is never refused.
+        #[test]
+        fn a_steady_client_under_the_limit_is_never_refused(
+            limit in 1_u32..60,
+            w in 20_u64..5_000,
+            start in 0_u64..10_000,
+        ) {
+            let sliding = Sliding::new(limit, w);
+            let span = (SLICES + 1) * sliding.slice_ms();
+            // At most limit − 1 arrivals in any `span`: more than span / (limit − 1) apart.
+            prop_assume!(limit > 1);
+            let gap = span / u64::from(limit - 1) + 1;
+            let times: Vec<u64> = (0..u64::from(limit) * 5).map(|i| start + i * gap).collect();
+            prop_assert_eq!(run(sliding, &times).len(), times.len());
+        }
     }
 }

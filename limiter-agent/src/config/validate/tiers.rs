@@ -105,10 +105,6 @@ fn tier(i: usize, t: &RawTier, agent_mode: LimitMode) -> Result<Tier, ConfigErro
     })
 }
 
-/// Products of a limit and a window in ms a sliding window compares
-/// exactly: Redis's Lua counts in doubles.
-const SLIDING_MAX_PRODUCT: u128 = 1 << 53;
-
 /// `algorithm` and `burst`.
 fn algorithm(
     i: usize,
@@ -141,14 +137,6 @@ fn algorithm(
     };
     if t.burst.is_some() && !matches!(algorithm, Algorithm::Gcra { .. }) {
         return Err(invalid(field("burst"), "only with algorithm = \"gcra\""));
-    }
-    if algorithm == Algorithm::Sliding
-        && u128::from(limit.get()) * window.as_millis() >= SLIDING_MAX_PRODUCT
-    {
-        return Err(invalid(
-            field("limit"),
-            "a sliding window's limit times its window in ms must stay below 2^53",
-        ));
     }
     if window.as_millis() == 0 && algorithm != Algorithm::Fixed {
         return Err(invalid(field("window"), "must be at least 1 ms"));

@@ -1,8 +1,8 @@
 //! One shard of the in-memory store: its buckets, packed to 20 bytes a slot,
 //! and the per-window queues that give reclaim and the "full" check their
 //! expiry order without scanning. Every algorithm keeps the same 12-byte
-//! bucket (see [`Bucket`]); a sliding window's previous count takes a
-//! second slot.
+//! bucket (see [`Bucket`]); a sliding window takes one per slice that
+//! counts.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -10,11 +10,17 @@ use std::{
 };
 
 use super::StoreFull;
-use crate::limit::{Algorithm, Decision, Gcra, Sliding, SlidingState};
+use crate::limit::{Algorithm, Decision, Gcra, Slice, Sliding, sliding::SLICES};
 
-/// The slot of a sliding-window bucket's previous count: its key with the
-/// low bit flipped (same shard: shards are taken from bits 32 and up).
-const COMPANION: u64 = 1;
+/// Slots a sliding-window bucket's slices take in turn.
+const RING: u64 = SLICES + 1;
+
+/// The slot of the slices at `place` in a sliding-window bucket's ring:
+/// its key with the low bits changed (the same shard: shards are taken
+/// from bits 32 and up). The bucket's own key is not used.
+fn slice_key(key: u64, place: u64) -> u64 {
+    key ^ (place + 1)
+}
 
 /// One question to a shard (see [`super::MemoryStore::decide_ask`]).
 #[derive(Clone, Copy, Debug)]
@@ -54,9 +60,8 @@ struct SlotKey(u64);
 /// - GCRA: the theoretical arrival time (TAT) in µs rounded up to a ms, and
 ///   what the rounding added in µs (a bucket whose TAT has passed is full,
 ///   the same as none);
-/// - sliding window: the end of the window after the current one (when the
-///   current count stops weighing) and the current count; the previous
-///   window's count is in the `COMPANION` slot with the same reset.
+/// - sliding window: one slot per slice, in a ring of `RING` slots:
+///   when the slice stops counting, and its count.
 #[derive(Clone, Copy)]
 #[repr(C, packed(4))]
 struct Bucket {
@@ -374,8 +379,9 @@ impl Shard {
         Ok(decision)
     }
 
-    /// A sliding-window decision: the current count in the bucket, the
-    /// previous one in its companion slot.
+    /// A sliding-window decision: each slice's count in a slot of its own,
+    /// keyed by its place in a ring of `SLICES + 1` (`slice_key`), the
+    /// slot's reset being when the slice stops counting.
     fn decide_sliding(
         &mut self,
         q: Question,
@@ -383,67 +389,51 @@ impl Shard {
         cap: usize,
     ) -> Result<Decision, StoreFull> {
         let sliding = Sliding::new(q.limit, q.window_ms);
-        let window_ms = q.window_ms.max(1);
-        let span = window_ms.saturating_mul(2);
-        let companion = q.key ^ COMPANION;
-        let stored = self
-            .map
-            .get(&SlotKey(q.key))
-            .filter(|b| b.reset_ms() > now_ms)
-            .map(|b| {
-                let previous = self
-                    .map
-                    .get(&SlotKey(companion))
-                    .filter(|p| p.reset_ms() == b.reset_ms())
-                    .map_or(0, |p| p.count);
-                (
-                    SlidingState {
-                        start_ms: b.reset_ms().saturating_sub(span),
-                        count: b.count,
-                        previous,
-                    },
-                    b.rejected(),
-                )
-            });
-        let d = sliding.decide(stored.map(|(s, _)| s), now_ms, q.hits, q.exhaust);
-        let rolled = stored.is_none_or(|(s, _)| s.start_ms != d.state.start_ms);
-        let reset_ms = sliding.forget_at(d.state);
-        // The previous count first: when there is no room for it, nothing changed.
-        if d.state.previous > 0 && rolled {
-            match self.map.get_mut(&SlotKey(companion)) {
-                Some(p) => {
-                    p.move_reset(reset_ms);
-                    p.count = d.state.previous;
-                }
-                None => {
-                    self.insert(companion, reset_ms, span, now_ms, cap)?.count = d.state.previous;
-                }
+        let slice_ms = sliding.slice_ms();
+        let mut live: [Slice; RING as usize] = [(0, 0); RING as usize];
+        let (mut found, mut rejected) = (0, 0_u32);
+        for place in 0..RING {
+            let Some(b) = self.map.get(&SlotKey(slice_key(q.key, place))) else {
+                continue;
+            };
+            if b.reset_ms() > now_ms {
+                live[found] = ((b.reset_ms() / slice_ms).saturating_sub(RING), b.count);
+                found += 1;
+                rejected = rejected.saturating_add(b.rejected());
             }
         }
-        let bucket = match self.map.get_mut(&SlotKey(q.key)) {
-            Some(b) => {
-                if b.reset_ms() != reset_ms {
-                    b.move_reset(reset_ms);
-                }
-                b
-            }
-            None => self.insert(q.key, reset_ms, span, now_ms, cap)?,
-        };
-        bucket.count = d.state.count;
-        if rolled {
-            bucket.packed &= !(REJECTED_MAX << REJECTED_SHIFT);
-        }
-        if !d.allowed {
-            bucket.reject();
-        }
-        Ok(Decision {
+        let d = sliding.decide(&live[..found], now_ms, q.hits, q.exhaust);
+        let mut decision = Decision {
             allowed: d.allowed,
             limit: q.limit,
             remaining: d.remaining,
             reset_ms: d.reset_ms,
-            rejected: bucket.rejected(),
+            rejected: rejected.saturating_add(u32::from(!d.allowed)),
             window: 0,
-        })
+        };
+        if d.add == 0 && d.allowed {
+            return Ok(decision);
+        }
+        let now = sliding.slice_of(now_ms);
+        let forget = sliding.forget_at(now);
+        let key = slice_key(q.key, now % RING);
+        let slot = if let Some(b) = self.map.get_mut(&SlotKey(key)) {
+            if b.reset_ms() != forget {
+                // An older slice's slot, expired: this slice's now.
+                b.move_reset(forget);
+                b.packed &= !(REJECTED_MAX << REJECTED_SHIFT);
+                b.count = 0;
+            }
+            b
+        } else {
+            self.insert(key, forget, RING * slice_ms, now_ms, cap)?
+        };
+        slot.count = slot.count.saturating_add(d.add);
+        if !d.allowed {
+            slot.reject();
+            decision.rejected = decision.rejected.max(slot.rejected());
+        }
+        Ok(decision)
     }
 
     /// Stores a new bucket resetting at `reset_ms`, queued with the buckets
