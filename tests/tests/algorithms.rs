@@ -13,7 +13,10 @@
 //! millisecond at which the request (a rejection) or the whole limit (an
 //! admission) would be admitted.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use futures_util::future::join_all;
 use limiter_agent::{
@@ -24,7 +27,12 @@ use limiter_agent::{
         RedisStore, Spend, Store,
     },
 };
-use limiter_tests::redis::{RedisCluster, RedisServer};
+use limiter_tests::{
+    agent::{agent_in_front, free_addr},
+    http::{self, metric},
+    redis::{RedisCluster, RedisServer},
+    rls,
+};
 use proptest::prelude::*;
 
 const T0: u64 = 1_706_540_000_000;
@@ -528,4 +536,92 @@ fn random_arrivals_match_the_model_in_memory_and_redis() {
             .collect();
         runtime.block_on(conform(&stores, case.get(), algorithm, limit, window, &arrivals));
     });
+}
+
+/// Through the agent binary, in memory and on Redis's own clock: GCRA and
+/// sliding tiers tell the truth in their headers, a client that waits
+/// until the Reset it was told is admitted, observe mode counts what it
+/// would refuse, and Envoy's rate limit service decides by the same rule.
+#[tokio::test]
+async fn smooth_tiers_through_the_agent_headers_observe_and_rls() {
+    let redis = RedisServer::start();
+    for store in [
+        String::new(),
+        format!("[store]\nkind = \"redis\"\nurl = \"{}\"\n", redis.url()),
+    ] {
+        let rls_addr = free_addr();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\n\n[xdp]\nenabled = false\n{store}\n\
+             [rls]\nlisten = \"{rls_addr}\"\n\n\
+             [[tier]]\nroute = \"/api/gcra\"\nlimit = 4\nwindow = \"2s\"\nalgorithm = \"gcra\"\nburst = 2\n\n\
+             [[tier]]\nroute = \"/api/sliding\"\nlimit = 3\nwindow = \"2s\"\nalgorithm = \"sliding\"\n\n\
+             [[tier]]\nroute = \"/api/observe\"\nlimit = 1\nwindow = \"10s\"\nalgorithm = \"gcra\"\nmode = \"observe\"\n"
+        );
+        let (_upstream, agent) = agent_in_front(&config);
+        let client = http::client();
+        let get = |path: &'static str| {
+            let client = client.clone();
+            let url = agent.url(path);
+            async move { client.get(url).send().await.expect("the agent answers") }
+        };
+        let header = |r: &reqwest::Response, name: &str| -> u64 {
+            r.headers()[name].to_str().unwrap().parse().unwrap()
+        };
+        let kind = if store.is_empty() { "memory" } else { "redis" };
+
+        for (path, admitted) in [("/api/gcra", 2), ("/api/sliding", 3)] {
+            for left in (0..admitted).rev() {
+                let r = get(path).await;
+                assert_eq!(r.status(), 200, "{kind} {path}");
+                assert_eq!(header(&r, "x-ratelimit-remaining"), left, "{kind} {path}");
+            }
+            let refused = get(path).await;
+            assert_eq!(refused.status(), 429, "{kind} {path}");
+            let reset = header(&refused, "x-ratelimit-reset");
+            let retry_after = header(&refused, "retry-after");
+            assert_eq!(header(&refused, "x-ratelimit-remaining"), 0);
+            let body = refused.text().await.unwrap();
+            assert_eq!(
+                body,
+                answers::too_many_requests_body(retry_after),
+                "{kind} {path}"
+            );
+            // Waits until the second it was told, and is admitted.
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            let wait = Duration::from_secs(reset).saturating_sub(now);
+            assert!(
+                wait <= Duration::from_secs(retry_after) && wait <= Duration::from_millis(3_200),
+                "{kind} {path}: told {reset}, Retry-After {retry_after}, at {now:?}"
+            );
+            tokio::time::sleep(wait).await;
+            assert_eq!(
+                get(path).await.status(),
+                200,
+                "{kind} {path}: waited as told"
+            );
+        }
+
+        assert_eq!(get("/api/observe").await.status(), 200);
+        let over = get("/api/observe").await;
+        assert_eq!(over.status(), 200, "{kind}: observe mode serves");
+        assert_eq!(header(&over, "x-ratelimit-remaining"), 0);
+        let would: u64 = metric(
+            &agent,
+            "limiter_requests_total{tier=\"/api/observe\",decision=\"would_reject\"}",
+        );
+        assert_eq!(would, 1, "{kind}");
+
+        let calls: Vec<_> = (0..3)
+            .map(|_| rls::path_call("/api/gcra", "10.9.0.1"))
+            .collect();
+        let answers = tokio::task::spawn_blocking(move || rls::run(rls_addr, &calls, 1, None))
+            .await
+            .unwrap();
+        let codes: Vec<String> = answers.iter().map(rls::code).collect();
+        assert_eq!(
+            codes,
+            ["OK", "OK", "OVER_LIMIT"],
+            "{kind}: the burst through RLS"
+        );
+    }
 }

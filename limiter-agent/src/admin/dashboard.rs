@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use super::status::StatusReport;
 use crate::{
     config::{LimitMode, StoreKind},
+    limit::Algorithm,
     proxy::Proxy,
 };
 
@@ -157,6 +158,11 @@ impl Dashboard {
                     "route": t.route,
                     "limit": t.limit.get(),
                     "window_seconds": t.window.as_secs_f64(),
+                    "algorithm": match t.algorithm {
+                        Algorithm::Fixed => json!({ "name": "fixed" }),
+                        Algorithm::Sliding => json!({ "name": "sliding" }),
+                        Algorithm::Gcra { burst } => json!({ "name": "gcra", "burst": burst }),
+                    },
                     "mode": match t.mode {
                         LimitMode::Enforce => "enforce",
                         LimitMode::Observe => "observe",
