@@ -6,14 +6,17 @@ use anyhow::bail;
 use crate::{cmd, setup};
 
 /// The benchmark parts, in the order `cargo xtask bench` runs them.
-const PARTS: &[&str] = &["xdp", "proxy", "flood", "memory", "redis", "rls"];
+const PARTS: &[&str] = &[
+    "xdp", "proxy", "flood", "memory", "redis", "rls", "boundary",
+];
 
 /// The peers the side-by-side parts measure against, from Debian packages.
 const PEER_PACKAGES: &[&str] = &["nginx", "haproxy", "wrk", "iptables"];
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// One part to run (default: all of them): xdp, proxy, flood, memory, redis, rls.
+    /// One part to run (default: all of them): xdp, proxy, flood, memory, redis, rls,
+    /// boundary.
     name: Option<String>,
     /// A short smoke run: fewer rounds and repetitions.
     #[arg(long)]
@@ -95,6 +98,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
                 "rls-bench",
                 if options.quick {
                     &["--seconds", "1"]
+                } else {
+                    &[]
+                },
+                options.quick,
+            )?,
+            "boundary" => bench_bin(
+                "boundary-bench",
+                if options.quick {
+                    &["--window-seconds", "2", "--limit", "20"]
                 } else {
                     &[]
                 },

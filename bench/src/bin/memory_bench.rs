@@ -104,11 +104,9 @@ fn buckets(admin: SocketAddr) -> f64 {
     metric(&http::get(admin, "/metrics").body, "limiter_buckets").expect("limiter_buckets")
 }
 
-fn main() {
-    let Args {
-        buckets: buckets_wanted,
-    } = Args::parse();
-    let dir = scratch("memory");
+/// One algorithm's figures: an agent of its own, filled from empty.
+fn measure(algorithm: &str, buckets_wanted: u64) -> serde_json::Value {
+    let dir = scratch(&format!("memory-{algorithm}"));
     let (port, admin, upstream) = (free_port(), free_port(), free_port());
     let local = |p: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
     let binary = agent_binary().display().to_string();
@@ -120,27 +118,29 @@ fn main() {
         local(upstream),
     );
     // One bucket per key on purpose (`verify_keys = "none"`): the bench
-    // measures what a live bucket costs, not key verification.
+    // measures what a live bucket costs, not key verification. Two an
+    // hour, so a GCRA bucket one request moved stays live (30 min) for
+    // the whole fill, as a fixed window does.
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[identity]\nverify_keys = \"none\"\n\n\
-         [xdp]\nenabled = false\n{}",
-        tier("/api/chat", 1000, "1h")
+         [xdp]\nenabled = false\n{}algorithm = \"{algorithm}\"\n",
+        tier("/api/chat", 2, "1h")
     );
     let path = dir.join("limiter.toml");
     std::fs::write(&path, config).expect("config");
     let agent = Peer::start(
-        "limiter (memory store)",
+        &format!("limiter (memory store, {algorithm})"),
         1,
         &binary,
         &["run", "--config", &path.display().to_string()],
         local(port),
     );
-    eprintln!("memory: warming up with {WARMUP} buckets…");
+    eprintln!("memory ({algorithm}): warming up with {WARMUP} buckets…");
     fill(local(port), 0, WARMUP);
     let before_buckets = buckets(local(admin));
     let before_rss = rss_bytes(agent.pid());
-    eprintln!("memory: {buckets_wanted} more buckets…");
+    eprintln!("memory ({algorithm}): {buckets_wanted} more buckets…");
     let started = Instant::now();
     fill(local(port), WARMUP, WARMUP + buckets_wanted);
     let took = started.elapsed();
@@ -149,22 +149,37 @@ fn main() {
     let live = after_buckets - before_buckets;
     #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
     let per_bucket = (after_rss.saturating_sub(before_rss)) as f64 / live.max(1.0);
-    let result = json!({
-        "machine": machine(),
+    agent.stop();
+    json!({
         "buckets": live,
         "bytes_per_bucket": (per_bucket * 10.0).round() / 10.0,
         "rss_before_bytes": before_rss,
         "rss_after_bytes": after_rss,
         "fill_seconds": took.as_secs_f64(),
-    });
+    })
+}
+
+fn main() {
+    let Args {
+        buckets: buckets_wanted,
+    } = Args::parse();
+    // Each algorithm in turn, on an agent of its own, in the same run.
+    let fixed = measure("fixed", buckets_wanted);
+    let gcra = measure("gcra", buckets_wanted);
+    let sliding = measure("sliding", buckets_wanted);
+    let per = |v: &serde_json::Value| v["bytes_per_bucket"].as_f64().unwrap_or(f64::NAN);
+    let gcra_vs_fixed = per(&gcra) / per(&fixed);
+    let mut result = fixed.clone();
+    result["machine"] = json!(machine());
+    result["algorithms"] = json!({ "fixed": fixed, "gcra": gcra, "sliding": sliding });
+    result["gcra_vs_fixed"] = json!((gcra_vs_fixed * 100.0).round() / 100.0);
     let path = write_json("memory", &result);
-    let verdict = if per_bucket <= 64.0 {
-        "meets"
-    } else {
-        "misses"
-    };
+    let per_fixed = per(&fixed);
+    let verdict = if per_fixed <= 64.0 { "meets" } else { "misses" };
     println!(
-        "memory: {per_bucket:.1} bytes per bucket at {live} live buckets (target <= 64): {verdict}"
+        "memory: {per_fixed:.1} bytes per bucket (target <= 64): {verdict}; GCRA {:.1} ({gcra_vs_fixed:.2}x), sliding {:.1}",
+        per(&gcra),
+        per(&sliding)
     );
     println!("{}", path.display());
 }
