@@ -9,6 +9,7 @@
 //! writes `target/bench/boundary.json`.
 
 use std::{
+    fmt::Write as _,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
@@ -98,9 +99,10 @@ fn main() {
          [xdp]\nenabled = false\n"
     );
     for algorithm in ALGORITHMS {
-        config.push_str(&format!(
+        let _ = write!(
+            config,
             "\n[[tier]]\nroute = \"/api/{algorithm}\"\nlimit = {limit}\nwindow = \"{window_seconds}s\"\nalgorithm = \"{algorithm}\"\n"
-        ));
+        );
     }
     let path = dir.join("limiter.toml");
     std::fs::write(&path, config).expect("config");
@@ -124,7 +126,7 @@ fn main() {
                 let path = format!("/api/{algorithm}");
                 let opened = Instant::now();
                 let first = batch(&mut stream, &path, 1);
-                sleep_until(opened + window - delta);
+                sleep_until(opened + window.saturating_sub(delta));
                 let before = batch(&mut stream, &path, limit);
                 sleep_until(opened + window + delta);
                 let after = batch(&mut stream, &path, limit);
