@@ -172,7 +172,7 @@ struct Stores {
     memory: (MemoryStore, Arc<FakeClock>),
     redis: (RedisStore, Arc<FakeClock>),
     cluster: Option<(RedisStore, Arc<FakeClock>)>,
-    _servers: (RedisServer, Option<RedisCluster>),
+    servers: (RedisServer, Option<RedisCluster>),
 }
 
 fn settings(url: Option<String>, cluster_nodes: Vec<String>) -> RedisSettings {
@@ -213,7 +213,7 @@ async fn stores(with_cluster: bool) -> Stores {
         memory: (MemoryStore::new(100_000), Arc::new(FakeClock::new(T0))),
         redis: (redis, clock),
         cluster,
-        _servers: (server, cluster_servers),
+        servers: (server, cluster_servers),
     }
 }
 
@@ -622,6 +622,73 @@ async fn smooth_tiers_through_the_agent_headers_observe_and_rls() {
             codes,
             ["OK", "OK", "OVER_LIMIT"],
             "{kind}: the burst through RLS"
+        );
+    }
+}
+
+/// Envoy's `hits_addend` may be anything: a charge of `u32::MAX` reported
+/// on a smooth tier fills it (memory and Redis alike), tells a time within
+/// the window, and leaves the bucket limiting and its key expiring.
+#[tokio::test]
+async fn a_huge_reported_charge_fills_the_bucket_and_keeps_every_time_in_range() {
+    let stores = stores(false).await;
+    let (limit, window) = (10, 60_000);
+    for (n, algorithm) in [Algorithm::Sliding, Algorithm::Gcra { burst: 10 }]
+        .into_iter()
+        .enumerate()
+    {
+        let mut told = Vec::new();
+        for (name, store, clock) in stores.each(algorithm) {
+            let tier = tier_name(algorithm, limit, window);
+            let (identity, key) = client(2_000 + n as u64);
+            let ask = |hits, spend| Ask {
+                key,
+                tier: &tier,
+                identity: &identity,
+                limit,
+                hits,
+                window_ms: window,
+                spend,
+                algorithm,
+            };
+            clock.set(clock.now_ms().next_multiple_of(window));
+            let now = clock.now_ms();
+            let first = store.decide(ask(3, Spend::Admit), now).await.unwrap();
+            assert!(first.allowed);
+            let huge = store
+                .decide(ask(u32::MAX, Spend::Reported), now)
+                .await
+                .unwrap();
+            assert!(!huge.allowed, "{name} {algorithm:?}");
+            assert_eq!(huge.remaining, 0, "{name} {algorithm:?}: filled");
+            assert!(huge.reset_ms <= now + 2 * window, "{name} {algorithm:?}");
+            let one = store.decide(ask(1, Spend::Admit), now).await.unwrap();
+            assert!(!one.allowed, "{name} {algorithm:?}: still limiting");
+            assert!((now..=now + 2 * window).contains(&one.reset_ms));
+            told.push((huge.remaining, huge.reset_ms - now, one.reset_ms - now));
+            clock.set(now + 10 * window);
+        }
+        assert!(
+            told.windows(2).all(|pair| pair[0] == pair[1]),
+            "{algorithm:?}: memory and Redis agree: {told:?}"
+        );
+        let ttl: i64 = stores
+            .servers
+            .0
+            .cli(&[
+                "PTTL",
+                &format!(
+                    "limiter:{{{}|k:{:064x}}}",
+                    tier_name(algorithm, limit, window),
+                    2_000 + n as u64
+                ),
+            ])
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            (1..=2 * i64::try_from(window).unwrap()).contains(&ttl),
+            "{algorithm:?}: the Redis key expires: PTTL {ttl}"
         );
     }
 }

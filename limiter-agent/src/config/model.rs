@@ -263,19 +263,13 @@ pub struct Tier {
 }
 
 impl Tier {
-    /// How long a bucket lives after its last change when nothing renews
-    /// it, which groups buckets in the store's expiry queues: the window,
-    /// for a sliding window its slices' ring (a window and a slice).
+    /// How long the tier's buckets live after their last change when
+    /// nothing renews them, which groups them in the store's expiry queues
+    /// (see [`crate::limit::Algorithm::bucket_span_ms`]).
     #[must_use]
     pub fn bucket_span(&self) -> Duration {
-        match self.algorithm {
-            crate::limit::Algorithm::Sliding => {
-                let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
-                let slice_ms = crate::limit::Sliding::new(1, window_ms).slice_ms();
-                Duration::from_millis(slice_ms.saturating_mul(crate::limit::sliding::SLICES + 1))
-            }
-            _ => self.window,
-        }
+        let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(self.algorithm.bucket_span_ms(self.limit.get(), window_ms))
     }
 }
 

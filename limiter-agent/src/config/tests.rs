@@ -427,3 +427,41 @@ fn tier_modes_default_to_enforce_and_an_observing_agent_observes_every_tier() {
     assert!(error(&format!("{listen}mode = \"dry\"\n{tier}")).contains("server.mode"));
     assert!(error(&format!("{listen}{tier}mode = \"off\"\n")).contains("tier[0].mode"));
 }
+
+#[test]
+fn algorithms_parse_and_their_limits_are_refused_by_name() {
+    let tier = |extra: &str| format!("{MINIMAL}{extra}\n");
+    let config = Config::parse(&tier("algorithm = \"gcra\"")).unwrap();
+    assert_eq!(
+        config.live.tiers[0].algorithm,
+        crate::limit::Algorithm::Gcra { burst: 10 },
+        "the burst defaults to the limit"
+    );
+    let config = Config::parse(&tier("algorithm = \"sliding\"")).unwrap();
+    assert_eq!(
+        config.live.tiers[0].algorithm,
+        crate::limit::Algorithm::Sliding
+    );
+    // 21 slices of 3 s: the span its buckets are queued by.
+    assert_eq!(config.live.tiers[0].bucket_span(), Duration::from_secs(63));
+    for (extra, names) in [
+        ("algorithm = \"leaky\"", "tier[0].algorithm"),
+        ("burst = 5", "tier[0].burst"),
+        ("algorithm = \"gcra\"\nburst = 0", "tier[0].burst"),
+        ("algorithm = \"gcra\"\nburst = 2\ncost = 3", "tier[0].cost"),
+        (
+            "algorithm = \"sliding\"\ncost_header = \"x-cost\"",
+            "tier[0].cost_header",
+        ),
+        ("algorithm = \"gcra\"\nburst = 6000000", "tier[0].burst"),
+    ] {
+        assert!(
+            error(&tier(extra)).contains(names),
+            "{extra}: {}",
+            error(&tier(extra))
+        );
+    }
+    let long = MINIMAL.replace("window = \"1m\"", "window = \"400d\"");
+    assert!(error(&format!("{long}algorithm = \"sliding\"\n")).contains("tier[0].window"));
+    assert!(Config::parse(&long).is_ok(), "a fixed window may be longer");
+}

@@ -76,7 +76,11 @@ impl Gcra {
     /// TAT is `tat_us` (0 for a new bucket).
     #[must_use]
     pub fn decide(&self, tat_us: u64, now_us: u64, hits: u32) -> GcraDecision {
-        let from = tat_us.max(now_us);
+        // A TAT beyond the burst (left by a larger burst before a reload)
+        // is held to it.
+        let from = tat_us
+            .min(now_us.saturating_add(self.tolerance_us))
+            .max(now_us);
         let asked = u64::from(hits.max(1)).saturating_mul(self.interval_us);
         let moved = from.saturating_add(asked);
         let allowed = moved - now_us <= self.tolerance_us;
@@ -149,6 +153,23 @@ mod tests {
         // 40 per 10 s → 250 ms; 7 a minute → 8571428.58 µs, rounded up.
         assert_eq!(Gcra::new(40, 10_000, 40).interval_us(), 250 * MS);
         assert_eq!(Gcra::new(7, 60_000, 1).interval_us(), 8_571_429);
+    }
+
+    #[test]
+    fn a_tat_beyond_the_burst_is_held_to_it() {
+        // A burst of 100 spent, then the burst cut to 10 by a reload.
+        let before = Gcra::new(10, 10_000, 100);
+        let spent = before.decide(0, 0, 100).tat_us;
+        let after = Gcra::new(10, 10_000, 10);
+        let d = after.decide(spent, 0, 1);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_us, 1_000 * MS, "one interval, not ninety-one");
+        assert_eq!(d.reset_us, 10_000 * MS);
+        // Charges of any size: refused, with a time that stays in range.
+        let huge = after.decide(0, 5, u32::MAX);
+        assert!(!huge.allowed);
+        assert_eq!(huge.retry_us, 0, "never fits: the burst is whole now");
+        assert_eq!(after.exhausted(spent, 0), spent.max(10_000 * MS));
     }
 
     /// (gap in ms before the request, units): arrivals of one client.

@@ -109,6 +109,33 @@ pub enum Algorithm {
     Gcra { burst: u32 },
 }
 
+impl Algorithm {
+    /// How long a bucket lives after its last change when nothing renews
+    /// it, at most, which groups buckets in the memory store's expiry
+    /// queues: a fixed window's length; a sliding window's 21 slices; a
+    /// GCRA burst's time (at least the window), rounded up to a power of
+    /// two ms so keys' overrides, whose bursts round differently, share it.
+    #[must_use]
+    pub fn bucket_span_ms(self, limit: u32, window_ms: u64) -> u64 {
+        let window_ms = window_ms.max(1);
+        match self {
+            Self::Fixed => window_ms,
+            Self::Sliding => Sliding::new(limit, window_ms)
+                .slice_ms()
+                .saturating_mul(sliding::SLICES + 1),
+            Self::Gcra { burst } => {
+                let burst_ms = Gcra::new(limit, window_ms, burst)
+                    .tolerance_us()
+                    .div_ceil(1_000);
+                burst_ms
+                    .max(window_ms)
+                    .checked_next_power_of_two()
+                    .unwrap_or(u64::MAX)
+            }
+        }
+    }
+}
+
 /// One request's question to a store.
 #[derive(Clone, Copy, Debug)]
 pub struct Ask<'a> {

@@ -154,8 +154,12 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local hits = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+-- A TAT beyond the burst (a larger burst before a reload) is held to it.
+tat = math.min(tat, now + tolerance)
 local from = math.max(tat, now)
-local moved = from + math.max(hits, 1) * interval
+-- More units than the burst never fit; more than one beyond it changes nothing.
+local units = math.min(math.max(hits, 1), math.floor(tolerance / interval) + 1)
+local moved = from + units * interval
 local admitted = 0
 local retry = moved - now - tolerance
 local after = tat
@@ -165,9 +169,9 @@ if retry <= 0 then
   if hits > 0 then after = moved end
 elseif ARGV[4] == '1' and hits > 1 then
   after = math.max(tat, now + tolerance)
-  retry = math.max(after, now) + math.max(hits, 1) * interval - now - tolerance
+  retry = math.max(after, now) + units * interval - now - tolerance
 end
-if retry > 0 and math.max(hits, 1) * interval > tolerance then
+if retry > 0 and units * interval > tolerance then
   -- More than the burst never fits: when it is whole.
   retry = math.max(after, now) - now
 end

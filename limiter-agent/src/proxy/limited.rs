@@ -415,7 +415,9 @@ impl Proxy {
     }
 
     /// Gives back the units an admitted request was charged, off the answer's
-    /// path, to the window that took them.
+    /// path, to the window that took them. Only a fixed window has one: on
+    /// a sliding or GCRA tier the units stay spent (their buckets hold
+    /// other state, which a settlement would not read).
     fn give_back(
         &self,
         tier: &TierState,
@@ -424,7 +426,7 @@ impl Proxy {
         decision: &Decision,
         store: &Arc<dyn Store>,
     ) {
-        if !decision.allowed {
+        if !decision.allowed || tier.algorithm != Algorithm::Fixed {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

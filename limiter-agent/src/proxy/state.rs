@@ -129,13 +129,17 @@ impl TierState {
 
 impl TierState {
     /// The algorithm for a client whose limit is `limit`: a GCRA burst
-    /// scaled as its limit is from the tier's (a key's override).
+    /// scaled as its limit is from the tier's (a key's override), rounded
+    /// up, and never below the tier's cost (a request must fit).
     pub(super) fn algorithm_for(&self, limit: u32) -> Algorithm {
         match self.algorithm {
             Algorithm::Gcra { burst } if limit != self.limit => {
-                let scaled = u64::from(burst) * u64::from(limit) / u64::from(self.limit.max(1));
+                let scaled =
+                    (u64::from(burst) * u64::from(limit)).div_ceil(u64::from(self.limit.max(1)));
                 Algorithm::Gcra {
-                    burst: u32::try_from(scaled).unwrap_or(u32::MAX).max(1),
+                    burst: u32::try_from(scaled)
+                        .unwrap_or(u32::MAX)
+                        .max(self.cost.max(1)),
                 }
             }
             other => other,
@@ -202,7 +206,10 @@ impl State {
                 let algorithm = match tier.algorithm {
                     Algorithm::Fixed => String::new(),
                     Algorithm::Sliding => "|sliding".into(),
-                    Algorithm::Gcra { burst } => format!("|gcra:{burst}"),
+                    // Not the burst: a changed burst (or limit, which it
+                    // defaults to) keeps the buckets, their TATs held
+                    // within the new burst when read.
+                    Algorithm::Gcra { .. } => "|gcra".into(),
                 };
                 TierState::new(
                     format!("{}|{window_ms}{algorithm}", tier.route),
@@ -257,5 +264,56 @@ impl State {
                 .clamp(1.0, f64::from(u32::MAX)) as u32;
             scaled
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier(limit: u32, algorithm: Algorithm) -> TierState {
+        let mut tier = TierState::new(
+            "/api|60000".into(),
+            "/api".into(),
+            limit,
+            60_000,
+            LimitMode::Enforce,
+            &RandomState::new(),
+            &Metrics::default(),
+            false,
+        );
+        tier.algorithm = algorithm;
+        tier
+    }
+
+    #[test]
+    fn a_keys_override_scales_the_gcra_burst_with_its_limit() {
+        let gcra = tier(60, Algorithm::Gcra { burst: 10 });
+        assert_eq!(gcra.algorithm_for(60), Algorithm::Gcra { burst: 10 });
+        assert_eq!(gcra.algorithm_for(600), Algorithm::Gcra { burst: 100 });
+        assert_eq!(
+            gcra.algorithm_for(57),
+            Algorithm::Gcra { burst: 10 },
+            "rounded up"
+        );
+        assert_eq!(
+            gcra.algorithm_for(3),
+            Algorithm::Gcra { burst: 1 },
+            "at least 1"
+        );
+        let mut costly = tier(100, Algorithm::Gcra { burst: 10 });
+        costly.cost = 10;
+        assert_eq!(
+            costly.algorithm_for(50),
+            Algorithm::Gcra { burst: 10 },
+            "never below the cost"
+        );
+        let huge = tier(1, Algorithm::Gcra { burst: u32::MAX });
+        assert_eq!(
+            huge.algorithm_for(u32::MAX),
+            Algorithm::Gcra { burst: u32::MAX }
+        );
+        let sliding = tier(60, Algorithm::Sliding);
+        assert_eq!(sliding.algorithm_for(600), Algorithm::Sliding);
     }
 }

@@ -105,6 +105,10 @@ fn tier(i: usize, t: &RawTier, agent_mode: LimitMode) -> Result<Tier, ConfigErro
     })
 }
 
+/// The longest a sliding window or a GCRA burst may span: every time the
+/// stores keep stays far inside their 43-bit ms fields and Redis's 2^53.
+const LONGEST_SMOOTH: std::time::Duration = std::time::Duration::from_hours(365 * 24);
+
 /// `algorithm` and `burst`.
 fn algorithm(
     i: usize,
@@ -138,8 +142,23 @@ fn algorithm(
     if t.burst.is_some() && !matches!(algorithm, Algorithm::Gcra { .. }) {
         return Err(invalid(field("burst"), "only with algorithm = \"gcra\""));
     }
-    if window.as_millis() == 0 && algorithm != Algorithm::Fixed {
-        return Err(invalid(field("window"), "must be at least 1 ms"));
+    if algorithm != Algorithm::Fixed {
+        if window.as_millis() == 0 || window > LONGEST_SMOOTH {
+            return Err(invalid(
+                field("window"),
+                "a sliding or GCRA window is at least 1 ms and at most 365 days",
+            ));
+        }
+        if let Algorithm::Gcra { burst } = algorithm {
+            let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+            let burst_us = crate::limit::Gcra::new(limit.get(), window_ms, burst).tolerance_us();
+            if u128::from(burst_us) > LONGEST_SMOOTH.as_micros() {
+                return Err(invalid(
+                    field("burst"),
+                    format!("{burst} at {limit} per window takes more than 365 days to come back"),
+                ));
+            }
+        }
     }
     Ok(algorithm)
 }

@@ -360,10 +360,9 @@ impl Shard {
             }
             b
         } else {
-            // Queued with the tier's window: a fresh bucket's TAT is at
-            // most a burst's time ahead, which is the window for the
-            // default burst.
-            self.insert(q.key, tat_after.div_ceil(1_000), q.window_ms, now_ms, cap)?
+            // Queued with the buckets that live a burst's time.
+            let span_ms = q.algorithm.bucket_span_ms(q.limit, q.window_ms);
+            self.insert(q.key, tat_after.div_ceil(1_000), span_ms, now_ms, cap)?
         };
         if tat_after != tat_us {
             bucket.set_tat(tat_after);
@@ -426,7 +425,8 @@ impl Shard {
             }
             b
         } else {
-            self.insert(key, forget, RING * slice_ms, now_ms, cap)?
+            let span_ms = q.algorithm.bucket_span_ms(q.limit, q.window_ms);
+            self.insert(key, forget, span_ms, now_ms, cap)?
         };
         slot.count = slot.count.saturating_add(d.add);
         if !d.allowed {
