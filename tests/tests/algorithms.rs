@@ -692,3 +692,39 @@ async fn a_huge_reported_charge_fills_the_bucket_and_keeps_every_time_in_range()
         );
     }
 }
+
+/// A reload that cuts a GCRA burst keeps the buckets: a TAT beyond the new
+/// burst is held to it (and kept held), so a client that waits the time
+/// it was told is admitted, in memory and on Redis alike.
+#[tokio::test]
+async fn a_cut_burst_holds_the_tat_and_waiting_as_told_is_admitted() {
+    let stores = stores(false).await;
+    let (limit, window) = (10, 10_000);
+    let mut seen = Vec::new();
+    for (name, store, clock) in stores.each(Algorithm::Gcra { burst: 10 }) {
+        let tier = "/api/reload|10000|gcra";
+        let (identity, key) = client(3_000);
+        let ask = |burst, hits| Ask {
+            key,
+            tier,
+            identity: &identity,
+            limit,
+            hits,
+            window_ms: window,
+            spend: Spend::Admit,
+            algorithm: Algorithm::Gcra { burst },
+        };
+        clock.set(clock.now_ms().next_multiple_of(window));
+        let start = clock.now_ms();
+        assert!(store.decide(ask(100, 100), start).await.unwrap().allowed);
+        let refused = store.decide(ask(10, 1), start).await.unwrap();
+        assert!(!refused.allowed, "{name}");
+        assert_eq!(refused.reset_ms - start, 1_000, "{name}: one interval");
+        clock.set(refused.reset_ms);
+        let waited = store.decide(ask(10, 1), refused.reset_ms).await.unwrap();
+        assert!(waited.allowed, "{name}: waited as told");
+        seen.push((refused.remaining, waited.remaining, waited.reset_ms - start));
+        clock.set(start + 100 * window);
+    }
+    assert_eq!(seen[0], seen[1], "memory and Redis agree");
+}

@@ -27,7 +27,8 @@ pub struct Gcra {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GcraDecision {
     pub allowed: bool,
-    /// The bucket's TAT after the decision (unchanged by a rejection).
+    /// The bucket's TAT after the decision (by a rejection, only held to
+    /// the burst).
     pub tat_us: u64,
     /// Units that could be admitted right after this decision.
     pub remaining: u32,
@@ -68,19 +69,26 @@ impl Gcra {
     /// `hits_addend`): the burst is spent, so the units are never lost.
     #[must_use]
     pub fn exhausted(&self, tat_us: u64, now_us: u64) -> u64 {
-        tat_us.max(now_us.saturating_add(self.tolerance_us))
+        self.held(tat_us, now_us)
+            .max(now_us.saturating_add(self.tolerance_us))
+    }
+
+    /// The TAT as this rate reads it: one beyond the burst (left by a
+    /// larger burst before a reload) is held to it, and the bucket keeps
+    /// the held TAT from then on.
+    #[must_use]
+    pub fn held(&self, tat_us: u64, now_us: u64) -> u64 {
+        tat_us.min(now_us.saturating_add(self.tolerance_us))
     }
 
     /// Admits or rejects a request of `hits` units (0: a check that takes
     /// nothing, admitted while a unit is left) at `now_us` on a bucket whose
-    /// TAT is `tat_us` (0 for a new bucket).
+    /// TAT is `tat_us` (0 for a new bucket), [`held`](Self::held) to the
+    /// burst; the decision's `tat_us` is the TAT to keep.
     #[must_use]
     pub fn decide(&self, tat_us: u64, now_us: u64, hits: u32) -> GcraDecision {
-        // A TAT beyond the burst (left by a larger burst before a reload)
-        // is held to it.
-        let from = tat_us
-            .min(now_us.saturating_add(self.tolerance_us))
-            .max(now_us);
+        let tat_us = self.held(tat_us, now_us);
+        let from = tat_us.max(now_us);
         let asked = u64::from(hits.max(1)).saturating_mul(self.interval_us);
         let moved = from.saturating_add(asked);
         let allowed = moved - now_us <= self.tolerance_us;
@@ -165,11 +173,22 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_us, 1_000 * MS, "one interval, not ninety-one");
         assert_eq!(d.reset_us, 10_000 * MS);
+        assert_eq!(d.tat_us, 10_000 * MS, "the bucket keeps the held TAT");
+        // Waiting as told is admitted, from the TAT kept.
+        assert!(after.decide(d.tat_us, d.retry_us, 1).allowed);
+        assert!(
+            !after.decide(spent, d.retry_us, 1).allowed,
+            "not from the old one"
+        );
         // Charges of any size: refused, with a time that stays in range.
         let huge = after.decide(0, 5, u32::MAX);
         assert!(!huge.allowed);
         assert_eq!(huge.retry_us, 0, "never fits: the burst is whole now");
-        assert_eq!(after.exhausted(spent, 0), spent.max(10_000 * MS));
+        assert_eq!(
+            after.exhausted(spent, 0),
+            10_000 * MS,
+            "held, then the burst spent"
+        );
     }
 
     /// (gap in ms before the request, units): arrivals of one client.

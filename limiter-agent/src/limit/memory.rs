@@ -635,6 +635,53 @@ mod tests {
         ]
     }
 
+    /// A GCRA bucket a raised burst renews far beyond its queue's span
+    /// moves to a queue of its own length, so the buckets queued after it
+    /// are still reclaimed when they expire.
+    #[test]
+    fn a_bucket_renewed_beyond_its_queue_does_not_hold_the_reclaim() {
+        let store = MemoryStore::with_shards(1_000, 1);
+        let identity = crate::identity::Identity::Ip(std::net::Ipv4Addr::LOCALHOST.into());
+        let ask = |key, burst, hits| Ask {
+            key,
+            tier: "",
+            identity: &identity,
+            limit: 60,
+            hits,
+            window_ms: 60_000,
+            spend: Spend::Admit,
+            algorithm: Algorithm::Gcra { burst },
+        };
+        // X opens with the tier's burst of 60, then a reload raises it to
+        // 3600 and X spends an hour's worth.
+        assert!(store.decide_ask(&ask(key(1), 60, 1), T0).unwrap().allowed);
+        assert!(
+            store
+                .decide_ask(&ask(key(1), 3_600, 3_000), T0 + 10)
+                .unwrap()
+                .allowed
+        );
+        store.reclaim(T0 + 70_000);
+        // Y comes after X's requeue and goes quiet; its TAT passes a
+        // second later.
+        assert!(
+            store
+                .decide_ask(&ask(key(2), 60, 1), T0 + 71_000)
+                .unwrap()
+                .allowed
+        );
+        assert_eq!(store.len(), 2);
+        store.reclaim(T0 + 200_000);
+        assert_eq!(store.len(), 1, "Y reclaimed while X still lives");
+        assert!(
+            store
+                .decide_ask(&ask(key(1), 3_600, 0), T0 + 200_000)
+                .unwrap()
+                .remaining
+                < 3_600
+        );
+    }
+
     proptest! {
         /// Compared with a reference model of the fixed window after every step.
         #[test]

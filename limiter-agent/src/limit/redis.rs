@@ -153,9 +153,10 @@ end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local hits = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
--- A TAT beyond the burst (a larger burst before a reload) is held to it.
-tat = math.min(tat, now + tolerance)
+local stored = tonumber(redis.call('GET', KEYS[1]) or 0)
+-- A TAT beyond the burst (a larger burst before a reload) is held to it,
+-- and kept held.
+local tat = math.min(stored, now + tolerance)
 local from = math.max(tat, now)
 -- More units than the burst never fit; more than one beyond it changes nothing.
 local units = math.min(math.max(hits, 1), math.floor(tolerance / interval) + 1)
@@ -175,7 +176,7 @@ if retry > 0 and units * interval > tolerance then
   -- More than the burst never fits: when it is whole.
   retry = math.max(after, now) - now
 end
-if after ~= tat then
+if after ~= stored then
   redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', string.format('%.0f', math.ceil((after - now) / 1000)))
 end
 return {admitted, math.max(after, now) - now, retry}

@@ -388,10 +388,17 @@ impl Proxy {
             StatusCode::TOO_MANY_REQUESTS,
             answers::token_limit_body(retry, requested, budget.remaining, budget.limit),
         );
+        // The request's units went back (see `give_back`): a fixed window's
+        // only.
+        let given_back = if tier.algorithm == Algorithm::Fixed {
+            tier.cost
+        } else {
+            0
+        };
         let requests = Decision {
             remaining: requests
                 .remaining
-                .saturating_add(tier.cost)
+                .saturating_add(given_back)
                 .min(requests.limit),
             ..*requests
         };

@@ -241,19 +241,25 @@ impl State {
         })
     }
 
-    /// The tier's limit, or the key's override of it.
+    /// The tier's limit, or the key's override of it, never below the
+    /// tier's cost (a request must fit).
     pub(super) fn effective_limit(&self, identity: &Identity, tier: usize) -> u32 {
+        let t = &self.config.live.tiers[tier];
+        self.override_limit(identity, tier)
+            .map_or(t.limit.get(), |limit| limit.max(t.cost.get()))
+    }
+
+    /// The key's override of the tier's limit, if it has one.
+    fn override_limit(&self, identity: &Identity, tier: usize) -> Option<u32> {
         let base = self.config.live.tiers[tier].limit.get();
         let Identity::Key(hash) = identity else {
-            return base;
+            return None;
         };
-        let Some(o) = self.config.live.keys.get(hash) else {
-            return base;
-        };
+        let o = self.config.live.keys.get(hash)?;
         if let Some(limit) = o.limits.get(&tier) {
-            return limit.get();
+            return Some(limit.get());
         }
-        o.multiplier.map_or(base, |m| {
+        o.multiplier.map(|m| {
             #[expect(
                 clippy::cast_possible_truncation,
                 clippy::cast_sign_loss,

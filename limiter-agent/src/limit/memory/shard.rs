@@ -248,7 +248,15 @@ impl Shard {
             // Each renewal is requeued at most once, so loops over `step` terminate.
             bucket.packed &= !RENEWED;
             keys.pop_front();
-            keys.push_back(key);
+            let life = bucket.reset_ms() - now_ms;
+            if life > self.queues[q].window_ms {
+                // Renewed beyond its queue's span (a burst raised by a
+                // reload): queued with the buckets that live as long.
+                let longer = self.queue_for(life.checked_next_power_of_two().unwrap_or(life));
+                self.queues[longer].keys.push_back(key);
+            } else {
+                self.queues[q].keys.push_back(key);
+            }
             Step::Requeued
         } else {
             Step::Live
@@ -322,12 +330,11 @@ impl Shard {
             .filter(|b| b.reset_ms() > now_ms)
             .map_or((0, 0), |b| (b.tat_us(), b.rejected()));
         let d = gcra.decide(tat_us, clock_us, q.hits);
-        let tat_after = if d.allowed {
-            d.tat_us
-        } else if q.exhaust && q.hits > 1 {
+        // A rejection keeps the TAT held to the burst (see `Gcra::held`).
+        let tat_after = if !d.allowed && q.exhaust && q.hits > 1 {
             gcra.exhausted(tat_us, clock_us)
         } else {
-            tat_us
+            d.tat_us
         };
         let wait_us = if d.allowed {
             d.reset_us
