@@ -64,7 +64,7 @@ pub struct Missing {
     nightly: bool,
     components: Vec<&'static str>,
     bpf_linker: bool,
-    /// The path suite's routers (`tests/routers/`).
+    /// The test suites' real routers and clients (`tests/routers/`).
     routers: Vec<&'static Routers>,
 }
 
@@ -97,7 +97,7 @@ impl Missing {
         parts.extend(
             self.routers
                 .iter()
-                .map(|r| format!("{} for the path suite", r.what)),
+                .map(|r| format!("{} for the test suites", r.what)),
         );
         parts.join(", ")
     }
@@ -143,8 +143,9 @@ pub fn missing(need: Need) -> Missing {
     missing
 }
 
-/// The real routers of the path suite (`tests/tests/paths.rs`), each installed into
-/// `tests/routers/` from a pinned list.
+/// The real routers and clients the test suites drive (the path suite's
+/// routers, the RLS client, the stand-in LLM provider and the OpenAI SDK),
+/// each installed into `tests/routers/` from a pinned list.
 #[derive(Debug)]
 struct Routers {
     what: &'static str,
@@ -181,7 +182,7 @@ const ROUTERS: [Routers; 2] = [
             let venv = dir.join(".venv");
             if !venv.join("bin/python").is_file() {
                 cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-                    .context("creating the path suite's venv (needs python3)")?;
+                    .context("creating the test suites' venv (needs python3)")?;
             }
             cmd::run(
                 Command::new(venv.join("bin/pip"))
