@@ -11,6 +11,7 @@
 
 use std::{
     fmt::Write as _,
+    io::{BufRead as _, BufReader, Read as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -637,6 +638,35 @@ pub fn time_to_first_event(addr: SocketAddr) -> Duration {
             return started.elapsed();
         }
     }
+}
+
+/// Reads one HTTP/1.1 answer from a keep-alive connection (its body by
+/// `Content-Length`, read and dropped); its status.
+pub fn read_status(reader: &mut BufReader<TcpStream>) -> u16 {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an answer: {line:?}"));
+    let mut length = 0_usize;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("header line");
+        assert!(!line.is_empty(), "the connection closed mid-answer");
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("content-length");
+        }
+    }
+    let mut body = vec![0_u8; length];
+    reader.read_exact(&mut body).expect("body");
+    status
 }
 
 #[cfg(test)]

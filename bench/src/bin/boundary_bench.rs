@@ -10,13 +10,13 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use clap::Parser as _;
-use limiter_bench::{Peer, machine, scratch, write_json};
+use limiter_bench::{Peer, machine, read_status, scratch, write_json};
 use limiter_tests::agent::{agent_binary, free_port};
 use serde_json::json;
 
@@ -44,33 +44,6 @@ fn batch(stream: &mut BufReader<TcpStream>, path: &str, n: u32) -> u32 {
         .write_all(all.as_bytes())
         .expect("send the batch");
     (0..n).map(|_| u32::from(read_status(stream) == 200)).sum()
-}
-
-/// One answer's status, its body read and dropped.
-fn read_status(reader: &mut BufReader<TcpStream>) -> u16 {
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("status line");
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an answer: {line:?}"));
-    let mut length = 0_usize;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).expect("header line");
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().expect("content-length");
-        }
-    }
-    let mut body = vec![0_u8; length];
-    reader.read_exact(&mut body).expect("body");
-    status
 }
 
 fn sleep_until(at: Instant) {

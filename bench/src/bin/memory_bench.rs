@@ -7,13 +7,13 @@
 //! `target/bench/memory.json`.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use clap::Parser as _;
-use limiter_bench::{Peer, machine, rss_bytes, scratch, write_json};
+use limiter_bench::{Peer, machine, read_status, rss_bytes, scratch, write_json};
 use limiter_tests::{
     agent::{agent_binary, free_port, tier},
     http,
@@ -66,36 +66,14 @@ fn send(addr: SocketAddr, start: u64, end: u64) {
         }
         writer.write_all(&out).expect("send");
         for _ in 0..batch {
-            read_response(&mut reader);
+            let status = read_status(&mut reader);
+            assert_eq!(
+                status, 200,
+                "bucket {key}: every request is under its limit"
+            );
         }
         key += batch;
     }
-}
-
-fn read_response(reader: &mut BufReader<TcpStream>) {
-    let mut line = String::new();
-    let mut length = 0usize;
-    let mut status_seen = false;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).expect("response line");
-        assert!(!line.is_empty(), "the agent closed the connection");
-        if !status_seen {
-            assert!(line.starts_with("HTTP/1.1 200"), "unexpected: {line}");
-            status_seen = true;
-            continue;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().expect("content-length");
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).expect("body");
 }
 
 fn buckets(admin: SocketAddr) -> f64 {
