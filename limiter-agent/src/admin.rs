@@ -11,11 +11,12 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+mod api;
 mod dashboard;
 mod status;
 
 pub use self::{dashboard::Dashboard, status::StatusReport};
-use crate::{accept::accept_until, proxy::Proxy};
+use crate::{accept::accept_until, fleet::Fleet, proxy::Proxy};
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -23,6 +24,8 @@ pub struct Admin {
     started: Instant,
     sections: Vec<Arc<dyn StatusReport>>,
     dashboard: Option<Arc<Dashboard>>,
+    /// The fleet's entries the API reads and changes.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Admin {
@@ -33,6 +36,7 @@ impl Admin {
             started: Instant::now(),
             sections,
             dashboard: None,
+            fleet: None,
         }
     }
 
@@ -40,6 +44,13 @@ impl Admin {
     #[must_use]
     pub fn with_dashboard(mut self, dashboard: Arc<Dashboard>) -> Self {
         self.dashboard = Some(dashboard);
+        self
+    }
+
+    /// Serves the admin API on `fleet`.
+    #[must_use]
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
+        self.fleet = Some(fleet);
         self
     }
 
@@ -140,6 +151,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {
+                    if api::owns(req.uri().path()) {
+                        return Ok::<_, Infallible>(api::handle(&admin, req).await);
+                    }
                     if matches!(req.uri().path(), "/status" | "/dashboard.json") {
                         for section in &admin.sections {
                             section.fresh().await;

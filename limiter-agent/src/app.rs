@@ -13,13 +13,36 @@ use crate::{
     cli::RunArgs,
     config::{Config, StoreKind},
     demo,
-    kernel::{Escalation, Kernel},
+    fleet::{Fleet, SharedStore},
+    identity::Identity,
+    kernel::{Banner, Escalation, Kernel},
+    limit::Decision,
     limit::{Clock, RedisStore, Store, SystemClock},
     metrics::{Metrics, ReloadLabels},
     privilege,
-    proxy::Proxy,
+    proxy::{Proxy, RejectionSink},
     server,
 };
+
+/// The rejection sink set once escalation exists (it needs the fleet, which
+/// needs the proxy).
+#[derive(Default)]
+struct LateSink(std::sync::OnceLock<Arc<Escalation>>);
+
+impl RejectionSink for LateSink {
+    fn rejected(
+        &self,
+        peer: std::net::IpAddr,
+        identity: &Identity,
+        decision: &Decision,
+        window_ms: u64,
+        tier: &str,
+    ) {
+        if let Some(escalation) = self.0.get() {
+            escalation.rejected(peer, identity, decision, window_ms, tier);
+        }
+    }
+}
 
 /// How long in-flight requests get to finish after SIGTERM/SIGINT.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -50,6 +73,7 @@ pub struct App {
     proxy: Arc<Proxy>,
     kernel: Option<Arc<Kernel>>,
     escalation: Option<Arc<Escalation>>,
+    fleet: Arc<Fleet>,
     reload: Reload,
 }
 
@@ -133,21 +157,52 @@ impl App {
             capabilities = ?privilege::effective(),
             "limiter-agent started"
         );
-        let escalation = kernel
-            .as_ref()
-            .map(|k| Arc::new(Escalation::new(k.clone(), &config, metrics.clone())));
-        let mut proxy = Proxy::new(config, clock, store, metrics)?;
+        let shared = match &config.startup.store {
+            StoreKind::Redis(settings) => SharedStore::redis(settings),
+            StoreKind::Memory => SharedStore::file(&config.startup.state_file),
+        }
+        .context("opening the fleet's shared entries")?;
+        // The proxy and the fleet refer to each other (escalation's bans go
+        // through the fleet, which applies to the proxy): the sink is set
+        // once both exist.
+        let sink = Arc::new(LateSink::default());
+        let mut proxy = Proxy::new(config.clone(), clock, store, metrics.clone())?;
+        if kernel.is_some() {
+            proxy = proxy.with_rejection_sink(sink.clone());
+        }
+        let proxy = Arc::new(proxy);
+        let fleet = Arc::new(Fleet::new(shared, proxy.clone(), kernel.clone()));
+        let escalation = kernel.as_ref().map(|_| {
+            Arc::new(Escalation::new(
+                fleet.clone() as Arc<dyn Banner>,
+                &config,
+                metrics.clone(),
+            ))
+        });
         if let Some(escalation) = &escalation {
-            proxy = proxy.with_rejection_sink(escalation.clone());
+            let _ = sink.0.set(escalation.clone());
+        }
+        // Bans and overrides in force before the first client is served.
+        match tokio::time::timeout(Duration::from_secs(3), fleet.refresh()).await {
+            Ok(Ok(())) => tracing::info!(
+                bans = fleet.view().bans.len(),
+                overrides = fleet.view().overrides.len(),
+                allow = fleet.view().allow.len(),
+                shared = fleet.is_shared(),
+                "fleet entries loaded"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "fleet entries not loaded yet; retrying"),
+            Err(_) => tracing::warn!("fleet entries not loaded in 3 s; retrying"),
         }
         Ok(Self {
             listener,
             admin_listener,
             rls,
             tls,
-            proxy: Arc::new(proxy),
+            proxy,
             kernel,
             escalation,
+            fleet,
             reload: Reload {
                 args,
                 demo_upstream,
@@ -169,16 +224,19 @@ impl App {
             proxy,
             kernel,
             escalation,
+            fleet,
             reload,
         } = self;
+        tokio::spawn(fleet.clone().run());
         // Gauges (store health above all) are right before the admin listener serves.
         proxy.housekeeping();
         spawn_housekeeping(proxy.clone(), kernel.clone(), escalation.clone());
-        let sections: Vec<Arc<dyn StatusReport>> = kernel
+        let mut sections: Vec<Arc<dyn StatusReport>> = kernel
             .iter()
             .map(|k| k.clone() as Arc<dyn StatusReport>)
             .collect();
-        let mut admin = Admin::new(proxy.clone(), sections.clone());
+        sections.push(fleet.clone());
+        let mut admin = Admin::new(proxy.clone(), sections.clone()).with_fleet(fleet.clone());
         if proxy.state().config.startup.dashboard {
             let dashboard = Arc::new(Dashboard::new(proxy.clone(), sections.first().cloned()));
             tokio::spawn(dashboard.clone().run_sampler());
@@ -208,6 +266,7 @@ impl App {
         if let Some(kernel) = &kernel {
             kernel.shutdown();
         }
+        fleet.shutdown();
         served?;
         tracing::info!("stopped");
         Ok(())

@@ -21,6 +21,7 @@ mod keys;
 mod limited;
 mod pool;
 mod respond;
+mod runtime;
 mod state;
 mod tokens;
 mod upstream;
@@ -36,6 +37,7 @@ pub use self::{
     descriptors::{Answer, Verdict},
     in_flight::Slots,
     respond::{error, json_response},
+    runtime::{BanList, Runtime, RuntimeOverride, unix_ms},
     state::State,
     upstream::Upstreams,
 };
@@ -55,13 +57,23 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Told about every rejected request, to escalate sources that keep hammering.
 pub trait RejectionSink: Send + Sync + 'static {
     /// `decision.rejected` counts this bucket's rejections in its window so far.
-    fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, window_ms: u64);
+    /// `tier` names the tier (its route).
+    fn rejected(
+        &self,
+        peer: IpAddr,
+        identity: &Identity,
+        decision: &Decision,
+        window_ms: u64,
+        tier: &str,
+    );
 }
 
 /// Everything a request needs, shared by all connections. The config half is
 /// swapped whole on reload; the store, client and metrics live across reloads.
 pub struct Proxy {
     state: ArcSwap<State>,
+    /// Runtime overrides and the bans the proxy enforces (the fleet's).
+    runtime: ArcSwap<Runtime>,
     store: Arc<dyn Store>,
     /// Decides when a shared store fails and `on_error = "allow"` (the
     /// setting is read per request, so a reload may change it).
@@ -143,6 +155,7 @@ impl Proxy {
         let startup = state.config.startup.clone();
         Ok(Self {
             state: ArcSwap::from_pointee(state),
+            runtime: ArcSwap::from_pointee(Runtime::default()),
             store,
             fallback,
             verified,
@@ -205,6 +218,18 @@ impl Proxy {
         State::new(config, &self.hasher, &self.metrics)
     }
 
+    /// The runtime overrides and bans in force.
+    #[must_use]
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Puts runtime overrides and bans in force for every request that
+    /// starts from now.
+    pub fn set_runtime(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+    }
+
     /// Puts a prepared config in force for every request that starts from now.
     pub fn install(&self, state: State) {
         self.state.store(Arc::new(state));
@@ -245,6 +270,9 @@ impl Proxy {
         peer: &Peer,
     ) -> (Response<Body>, Option<Slots>) {
         let state = self.state.load_full();
+        if let Some(refused) = self.banned(&state, &req, peer) {
+            return (refused, None);
+        }
         // Both framings at once is how requests get smuggled past a proxy
         // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
         if req.headers().contains_key(header::TRANSFER_ENCODING)
@@ -306,6 +334,34 @@ impl Proxy {
             }
         };
         self.limited(&state, req, peer, tier_index, client).await
+    }
+
+    /// The answer to a banned client, before any other work: the TCP peer,
+    /// or behind a trusted proxy the client it names. The kernel drops
+    /// banned peers before they get here, unless XDP is off.
+    fn banned(&self, state: &State, req: &Request<Incoming>, peer: &Peer) -> Option<Response<Body>> {
+        let runtime = self.runtime.load();
+        if runtime.bans.is_empty() {
+            return None;
+        }
+        let peer_ip = peer.addr.ip().to_canonical();
+        let left = runtime.bans.left_ms(peer_ip).or_else(|| {
+            if !state.identity.is_trusted_peer(peer_ip) {
+                return None;
+            }
+            let client = state.identity.client_ip(req.headers(), peer_ip).ok()?;
+            runtime.bans.left_ms(client)
+        })?;
+        self.metrics.refuse("banned");
+        let mut response = error(
+            StatusCode::FORBIDDEN,
+            "BANNED",
+            "This client is banned for ignoring rate limits; retry after the time in Retry-After.",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from(left.div_ceil(1000)));
+        Some(response)
     }
 
     /// The in-flight slots of a request from `source` (the grouped client

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit};
 pub use model::{
-    Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, Reserve, RlsPolicy,
+    AdminTokens, Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, Reserve, RlsPolicy,
     RlsSecret, StartupSettings, StoreKind, Tier, TokenBudget, UsageField, XdpAttach, XdpMode,
     XdpPolicy,
 };

@@ -62,6 +62,12 @@ restart_settings! {
         admin_listen: SocketAddr => "admin.listen",
         /// Serve the live page at `/` (and sample for it).
         dashboard: bool => "admin.dashboard",
+        /// Who may use the admin API's writes (none: nobody).
+        admin_tokens: AdminTokens => "admin.token_file",
+        /// This host's name in the fleet: the origin of its bans and changes.
+        node: String => "admin.node",
+        /// Where runtime changes persist when the store is in memory.
+        state_file: PathBuf => "admin.state_file",
         /// Certificate chain and key files.
         tls: Option<(PathBuf, PathBuf)> => "server.tls_cert/tls_key",
         max_header_bytes: usize => "server.max_header_bytes",
@@ -182,6 +188,53 @@ impl RlsSecret {
 impl std::fmt::Debug for RlsSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RlsSecret(***)")
+    }
+}
+
+/// `[admin] token_file`: the admin API's bearer tokens, each with the name
+/// its changes are recorded under; never shown.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminTokens(Vec<(String, RlsSecret)>);
+
+impl AdminTokens {
+    /// Shortest token accepted, in bytes.
+    pub const MIN_LEN: usize = 16;
+
+    #[must_use]
+    pub fn new(tokens: Vec<(String, Vec<u8>)>) -> Self {
+        Self(
+            tokens
+                .into_iter()
+                .map(|(name, token)| (name, RlsSecret::new(token)))
+                .collect(),
+        )
+    }
+
+    /// Whether any token is configured (without one, writes are refused).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The name of the token `offered` is, comparing with every token in
+    /// time that does not depend on where they differ.
+    #[must_use]
+    pub fn who(&self, offered: &[u8]) -> Option<&str> {
+        let mut found = None;
+        for (name, token) in &self.0 {
+            if token.matches(offered) && found.is_none() {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+impl std::fmt::Debug for AdminTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| format!("{name}:***")))
+            .finish()
     }
 }
 

@@ -101,6 +101,12 @@ pub(super) struct RawAdmin {
     pub listen: String,
     /// The live page at `/` and its once-a-second sampler.
     pub dashboard: bool,
+    /// The admin API's bearer tokens, one per line (`name:token`).
+    pub token_file: Option<PathBuf>,
+    /// This host's name in the fleet; default the host name.
+    pub node: Option<String>,
+    /// Where runtime changes persist with the in-memory store.
+    pub state_file: PathBuf,
 }
 
 impl Default for RawAdmin {
@@ -108,6 +114,9 @@ impl Default for RawAdmin {
         Self {
             listen: "127.0.0.1:9090".into(),
             dashboard: true,
+            token_file: None,
+            node: None,
+            state_file: "/var/lib/limiter/runtime.json".into(),
         }
     }
 }

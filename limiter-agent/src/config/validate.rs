@@ -10,7 +10,7 @@ use super::{
     envoy::EnvoyDomain,
     invalid,
     model::{
-        Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy,
+        AdminTokens, Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy,
         RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
     raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawXdp},
@@ -118,10 +118,24 @@ impl RawConfig {
         // Compiling the table here rejects ambiguous tables at load time.
         live.route_table()?;
         live.keys = keys(&self.key, &live.tiers, live.path_policy)?;
+        let admin_listen = socket_addr("admin.listen", &self.admin.listen)?;
+        let admin_tokens = admin_tokens(self.admin.token_file.as_deref())?;
+        if admin_tokens.is_empty() && !admin_listen.ip().is_loopback() {
+            return Err(invalid(
+                "admin.token_file",
+                format!(
+                    "required when admin.listen ({admin_listen}) is not a loopback address: \
+                     the admin API changes limits and bans"
+                ),
+            ));
+        }
         let startup = StartupSettings {
             listen,
-            admin_listen: socket_addr("admin.listen", &self.admin.listen)?,
+            admin_listen,
             dashboard: self.admin.dashboard,
+            admin_tokens,
+            node: node(self.admin.node.as_deref())?,
+            state_file: self.admin.state_file.clone(),
             tls,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,
@@ -180,6 +194,84 @@ pub(super) fn duration(field: &str, text: &str) -> Result<Duration, ConfigError>
 fn socket_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.parse()
         .map_err(|_| invalid(field, format!("`{text}` is not an IP:port address")))
+}
+
+/// `[admin] token_file`: one token per line, `name:token` or a bare token
+/// (named `admin`); blank lines and `#` comments skipped.
+fn admin_tokens(path: Option<&std::path::Path>) -> Result<AdminTokens, ConfigError> {
+    const FIELD: &str = "admin.token_file";
+    let Some(path) = path else {
+        return Ok(AdminTokens::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(FIELD, format!("reading {}: {e}", path.display())))?;
+    let mut tokens: Vec<(String, Vec<u8>)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, token) = line.split_once(':').unwrap_or(("admin", line));
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+        if !name_ok {
+            return Err(invalid(
+                FIELD,
+                format!(
+                    "{} line {}: a name is 1 to 64 letters, digits, `-`, `_`, `.` or `@`",
+                    path.display(),
+                    n + 1
+                ),
+            ));
+        }
+        if token.len() < AdminTokens::MIN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                FIELD,
+                format!(
+                    "{} line {}: a token is at least {} visible ASCII characters",
+                    path.display(),
+                    n + 1,
+                    AdminTokens::MIN_LEN
+                ),
+            ));
+        }
+        if tokens.iter().any(|(other, _)| other == name) {
+            return Err(invalid(
+                FIELD,
+                format!("{} line {}: `{name}` named twice", path.display(), n + 1),
+            ));
+        }
+        tokens.push((name.to_owned(), token.as_bytes().to_vec()));
+    }
+    if tokens.is_empty() {
+        return Err(invalid(FIELD, format!("{} holds no token", path.display())));
+    }
+    Ok(AdminTokens::new(tokens))
+}
+
+/// `[admin] node`, or the host name.
+fn node(configured: Option<&str>) -> Result<String, ConfigError> {
+    let name = match configured {
+        Some(name) => name.to_owned(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+    };
+    let name = if name.is_empty() { "localhost".to_owned() } else { name };
+    if name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            "admin.node",
+            format!("`{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    Ok(name)
 }
 
 /// `field[i]` each parsed as `IP` or `IP/LEN`.

@@ -11,6 +11,7 @@ use std::{
 use ipnet::IpNet;
 
 use super::{Kernel, monotonic_ns};
+use crate::net::widen;
 use crate::{
     config::Config,
     identity::Identity,
@@ -79,9 +80,49 @@ impl EscalationSettings {
     }
 }
 
+/// Why a ban was made, for the hosts and operators who see it.
+#[derive(Debug, Clone)]
+pub struct BanCause<'a> {
+    pub reason: String,
+    /// The tier whose 429s were ignored.
+    pub tier: Option<&'a str>,
+}
+
+/// Where escalation's bans go: this host's kernel, or the fleet (which
+/// puts it in this host's kernel at once and publishes it to the others).
+pub trait Banner: Send + Sync {
+    /// Bans `net` for `seconds`; the network as banned (IPv6 widened to
+    /// `ipv6_prefix`).
+    ///
+    /// # Errors
+    /// The kernel refused the entry.
+    fn ban(
+        &self,
+        net: IpNet,
+        seconds: u64,
+        ipv6_prefix: u8,
+        cause: BanCause<'_>,
+    ) -> Result<IpNet, String>;
+}
+
+impl Banner for Kernel {
+    fn ban(
+        &self,
+        net: IpNet,
+        seconds: u64,
+        ipv6_prefix: u8,
+        _cause: BanCause<'_>,
+    ) -> Result<IpNet, String> {
+        let until = monotonic_ns().saturating_add(seconds.saturating_mul(1_000_000_000));
+        self.maps()
+            .ban(widen(net, ipv6_prefix), until, ipv6_prefix)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// The [`RejectionSink`] that bans sources in the kernel.
 pub struct Escalation {
-    kernel: Arc<Kernel>,
+    banner: Arc<dyn Banner>,
     metrics: Metrics,
     /// Swapped whole on reload; a rejection takes a reference count.
     settings: Mutex<Arc<EscalationSettings>>,
@@ -104,9 +145,9 @@ struct Keyed {
 
 impl Escalation {
     #[must_use]
-    pub fn new(kernel: Arc<Kernel>, config: &Config, metrics: Metrics) -> Self {
+    pub fn new(banner: Arc<dyn Banner>, config: &Config, metrics: Metrics) -> Self {
         Self {
-            kernel,
+            banner,
             metrics,
             settings: Mutex::new(Arc::new(EscalationSettings::from_config(config))),
             offenders: Mutex::default(),
@@ -183,7 +224,14 @@ impl Escalation {
 }
 
 impl RejectionSink for Escalation {
-    fn rejected(&self, peer: IpAddr, identity: &Identity, decision: &Decision, window_ms: u64) {
+    fn rejected(
+        &self,
+        peer: IpAddr,
+        identity: &Identity,
+        decision: &Decision,
+        window_ms: u64,
+        tier: &str,
+    ) {
         let settings = Arc::clone(&self.settings.lock().unwrap_or_else(PoisonError::into_inner));
         let threshold = settings.threshold(decision.limit);
         let Some(addr) = Self::target(&settings, peer, identity) else {
@@ -227,15 +275,17 @@ impl RejectionSink for Escalation {
             offender.banned_until_ns = now.saturating_add(seconds.saturating_mul(1_000_000_000));
             seconds
         };
-        let until = now.saturating_add(seconds.saturating_mul(1_000_000_000));
+        let cause = BanCause {
+            reason: format!("{rejected} requests after 429s in one window"),
+            tier: Some(tier),
+        };
         match self
-            .kernel
-            .maps()
-            .ban(IpNet::from(addr), until, settings.ipv6_prefix)
+            .banner
+            .ban(IpNet::from(addr), seconds, settings.ipv6_prefix, cause)
         {
             Ok(net) => {
                 self.metrics.escalations.inc();
-                tracing::warn!(%net, seconds, rejected, "banned in the kernel for ignoring 429s");
+                tracing::warn!(%net, seconds, rejected, tier, "banned in the kernel for ignoring 429s");
             }
             Err(e) => tracing::error!(%addr, "escalation ban failed: {e}"),
         }

@@ -24,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramError, Xdp},
 };
-pub use escalate::Escalation;
+pub use escalate::{BanCause, Banner, Escalation};
 use ipnet::IpNet;
 use limiter_common::{GLOBAL_USE_COARSE_CLOCK, PROGRAM_NAME, map_names};
 
@@ -160,6 +160,23 @@ pub struct Kernel {
     reporter: reporter::Reporter,
     /// Handles of its own for walking the ban trie in housekeeping.
     sweep: Mutex<Maps>,
+    /// The config's allow list and the fleet's runtime entries, pushed together.
+    allow: Mutex<AllowParts>,
+}
+
+/// The two halves of the kernel allow list.
+#[derive(Default)]
+struct AllowParts {
+    config: Vec<IpNet>,
+    runtime: Vec<IpNet>,
+}
+
+impl AllowParts {
+    fn all(&self) -> Vec<IpNet> {
+        let mut all = self.config.clone();
+        all.extend(self.runtime.iter().filter(|n| !self.config.contains(n)));
+        all
+    }
 }
 
 impl Kernel {
@@ -227,6 +244,10 @@ impl Kernel {
             ipv6_prefix: Mutex::new(config.live.ipv6_prefix),
             reporter,
             sweep: Mutex::new(sweep),
+            allow: Mutex::new(AllowParts {
+                config: sync::allow_list(config),
+                runtime: Vec::new(),
+            }),
         };
         kernel.write_run_state();
         Ok(kernel)
@@ -252,7 +273,12 @@ impl Kernel {
         let mut maps = self.maps();
         let clock = maps.config()?.clock;
         maps.write_config(&sync::program_config(config, clock, possible_cpus()))?;
-        maps.set_allow(&sync::allow_list(config), config.live.ipv6_prefix)?;
+        let all = {
+            let mut allow = self.allow.lock().unwrap_or_else(PoisonError::into_inner);
+            allow.config = sync::allow_list(config);
+            allow.all()
+        };
+        maps.set_allow(&all, config.live.ipv6_prefix)?;
         maps.set_local(&sync::local_addresses())?;
         *self
             .ipv6_prefix
@@ -284,6 +310,22 @@ impl Kernel {
         if removed > 0 {
             tracing::debug!(removed, "expired bans removed");
         }
+    }
+
+    /// Replaces the runtime part of the allow list (the fleet's entries);
+    /// the config's part stays.
+    ///
+    /// # Errors
+    /// A map update failed.
+    pub fn set_runtime_allow(&self, nets: Vec<IpNet>) -> Result<(), KernelError> {
+        let all = {
+            let mut allow = self.allow.lock().unwrap_or_else(PoisonError::into_inner);
+            allow.runtime = nets;
+            allow.all()
+        };
+        let prefix = self.ipv6_prefix();
+        self.maps().set_allow(&all, prefix)?;
+        Ok(())
     }
 
     #[must_use]

@@ -7,7 +7,7 @@ mod clock;
 mod gcra;
 mod lapsing;
 mod memory;
-mod redis;
+pub(crate) mod redis;
 pub mod sliding;
 
 use std::{future::Future, pin::Pin};

@@ -323,12 +323,12 @@ pub fn verified_key(prefix: &str, tier: &str, key_sha256: &str) -> String {
 
 /// The connection: a single server through the crate's reconnecting manager, or
 /// a Cluster client connected on first use (so the agent starts with Redis down).
-enum Backend {
+pub(crate) enum Backend {
     Single(ConnectionManager),
     Cluster(Box<LazyCluster>),
 }
 
-struct LazyCluster {
+pub(crate) struct LazyCluster {
     client: ClusterClient,
     /// Set once connected; the connection then follows the cluster's topology itself.
     connection: ArcSwapOption<ClusterConnection>,
@@ -337,6 +337,53 @@ struct LazyCluster {
 }
 
 impl Backend {
+    /// A lazily connecting backend for `settings` (Redis may be down now).
+    pub(crate) fn new(settings: &RedisSettings) -> RedisResult<Self> {
+        let tls = settings
+            .url
+            .iter()
+            .chain(&settings.cluster_nodes)
+            .any(|url| url.starts_with("rediss://"));
+        if tls {
+            // rediss:// builds a rustls client config from the process default provider;
+            // an error only means one is installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        // Connecting gets more time than a call (a handshake, maybe TLS); the
+        // per-call timeout still bounds what a request waits.
+        let connect_timeout = settings.timeout.max(Duration::from_millis(500));
+        if settings.cluster_nodes.is_empty() {
+            let url = settings.url.as_deref().unwrap_or_default();
+            let client = Client::open(url)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(settings.timeout))
+                .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_secs(1));
+            Ok(Self::Single(ConnectionManager::new_lazy_with_config(
+                client, config,
+            )?))
+        } else {
+            let nodes: Vec<&str> = settings
+                .url
+                .iter()
+                .chain(&settings.cluster_nodes)
+                .map(String::as_str)
+                .collect();
+            let client = ClusterClient::builder(nodes)
+                .connection_timeout(connect_timeout)
+                .response_timeout(settings.timeout)
+                .retries(1)
+                .build()?;
+            Ok(Self::Cluster(Box::new(LazyCluster {
+                client,
+                connection: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
+            })))
+        }
+    }
+
     /// The Cluster connection, connecting it first if needed (one attempt at a time).
     async fn cluster(cluster: &LazyCluster) -> RedisResult<ClusterConnection> {
         if let Some(connection) = &*cluster.connection.load() {
@@ -352,7 +399,7 @@ impl Backend {
     }
 
     /// Runs a script invocation on the connection.
-    async fn run<T: redis::FromRedisValue>(
+    pub(crate) async fn run<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> RedisResult<T> {
@@ -366,7 +413,7 @@ impl Backend {
         }
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
+    pub(crate) async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
         match self {
             Self::Single(manager) => command.query_async(&mut manager.clone()).await,
             Self::Cluster(cluster) => {
@@ -422,50 +469,8 @@ impl RedisStore {
         max_buckets: usize,
     ) -> Result<Self, StoreError> {
         let backend_error = |e: RedisError| StoreError::Backend(e.to_string());
-        let tls = settings
-            .url
-            .iter()
-            .chain(&settings.cluster_nodes)
-            .any(|url| url.starts_with("rediss://"));
-        if tls {
-            // rediss:// builds a rustls client config from the process default provider;
-            // an error only means one is installed already.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        // Connecting gets more time than a call (a handshake, maybe TLS); the
-        // per-call timeout still bounds what a request waits.
         let connect_timeout = settings.timeout.max(Duration::from_millis(500));
-        let backend = if settings.cluster_nodes.is_empty() {
-            let url = settings.url.as_deref().unwrap_or_default();
-            let client = Client::open(url).map_err(backend_error)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(Some(settings.timeout))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(1));
-            Backend::Single(
-                ConnectionManager::new_lazy_with_config(client, config).map_err(backend_error)?,
-            )
-        } else {
-            let nodes: Vec<&str> = settings
-                .url
-                .iter()
-                .chain(&settings.cluster_nodes)
-                .map(String::as_str)
-                .collect();
-            let client = ClusterClient::builder(nodes)
-                .connection_timeout(connect_timeout)
-                .response_timeout(settings.timeout)
-                .retries(1)
-                .build()
-                .map_err(backend_error)?;
-            Backend::Cluster(Box::new(LazyCluster {
-                client,
-                connection: ArcSwapOption::empty(),
-                connecting: tokio::sync::Mutex::new(()),
-            }))
-        };
+        let backend = Backend::new(settings).map_err(backend_error)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 backend,

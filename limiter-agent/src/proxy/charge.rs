@@ -89,7 +89,7 @@ impl Proxy {
             self.offenders
                 .note(&tier.route, charge.identity, &decision, now_ms);
             if let (Some(sink), Some((addr, as_identity))) = (&self.rejections, charge.source) {
-                sink.rejected(addr, as_identity, &decision, tier.window_ms);
+                sink.rejected(addr, as_identity, &decision, tier.window_ms, &tier.route);
             }
         }
         Charged::Decided(decision, decider)

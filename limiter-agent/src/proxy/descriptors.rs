@@ -342,7 +342,7 @@ impl Proxy {
         }
         let charge = Charge {
             identity: &identity,
-            limit: state.effective_limit(&identity, tier_index),
+            limit: state.effective_limit(&self.runtime.load(), &identity, tier_index),
             hits,
             spend: Spend::Reported,
             source: remote

@@ -47,7 +47,9 @@ impl Proxy {
         };
         match state.config.live.verify_keys {
             KeyVerification::Off => return (Identity::Key(key), KeyCheck::None),
-            _ if state.config.live.keys.contains_key(&key) => {
+            _ if state.config.live.keys.contains_key(&key)
+                || self.runtime.load().overrides.contains_key(&key) =>
+            {
                 return (Identity::Key(key), KeyCheck::None);
             }
             KeyVerification::Config => return (Identity::Ip(client.ip), KeyCheck::None),

@@ -73,7 +73,7 @@ impl Proxy {
         let now_ms = self.clock.now_ms();
         let preflight = req.method() == http::Method::OPTIONS;
         let (identity, check) = self.identify(state, client, tier, preflight, now_ms).await;
-        let limit = state.effective_limit(&identity, tier_index);
+        let limit = state.effective_limit(&self.runtime.load(), &identity, tier_index);
         // What only some tiers do is boxed, and only built where it is
         // done: the futures of the common path stay small, since each is
         // moved whole as it is awaited.

@@ -7,7 +7,7 @@ use std::{collections::hash_map::RandomState, hash::BuildHasher as _, num::NonZe
 use http::HeaderName;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
-use super::descriptors::EnvoyRules;
+use super::{descriptors::EnvoyRules, runtime::Runtime};
 use crate::{
     answers::PolicyName,
     config::{Config, ConfigError, LimitMode, Tier, TokenBudget},
@@ -243,23 +243,40 @@ impl State {
 
     /// The tier's limit, or the key's override of it, never below the
     /// tier's cost (a request must fit).
-    pub(super) fn effective_limit(&self, identity: &Identity, tier: usize) -> u32 {
+    pub(super) fn effective_limit(
+        &self,
+        runtime: &Runtime,
+        identity: &Identity,
+        tier: usize,
+    ) -> u32 {
         let t = &self.config.live.tiers[tier];
-        self.override_limit(identity, tier)
+        self.override_limit(runtime, identity, tier)
             .map_or(t.limit.get(), |limit| limit.max(t.cost.get()))
     }
 
-    /// The key's override of the tier's limit, if it has one.
-    fn override_limit(&self, identity: &Identity, tier: usize) -> Option<u32> {
+    /// The key's override of the tier's limit, if it has one: a runtime
+    /// override in force replaces the key's `[[key]]` entry.
+    fn override_limit(&self, runtime: &Runtime, identity: &Identity, tier: usize) -> Option<u32> {
         let base = self.config.live.tiers[tier].limit.get();
         let Identity::Key(hash) = identity else {
             return None;
         };
-        let o = self.config.live.keys.get(hash)?;
-        if let Some(limit) = o.limits.get(&tier) {
-            return Some(limit.get());
-        }
-        o.multiplier.map(|m| {
+        let multiplier = match runtime.overrides.get(hash).filter(|o| o.live()) {
+            Some(o) => {
+                if let Some(limit) = o.limits.get(&self.tiers[tier].route) {
+                    return Some(limit.get());
+                }
+                o.multiplier
+            }
+            None => {
+                let o = self.config.live.keys.get(hash)?;
+                if let Some(limit) = o.limits.get(&tier) {
+                    return Some(limit.get());
+                }
+                o.multiplier
+            }
+        };
+        multiplier.map(|m| {
             #[expect(
                 clippy::cast_possible_truncation,
                 clippy::cast_sign_loss,

@@ -1,0 +1,668 @@
+//! The fleet acts as one: bans (escalation, the CLI, the admin API), per-key
+//! overrides and allow entries live in the shared store (Redis, or with the
+//! in-memory store a local file), and every agent applies what is there: bans
+//! to its kernel ban list (and to the proxy's own check), allow entries to the
+//! kernel allow list, overrides to its limits.
+//!
+//! Each agent polls the store's version every [`POLL`] and reads everything
+//! when it changed, so a change reaches every host within a poll and a round
+//! trip; one that starts, restarts or reconnects reads what is in force. A
+//! ban escalation makes here is in this host's kernel at once and published
+//! after; until the store has it (Redis down), it is kept and published again.
+//! A host never applies a ban covering its trusted proxies or its allow list,
+//! whoever asked.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+
+pub mod record;
+pub mod shared;
+
+pub use self::shared::{SharedError, SharedStore};
+use self::record::{Allow, Ban, Change, Kind, Override, Shared, json};
+use crate::{
+    kernel::{BanCause, Banner, Kernel, monotonic_ns},
+    net::widen,
+    proxy::{BanList, Proxy, Runtime, RuntimeOverride, unix_ms},
+};
+
+/// How often each agent asks whether anything changed.
+pub const POLL: Duration = Duration::from_millis(200);
+/// Everything is read again at least this often, whatever the version says.
+const FULL_READ: Duration = Duration::from_secs(10);
+/// Longest ban or override lifetime accepted (ten years).
+pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
+
+/// A ban made on this host, kept until the store is seen holding it.
+struct Pending {
+    ban: Ban,
+    published: bool,
+}
+
+/// What this host applied, to undo only that.
+#[derive(Default)]
+struct Applied {
+    version: Option<u64>,
+    shared: Arc<Shared>,
+    pending: HashMap<String, Pending>,
+    /// Kernel ban entries this host put there, with their end (Unix ms).
+    kernel_bans: HashMap<IpNet, u64>,
+    kernel_allow: Vec<IpNet>,
+    /// Bans in `shared` this host does not apply, and why.
+    skipped: HashMap<String, &'static str>,
+}
+
+/// The fleet's entries on this host.
+pub struct Fleet {
+    node: String,
+    store: SharedStore,
+    kernel: Option<Arc<Kernel>>,
+    proxy: Arc<Proxy>,
+    applied: Mutex<Applied>,
+    /// What GETs and the dashboard show: the last read, with local pending bans.
+    view: ArcSwap<Shared>,
+    wake: tokio::sync::Notify,
+    /// When the store was last read (Unix ms), 0 = never.
+    synced_ms: AtomicU64,
+    /// Where `limiter-agent status` finds the bans' origins.
+    origins_file: Option<std::path::PathBuf>,
+}
+
+/// Why a change was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The change names something this host refuses (a protected network,
+    /// an unknown route…): a 400.
+    #[error("{0}")]
+    Refused(String),
+    /// The store could not take it: a 503.
+    #[error(transparent)]
+    Store(#[from] SharedError),
+}
+
+impl Fleet {
+    /// The fleet on `store`, applying to `proxy` and `kernel`; nothing is
+    /// read until [`Fleet::run`] or [`Fleet::refresh`].
+    #[must_use]
+    pub fn new(store: SharedStore, proxy: Arc<Proxy>, kernel: Option<Arc<Kernel>>) -> Self {
+        let node = proxy.state().config.startup.node.clone();
+        let origins_file = kernel.as_ref().map(|_| {
+            crate::kernel::state::run_state_path(&proxy.state().config.startup.xdp.instance)
+                .with_extension("bans.json")
+        });
+        Self {
+            node,
+            store,
+            kernel,
+            proxy,
+            applied: Mutex::default(),
+            view: ArcSwap::from_pointee(Shared::default()),
+            wake: tokio::sync::Notify::new(),
+            synced_ms: AtomicU64::new(0),
+            origins_file,
+        }
+    }
+
+    /// This host's name in the fleet.
+    #[must_use]
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// What is in force, as last read (with this host's unpublished bans).
+    #[must_use]
+    pub fn view(&self) -> Arc<Shared> {
+        self.view.load_full()
+    }
+
+    /// Bans in the store this host does not apply, and why.
+    #[must_use]
+    pub fn skipped(&self) -> Vec<(String, &'static str)> {
+        let mut skipped: Vec<_> = self
+            .lock()
+            .skipped
+            .iter()
+            .map(|(net, why)| (net.clone(), *why))
+            .collect();
+        skipped.sort();
+        skipped
+    }
+
+    /// When the store was last read, Unix ms (0: never).
+    #[must_use]
+    pub fn synced_ms(&self) -> u64 {
+        self.synced_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether other hosts share the entries (Redis) or they are this
+    /// host's (a file).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Applied> {
+        self.applied.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Polls the store until the task is dropped.
+    pub async fn run(self: Arc<Self>) {
+        let mut last_full = tokio::time::Instant::now();
+        let mut failing = false;
+        loop {
+            let outcome = self.tick(last_full.elapsed() >= FULL_READ).await;
+            match outcome {
+                Ok(full) => {
+                    if full {
+                        last_full = tokio::time::Instant::now();
+                    }
+                    if failing {
+                        tracing::info!("fleet entries readable again");
+                        failing = false;
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "fleet entries unreadable; keeping what is applied");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// One poll: publishes this host's pending bans, reads the store if its
+    /// version moved (or `full`), drops expired entries, applies. Whether
+    /// it read everything.
+    async fn tick(&self, full: bool) -> Result<bool, SharedError> {
+        self.publish_pending().await;
+        let version = self.store.version().await?;
+        let known = self.lock().version;
+        let read = full || known != Some(version);
+        if read {
+            self.refresh().await?;
+        } else {
+            self.synced_ms.store(unix_ms(), Ordering::Relaxed);
+            // Deadlines pass without a change in the store.
+            self.apply();
+        }
+        Ok(read)
+    }
+
+    /// Reads everything now and applies it.
+    ///
+    /// # Errors
+    /// The store could not be read; what is applied stays.
+    pub async fn refresh(&self) -> Result<(), SharedError> {
+        let (version, shared) = self.store.read().await?;
+        self.synced_ms.store(unix_ms(), Ordering::Relaxed);
+        let now = unix_ms();
+        for (kind, name, was) in shared.expired(now) {
+            // Only if still what expired: a renewal meanwhile stays.
+            let _ = self
+                .store
+                .write(kind, &name, None, None, Some(&was))
+                .await;
+        }
+        {
+            let mut applied = self.lock();
+            applied.version = Some(version);
+            // Bans made here that the store now holds are the store's.
+            applied.pending.retain(|net, pending| {
+                pending.ban.until_ms > now
+                    && shared.bans.get(net).is_none_or(|b| b.at_ms < pending.ban.at_ms)
+            });
+            applied.shared = Arc::new(shared);
+        }
+        self.apply();
+        Ok(())
+    }
+
+    async fn publish_pending(&self) {
+        let unpublished: Vec<(String, Ban)> = self
+            .lock()
+            .pending
+            .iter()
+            .filter(|(_, p)| !p.published)
+            .map(|(net, p)| (net.clone(), p.ban.clone()))
+            .collect();
+        for (net, ban) in unpublished {
+            let change = Change {
+                at_ms: ban.at_ms,
+                origin: ban.origin.clone(),
+                by: ban.by.clone(),
+                action: "put".into(),
+                kind: Kind::Bans,
+                target: net.clone(),
+            };
+            match self
+                .store
+                .write(Kind::Bans, &net, Some(&json(&ban)), Some(&change), None)
+                .await
+            {
+                Ok(_) => {
+                    if let Some(p) = self.lock().pending.get_mut(&net) {
+                        p.published = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%net, error = %e, "ban not published yet");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Networks this host never bans: its trusted proxies and allow lists.
+    fn protected(&self, shared: &Shared) -> Vec<IpNet> {
+        let state = self.proxy.state();
+        let live = &state.config.live;
+        let mut nets: Vec<IpNet> = live.trusted_proxies.as_slice().to_vec();
+        nets.extend_from_slice(live.xdp.allow.as_slice());
+        nets.extend(shared.allow.keys().filter_map(|n| n.parse::<IpNet>().ok()));
+        nets
+    }
+
+    /// Puts what was read (and this host's pending bans) in force: kernel
+    /// bans and allow entries, the proxy's overrides and bans, the view.
+    fn apply(&self) {
+        let now = unix_ms();
+        let mut applied = self.lock();
+        let mut view = (*applied.shared).clone();
+        for (net, pending) in &applied.pending {
+            view.bans
+                .entry(net.clone())
+                .or_insert_with(|| pending.ban.clone());
+        }
+        view.bans.retain(|_, b| b.until_ms > now);
+        view.overrides
+            .retain(|_, o| o.until_ms.is_none_or(|until| until > now));
+        view.allow
+            .retain(|_, a| a.until_ms.is_none_or(|until| until > now));
+        let protected = self.protected(&view);
+        let prefix = self.proxy.state().config.live.ipv6_prefix;
+        let mut bans: HashMap<IpNet, u64> = HashMap::new();
+        let mut skipped = HashMap::new();
+        for (name, ban) in &view.bans {
+            let Ok(net) = name.parse::<IpNet>() else {
+                skipped.insert(name.clone(), "not a network");
+                continue;
+            };
+            let net = widen(net, prefix);
+            if protected.iter().any(|p| overlaps(*p, net)) {
+                skipped.insert(name.clone(), "covers a trusted proxy or an allowed network here");
+                continue;
+            }
+            let until = bans.entry(net).or_insert(0);
+            *until = (*until).max(ban.until_ms);
+        }
+        for (name, why) in &skipped {
+            if !applied.skipped.contains_key(name) {
+                tracing::warn!(net = %name, why, "fleet ban not applied on this host");
+            }
+        }
+        applied.skipped = skipped;
+        let allow: Vec<IpNet> = view
+            .allow
+            .keys()
+            .filter_map(|n| n.parse::<IpNet>().ok())
+            .collect();
+        if let Some(kernel) = &self.kernel {
+            Self::apply_kernel(kernel, &mut applied, &bans, allow, now, prefix);
+        }
+        let overrides = view
+            .overrides
+            .iter()
+            .map(|(key, o)| {
+                (
+                    key.clone(),
+                    RuntimeOverride {
+                        multiplier: o.multiplier,
+                        limits: o
+                            .limits
+                            .iter()
+                            .filter_map(|(route, limit)| {
+                                NonZeroU32::new(*limit).map(|l| (route.clone(), l))
+                            })
+                            .collect(),
+                        until_ms: o.until_ms,
+                    },
+                )
+            })
+            .collect();
+        self.proxy.set_runtime(Runtime {
+            overrides,
+            bans: BanList::new(bans, prefix),
+        });
+        let changed = *self.view.load_full() != view;
+        if changed {
+            self.write_origins(&view);
+            self.view.store(Arc::new(view));
+        }
+    }
+
+    fn apply_kernel(
+        kernel: &Kernel,
+        applied: &mut Applied,
+        bans: &HashMap<IpNet, u64>,
+        allow: Vec<IpNet>,
+        now: u64,
+        prefix: u8,
+    ) {
+        let mono = monotonic_ns();
+        let to_mono = |until_ms: u64| mono.saturating_add(until_ms.saturating_sub(now) * 1_000_000);
+        let stale: Vec<IpNet> = applied
+            .kernel_bans
+            .keys()
+            .filter(|net| !bans.contains_key(net))
+            .copied()
+            .collect();
+        for net in stale {
+            applied.kernel_bans.remove(&net);
+            match kernel.maps().unban(net, prefix) {
+                Ok(_) => tracing::info!(%net, "fleet ban lifted in the kernel"),
+                Err(e) => tracing::error!(%net, "lifting a fleet ban: {e}"),
+            }
+        }
+        for (net, until) in bans {
+            if applied.kernel_bans.get(net) == Some(until) {
+                continue;
+            }
+            match kernel.maps().ban(*net, to_mono(*until), prefix) {
+                Ok(_) => {
+                    applied.kernel_bans.insert(*net, *until);
+                }
+                Err(e) => tracing::error!(%net, "applying a fleet ban: {e}"),
+            }
+        }
+        if applied.kernel_allow != allow {
+            match kernel.set_runtime_allow(allow.clone()) {
+                Ok(()) => applied.kernel_allow = allow,
+                Err(e) => tracing::error!("applying the fleet allow list: {e}"),
+            }
+        }
+    }
+
+    /// For `limiter-agent status`: each ban's origin, by network.
+    fn write_origins(&self, view: &Shared) {
+        let Some(path) = &self.origins_file else {
+            return;
+        };
+        let bytes = serde_json::to_vec(&view.bans).unwrap_or_default();
+        let aside = path.with_extension("tmp");
+        if std::fs::write(&aside, bytes)
+            .and_then(|()| std::fs::rename(&aside, path))
+            .is_err()
+        {
+            tracing::debug!(path = %path.display(), "ban origins not written");
+        }
+    }
+
+    /// Removes the origins file (the agent is stopping).
+    pub fn shutdown(&self) {
+        if let Some(path) = &self.origins_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Records `change` and writes `value` (`None` removes) under `name`.
+    async fn change(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: Option<String>,
+        by: &str,
+    ) -> Result<bool, FleetError> {
+        let change = Change {
+            at_ms: unix_ms(),
+            origin: self.node.clone(),
+            by: by.to_owned(),
+            action: if value.is_some() { "put" } else { "delete" }.into(),
+            kind,
+            target: name.to_owned(),
+        };
+        let existed = self
+            .store
+            .write(kind, name, value.as_deref(), Some(&change), None)
+            .await?
+            .unwrap_or(false);
+        tracing::info!(
+            by,
+            action = change.action,
+            kind = kind.name(),
+            target = name,
+            "fleet change"
+        );
+        // Applied here at once; the other hosts see the version move.
+        if let Err(e) = self.refresh().await {
+            tracing::warn!(error = %e, "reading the fleet entries back after a change");
+        }
+        Ok(existed)
+    }
+
+    /// Bans `net` on every host for `seconds`.
+    ///
+    /// # Errors
+    /// It covers a network this host protects, or the store failed.
+    pub async fn put_ban(
+        &self,
+        net: IpNet,
+        seconds: u64,
+        reason: String,
+        by: &str,
+    ) -> Result<(String, Ban), FleetError> {
+        let net = widen(net, self.proxy.state().config.live.ipv6_prefix);
+        let view = self.view();
+        if let Some(p) = self.protected(&view).into_iter().find(|p| overlaps(*p, net)) {
+            return Err(FleetError::Refused(format!(
+                "{net} covers {p}, a trusted proxy or allowed network on this host"
+            )));
+        }
+        let now = unix_ms();
+        let ban = Ban {
+            until_ms: now.saturating_add(seconds.saturating_mul(1000)),
+            origin: self.node.clone(),
+            by: by.to_owned(),
+            reason,
+            tier: None,
+            at_ms: now,
+        };
+        let name = net.to_string();
+        self.lock().pending.remove(&name);
+        self.change(Kind::Bans, &name, Some(json(&ban)), by).await?;
+        Ok((name, ban))
+    }
+
+    /// Lifts the ban on exactly `net` on every host; whether there was one.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn delete_ban(&self, net: IpNet, by: &str) -> Result<bool, FleetError> {
+        let name = widen(net, self.proxy.state().config.live.ipv6_prefix).to_string();
+        let pending = self.lock().pending.remove(&name).is_some();
+        Ok(self.change(Kind::Bans, &name, None, by).await? || pending)
+    }
+
+    /// Sets `key_sha256`'s override on every host.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn put_override(
+        &self,
+        key_sha256: &str,
+        entry: Override,
+        by: &str,
+    ) -> Result<Override, FleetError> {
+        self.change(Kind::Overrides, key_sha256, Some(json(&entry)), by)
+            .await?;
+        Ok(entry)
+    }
+
+    /// Removes `key_sha256`'s override on every host; whether it had one.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn delete_override(&self, key_sha256: &str, by: &str) -> Result<bool, FleetError> {
+        self.change(Kind::Overrides, key_sha256, None, by).await
+    }
+
+    /// Adds `net` to every host's kernel allow list.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn put_allow(&self, net: IpNet, entry: Allow, by: &str) -> Result<String, FleetError> {
+        let name = net.trunc().to_string();
+        self.change(Kind::Allow, &name, Some(json(&entry)), by)
+            .await?;
+        Ok(name)
+    }
+
+    /// Removes `net` from every host's runtime allow list; whether it was there.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn delete_allow(&self, net: IpNet, by: &str) -> Result<bool, FleetError> {
+        self.change(Kind::Allow, &net.trunc().to_string(), None, by)
+            .await
+    }
+
+    /// A ban escalation made: in this host's kernel and proxy now, published
+    /// by the poll task.
+    fn ban_now(
+        &self,
+        net: IpNet,
+        seconds: u64,
+        prefix: u8,
+        cause: &BanCause<'_>,
+    ) -> Result<IpNet, String> {
+        let net = widen(net, prefix);
+        let now = unix_ms();
+        let until_ms = now.saturating_add(seconds.saturating_mul(1000));
+        if let Some(kernel) = &self.kernel {
+            let until = monotonic_ns().saturating_add(seconds.saturating_mul(1_000_000_000));
+            kernel
+                .maps()
+                .ban(net, until, prefix)
+                .map_err(|e| e.to_string())?;
+            self.lock().kernel_bans.insert(net, until_ms);
+        }
+        let ban = Ban {
+            until_ms,
+            origin: self.node.clone(),
+            by: "escalation".into(),
+            reason: cause.reason.clone(),
+            tier: cause.tier.map(str::to_owned),
+            at_ms: now,
+        };
+        self.lock().pending.insert(
+            net.to_string(),
+            Pending {
+                ban,
+                published: false,
+            },
+        );
+        self.apply();
+        self.wake.notify_one();
+        Ok(net)
+    }
+}
+
+impl Banner for Fleet {
+    fn ban(
+        &self,
+        net: IpNet,
+        seconds: u64,
+        ipv6_prefix: u8,
+        cause: BanCause<'_>,
+    ) -> Result<IpNet, String> {
+        self.ban_now(net, seconds, ipv6_prefix, &cause)
+    }
+}
+
+/// Whether one network contains the other.
+#[must_use]
+pub fn overlaps(a: IpNet, b: IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Whether `ip` is in `net` (IPv4-mapped IPv6 as IPv4).
+#[must_use]
+pub fn covers(net: IpNet, ip: IpAddr) -> bool {
+    net.contains(&ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_overlap_either_way() {
+        let wide: IpNet = "10.0.0.0/8".parse().unwrap();
+        let one: IpNet = "10.1.2.3/32".parse().unwrap();
+        let other: IpNet = "192.0.2.0/24".parse().unwrap();
+        assert!(overlaps(wide, one));
+        assert!(overlaps(one, wide));
+        assert!(!overlaps(wide, other));
+        assert!(covers(wide, "::ffff:10.9.9.9".parse().unwrap()));
+    }
+}
+
+impl crate::admin::StatusReport for Fleet {
+    fn name(&self) -> &'static str {
+        "fleet"
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let view = self.view();
+        let skipped: HashMap<String, &str> = self.skipped().into_iter().collect();
+        let bans: Vec<serde_json::Value> = view
+            .bans
+            .iter()
+            .map(|(net, ban)| {
+                let mut value = serde_json::to_value(ban).unwrap_or_default();
+                value["net"] = net.clone().into();
+                if let Some(why) = skipped.get(net) {
+                    value["not_applied_here"] = (*why).into();
+                }
+                value
+            })
+            .collect();
+        let with_names = |map: serde_json::Value, field: &str| -> Vec<serde_json::Value> {
+            map.as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(name, entry)| {
+                            let mut entry = entry.clone();
+                            entry[field] = name.clone().into();
+                            entry
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        serde_json::json!({
+            "node": self.node,
+            "shared": self.is_shared(),
+            "synced_ms": self.synced_ms(),
+            "bans": bans,
+            "overrides": with_names(serde_json::to_value(&view.overrides).unwrap_or_default(), "key_sha256"),
+            "allow": with_names(serde_json::to_value(&view.allow).unwrap_or_default(), "net"),
+            "changes": view.changes.iter().take(20).collect::<Vec<_>>(),
+        })
+    }
+}
