@@ -16,8 +16,7 @@ use crate::{
     fleet::{Fleet, SharedStore},
     identity::Identity,
     kernel::{Banner, Escalation, Kernel},
-    limit::Decision,
-    limit::{Clock, RedisStore, Store, SystemClock},
+    limit::{Clock, Decision, RedisStore, Store, SystemClock},
     metrics::{Metrics, ReloadLabels},
     privilege,
     proxy::{Proxy, RejectionSink},
@@ -157,43 +156,8 @@ impl App {
             capabilities = ?privilege::effective(),
             "limiter-agent started"
         );
-        let shared = match &config.startup.store {
-            StoreKind::Redis(settings) => SharedStore::redis(settings),
-            StoreKind::Memory => SharedStore::file(&config.startup.state_file),
-        }
-        .context("opening the fleet's shared entries")?;
-        // The proxy and the fleet refer to each other (escalation's bans go
-        // through the fleet, which applies to the proxy): the sink is set
-        // once both exist.
-        let sink = Arc::new(LateSink::default());
-        let mut proxy = Proxy::new(config.clone(), clock, store, metrics.clone())?;
-        if kernel.is_some() {
-            proxy = proxy.with_rejection_sink(sink.clone());
-        }
-        let proxy = Arc::new(proxy);
-        let fleet = Arc::new(Fleet::new(shared, proxy.clone(), kernel.clone()));
-        let escalation = kernel.as_ref().map(|_| {
-            Arc::new(Escalation::new(
-                fleet.clone() as Arc<dyn Banner>,
-                &config,
-                metrics.clone(),
-            ))
-        });
-        if let Some(escalation) = &escalation {
-            let _ = sink.0.set(escalation.clone());
-        }
-        // Bans and overrides in force before the first client is served.
-        match tokio::time::timeout(Duration::from_secs(3), fleet.refresh()).await {
-            Ok(Ok(())) => tracing::info!(
-                bans = fleet.view().bans.len(),
-                overrides = fleet.view().overrides.len(),
-                allow = fleet.view().allow.len(),
-                shared = fleet.is_shared(),
-                "fleet entries loaded"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "fleet entries not loaded yet; retrying"),
-            Err(_) => tracing::warn!("fleet entries not loaded in 3 s; retrying"),
-        }
+        let (proxy, fleet, escalation) =
+            start_fleet(&config, clock, store, metrics, kernel.as_ref()).await?;
         Ok(Self {
             listener,
             admin_listener,
@@ -271,6 +235,55 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The proxy, the fleet's entries it applies (read once before the first
+/// client), and escalation when the kernel is there.
+async fn start_fleet(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    store: Option<Arc<dyn Store>>,
+    metrics: Metrics,
+    kernel: Option<&Arc<Kernel>>,
+) -> anyhow::Result<(Arc<Proxy>, Arc<Fleet>, Option<Arc<Escalation>>)> {
+    let shared = match &config.startup.store {
+        StoreKind::Redis(settings) => SharedStore::redis(settings),
+        StoreKind::Memory => SharedStore::file(&config.startup.state_file),
+    }
+    .context("opening the fleet's shared entries")?;
+    // The proxy and the fleet refer to each other (escalation's bans go
+    // through the fleet, which applies to the proxy): the sink is set
+    // once both exist.
+    let sink = Arc::new(LateSink::default());
+    let mut proxy = Proxy::new(config.clone(), clock, store, metrics.clone())?;
+    if kernel.is_some() {
+        proxy = proxy.with_rejection_sink(sink.clone());
+    }
+    let proxy = Arc::new(proxy);
+    let fleet = Arc::new(Fleet::new(shared, proxy.clone(), kernel.cloned()));
+    let escalation = kernel.map(|_| {
+        Arc::new(Escalation::new(
+            fleet.clone() as Arc<dyn Banner>,
+            config,
+            metrics.clone(),
+        ))
+    });
+    if let Some(escalation) = &escalation {
+        let _ = sink.0.set(escalation.clone());
+    }
+    // Bans and overrides in force before the first client is served.
+    match tokio::time::timeout(Duration::from_secs(3), fleet.refresh()).await {
+        Ok(Ok(())) => tracing::info!(
+            bans = fleet.view().bans.len(),
+            overrides = fleet.view().overrides.len(),
+            allow = fleet.view().allow.len(),
+            shared = fleet.is_shared(),
+            "fleet entries loaded"
+        ),
+        Ok(Err(e)) => tracing::warn!(error = %e, "fleet entries not loaded yet; retrying"),
+        Err(_) => tracing::warn!("fleet entries not loaded in 3 s; retrying"),
+    }
+    Ok((proxy, fleet, escalation))
 }
 
 /// The Redis store, when `[store]` names one; `None` means in-memory.

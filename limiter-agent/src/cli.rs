@@ -34,22 +34,38 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Ban an address or network at the API ports, in the pinned maps.
+    /// Ban an address or network at the API ports: with an admin token
+    /// (`--token-file` or `$LIMITER_ADMIN_TOKEN_FILE`), through a running
+    /// agent's admin API on every host sharing its store; without, in this
+    /// host's pinned maps only.
     Ban {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        api: ApiArgs,
         /// `IP` or `IP/LEN`.
         net: String,
         /// How long: "90s", "10m", "1h"…
         #[arg(long = "for")]
         duration: String,
+        /// Why (shown with the ban; through the admin API only).
+        #[arg(long)]
+        reason: Option<String>,
     },
-    /// Lift a ban set by `ban` or by escalation.
+    /// Lift a ban set by `ban` or by escalation (on every host with an admin token).
     Unban {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        api: ApiArgs,
         /// `IP` or `IP/LEN`, as banned.
         net: String,
+    },
+    /// Per-key limits at runtime, on every host sharing the store, through a
+    /// running agent's admin API.
+    Override {
+        #[command(subcommand)]
+        action: OverrideAction,
     },
     /// Print the man page (roff) or a shell's completion script, generated
     /// from these definitions (the package builds its own with it).
@@ -144,6 +160,60 @@ pub struct RunArgs {
     /// Leave XDP attached when the agent exits (overrides [xdp] persist).
     #[arg(long)]
     pub persist: bool,
+    /// Where runtime changes persist with the in-memory store (overrides
+    /// `[admin] state_file`).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// This host's name in the fleet (overrides `[admin] node`).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// `override`'s actions.
+#[derive(Subcommand, Debug)]
+pub enum OverrideAction {
+    /// Set a key's limits: a multiplier of every tier's, and/or exact
+    /// limits per route; replaces its `[[key]]` entry while in force.
+    Set {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The key's SHA-256, 64 hex digits (`printf %s "$KEY" | sha256sum`).
+        key_sha256: String,
+        #[arg(long)]
+        multiplier: Option<f64>,
+        /// `ROUTE=LIMIT` (repeatable), the route as a tier names it.
+        #[arg(long = "limit")]
+        limits: Vec<String>,
+        /// Lapses after this long ("1h", "7d"); without: until removed.
+        #[arg(long = "for")]
+        duration: Option<String>,
+    },
+    /// List the overrides in force.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key's override.
+    Rm {
+        #[command(flatten)]
+        api: ApiArgs,
+        key_sha256: String,
+    },
+}
+
+/// Where a running agent's admin API is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The agent's admin listener.
+    #[arg(long = "admin", default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// A file holding an admin token (`name:token` or the token), as in
+    /// `[admin] token_file`; default `$LIMITER_ADMIN_TOKEN_FILE`.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Which agent instance a maps command acts on.

@@ -29,8 +29,8 @@ use ipnet::IpNet;
 pub mod record;
 pub mod shared;
 
-pub use self::shared::{SharedError, SharedStore};
 use self::record::{Allow, Ban, Change, Kind, Override, Shared, json};
+pub use self::shared::{SharedError, SharedStore};
 use crate::{
     kernel::{BanCause, Banner, Kernel, monotonic_ns},
     net::widen,
@@ -214,10 +214,7 @@ impl Fleet {
         let now = unix_ms();
         for (kind, name, was) in shared.expired(now) {
             // Only if still what expired: a renewal meanwhile stays.
-            let _ = self
-                .store
-                .write(kind, &name, None, None, Some(&was))
-                .await;
+            let _ = self.store.write(kind, &name, None, None, Some(&was)).await;
         }
         {
             let mut applied = self.lock();
@@ -225,7 +222,10 @@ impl Fleet {
             // Bans made here that the store now holds are the store's.
             applied.pending.retain(|net, pending| {
                 pending.ban.until_ms > now
-                    && shared.bans.get(net).is_none_or(|b| b.at_ms < pending.ban.at_ms)
+                    && shared
+                        .bans
+                        .get(net)
+                        .is_none_or(|b| b.at_ms < pending.ban.at_ms)
             });
             applied.shared = Arc::new(shared);
         }
@@ -233,7 +233,13 @@ impl Fleet {
         Ok(())
     }
 
+    /// Publishes the bans escalation made here. With the in-memory store
+    /// there is no other host to tell: they stay this host's (the kernel's
+    /// pinned maps keep them across a restart).
     async fn publish_pending(&self) {
+        if !self.store.is_shared() {
+            return;
+        }
         let unpublished: Vec<(String, Ban)> = self
             .lock()
             .pending
@@ -305,7 +311,10 @@ impl Fleet {
             };
             let net = widen(net, prefix);
             if protected.iter().any(|p| overlaps(*p, net)) {
-                skipped.insert(name.clone(), "covers a trusted proxy or an allowed network here");
+                skipped.insert(
+                    name.clone(),
+                    "covers a trusted proxy or an allowed network here",
+                );
                 continue;
             }
             let until = bans.entry(net).or_insert(0);
@@ -468,7 +477,11 @@ impl Fleet {
     ) -> Result<(String, Ban), FleetError> {
         let net = widen(net, self.proxy.state().config.live.ipv6_prefix);
         let view = self.view();
-        if let Some(p) = self.protected(&view).into_iter().find(|p| overlaps(*p, net)) {
+        if let Some(p) = self
+            .protected(&view)
+            .into_iter()
+            .find(|p| overlaps(*p, net))
+        {
             return Err(FleetError::Refused(format!(
                 "{net} covers {p}, a trusted proxy or allowed network on this host"
             )));
@@ -525,7 +538,12 @@ impl Fleet {
     ///
     /// # Errors
     /// The store failed.
-    pub async fn put_allow(&self, net: IpNet, entry: Allow, by: &str) -> Result<String, FleetError> {
+    pub async fn put_allow(
+        &self,
+        net: IpNet,
+        entry: Allow,
+        by: &str,
+    ) -> Result<String, FleetError> {
         let name = net.trunc().to_string();
         self.change(Kind::Allow, &name, Some(json(&entry)), by)
             .await?;
@@ -606,22 +624,6 @@ pub fn covers(net: IpNet, ip: IpAddr) -> bool {
     net.contains(&ip.to_canonical())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn networks_overlap_either_way() {
-        let wide: IpNet = "10.0.0.0/8".parse().unwrap();
-        let one: IpNet = "10.1.2.3/32".parse().unwrap();
-        let other: IpNet = "192.0.2.0/24".parse().unwrap();
-        assert!(overlaps(wide, one));
-        assert!(overlaps(one, wide));
-        assert!(!overlaps(wide, other));
-        assert!(covers(wide, "::ffff:10.9.9.9".parse().unwrap()));
-    }
-}
-
 impl crate::admin::StatusReport for Fleet {
     fn name(&self) -> &'static str {
         "fleet"
@@ -664,5 +666,21 @@ impl crate::admin::StatusReport for Fleet {
             "allow": with_names(serde_json::to_value(&view.allow).unwrap_or_default(), "net"),
             "changes": view.changes.iter().take(20).collect::<Vec<_>>(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_overlap_either_way() {
+        let wide: IpNet = "10.0.0.0/8".parse().unwrap();
+        let one: IpNet = "10.1.2.3/32".parse().unwrap();
+        let other: IpNet = "192.0.2.0/24".parse().unwrap();
+        assert!(overlaps(wide, one));
+        assert!(overlaps(one, wide));
+        assert!(!overlaps(wide, other));
+        assert!(covers(wide, "::ffff:10.9.9.9".parse().unwrap()));
     }
 }

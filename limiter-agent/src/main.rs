@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use limiter_agent::{
     app::{self, App},
-    cli::{Cli, Command, RunArgs},
+    cli::{ApiArgs, Cli, Command, OverrideAction, RunArgs},
     config::Config,
     demo, ops, privilege, rt,
 };
@@ -65,10 +65,39 @@ fn main() -> ExitCode {
         }
         Command::Ban {
             target,
+            api,
             net,
             duration,
-        } => maps_command(|| ops::ban(&target.instance, &net, &duration)),
-        Command::Unban { target, net } => maps_command(|| ops::unban(&target.instance, &net)),
+            reason,
+        } => maps_command(|| match api_target(&api, false)? {
+            Some(api) => ops::ban_everywhere(&api, &net, &duration, reason.as_deref()),
+            None => ops::ban(&target.instance, &net, &duration),
+        }),
+        Command::Unban { target, api, net } => maps_command(|| match api_target(&api, false)? {
+            Some(api) => ops::unban_everywhere(&api, &net),
+            None => ops::unban(&target.instance, &net),
+        }),
+        Command::Override { action } => maps_command(|| match action {
+            OverrideAction::Set {
+                api,
+                key_sha256,
+                multiplier,
+                limits,
+                duration,
+            } => ops::override_set(
+                &required(api_target(&api, true)?),
+                &key_sha256,
+                multiplier,
+                &limits,
+                duration.as_deref(),
+            ),
+            OverrideAction::List { api, json } => {
+                ops::override_list(&required(api_target(&api, true)?), json)
+            }
+            OverrideAction::Rm { api, key_sha256 } => {
+                ops::override_rm(&required(api_target(&api, true)?), &key_sha256)
+            }
+        }),
     }
 }
 
@@ -110,6 +139,27 @@ fn block_on(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
 
 /// Runs a command on the pinned maps: bad input exits 64, a missing or
 /// unreadable pin 1.
+/// The admin API to call: with a token file given (or in the
+/// environment); `needed` commands call it without one too (reads of an
+/// agent without `[admin] token_file` are open).
+fn api_target(
+    api: &ApiArgs,
+    needed: bool,
+) -> Result<Option<ops::remote::ApiTarget>, ops::OpsError> {
+    match ops::remote::ApiTarget::token_file(api.token_file.as_deref()) {
+        Some(file) => ops::remote::ApiTarget::new(api.admin, &file).map(Some),
+        None if needed => Ok(Some(ops::remote::ApiTarget {
+            admin: api.admin,
+            token: String::new(),
+        })),
+        None => Ok(None),
+    }
+}
+
+fn required(api: Option<ops::remote::ApiTarget>) -> ops::remote::ApiTarget {
+    api.expect("api_target gives one when needed")
+}
+
 fn maps_command(f: impl FnOnce() -> Result<(), ops::OpsError>) -> ExitCode {
     match f() {
         Ok(()) => ExitCode::SUCCESS,

@@ -339,7 +339,12 @@ impl Proxy {
     /// The answer to a banned client, before any other work: the TCP peer,
     /// or behind a trusted proxy the client it names. The kernel drops
     /// banned peers before they get here, unless XDP is off.
-    fn banned(&self, state: &State, req: &Request<Incoming>, peer: &Peer) -> Option<Response<Body>> {
+    fn banned(
+        &self,
+        state: &State,
+        req: &Request<Incoming>,
+        peer: &Peer,
+    ) -> Option<Response<Body>> {
         let runtime = self.runtime.load();
         if runtime.bans.is_empty() {
             return None;
@@ -358,9 +363,10 @@ impl Proxy {
             "BANNED",
             "This client is banned for ignoring rate limits; retry after the time in Retry-After.",
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, http::HeaderValue::from(left.div_ceil(1000)));
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            http::HeaderValue::from(left.div_ceil(1000)),
+        );
         Some(response)
     }
 

@@ -254,6 +254,9 @@ pub fn agent_with_env(
         .args(extra)
         .env("RUST_LOG", "info")
         .envs(env.iter().copied());
+    if !extra.contains(&"--state-file") {
+        command.arg("--state-file").arg(dir.join("runtime.json"));
+    }
     if let Some(upstream) = upstream {
         command.args(["--upstream", &format!("http://{upstream}")]);
     }

@@ -253,6 +253,8 @@ impl Topology {
             .args(["--listen", &format!("0.0.0.0:{API_PORT}")])
             .args(["--admin", &admin.to_string()])
             .args(["--instance", &self.instance])
+            .arg("--state-file")
+            .arg(dir.join("runtime.json"))
             .args(extra)
             .env("RUST_LOG", "info");
         self.host.enter_on_exec(&mut command);

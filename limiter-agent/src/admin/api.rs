@@ -34,12 +34,31 @@ const MAX_REASON: usize = 256;
 
 type Answer = Response<Full<Bytes>>;
 
+/// A refused call: its status and JSON error.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn answer(self) -> Answer {
+        error(self.status, self.code, &self.message)
+    }
+}
+
 /// Whether `path` is the API's.
 #[must_use]
 pub fn owns(path: &str) -> bool {
     ["/overrides", "/bans", "/allow", "/changes"]
         .iter()
-        .any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
+        .any(|p| {
+            path == *p
+                || path
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
 }
 
 /// Answers one API call.
@@ -72,20 +91,19 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Answer {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        match offered.and_then(|t| tokens.who(t.trim_ascii())) {
-            Some(name) => name.to_owned(),
-            None => {
-                let mut answer = error(
-                    StatusCode::UNAUTHORIZED,
-                    "UNAUTHORIZED",
-                    "Authorization: Bearer <a token of [admin] token_file> is required",
-                );
-                answer
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-                return answer;
-            }
-        }
+        let Some(name) = offered.and_then(|t| tokens.who(t.trim_ascii())) else {
+            let mut answer = error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "Authorization: Bearer <a token of [admin] token_file> is required",
+            );
+            answer.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return answer;
+        };
+        name.to_owned()
     };
     let path = req.uri().path().to_owned();
     let (collection, item) = match path[1..].split_once('/') {
@@ -96,42 +114,44 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Answer {
     let body = if method == Method::PUT {
         match read_body(req).await {
             Ok(body) => Some(body),
-            Err(answer) => return answer,
+            Err(refusal) => return refusal.answer(),
         }
     } else {
         None
     };
     let outcome = match (collection.as_str(), item, method) {
-        ("changes", None, _) if read => Ok(ok(json!({ "changes": fleet.view().changes }))),
-        ("overrides", None, _) if read => Ok(ok(list_overrides(admin))),
-        ("bans", None, _) if read => Ok(ok(list_bans(admin))),
-        ("allow", None, _) if read => Ok(ok(json!({ "allow": named(&fleet.view().allow, "net") }))),
+        ("changes", None, _) if read => Ok(ok(&json!({ "changes": fleet.view().changes }))),
+        ("overrides", None, _) if read => Ok(ok(&list_overrides(admin))),
+        ("bans", None, _) if read => Ok(ok(&list_bans(admin))),
+        ("allow", None, _) if read => {
+            Ok(ok(&json!({ "allow": named(&fleet.view().allow, "net") })))
+        }
         ("overrides", Some(key), m) => overrides(admin, &key, &m, body.as_deref(), &who).await,
         ("bans", Some(net), m) => bans(admin, &net, &m, body.as_deref(), &who).await,
         ("allow", Some(net), m) => allow(admin, &net, &m, body.as_deref(), &who).await,
-        _ => Err(error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD",
-            "use GET on a list, GET, PUT or DELETE on an entry",
-        )),
+        _ => Err(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "METHOD",
+            message: "use GET on a list, GET, PUT or DELETE on an entry".into(),
+        }),
     };
-    outcome.unwrap_or_else(|answer| answer)
+    outcome.unwrap_or_else(Refusal::answer)
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Answer> {
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
     let collect = Limited::new(req.into_body(), MAX_BODY).collect();
     match tokio::time::timeout(BODY_TIMEOUT, collect).await {
         Ok(Ok(body)) => Ok(body.to_bytes()),
-        Ok(Err(_)) => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "TOO_LARGE",
-            "the body is over 64 KiB",
-        )),
-        Err(_) => Err(error(
-            StatusCode::REQUEST_TIMEOUT,
-            "TIMEOUT",
-            "the body did not arrive in time",
-        )),
+        Ok(Err(_)) => Err(Refusal {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "TOO_LARGE",
+            message: "the body is over 64 KiB".into(),
+        }),
+        Err(_) => Err(Refusal {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "TIMEOUT",
+            message: "the body did not arrive in time".into(),
+        }),
     }
 }
 
@@ -194,7 +214,7 @@ async fn overrides(
     method: &Method,
     body: Option<&[u8]>,
     who: &str,
-) -> Result<Answer, Answer> {
+) -> Result<Answer, Refusal> {
     let fleet = admin.fleet.as_deref().expect("checked by handle");
     let key = key.to_ascii_lowercase();
     if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -202,11 +222,11 @@ async fn overrides(
     }
     match *method {
         Method::GET | Method::HEAD => match fleet.view().overrides.get(&key) {
-            Some(entry) => Ok(ok(named_one(entry, "key_sha256", &key))),
+            Some(entry) => Ok(ok(&named_one(entry, "key_sha256", &key))),
             None => Err(not_found(&key)),
         },
         Method::DELETE => match fleet.delete_override(&key, who).await {
-            Ok(true) => Ok(ok(json!({ "deleted": key }))),
+            Ok(true) => Ok(ok(&json!({ "deleted": key }))),
             Ok(false) => Err(not_found(&key)),
             Err(e) => Err(failed(&e)),
         },
@@ -218,14 +238,16 @@ async fn overrides(
             if let Some(m) = body.multiplier
                 && !(m.is_finite() && m > 0.0 && m <= 1e6)
             {
-                return Err(bad("`multiplier` must be a number above 0, at most 1000000"));
+                return Err(bad(
+                    "`multiplier` must be a number above 0, at most 1000000",
+                ));
             }
             let state = admin.proxy.state();
             let policy = state.config.live.path_policy;
             let mut limits = BTreeMap::new();
             for (route, limit) in body.limits.unwrap_or_default() {
-                let canonical = canonicalize(&route, policy)
-                    .map_err(|e| bad(&format!("`{route}`: {e}")))?;
+                let canonical =
+                    canonicalize(&route, policy).map_err(|e| bad(&format!("`{route}`: {e}")))?;
                 let tier = state
                     .config
                     .live
@@ -253,7 +275,7 @@ async fn overrides(
                 at_ms: now,
             };
             match fleet.put_override(&key, entry, who).await {
-                Ok(entry) => Ok(ok(named_one(&entry, "key_sha256", &key))),
+                Ok(entry) => Ok(ok(&named_one(&entry, "key_sha256", &key))),
                 Err(e) => Err(failed(&e)),
             }
         }
@@ -266,19 +288,19 @@ async fn bans(
     method: &Method,
     body: Option<&[u8]>,
     who: &str,
-) -> Result<Answer, Answer> {
+) -> Result<Answer, Refusal> {
     let fleet = admin.fleet.as_deref().expect("checked by handle");
     let net = network(net)?;
     match *method {
         Method::GET | Method::HEAD => {
             let name = crate::net::widen(net, admin.proxy.state().config.live.ipv6_prefix);
             match fleet.view().bans.get(&name.to_string()) {
-                Some(ban) => Ok(ok(named_one(ban, "net", &name.to_string()))),
+                Some(ban) => Ok(ok(&named_one(ban, "net", &name.to_string()))),
                 None => Err(not_found(&name.to_string())),
             }
         }
         Method::DELETE => match fleet.delete_ban(net, who).await {
-            Ok(true) => Ok(ok(json!({ "deleted": net.to_string() }))),
+            Ok(true) => Ok(ok(&json!({ "deleted": net.to_string() }))),
             Ok(false) => Err(not_found(&net.to_string())),
             Err(e) => Err(failed(&e)),
         },
@@ -296,7 +318,7 @@ async fn bans(
                 ));
             }
             match fleet.put_ban(net, seconds, reason, who).await {
-                Ok((name, ban)) => Ok(ok(named_one(&ban, "net", &name))),
+                Ok((name, ban)) => Ok(ok(&named_one(&ban, "net", &name))),
                 Err(e) => Err(failed(&e)),
             }
         }
@@ -309,17 +331,17 @@ async fn allow(
     method: &Method,
     body: Option<&[u8]>,
     who: &str,
-) -> Result<Answer, Answer> {
+) -> Result<Answer, Refusal> {
     let fleet = admin.fleet.as_deref().expect("checked by handle");
     let net = network(net)?;
     let name = net.trunc().to_string();
     match *method {
         Method::GET | Method::HEAD => match fleet.view().allow.get(&name) {
-            Some(entry) => Ok(ok(named_one(entry, "net", &name))),
+            Some(entry) => Ok(ok(&named_one(entry, "net", &name))),
             None => Err(not_found(&name)),
         },
         Method::DELETE => match fleet.delete_allow(net, who).await {
-            Ok(true) => Ok(ok(json!({ "deleted": name }))),
+            Ok(true) => Ok(ok(&json!({ "deleted": name }))),
             Ok(false) => Err(not_found(&name)),
             Err(e) => Err(failed(&e)),
         },
@@ -338,7 +360,7 @@ async fn allow(
                 at_ms: now,
             };
             match fleet.put_allow(net, entry.clone(), who).await {
-                Ok(name) => Ok(ok(named_one(&entry, "net", &name))),
+                Ok(name) => Ok(ok(&named_one(&entry, "net", &name))),
                 Err(e) => Err(failed(&e)),
             }
         }
@@ -353,7 +375,7 @@ fn named_one<T: serde::Serialize>(entry: &T, field: &str, name: &str) -> Value {
 
 /// A path segment naming a network: `IP` or `IP/LEN`, the `/` sent as
 /// `%2F` (IPv6 colons may be sent as `%3A`).
-fn network(segment: &str) -> Result<IpNet, Answer> {
+fn network(segment: &str) -> Result<IpNet, Refusal> {
     let mut text = String::with_capacity(segment.len());
     let mut rest = segment;
     while let Some(at) = rest.find('%') {
@@ -373,7 +395,7 @@ fn network(segment: &str) -> Result<IpNet, Answer> {
     crate::net::parse_net(&text).map_err(|e| bad(&e.to_string()))
 }
 
-fn seconds(s: u64) -> Result<u64, Answer> {
+fn seconds(s: u64) -> Result<u64, Refusal> {
     if (1..=MAX_SECONDS).contains(&s) {
         Ok(s)
     } else {
@@ -381,7 +403,7 @@ fn seconds(s: u64) -> Result<u64, Answer> {
     }
 }
 
-fn reason(text: Option<String>) -> Result<String, Answer> {
+fn reason(text: Option<String>) -> Result<String, Refusal> {
     let text = text.unwrap_or_default();
     if text.chars().count() > MAX_REASON || text.chars().any(char::is_control) {
         return Err(bad(&format!(
@@ -391,27 +413,43 @@ fn reason(text: Option<String>) -> Result<String, Answer> {
     Ok(text)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Option<&[u8]>) -> Result<T, Answer> {
+fn parse<T: serde::de::DeserializeOwned>(body: Option<&[u8]>) -> Result<T, Refusal> {
     serde_json::from_slice(body.unwrap_or_default())
         .map_err(|e| bad(&format!("the body is not what this call takes: {e}")))
 }
 
-fn ok(value: Value) -> Answer {
+fn ok(value: &Value) -> Answer {
     answer(StatusCode::OK, value.to_string())
 }
 
-fn bad(message: &str) -> Answer {
-    error(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+fn bad(message: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        code: "BAD_REQUEST",
+        message: message.to_owned(),
+    }
 }
 
-fn not_found(name: &str) -> Answer {
-    error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("no entry for {name}"))
+fn not_found(name: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::NOT_FOUND,
+        code: "NOT_FOUND",
+        message: format!("no entry for {name}"),
+    }
 }
 
-fn failed(e: &FleetError) -> Answer {
+fn failed(e: &FleetError) -> Refusal {
     match e {
-        FleetError::Refused(why) => error(StatusCode::BAD_REQUEST, "REFUSED", why),
-        FleetError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, "STORE", &e.to_string()),
+        FleetError::Refused(why) => Refusal {
+            status: StatusCode::BAD_REQUEST,
+            code: "REFUSED",
+            message: why.clone(),
+        },
+        FleetError::Store(e) => Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "STORE",
+            message: e.to_string(),
+        },
     }
 }
 

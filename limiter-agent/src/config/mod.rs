@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 pub use envoy::{EnvoyDescriptor, EnvoyDomain, EnvoyLimit};
 pub use model::{
-    AdminTokens, Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, Reserve, RlsPolicy,
-    RlsSecret, StartupSettings, StoreKind, Tier, TokenBudget, UsageField, XdpAttach, XdpMode,
-    XdpPolicy,
+    AdminTokens, Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, Reserve,
+    RlsPolicy, RlsSecret, StartupSettings, StoreKind, Tier, TokenBudget, UsageField, XdpAttach,
+    XdpMode, XdpPolicy,
 };
 pub use validate::parse_duration;
 

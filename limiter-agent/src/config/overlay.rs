@@ -33,6 +33,21 @@ impl Config {
         }
         if let Some(admin) = args.admin {
             startup.admin_listen = admin;
+            if startup.admin_tokens.is_empty() && !admin.ip().is_loopback() {
+                return Err(invalid(
+                    "--admin",
+                    format!(
+                        "{admin} is not a loopback address: set [admin] token_file first \
+                         (the admin API changes limits and bans)"
+                    ),
+                ));
+            }
+        }
+        if let Some(path) = &args.state_file {
+            startup.state_file.clone_from(path);
+        }
+        if let Some(node) = &args.node {
+            startup.node = validate::node(Some(node)).map_err(|e| e.within("--node"))?;
         }
         if let Some(upstream) = &args.upstream {
             self.live.upstream = validate::upstream("--upstream", upstream).map_err(|_| {

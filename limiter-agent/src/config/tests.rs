@@ -1,7 +1,7 @@
 //! The config module's tests: defaults, typed values, the field each refusal
 //! names, and what a reload may change.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use super::*;
 use crate::{cli::RunArgs, identity::ClientIpHeader};
@@ -134,8 +134,12 @@ fn run_flags_override_the_file() {
         interfaces: vec!["lo".into(), "eth1".into()],
         instance: Some("blue".into()),
         persist: true,
+        state_file: Some("/tmp/blue.json".into()),
+        node: Some("api-7".into()),
     };
     config.apply(&args).unwrap();
+    assert_eq!(config.startup.node, "api-7");
+    assert_eq!(config.startup.state_file, PathBuf::from("/tmp/blue.json"));
     assert_eq!(config.startup.listen.port(), 7000);
     assert_eq!(config.live.upstream, "http://127.0.0.1:7001");
     assert_eq!(config.startup.xdp.interfaces, ["lo", "eth1"]);
@@ -464,4 +468,52 @@ fn algorithms_parse_and_their_limits_are_refused_by_name() {
     let long = MINIMAL.replace("window = \"1m\"", "window = \"400d\"");
     assert!(error(&format!("{long}algorithm = \"sliding\"\n")).contains("tier[0].window"));
     assert!(Config::parse(&long).is_ok(), "a fixed window may be longer");
+}
+
+#[test]
+fn admin_tokens_are_named_and_required_off_loopback() {
+    let dir = std::env::temp_dir().join(format!("limiter-admin-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        "# operators\nalice:0123456789abcdef-alice\n\nbob:0123456789abcdef-bob\n",
+    )
+    .unwrap();
+    let with = |admin: &str, file: &str| {
+        Config::parse(&format!(
+            "{MINIMAL}[admin]\nlisten = \"{admin}\"\ntoken_file = \"{file}\"\n"
+        ))
+    };
+    let config = with("0.0.0.0:9090", &tokens.display().to_string()).unwrap();
+    let t = &config.startup.admin_tokens;
+    assert_eq!(t.who(b"0123456789abcdef-bob"), Some("bob"));
+    assert_eq!(t.who(b"0123456789abcdef-alice"), Some("alice"));
+    assert_eq!(t.who(b"0123456789abcdef-carol"), None);
+    assert_eq!(t.who(b""), None);
+    assert!(!format!("{t:?}").contains("0123"), "never shown: {t:?}");
+    let off_loopback = Config::parse(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9090\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(off_loopback.contains("admin.token_file"), "{off_loopback}");
+    for bad in [
+        "short\n",
+        "a b:0123456789abcdef0\n",
+        "x:0123456789abcdef0\nx:0123456789abcdef1\n",
+        "# nothing\n",
+    ] {
+        std::fs::write(&tokens, bad).unwrap();
+        let error = with("127.0.0.1:9090", &tokens.display().to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin.token_file"), "{bad:?}: {error}");
+    }
+    let mut config = Config::parse(MINIMAL).unwrap();
+    let args = RunArgs {
+        admin: Some("0.0.0.0:9090".parse().unwrap()),
+        ..RunArgs::default()
+    };
+    let error = config.apply(&args).unwrap_err().to_string();
+    assert!(error.contains("--admin"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

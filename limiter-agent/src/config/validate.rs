@@ -10,8 +10,8 @@ use super::{
     envoy::EnvoyDomain,
     invalid,
     model::{
-        AdminTokens, Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError, RlsPolicy,
-        RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
+        AdminTokens, Config, KeyOverride, KeyVerification, LimitMode, LiveSettings, OnError,
+        RlsPolicy, RlsSecret, StartupSettings, StoreKind, Tier, XdpAttach, XdpMode, XdpPolicy,
     },
     raw::{RawConfig, RawKey, RawRls, RawServer, RawStore, RawXdp},
     valid_instance,
@@ -253,14 +253,18 @@ fn admin_tokens(path: Option<&std::path::Path>) -> Result<AdminTokens, ConfigErr
 }
 
 /// `[admin] node`, or the host name.
-fn node(configured: Option<&str>) -> Result<String, ConfigError> {
+pub(super) fn node(configured: Option<&str>) -> Result<String, ConfigError> {
     let name = match configured {
         Some(name) => name.to_owned(),
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default(),
     };
-    let name = if name.is_empty() { "localhost".to_owned() } else { name };
+    let name = if name.is_empty() {
+        "localhost".to_owned()
+    } else {
+        name
+    };
     if name.len() > 64
         || !name
             .bytes()

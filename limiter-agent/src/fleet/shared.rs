@@ -308,7 +308,13 @@ mod tests {
         };
         assert_eq!(
             store
-                .write(Kind::Allow, "192.0.2.0/24", Some(&entry), Some(&change), None)
+                .write(
+                    Kind::Allow,
+                    "192.0.2.0/24",
+                    Some(&entry),
+                    Some(&change),
+                    None
+                )
                 .await
                 .unwrap(),
             Some(false)
@@ -327,7 +333,10 @@ mod tests {
         assert_eq!(shared.allow["192.0.2.0/24"].reason, "office");
         assert_eq!(shared.changes, vec![change]);
         std::fs::write(&path, "{ not json").unwrap();
-        assert!(SharedStore::file(&path).is_err(), "a damaged file is refused");
+        assert!(
+            SharedStore::file(&path).is_err(),
+            "a damaged file is refused"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,13 +11,12 @@ use std::{
 use ipnet::IpNet;
 
 use super::{Kernel, monotonic_ns};
-use crate::net::widen;
 use crate::{
     config::Config,
     identity::Identity,
     limit::Decision,
     metrics::Metrics,
-    net::{self, Networks},
+    net::{self, Networks, widen},
     proxy::RejectionSink,
 };
 

@@ -413,7 +413,10 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+    ) -> RedisResult<T> {
         match self {
             Self::Single(manager) => command.query_async(&mut manager.clone()).await,
             Self::Cluster(cluster) => {

@@ -199,7 +199,7 @@ mod tests {
     struct Sink(Mutex<Vec<IpAddr>>);
 
     impl RejectionSink for Sink {
-        fn rejected(&self, peer: IpAddr, _: &Identity, _: &Decision, _: u64) {
+        fn rejected(&self, peer: IpAddr, _: &Identity, _: &Decision, _: u64, _: &str) {
             self.0.lock().unwrap().push(peer);
         }
     }

@@ -121,8 +121,14 @@ mod tests {
             list.left_ms("2001:db8:1::99".parse().unwrap()).is_some(),
             "an IPv6 address in the banned group"
         );
-        assert!(list.left_ms("::ffff:198.51.100.77".parse().unwrap()).is_some());
-        assert!(list.left_ms("203.0.113.1".parse().unwrap()).is_none(), "ended");
+        assert!(
+            list.left_ms("::ffff:198.51.100.77".parse().unwrap())
+                .is_some()
+        );
+        assert!(
+            list.left_ms("203.0.113.1".parse().unwrap()).is_none(),
+            "ended"
+        );
         assert!(!list.is_empty());
         assert!(BanList::default().is_empty());
     }

@@ -261,20 +261,17 @@ impl State {
         let Identity::Key(hash) = identity else {
             return None;
         };
-        let multiplier = match runtime.overrides.get(hash).filter(|o| o.live()) {
-            Some(o) => {
-                if let Some(limit) = o.limits.get(&self.tiers[tier].route) {
-                    return Some(limit.get());
-                }
-                o.multiplier
+        let multiplier = if let Some(o) = runtime.overrides.get(hash).filter(|o| o.live()) {
+            if let Some(limit) = o.limits.get(&self.tiers[tier].route) {
+                return Some(limit.get());
             }
-            None => {
-                let o = self.config.live.keys.get(hash)?;
-                if let Some(limit) = o.limits.get(&tier) {
-                    return Some(limit.get());
-                }
-                o.multiplier
+            o.multiplier
+        } else {
+            let o = self.config.live.keys.get(hash)?;
+            if let Some(limit) = o.limits.get(&tier) {
+                return Some(limit.get());
             }
+            o.multiplier
         };
         multiplier.map(|m| {
             #[expect(
