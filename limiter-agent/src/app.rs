@@ -202,7 +202,13 @@ impl App {
         sections.push(fleet.clone());
         let mut admin = Admin::new(proxy.clone(), sections.clone()).with_fleet(fleet.clone());
         if proxy.state().config.startup.dashboard {
-            let dashboard = Arc::new(Dashboard::new(proxy.clone(), sections.first().cloned()));
+            let dashboard = Arc::new(
+                Dashboard::new(
+                    proxy.clone(),
+                    kernel.clone().map(|k| k as Arc<dyn StatusReport>),
+                )
+                .with_fleet(fleet.clone()),
+            );
             tokio::spawn(dashboard.clone().run_sampler());
             admin = admin.with_dashboard(dashboard);
         }

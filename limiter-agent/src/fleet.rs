@@ -32,7 +32,7 @@ pub mod shared;
 use self::record::{Allow, Ban, Change, Kind, Override, Shared, json};
 pub use self::shared::{SharedError, SharedStore};
 use crate::{
-    kernel::{BanCause, Banner, Kernel, monotonic_ns},
+    kernel::{BanCause, Banner, Kernel, monotonic_ns, report::origins_path},
     net::widen,
     proxy::{BanList, Proxy, Runtime, RuntimeOverride, unix_ms},
 };
@@ -43,6 +43,15 @@ pub const POLL: Duration = Duration::from_millis(200);
 const FULL_READ: Duration = Duration::from_secs(10);
 /// Longest ban or override lifetime accepted (ten years).
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
+
+/// The origins file: the store's bans and this host's unpublished ones.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Origins {
+    #[serde(default)]
+    store: std::collections::BTreeMap<String, Ban>,
+    #[serde(default)]
+    local: std::collections::BTreeMap<String, Ban>,
+}
 
 /// A ban made on this host, kept until the store is seen holding it.
 struct Pending {
@@ -61,6 +70,8 @@ struct Applied {
     kernel_allow: Vec<IpNet>,
     /// Bans in `shared` this host does not apply, and why.
     skipped: HashMap<String, &'static str>,
+    /// What the origins file holds.
+    origins_written: Vec<u8>,
 }
 
 /// The fleet's entries on this host.
@@ -97,16 +108,32 @@ impl Fleet {
     #[must_use]
     pub fn new(store: SharedStore, proxy: Arc<Proxy>, kernel: Option<Arc<Kernel>>) -> Self {
         let node = proxy.state().config.startup.node.clone();
-        let origins_file = kernel.as_ref().map(|_| {
-            crate::kernel::state::run_state_path(&proxy.state().config.startup.xdp.instance)
-                .with_extension("bans.json")
-        });
+        let origins_file = kernel
+            .as_ref()
+            .map(|_| origins_path(&proxy.state().config.startup.xdp.instance));
+        // The fleet's bans a previous run put in the (pinned) kernel maps:
+        // applied already, and lifted if the store no longer has them.
+        let kernel_bans = origins_file
+            .as_deref()
+            .and_then(|path| std::fs::read(path).ok())
+            .and_then(|bytes| serde_json::from_slice::<Origins>(&bytes).ok())
+            .map(|origins| {
+                origins
+                    .store
+                    .iter()
+                    .filter_map(|(net, ban)| Some((net.parse().ok()?, ban.until_ms)))
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             node,
             store,
             kernel,
             proxy,
-            applied: Mutex::default(),
+            applied: Mutex::new(Applied {
+                kernel_bans,
+                ..Applied::default()
+            }),
             view: ArcSwap::from_pointee(Shared::default()),
             wake: tokio::sync::Notify::new(),
             synced_ms: AtomicU64::new(0),
@@ -358,9 +385,8 @@ impl Fleet {
             overrides,
             bans: BanList::new(bans, prefix),
         });
-        let changed = *self.view.load_full() != view;
-        if changed {
-            self.write_origins(&view);
+        self.write_origins(&mut applied);
+        if *self.view.load_full() != view {
             self.view.store(Arc::new(view));
         }
     }
@@ -407,12 +433,25 @@ impl Fleet {
         }
     }
 
-    /// For `limiter-agent status`: each ban's origin, by network.
-    fn write_origins(&self, view: &Shared) {
+    /// For `limiter-agent status` (each ban's origin) and the next run (the
+    /// store's bans it finds in the kernel).
+    fn write_origins(&self, applied: &mut Applied) {
         let Some(path) = &self.origins_file else {
             return;
         };
-        let bytes = serde_json::to_vec(&view.bans).unwrap_or_default();
+        let origins = Origins {
+            store: applied.shared.bans.clone(),
+            local: applied
+                .pending
+                .iter()
+                .map(|(net, p)| (net.clone(), p.ban.clone()))
+                .collect(),
+        };
+        let bytes = serde_json::to_vec(&origins).unwrap_or_default();
+        if bytes == applied.origins_written {
+            return;
+        }
+        applied.origins_written.clone_from(&bytes);
         let aside = path.with_extension("tmp");
         if std::fs::write(&aside, bytes)
             .and_then(|()| std::fs::rename(&aside, path))
@@ -422,12 +461,9 @@ impl Fleet {
         }
     }
 
-    /// Removes the origins file (the agent is stopping).
-    pub fn shutdown(&self) {
-        if let Some(path) = &self.origins_file {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    /// The agent is stopping: the origins file stays, for `status` and the
+    /// next run (the kernel's bans stay pinned).
+    pub fn shutdown(&self) {}
 
     /// Records `change` and writes `value` (`None` removes) under `name`.
     async fn change(

@@ -51,6 +51,7 @@ pub fn status(instance: &str, top: usize, json: bool) -> Result<(), OpsError> {
     let maps = open(instance)?;
     let mut report = Report::read(&maps, kernel::monotonic_ns(), top);
     instance.clone_into(&mut report.instance);
+    report.attach_origins();
     if let Some(run) = RunState::read_live(instance) {
         report.agent_pid = Some(run.pid);
         report.persist = run.persist;

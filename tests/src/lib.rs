@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod bulk;
 pub mod cpu;
+pub mod fleet;
 pub mod http;
 pub mod netns;
 pub mod newcomers;

@@ -326,6 +326,7 @@ impl Drop for Topology {
         }
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/limiter/{}", self.instance));
         let _ = std::fs::remove_file(format!("/run/limiter/{}.json", self.instance));
+        let _ = std::fs::remove_file(format!("/run/limiter/{}.bans.json", self.instance));
         let _ = std::fs::remove_dir_all(
             std::env::temp_dir().join(format!("limiter-{}", self.instance)),
         );

@@ -29,7 +29,8 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
-/// One `redis-server` process on 127.0.0.1.
+/// One `redis-server` process on 127.0.0.1 (or on every address of a
+/// network namespace).
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
@@ -37,6 +38,9 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// `redis-cli` options to reach it (TLS).
     cli_options: Vec<String>,
+    /// The namespace it runs in, bound to all its addresses; `None`: this
+    /// one's 127.0.0.1.
+    netns: Option<crate::netns::Netns>,
 }
 
 impl RedisServer {
@@ -65,9 +69,44 @@ impl RedisServer {
             dir,
             extra: owned(extra),
             cli_options: owned(cli_options),
+            netns: None,
         };
         server.restart();
         server
+    }
+
+    /// Starts a server inside `netns` on `port`, on all its addresses, with
+    /// extra `redis-server` arguments.
+    #[must_use]
+    pub fn start_in(netns: &crate::netns::Netns, port: u16, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "limiter-redis-{}-{}-{port}",
+            std::process::id(),
+            netns.name
+        ));
+        std::fs::create_dir_all(&dir).expect("redis temp dir");
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            cli_options: Vec::new(),
+            netns: Some(netns.clone()),
+        };
+        server.restart();
+        server
+    }
+
+    /// Stops the process (SIGSTOP: connections stay open, nothing answers)
+    /// or lets it go on (SIGCONT).
+    pub fn pause(&self, paused: bool) {
+        if let Some(child) = &self.child {
+            let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(i32::try_from(child.id()).expect("pid"), signal);
+            }
+        }
     }
 
     /// Starts a server that speaks only TLS on a free port, with the PEM files
@@ -120,14 +159,23 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         let mut command = Command::new(redis_server_binary());
+        let bind = if self.netns.is_some() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         command
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", bind, "--protected-mode", "no"])
+            .args(["--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(netns) = &self.netns {
+            netns.enter_on_exec(&mut command);
+        }
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting redis-server on port {}: {e}", self.port));
@@ -139,9 +187,9 @@ impl RedisServer {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if crate::agent::listening(addr, Duration::from_millis(200))
-                && self.cli(&["PING"]).trim() == "PONG"
-            {
+            let reachable =
+                self.netns.is_some() || crate::agent::listening(addr, Duration::from_millis(200));
+            if reachable && self.cli(&["PING"]).trim() == "PONG" {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -160,7 +208,20 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         let mut all: Vec<&str> = self.cli_options.iter().map(String::as_str).collect();
         all.extend(args);
-        redis_cli(self.port, &all)
+        match &self.netns {
+            None => redis_cli(self.port, &all),
+            Some(netns) => {
+                let mut command = Command::new("redis-cli");
+                command
+                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                    .args(&all);
+                netns.enter_on_exec(&mut command);
+                let output = command
+                    .output()
+                    .unwrap_or_else(|e| panic!("running redis-cli: {e}"));
+                String::from_utf8_lossy(&output.stdout).into_owned()
+            }
+        }
     }
 }
 

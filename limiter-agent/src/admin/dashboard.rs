@@ -84,6 +84,8 @@ pub struct Dashboard {
     proxy: Arc<Proxy>,
     /// The kernel side's status (bans, attachments), read when the page asks.
     kernel: Option<Arc<dyn StatusReport>>,
+    /// The fleet's runtime entries (overrides, bans, changes and who made them).
+    fleet: Option<Arc<dyn StatusReport>>,
     started: Instant,
     rings: Mutex<Rings>,
 }
@@ -97,6 +99,7 @@ impl Dashboard {
         Self {
             proxy,
             kernel,
+            fleet: None,
             started: Instant::now(),
             rings: Mutex::new(Rings {
                 at: Instant::now(),
@@ -105,6 +108,13 @@ impl Dashboard {
                 samples: 0,
             }),
         }
+    }
+
+    /// Shows the fleet's runtime entries.
+    #[must_use]
+    pub fn with_fleet(mut self, fleet: Arc<dyn StatusReport>) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Takes one sample of every series (the sampler calls it every [`INTERVAL`]).
@@ -215,6 +225,7 @@ impl Dashboard {
             "escalations": metrics.escalations.get(),
             "tiers": tiers,
             "offenders": self.proxy.offenders().top(self.proxy.now_ms()),
+            "fleet": self.fleet.as_ref().map(|f| f.report()),
             "xdp": kernel.map(|k| json!({
                 "instance": k["instance"],
                 "mode": k["mode"],
@@ -234,7 +245,19 @@ fn bans(kernel: &Value) -> Vec<Value> {
         .into_iter()
         .flatten()
         .filter(|b| b["seconds_left"].as_u64().unwrap_or(0) > 0)
-        .map(|b| json!({ "source": b["net"], "seconds_left": b["seconds_left"], "kind": "ban (escalation or CLI)" }))
+        .map(|b| {
+            let kind = match (b["origin"].as_str(), b["by"].as_str()) {
+                (Some(origin), Some(by)) => format!("ban from {origin} by {by}"),
+                _ => "ban (this host's CLI)".to_owned(),
+            };
+            json!({
+                "source": b["net"],
+                "seconds_left": b["seconds_left"],
+                "kind": kind,
+                "origin": b["origin"],
+                "reason": b["reason"],
+            })
+        })
         .collect();
     out.extend(
         kernel["top_sources"]

@@ -31,10 +31,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// list. `ARGV`: the field; its JSON (`''` deletes); the change's JSON
 /// (`''`: none recorded); the JSON the field must hold for the change to
 /// apply (`''`: any). Returns 1 if the field was there, 0 if not, -1 when
-/// it did not hold what was expected (nothing changed).
+/// it did not hold what was expected (nothing changed). Removing what is
+/// not there changes nothing, not even the version.
 const WRITE_LUA: &str = r"
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[4] then return -1 end
 local existed = redis.call('HEXISTS', KEYS[1], ARGV[1])
+if ARGV[2] == '' and existed == 0 then return 0 end
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
@@ -238,6 +240,9 @@ impl FileShared {
             && state.1.get_json(kind, name).as_deref() != Some(expected)
         {
             return Ok(None);
+        }
+        if value.is_none() && state.1.get_json(kind, name).is_none() {
+            return Ok(Some(false));
         }
         let mut next = state.1.clone();
         let existed = next.set(kind, name, value);

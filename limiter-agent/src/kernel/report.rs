@@ -55,6 +55,26 @@ pub struct SourceRow {
 pub struct BanRow {
     pub net: String,
     pub seconds_left: u64,
+    /// The host that made it, when the fleet's entries say (see
+    /// [`origins_path`]); `None` for a ban of this host's own making
+    /// outside the fleet (`limiter-agent ban` on the pinned maps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// `escalation` or the admin token's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+/// Where the agent of `instance` writes the fleet's bans it applies, by
+/// network, so `status` can say where each came from:
+/// `{"store": {net: ban}, "local": {net: ban}}`.
+#[must_use]
+pub fn origins_path(instance: &str) -> std::path::PathBuf {
+    super::state::run_state_path(instance).with_extension("bans.json")
 }
 
 #[derive(Debug, Serialize)]
@@ -69,6 +89,29 @@ fn seconds_left(until_ns: u64, now_ns: u64) -> u64 {
 }
 
 impl Report {
+    /// Fills in each ban's origin from the fleet's entries the agent of
+    /// `self.instance` applies (nothing when it writes none).
+    pub fn attach_origins(&mut self) {
+        let Ok(bytes) = std::fs::read(origins_path(&self.instance)) else {
+            return;
+        };
+        let Ok(origins) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return;
+        };
+        let field = |ban: &serde_json::Value, name: &str| ban[name].as_str().map(str::to_owned);
+        for row in &mut self.bans {
+            let ban = ["store", "local"]
+                .iter()
+                .find_map(|part| origins[part].get(&row.net));
+            if let Some(ban) = ban {
+                row.origin = field(ban, "origin");
+                row.by = field(ban, "by");
+                row.reason = field(ban, "reason");
+                row.tier = field(ban, "tier");
+            }
+        }
+    }
+
     /// Reads everything but the attachments (which only the agent knows).
     #[must_use]
     pub fn read(maps: &Maps, now_ns: u64, top: usize) -> Self {
@@ -97,6 +140,10 @@ impl Report {
             .map(|b| BanRow {
                 net: b.net.to_string(),
                 seconds_left: seconds_left(b.until_ns, now_ns),
+                origin: None,
+                by: None,
+                reason: None,
+                tier: None,
             })
             .collect();
         bans.sort_by_key(|b| std::cmp::Reverse(b.seconds_left));
@@ -221,7 +268,18 @@ impl Report {
             let _ = writeln!(out, "  none");
         }
         for b in &self.bans {
-            let _ = writeln!(out, "  {:<43} {} s left", b.net, b.seconds_left);
+            let from = match (&b.origin, &b.by) {
+                (Some(origin), Some(by)) => format!(
+                    "  from {origin} by {by}{}",
+                    b.reason
+                        .as_deref()
+                        .filter(|r| !r.is_empty())
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "  {:<43} {} s left{from}", b.net, b.seconds_left);
         }
         let _ = writeln!(out, "\npackets by verdict and reason:");
         if self.counters.is_empty() {

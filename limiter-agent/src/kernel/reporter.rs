@@ -139,6 +139,7 @@ fn run(shared: &Shared, maps: &Maps, identity: &Identity) {
         let now_ns = monotonic_ns();
         let mut report = Report::read(maps, now_ns, TOP);
         report.instance.clone_from(&identity.instance);
+        report.attach_origins();
         report.attachments.clone_from(&identity.attachments);
         report.persist = identity.persist;
         let bans_active = report.bans.len() as u64;
