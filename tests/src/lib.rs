@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod bulk;
+pub mod chaos;
 pub mod cpu;
 pub mod fleet;
 pub mod http;

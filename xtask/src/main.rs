@@ -2,6 +2,7 @@
 
 mod bench;
 mod build_ebpf;
+mod chaos;
 mod cmd;
 mod package;
 mod run;
@@ -30,6 +31,9 @@ enum Command {
     Test(test::Options),
     /// Benchmarks; results go to target/bench/<name>.json.
     Bench(bench::Options),
+    /// The fault-injection suite: three agents sharing Redis and a Redis
+    /// Cluster under faults; its report goes into bench/RESULTS.md.
+    Chaos(chaos::Options),
     /// The kernel matrix: the XDP suite and a real attach in a VM per kernel.
     VmTest(vm_test::Options),
     /// The Debian package, target/package/limiter_<version>_<arch>.deb.
@@ -43,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(options) => run::run(&options),
         Command::Test(options) => test::run(&options),
         Command::Bench(options) => bench::run(&options),
+        Command::Chaos(options) => chaos::run(&options),
         Command::VmTest(options) => vm_test::run(&options),
         Command::Package(options) => package::run(&options),
     }

@@ -25,10 +25,12 @@ const BUILD_PACKAGES: &[&str] = &[
 /// for inspecting and wiring up XDP, redis-server (with redis-cli) for the
 /// shared-store tests and bench; qemu, busybox and xz for the VMs of `vm-test`
 /// (xz unpacks trixie's modules); nginx, one of the real routers of the path
-/// suite (`tests/tests/paths.rs`); chromium, the browser of the dashboard test.
+/// suite (`tests/tests/paths.rs`); chromium, the browser of the dashboard test;
+/// iptables, which cuts an agent off its store in the fault-injection suite.
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
+    "iptables",
     "redis-server",
     "qemu-system-x86",
     "busybox-static",

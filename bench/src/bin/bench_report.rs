@@ -489,6 +489,67 @@ fn boundary_section(out: &mut String, boundary: &Value) {
     );
 }
 
+fn chaos_section(out: &mut String, chaos: &Value) {
+    let _ = writeln!(
+        out,
+        "## chaos: three agents sharing a store, under faults\n\n\
+         Three agents in network namespaces share Redis (append-only, fsync always) or a Redis \
+         Cluster of three primaries with a replica each; clients spread over the agents, every \
+         request recorded; faults in turn, each followed by quiet time. The tier is a sliding \
+         window, so the checker can hold any set of admitted requests sent and answered within \
+         one window to the bound `docs/fleet.md` states: the limit while every agent reaches the \
+         store, the limit × (1 + agents on their local store) under `on_error = \"allow\"`, the \
+         limit at all times under `\"deny\"`. \"Converged\" is the time from the fault's end \
+         until every agent lists an override and a ban made during it (or, when the store took \
+         no change then, right after).\n\n\
+         Checker: **{}**.\n",
+        if chaos["ok"] == true {
+            "every history within its bounds"
+        } else {
+            "a bound was exceeded"
+        }
+    );
+    for run in chaos["runs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "### {} with `on_error = \"{}\"`: {} requests, {} admitted, largest in a window with the store {} (limit {})\n\n\
+             | fault | s | requests | admitted | 429 | 503 | unanswered | largest in a window | bound | converged ms |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            run["store"].as_str().unwrap_or("?"),
+            run["on_error"].as_str().unwrap_or("?"),
+            run["requests"],
+            run["admitted"],
+            run["largest_in_a_window_with_the_store"],
+            run["limit"],
+        );
+        for fault in run["faults"].as_array().into_iter().flatten() {
+            let converged = fault["converged_ms"]
+                .as_f64()
+                .map_or_else(|| "**never**".to_owned(), |ms| format!("{ms:.0}"));
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {} | {} | {} | {} | {} | **{}** | {} | {converged} |",
+                fault["fault"].as_str().unwrap_or("?"),
+                f(&fault["seconds"]),
+                fault["requests"],
+                fault["admitted"],
+                fault["limited"],
+                fault["refused_503"],
+                fault["unanswered"],
+                fault["largest_in_a_window"],
+                fault["bound"],
+            );
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(
+        out,
+        "Command: `cargo xtask chaos` (`tests/src/chaos.rs`, `tests/src/bin/chaos.rs`; a \
+         shorter run is part of `cargo xtask test`). Unanswered requests went to an agent that \
+         was down.\n"
+    );
+}
+
 fn redis_section(out: &mut String, redis: &Value) {
     let _ = writeln!(
         out,
@@ -652,6 +713,9 @@ fn main() {
     }
     if let Some(boundary) = read(bench_dir, "boundary") {
         boundary_section(&mut out, &boundary);
+    }
+    if let Some(chaos) = read(bench_dir, "chaos") {
+        chaos_section(&mut out, &chaos);
     }
     let path = out_dir.join("RESULTS.md");
     std::fs::write(&path, out).expect("RESULTS.md");
