@@ -11,12 +11,23 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-mod api;
 mod dashboard;
 mod status;
 
 pub use self::{dashboard::Dashboard, status::StatusReport};
-use crate::{accept::accept_until, fleet::Fleet, proxy::Proxy};
+use crate::{accept::accept_until, proxy::Proxy};
+
+/// Calls served on the admin listener by a part above it (the fleet's
+/// runtime changes).
+pub trait AdminApi: Send + Sync + 'static {
+    /// Whether `path` is one of its.
+    fn owns(&self, path: &str) -> bool;
+    /// Answers a call on one of its paths.
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send + '_>>;
+}
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -24,8 +35,8 @@ pub struct Admin {
     started: Instant,
     sections: Vec<Arc<dyn StatusReport>>,
     dashboard: Option<Arc<Dashboard>>,
-    /// The fleet's entries the API reads and changes.
-    fleet: Option<Arc<Fleet>>,
+    /// The admin API (the fleet's runtime entries).
+    api: Option<Arc<dyn AdminApi>>,
 }
 
 impl Admin {
@@ -36,7 +47,7 @@ impl Admin {
             started: Instant::now(),
             sections,
             dashboard: None,
-            fleet: None,
+            api: None,
         }
     }
 
@@ -47,10 +58,10 @@ impl Admin {
         self
     }
 
-    /// Serves the admin API on `fleet`.
+    /// Serves `api` on the paths it owns.
     #[must_use]
-    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
-        self.fleet = Some(fleet);
+    pub fn with_api(mut self, api: Arc<dyn AdminApi>) -> Self {
+        self.api = Some(api);
         self
     }
 
@@ -151,8 +162,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {
-                    if api::owns(req.uri().path()) {
-                        return Ok::<_, Infallible>(api::handle(&admin, req).await);
+                    if let Some(api) = admin.api.as_ref().filter(|a| a.owns(req.uri().path())) {
+                        return Ok::<_, Infallible>(api.handle(req).await);
                     }
                     if matches!(req.uri().path(), "/status" | "/dashboard.json") {
                         for section in &admin.sections {

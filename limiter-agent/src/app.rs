@@ -200,7 +200,7 @@ impl App {
             .map(|k| k.clone() as Arc<dyn StatusReport>)
             .collect();
         sections.push(fleet.clone());
-        let mut admin = Admin::new(proxy.clone(), sections.clone()).with_fleet(fleet.clone());
+        let mut admin = Admin::new(proxy.clone(), sections.clone()).with_api(fleet.clone());
         if proxy.state().config.startup.dashboard {
             let dashboard = Arc::new(
                 Dashboard::new(

@@ -26,6 +26,7 @@ use std::{
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
+mod api;
 pub mod record;
 pub mod shared;
 
@@ -658,6 +659,21 @@ pub fn overlaps(a: IpNet, b: IpNet) -> bool {
 #[must_use]
 pub fn covers(net: IpNet, ip: IpAddr) -> bool {
     net.contains(&ip.to_canonical())
+}
+
+impl crate::admin::AdminApi for Fleet {
+    fn owns(&self, path: &str) -> bool {
+        api::owns(path)
+    }
+
+    fn handle(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = http::Response<http_body_util::Full<bytes::Bytes>>> + Send + '_>,
+    > {
+        Box::pin(api::handle(self, req))
+    }
 }
 
 impl crate::admin::StatusReport for Fleet {

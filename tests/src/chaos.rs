@@ -112,6 +112,9 @@ struct Record {
     answered: f64,
     /// `None`: no answer (refused, reset, timed out).
     status: Option<u16>,
+    /// Status lines read on the request's connection (more than one: the
+    /// request was answered twice).
+    answers: usize,
 }
 
 /// When a fault was in force.
@@ -424,7 +427,7 @@ fn client_loop(client: usize, rate: f64, started: Instant, stop: &AtomicBool) ->
             PORT,
         );
         let sent = started.elapsed().as_secs_f64() * 1000.0;
-        let status = request(addr, &key);
+        let (status, answers) = request(addr, &key);
         let answered = started.elapsed().as_secs_f64() * 1000.0;
         records.push(Record {
             client,
@@ -432,6 +435,7 @@ fn client_loop(client: usize, rate: f64, started: Instant, stop: &AtomicBool) ->
             sent,
             answered,
             status,
+            answers,
         });
         next += gap;
         if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -443,17 +447,27 @@ fn client_loop(client: usize, rate: f64, started: Instant, stop: &AtomicBool) ->
     records
 }
 
-fn request(addr: SocketAddrV4, key: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+/// One request on a connection of its own: its status (`None`: no
+/// answer) and how many status lines came back.
+fn request(addr: SocketAddrV4, key: &str) -> (Option<u16>, usize) {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1)) else {
+        return (None, 0);
+    };
     let request = format!(
         "GET /api/chat HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut raw = String::new();
-    let _ = stream.read_to_string(&mut raw);
-    let status = crate::http::status(&raw)?;
-    (status != 0).then_some(status)
+    if stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .and_then(|()| stream.write_all(request.as_bytes()))
+        .is_err()
+    {
+        return (None, 0);
+    }
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    let answers = raw.matches("HTTP/1.1 ").count();
+    (crate::http::status(&raw).filter(|s| *s != 0), answers)
 }
 
 /// The checks, and the report.
@@ -477,6 +491,10 @@ fn check(plan: &Plan, records: &[Record], spans: &[Span], convergence: &[Option<
             LIMIT * (1 + fallen)
         }
     };
+    let answered_twice = records.iter().filter(|r| r.answers > 1).count();
+    if answered_twice > 0 {
+        ok = false;
+    }
     let mut worst_clean = 0;
     let mut worst_by_fault = vec![0usize; spans.len()];
     for client in 0..plan.clients {
@@ -552,6 +570,7 @@ fn check(plan: &Plan, records: &[Record], spans: &[Span], convergence: &[Option<
         "admitted": records.iter().filter(|r| r.status == Some(200)).count(),
         "by_agent": (0..3).map(|a| records.iter().filter(|r| r.agent == a).count()).collect::<Vec<_>>(),
         "largest_in_a_window_with_the_store": worst_clean,
+        "answered_twice": answered_twice,
         "faults": faults,
         "violations": violations.into_iter().take(20).collect::<Vec<_>>(),
     })

@@ -14,16 +14,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::Admin;
-use crate::{
-    answers::error_body,
-    fleet::{
-        FleetError, MAX_SECONDS,
-        record::{Allow, Override},
-    },
-    proxy::unix_ms,
-    route::canonicalize,
+use super::{
+    Fleet, FleetError, MAX_SECONDS,
+    record::{Allow, Override},
 };
+use crate::{answers::error_body, proxy::unix_ms, route::canonicalize};
 
 /// Largest request body read.
 const MAX_BODY: usize = 64 * 1024;
@@ -62,10 +57,7 @@ pub fn owns(path: &str) -> bool {
 }
 
 /// Answers one API call.
-pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Answer {
-    let Some(fleet) = admin.fleet.as_deref() else {
-        return error(StatusCode::NOT_FOUND, "NO_FLEET", "runtime changes are off");
-    };
+pub async fn handle(fleet: &Fleet, req: Request<Incoming>) -> Answer {
     let write = req.method() == Method::PUT || req.method() == Method::DELETE;
     let read = req.method() == Method::GET || req.method() == Method::HEAD;
     if !read && !write {
@@ -75,7 +67,7 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Answer {
             "GET, PUT or DELETE",
         );
     }
-    let state = admin.proxy.state();
+    let state = fleet.proxy.state();
     let tokens = &state.config.startup.admin_tokens;
     let who = if tokens.is_empty() {
         if write {
@@ -121,14 +113,14 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Answer {
     };
     let outcome = match (collection.as_str(), item, method) {
         ("changes", None, _) if read => Ok(ok(&json!({ "changes": fleet.view().changes }))),
-        ("overrides", None, _) if read => Ok(ok(&list_overrides(admin))),
-        ("bans", None, _) if read => Ok(ok(&list_bans(admin))),
+        ("overrides", None, _) if read => Ok(ok(&list_overrides(fleet))),
+        ("bans", None, _) if read => Ok(ok(&list_bans(fleet))),
         ("allow", None, _) if read => {
             Ok(ok(&json!({ "allow": named(&fleet.view().allow, "net") })))
         }
-        ("overrides", Some(key), m) => overrides(admin, &key, &m, body.as_deref(), &who).await,
-        ("bans", Some(net), m) => bans(admin, &net, &m, body.as_deref(), &who).await,
-        ("allow", Some(net), m) => allow(admin, &net, &m, body.as_deref(), &who).await,
+        ("overrides", Some(key), m) => overrides(fleet, &key, &m, body.as_deref(), &who).await,
+        ("bans", Some(net), m) => bans(fleet, &net, &m, body.as_deref(), &who).await,
+        ("allow", Some(net), m) => allow(fleet, &net, &m, body.as_deref(), &who).await,
         _ => Err(Refusal {
             status: StatusCode::METHOD_NOT_ALLOWED,
             code: "METHOD",
@@ -155,15 +147,11 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
     }
 }
 
-fn list_overrides(admin: &Admin) -> Value {
-    let view = admin.fleet.as_ref().map(|f| f.view()).unwrap_or_default();
-    json!({ "overrides": named(&view.overrides, "key_sha256") })
+fn list_overrides(fleet: &Fleet) -> Value {
+    json!({ "overrides": named(&fleet.view().overrides, "key_sha256") })
 }
 
-fn list_bans(admin: &Admin) -> Value {
-    let Some(fleet) = &admin.fleet else {
-        return json!({ "bans": [] });
-    };
+fn list_bans(fleet: &Fleet) -> Value {
     let view = fleet.view();
     let skipped: BTreeMap<String, &str> = fleet.skipped().into_iter().collect();
     let mut bans = named(&view.bans, "net");
@@ -209,13 +197,12 @@ struct AllowBody {
 }
 
 async fn overrides(
-    admin: &Admin,
+    fleet: &Fleet,
     key: &str,
     method: &Method,
     body: Option<&[u8]>,
     who: &str,
 ) -> Result<Answer, Refusal> {
-    let fleet = admin.fleet.as_deref().expect("checked by handle");
     let key = key.to_ascii_lowercase();
     if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("the key is named by the 64 hex digits of its SHA-256"));
@@ -242,7 +229,7 @@ async fn overrides(
                     "`multiplier` must be a number above 0, at most 1000000",
                 ));
             }
-            let state = admin.proxy.state();
+            let state = fleet.proxy.state();
             let policy = state.config.live.path_policy;
             let mut limits = BTreeMap::new();
             for (route, limit) in body.limits.unwrap_or_default() {
@@ -283,17 +270,16 @@ async fn overrides(
 }
 
 async fn bans(
-    admin: &Admin,
+    fleet: &Fleet,
     net: &str,
     method: &Method,
     body: Option<&[u8]>,
     who: &str,
 ) -> Result<Answer, Refusal> {
-    let fleet = admin.fleet.as_deref().expect("checked by handle");
     let net = network(net)?;
     match *method {
         Method::GET | Method::HEAD => {
-            let name = crate::net::widen(net, admin.proxy.state().config.live.ipv6_prefix);
+            let name = crate::net::widen(net, fleet.proxy.state().config.live.ipv6_prefix);
             match fleet.view().bans.get(&name.to_string()) {
                 Some(ban) => Ok(ok(&named_one(ban, "net", &name.to_string()))),
                 None => Err(not_found(&name.to_string())),
@@ -326,13 +312,12 @@ async fn bans(
 }
 
 async fn allow(
-    admin: &Admin,
+    fleet: &Fleet,
     net: &str,
     method: &Method,
     body: Option<&[u8]>,
     who: &str,
 ) -> Result<Answer, Refusal> {
-    let fleet = admin.fleet.as_deref().expect("checked by handle");
     let net = network(net)?;
     let name = net.trunc().to_string();
     match *method {
