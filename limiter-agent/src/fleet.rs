@@ -4,13 +4,17 @@
 //! to its kernel ban list (and to the proxy's own check), allow entries to the
 //! kernel allow list, overrides to its limits.
 //!
-//! Each agent polls the store's version every [`POLL`] and reads everything
-//! when it changed, so a change reaches every host within a poll and a round
-//! trip; one that starts, restarts or reconnects reads what is in force. A
-//! ban escalation makes here is in this host's kernel at once and published
-//! after; until the store has it (Redis down), it is kept and published again.
-//! A host never applies a ban covering its trusted proxies or its allow list,
-//! whoever asked.
+//! Each agent asks the store every [`POLL`] what changed since the version
+//! it applied (one small script call; the changes themselves when there are
+//! some), so a change reaches every host within a poll and a round trip; one
+//! that starts, restarts, reconnects or falls too far behind reads
+//! everything. A ban escalation makes here is in this host's kernel at once
+//! and published after (never shortening a longer ban another host made);
+//! until the store has it (Redis down), it is kept and published again. A
+//! host never applies a ban covering its trusted proxies or its allow list,
+//! whoever asked. Only the host that made an entry removes it from the store
+//! when it lapses (another does, [`EXPIRY_GRACE`] later), so a host whose
+//! clock runs ahead cannot end the fleet's bans early.
 
 use std::{
     collections::HashMap,
@@ -30,8 +34,11 @@ mod api;
 pub mod record;
 pub mod shared;
 
-use self::record::{Allow, Ban, Change, Kind, Override, Shared, json};
 pub use self::shared::{SharedError, SharedStore};
+use self::{
+    record::{Allow, Ban, Change, Kind, Override, Shared, json},
+    shared::{Delta, Written},
+};
 use crate::{
     kernel::{BanCause, Banner, Kernel, monotonic_ns, report::origins_path},
     net::widen,
@@ -40,8 +47,13 @@ use crate::{
 
 /// How often each agent asks whether anything changed.
 pub const POLL: Duration = Duration::from_millis(200);
-/// Everything is read again at least this often, whatever the version says.
-const FULL_READ: Duration = Duration::from_secs(10);
+/// Everything is read again at least this often, whatever the version says
+/// (and the kernel's ban list checked against what this host applied).
+const FULL_READ: Duration = Duration::from_secs(30);
+/// How long after an entry lapses a host other than its maker removes it.
+pub const EXPIRY_GRACE_MS: u64 = 60_000;
+/// [`EXPIRY_GRACE_MS`] as a duration, for the docs.
+pub const EXPIRY_GRACE: Duration = Duration::from_millis(EXPIRY_GRACE_MS);
 /// Longest ban or override lifetime accepted (ten years).
 pub const MAX_SECONDS: u64 = 10 * 365 * 86_400;
 
@@ -71,8 +83,14 @@ struct Applied {
     kernel_allow: Vec<IpNet>,
     /// Bans in `shared` this host does not apply, and why.
     skipped: HashMap<String, &'static str>,
+    /// Kernel bans that failed (a full map): tried again on the next full read.
+    kernel_failed: std::collections::HashSet<IpNet>,
     /// What the origins file holds.
     origins_written: Vec<u8>,
+    /// Something changed since the last apply.
+    dirty: bool,
+    /// The next time an applied entry lapses (Unix ms): apply again then.
+    next_lapse_ms: u64,
 }
 
 /// The fleet's entries on this host.
@@ -190,6 +208,8 @@ impl Fleet {
         let mut failing = false;
         loop {
             let outcome = self.tick(last_full.elapsed() >= FULL_READ).await;
+            // Deadlines pass with the store reachable or not.
+            self.apply_if_due();
             match outcome {
                 Ok(full) => {
                     if full {
@@ -214,22 +234,70 @@ impl Fleet {
         }
     }
 
-    /// One poll: publishes this host's pending bans, reads the store if its
-    /// version moved (or `full`), drops expired entries, applies. Whether
-    /// it read everything.
+    /// One poll: publishes this host's pending bans, then reads what
+    /// changed (everything when `full`). Whether it read everything.
     async fn tick(&self, full: bool) -> Result<bool, SharedError> {
         self.publish_pending().await;
-        let version = self.store.version().await?;
-        let known = self.lock().version;
-        let read = full || known != Some(version);
-        if read {
+        if full {
             self.refresh().await?;
-        } else {
-            self.synced_ms.store(unix_ms(), Ordering::Relaxed);
-            // Deadlines pass without a change in the store.
-            self.apply();
+            self.check_kernel();
+            return Ok(true);
         }
-        Ok(read)
+        self.catch_up().await
+    }
+
+    /// Reads what changed since the version applied (everything when this
+    /// host has none yet or is too far behind). Whether it read everything.
+    async fn catch_up(&self) -> Result<bool, SharedError> {
+        let Some(since) = self.lock().version else {
+            self.refresh().await?;
+            return Ok(true);
+        };
+        match self.store.delta(since).await? {
+            Delta::None => {
+                self.synced_ms.store(unix_ms(), Ordering::Relaxed);
+                Ok(false)
+            }
+            Delta::Full => {
+                self.refresh().await?;
+                Ok(true)
+            }
+            Delta::Changes {
+                version,
+                entries,
+                changes,
+            } => {
+                self.synced_ms.store(unix_ms(), Ordering::Relaxed);
+                if self.install_delta(since, version, &entries, changes) {
+                    self.remove_lapsed().await;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Puts a delta read at `since` in force, unless another read got
+    /// further meanwhile (it has these too); whether it did.
+    fn install_delta(
+        &self,
+        since: u64,
+        version: u64,
+        entries: &[(Kind, String, Option<String>)],
+        changes: Vec<Change>,
+    ) -> bool {
+        let mut applied = self.lock();
+        if applied.version != Some(since) {
+            return false;
+        }
+        let shared = Arc::make_mut(&mut applied.shared);
+        for (kind, name, value) in entries {
+            shared.set(*kind, name, value.as_deref());
+        }
+        shared.changes = changes;
+        applied.version = Some(version);
+        Self::settle_pending(&mut applied, unix_ms());
+        applied.dirty = true;
+        true
     }
 
     /// Reads everything now and applies it.
@@ -239,26 +307,85 @@ impl Fleet {
     pub async fn refresh(&self) -> Result<(), SharedError> {
         let (version, shared) = self.store.read().await?;
         self.synced_ms.store(unix_ms(), Ordering::Relaxed);
-        let now = unix_ms();
-        for (kind, name, was) in shared.expired(now) {
-            // Only if still what expired: a renewal meanwhile stays.
-            let _ = self.store.write(kind, &name, None, None, Some(&was)).await;
-        }
         {
             let mut applied = self.lock();
             applied.version = Some(version);
-            // Bans made here that the store now holds are the store's.
-            applied.pending.retain(|net, pending| {
-                pending.ban.until_ms > now
-                    && shared
-                        .bans
-                        .get(net)
-                        .is_none_or(|b| b.at_ms < pending.ban.at_ms)
-            });
             applied.shared = Arc::new(shared);
+            Self::settle_pending(&mut applied, unix_ms());
+            applied.dirty = true;
         }
-        self.apply();
+        self.remove_lapsed().await;
+        self.apply_if_due();
         Ok(())
+    }
+
+    /// Bans made here that the store now holds (or that lapsed) are no
+    /// longer this host's to keep.
+    fn settle_pending(applied: &mut Applied, now: u64) {
+        let shared = Arc::clone(&applied.shared);
+        applied.pending.retain(|net, pending| {
+            pending.ban.until_ms > now
+                && shared.bans.get(net).is_none_or(|b| {
+                    b.at_ms < pending.ban.at_ms && b.until_ms < pending.ban.until_ms
+                })
+        });
+    }
+
+    /// Removes from the store the entries that lapsed: this host's own, and
+    /// others' [`EXPIRY_GRACE`] after they lapsed. Each only if still what
+    /// lapsed: a renewal meanwhile stays.
+    async fn remove_lapsed(&self) {
+        let shared = Arc::clone(&self.lock().shared);
+        let now = unix_ms();
+        for (kind, name, was) in shared.expired(now) {
+            let (origin, until) = serde_json::from_str::<serde_json::Value>(&was)
+                .map(|v| {
+                    (
+                        v["origin"].as_str().unwrap_or_default().to_owned(),
+                        v["until_ms"].as_u64().unwrap_or(0),
+                    )
+                })
+                .unwrap_or_default();
+            if origin != self.node && until.saturating_add(EXPIRY_GRACE_MS) > now {
+                continue;
+            }
+            let _ = self
+                .store
+                .write(kind, &name, None, None, Some(&was), false)
+                .await;
+        }
+    }
+
+    /// Full read: kernel ban entries this host applied but the map lost
+    /// (removed by hand, maps recreated) are applied again, and failed ones
+    /// tried again.
+    fn check_kernel(&self) {
+        let Some(kernel) = &self.kernel else {
+            return;
+        };
+        let present: std::collections::HashSet<IpNet> = kernel.ban_nets().into_iter().collect();
+        let mut applied = self.lock();
+        let before = applied.kernel_bans.len();
+        applied.kernel_bans.retain(|net, _| present.contains(net));
+        applied.kernel_failed.clear();
+        if applied.kernel_bans.len() != before {
+            tracing::warn!(
+                missing = before - applied.kernel_bans.len(),
+                "fleet bans missing from the kernel map; applying them again"
+            );
+            applied.dirty = true;
+        }
+    }
+
+    /// Applies when something changed or an entry lapsed since the last time.
+    fn apply_if_due(&self) {
+        let due = {
+            let applied = self.lock();
+            applied.dirty || applied.next_lapse_ms <= unix_ms()
+        };
+        if due {
+            self.apply();
+        }
     }
 
     /// Publishes the bans escalation made here. With the in-memory store
@@ -276,6 +403,10 @@ impl Fleet {
             .map(|(net, p)| (net.clone(), p.ban.clone()))
             .collect();
         for (net, ban) in unpublished {
+            // Lifted meanwhile (an operator's unban): not published.
+            if !self.lock().pending.contains_key(&net) {
+                continue;
+            }
             let change = Change {
                 at_ms: ban.at_ms,
                 origin: ban.origin.clone(),
@@ -286,10 +417,20 @@ impl Fleet {
             };
             match self
                 .store
-                .write(Kind::Bans, &net, Some(&json(&ban)), Some(&change), None)
+                .write(
+                    Kind::Bans,
+                    &net,
+                    Some(&json(&ban)),
+                    Some(&change),
+                    None,
+                    true,
+                )
                 .await
             {
-                Ok(_) => {
+                Ok(written) => {
+                    if written == Written::Full {
+                        tracing::warn!(%net, "the fleet's ban list is full: ban kept on this host only");
+                    }
                     if let Some(p) = self.lock().pending.get_mut(&net) {
                         p.published = true;
                     }
@@ -317,6 +458,7 @@ impl Fleet {
     fn apply(&self) {
         let now = unix_ms();
         let mut applied = self.lock();
+        applied.dirty = false;
         let mut view = (*applied.shared).clone();
         for (net, pending) in &applied.pending {
             view.bans
@@ -328,6 +470,14 @@ impl Fleet {
             .retain(|_, o| o.until_ms.is_none_or(|until| until > now));
         view.allow
             .retain(|_, a| a.until_ms.is_none_or(|until| until > now));
+        applied.next_lapse_ms = view
+            .bans
+            .values()
+            .map(|b| b.until_ms)
+            .chain(view.overrides.values().filter_map(|o| o.until_ms))
+            .chain(view.allow.values().filter_map(|a| a.until_ms))
+            .min()
+            .unwrap_or(u64::MAX);
         let protected = self.protected(&view);
         let prefix = self.proxy.state().config.live.ipv6_prefix;
         let mut bans: HashMap<IpNet, u64> = HashMap::new();
@@ -401,7 +551,9 @@ impl Fleet {
         prefix: u8,
     ) {
         let mono = monotonic_ns();
-        let to_mono = |until_ms: u64| mono.saturating_add(until_ms.saturating_sub(now) * 1_000_000);
+        let to_mono = |until_ms: u64| {
+            mono.saturating_add(until_ms.saturating_sub(now).saturating_mul(1_000_000))
+        };
         let stale: Vec<IpNet> = applied
             .kernel_bans
             .keys()
@@ -416,14 +568,18 @@ impl Fleet {
             }
         }
         for (net, until) in bans {
-            if applied.kernel_bans.get(net) == Some(until) {
+            if applied.kernel_bans.get(net) == Some(until) || applied.kernel_failed.contains(net) {
                 continue;
             }
             match kernel.maps().ban(*net, to_mono(*until), prefix) {
                 Ok(_) => {
                     applied.kernel_bans.insert(*net, *until);
                 }
-                Err(e) => tracing::error!(%net, "applying a fleet ban: {e}"),
+                Err(e) => {
+                    // Tried again on the next full read, not every poll.
+                    applied.kernel_failed.insert(*net);
+                    tracing::error!(%net, "applying a fleet ban: {e}");
+                }
             }
         }
         if applied.kernel_allow != allow {
@@ -482,11 +638,21 @@ impl Fleet {
             kind,
             target: name.to_owned(),
         };
-        let existed = self
+        let existed = match self
             .store
-            .write(kind, name, value.as_deref(), Some(&change), None)
+            .write(kind, name, value.as_deref(), Some(&change), None, false)
             .await?
-            .unwrap_or(false);
+        {
+            Written::Done { existed } => existed,
+            Written::Full => {
+                return Err(FleetError::Refused(format!(
+                    "the fleet holds {} {} already: remove some first",
+                    shared::capacity(kind),
+                    kind.name()
+                )));
+            }
+            Written::NotAsExpected | Written::KeptLater => false,
+        };
         tracing::info!(
             by,
             action = change.action,
@@ -495,8 +661,9 @@ impl Fleet {
             "fleet change"
         );
         // Applied here at once; the other hosts see the version move.
-        if let Err(e) = self.refresh().await {
-            tracing::warn!(error = %e, "reading the fleet entries back after a change");
+        match self.catch_up().await {
+            Ok(_) => self.apply_if_due(),
+            Err(e) => tracing::warn!(error = %e, "reading the fleet entries back after a change"),
         }
         Ok(existed)
     }
@@ -533,8 +700,8 @@ impl Fleet {
             at_ms: now,
         };
         let name = net.to_string();
-        self.lock().pending.remove(&name);
         self.change(Kind::Bans, &name, Some(json(&ban)), by).await?;
+        self.lock().pending.remove(&name);
         Ok((name, ban))
     }
 
@@ -544,8 +711,13 @@ impl Fleet {
     /// The store failed.
     pub async fn delete_ban(&self, net: IpNet, by: &str) -> Result<bool, FleetError> {
         let name = widen(net, self.proxy.state().config.live.ipv6_prefix).to_string();
+        let existed = self.change(Kind::Bans, &name, None, by).await?;
         let pending = self.lock().pending.remove(&name).is_some();
-        Ok(self.change(Kind::Bans, &name, None, by).await? || pending)
+        if pending {
+            self.lock().dirty = true;
+            self.apply_if_due();
+        }
+        Ok(existed || pending)
     }
 
     /// Sets `key_sha256`'s override on every host.
@@ -624,14 +796,19 @@ impl Fleet {
             tier: cause.tier.map(str::to_owned),
             at_ms: now,
         };
-        self.lock().pending.insert(
-            net.to_string(),
-            Pending {
-                ban,
-                published: false,
-            },
-        );
-        self.apply();
+        {
+            let mut applied = self.lock();
+            applied.pending.insert(
+                net.to_string(),
+                Pending {
+                    ban,
+                    published: false,
+                },
+            );
+            applied.dirty = true;
+        }
+        // The poll task publishes it and applies the rest (the proxy's list,
+        // the origins file) off the request path.
         self.wake.notify_one();
         Ok(net)
     }

@@ -39,15 +39,28 @@ pub fn widen(net: IpNet, ipv6_prefix: u8) -> IpNet {
 #[error("`{0}` is not an IP address or IP/LEN network")]
 pub struct BadNetwork(pub String);
 
-/// Parses `IP` (a host network) or `IP/LEN`, host bits cleared.
+/// Parses `IP` (a host network) or `IP/LEN`, host bits cleared; an
+/// IPv4-mapped IPv6 network (`::ffff:192.0.2.0/120`) as the IPv4 network it
+/// is, as sources are seen.
 ///
 /// # Errors
 /// [`BadNetwork`] when it is neither.
 pub fn parse_net(text: &str) -> Result<IpNet, BadNetwork> {
     text.parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map(|n| n.trunc())
+        .map(|n| unmap(n.trunc()))
         .map_err(|_| BadNetwork(text.to_owned()))
+}
+
+/// An IPv4-mapped IPv6 network (prefix 96 or more) as its IPv4 network.
+fn unmap(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        other => other,
+    }
 }
 
 /// A set of networks (trusted proxies, an allow list).
@@ -122,5 +135,31 @@ mod tests {
         assert!(trusted.contains(ip("::ffff:10.1.1.1")));
         assert!(trusted.contains(ip("2001:db8::5")));
         assert!(!trusted.contains(ip("192.0.2.1")));
+    }
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_networks_are_read_as_ipv4() {
+        assert_eq!(
+            parse_net("::ffff:127.0.0.1").unwrap(),
+            "127.0.0.1/32".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(
+            parse_net("::ffff:10.1.0.0/112").unwrap(),
+            "10.1.0.0/16".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(
+            parse_net("::ffff:0:0/80").unwrap(),
+            "::/80".parse::<IpNet>().unwrap(),
+            "wider than the mapped block stays IPv6"
+        );
+        assert_eq!(
+            parse_net("2001:db8::1/64").unwrap(),
+            "2001:db8::/64".parse::<IpNet>().unwrap()
+        );
     }
 }

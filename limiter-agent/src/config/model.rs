@@ -62,8 +62,6 @@ restart_settings! {
         admin_listen: SocketAddr => "admin.listen",
         /// Serve the live page at `/` (and sample for it).
         dashboard: bool => "admin.dashboard",
-        /// Who may use the admin API's writes (none: nobody).
-        admin_tokens: AdminTokens => "admin.token_file",
         /// This host's name in the fleet: the origin of its bans and changes.
         node: String => "admin.node",
         /// Where runtime changes persist when the store is in memory.
@@ -142,6 +140,9 @@ pub struct LiveSettings {
     pub tiers: Vec<Tier>,
     /// Overrides by lowercase hex SHA-256 of the key.
     pub keys: HashMap<String, KeyOverride>,
+    /// Who may use the admin API (none: reads open, writes refused); a
+    /// reload re-reads the file, so a token is revoked without a restart.
+    pub admin_tokens: AdminTokens,
 }
 
 /// `[rls]`'s live part: the domain mapped onto the tiers, who may call, and

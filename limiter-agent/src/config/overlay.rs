@@ -33,7 +33,7 @@ impl Config {
         }
         if let Some(admin) = args.admin {
             startup.admin_listen = admin;
-            if startup.admin_tokens.is_empty() && !admin.ip().is_loopback() {
+            if self.live.admin_tokens.is_empty() && !admin.ip().is_loopback() {
                 return Err(invalid(
                     "--admin",
                     format!(

@@ -593,6 +593,7 @@ fn same_live(a: &LiveSettings, b: &LiveSettings) -> bool {
         rls,
         tiers,
         keys,
+        admin_tokens,
     } = a;
     *upstream == b.upstream
         && *trusted_proxies == b.trusted_proxies
@@ -617,6 +618,7 @@ fn same_live(a: &LiveSettings, b: &LiveSettings) -> bool {
         && *rls == b.rls
         && *tiers == b.tiers
         && *keys == b.keys
+        && *admin_tokens == b.admin_tokens
 }
 
 /// The file a key's default is checked in: the base with `setting` (entries

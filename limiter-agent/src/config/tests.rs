@@ -486,7 +486,7 @@ fn admin_tokens_are_named_and_required_off_loopback() {
         ))
     };
     let config = with("0.0.0.0:9090", &tokens.display().to_string()).unwrap();
-    let t = &config.startup.admin_tokens;
+    let t = &config.live.admin_tokens;
     assert_eq!(t.who(b"0123456789abcdef-bob"), Some("bob"));
     assert_eq!(t.who(b"0123456789abcdef-alice"), Some("alice"));
     assert_eq!(t.who(b"0123456789abcdef-carol"), None);

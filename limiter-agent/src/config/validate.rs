@@ -113,6 +113,7 @@ impl RawConfig {
             rls,
             tiers,
             keys: HashMap::new(),
+            admin_tokens: AdminTokens::default(),
         };
         windows(&live, verified_key_ttl)?;
         // Compiling the table here rejects ambiguous tables at load time.
@@ -129,11 +130,11 @@ impl RawConfig {
                 ),
             ));
         }
+        live.admin_tokens = admin_tokens;
         let startup = StartupSettings {
             listen,
             admin_listen,
             dashboard: self.admin.dashboard,
-            admin_tokens,
             node: node(self.admin.node.as_deref())?,
             state_file: self.admin.state_file.clone(),
             tls,

@@ -68,7 +68,7 @@ pub async fn handle(fleet: &Fleet, req: Request<Incoming>) -> Answer {
         );
     }
     let state = fleet.proxy.state();
-    let tokens = &state.config.startup.admin_tokens;
+    let tokens = &state.config.live.admin_tokens;
     let who = if tokens.is_empty() {
         if write {
             return error(
@@ -294,14 +294,12 @@ async fn bans(
             let body: BanBody = parse(body)?;
             let seconds = seconds(body.seconds)?;
             let reason = reason(body.reason)?;
-            let wide = match net {
-                IpNet::V4(n) => n.prefix_len() < 8,
-                IpNet::V6(n) => n.prefix_len() < 16,
-            };
-            if wide {
-                return Err(bad(
-                    "a ban is at most a /8 (IPv4) or a /16 (IPv6): wider would ban the world",
-                ));
+            // As the kernel will hold it: IPv6 widened to the grouping.
+            let widened = crate::net::widen(net, fleet.proxy.state().config.live.ipv6_prefix);
+            if too_wide(widened) {
+                return Err(bad(&format!(
+                    "{widened}: a ban is at most a /8 (IPv4) or a /16 (IPv6): wider would ban the world"
+                )));
             }
             match fleet.put_ban(net, seconds, reason, who).await {
                 Ok((name, ban)) => Ok(ok(&named_one(&ban, "net", &name))),
@@ -332,6 +330,11 @@ async fn allow(
         },
         _ => {
             let body: AllowBody = parse(body)?;
+            if too_wide(net) {
+                return Err(bad(
+                    "an allow entry is at most a /8 (IPv4) or a /16 (IPv6): wider would exempt the world",
+                ));
+            }
             let now = unix_ms();
             let until_ms = match body.seconds {
                 Some(s) => Some(now.saturating_add(seconds(s)? * 1000)),
@@ -349,6 +352,14 @@ async fn allow(
                 Err(e) => Err(failed(&e)),
             }
         }
+    }
+}
+
+/// Wider than a /8 (IPv4) or a /16 (IPv6).
+fn too_wide(net: IpNet) -> bool {
+    match net {
+        IpNet::V4(n) => n.prefix_len() < 8,
+        IpNet::V6(n) => n.prefix_len() < 16,
     }
 }
 

@@ -146,6 +146,16 @@ impl Shared {
         }
     }
 
+    /// Entries in `kind`'s list.
+    #[must_use]
+    pub fn len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Bans => self.bans.len(),
+            Kind::Overrides => self.overrides.len(),
+            Kind::Allow => self.allow.len(),
+        }
+    }
+
     /// The JSON of `name` in `kind`'s list.
     #[must_use]
     pub fn get_json(&self, kind: Kind, name: &str) -> Option<String> {

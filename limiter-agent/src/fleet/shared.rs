@@ -1,16 +1,21 @@
-//! Where the fleet's entries live: Redis (every host reads the same hashes,
-//! a version counter says when they changed) or, with the in-memory store,
-//! a local file rewritten whole on each change.
+//! Where the fleet's entries live: Redis (every host reads the same hashes;
+//! a version counter says when they changed and a log of the last changes
+//! lets a host read only what changed since its version) or, with the
+//! in-memory store, a local file rewritten whole on each change.
 
 use std::{
+    fs::File,
     path::{Path, PathBuf},
-    sync::{Mutex, PoisonError},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
-use redis::Script;
+use redis::{Script, Value};
 
-use super::record::{Change, Kind, Shared, json};
+use super::record::{CHANGES_KEPT, Change, Kind, Shared, json};
 use crate::limit::{RedisSettings, redis::Backend};
 
 /// Why the shared entries could not be read or changed.
@@ -26,17 +31,42 @@ pub enum SharedError {
 
 /// Longest a read or a change waits for Redis.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Changes the log keeps: a host more than this many changes behind reads
+/// everything.
+const LOG_KEPT: usize = 1024;
+
+/// Entries one list may hold: bans as many as the kernel's ban map,
+/// overrides and allow entries bounded so a full read stays small.
+#[must_use]
+pub fn capacity(kind: Kind) -> usize {
+    match kind {
+        Kind::Bans => limiter_common::BANS_CAPACITY as usize,
+        Kind::Overrides => 100_000,
+        Kind::Allow => 4096,
+    }
+}
 
 /// One change, atomically. `KEYS`: the kind's hash, the version, the change
-/// list. `ARGV`: the field; its JSON (`''` deletes); the change's JSON
-/// (`''`: none recorded); the JSON the field must hold for the change to
-/// apply (`''`: any). Returns 1 if the field was there, 0 if not, -1 when
-/// it did not hold what was expected (nothing changed). Removing what is
-/// not there changes nothing, not even the version.
+/// list, the log. `ARGV`: the field; its JSON (`''` deletes); the change's
+/// JSON (`''`: none recorded); the JSON the field must hold for the change
+/// to apply (`''`: any); changes kept; the list's capacity; `max` to keep
+/// an entry whose `until_ms` is later than the new one's; the kind's name.
+/// Returns 1 if the field was there, 0 if not (a removal of what is not
+/// there changes nothing, not even the version), -1 when it did not hold
+/// what was expected, -2 when the list is full, -3 when a later entry was
+/// kept.
 const WRITE_LUA: &str = r"
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[4] then return -1 end
-local existed = redis.call('HEXISTS', KEYS[1], ARGV[1])
-if ARGV[2] == '' and existed == 0 then return 0 end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[4] ~= '' and current ~= ARGV[4] then return -1 end
+if ARGV[2] == '' and not current then return 0 end
+if ARGV[2] ~= '' and not current and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[6]) then
+  return -2
+end
+if ARGV[7] == 'max' and current then
+  local old = cjson.decode(current)
+  local new = cjson.decode(ARGV[2])
+  if old.until_ms and new.until_ms and old.until_ms >= new.until_ms then return -3 end
+end
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
 else
@@ -46,8 +76,11 @@ if ARGV[3] ~= '' then
   redis.call('LPUSH', KEYS[3], ARGV[3])
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
 end
-redis.call('INCR', KEYS[2])
-return existed
+local version = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[4], version, version .. '\t' .. ARGV[8] .. '\t' .. ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(tonumber(ARGV[9]) + 1))
+if current then return 1 end
+return 0
 ";
 
 /// Everything at one version. `KEYS`: version, bans, overrides, allow, changes.
@@ -61,6 +94,67 @@ return {
 }
 ";
 
+/// What changed since `ARGV[1]`, at one version. `KEYS`: version, log,
+/// bans, overrides, allow, changes. Returns `{version}` when nothing did,
+/// `{version, 'full'}` when the log does not reach back that far (or the
+/// version went back: an empty Redis), else `{version, 'delta', {kind,
+/// field, JSON or ''}…, changes}`.
+const DELTA_LUA: &str = r"
+local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+local since = tonumber(ARGV[1])
+if version == since then return {version} end
+if version < since then return {version, 'full'} end
+local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #oldest == 0 or tonumber(oldest[2]) > since + 1 then return {version, 'full'} end
+local entries = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, '+inf')
+local changed = {}
+local seen = {}
+for _, entry in ipairs(entries) do
+  local first = string.find(entry, '\t', 1, true)
+  local rest = string.sub(entry, first + 1)
+  if not seen[rest] then
+    seen[rest] = true
+    local second = string.find(rest, '\t', 1, true)
+    local kind = string.sub(rest, 1, second - 1)
+    local field = string.sub(rest, second + 1)
+    local hash = KEYS[5]
+    if kind == 'bans' then hash = KEYS[3] elseif kind == 'overrides' then hash = KEYS[4] end
+    table.insert(changed, kind)
+    table.insert(changed, field)
+    table.insert(changed, redis.call('HGET', hash, field) or '')
+  end
+end
+return {version, 'delta', changed, redis.call('LRANGE', KEYS[6], 0, -1)}
+";
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Done; whether the entry was there before.
+    Done { existed: bool },
+    /// The entry was not what the write expected: nothing changed.
+    NotAsExpected,
+    /// The list is at its [`capacity`]: nothing changed.
+    Full,
+    /// An entry lasting longer was kept (`keep_later`).
+    KeptLater,
+}
+
+/// What changed since a version.
+#[derive(Debug)]
+pub enum Delta {
+    /// Nothing.
+    None,
+    /// Entries to set (`Some` JSON) or remove, and the change list, at `version`.
+    Changes {
+        version: u64,
+        entries: Vec<(Kind, String, Option<String>)>,
+        changes: Vec<Change>,
+    },
+    /// Too far behind (or the store went back): read everything.
+    Full,
+}
+
 /// The shared entries' home.
 pub enum SharedStore {
     Redis(Box<RedisShared>),
@@ -72,11 +166,16 @@ pub struct RedisShared {
     prefix: String,
     write: Script,
     read: Script,
+    delta: Script,
 }
 
 pub struct FileShared {
     path: PathBuf,
     state: Mutex<(u64, Shared)>,
+    /// Held for the process's life: one agent per state file.
+    _lock: File,
+    /// Names the file written aside before each rename.
+    writes: AtomicU64,
 }
 
 /// Read at one version.
@@ -93,18 +192,21 @@ impl SharedStore {
             prefix: settings.key_prefix.clone(),
             write: Script::new(WRITE_LUA),
             read: Script::new(READ_LUA),
+            delta: Script::new(DELTA_LUA),
         })))
     }
 
-    /// The entries kept in `path`, read now if it exists.
+    /// The entries kept in `path`, read now if it exists. The file is this
+    /// agent's alone: a lock beside it (`<path>.lock`) is held while it runs.
     ///
     /// # Errors
-    /// The file exists but cannot be read or parsed.
+    /// The file exists but cannot be read or parsed, or another agent holds it.
     pub fn file(path: &Path) -> Result<Self, SharedError> {
         let file_error = |error: String| SharedError::File {
             path: path.to_owned(),
             error,
         };
+        let lock = lock_beside(path).map_err(file_error)?;
         let shared = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| file_error(e.to_string()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Shared::default(),
@@ -113,6 +215,8 @@ impl SharedStore {
         Ok(Self::File(FileShared {
             path: path.to_owned(),
             state: Mutex::new((1, shared)),
+            _lock: lock,
+            writes: AtomicU64::new(0),
         }))
     }
 
@@ -120,22 +224,6 @@ impl SharedStore {
     #[must_use]
     pub fn is_shared(&self) -> bool {
         matches!(self, Self::Redis(_))
-    }
-
-    /// The version: it changes with every change.
-    ///
-    /// # Errors
-    /// Redis failed or timed out.
-    pub async fn version(&self) -> Result<u64, SharedError> {
-        match self {
-            Self::Redis(redis) => {
-                let key = redis.key("version");
-                let version: Option<u64> =
-                    timed(redis.backend.query(redis::cmd("GET").arg(&key))).await?;
-                Ok(version.unwrap_or(0))
-            }
-            Self::File(file) => Ok(file.lock().0),
-        }
     }
 
     /// Everything, at one version.
@@ -166,19 +254,40 @@ impl SharedStore {
                         shared.set(kind, &pair[0], Some(&pair[1]));
                     }
                 }
-                shared.changes = changes
-                    .iter()
-                    .filter_map(|c| serde_json::from_str::<Change>(c).ok())
-                    .collect();
+                shared.changes = parse_changes(&changes);
                 Ok((version.parse().unwrap_or(0), shared))
             }
             Self::File(file) => Ok(file.lock().clone()),
         }
     }
 
+    /// What changed since `version`: one `GET`-sized call when nothing did.
+    ///
+    /// # Errors
+    /// Redis failed or timed out.
+    pub async fn delta(&self, since: u64) -> Result<Delta, SharedError> {
+        match self {
+            Self::Redis(redis) => {
+                let mut invocation = redis.delta.prepare_invoke();
+                for name in ["version", "log", "bans", "overrides", "allow", "changes"] {
+                    invocation.key(redis.key(name));
+                }
+                invocation.arg(since);
+                let answer: Vec<Value> = timed(redis.backend.run(&invocation)).await?;
+                Ok(parse_delta(&answer))
+            }
+            // One host: its own changes are applied as they are made.
+            Self::File(file) => Ok(if file.lock().0 == since {
+                Delta::None
+            } else {
+                Delta::Full
+            }),
+        }
+    }
+
     /// Sets (`value` is the entry's JSON) or removes `name` in `kind`'s list,
     /// recording `change`; with `expected`, only if the entry is still that
-    /// JSON. Whether the entry was there (`None`: not as expected).
+    /// JSON; with `keep_later`, not over an entry whose `until_ms` is later.
     ///
     /// # Errors
     /// Redis failed or timed out, or the file could not be written (then
@@ -190,7 +299,8 @@ impl SharedStore {
         value: Option<&str>,
         change: Option<&Change>,
         expected: Option<&str>,
-    ) -> Result<Option<bool>, SharedError> {
+        keep_later: bool,
+    ) -> Result<Written, SharedError> {
         match self {
             Self::Redis(redis) => {
                 let mut invocation = redis.write.prepare_invoke();
@@ -198,19 +308,78 @@ impl SharedStore {
                     .key(redis.key(kind.name()))
                     .key(redis.key("version"))
                     .key(redis.key("changes"))
+                    .key(redis.key("log"))
                     .arg(name)
                     .arg(value.unwrap_or(""))
                     .arg(change.map(json).unwrap_or_default())
                     .arg(expected.unwrap_or(""))
-                    .arg(super::record::CHANGES_KEPT);
-                let existed: i64 = timed(redis.backend.run(&invocation)).await?;
-                Ok(match existed {
-                    -1 => None,
-                    n => Some(n == 1),
+                    .arg(CHANGES_KEPT)
+                    .arg(capacity(kind))
+                    .arg(if keep_later { "max" } else { "" })
+                    .arg(kind.name())
+                    .arg(LOG_KEPT);
+                let outcome: i64 = timed(redis.backend.run(&invocation)).await?;
+                Ok(match outcome {
+                    -1 => Written::NotAsExpected,
+                    -2 => Written::Full,
+                    -3 => Written::KeptLater,
+                    n => Written::Done { existed: n == 1 },
                 })
             }
-            Self::File(file) => file.write(kind, name, value, change, expected),
+            Self::File(file) => file.write(kind, name, value, change, expected, keep_later),
         }
+    }
+}
+
+fn parse_changes(changes: &[String]) -> Vec<Change> {
+    changes
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Change>(c).ok())
+        .collect()
+}
+
+fn parse_delta(answer: &[Value]) -> Delta {
+    let text = |value: &Value| -> Option<String> {
+        match value {
+            Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::Int(n) => Some(n.to_string()),
+            _ => None,
+        }
+    };
+    let version = answer
+        .first()
+        .and_then(text)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match answer.get(1).and_then(text).as_deref() {
+        None => Delta::None,
+        Some("delta") => {
+            let list = |at: usize| match answer.get(at) {
+                Some(Value::Array(items)) => {
+                    items.iter().map(|v| text(v).unwrap_or_default()).collect()
+                }
+                _ => Vec::new(),
+            };
+            let entries = list(2)
+                .chunks_exact(3)
+                .filter_map(|c| {
+                    let kind = match c[0].as_str() {
+                        "bans" => Kind::Bans,
+                        "overrides" => Kind::Overrides,
+                        "allow" => Kind::Allow,
+                        _ => return None,
+                    };
+                    Some((kind, c[1].clone(), (!c[2].is_empty()).then(|| c[2].clone())))
+                })
+                .collect();
+            Delta::Changes {
+                version,
+                entries,
+                changes: parse_changes(&list(3)),
+            }
+        }
+        Some(_) => Delta::Full,
     }
 }
 
@@ -220,6 +389,34 @@ impl RedisShared {
     fn key(&self, name: &str) -> String {
         format!("{}{{limiter-fleet}}:{name}", self.prefix)
     }
+}
+
+/// Takes an exclusive lock on `<path>.lock`, without waiting.
+fn lock_beside(path: &Path) -> Result<File, String> {
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&name)
+        .map_err(|e| format!("{}: {e}", PathBuf::from(&name).display()))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "another agent keeps its runtime changes here ({}); give each agent a state_file of its own",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(file)
 }
 
 impl FileShared {
@@ -234,15 +431,22 @@ impl FileShared {
         value: Option<&str>,
         change: Option<&Change>,
         expected: Option<&str>,
-    ) -> Result<Option<bool>, SharedError> {
+        keep_later: bool,
+    ) -> Result<Written, SharedError> {
         let mut state = self.lock();
+        let current = state.1.get_json(kind, name);
         if let Some(expected) = expected
-            && state.1.get_json(kind, name).as_deref() != Some(expected)
+            && current.as_deref() != Some(expected)
         {
-            return Ok(None);
+            return Ok(Written::NotAsExpected);
         }
-        if value.is_none() && state.1.get_json(kind, name).is_none() {
-            return Ok(Some(false));
+        match (value, &current) {
+            (None, None) => return Ok(Written::Done { existed: false }),
+            (Some(_), None) if state.1.len(kind) >= capacity(kind) => return Ok(Written::Full),
+            (Some(new), Some(old)) if keep_later && until(old) >= until(new) => {
+                return Ok(Written::KeptLater);
+            }
+            _ => {}
         }
         let mut next = state.1.clone();
         let existed = next.set(kind, name, value);
@@ -255,25 +459,43 @@ impl FileShared {
         })?;
         state.0 += 1;
         state.1 = next;
-        Ok(Some(existed))
+        Ok(Written::Done { existed })
     }
 
-    /// Writes `shared` beside the file and renames it over, so a crash
-    /// leaves the old file or the new one.
+    /// Writes `shared` beside the file (a name of its own per write) and
+    /// renames it over, so a crash leaves the old file or the new one.
     fn persist(&self, shared: &Shared) -> Result<(), String> {
-        use std::io::Write as _;
-        if let Some(dir) = self.path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        }
-        let aside = self.path.with_extension("tmp");
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let n = self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{}.{n}.tmp", std::process::id()));
+        let aside = PathBuf::from(name);
         let bytes = serde_json::to_vec_pretty(shared).map_err(|e| e.to_string())?;
-        let mut file = std::fs::File::create(&aside).map_err(|e| e.to_string())?;
-        file.write_all(&bytes).map_err(|e| e.to_string())?;
-        file.sync_all().map_err(|e| e.to_string())?;
-        std::fs::rename(&aside, &self.path).map_err(|e| e.to_string())
+        // The operator's changes: readable by the agent's user only.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&aside)
+            .map_err(|e| e.to_string())?;
+        let written = file
+            .write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&aside, &self.path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&aside);
+            return Err(e.to_string());
+        }
+        Ok(())
     }
+}
+
+/// An entry's `until_ms` (`u64::MAX`: none, it lasts).
+fn until(entry_json: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(entry_json)
+        .ok()
+        .and_then(|v| v["until_ms"].as_u64())
+        .unwrap_or(u64::MAX)
 }
 
 async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, SharedError> {
@@ -287,15 +509,19 @@ async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::record::Allow;
+    use crate::fleet::record::{Allow, Ban};
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("limiter-fleet-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
 
     #[tokio::test]
     async fn a_file_keeps_changes_across_a_restart_and_refuses_stale_removals() {
-        let dir = std::env::temp_dir().join(format!("limiter-fleet-file-{}", std::process::id()));
+        let dir = dir("file");
         let path = dir.join("sub/runtime.json");
-        let _ = std::fs::remove_dir_all(&dir);
         let store = SharedStore::file(&path).unwrap();
-        let v0 = store.version().await.unwrap();
         let entry = json(&Allow {
             until_ms: None,
             reason: "office".into(),
@@ -311,6 +537,7 @@ mod tests {
             kind: Kind::Allow,
             target: "192.0.2.0/24".into(),
         };
+        assert!(matches!(store.delta(1).await.unwrap(), Delta::None));
         assert_eq!(
             store
                 .write(
@@ -318,30 +545,152 @@ mod tests {
                     "192.0.2.0/24",
                     Some(&entry),
                     Some(&change),
-                    None
+                    None,
+                    false
                 )
                 .await
                 .unwrap(),
-            Some(false)
+            Written::Done { existed: false }
         );
-        assert!(store.version().await.unwrap() > v0);
+        assert!(matches!(store.delta(1).await.unwrap(), Delta::Full));
         assert_eq!(
             store
-                .write(Kind::Allow, "192.0.2.0/24", None, None, Some("{}"))
+                .write(Kind::Allow, "192.0.2.0/24", None, None, Some("{}"), false)
                 .await
                 .unwrap(),
-            None,
+            Written::NotAsExpected,
             "a removal of what is no longer there changes nothing"
         );
+        assert!(
+            SharedStore::file(&path).is_err(),
+            "a second agent on the same file is refused"
+        );
+        drop(store);
         let again = SharedStore::file(&path).unwrap();
         let (_, shared) = again.read().await.unwrap();
         assert_eq!(shared.allow["192.0.2.0/24"].reason, "office");
         assert_eq!(shared.changes, vec![change]);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        drop(again);
         std::fs::write(&path, "{ not json").unwrap();
         assert!(
             SharedStore::file(&path).is_err(),
             "a damaged file is refused"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_later_ban_is_kept_and_a_full_list_refuses_new_entries() {
+        let dir = dir("later");
+        let store = SharedStore::file(&dir.join("runtime.json")).unwrap();
+        let ban = |until_ms| {
+            json(&Ban {
+                until_ms,
+                origin: "a".into(),
+                by: "escalation".into(),
+                reason: String::new(),
+                tier: None,
+                at_ms: 1,
+            })
+        };
+        let write = |value: String, keep_later| {
+            let store = &store;
+            async move {
+                store
+                    .write(
+                        Kind::Bans,
+                        "10.0.0.1/32",
+                        Some(&value),
+                        None,
+                        None,
+                        keep_later,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(
+            write(ban(2000), true).await,
+            Written::Done { existed: false }
+        );
+        assert_eq!(write(ban(1000), true).await, Written::KeptLater);
+        assert_eq!(
+            write(ban(3000), true).await,
+            Written::Done { existed: true }
+        );
+        assert_eq!(
+            write(ban(1000), false).await,
+            Written::Done { existed: true },
+            "an operator's ban replaces"
+        );
+        let SharedStore::File(file) = &store else {
+            unreachable!()
+        };
+        for n in 0..capacity(Kind::Allow) {
+            file.lock().1.allow.insert(
+                format!("n{n}"),
+                serde_json::from_str(&json(&Allow {
+                    until_ms: None,
+                    reason: String::new(),
+                    origin: "a".into(),
+                    by: "b".into(),
+                    at_ms: 0,
+                }))
+                .unwrap(),
+            );
+        }
+        assert_eq!(
+            store
+                .write(Kind::Allow, "one-more", Some("{}"), None, None, false)
+                .await
+                .unwrap(),
+            Written::Full
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_delta_answer_is_read_as_entries_and_changes() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert!(matches!(parse_delta(&[Value::Int(7)]), Delta::None));
+        assert!(matches!(
+            parse_delta(&[Value::Int(7), bulk("full")]),
+            Delta::Full
+        ));
+        let answer = [
+            Value::Int(9),
+            bulk("delta"),
+            Value::Array(vec![
+                bulk("bans"),
+                bulk("10.0.0.1/32"),
+                bulk(""),
+                bulk("overrides"),
+                bulk("ab"),
+                bulk("{\"x\":1}"),
+            ]),
+            Value::Array(vec![]),
+        ];
+        let Delta::Changes {
+            version, entries, ..
+        } = parse_delta(&answer)
+        else {
+            panic!("a delta")
+        };
+        assert_eq!(version, 9);
+        assert_eq!(
+            entries,
+            vec![
+                (Kind::Bans, "10.0.0.1/32".to_owned(), None),
+                (
+                    Kind::Overrides,
+                    "ab".to_owned(),
+                    Some("{\"x\":1}".to_owned())
+                ),
+            ]
+        );
     }
 }

@@ -312,6 +312,19 @@ impl Kernel {
         }
     }
 
+    /// The networks in the ban list, expired ones included (walked on the
+    /// housekeeping handles, off the lock escalation takes).
+    #[must_use]
+    pub fn ban_nets(&self) -> Vec<IpNet> {
+        self.sweep
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bans()
+            .into_iter()
+            .map(|b| b.net)
+            .collect()
+    }
+
     /// Replaces the runtime part of the allow list (the fleet's entries);
     /// the config's part stays.
     ///

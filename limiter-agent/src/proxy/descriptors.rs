@@ -233,6 +233,17 @@ impl Proxy {
             Ok(None) => None,
             Err(message) => return refused("BAD_IDENTITY", message),
         };
+        // A banned client (the fleet's bans) is over every limit, before
+        // anything is counted, as the proxy answers it.
+        if let Some(ip) = remote
+            && self.runtime.load().bans.left_ms(ip).is_some()
+        {
+            self.metrics.refuse("banned");
+            return refused(
+                "BANNED",
+                "This client is banned for ignoring rate limits.".into(),
+            );
+        }
         if domain == state.config.live.rls.domain {
             return self.decide_route(state, entries, remote, hits).await;
         }
