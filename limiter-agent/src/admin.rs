@@ -154,14 +154,30 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     response
 }
 
-/// Serves the admin endpoints until the task is dropped.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// Serves the admin endpoints until the task is dropped, over TLS when
+/// `tls` is given. Off loopback every path but `/healthz` needs a token of
+/// `[admin] token_file` (Bearer, or Basic with the token as the password, so
+/// a browser can open the dashboard); on loopback, a `Host` that names a
+/// domain other than `localhost` is refused, so no web page can read it
+/// through a name that resolves to 127.0.0.1.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let local = listener
+        .local_addr()
+        .is_ok_and(|a| a.ip().to_canonical().is_loopback());
     accept_until(&listener, "admin", std::future::pending(), |stream, _| {
         let admin = admin.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {
+                    if let Some(refused) = admin.gate(&req, local) {
+                        return Ok::<_, Infallible>(refused);
+                    }
                     if let Some(api) = admin.api.as_ref().filter(|a| a.owns(req.uri().path())) {
                         return Ok::<_, Infallible>(api.handle(req).await);
                     }
@@ -173,12 +189,175 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                     Ok::<_, Infallible>(admin.respond(&req))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10));
+                builder
+            };
+            match tls {
+                Some(tls) => {
+                    let handshake = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        tls.accept(stream),
+                    );
+                    if let Ok(Ok(stream)) = handshake.await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     })
     .await;
+}
+
+impl Admin {
+    /// The refusal for a request that may not reach any admin path, if it
+    /// is one.
+    fn gate(&self, req: &Request<Incoming>, local: bool) -> Option<Response<Full<Bytes>>> {
+        if local {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            return (!local_host(host)).then(|| {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "the admin listener answers to an address or localhost only\n".into(),
+                )
+            });
+        }
+        if req.uri().path() == "/healthz" {
+            return None;
+        }
+        let state = self.proxy.state();
+        let offered = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| offered_token(v.as_bytes()));
+        if offered.is_some_and(|t| state.config.live.admin_tokens.who(&t).is_some()) {
+            return None;
+        }
+        let mut refused = text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "a token of [admin] token_file is required\n".into(),
+        );
+        refused.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Basic realm=\"limiter\", Bearer"),
+        );
+        Some(refused)
+    }
+}
+
+/// Whether `host` (a `Host` header) names an address or `localhost`,
+/// never a domain a page could point at this machine.
+fn local_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        })
+    };
+    name.is_empty()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::Ipv4Addr>().is_ok()
+        || !name.contains('.')
+}
+
+/// The token in an `Authorization` value: `Bearer <token>`, or `Basic`
+/// with the token as the password.
+#[must_use]
+pub fn offered_token(value: &[u8]) -> Option<Vec<u8>> {
+    if let Some(token) = value.strip_prefix(b"Bearer ") {
+        return Some(token.trim_ascii().to_vec());
+    }
+    let encoded = value.strip_prefix(b"Basic ")?;
+    let decoded = base64_decode(encoded.trim_ascii())?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
+}
+
+/// Standard base64 (with or without padding); `None` on anything else.
+fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let text = text
+        .strip_suffix(b"==")
+        .or_else(|| text.strip_suffix(b"="))
+        .unwrap_or(text);
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.chunks(4) {
+        let mut bits = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            bits |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = bits.to_be_bytes();
+        match chunk.len() {
+            4 => out.extend_from_slice(&bytes[1..4]),
+            3 => out.extend_from_slice(&bytes[1..3]),
+            2 => out.push(bytes[1]),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_tokens_and_base64() {
+        for host in [
+            "127.0.0.1:9090",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:9090",
+            "admin",
+            "",
+        ] {
+            assert!(local_host(host), "{host}");
+        }
+        for host in [
+            "evil.example.com",
+            "evil.example.com:9090",
+            "127.0.0.1.nip.io",
+            "[nope]",
+        ] {
+            assert!(!local_host(host), "{host}");
+        }
+        assert_eq!(base64_decode(b"b3BzOnNlY3JldA==").unwrap(), b"ops:secret");
+        assert_eq!(base64_decode(b"YQ").unwrap(), b"a");
+        assert!(base64_decode(b"*").is_none());
+        assert_eq!(offered_token(b"Bearer  abc ").unwrap(), b"abc");
+        assert_eq!(offered_token(b"Basic b3BzOnNlY3JldA==").unwrap(), b"secret");
+        assert!(offered_token(b"Digest x").is_none());
+    }
 }

@@ -213,7 +213,14 @@ impl App {
             admin = admin.with_dashboard(dashboard);
         }
         let admin = Arc::new(admin);
-        tokio::spawn(admin::serve(admin_listener, admin));
+        let admin_tls = match &proxy.state().config.startup.admin_tls {
+            Some((cert, key)) => Some(
+                server::tls_acceptor_with_alpn(cert, key, &[b"http/1.1"])
+                    .context("the admin listener's TLS")?,
+            ),
+            None => None,
+        };
+        tokio::spawn(admin::serve(admin_listener, admin, admin_tls));
         tokio::spawn(reload.on_hangup(proxy.clone(), kernel.clone(), escalation));
         let (stop_rls, rls_stopped) = tokio::sync::watch::channel(false);
         let rls = rls.map(|(listener, tls)| {

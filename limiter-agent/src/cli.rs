@@ -207,9 +207,13 @@ pub enum OverrideAction {
 /// Where a running agent's admin API is.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
-    /// The agent's admin listener.
+    /// The agent's admin listener: `IP:PORT`, or `https://HOST:PORT` when it
+    /// speaks TLS (`[admin] tls_cert`).
     #[arg(long = "admin", default_value = "127.0.0.1:9090")]
-    pub admin: SocketAddr,
+    pub admin: String,
+    /// With `https://`, the CA certificates (PEM) to trust.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    pub ca_file: PathBuf,
     /// A file holding an admin token (`name:token` or the token), as in
     /// `[admin] token_file`; default `$LIMITER_ADMIN_TOKEN_FILE`.
     #[arg(long)]

@@ -146,11 +146,15 @@ fn api_target(
     api: &ApiArgs,
     needed: bool,
 ) -> Result<Option<ops::remote::ApiTarget>, ops::OpsError> {
+    let (admin, host) = ops::remote::admin_address(&api.admin)?;
+    let tls = host.map(|host| (host, api.ca_file.clone()));
     match ops::remote::ApiTarget::token_file(api.token_file.as_deref()) {
-        Some(file) => ops::remote::ApiTarget::new(api.admin, &file).map(Some),
+        Some(file) => ops::remote::ApiTarget::new(admin, &file)
+            .map(|target| Some(ops::remote::ApiTarget { tls, ..target })),
         None if needed => Ok(Some(ops::remote::ApiTarget {
-            admin: api.admin,
+            admin,
             token: String::new(),
+            tls,
         })),
         None => Ok(None),
     }

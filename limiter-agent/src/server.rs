@@ -37,6 +37,19 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Loads the certificate chain and key and offers h2 and http/1.1 by ALPN.
 pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<TlsAcceptor> {
+    tls_acceptor_with_alpn(cert, key, &[b"h2", b"http/1.1"])
+}
+
+/// As [`tls_acceptor`], offering the `alpn` protocols only (the admin
+/// listener speaks HTTP/1.1).
+///
+/// # Errors
+/// A file can't be read or holds no usable certificate or key.
+pub fn tls_acceptor_with_alpn(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    alpn: &[&[u8]],
+) -> anyhow::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?,
     ))
@@ -55,7 +68,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Re
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .context("TLS certificate and key")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -276,13 +276,21 @@ pub fn agent_in(ns: &Netns, node: &str, port: u16, config: &str, extra: &[&str])
         ),
     )
     .expect("config");
-    let admin = free_addr();
+    // An `--admin` among `extra` replaces the loopback one.
+    let admin = extra
+        .iter()
+        .position(|a| *a == "--admin")
+        .and_then(|i| extra.get(i + 1)?.parse().ok())
+        .unwrap_or_else(free_addr);
     let mut command = Command::new(agent_binary());
     command
         .args(["run", "--demo-upstream", "--config"])
         .arg(&path)
-        .args(["--listen", &format!("0.0.0.0:{port}")])
-        .args(["--admin", &admin.to_string()])
+        .args(["--listen", &format!("0.0.0.0:{port}")]);
+    if !extra.contains(&"--admin") {
+        command.args(["--admin", &admin.to_string()]);
+    }
+    command
         .arg("--state-file")
         .arg(dir.join("runtime.json"))
         .args(extra)
@@ -323,7 +331,7 @@ pub fn admin_call(
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).expect("write");

@@ -825,3 +825,137 @@ fn origins_allow_lists_unbans_and_restarts(topologies: &[Topology], agents: Vec<
         "b keeps the others"
     );
 }
+
+#[test]
+fn an_admin_listener_off_loopback_speaks_tls_and_asks_every_caller_for_a_token() {
+    let store = StoreNet::new();
+    let host = netns::Netns {
+        name: format!("{}a", store.ns.name),
+    };
+    netns::ip(&["netns", "add", &host.name]);
+    netns::ip(&["-n", &host.name, "link", "set", "lo", "up"]);
+    let _host_gone = Gone(host.name.clone());
+    let _ = store.link(&host, 1);
+    let dir = std::env::temp_dir().join(format!("limiter-fleet-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["10.93.1.1".into()]).expect("certificate");
+    let (cert_path, key_path) = (dir.join("admin.pem"), dir.join("admin.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    );
+    let server = "[server]\nlisten = \"0.0.0.0:1\"\n[xdp]\nenabled = false\n[[tier]]\nroute = \"/api/chat\"\nlimit = 2\nwindow = \"1m\"\n";
+    let agent = limiter_tests::fleet::agent_in(
+        &host,
+        "tls-node",
+        8089,
+        &format!("{tls}{server}"),
+        &["--admin", "10.93.1.1:9443"],
+    );
+    let admin = "10.93.1.1:9443".parse().unwrap();
+    // From the store's side of the link: curl over TLS, trusting the cert.
+    let curl = |args: &[&str]| -> (String, String) {
+        let mut command = std::process::Command::new("curl");
+        command
+            .args([
+                "-s",
+                "-o",
+                "/dev/stderr",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(["--cacert", &cert_path.display().to_string()])
+            .args(args);
+        store.ns.enter_on_exec(&mut command);
+        let output = command.output().expect("curl");
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let url = |path: &str| format!("https://10.93.1.1:9443{path}");
+    assert_eq!(curl(&[&url("/healthz")]).0, "200", "health needs no token");
+    for path in ["/status", "/dashboard.json", "/metrics", "/", "/bans"] {
+        assert_eq!(curl(&[&url(path)]).0, "401", "{path} without a token");
+    }
+    let (code, body) = curl(&["-u", &format!("ops:{TOKEN}"), &url("/dashboard.json")]);
+    assert_eq!(code, "200", "a browser's Basic auth with the token: {body}");
+    let (code, _) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        &url("/status"),
+    ]);
+    assert_eq!(code, "200");
+    let (code, _) = curl(&[
+        "-H",
+        "Authorization: Bearer wrong-token-0123456789",
+        &url("/status"),
+    ]);
+    assert_eq!(code, "401");
+    // Plain HTTP gets no answer from the TLS listener.
+    let (status, _) = admin_call(Some(&store.ns), admin, "GET", "/healthz", None, None);
+    assert_eq!(status, 0, "no plain HTTP on the TLS listener");
+    // The CLI over TLS, from the store's namespace.
+    let mut command = std::process::Command::new(limiter_tests::agent::agent_binary());
+    command
+        .args(["override", "set", &sha256(KEY), "--multiplier", "3"])
+        .args(["--admin", "https://10.93.1.1:9443"])
+        .args(["--ca-file", &cert_path.display().to_string()])
+        .arg("--token-file")
+        .arg(
+            std::env::temp_dir()
+                .join(format!("limiter-fleet-{}-tls-node", std::process::id()))
+                .join("admin.tokens"),
+        );
+    store.ns.enter_on_exec(&mut command);
+    let output = command.output().expect("limiter-agent override");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (code, body) = curl(&["-u", &format!("ops:{TOKEN}"), &url("/overrides")]);
+    assert_eq!(code, "200");
+    assert!(body.contains(&sha256(KEY)), "{body}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Deletes a network namespace when dropped.
+struct Gone(String);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_loopback_admin_listener_refuses_hosts_named_by_a_domain() {
+    let dir = std::env::temp_dir().join(format!("limiter-fleet-host-{}", std::process::id()));
+    let agent = agent(&config("", &dir, "api-h", ""), None, &["--demo-upstream"]);
+    let admin = agent.admin.unwrap();
+    let ask = |host: &str| {
+        let raw = limiter_tests::agent::raw_request(
+            admin,
+            &format!("GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        Response::parse(&raw).status
+    };
+    assert_eq!(ask(&admin.to_string()), 200);
+    assert_eq!(ask("localhost:9090"), 200);
+    assert_eq!(
+        ask("rebind.attacker.example:9090"),
+        403,
+        "a DNS-rebinding page"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

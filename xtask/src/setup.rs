@@ -26,11 +26,13 @@ const BUILD_PACKAGES: &[&str] = &[
 /// shared-store tests and bench; qemu, busybox and xz for the VMs of `vm-test`
 /// (xz unpacks trixie's modules); nginx, one of the real routers of the path
 /// suite (`tests/tests/paths.rs`); chromium, the browser of the dashboard test;
-/// iptables, which cuts an agent off its store in the fault-injection suite.
+/// iptables, which cuts an agent off its store in the fault-injection suite;
+/// curl, a TLS client of the admin listener in the fleet suite.
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "iptables",
+    "curl",
     "redis-server",
     "qemu-system-x86",
     "busybox-static",

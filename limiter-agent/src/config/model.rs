@@ -66,6 +66,8 @@ restart_settings! {
         node: String => "admin.node",
         /// Where runtime changes persist when the store is in memory.
         state_file: PathBuf => "admin.state_file",
+        /// The admin listener's certificate chain and key files.
+        admin_tls: Option<(PathBuf, PathBuf)> => "admin.tls_cert/tls_key",
         /// Certificate chain and key files.
         tls: Option<(PathBuf, PathBuf)> => "server.tls_cert/tls_key",
         max_header_bytes: usize => "server.max_header_bytes",

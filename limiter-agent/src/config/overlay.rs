@@ -33,15 +33,12 @@ impl Config {
         }
         if let Some(admin) = args.admin {
             startup.admin_listen = admin;
-            if self.live.admin_tokens.is_empty() && !admin.ip().is_loopback() {
-                return Err(invalid(
-                    "--admin",
-                    format!(
-                        "{admin} is not a loopback address: set [admin] token_file first \
-                         (the admin API changes limits and bans)"
-                    ),
-                ));
-            }
+            validate::admin_off_loopback(
+                admin,
+                &self.live.admin_tokens,
+                startup.admin_tls.is_some(),
+            )
+            .map_err(|e| e.within("--admin"))?;
         }
         if let Some(path) = &args.state_file {
             startup.state_file.clone_from(path);

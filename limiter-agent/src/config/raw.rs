@@ -107,6 +107,9 @@ pub(super) struct RawAdmin {
     pub node: Option<String>,
     /// Where runtime changes persist with the in-memory store.
     pub state_file: PathBuf,
+    /// With `tls_key`, the admin listener speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for RawAdmin {
@@ -117,6 +120,8 @@ impl Default for RawAdmin {
             token_file: None,
             node: None,
             state_file: "/var/lib/limiter/runtime.json".into(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

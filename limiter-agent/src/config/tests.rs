@@ -485,7 +485,11 @@ fn admin_tokens_are_named_and_required_off_loopback() {
             "{MINIMAL}[admin]\nlisten = \"{admin}\"\ntoken_file = \"{file}\"\n"
         ))
     };
-    let config = with("0.0.0.0:9090", &tokens.display().to_string()).unwrap();
+    let no_tls = with("0.0.0.0:9090", &tokens.display().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(no_tls.contains("admin.tls_cert"), "{no_tls}");
+    let config = with("127.0.0.1:9090", &tokens.display().to_string()).unwrap();
     let t = &config.live.admin_tokens;
     assert_eq!(t.who(b"0123456789abcdef-bob"), Some("bob"));
     assert_eq!(t.who(b"0123456789abcdef-alice"), Some("alice"));

@@ -121,15 +121,12 @@ impl RawConfig {
         live.keys = keys(&self.key, &live.tiers, live.path_policy)?;
         let admin_listen = socket_addr("admin.listen", &self.admin.listen)?;
         let admin_tokens = admin_tokens(self.admin.token_file.as_deref())?;
-        if admin_tokens.is_empty() && !admin_listen.ip().is_loopback() {
-            return Err(invalid(
-                "admin.token_file",
-                format!(
-                    "required when admin.listen ({admin_listen}) is not a loopback address: \
-                     the admin API changes limits and bans"
-                ),
-            ));
-        }
+        let admin_tls = section_tls(
+            "admin",
+            self.admin.tls_cert.clone(),
+            self.admin.tls_key.clone(),
+        )?;
+        admin_off_loopback(admin_listen, &admin_tokens, admin_tls.is_some())?;
         live.admin_tokens = admin_tokens;
         let startup = StartupSettings {
             listen,
@@ -137,6 +134,7 @@ impl RawConfig {
             dashboard: self.admin.dashboard,
             node: node(self.admin.node.as_deref())?,
             state_file: self.admin.state_file.clone(),
+            admin_tls,
             tls,
             max_header_bytes: server.max_header_bytes,
             max_connections: server.max_connections,
@@ -251,6 +249,37 @@ fn admin_tokens(path: Option<&std::path::Path>) -> Result<AdminTokens, ConfigErr
         return Err(invalid(FIELD, format!("{} holds no token", path.display())));
     }
     Ok(AdminTokens::new(tokens))
+}
+
+/// An admin listener off loopback needs tokens (it changes limits and
+/// bans) and TLS (the tokens must not cross the network in clear).
+pub(super) fn admin_off_loopback(
+    listen: SocketAddr,
+    tokens: &AdminTokens,
+    tls: bool,
+) -> Result<(), ConfigError> {
+    if listen.ip().is_loopback() {
+        return Ok(());
+    }
+    if tokens.is_empty() {
+        return Err(invalid(
+            "admin.token_file",
+            format!(
+                "required when admin.listen ({listen}) is not a loopback address: \
+                 the admin API changes limits and bans"
+            ),
+        ));
+    }
+    if !tls {
+        return Err(invalid(
+            "admin.tls_cert",
+            format!(
+                "required when admin.listen ({listen}) is not a loopback address: \
+                 the admin tokens must not cross the network in clear"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `[admin] node`, or the host name.

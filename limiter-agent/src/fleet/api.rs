@@ -82,8 +82,8 @@ pub async fn handle(fleet: &Fleet, req: Request<Incoming>) -> Answer {
         let offered = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        let Some(name) = offered.and_then(|t| tokens.who(t.trim_ascii())) else {
+            .and_then(|v| crate::admin::offered_token(v.as_bytes()));
+        let Some(name) = offered.and_then(|t| tokens.who(&t)) else {
             let mut answer = error(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",

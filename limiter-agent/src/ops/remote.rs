@@ -16,6 +16,37 @@ use super::OpsError;
 pub struct ApiTarget {
     pub admin: SocketAddr,
     pub token: String,
+    /// Over TLS: the name the certificate must carry and the roots to trust.
+    pub tls: Option<(String, PathBuf)>,
+}
+
+/// `--admin`: `IP:PORT` (plain HTTP, loopback), or `https://HOST:PORT`.
+///
+/// # Errors
+/// Neither form, or a host that does not resolve.
+pub fn admin_address(text: &str) -> Result<(SocketAddr, Option<String>), OpsError> {
+    use std::net::ToSocketAddrs as _;
+    let bad = || {
+        OpsError::Usage(format!(
+            "--admin: `{text}` is not IP:PORT or https://HOST:PORT"
+        ))
+    };
+    match text.strip_prefix("https://") {
+        Some(rest) => {
+            let rest = rest.trim_end_matches('/');
+            let addr = rest
+                .to_socket_addrs()
+                .map_err(|_| bad())?
+                .next()
+                .ok_or_else(bad)?;
+            let host = rest
+                .rsplit_once(':')
+                .map_or(rest, |(host, _)| host)
+                .trim_matches(['[', ']']);
+            Ok((addr, Some(host.to_owned())))
+        }
+        None => Ok((text.parse().map_err(|_| bad())?, None)),
+    }
 }
 
 impl ApiTarget {
@@ -41,6 +72,7 @@ impl ApiTarget {
         Ok(Self {
             admin,
             token: token.to_owned(),
+            tls: None,
         })
     }
 
@@ -64,7 +96,7 @@ impl ApiTarget {
     ) -> Result<(u16, serde_json::Value), OpsError> {
         let unreachable =
             |e: std::io::Error| OpsError::Api(format!("admin API at {}: {e}", self.admin));
-        let mut stream =
+        let stream =
             TcpStream::connect_timeout(&self.admin, Duration::from_secs(5)).map_err(unreachable)?;
         stream
             .set_read_timeout(Some(Duration::from_secs(15)))
@@ -72,13 +104,34 @@ impl ApiTarget {
         let body = body.map(ToString::to_string).unwrap_or_default();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.admin,
+            self.tls
+                .as_ref()
+                .map_or_else(|| self.admin.to_string(), |(host, _)| host.clone()),
             self.token,
             body.len()
         );
-        stream.write_all(request.as_bytes()).map_err(unreachable)?;
         let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).map_err(unreachable)?;
+        match &self.tls {
+            None => {
+                let mut stream = stream;
+                stream.write_all(request.as_bytes()).map_err(unreachable)?;
+                stream.read_to_end(&mut answer).map_err(unreachable)?;
+            }
+            Some((host, ca_file)) => {
+                let mut tls = tls_client(host, ca_file)?;
+                let mut stream = stream;
+                let mut tls_stream = rustls::Stream::new(&mut tls, &mut stream);
+                tls_stream
+                    .write_all(request.as_bytes())
+                    .map_err(unreachable)?;
+                // A peer closing without close_notify still ends the answer.
+                if let Err(e) = tls_stream.read_to_end(&mut answer)
+                    && answer.is_empty()
+                {
+                    return Err(unreachable(e));
+                }
+            }
+        }
         let text = String::from_utf8_lossy(&answer);
         let (head, body) = text
             .split_once("\r\n\r\n")
@@ -115,6 +168,29 @@ impl ApiTarget {
             OpsError::Api(format!("{status}: {message}"))
         })
     }
+}
+
+/// A TLS client for `host`, trusting the certificates in `ca_file`.
+fn tls_client(host: &str, ca_file: &Path) -> Result<rustls::ClientConnection, OpsError> {
+    let usage = |e: String| OpsError::Usage(format!("--ca-file {}: {e}", ca_file.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let file = std::fs::File::open(ca_file).map_err(|e| usage(e.to_string()))?;
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        roots
+            .add(cert.map_err(|e| usage(e.to_string()))?)
+            .map_err(|e| usage(e.to_string()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| OpsError::Api(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| OpsError::Usage(format!("--admin: {host}: {e}")))?;
+    rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| OpsError::Api(e.to_string()))
 }
 
 /// A network as a path segment (`/` as `%2F`).
