@@ -154,6 +154,9 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     response
 }
 
+/// Connections the admin listener holds at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the admin endpoints until the task is dropped, over TLS when
 /// `tls` is given. Off loopback every path but `/healthz` needs a token of
 /// `[admin] token_file` (Bearer, or Basic with the token as the password, so
@@ -168,10 +171,16 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+    // Operators' tools, not clients: a few connections at a time.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     accept_until(&listener, "admin", std::future::pending(), |stream, _| {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            return;
+        };
         let admin = admin.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {
@@ -230,11 +239,11 @@ impl Admin {
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("");
             return (!local_host(host)).then(|| {
-                text(
+                closing(text(
                     StatusCode::FORBIDDEN,
                     "text/plain",
                     "the admin listener answers to an address or localhost only\n".into(),
-                )
+                ))
             });
         }
         if req.uri().path() == "/healthz" {
@@ -257,30 +266,38 @@ impl Admin {
             header::WWW_AUTHENTICATE,
             http::HeaderValue::from_static("Basic realm=\"limiter\", Bearer"),
         );
-        Some(refused)
+        Some(closing(refused))
     }
 }
 
-/// Whether `host` (a `Host` header) names an address or `localhost`,
-/// never a domain a page could point at this machine.
+/// `response` with `Connection: close`: a refused caller keeps no connection.
+fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    response
+}
+
+/// Whether `host` (a `Host` header) is an address or `localhost`: never a
+/// name a page could point at this machine (a domain, or a single label a
+/// search domain or LLMNR could resolve).
 fn local_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        return rest
-            .split_once(']')
-            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
-    } else {
-        host.rsplit_once(':').map_or(host, |(name, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                name
-            } else {
-                host
-            }
-        })
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())))
+        });
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
     };
-    name.is_empty()
-        || name.eq_ignore_ascii_case("localhost")
+    name.eq_ignore_ascii_case("localhost")
+        || name.eq_ignore_ascii_case("localhost.")
         || name.parse::<std::net::Ipv4Addr>().is_ok()
-        || !name.contains('.')
 }
 
 /// The token in an `Authorization` value: `Bearer <token>`, or `Basic`
@@ -339,9 +356,9 @@ mod tests {
             "127.0.0.1:9090",
             "localhost",
             "LOCALHOST:1",
+            "localhost.",
             "[::1]:9090",
-            "admin",
-            "",
+            "[::1]",
         ] {
             assert!(local_host(host), "{host}");
         }
@@ -350,6 +367,10 @@ mod tests {
             "evil.example.com:9090",
             "127.0.0.1.nip.io",
             "[nope]",
+            "intranet",
+            "intranet:9090",
+            "",
+            "[::1]x",
         ] {
             assert!(!local_host(host), "{host}");
         }

@@ -47,6 +47,9 @@ use crate::{
 
 /// How often each agent asks whether anything changed.
 pub const POLL: Duration = Duration::from_millis(200);
+/// Delta pages one poll reads at most (a host further behind goes on at
+/// the next poll).
+const DELTA_PAGES: usize = 16;
 /// Everything is read again at least this often, whatever the version says
 /// (and the kernel's ban list checked against what this host applied).
 const FULL_READ: Duration = Duration::from_secs(30);
@@ -76,6 +79,11 @@ struct Pending {
 #[derive(Default)]
 struct Applied {
     version: Option<u64>,
+    /// The nonce of the change at `version`: the history it belongs to.
+    nonce: String,
+    /// Reads put in force so far (a full read started before another
+    /// install is not put in force).
+    installs: u64,
     shared: Arc<Shared>,
     pending: HashMap<String, Pending>,
     /// Kernel ban entries this host put there, with their end (Unix ms).
@@ -100,6 +108,9 @@ pub struct Fleet {
     kernel: Option<Arc<Kernel>>,
     proxy: Arc<Proxy>,
     applied: Mutex<Applied>,
+    /// Bans escalation made on the request path, for the poll task: the
+    /// request holds this lock for a push only.
+    escalations: Mutex<Vec<(IpNet, Ban)>>,
     /// What GETs and the dashboard show: the last read, with local pending bans.
     view: ArcSwap<Shared>,
     wake: tokio::sync::Notify,
@@ -132,27 +143,43 @@ impl Fleet {
             .map(|_| origins_path(&proxy.state().config.startup.xdp.instance));
         // The fleet's bans a previous run put in the (pinned) kernel maps:
         // applied already, and lifted if the store no longer has them.
-        let kernel_bans = origins_file
+        let origins: Origins = origins_file
             .as_deref()
             .and_then(|path| std::fs::read(path).ok())
-            .and_then(|bytes| serde_json::from_slice::<Origins>(&bytes).ok())
-            .map(|origins| {
-                origins
-                    .store
-                    .iter()
-                    .filter_map(|(net, ban)| Some((net.parse().ok()?, ban.until_ms)))
-                    .collect()
-            })
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let kernel_bans = origins
+            .store
+            .iter()
+            .chain(&origins.local)
+            .filter_map(|(net, ban)| Some((net.parse().ok()?, ban.until_ms)))
+            .collect();
+        // Bans escalation made here that were not published yet: still
+        // this host's to publish.
+        let pending = origins
+            .local
+            .into_iter()
+            .map(|(net, ban)| {
+                (
+                    net,
+                    Pending {
+                        ban,
+                        published: false,
+                    },
+                )
+            })
+            .collect();
         Self {
             node,
             store,
             kernel,
             proxy,
             applied: Mutex::new(Applied {
+                pending,
                 kernel_bans,
                 ..Applied::default()
             }),
+            escalations: Mutex::default(),
             view: ArcSwap::from_pointee(Shared::default()),
             wake: tokio::sync::Notify::new(),
             synced_ms: AtomicU64::new(0),
@@ -207,14 +234,18 @@ impl Fleet {
         let mut last_full = tokio::time::Instant::now();
         let mut failing = false;
         loop {
-            let outcome = self.tick(last_full.elapsed() >= FULL_READ).await;
-            // Deadlines pass with the store reachable or not.
+            let full = last_full.elapsed() >= FULL_READ;
+            if full {
+                // Tried once per period, failed or not: deltas go on meanwhile.
+                last_full = tokio::time::Instant::now();
+            }
+            let outcome = self.tick(full).await;
+            // Escalations queued from the request path; deadlines pass with
+            // the store reachable or not.
+            self.take_escalations();
             self.apply_if_due();
             match outcome {
-                Ok(full) => {
-                    if full {
-                        last_full = tokio::time::Instant::now();
-                    }
+                Ok(()) => {
                     if failing {
                         tracing::info!("fleet entries readable again");
                         failing = false;
@@ -235,45 +266,53 @@ impl Fleet {
     }
 
     /// One poll: publishes this host's pending bans, then reads what
-    /// changed (everything when `full`). Whether it read everything.
-    async fn tick(&self, full: bool) -> Result<bool, SharedError> {
+    /// changed (everything when `full`).
+    async fn tick(&self, full: bool) -> Result<(), SharedError> {
+        self.take_escalations();
         self.publish_pending().await;
         if full {
-            self.refresh().await?;
             self.check_kernel();
-            return Ok(true);
+            let read = self.refresh().await;
+            if read.is_ok() {
+                return Ok(());
+            }
         }
         self.catch_up().await
     }
 
-    /// Reads what changed since the version applied (everything when this
-    /// host has none yet or is too far behind). Whether it read everything.
-    async fn catch_up(&self) -> Result<bool, SharedError> {
-        let Some(since) = self.lock().version else {
-            self.refresh().await?;
-            return Ok(true);
-        };
-        match self.store.delta(since).await? {
-            Delta::None => {
-                self.synced_ms.store(unix_ms(), Ordering::Relaxed);
-                Ok(false)
-            }
-            Delta::Full => {
-                self.refresh().await?;
-                Ok(true)
-            }
-            Delta::Changes {
-                version,
-                entries,
-                changes,
-            } => {
-                self.synced_ms.store(unix_ms(), Ordering::Relaxed);
-                if self.install_delta(since, version, &entries, changes) {
-                    self.remove_lapsed().await;
+    /// Reads what changed since the version applied, a page at a time
+    /// (everything when this host has none yet, is too far behind, or the
+    /// store's history is not the one it applied).
+    async fn catch_up(&self) -> Result<(), SharedError> {
+        for _ in 0..DELTA_PAGES {
+            let (since, nonce) = {
+                let applied = self.lock();
+                (applied.version, applied.nonce.clone())
+            };
+            let Some(since) = since else {
+                return self.refresh().await;
+            };
+            match self.store.delta(since, &nonce).await? {
+                Delta::None => {
+                    self.synced_ms.store(unix_ms(), Ordering::Relaxed);
+                    return Ok(());
                 }
-                Ok(false)
+                Delta::Full => return self.refresh().await,
+                Delta::Changes {
+                    version,
+                    nonce,
+                    entries,
+                    changes,
+                } => {
+                    self.synced_ms.store(unix_ms(), Ordering::Relaxed);
+                    if !self.install_delta(since, version, nonce, &entries, changes) {
+                        return Ok(());
+                    }
+                }
             }
         }
+        self.remove_lapsed().await;
+        Ok(())
     }
 
     /// Puts a delta read at `since` in force, unless another read got
@@ -282,6 +321,7 @@ impl Fleet {
         &self,
         since: u64,
         version: u64,
+        nonce: String,
         entries: &[(Kind, String, Option<String>)],
         changes: Vec<Change>,
     ) -> bool {
@@ -295,23 +335,32 @@ impl Fleet {
         }
         shared.changes = changes;
         applied.version = Some(version);
-        Self::settle_pending(&mut applied, unix_ms());
+        applied.nonce = nonce;
+        applied.installs += 1;
+        Self::settle_pending(&mut applied);
         applied.dirty = true;
         true
     }
 
-    /// Reads everything now and applies it.
+    /// Reads everything now and applies it (unless another read installed
+    /// something meanwhile: this one may be older; the next poll catches up).
     ///
     /// # Errors
     /// The store could not be read; what is applied stays.
     pub async fn refresh(&self) -> Result<(), SharedError> {
-        let (version, shared) = self.store.read().await?;
+        let installs = self.lock().installs;
+        let snapshot = self.store.read().await?;
         self.synced_ms.store(unix_ms(), Ordering::Relaxed);
         {
             let mut applied = self.lock();
-            applied.version = Some(version);
-            applied.shared = Arc::new(shared);
-            Self::settle_pending(&mut applied, unix_ms());
+            if applied.installs != installs {
+                return Ok(());
+            }
+            applied.version = Some(snapshot.version);
+            applied.nonce = snapshot.nonce;
+            applied.shared = Arc::new(snapshot.shared);
+            applied.installs += 1;
+            Self::settle_pending(&mut applied);
             applied.dirty = true;
         }
         self.remove_lapsed().await;
@@ -319,21 +368,30 @@ impl Fleet {
         Ok(())
     }
 
-    /// Bans made here that the store now holds (or that lapsed) are no
-    /// longer this host's to keep.
-    fn settle_pending(applied: &mut Applied, now: u64) {
+    /// Bans made here that the store holds as they are, or that an
+    /// operator decided about since, are no longer this host's to keep.
+    fn settle_pending(applied: &mut Applied) {
         let shared = Arc::clone(&applied.shared);
+        let now = unix_ms();
         applied.pending.retain(|net, pending| {
             pending.ban.until_ms > now
-                && shared.bans.get(net).is_none_or(|b| {
-                    b.at_ms < pending.ban.at_ms && b.until_ms < pending.ban.until_ms
-                })
+                && shared
+                    .bans
+                    .get(net)
+                    .is_none_or(|b| !Self::supersedes(b, &pending.ban))
         });
     }
 
-    /// Removes from the store the entries that lapsed: this host's own, and
-    /// others' [`EXPIRY_GRACE`] after they lapsed. Each only if still what
-    /// lapsed: a renewal meanwhile stays.
+    /// Whether `stored` decides over `made_here` for the same network: it
+    /// lasts as long or longer, or an operator made it since.
+    fn supersedes(stored: &Ban, made_here: &Ban) -> bool {
+        stored.until_ms >= made_here.until_ms
+            || (stored.by != "escalation" && stored.at_ms >= made_here.at_ms)
+    }
+
+    /// Asks the store to remove the entries that look lapsed by this host's
+    /// clock; the store decides by its own (this host's own entries at
+    /// once, others' [`EXPIRY_GRACE`] after).
     async fn remove_lapsed(&self) {
         let shared = Arc::clone(&self.lock().shared);
         let now = unix_ms();
@@ -349,16 +407,20 @@ impl Fleet {
             if origin != self.node && until.saturating_add(EXPIRY_GRACE_MS) > now {
                 continue;
             }
-            let _ = self
+            if let Err(e) = self
                 .store
-                .write(kind, &name, None, None, Some(&was), false)
-                .await;
+                .lapse(kind, &name, &self.node, EXPIRY_GRACE_MS)
+                .await
+            {
+                tracing::debug!(error = %e, "removing a lapsed fleet entry");
+                return;
+            }
         }
     }
 
-    /// Full read: kernel ban entries this host applied but the map lost
-    /// (removed by hand, maps recreated) are applied again, and failed ones
-    /// tried again.
+    /// Before a full read: kernel ban entries this host applied but the
+    /// map lost (removed by hand, maps recreated) are applied again, and
+    /// those the kernel refused are tried again.
     fn check_kernel(&self) {
         let Some(kernel) = &self.kernel else {
             return;
@@ -367,7 +429,6 @@ impl Fleet {
         let mut applied = self.lock();
         let before = applied.kernel_bans.len();
         applied.kernel_bans.retain(|net, _| present.contains(net));
-        applied.kernel_failed.clear();
         if applied.kernel_bans.len() != before {
             tracing::warn!(
                 missing = before - applied.kernel_bans.len(),
@@ -375,17 +436,48 @@ impl Fleet {
             );
             applied.dirty = true;
         }
+        if !applied.kernel_failed.is_empty() {
+            applied.kernel_failed.clear();
+            applied.dirty = true;
+        }
     }
 
-    /// Applies when something changed or an entry lapsed since the last time.
+    /// Applies when something changed or an entry lapsed since the last
+    /// time; never before the store was first read (a restart with the
+    /// store down keeps what the kernel holds).
     fn apply_if_due(&self) {
         let due = {
             let applied = self.lock();
-            applied.dirty || applied.next_lapse_ms <= unix_ms()
+            applied.version.is_some() && (applied.dirty || applied.next_lapse_ms <= unix_ms())
         };
         if due {
             self.apply();
         }
+    }
+
+    /// Moves the bans escalation queued into this host's pending list.
+    fn take_escalations(&self) {
+        let queued = std::mem::take(
+            &mut *self
+                .escalations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if queued.is_empty() {
+            return;
+        }
+        let mut applied = self.lock();
+        for (net, ban) in queued {
+            applied.kernel_bans.insert(net, ban.until_ms);
+            applied.pending.insert(
+                net.to_string(),
+                Pending {
+                    ban,
+                    published: false,
+                },
+            );
+        }
+        applied.dirty = true;
     }
 
     /// Publishes the bans escalation made here. With the in-memory store
@@ -437,7 +529,9 @@ impl Fleet {
                 }
                 Err(e) => {
                     tracing::debug!(%net, error = %e, "ban not published yet");
-                    return;
+                    if matches!(e, SharedError::Timeout) {
+                        return;
+                    }
                 }
             }
         }
@@ -460,10 +554,10 @@ impl Fleet {
         let mut applied = self.lock();
         applied.dirty = false;
         let mut view = (*applied.shared).clone();
+        // A pending ban is kept only while the store's does not decide over
+        // it (`settle_pending`): it wins.
         for (net, pending) in &applied.pending {
-            view.bans
-                .entry(net.clone())
-                .or_insert_with(|| pending.ban.clone());
+            view.bans.insert(net.clone(), pending.ban.clone());
         }
         view.bans.retain(|_, b| b.until_ms > now);
         view.overrides
@@ -662,7 +756,7 @@ impl Fleet {
         );
         // Applied here at once; the other hosts see the version move.
         match self.catch_up().await {
-            Ok(_) => self.apply_if_due(),
+            Ok(()) => self.apply_if_due(),
             Err(e) => tracing::warn!(error = %e, "reading the fleet entries back after a change"),
         }
         Ok(existed)
@@ -786,7 +880,6 @@ impl Fleet {
                 .maps()
                 .ban(net, until, prefix)
                 .map_err(|e| e.to_string())?;
-            self.lock().kernel_bans.insert(net, until_ms);
         }
         let ban = Ban {
             until_ms,
@@ -796,17 +889,10 @@ impl Fleet {
             tier: cause.tier.map(str::to_owned),
             at_ms: now,
         };
-        {
-            let mut applied = self.lock();
-            applied.pending.insert(
-                net.to_string(),
-                Pending {
-                    ban,
-                    published: false,
-                },
-            );
-            applied.dirty = true;
-        }
+        self.escalations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((net, ban));
         // The poll task publishes it and applies the rest (the proxy's list,
         // the origins file) off the request path.
         self.wake.notify_one();

@@ -143,11 +143,14 @@ impl Response {
     }
 }
 
-/// `GET path` from this process; the answer (status 200 asserted) parsed.
+/// `GET path` from this process, `Host` the address itself (as a browser
+/// sends it; the admin listener answers no other); the answer (status 200
+/// asserted) parsed.
 #[must_use]
 pub fn get(addr: SocketAddr, path: &str) -> Response {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    let raw = exchange(&mut stream, get_request(path, &[]).as_bytes());
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let raw = exchange(&mut stream, request.as_bytes());
     let response = Response::parse(&raw);
     assert_eq!(response.status, 200, "GET {path} from {addr}: {raw}");
     response

@@ -2,7 +2,8 @@
 //! namespace topology, a client rejected a few times and an attacker that
 //! ignores its 429s until it is banned in the kernel, then the page opened in
 //! headless Chromium. The rendered DOM must show the tier with non-zero
-//! rates, both rejected clients and the ban; a screenshot goes to
+//! rates, both rejected clients and the ban with where it came from; a
+//! screenshot goes to
 //! `target/dashboard.png`.
 
 use std::{
@@ -122,6 +123,14 @@ fn the_dashboard_shows_tiers_rejected_clients_and_bans_in_a_real_browser() {
     assert!(
         dom.contains(&format!(r#"class="ban" data-source="{ATTACKER_ADDR}/32""#)),
         "the banned attacker listed:\n{dom}"
+    );
+    assert!(
+        dom.contains("by escalation"),
+        "the ban says where it came from:\n{dom}"
+    );
+    assert!(
+        dom.contains("no runtime override"),
+        "the runtime overrides table:\n{dom}"
     );
     assert!(dom.contains("hc (native)"), "attach modes shown:\n{dom}");
 

@@ -547,7 +547,7 @@ fn a_ban_escalated_on_one_host_drops_at_every_other_hosts_xdp_within_a_second() 
         .zip(1u8..)
         .map(|(t, i)| store.link(&t.host, i))
         .collect();
-    let redis = store.redis(6379, &[]);
+    let mut redis = store.redis(6379, &[]);
     // Every attacker namespace can send from 10.91.2.10… (the same
     // addresses on three separate hosts' links).
     for topology in &topologies {
@@ -582,7 +582,7 @@ fn a_ban_escalated_on_one_host_drops_at_every_other_hosts_xdp_within_a_second() 
         .collect();
     time_escalations(&topologies);
 
-    origins_allow_lists_unbans_and_restarts(&topologies, agents);
+    origins_allow_lists_unbans_and_restarts(&topologies, agents, &mut redis);
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -726,7 +726,11 @@ fn time_escalations(topologies: &[Topology]) {
 
 /// After the escalations: the bans' origins, c's allow list, an unban, and
 /// a restart that catches up with a removal made while it was down.
-fn origins_allow_lists_unbans_and_restarts(topologies: &[Topology], agents: Vec<Process>) {
+fn origins_allow_lists_unbans_and_restarts(
+    topologies: &[Topology],
+    agents: Vec<Process>,
+    redis: &mut RedisServer,
+) {
     // The drops are XDP's, the bans say where they came from, and c kept
     // serving the source on its allow list.
     let b = topologies[1].status();
@@ -792,38 +796,7 @@ fn origins_allow_lists_unbans_and_restarts(topologies: &[Topology], agents: Vec<
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    // A restarted agent lifts a ban removed while it was down, and keeps the others.
-    let mut agents = agents;
-    let b_agent = agents.remove(1);
-    drop(b_agent);
-    let (status, _) = admin_call(
-        Some(&topologies[2].host),
-        agents[1].admin.unwrap(),
-        "DELETE",
-        "/bans/10.91.2.13",
-        Some(TOKEN),
-        None,
-    );
-    assert_eq!(status, 200);
-    let text = std::fs::read_to_string(
-        std::env::temp_dir()
-            .join(format!("limiter-{}", topologies[1].instance))
-            .join("limiter.toml"),
-    )
-    .expect("b's config");
-    let _b_again = topologies[1].agent(&text, &[]);
-    let started = Instant::now();
-    while !answered(&topologies[1], Ipv4Addr::new(10, 91, 2, 13)) {
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "b lifted the ban removed while it was down"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !answered(&topologies[1], Ipv4Addr::new(10, 91, 2, 14)),
-        "b keeps the others"
-    );
+    restarts(topologies, agents, redis);
 }
 
 #[test]
@@ -958,4 +931,231 @@ fn a_loopback_admin_listener_refuses_hosts_named_by_a_domain() {
         "a DNS-rebinding page"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn ban_json(until_ms: u64, by: &str, at_ms: u64, origin: &str) -> String {
+    limiter_agent::fleet::record::json(&limiter_agent::fleet::record::Ban {
+        until_ms,
+        origin: origin.into(),
+        by: by.into(),
+        reason: String::new(),
+        tier: None,
+        at_ms,
+    })
+}
+
+#[tokio::test]
+async fn the_shared_entries_keep_longer_bans_lapse_by_the_stores_clock_and_follow_one_history() {
+    use limiter_agent::fleet::SharedStore;
+    let redis = RedisServer::start();
+    let settings = limiter_agent::limit::RedisSettings {
+        url: Some(redis.url()),
+        cluster_nodes: Vec::new(),
+        key_prefix: "t:".into(),
+        timeout: Duration::from_millis(50),
+        breaker_failures: 5,
+        breaker_cooldown: Duration::from_secs(1),
+        lease: Duration::from_secs(30),
+    };
+    let store = SharedStore::redis(&settings).unwrap();
+    let now = limiter_agent::proxy::unix_ms();
+    later_bans_are_kept(&store, &redis, now).await;
+    lapses_are_the_stores_to_judge(&store, now).await;
+    deltas_page_and_follow_one_history(&store, &redis, now).await;
+}
+
+/// An escalation never shortens a ban; an operator's decides.
+async fn later_bans_are_kept(
+    store: &limiter_agent::fleet::SharedStore,
+    redis: &RedisServer,
+    now: u64,
+) {
+    use limiter_agent::fleet::{record::Kind, shared::Written};
+    let write = |value: String, keep_later: bool| async move {
+        store
+            .write(
+                Kind::Bans,
+                "10.0.0.1/32",
+                Some(&value),
+                None,
+                None,
+                keep_later,
+            )
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        write(ban_json(now + 60_000, "escalation", now, "a"), true).await,
+        Written::Done { existed: false }
+    );
+    assert_eq!(
+        write(ban_json(now + 30_000, "escalation", now + 1, "b"), true).await,
+        Written::KeptLater
+    );
+    assert_eq!(
+        write(ban_json(now + 10_000, "ops", now + 2, "a"), false).await,
+        Written::Done { existed: true }
+    );
+    assert_eq!(
+        write(ban_json(now + 20_000, "escalation", now + 1, "b"), true).await,
+        Written::KeptLater,
+        "an escalation made before the operator's shortening does not undo it"
+    );
+    // Whatever sits in the field, the script does not fail.
+    let _ = redis.cli(&["HSET", "t:{limiter-fleet}:bans", "10.0.0.9/32", "not json"]);
+    assert_eq!(
+        store
+            .write(
+                Kind::Bans,
+                "10.0.0.9/32",
+                Some(&ban_json(now + 1000, "escalation", now, "a")),
+                None,
+                None,
+                true
+            )
+            .await
+            .unwrap(),
+        Written::Done { existed: true }
+    );
+}
+
+/// The maker's entry lapses at once, another's after the grace.
+async fn lapses_are_the_stores_to_judge(store: &limiter_agent::fleet::SharedStore, now: u64) {
+    use limiter_agent::fleet::record::Kind;
+    store
+        .write(
+            Kind::Bans,
+            "10.0.0.2/32",
+            Some(&ban_json(now - 1000, "escalation", now - 5000, "a")),
+            None,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .lapse(Kind::Bans, "10.0.0.2/32", "b", 60_000)
+            .await
+            .unwrap(),
+        "not b's, within the grace"
+    );
+    assert!(
+        store
+            .lapse(Kind::Bans, "10.0.0.2/32", "a", 60_000)
+            .await
+            .unwrap(),
+        "a's own"
+    );
+    assert!(
+        !store
+            .lapse(Kind::Bans, "10.0.0.1/32", "a", 0)
+            .await
+            .unwrap(),
+        "not lapsed yet"
+    );
+}
+
+/// From a full read's version, page by page, to the newest; a store whose
+/// history is not the one applied is read whole.
+async fn deltas_page_and_follow_one_history(
+    store: &limiter_agent::fleet::SharedStore,
+    redis: &RedisServer,
+    now: u64,
+) {
+    use limiter_agent::fleet::{record::Kind, shared::Delta};
+    let snapshot = store.read().await.unwrap();
+    for n in 0..5000 {
+        store
+            .write(
+                Kind::Bans,
+                &format!("10.1.{}.{}/32", n / 250, n % 250),
+                Some(&ban_json(now + 600_000, "ops", now, "a")),
+                None,
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+    }
+    let (mut version, mut nonce) = (snapshot.version, snapshot.nonce.clone());
+    let mut seen = std::collections::HashSet::new();
+    let mut pages = 0;
+    loop {
+        match store.delta(version, &nonce).await.unwrap() {
+            Delta::None => break,
+            Delta::Full => panic!("the log reaches back"),
+            Delta::Changes {
+                version: v,
+                nonce: n,
+                entries,
+                ..
+            } => {
+                pages += 1;
+                seen.extend(entries.into_iter().map(|(_, name, _)| name));
+                (version, nonce) = (v, n);
+            }
+        }
+    }
+    assert_eq!(seen.len(), 5000);
+    assert!(pages >= 2, "read in pages: {pages}");
+    // Writes lost and the same version reached again by others, or the
+    // version gone back: read whole.
+    let _ = redis.cli(&["SET", "t:{limiter-fleet}:last", "another-history"]);
+    assert!(matches!(
+        store.delta(version, &nonce).await.unwrap(),
+        Delta::Full
+    ));
+    let _ = redis.cli(&["SET", "t:{limiter-fleet}:version", "1"]);
+    assert!(
+        matches!(store.delta(version, &nonce).await.unwrap(), Delta::Full),
+        "the version went back"
+    );
+}
+
+/// A restarted agent lifts a ban removed while it was down and keeps the
+/// others; restarted while the store is down, it keeps them all.
+fn restarts(topologies: &[Topology], agents: Vec<Process>, redis: &mut RedisServer) {
+    let mut agents = agents;
+    let b_agent = agents.remove(1);
+    drop(b_agent);
+    let (status, _) = admin_call(
+        Some(&topologies[2].host),
+        agents[1].admin.unwrap(),
+        "DELETE",
+        "/bans/10.91.2.13",
+        Some(TOKEN),
+        None,
+    );
+    assert_eq!(status, 200);
+    let text = std::fs::read_to_string(
+        std::env::temp_dir()
+            .join(format!("limiter-{}", topologies[1].instance))
+            .join("limiter.toml"),
+    )
+    .expect("b's config");
+    let b_again = topologies[1].agent(&text, &[]);
+    let started = Instant::now();
+    while !answered(&topologies[1], Ipv4Addr::new(10, 91, 2, 13)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "b lifted the ban removed while it was down"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !answered(&topologies[1], Ipv4Addr::new(10, 91, 2, 14)),
+        "b keeps the others"
+    );
+    // Restarted while the store is down, b keeps the fleet's bans in its
+    // kernel until it can read the store again.
+    drop(b_again);
+    redis.kill();
+    let _b_alone = topologies[1].agent(&text, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !answered(&topologies[1], Ipv4Addr::new(10, 91, 2, 14)),
+        "a restart with the store down lifted a fleet ban"
+    );
+    redis.restart();
 }

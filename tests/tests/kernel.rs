@@ -854,7 +854,7 @@ fn admin_get(admin: std::net::SocketAddr, path: &str) -> (Duration, String) {
         .expect("timeout");
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n").as_bytes(),
         )
         .expect("write");
     let mut raw = String::new();

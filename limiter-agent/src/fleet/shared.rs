@@ -33,7 +33,13 @@ pub enum SharedError {
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Changes the log keeps: a host more than this many changes behind reads
 /// everything.
-const LOG_KEPT: usize = 1024;
+const LOG_KEPT: usize = 65_536;
+/// Log entries one delta call returns at most (a host further behind pages).
+const DELTA_PAGE: usize = 4096;
+/// Entries one `HSCAN` step asks for in a full read.
+const SCAN_PAGE: usize = 2048;
+/// Room kept in the ban list for operators: escalations stop short of it.
+const OPERATOR_HEADROOM: usize = 4096;
 
 /// Entries one list may hold: bans as many as the kernel's ban map,
 /// overrides and allow entries bounded so a full read stays small.
@@ -46,16 +52,29 @@ pub fn capacity(kind: Kind) -> usize {
     }
 }
 
+/// Records a change (a write or a lapse) in the version, the nonce and the
+/// log. Shared by the scripts below: `KEYS[2]` version, `KEYS[4]` log,
+/// `KEYS[5]` the last change's nonce.
+const RECORD_LUA: &str = r"
+local function record(kind, field, nonce, kept)
+  local version = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[5], nonce)
+  redis.call('ZADD', KEYS[4], version, version .. '\t' .. nonce .. '\t' .. kind .. '\t' .. field)
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(tonumber(kept) + 1))
+end
+";
+
 /// One change, atomically. `KEYS`: the kind's hash, the version, the change
-/// list, the log. `ARGV`: the field; its JSON (`''` deletes); the change's
-/// JSON (`''`: none recorded); the JSON the field must hold for the change
-/// to apply (`''`: any); changes kept; the list's capacity; `max` to keep
-/// an entry whose `until_ms` is later than the new one's; the kind's name.
-/// Returns 1 if the field was there, 0 if not (a removal of what is not
-/// there changes nothing, not even the version), -1 when it did not hold
-/// what was expected, -2 when the list is full, -3 when a later entry was
-/// kept.
-const WRITE_LUA: &str = r"
+/// list, the log, the last nonce. `ARGV`: the field; its JSON (`''`
+/// deletes); the change's JSON (`''`: none recorded); the JSON the field
+/// must hold for the change to apply (`''`: any); changes kept; the list's
+/// capacity for a new field; `max` for an escalation (an entry lasting as
+/// long or longer, or an operator's as recent or more, is kept); the kind's
+/// name; log entries kept; this change's nonce. Returns 1 if the field was
+/// there, 0 if not (a removal of what is not there changes nothing, not even
+/// the version), -1 when it did not hold what was expected, -2 when the list
+/// is full, -3 when the entry there was kept.
+const WRITE_BODY_LUA: &str = r"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[4] ~= '' and current ~= ARGV[4] then return -1 end
 if ARGV[2] == '' and not current then return 0 end
@@ -63,9 +82,14 @@ if ARGV[2] ~= '' and not current and redis.call('HLEN', KEYS[1]) >= tonumber(ARG
   return -2
 end
 if ARGV[7] == 'max' and current then
-  local old = cjson.decode(current)
-  local new = cjson.decode(ARGV[2])
-  if old.until_ms and new.until_ms and old.until_ms >= new.until_ms then return -3 end
+  local ok_old, old = pcall(cjson.decode, current)
+  local ok_new, new = pcall(cjson.decode, ARGV[2])
+  if ok_old and ok_new and type(old) == 'table' and type(new) == 'table' then
+    local old_until, new_until = tonumber(old.until_ms), tonumber(new.until_ms)
+    local old_at, new_at = tonumber(old.at_ms), tonumber(new.at_ms)
+    if old_until and new_until and old_until >= new_until then return -3 end
+    if old.by ~= 'escalation' and old_at and new_at and old_at >= new_at then return -3 end
+  end
 end
 if ARGV[2] == '' then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -76,55 +100,83 @@ if ARGV[3] ~= '' then
   redis.call('LPUSH', KEYS[3], ARGV[3])
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
 end
-local version = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[4], version, version .. '\t' .. ARGV[8] .. '\t' .. ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(tonumber(ARGV[9]) + 1))
+record(ARGV[8], ARGV[1], ARGV[10], ARGV[9])
 if current then return 1 end
 return 0
 ";
 
-/// Everything at one version. `KEYS`: version, bans, overrides, allow, changes.
-const READ_LUA: &str = r"
-return {
-  redis.call('GET', KEYS[1]) or '0',
-  redis.call('HGETALL', KEYS[2]),
-  redis.call('HGETALL', KEYS[3]),
-  redis.call('HGETALL', KEYS[4]),
-  redis.call('LRANGE', KEYS[5], 0, -1),
-}
+/// Removes an entry that lapsed, by Redis's clock: its maker's at once,
+/// another host's `ARGV[3]` ms later (the maker may be gone), an entry
+/// that is not one at once; a lasting one never. `KEYS` as for a write;
+/// `ARGV`: the field; this host's name; the grace; the kind's name; log
+/// entries kept; the nonce. Returns 1 if it removed it.
+const LAPSE_BODY_LUA: &str = r"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local ok, entry = pcall(cjson.decode, current)
+local lapse = 0
+if ok and type(entry) == 'table' then
+  local deadline = tonumber(entry.until_ms)
+  if not deadline then return 0 end
+  lapse = deadline
+  if entry.origin ~= ARGV[2] then lapse = deadline + tonumber(ARGV[3]) end
+end
+if now < lapse then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+record(ARGV[4], ARGV[1], ARGV[6], ARGV[5])
+return 1
 ";
 
-/// What changed since `ARGV[1]`, at one version. `KEYS`: version, log,
-/// bans, overrides, allow, changes. Returns `{version}` when nothing did,
-/// `{version, 'full'}` when the log does not reach back that far (or the
-/// version went back: an empty Redis), else `{version, 'delta', {kind,
-/// field, JSON or ''}…, changes}`.
+/// What changed since `ARGV[1]`, the version this host applied, whose
+/// change had nonce `ARGV[2]`. `KEYS`: version, last nonce, log, bans,
+/// overrides, allow, changes. Returns `{version, 'none'}` when nothing did;
+/// `{version, 'full'}` when the log does not reach back that far or the
+/// store's history is not the one this host applied (writes lost, an
+/// emptied Redis); else `{upto, 'delta', {kind, field, JSON or ''}…,
+/// changes, nonce}`: the entries changed after `since` up to version
+/// `upto` (at most `ARGV[3]` log entries; ask again from `upto`), at their
+/// current values.
 const DELTA_LUA: &str = r"
 local version = tonumber(redis.call('GET', KEYS[1]) or '0')
+local last = redis.call('GET', KEYS[2]) or ''
 local since = tonumber(ARGV[1])
-if version == since then return {version} end
-if version < since then return {version, 'full'} end
-local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #oldest == 0 or tonumber(oldest[2]) > since + 1 then return {version, 'full'} end
-local entries = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. since, '+inf')
+if version == since and last == ARGV[2] then return {version, 'none'} end
+if version <= since or since == 0 then return {version, 'full'} end
+local at = redis.call('ZRANGEBYSCORE', KEYS[3], since, since)
+if #at == 0 then return {version, 'full'} end
+local first = string.find(at[1], '\t', 1, true)
+local rest = string.sub(at[1], first + 1)
+if string.sub(rest, 1, string.find(rest, '\t', 1, true) - 1) ~= ARGV[2] then
+  return {version, 'full'}
+end
+local entries = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
 local changed = {}
 local seen = {}
-for _, entry in ipairs(entries) do
-  local first = string.find(entry, '\t', 1, true)
-  local rest = string.sub(entry, first + 1)
-  if not seen[rest] then
-    seen[rest] = true
-    local second = string.find(rest, '\t', 1, true)
-    local kind = string.sub(rest, 1, second - 1)
-    local field = string.sub(rest, second + 1)
-    local hash = KEYS[5]
-    if kind == 'bans' then hash = KEYS[3] elseif kind == 'overrides' then hash = KEYS[4] end
+local upto = since
+local nonce = ARGV[2]
+for i = 1, #entries, 2 do
+  local entry = entries[i]
+  upto = tonumber(entries[i + 1])
+  local tab1 = string.find(entry, '\t', 1, true)
+  local after_version = string.sub(entry, tab1 + 1)
+  local tab2 = string.find(after_version, '\t', 1, true)
+  nonce = string.sub(after_version, 1, tab2 - 1)
+  local key = string.sub(after_version, tab2 + 1)
+  if not seen[key] then
+    seen[key] = true
+    local tab3 = string.find(key, '\t', 1, true)
+    local kind = string.sub(key, 1, tab3 - 1)
+    local field = string.sub(key, tab3 + 1)
+    local hash = KEYS[6]
+    if kind == 'bans' then hash = KEYS[4] elseif kind == 'overrides' then hash = KEYS[5] end
     table.insert(changed, kind)
     table.insert(changed, field)
     table.insert(changed, redis.call('HGET', hash, field) or '')
   end
 end
-return {version, 'delta', changed, redis.call('LRANGE', KEYS[6], 0, -1)}
+return {upto, 'delta', changed, redis.call('LRANGE', KEYS[7], 0, -1), nonce}
 ";
 
 /// What a write did.
@@ -145,9 +197,12 @@ pub enum Written {
 pub enum Delta {
     /// Nothing.
     None,
-    /// Entries to set (`Some` JSON) or remove, and the change list, at `version`.
+    /// Entries to set (`Some` JSON) or remove, and the change list, at
+    /// `version` (whose change had `nonce`; maybe not the store's newest:
+    /// ask again from it).
     Changes {
         version: u64,
+        nonce: String,
         entries: Vec<(Kind, String, Option<String>)>,
         changes: Vec<Change>,
     },
@@ -165,8 +220,11 @@ pub struct RedisShared {
     backend: Backend,
     prefix: String,
     write: Script,
-    read: Script,
+    lapse: Script,
     delta: Script,
+    /// Names each change (with the version, its place in the history).
+    nonces: std::collections::hash_map::RandomState,
+    changes_made: AtomicU64,
 }
 
 pub struct FileShared {
@@ -178,8 +236,12 @@ pub struct FileShared {
     writes: AtomicU64,
 }
 
-/// Read at one version.
-pub type Snapshot = (u64, Shared);
+/// Everything, as of a version and its change's nonce.
+pub struct Snapshot {
+    pub version: u64,
+    pub nonce: String,
+    pub shared: Shared,
+}
 
 impl SharedStore {
     /// The fleet's hashes on the Redis of `settings` (connected lazily).
@@ -187,12 +249,20 @@ impl SharedStore {
     /// # Errors
     /// The URL or the cluster nodes are not usable.
     pub fn redis(settings: &RedisSettings) -> Result<Self, SharedError> {
+        // A connection of its own, with time for a list of tens of
+        // thousands of entries (the decisions' budget is far shorter).
+        let settings = RedisSettings {
+            timeout: CALL_TIMEOUT,
+            ..settings.clone()
+        };
         Ok(Self::Redis(Box::new(RedisShared {
-            backend: Backend::new(settings).map_err(|e| SharedError::Redis(e.to_string()))?,
+            backend: Backend::new(&settings).map_err(|e| SharedError::Redis(e.to_string()))?,
             prefix: settings.key_prefix.clone(),
-            write: Script::new(WRITE_LUA),
-            read: Script::new(READ_LUA),
+            write: Script::new(&format!("{RECORD_LUA}{WRITE_BODY_LUA}")),
+            lapse: Script::new(&format!("{RECORD_LUA}{LAPSE_BODY_LUA}")),
             delta: Script::new(DELTA_LUA),
+            nonces: std::collections::hash_map::RandomState::new(),
+            changes_made: AtomicU64::new(0),
         })))
     }
 
@@ -226,38 +296,70 @@ impl SharedStore {
         matches!(self, Self::Redis(_))
     }
 
-    /// Everything, at one version.
+    /// Everything, as of the version read first: each list read in pages
+    /// (never one long call); what changes meanwhile is in the next delta.
     ///
     /// # Errors
     /// Redis failed or timed out.
     pub async fn read(&self) -> Result<Snapshot, SharedError> {
         match self {
             Self::Redis(redis) => {
-                let mut invocation = redis.read.prepare_invoke();
-                for name in ["version", "bans", "overrides", "allow", "changes"] {
-                    invocation.key(redis.key(name));
-                }
-                let (version, bans, overrides, allow, changes): (
-                    String,
-                    Vec<String>,
-                    Vec<String>,
-                    Vec<String>,
-                    Vec<String>,
-                ) = timed(redis.backend.run(&invocation)).await?;
+                let (version, nonce): (Option<u64>, Option<String>) = timed(
+                    redis.backend.query(
+                        redis::cmd("MGET")
+                            .arg(redis.key("version"))
+                            .arg(redis.key("last")),
+                    ),
+                )
+                .await?;
                 let mut shared = Shared::default();
-                for (kind, fields) in [
-                    (Kind::Bans, bans),
-                    (Kind::Overrides, overrides),
-                    (Kind::Allow, allow),
-                ] {
-                    for pair in fields.chunks_exact(2) {
-                        shared.set(kind, &pair[0], Some(&pair[1]));
+                for kind in [Kind::Bans, Kind::Overrides, Kind::Allow] {
+                    let key = redis.key(kind.name());
+                    let mut cursor = 0u64;
+                    loop {
+                        let (next, fields): (u64, Vec<String>) = timed(
+                            redis.backend.query(
+                                redis::cmd("HSCAN")
+                                    .arg(&key)
+                                    .arg(cursor)
+                                    .arg("COUNT")
+                                    .arg(SCAN_PAGE),
+                            ),
+                        )
+                        .await?;
+                        for pair in fields.chunks_exact(2) {
+                            shared.set(kind, &pair[0], Some(&pair[1]));
+                        }
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
                     }
                 }
+                let changes: Vec<String> = timed(
+                    redis.backend.query(
+                        redis::cmd("LRANGE")
+                            .arg(redis.key("changes"))
+                            .arg(0)
+                            .arg(-1),
+                    ),
+                )
+                .await?;
                 shared.changes = parse_changes(&changes);
-                Ok((version.parse().unwrap_or(0), shared))
+                Ok(Snapshot {
+                    version: version.unwrap_or(0),
+                    nonce: nonce.unwrap_or_default(),
+                    shared,
+                })
             }
-            Self::File(file) => Ok(file.lock().clone()),
+            Self::File(file) => {
+                let state = file.lock();
+                Ok(Snapshot {
+                    version: state.0,
+                    nonce: String::new(),
+                    shared: state.1.clone(),
+                })
+            }
         }
     }
 
@@ -265,19 +367,27 @@ impl SharedStore {
     ///
     /// # Errors
     /// Redis failed or timed out.
-    pub async fn delta(&self, since: u64) -> Result<Delta, SharedError> {
+    pub async fn delta(&self, since: u64, nonce: &str) -> Result<Delta, SharedError> {
         match self {
             Self::Redis(redis) => {
                 let mut invocation = redis.delta.prepare_invoke();
-                for name in ["version", "log", "bans", "overrides", "allow", "changes"] {
+                for name in [
+                    "version",
+                    "last",
+                    "log",
+                    "bans",
+                    "overrides",
+                    "allow",
+                    "changes",
+                ] {
                     invocation.key(redis.key(name));
                 }
-                invocation.arg(since);
+                invocation.arg(since).arg(nonce).arg(DELTA_PAGE);
                 let answer: Vec<Value> = timed(redis.backend.run(&invocation)).await?;
                 Ok(parse_delta(&answer))
             }
             // One host: its own changes are applied as they are made.
-            Self::File(file) => Ok(if file.lock().0 == since {
+            Self::File(file) => Ok(if file.lock().0 == since && nonce.is_empty() {
                 Delta::None
             } else {
                 Delta::Full
@@ -304,20 +414,18 @@ impl SharedStore {
         match self {
             Self::Redis(redis) => {
                 let mut invocation = redis.write.prepare_invoke();
+                redis.keys(&mut invocation, kind);
                 invocation
-                    .key(redis.key(kind.name()))
-                    .key(redis.key("version"))
-                    .key(redis.key("changes"))
-                    .key(redis.key("log"))
                     .arg(name)
                     .arg(value.unwrap_or(""))
                     .arg(change.map(json).unwrap_or_default())
                     .arg(expected.unwrap_or(""))
                     .arg(CHANGES_KEPT)
-                    .arg(capacity(kind))
+                    .arg(capacity_for(kind, keep_later))
                     .arg(if keep_later { "max" } else { "" })
                     .arg(kind.name())
-                    .arg(LOG_KEPT);
+                    .arg(LOG_KEPT)
+                    .arg(redis.nonce());
                 let outcome: i64 = timed(redis.backend.run(&invocation)).await?;
                 Ok(match outcome {
                     -1 => Written::NotAsExpected,
@@ -328,6 +436,69 @@ impl SharedStore {
             }
             Self::File(file) => file.write(kind, name, value, change, expected, keep_later),
         }
+    }
+
+    /// Removes `name` from `kind`'s list if it lapsed, by the store's clock
+    /// (the file's: this host's): at once if `node` made it, `grace_ms`
+    /// later if another host did. Whether it removed it.
+    ///
+    /// # Errors
+    /// Redis failed or timed out, or the file could not be written.
+    pub async fn lapse(
+        &self,
+        kind: Kind,
+        name: &str,
+        node: &str,
+        grace_ms: u64,
+    ) -> Result<bool, SharedError> {
+        match self {
+            Self::Redis(redis) => {
+                let mut invocation = redis.lapse.prepare_invoke();
+                redis.keys(&mut invocation, kind);
+                invocation
+                    .arg(name)
+                    .arg(node)
+                    .arg(grace_ms)
+                    .arg(kind.name())
+                    .arg(LOG_KEPT)
+                    .arg(redis.nonce());
+                let removed: i64 = timed(redis.backend.run(&invocation)).await?;
+                Ok(removed == 1)
+            }
+            Self::File(file) => {
+                let Some(current) = file.lock().1.get_json(kind, name) else {
+                    return Ok(false);
+                };
+                let now = crate::proxy::unix_ms();
+                let lapsed =
+                    serde_json::from_str::<serde_json::Value>(&current).map_or(true, |entry| {
+                        entry["until_ms"].as_u64().is_some_and(|until| {
+                            let mine = entry["origin"].as_str() == Some(node);
+                            now >= if mine {
+                                until
+                            } else {
+                                until.saturating_add(grace_ms)
+                            }
+                        })
+                    });
+                if !lapsed {
+                    return Ok(false);
+                }
+                Ok(matches!(
+                    file.write(kind, name, None, None, Some(&current), false)?,
+                    Written::Done { existed: true }
+                ))
+            }
+        }
+    }
+}
+
+/// A list's capacity for a new entry: escalations leave operators room.
+fn capacity_for(kind: Kind, escalation: bool) -> usize {
+    if escalation {
+        capacity(kind).saturating_sub(OPERATOR_HEADROOM)
+    } else {
+        capacity(kind)
     }
 }
 
@@ -353,7 +524,6 @@ fn parse_delta(answer: &[Value]) -> Delta {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     match answer.get(1).and_then(text).as_deref() {
-        None => Delta::None,
         Some("delta") => {
             let list = |at: usize| match answer.get(at) {
                 Some(Value::Array(items)) => {
@@ -375,10 +545,12 @@ fn parse_delta(answer: &[Value]) -> Delta {
                 .collect();
             Delta::Changes {
                 version,
+                nonce: answer.get(4).and_then(text).unwrap_or_default(),
                 entries,
                 changes: parse_changes(&list(3)),
             }
         }
+        Some("none") | None => Delta::None,
         Some(_) => Delta::Full,
     }
 }
@@ -388,6 +560,24 @@ impl RedisShared {
     /// scripts may name them all.
     fn key(&self, name: &str) -> String {
         format!("{}{{limiter-fleet}}:{name}", self.prefix)
+    }
+
+    /// The keys a write or a lapse of `kind` names.
+    fn keys(&self, invocation: &mut redis::ScriptInvocation<'_>, kind: Kind) {
+        for name in [kind.name(), "version", "changes", "log", "last"] {
+            invocation.key(self.key(name));
+        }
+    }
+
+    /// A name for one change, unique to it in practice.
+    fn nonce(&self) -> String {
+        use std::hash::BuildHasher as _;
+        let n = self.changes_made.fetch_add(1, Ordering::Relaxed);
+        format!(
+            "{:016x}",
+            self.nonces
+                .hash_one((n, std::process::id(), crate::proxy::unix_ms()))
+        )
     }
 }
 
@@ -442,7 +632,9 @@ impl FileShared {
         }
         match (value, &current) {
             (None, None) => return Ok(Written::Done { existed: false }),
-            (Some(_), None) if state.1.len(kind) >= capacity(kind) => return Ok(Written::Full),
+            (Some(_), None) if state.1.len(kind) >= capacity_for(kind, keep_later) => {
+                return Ok(Written::Full);
+            }
             (Some(new), Some(old)) if keep_later && until(old) >= until(new) => {
                 return Ok(Written::KeptLater);
             }
@@ -537,7 +729,7 @@ mod tests {
             kind: Kind::Allow,
             target: "192.0.2.0/24".into(),
         };
-        assert!(matches!(store.delta(1).await.unwrap(), Delta::None));
+        assert!(matches!(store.delta(1, "").await.unwrap(), Delta::None));
         assert_eq!(
             store
                 .write(
@@ -552,7 +744,7 @@ mod tests {
                 .unwrap(),
             Written::Done { existed: false }
         );
-        assert!(matches!(store.delta(1).await.unwrap(), Delta::Full));
+        assert!(matches!(store.delta(1, "").await.unwrap(), Delta::Full));
         assert_eq!(
             store
                 .write(Kind::Allow, "192.0.2.0/24", None, None, Some("{}"), false)
@@ -567,7 +759,7 @@ mod tests {
         );
         drop(store);
         let again = SharedStore::file(&path).unwrap();
-        let (_, shared) = again.read().await.unwrap();
+        let shared = again.read().await.unwrap().shared;
         assert_eq!(shared.allow["192.0.2.0/24"].reason, "office");
         assert_eq!(shared.changes, vec![change]);
         let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -656,7 +848,10 @@ mod tests {
     #[test]
     fn a_delta_answer_is_read_as_entries_and_changes() {
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        assert!(matches!(parse_delta(&[Value::Int(7)]), Delta::None));
+        assert!(matches!(
+            parse_delta(&[Value::Int(7), bulk("none")]),
+            Delta::None
+        ));
         assert!(matches!(
             parse_delta(&[Value::Int(7), bulk("full")]),
             Delta::Full

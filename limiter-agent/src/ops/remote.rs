@@ -31,22 +31,26 @@ pub fn admin_address(text: &str) -> Result<(SocketAddr, Option<String>), OpsErro
             "--admin: `{text}` is not IP:PORT or https://HOST:PORT"
         ))
     };
-    match text.strip_prefix("https://") {
-        Some(rest) => {
-            let rest = rest.trim_end_matches('/');
-            let addr = rest
-                .to_socket_addrs()
-                .map_err(|_| bad())?
-                .next()
-                .ok_or_else(bad)?;
-            let host = rest
-                .rsplit_once(':')
-                .map_or(rest, |(host, _)| host)
-                .trim_matches(['[', ']']);
-            Ok((addr, Some(host.to_owned())))
+    let Some(rest) = text.strip_prefix("https://") else {
+        let addr: SocketAddr = text.parse().map_err(|_| bad())?;
+        if !addr.ip().to_canonical().is_loopback() {
+            return Err(OpsError::Usage(format!(
+                "--admin {text}: off this host, use https://HOST:PORT (the token must not cross the network in clear)"
+            )));
         }
-        None => Ok((text.parse().map_err(|_| bad())?, None)),
-    }
+        return Ok((addr, None));
+    };
+    let rest = rest.trim_end_matches('/');
+    let addr = rest
+        .to_socket_addrs()
+        .map_err(|_| bad())?
+        .next()
+        .ok_or_else(bad)?;
+    let host = rest
+        .rsplit_once(':')
+        .map_or(rest, |(host, _)| host)
+        .trim_matches(['[', ']']);
+    Ok((addr, Some(host.to_owned())))
 }
 
 impl ApiTarget {
