@@ -229,11 +229,18 @@ pub struct RedisShared {
 
 pub struct FileShared {
     path: PathBuf,
-    state: Mutex<(u64, Shared)>,
-    /// Held for the process's life: one agent per state file.
-    _lock: File,
+    state: Mutex<FileState>,
     /// Names the file written aside before each rename.
     writes: AtomicU64,
+}
+
+/// The file as last read or written.
+struct FileState {
+    /// Counts the contents seen: it moves when the file changed.
+    version: u64,
+    shared: Shared,
+    /// The file's modification time and length then (`None`: no file).
+    stamp: Option<(std::time::SystemTime, u64)>,
 }
 
 /// Everything, as of a version and its change's nonce.
@@ -266,28 +273,25 @@ impl SharedStore {
         })))
     }
 
-    /// The entries kept in `path`, read now if it exists. The file is this
-    /// agent's alone: a lock beside it (`<path>.lock`) is held while it runs.
+    /// The entries kept in `path`, read now if it exists (nothing is
+    /// created until the first change). Agents on one host may share the
+    /// file: each change is made under a lock on `<path>.lock` on what the
+    /// file holds then, and each agent reads it again when it changed.
     ///
     /// # Errors
-    /// The file exists but cannot be read or parsed, or another agent holds it.
+    /// The file exists but cannot be read or parsed.
     pub fn file(path: &Path) -> Result<Self, SharedError> {
-        let file_error = |error: String| SharedError::File {
+        let file = FileShared {
             path: path.to_owned(),
-            error,
-        };
-        let lock = lock_beside(path).map_err(file_error)?;
-        let shared = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| file_error(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Shared::default(),
-            Err(e) => return Err(file_error(e.to_string())),
-        };
-        Ok(Self::File(FileShared {
-            path: path.to_owned(),
-            state: Mutex::new((1, shared)),
-            _lock: lock,
+            state: Mutex::new(FileState {
+                version: 1,
+                shared: Shared::default(),
+                stamp: None,
+            }),
             writes: AtomicU64::new(0),
-        }))
+        };
+        file.reload()?;
+        Ok(Self::File(file))
     }
 
     /// Whether other hosts share these entries.
@@ -353,11 +357,12 @@ impl SharedStore {
                 })
             }
             Self::File(file) => {
+                file.reload()?;
                 let state = file.lock();
                 Ok(Snapshot {
-                    version: state.0,
+                    version: state.version,
                     nonce: String::new(),
-                    shared: state.1.clone(),
+                    shared: state.shared.clone(),
                 })
             }
         }
@@ -386,12 +391,20 @@ impl SharedStore {
                 let answer: Vec<Value> = timed(redis.backend.run(&invocation)).await?;
                 Ok(parse_delta(&answer))
             }
-            // One host: its own changes are applied as they are made.
-            Self::File(file) => Ok(if file.lock().0 == since && nonce.is_empty() {
-                Delta::None
-            } else {
-                Delta::Full
-            }),
+            // One file: read again whole when it changed.
+            Self::File(file) => {
+                let state = file.lock();
+                Ok(
+                    if state.version == since
+                        && nonce.is_empty()
+                        && stamp(&file.path) == state.stamp
+                    {
+                        Delta::None
+                    } else {
+                        Delta::Full
+                    },
+                )
+            }
         }
     }
 
@@ -466,7 +479,7 @@ impl SharedStore {
                 Ok(removed == 1)
             }
             Self::File(file) => {
-                let Some(current) = file.lock().1.get_json(kind, name) else {
+                let Some(current) = file.lock().shared.get_json(kind, name) else {
                     return Ok(false);
                 };
                 let now = crate::proxy::unix_ms();
@@ -581,7 +594,8 @@ impl RedisShared {
     }
 }
 
-/// Takes an exclusive lock on `<path>.lock`, without waiting.
+/// Takes an exclusive lock on `<path>.lock` (released when the file is
+/// dropped), making the directory first.
 fn lock_beside(path: &Path) -> Result<File, String> {
     use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
     if let Some(dir) = path.parent()
@@ -599,19 +613,51 @@ fn lock_beside(path: &Path) -> Result<File, String> {
         .open(&name)
         .map_err(|e| format!("{}: {e}", PathBuf::from(&name).display()))?;
     // SAFETY: flock(2) on a descriptor this function owns.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
     if rc != 0 {
         return Err(format!(
-            "another agent keeps its runtime changes here ({}); give each agent a state_file of its own",
+            "locking {}: {}",
+            PathBuf::from(&name).display(),
             std::io::Error::last_os_error()
         ));
     }
     Ok(file)
 }
 
+/// A file's modification time and length, `None` when it is not there.
+fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
 impl FileShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Shared)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FileState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn error(&self, error: String) -> SharedError {
+        SharedError::File {
+            path: self.path.clone(),
+            error,
+        }
+    }
+
+    /// Reads the file again if it changed since it was last read or written.
+    fn reload(&self) -> Result<(), SharedError> {
+        let now = stamp(&self.path);
+        let mut state = self.lock();
+        if now == state.stamp {
+            return Ok(());
+        }
+        let shared = match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| self.error(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Shared::default(),
+            Err(e) => return Err(self.error(e.to_string())),
+        };
+        state.shared = shared;
+        state.stamp = now;
+        state.version += 1;
+        Ok(())
     }
 
     fn write(
@@ -623,8 +669,12 @@ impl FileShared {
         expected: Option<&str>,
         keep_later: bool,
     ) -> Result<Written, SharedError> {
+        // Under the lock, on what the file holds now (another agent on
+        // this host may have changed it).
+        let _lock = lock_beside(&self.path).map_err(|e| self.error(e))?;
+        self.reload()?;
         let mut state = self.lock();
-        let current = state.1.get_json(kind, name);
+        let current = state.shared.get_json(kind, name);
         if let Some(expected) = expected
             && current.as_deref() != Some(expected)
         {
@@ -632,25 +682,23 @@ impl FileShared {
         }
         match (value, &current) {
             (None, None) => return Ok(Written::Done { existed: false }),
-            (Some(_), None) if state.1.len(kind) >= capacity_for(kind, keep_later) => {
+            (Some(_), None) if state.shared.len(kind) >= capacity_for(kind, keep_later) => {
                 return Ok(Written::Full);
             }
-            (Some(new), Some(old)) if keep_later && until(old) >= until(new) => {
+            (Some(new), Some(old)) if keep_later && kept(old, new) => {
                 return Ok(Written::KeptLater);
             }
             _ => {}
         }
-        let mut next = state.1.clone();
+        let mut next = state.shared.clone();
         let existed = next.set(kind, name, value);
         if let Some(change) = change {
             next.record(change.clone());
         }
-        self.persist(&next).map_err(|error| SharedError::File {
-            path: self.path.clone(),
-            error,
-        })?;
-        state.0 += 1;
-        state.1 = next;
+        self.persist(&next).map_err(|e| self.error(e))?;
+        state.shared = next;
+        state.stamp = stamp(&self.path);
+        state.version += 1;
         Ok(Written::Done { existed })
     }
 
@@ -682,12 +730,25 @@ impl FileShared {
     }
 }
 
-/// An entry's `until_ms` (`u64::MAX`: none, it lasts).
-fn until(entry_json: &str) -> u64 {
-    serde_json::from_str::<serde_json::Value>(entry_json)
-        .ok()
-        .and_then(|v| v["until_ms"].as_u64())
-        .unwrap_or(u64::MAX)
+/// Whether an escalation's `new` entry leaves `old` in place: `old` lasts
+/// as long or longer, or an operator made it as recently or more (as the
+/// Redis script decides).
+fn kept(old: &str, new: &str) -> bool {
+    let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).ok();
+    let (Some(old), Some(new)) = (parse(old), parse(new)) else {
+        return false;
+    };
+    let field = |v: &serde_json::Value, name: &str| v[name].as_u64();
+    let longer = matches!(
+        (field(&old, "until_ms"), field(&new, "until_ms")),
+        (Some(o), Some(n)) if o >= n
+    );
+    let decided = old["by"].as_str() != Some("escalation")
+        && matches!(
+            (field(&old, "at_ms"), field(&new, "at_ms")),
+            (Some(o), Some(n)) if o >= n
+        );
+    longer || decided
 }
 
 async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, SharedError> {
@@ -710,7 +771,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_keeps_changes_across_a_restart_and_refuses_stale_removals() {
+    async fn a_file_keeps_changes_across_a_restart_and_agents_sharing_it_see_each_other() {
         let dir = dir("file");
         let path = dir.join("sub/runtime.json");
         let store = SharedStore::file(&path).unwrap();
@@ -753,11 +814,29 @@ mod tests {
             Written::NotAsExpected,
             "a removal of what is no longer there changes nothing"
         );
-        assert!(
-            SharedStore::file(&path).is_err(),
-            "a second agent on the same file is refused"
+        // A second agent on the same file: each change on what the file holds.
+        let other = SharedStore::file(&path).unwrap();
+        assert_eq!(
+            other
+                .write(
+                    Kind::Allow,
+                    "198.51.100.0/24",
+                    Some(&entry),
+                    None,
+                    None,
+                    false
+                )
+                .await
+                .unwrap(),
+            Written::Done { existed: false }
         );
-        drop(store);
+        assert!(
+            matches!(store.delta(2, "").await.unwrap(), Delta::Full),
+            "the file changed"
+        );
+        let both = store.read().await.unwrap().shared;
+        assert_eq!(both.allow.len(), 2, "{both:?}");
+        drop((store, other));
         let again = SharedStore::file(&path).unwrap();
         let shared = again.read().await.unwrap().shared;
         assert_eq!(shared.allow["192.0.2.0/24"].reason, "office");
@@ -823,7 +902,7 @@ mod tests {
             unreachable!()
         };
         for n in 0..capacity(Kind::Allow) {
-            file.lock().1.allow.insert(
+            file.lock().shared.allow.insert(
                 format!("n{n}"),
                 serde_json::from_str(&json(&Allow {
                     until_ms: None,
