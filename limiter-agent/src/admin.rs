@@ -154,8 +154,14 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     response
 }
 
-/// Connections the admin listener holds at once; more are closed on accept.
+/// Connections the admin listener holds at once from addresses other than
+/// loopback; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections one address may hold.
+const MAX_PER_SOURCE: usize = 8;
+/// How long a connection may take to finish its TLS handshake or send a
+/// request's head.
+const PRE_AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves the admin endpoints until the task is dropped, over TLS when
 /// `tls` is given. Off loopback every path but `/healthz` needs a token of
@@ -171,60 +177,74 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
-    // Operators' tools, not clients: a few connections at a time.
+    // Operators' tools, not clients: a few connections at a time, fewer
+    // from one address; loopback (the host's own operators) is never
+    // crowded out by others.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    accept_until(&listener, "admin", std::future::pending(), |stream, _| {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            return;
-        };
-        let admin = admin.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req: Request<Incoming>| {
-                let admin = admin.clone();
-                async move {
-                    if let Some(refused) = admin.gate(&req, local) {
-                        return Ok::<_, Infallible>(refused);
+    let per_source = Arc::new(crate::tally::Tally::<std::net::IpAddr>::default());
+    accept_until(
+        &listener,
+        "admin",
+        std::future::pending(),
+        |stream, peer| {
+            let source = peer.ip().to_canonical();
+            let slot = if source.is_loopback() {
+                None
+            } else {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    return;
+                };
+                Some(slot)
+            };
+            let Some(held) = per_source.acquire(source, MAX_PER_SOURCE) else {
+                return;
+            };
+            let admin = admin.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _slots = (slot, held);
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move {
+                        if let Some(refused) = admin.gate(&req, local) {
+                            return Ok::<_, Infallible>(refused);
+                        }
+                        if let Some(api) = admin.api.as_ref().filter(|a| a.owns(req.uri().path())) {
+                            return Ok::<_, Infallible>(api.handle(req).await);
+                        }
+                        if matches!(req.uri().path(), "/status" | "/dashboard.json") {
+                            for section in &admin.sections {
+                                section.fresh().await;
+                            }
+                        }
+                        Ok::<_, Infallible>(admin.respond(&req))
                     }
-                    if let Some(api) = admin.api.as_ref().filter(|a| a.owns(req.uri().path())) {
-                        return Ok::<_, Infallible>(api.handle(req).await);
-                    }
-                    if matches!(req.uri().path(), "/status" | "/dashboard.json") {
-                        for section in &admin.sections {
-                            section.fresh().await;
+                });
+                let builder = {
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(PRE_AUTH_TIMEOUT);
+                    builder
+                };
+                match tls {
+                    Some(tls) => {
+                        let handshake = tokio::time::timeout(PRE_AUTH_TIMEOUT, tls.accept(stream));
+                        if let Ok(Ok(stream)) = handshake.await {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
                         }
                     }
-                    Ok::<_, Infallible>(admin.respond(&req))
-                }
-            });
-            let builder = {
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10));
-                builder
-            };
-            match tls {
-                Some(tls) => {
-                    let handshake = tokio::time::timeout(
-                        std::time::Duration::from_secs(10),
-                        tls.accept(stream),
-                    );
-                    if let Ok(Ok(stream)) = handshake.await {
+                    None => {
                         let _ = builder
                             .serve_connection(TokioIo::new(stream), service)
                             .await;
                     }
                 }
-                None => {
-                    let _ = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                }
-            }
-        });
-    })
+            });
+        },
+    )
     .await;
 }
 

@@ -47,6 +47,8 @@ use crate::{
 
 /// How often each agent asks whether anything changed.
 pub const POLL: Duration = Duration::from_millis(200);
+/// Lapsed entries are asked to be removed at most this often.
+const LAPSE_EVERY: Duration = Duration::from_secs(1);
 /// Delta pages one poll reads at most (a host further behind goes on at
 /// the next poll).
 const DELTA_PAGES: usize = 16;
@@ -93,6 +95,9 @@ struct Applied {
     skipped: HashMap<String, &'static str>,
     /// Kernel bans that failed (a full map): tried again on the next full read.
     kernel_failed: std::collections::HashSet<IpNet>,
+    /// The store's bans the previous run applied (the origins file): what
+    /// this host shows and keeps until its first read of the store.
+    seeded: std::collections::BTreeMap<String, Ban>,
     /// What the origins file holds.
     origins_written: Vec<u8>,
     /// Something changed since the last apply.
@@ -116,6 +121,8 @@ pub struct Fleet {
     wake: tokio::sync::Notify,
     /// When the store was last read (Unix ms), 0 = never.
     synced_ms: AtomicU64,
+    /// A failed removal of lapsed entries was logged.
+    lapse_warned: std::sync::atomic::AtomicBool,
     /// Where `limiter-agent status` finds the bans' origins.
     origins_file: Option<std::path::PathBuf>,
 }
@@ -148,6 +155,7 @@ impl Fleet {
             .and_then(|path| std::fs::read(path).ok())
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
+        let seeded = origins.store.clone();
         let kernel_bans = origins
             .store
             .iter()
@@ -177,12 +185,16 @@ impl Fleet {
             applied: Mutex::new(Applied {
                 pending,
                 kernel_bans,
+                seeded,
+                // The first apply shows what the kernel keeps.
+                dirty: true,
                 ..Applied::default()
             }),
             escalations: Mutex::default(),
             view: ArcSwap::from_pointee(Shared::default()),
             wake: tokio::sync::Notify::new(),
             synced_ms: AtomicU64::new(0),
+            lapse_warned: std::sync::atomic::AtomicBool::new(false),
             origins_file,
         }
     }
@@ -233,19 +245,25 @@ impl Fleet {
     pub async fn run(self: Arc<Self>) {
         let mut last_full = tokio::time::Instant::now();
         let mut failing = false;
+        let mut last_lapse = tokio::time::Instant::now();
         loop {
             let full = last_full.elapsed() >= FULL_READ;
-            if full {
-                // Tried once per period, failed or not: deltas go on meanwhile.
+            let outcome = self.tick(full).await;
+            // Tried once per period, failed or not (deltas go on meanwhile);
+            // one another read overtook is tried again at the next poll.
+            if full && !matches!(outcome, Ok(false)) {
                 last_full = tokio::time::Instant::now();
             }
-            let outcome = self.tick(full).await;
             // Escalations queued from the request path; deadlines pass with
             // the store reachable or not.
             self.take_escalations();
             self.apply_if_due();
+            if self.lock().next_lapse_ms <= unix_ms() && last_lapse.elapsed() >= LAPSE_EVERY {
+                last_lapse = tokio::time::Instant::now();
+                self.remove_lapsed().await;
+            }
             match outcome {
-                Ok(()) => {
+                Ok(_) => {
                     if failing {
                         tracing::info!("fleet entries readable again");
                         failing = false;
@@ -266,18 +284,18 @@ impl Fleet {
     }
 
     /// One poll: publishes this host's pending bans, then reads what
-    /// changed (everything when `full`).
-    async fn tick(&self, full: bool) -> Result<(), SharedError> {
+    /// changed (everything when `full`). Whether a full read asked for was
+    /// put in force.
+    async fn tick(&self, full: bool) -> Result<bool, SharedError> {
         self.take_escalations();
         self.publish_pending().await;
         if full {
             self.check_kernel();
-            let read = self.refresh().await;
-            if read.is_ok() {
-                return Ok(());
+            if let Ok(installed) = self.refresh_installed().await {
+                return Ok(installed);
             }
         }
-        self.catch_up().await
+        self.catch_up().await.map(|()| true)
     }
 
     /// Reads what changed since the version applied, a page at a time
@@ -348,24 +366,30 @@ impl Fleet {
     /// # Errors
     /// The store could not be read; what is applied stays.
     pub async fn refresh(&self) -> Result<(), SharedError> {
+        self.refresh_installed().await.map(|_| ())
+    }
+
+    /// [`Fleet::refresh`], saying whether it put the read in force.
+    async fn refresh_installed(&self) -> Result<bool, SharedError> {
         let installs = self.lock().installs;
         let snapshot = self.store.read().await?;
         self.synced_ms.store(unix_ms(), Ordering::Relaxed);
         {
             let mut applied = self.lock();
             if applied.installs != installs {
-                return Ok(());
+                return Ok(false);
             }
             applied.version = Some(snapshot.version);
             applied.nonce = snapshot.nonce;
             applied.shared = Arc::new(snapshot.shared);
             applied.installs += 1;
+            applied.seeded.clear();
             Self::settle_pending(&mut applied);
             applied.dirty = true;
         }
         self.remove_lapsed().await;
         self.apply_if_due();
-        Ok(())
+        Ok(true)
     }
 
     /// Bans made here that the store holds as they are, or that an
@@ -412,7 +436,9 @@ impl Fleet {
                 .lapse(kind, &name, &self.node, EXPIRY_GRACE_MS)
                 .await
             {
-                tracing::debug!(error = %e, "removing a lapsed fleet entry");
+                if !self.lapse_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "lapsed fleet entries cannot be removed from the store");
+                }
                 return;
             }
         }
@@ -443,12 +469,11 @@ impl Fleet {
     }
 
     /// Applies when something changed or an entry lapsed since the last
-    /// time; never before the store was first read (a restart with the
-    /// store down keeps what the kernel holds).
+    /// time. Before the store was first read, only adds (see [`Fleet::apply`]).
     fn apply_if_due(&self) {
         let due = {
             let applied = self.lock();
-            applied.version.is_some() && (applied.dirty || applied.next_lapse_ms <= unix_ms())
+            applied.dirty || applied.next_lapse_ms <= unix_ms()
         };
         if due {
             self.apply();
@@ -554,6 +579,12 @@ impl Fleet {
         let mut applied = self.lock();
         applied.dirty = false;
         let mut view = (*applied.shared).clone();
+        // Before the store is first read, what the previous run applied
+        // stands in for it: nothing is lifted on an empty list.
+        let read = applied.version.is_some();
+        if !read {
+            view.bans.extend(applied.seeded.clone());
+        }
         // A pending ban is kept only while the store's does not decide over
         // it (`settle_pending`): it wins.
         for (net, pending) in &applied.pending {
@@ -604,7 +635,7 @@ impl Fleet {
             .filter_map(|n| n.parse::<IpNet>().ok())
             .collect();
         if let Some(kernel) = &self.kernel {
-            Self::apply_kernel(kernel, &mut applied, &bans, allow, now, prefix);
+            Self::apply_kernel(kernel, &mut applied, &bans, allow, now, prefix, read);
         }
         let overrides = view
             .overrides
@@ -643,6 +674,7 @@ impl Fleet {
         allow: Vec<IpNet>,
         now: u64,
         prefix: u8,
+        lift: bool,
     ) {
         let mono = monotonic_ns();
         let to_mono = |until_ms: u64| {
@@ -651,7 +683,7 @@ impl Fleet {
         let stale: Vec<IpNet> = applied
             .kernel_bans
             .keys()
-            .filter(|net| !bans.contains_key(net))
+            .filter(|net| lift && !bans.contains_key(net))
             .copied()
             .collect();
         for net in stale {
@@ -676,7 +708,7 @@ impl Fleet {
                 }
             }
         }
-        if applied.kernel_allow != allow {
+        if lift && applied.kernel_allow != allow {
             match kernel.set_runtime_allow(allow.clone()) {
                 Ok(()) => applied.kernel_allow = allow,
                 Err(e) => tracing::error!("applying the fleet allow list: {e}"),

@@ -111,6 +111,7 @@ return 0
 /// `ARGV`: the field; this host's name; the grace; the kind's name; log
 /// entries kept; the nonce. Returns 1 if it removed it.
 const LAPSE_BODY_LUA: &str = r"
+pcall(redis.replicate_commands)
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current then return 0 end
 local clock = redis.call('TIME')
@@ -147,8 +148,10 @@ if version <= since or since == 0 then return {version, 'full'} end
 local at = redis.call('ZRANGEBYSCORE', KEYS[3], since, since)
 if #at == 0 then return {version, 'full'} end
 local first = string.find(at[1], '\t', 1, true)
+if not first then return {version, 'full'} end
 local rest = string.sub(at[1], first + 1)
-if string.sub(rest, 1, string.find(rest, '\t', 1, true) - 1) ~= ARGV[2] then
+local second = string.find(rest, '\t', 1, true)
+if not second or string.sub(rest, 1, second - 1) ~= ARGV[2] then
   return {version, 'full'}
 end
 local entries = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. since, '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
@@ -160,13 +163,16 @@ for i = 1, #entries, 2 do
   local entry = entries[i]
   upto = tonumber(entries[i + 1])
   local tab1 = string.find(entry, '\t', 1, true)
+  if not tab1 then return {version, 'full'} end
   local after_version = string.sub(entry, tab1 + 1)
   local tab2 = string.find(after_version, '\t', 1, true)
+  if not tab2 then return {version, 'full'} end
   nonce = string.sub(after_version, 1, tab2 - 1)
   local key = string.sub(after_version, tab2 + 1)
+  local tab3 = string.find(key, '\t', 1, true)
+  if not tab3 then return {version, 'full'} end
   if not seen[key] then
     seen[key] = true
-    local tab3 = string.find(key, '\t', 1, true)
     local kind = string.sub(key, 1, tab3 - 1)
     local field = string.sub(key, tab3 + 1)
     local hash = KEYS[6]
@@ -213,7 +219,7 @@ pub enum Delta {
 /// The shared entries' home.
 pub enum SharedStore {
     Redis(Box<RedisShared>),
-    File(FileShared),
+    File(std::sync::Arc<FileShared>),
 }
 
 pub struct RedisShared {
@@ -239,8 +245,8 @@ struct FileState {
     /// Counts the contents seen: it moves when the file changed.
     version: u64,
     shared: Shared,
-    /// The file's modification time and length then (`None`: no file).
-    stamp: Option<(std::time::SystemTime, u64)>,
+    /// The file's modification time, length and inode then (`None`: no file).
+    stamp: Option<Stamp>,
 }
 
 /// Everything, as of a version and its change's nonce.
@@ -290,8 +296,8 @@ impl SharedStore {
             }),
             writes: AtomicU64::new(0),
         };
-        file.reload()?;
-        Ok(Self::File(file))
+        file.reload(true)?;
+        Ok(Self::File(std::sync::Arc::new(file)))
     }
 
     /// Whether other hosts share these entries.
@@ -321,7 +327,7 @@ impl SharedStore {
                     let key = redis.key(kind.name());
                     let mut cursor = 0u64;
                     loop {
-                        let (next, fields): (u64, Vec<String>) = timed(
+                        let (next, fields): (u64, Vec<Vec<u8>>) = timed(
                             redis.backend.query(
                                 redis::cmd("HSCAN")
                                     .arg(&key)
@@ -331,8 +337,13 @@ impl SharedStore {
                             ),
                         )
                         .await?;
+                        // An entry that is not text is skipped, not fatal.
                         for pair in fields.chunks_exact(2) {
-                            shared.set(kind, &pair[0], Some(&pair[1]));
+                            if let (Ok(name), Ok(value)) =
+                                (std::str::from_utf8(&pair[0]), std::str::from_utf8(&pair[1]))
+                            {
+                                shared.set(kind, name, Some(value));
+                            }
                         }
                         if next == 0 {
                             break;
@@ -340,7 +351,7 @@ impl SharedStore {
                         cursor = next;
                     }
                 }
-                let changes: Vec<String> = timed(
+                let changes: Vec<Vec<u8>> = timed(
                     redis.backend.query(
                         redis::cmd("LRANGE")
                             .arg(redis.key("changes"))
@@ -349,6 +360,10 @@ impl SharedStore {
                     ),
                 )
                 .await?;
+                let changes: Vec<String> = changes
+                    .iter()
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .collect();
                 shared.changes = parse_changes(&changes);
                 Ok(Snapshot {
                     version: version.unwrap_or(0),
@@ -357,13 +372,18 @@ impl SharedStore {
                 })
             }
             Self::File(file) => {
-                file.reload()?;
-                let state = file.lock();
-                Ok(Snapshot {
-                    version: state.version,
-                    nonce: String::new(),
-                    shared: state.shared.clone(),
+                let file = file.clone();
+                blocking(move || {
+                    // A full read reads the file whatever its stamp says.
+                    file.reload(true)?;
+                    let state = file.lock();
+                    Ok(Snapshot {
+                        version: state.version,
+                        nonce: String::new(),
+                        shared: state.shared.clone(),
+                    })
                 })
+                .await
             }
         }
     }
@@ -447,7 +467,22 @@ impl SharedStore {
                     n => Written::Done { existed: n == 1 },
                 })
             }
-            Self::File(file) => file.write(kind, name, value, change, expected, keep_later),
+            Self::File(file) => {
+                let file = file.clone();
+                let (name, value) = (name.to_owned(), value.map(str::to_owned));
+                let (change, expected) = (change.cloned(), expected.map(str::to_owned));
+                blocking(move || {
+                    file.write(
+                        kind,
+                        &name,
+                        value.as_deref(),
+                        change.as_ref(),
+                        expected.as_deref(),
+                        keep_later,
+                    )
+                })
+                .await
+            }
         }
     }
 
@@ -479,28 +514,9 @@ impl SharedStore {
                 Ok(removed == 1)
             }
             Self::File(file) => {
-                let Some(current) = file.lock().shared.get_json(kind, name) else {
-                    return Ok(false);
-                };
-                let now = crate::proxy::unix_ms();
-                let lapsed =
-                    serde_json::from_str::<serde_json::Value>(&current).map_or(true, |entry| {
-                        entry["until_ms"].as_u64().is_some_and(|until| {
-                            let mine = entry["origin"].as_str() == Some(node);
-                            now >= if mine {
-                                until
-                            } else {
-                                until.saturating_add(grace_ms)
-                            }
-                        })
-                    });
-                if !lapsed {
-                    return Ok(false);
-                }
-                Ok(matches!(
-                    file.write(kind, name, None, None, Some(&current), false)?,
-                    Written::Done { existed: true }
-                ))
+                let file = file.clone();
+                let (name, node) = (name.to_owned(), node.to_owned());
+                blocking(move || file.lapse(kind, &name, &node, grace_ms)).await
             }
         }
     }
@@ -624,10 +640,15 @@ fn lock_beside(path: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-/// A file's modification time and length, `None` when it is not there.
-fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+/// What tells one version of the state file from another without reading
+/// it: each change is a new file renamed over the old.
+type Stamp = (std::time::SystemTime, u64, u64);
+
+/// A file's modification time, length and inode; `None` when it is not there.
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
 
 impl FileShared {
@@ -642,11 +663,12 @@ impl FileShared {
         }
     }
 
-    /// Reads the file again if it changed since it was last read or written.
-    fn reload(&self) -> Result<(), SharedError> {
+    /// Reads the file again if it changed since it was last read or
+    /// written (`force`: whatever its stamp says).
+    fn reload(&self, force: bool) -> Result<(), SharedError> {
         let now = stamp(&self.path);
         let mut state = self.lock();
-        if now == state.stamp {
+        if now == state.stamp && !force {
             return Ok(());
         }
         let shared = match std::fs::read(&self.path) {
@@ -660,6 +682,38 @@ impl FileShared {
         Ok(())
     }
 
+    /// Removes `name` if it lapsed by this host's clock (the file's only
+    /// clock): at once if `node` made it, `grace_ms` later otherwise.
+    fn lapse(
+        &self,
+        kind: Kind,
+        name: &str,
+        node: &str,
+        grace_ms: u64,
+    ) -> Result<bool, SharedError> {
+        let Some(current) = self.lock().shared.get_json(kind, name) else {
+            return Ok(false);
+        };
+        let now = crate::proxy::unix_ms();
+        let lapsed = serde_json::from_str::<serde_json::Value>(&current).map_or(true, |entry| {
+            entry["until_ms"].as_u64().is_some_and(|until| {
+                let mine = entry["origin"].as_str() == Some(node);
+                now >= if mine {
+                    until
+                } else {
+                    until.saturating_add(grace_ms)
+                }
+            })
+        });
+        if !lapsed {
+            return Ok(false);
+        }
+        Ok(matches!(
+            self.write(kind, name, None, None, Some(&current), false)?,
+            Written::Done { existed: true }
+        ))
+    }
+
     fn write(
         &self,
         kind: Kind,
@@ -670,9 +724,9 @@ impl FileShared {
         keep_later: bool,
     ) -> Result<Written, SharedError> {
         // Under the lock, on what the file holds now (another agent on
-        // this host may have changed it).
+        // this host may have changed it; read whatever its stamp says).
         let _lock = lock_beside(&self.path).map_err(|e| self.error(e))?;
-        self.reload()?;
+        self.reload(true)?;
         let mut state = self.lock();
         let current = state.shared.get_json(kind, name);
         if let Some(expected) = expected
@@ -751,6 +805,15 @@ fn kept(old: &str, new: &str) -> bool {
     longer || decided
 }
 
+/// Runs a file operation (a lock, a read, an fsync) off the runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SharedError> + Send + 'static,
+) -> Result<T, SharedError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(SharedError::Redis(format!("state file task: {e}"))))
+}
+
 async fn timed<T>(call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, SharedError> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(value)) => Ok(value),
@@ -790,7 +853,8 @@ mod tests {
             kind: Kind::Allow,
             target: "192.0.2.0/24".into(),
         };
-        assert!(matches!(store.delta(1, "").await.unwrap(), Delta::None));
+        let first = store.read().await.unwrap().version;
+        assert!(matches!(store.delta(first, "").await.unwrap(), Delta::None));
         assert_eq!(
             store
                 .write(
@@ -805,7 +869,7 @@ mod tests {
                 .unwrap(),
             Written::Done { existed: false }
         );
-        assert!(matches!(store.delta(1, "").await.unwrap(), Delta::Full));
+        assert!(matches!(store.delta(first, "").await.unwrap(), Delta::Full));
         assert_eq!(
             store
                 .write(Kind::Allow, "192.0.2.0/24", None, None, Some("{}"), false)
@@ -830,8 +894,9 @@ mod tests {
                 .unwrap(),
             Written::Done { existed: false }
         );
+        let mine = first + 1;
         assert!(
-            matches!(store.delta(2, "").await.unwrap(), Delta::Full),
+            matches!(store.delta(mine, "").await.unwrap(), Delta::Full),
             "the file changed"
         );
         let both = store.read().await.unwrap().shared;
@@ -898,11 +963,10 @@ mod tests {
             Written::Done { existed: true },
             "an operator's ban replaces"
         );
-        let SharedStore::File(file) = &store else {
-            unreachable!()
-        };
+        // A file already holding as many allow entries as there may be.
+        let mut full = Shared::default();
         for n in 0..capacity(Kind::Allow) {
-            file.lock().shared.allow.insert(
+            full.allow.insert(
                 format!("n{n}"),
                 serde_json::from_str(&json(&Allow {
                     until_ms: None,
@@ -914,6 +978,8 @@ mod tests {
                 .unwrap(),
             );
         }
+        std::fs::write(dir.join("full.json"), serde_json::to_vec(&full).unwrap()).unwrap();
+        let store = SharedStore::file(&dir.join("full.json")).unwrap();
         assert_eq!(
             store
                 .write(Kind::Allow, "one-more", Some("{}"), None, None, false)
