@@ -117,37 +117,9 @@ fn the_admin_api_checks_its_caller_and_input_and_changes_survive_a_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The vision tier's answer to `KEY` from 127.0.0.20.
-fn vision(agent: &Process) -> Response {
-    Response::parse(&raw_request_from(
-        loopback(20),
-        agent.addr,
-        &get_request("/api/v1/vision", &[format!("Authorization: Bearer {KEY}")]),
-    ))
-}
-
-fn refuses_strangers_and_bad_input(first: &Process, key: &str) {
-    // Who may call: no token or a wrong one is refused, and nothing changes.
-    let (status, body) = call(first, "GET", "/overrides", None, None);
-    assert_eq!(status, 401, "{body}");
-    assert_eq!(body["error"]["code"], "UNAUTHORIZED");
-    let (status, _) = call(
-        first,
-        "PUT",
-        "/bans/127.0.0.7",
-        Some("not-the-token-at-all"),
-        Some(r#"{"seconds":60}"#),
-    );
-    assert_eq!(status, 401);
-    let (status, body) = call(first, "GET", "/bans", Some(TOKEN), None);
-    assert_eq!(
-        (status, body["bans"].as_array().map(Vec::len)),
-        (200, Some(0)),
-        "{body}"
-    );
-
-    // Bad input: 400 with a JSON error, and nothing changes.
-    let bad: &[(&str, String, &str)] = &[
+/// Calls the API must refuse with a 400, changing nothing.
+fn bad_inputs(key: &str) -> Vec<(&'static str, String, &'static str)> {
+    vec![
         ("PUT", "/overrides/abc".into(), r#"{"multiplier":2}"#),
         ("PUT", format!("/overrides/{key}"), r#"{"multiplier":0}"#),
         ("PUT", format!("/overrides/{key}"), r#"{"multiplier":-3}"#),
@@ -190,8 +162,47 @@ fn refuses_strangers_and_bad_input(first: &Process, key: &str) {
         ("PUT", "/bans/127.0.0.9".into(), r#"{"seconds":60}"#),
         ("PUT", "/allow/10.0.0.0%2Fx".into(), "{}"),
         ("PUT", "/allow/10.0.0.1".into(), r#"{"seconds":-1}"#),
-    ];
-    for (method, path, body) in bad {
+        ("PUT", "/allow/0.0.0.0%2F0".into(), "{}"),
+        (
+            "PUT",
+            "/allow/10.0.0.1".into(),
+            r#"{"reason":"x","extra":1}"#,
+        ),
+    ]
+}
+
+/// The vision tier's answer to `KEY` from 127.0.0.20.
+fn vision(agent: &Process) -> Response {
+    Response::parse(&raw_request_from(
+        loopback(20),
+        agent.addr,
+        &get_request("/api/v1/vision", &[format!("Authorization: Bearer {KEY}")]),
+    ))
+}
+
+fn refuses_strangers_and_bad_input(first: &Process, key: &str) {
+    // Who may call: no token or a wrong one is refused, and nothing changes.
+    let (status, body) = call(first, "GET", "/overrides", None, None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+    let (status, _) = call(
+        first,
+        "PUT",
+        "/bans/127.0.0.7",
+        Some("not-the-token-at-all"),
+        Some(r#"{"seconds":60}"#),
+    );
+    assert_eq!(status, 401);
+    let (status, body) = call(first, "GET", "/bans", Some(TOKEN), None);
+    assert_eq!(
+        (status, body["bans"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{body}"
+    );
+
+    // Bad input: 400 with a JSON error, and nothing changes.
+    let bad = bad_inputs(key);
+    for (method, path, body) in &bad {
         let (status, answer) = call(first, method, path, Some(TOKEN), Some(body));
         assert_eq!(status, 400, "{method} {path} {body}: {answer}");
         assert!(answer["error"]["message"].is_string(), "{answer}");
@@ -338,6 +349,30 @@ fn removes_and_takes_the_cli(second: &Process, dir: &std::path::Path) {
         200
     );
     assert_eq!(get_chat(second, 7, None), 200, "unbanned");
+    let (status, allow) = call(second, "GET", "/allow", Some(TOKEN), None);
+    assert_eq!(status, 200);
+    assert_eq!(allow["allow"][0]["net"], "192.0.2.0/24", "{allow}");
+    let (status, entry) = call(second, "GET", "/allow/192.0.2.0%2F24", Some(TOKEN), None);
+    assert_eq!(
+        (status, entry["reason"].as_str()),
+        (200, Some("office")),
+        "{entry}"
+    );
+    assert_eq!(
+        call(second, "DELETE", "/allow/192.0.2.0%2F24", Some(TOKEN), None).0,
+        200
+    );
+    assert_eq!(
+        call(second, "DELETE", "/allow/192.0.2.0%2F24", Some(TOKEN), None).0,
+        404,
+        "gone"
+    );
+    assert_eq!(
+        call(second, "GET", "/allow/192.0.2.0%2F24", Some(TOKEN), None).0,
+        404
+    );
+    let (status, ban) = call(second, "GET", "/bans/127.0.0.7", Some(TOKEN), None);
+    assert_eq!(status, 404, "{ban}");
     let tokens = dir.join("admin.tokens").display().to_string();
     let admin = second.admin.unwrap().to_string();
     let cli = |args: &[&str]| {
@@ -796,6 +831,38 @@ fn origins_allow_lists_unbans_and_restarts(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    // An allow entry made on a reaches b's kernel allow list, and goes.
+    let allow_on_b = |present: bool| {
+        let started = Instant::now();
+        loop {
+            let listed = topologies[1].status()["allow"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|n| n == "198.51.100.0/24"));
+            if listed == present {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "allow entry on b: {present}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let on_a = |method: &str, body: Option<&str>| {
+        admin_call(
+            Some(&topologies[0].host),
+            agents[0].admin.unwrap(),
+            method,
+            "/allow/198.51.100.0%2F24",
+            Some(TOKEN),
+            body,
+        )
+        .0
+    };
+    assert_eq!(on_a("PUT", Some(r#"{"reason":"partner"}"#)), 200);
+    allow_on_b(true);
+    assert_eq!(on_a("DELETE", None), 200);
+    allow_on_b(false);
     restarts(topologies, agents, redis);
 }
 
