@@ -243,7 +243,6 @@ impl App {
         if let Some(kernel) = &kernel {
             kernel.shutdown();
         }
-        fleet.shutdown();
         served?;
         tracing::info!("stopped");
         Ok(())

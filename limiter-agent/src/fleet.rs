@@ -18,7 +18,6 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     num::NonZeroU32,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -744,10 +743,6 @@ impl Fleet {
         }
     }
 
-    /// The agent is stopping: the origins file stays, for `status` and the
-    /// next run (the kernel's bans stay pinned).
-    pub fn shutdown(&self) {}
-
     /// Records `change` and writes `value` (`None` removes) under `name`.
     async fn change(
         &self,
@@ -950,12 +945,6 @@ pub fn overlaps(a: IpNet, b: IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Whether `ip` is in `net` (IPv4-mapped IPv6 as IPv4).
-#[must_use]
-pub fn covers(net: IpNet, ip: IpAddr) -> bool {
-    net.contains(&ip.to_canonical())
-}
-
 impl crate::admin::AdminApi for Fleet {
     fn owns(&self, path: &str) -> bool {
         api::owns(path)
@@ -1028,6 +1017,5 @@ mod tests {
         assert!(overlaps(wide, one));
         assert!(overlaps(one, wide));
         assert!(!overlaps(wide, other));
-        assert!(covers(wide, "::ffff:10.9.9.9".parse().unwrap()));
     }
 }

@@ -162,34 +162,8 @@ impl NsCluster {
             .iter()
             .map(|n| format!("{announce}:{}", n.port))
             .collect();
-        let mut command = Command::new("redis-cli");
-        command
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
-        store.ns.enter_on_exec(&mut command);
-        let output = command.output().expect("redis-cli --cluster create");
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let cluster = Self { nodes, announce };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !cluster
-            .nodes
-            .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the cluster never got to state ok"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        cluster
+        crate::redis::form_cluster(&nodes, &addresses, replicas, Some(&store.ns));
+        Self { nodes, announce }
     }
 
     /// The seed URLs.

@@ -243,6 +243,46 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Joins `nodes` (reached at `addresses`) into one cluster with `replicas`
+/// replicas per primary, running `redis-cli --cluster create` in `netns`
+/// when given, and waits until every node reports `cluster_state:ok`.
+pub fn form_cluster(
+    nodes: &[RedisServer],
+    addresses: &[String],
+    replicas: usize,
+    netns: Option<&crate::netns::Netns>,
+) {
+    let mut command = Command::new("redis-cli");
+    command
+        .arg("--cluster")
+        .arg("create")
+        .args(addresses)
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+    if let Some(netns) = netns {
+        netns.enter_on_exec(&mut command);
+    }
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running redis-cli --cluster create: {e}"));
+    assert!(
+        output.status.success(),
+        "redis-cli --cluster create failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster did not reach cluster_state:ok within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Three masters with `--cluster-enabled yes`, slots spread by `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -265,33 +305,8 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let output = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("running redis-cli --cluster create: {e}"));
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let cluster = Self { nodes };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cluster
-            .nodes
-            .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the cluster did not reach cluster_state:ok within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        cluster
+        form_cluster(&nodes, &addresses, 0, None);
+        Self { nodes }
     }
 
     /// `redis://` URLs of every node.

@@ -10,13 +10,13 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{Kernel, monotonic_ns};
+use super::monotonic_ns;
 use crate::{
     config::Config,
     identity::Identity,
     limit::Decision,
     metrics::Metrics,
-    net::{self, Networks, widen},
+    net::{self, Networks},
     proxy::RejectionSink,
 };
 
@@ -102,21 +102,6 @@ pub trait Banner: Send + Sync {
         ipv6_prefix: u8,
         cause: BanCause<'_>,
     ) -> Result<IpNet, String>;
-}
-
-impl Banner for Kernel {
-    fn ban(
-        &self,
-        net: IpNet,
-        seconds: u64,
-        ipv6_prefix: u8,
-        _cause: BanCause<'_>,
-    ) -> Result<IpNet, String> {
-        let until = monotonic_ns().saturating_add(seconds.saturating_mul(1_000_000_000));
-        self.maps()
-            .ban(widen(net, ipv6_prefix), until, ipv6_prefix)
-            .map_err(|e| e.to_string())
-    }
 }
 
 /// The [`RejectionSink`] that bans sources in the kernel.
