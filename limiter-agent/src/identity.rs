@@ -5,12 +5,15 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, HeaderName, header};
+use http::{HeaderName, header};
 use sha2::{Digest, Sha256};
 
 pub use self::syntax::ClientIpHeader;
 use self::syntax::{Credential, authorization, forwarded_for, parse_hop, plain_key};
-use crate::net::{self, Networks};
+use crate::{
+    fields::Fields,
+    net::{self, Networks},
+};
 
 mod syntax;
 
@@ -82,7 +85,7 @@ impl IdentityResolver {
     /// # Errors
     /// [`IdentityError`] when the key headers or the client-address header are
     /// ambiguous or malformed.
-    pub fn resolve(&self, headers: &HeaderMap, peer: IpAddr) -> Result<Requester, IdentityError> {
+    pub fn resolve<F: Fields>(&self, headers: &F, peer: IpAddr) -> Result<Requester, IdentityError> {
         let key = self.api_key(headers)?.map(sha256_hex);
         let ip = net::group(self.client_ip(headers, peer)?, self.ipv6_prefix);
         Ok(Requester { ip, key })
@@ -93,12 +96,12 @@ impl IdentityResolver {
     /// `Bearer` scheme; a credential of another scheme beside a key (or any
     /// `Authorization` beside a key when it is not a configured key header)
     /// is ambiguous: the upstream may authenticate it while we count the key.
-    fn api_key<'h>(&self, headers: &'h HeaderMap) -> Result<Option<&'h [u8]>, IdentityError> {
+    fn api_key<'h, F: Fields>(&self, headers: &'h F) -> Result<Option<&'h [u8]>, IdentityError> {
         let malformed = |name: &HeaderName| IdentityError::MalformedKey(name.clone());
         let mut found: Option<&[u8]> = None;
         let mut other_credential = false;
         for name in &self.key_headers {
-            for value in headers.get_all(name) {
+            for value in headers.values(name) {
                 let key = if *name == header::AUTHORIZATION {
                     match authorization(value).map_err(|()| malformed(name))? {
                         Some(Credential::Bearer(token)) => Some(token),
@@ -120,8 +123,7 @@ impl IdentityResolver {
         }
         if !self.key_headers.contains(&header::AUTHORIZATION) {
             other_credential |= headers
-                .get_all(header::AUTHORIZATION)
-                .iter()
+                .values(&header::AUTHORIZATION)
                 .any(|v| !matches!(authorization(v), Ok(None)));
         }
         if other_credential && found.is_some() {
@@ -145,15 +147,15 @@ impl IdentityResolver {
     /// [`IdentityError::BadClientAddress`] when the walk meets a hop that is
     /// not an address: what is left of it cannot be trusted, and the proxy's
     /// address would put every client behind it in one bucket.
-    pub fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> Result<IpAddr, IdentityError> {
+    pub fn client_ip<F: Fields>(&self, headers: &F, peer: IpAddr) -> Result<IpAddr, IdentityError> {
         let peer = peer.to_canonical();
         if !self.trusted.contains(peer) {
             return Ok(peer);
         }
-        let values = headers.get_all(self.client_ip_header.name());
-        let hops: Vec<&[u8]> = values
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        let name = self.client_ip_header.name();
+        let hops: Vec<&[u8]> = headers
+            .values(&name)
+            .flat_map(|v| v.split(|b| *b == b','))
             .collect();
         let mut client = peer;
         for hop in hops.iter().rev() {
@@ -197,12 +199,12 @@ pub fn hashed_key_in(value: &str) -> Result<Option<String>, IdentityError> {
         .iter()
         .any(u8::is_ascii_whitespace)
     {
-        return Ok(match authorization(&header).map_err(malformed)? {
+        return Ok(match authorization(header.as_bytes()).map_err(malformed)? {
             Some(Credential::Bearer(token)) => Some(sha256_hex(token)),
             Some(Credential::Other) | None => None,
         });
     }
-    Ok(plain_key(&header).map_err(malformed)?.map(sha256_hex))
+    Ok(plain_key(header.as_bytes()).map_err(malformed)?.map(sha256_hex))
 }
 
 /// Lowercase hex SHA-256 of `bytes`: how API keys appear in config, logs and maps.
@@ -219,7 +221,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderValue};
 
     use super::*;
 

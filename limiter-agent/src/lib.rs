@@ -9,6 +9,7 @@ pub mod body;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod fields;
 pub mod fleet;
 pub mod identity;
 pub mod kernel;

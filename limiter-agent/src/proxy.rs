@@ -43,7 +43,8 @@ pub use self::{
 };
 use crate::{
     config::{Config, ConfigError},
-    identity::{Identity, IdentityError},
+    fields::Fields,
+    identity::{Identity, IdentityError, Requester},
     limit::{Clock, Decision, LapsingSet, MemoryStore, Store},
     metrics::Metrics,
     offenders::Offenders,
@@ -100,6 +101,15 @@ pub struct Proxy {
     rejections: Option<Arc<dyn RejectionSink>>,
     /// Clients rejected in their current windows, for the dashboard.
     offenders: Offenders,
+}
+
+/// Where [`Proxy::route`] sends a request.
+enum Routed {
+    Refused(Box<Response<Body>>),
+    /// On no tier: forwarded, holding its in-flight slots.
+    Unlimited(Slots),
+    /// On the tier of this index, from this client.
+    Limited(usize, Requester),
 }
 
 /// Connection facts the request path needs.
@@ -270,35 +280,50 @@ impl Proxy {
         peer: &Peer,
     ) -> (Response<Body>, Option<Slots>) {
         let state = self.state.load_full();
-        if let Some(refused) = self.banned(&state, &req, peer) {
-            return (refused, None);
-        }
-        // Both framings at once is how requests get smuggled past a proxy
-        // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
-        if req.headers().contains_key(header::TRANSFER_ENCODING)
-            && req.headers().contains_key(header::CONTENT_LENGTH)
-        {
-            return (
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    "Content-Length and Transfer-Encoding together are ambiguous.",
-                ),
-                None,
-            );
-        }
         let target = req.uri().path_and_query().map_or_else(
             || std::borrow::Cow::Owned(req.uri().to_string()),
             |pq| std::borrow::Cow::Borrowed(pq.as_str()),
         );
-        let canonical = match canonicalize(&target, state.config.live.path_policy) {
+        match self.route(&state, req.headers(), &target, peer) {
+            Routed::Refused(refused) => (*refused, None),
+            Routed::Unlimited(slots) => (
+                // Boxed: unlimited paths are the rare case, and the service's
+                // future, moved whole on every request, holds one path's.
+                Box::pin(self.forward(&state, Outgoing::Streamed(req), peer)).await,
+                Some(slots),
+            ),
+            Routed::Limited(tier_index, client) => {
+                self.limited(&state, req, peer, tier_index, client).await
+            }
+        }
+    }
+
+    /// Where a request goes, from its target and header fields, before any
+    /// store is asked: refused (banned, ambiguous framing, a path or an
+    /// identity that can't be read), forwarded on no tier (its in-flight
+    /// slots taken), or on to its tier as the client it resolved to.
+    fn route<F: Fields>(&self, state: &State, fields: &F, target: &str, peer: &Peer) -> Routed {
+        if let Some(refused) = self.banned(state, fields, peer) {
+            return Routed::Refused(Box::new(refused));
+        }
+        // Both framings at once is how requests get smuggled past a proxy
+        // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
+        if fields.has(&header::TRANSFER_ENCODING) && fields.has(&header::CONTENT_LENGTH) {
+            return Routed::Refused(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "Content-Length and Transfer-Encoding together are ambiguous.",
+            )));
+        }
+        let canonical = match canonicalize(target, state.config.live.path_policy) {
             Ok(path) => path,
             Err(e) => {
                 self.metrics.refuse("path");
-                return (
-                    error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &e.to_string()),
-                    None,
-                );
+                return Routed::Refused(Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    &e.to_string(),
+                )));
             }
         };
         let Some(tier_index) = state.routes.lookup(&canonical) else {
@@ -306,45 +331,36 @@ impl Proxy {
             // forwarding header hides is the peer's own.
             let source = state
                 .identity
-                .client_ip(req.headers(), peer.addr.ip())
+                .client_ip(fields, peer.addr.ip())
                 .unwrap_or_else(|_| peer.addr.ip().to_canonical());
-            let slots = match self.admit(&state, state.identity.group(source)) {
-                Ok(slots) => slots,
-                Err(refused) => return (*refused, None),
+            return match self.admit(state, state.identity.group(source)) {
+                Ok(slots) => {
+                    state.unlimited.inc();
+                    Routed::Unlimited(slots)
+                }
+                Err(refused) => Routed::Refused(refused),
             };
-            state.unlimited.inc();
-            return (
-                // Boxed: unlimited paths are the rare case, and the service's
-                // future, moved whole on every request, holds one path's.
-                Box::pin(self.forward(&state, Outgoing::Streamed(req), peer)).await,
-                Some(slots),
-            );
         };
-        let client = match state.identity.resolve(req.headers(), peer.addr.ip()) {
-            Ok(client) => client,
+        match state.identity.resolve(fields, peer.addr.ip()) {
+            Ok(client) => Routed::Limited(tier_index, client),
             Err(e) => {
                 self.metrics.refuse(match e {
                     IdentityError::BadClientAddress(_) => "client_address",
                     IdentityError::ConflictingKeys | IdentityError::MalformedKey(_) => "api_key",
                 });
-                return (
-                    error(StatusCode::BAD_REQUEST, "BAD_IDENTITY", &e.to_string()),
-                    None,
-                );
+                Routed::Refused(Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_IDENTITY",
+                    &e.to_string(),
+                )))
             }
-        };
-        self.limited(&state, req, peer, tier_index, client).await
+        }
     }
 
     /// The answer to a banned client, before any other work: the TCP peer,
     /// or behind a trusted proxy the client it names. The kernel drops
     /// banned peers before they get here, unless XDP is off.
-    fn banned(
-        &self,
-        state: &State,
-        req: &Request<Incoming>,
-        peer: &Peer,
-    ) -> Option<Response<Body>> {
+    fn banned<F: Fields>(&self, state: &State, fields: &F, peer: &Peer) -> Option<Response<Body>> {
         let runtime = self.runtime.load();
         if runtime.bans.is_empty() {
             return None;
@@ -354,7 +370,7 @@ impl Proxy {
             if !state.identity.is_trusted_peer(peer_ip) {
                 return None;
             }
-            let client = state.identity.client_ip(req.headers(), peer_ip).ok()?;
+            let client = state.identity.client_ip(fields, peer_ip).ok()?;
             runtime.bans.left_ms(client)
         })?;
         self.metrics.refuse("banned");

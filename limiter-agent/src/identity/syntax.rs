@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderName, HeaderValue, header};
+use http::{HeaderName, header};
 
 /// The one header a trusted proxy's client address is read from
 /// (`[identity] client_ip_header`); every other forwarding header is ignored.
@@ -52,8 +52,8 @@ pub(super) enum Credential<'a> {
 /// is nothing. A Bearer credential that is not exactly that (a tab, two
 /// spaces, two tokens) is malformed, since an upstream that splits it
 /// differently would authenticate a key other than the one counted.
-pub(super) fn authorization(value: &HeaderValue) -> Result<Option<Credential<'_>>, ()> {
-    let value = value.as_bytes().trim_ascii();
+pub(super) fn authorization(value: &[u8]) -> Result<Option<Credential<'_>>, ()> {
+    let value = value.trim_ascii();
     if value.is_empty() {
         return Ok(None);
     }
@@ -85,8 +85,8 @@ fn is_token68(token: &[u8]) -> bool {
 /// A key header other than `Authorization`: one token of visible ASCII without
 /// commas (a list would be read differently by different upstreams). Empty is
 /// no key.
-pub(super) fn plain_key(value: &HeaderValue) -> Result<Option<&[u8]>, ()> {
-    let value = value.as_bytes().trim_ascii();
+pub(super) fn plain_key(value: &[u8]) -> Result<Option<&[u8]>, ()> {
+    let value = value.trim_ascii();
     if value.is_empty() {
         return Ok(None);
     }

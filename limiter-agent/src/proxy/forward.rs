@@ -34,6 +34,13 @@ impl Outgoing {
         }
     }
 
+    pub(super) fn method(&self) -> &http::Method {
+        match self {
+            Self::Streamed(req) => req.method(),
+            Self::Whole(parts, _) => &parts.method,
+        }
+    }
+
     pub(super) fn headers_mut(&mut self) -> &mut HeaderMap {
         match self {
             Self::Streamed(req) => req.headers_mut(),

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
+    keys::KeyCheck,
     Body, Charge, Charged, Outgoing, Peer, Proxy, Slots, State, TierState,
     charge::store_full,
     forward::{NotSent, client_body_answer},
@@ -31,7 +32,7 @@ use crate::{
 };
 
 /// A token reservation held for a forwarded request.
-struct Held {
+pub(super) struct Held {
     decision: Decision,
     settlement: Settlement,
     /// The client did not ask for usage in its stream.
@@ -53,12 +54,27 @@ struct Planned {
     strip: bool,
 }
 
+/// A request its tier admitted, and what it holds until it is answered.
+pub(super) struct Admitted {
+    identity: Identity,
+    check: KeyCheck,
+    limit: u32,
+    decision: Decision,
+    /// The store that decided, which settles what the answer reports.
+    decider: Arc<dyn Store>,
+    pub(super) slots: Slots,
+}
+
+/// A request its tier did not admit.
+pub(super) enum Gated {
+    /// Over the tier's limit: the 429, made by whoever writes the answer.
+    TooMany(Decision),
+    /// Any other refusal, whole.
+    Answer(Box<Response<Body>>),
+}
+
 impl Proxy {
     /// Serves a request on the tier `tier_index` from `client`.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "the tier's path in order, each refusal where it happens"
-    )]
     pub(super) async fn limited(
         &self,
         state: &State,
@@ -67,24 +83,7 @@ impl Proxy {
         tier_index: usize,
         client: Requester,
     ) -> (Response<Body>, Option<Slots>) {
-        let started = Instant::now();
         let tier = &state.tiers[tier_index];
-        let source = client.ip;
-        let now_ms = self.clock.now_ms();
-        let preflight = req.method() == http::Method::OPTIONS;
-        let (identity, check) = self.identify(state, client, tier, preflight, now_ms).await;
-        let limit = state.effective_limit(&self.runtime.load(), &identity, tier_index);
-        // What only some tiers do is boxed, and only built where it is
-        // done: the futures of the common path stay small, since each is
-        // moved whole as it is awaited.
-        let lease = if tier.max_in_flight.is_some() {
-            match Box::pin(self.lease(state, tier, &identity, limit, now_ms)).await {
-                Ok(lease) => lease,
-                Err(refused) => return (*refused, None),
-            }
-        } else {
-            None
-        };
         let mut outgoing = Outgoing::Streamed(req);
         if let Some(name) = &tier.cost_header {
             // Only the upstream says what a request cost.
@@ -93,6 +92,83 @@ impl Proxy {
         // A request with a body on a tier with a token budget is metered;
         // one without (a `GET`) has nothing to generate.
         let metered = tier.tokens.is_some() && outgoing.has_body();
+        let preflight = outgoing.method() == http::Method::OPTIONS;
+        let admitted = match self
+            .gate(state, tier_index, client, preflight, metered)
+            .await
+        {
+            Ok(admitted) => admitted,
+            Err(Gated::TooMany(decision)) => {
+                let now = self.clock.now();
+                return (
+                    too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
+                    None,
+                );
+            }
+            Err(Gated::Answer(refused)) => return (*refused, None),
+        };
+        let (outgoing, reserved, _buffered) = match (&tier.tokens, metered) {
+            (Some(tokens), true) => {
+                let read = match Box::pin(self.read_plan(outgoing, tokens, state)).await {
+                    Ok(read) => read,
+                    Err(refused) => {
+                        self.give_back(tier, &admitted);
+                        return (*refused, None);
+                    }
+                };
+                let (outgoing, planned, buffered) = read;
+                let reserving = self.reserve(
+                    state,
+                    tier,
+                    tokens,
+                    &admitted.identity,
+                    &planned,
+                    &admitted.decision,
+                    self.clock.now_ms(),
+                );
+                match Box::pin(reserving).await {
+                    Reservation::Held(held) => (outgoing, Some(held), Some(buffered)),
+                    Reservation::DryRun => (outgoing, None, Some(buffered)),
+                    Reservation::Refused(refused) => {
+                        self.give_back(tier, &admitted);
+                        return (refused, None);
+                    }
+                }
+            }
+            _ => (outgoing, None, None),
+        };
+        let response = self.forward(state, outgoing, peer).await;
+        self.finish(state, tier, admitted, reserved, response).await
+    }
+
+    /// A request's way through its tier up to the upstream, whoever parsed
+    /// it: its in-flight slot on the tier, its charge (a reservation when
+    /// the answer or its body settles the cost: `metered`), and the agent's
+    /// own caps. Refused, it holds nothing.
+    pub(super) async fn gate(
+        &self,
+        state: &State,
+        tier_index: usize,
+        client: Requester,
+        preflight: bool,
+        metered: bool,
+    ) -> Result<Admitted, Gated> {
+        let started = Instant::now();
+        let tier = &state.tiers[tier_index];
+        let source = client.ip;
+        let now_ms = self.clock.now_ms();
+        let (identity, check) = self.identify(state, client, tier, preflight, now_ms).await;
+        let limit = state.effective_limit(&self.runtime.load(), &identity, tier_index);
+        // What only some tiers do is boxed, and only built where it is
+        // done: the futures of the common path stay small, since each is
+        // moved whole as it is awaited.
+        let lease = if tier.max_in_flight.is_some() {
+            Box::pin(self.lease(state, tier, &identity, limit, now_ms))
+                .await
+                .map_err(Gated::Answer)?
+        } else {
+            None
+        };
         let charge = Charge {
             identity: &identity,
             limit,
@@ -102,7 +178,7 @@ impl Proxy {
             } else {
                 Spend::Admit
             },
-            source: Some((peer.addr.ip(), &identity)),
+            source: Some((source, &identity)),
         };
         let charged = self.charge(state, tier, charge, now_ms).await;
         self.metrics
@@ -110,15 +186,11 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         let (decision, decider) = match charged {
             Charged::Decided(decision, decider) => (decision, decider),
-            Charged::Full => return (store_full(), None),
-            Charged::Unavailable => return (unavailable(), None),
+            Charged::Full => return Err(Gated::Answer(Box::new(store_full()))),
+            Charged::Unavailable => return Err(Gated::Answer(Box::new(unavailable()))),
         };
         if !decision.allowed && !tier.observe {
-            let now = self.clock.now();
-            return (
-                too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
-                None,
-            );
+            return Err(Gated::TooMany(decision));
         }
         // Only what goes upstream takes a slot (a 429 holds nothing there),
         // before a body is read whole: the caps bound what bodies held at
@@ -126,32 +198,38 @@ impl Proxy {
         // its unit, as one the upstream itself refused would have.
         let slots = match self.admit(state, source) {
             Ok(slots) => slots.with_tier(lease),
-            Err(refused) => return (*refused, None),
+            Err(refused) => return Err(Gated::Answer(refused)),
         };
-        let (outgoing, reserved, _buffered) = match (&tier.tokens, metered) {
-            (Some(tokens), true) => {
-                let read = match Box::pin(self.read_plan(outgoing, tokens, state)).await {
-                    Ok(read) => read,
-                    Err(refused) => {
-                        self.give_back(tier, &identity, limit, &decision, &decider);
-                        return (*refused, None);
-                    }
-                };
-                let (outgoing, planned, buffered) = read;
-                let reserving =
-                    self.reserve(state, tier, tokens, &identity, &planned, &decision, now_ms);
-                match Box::pin(reserving).await {
-                    Reservation::Held(held) => (outgoing, Some(held), Some(buffered)),
-                    Reservation::DryRun => (outgoing, None, Some(buffered)),
-                    Reservation::Refused(refused) => {
-                        self.give_back(tier, &identity, limit, &decision, &decider);
-                        return (refused, None);
-                    }
-                }
-            }
-            _ => (outgoing, None, None),
-        };
-        let mut response = self.forward(state, outgoing, peer).await;
+        Ok(Admitted {
+            identity,
+            check,
+            limit,
+            decision,
+            decider,
+            slots,
+        })
+    }
+
+    /// The upstream's answer (or the agent's for it) as it goes to the
+    /// client: what it teaches about the key, the cost it reports settled,
+    /// the headers that tell the client where it stands, and a token
+    /// reservation's settlement as its body is read.
+    pub(super) async fn finish(
+        &self,
+        state: &State,
+        tier: &TierState,
+        admitted: Admitted,
+        reserved: Option<Box<Held>>,
+        mut response: Response<Body>,
+    ) -> (Response<Body>, Option<Slots>) {
+        let Admitted {
+            identity,
+            check,
+            limit,
+            decision,
+            decider,
+            slots,
+        } = admitted;
         self.learn(state, tier, check, response.status()).await;
         let decision = if tier.cost_header.is_some() {
             let settling = self.settle_cost(
@@ -425,14 +503,15 @@ impl Proxy {
     /// path, to the window that took them. Only a fixed window has one: on
     /// a sliding or GCRA tier the units stay spent (their buckets hold
     /// other state, which a settlement would not read).
-    fn give_back(
-        &self,
-        tier: &TierState,
-        identity: &Identity,
-        limit: u32,
-        decision: &Decision,
-        store: &Arc<dyn Store>,
-    ) {
+    fn give_back(&self, tier: &TierState, admitted: &Admitted) {
+        let Admitted {
+            identity,
+            limit,
+            decision,
+            decider: store,
+            ..
+        } = admitted;
+        let limit = *limit;
         if !decision.allowed || tier.algorithm != Algorithm::Fixed {
             return;
         }
