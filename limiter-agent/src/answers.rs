@@ -36,30 +36,96 @@ pub fn apply(
     now: Now,
     policy: Option<&PolicyName>,
 ) {
-    headers.insert(X_LIMIT, HeaderValue::from(decision.limit));
-    headers.insert(X_REMAINING, HeaderValue::from(decision.remaining));
-    headers.insert(X_RESET, HeaderValue::from(reset_secs(decision, now)));
+    limits(headers, decision, window_ms, now, policy);
+}
+
+/// Where an answer's fields go: a `HeaderMap`, or the bytes of a head the
+/// HTTP/1 front end writes itself ([`Head`]).
+pub trait FieldSink {
+    /// Sets the field `name` to `value` (valid field-value bytes).
+    fn put(&mut self, name: &HeaderName, value: &[u8]);
+}
+
+impl FieldSink for HeaderMap {
+    fn put(&mut self, name: &HeaderName, value: &[u8]) {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            self.insert(name.clone(), value);
+        }
+    }
+}
+
+/// Fields written as the lines of an HTTP/1 head (`name: value` CRLF).
+pub struct Head<'a>(pub &'a mut Vec<u8>);
+
+impl FieldSink for Head<'_> {
+    fn put(&mut self, name: &HeaderName, value: &[u8]) {
+        self.0.extend_from_slice(name.as_str().as_bytes());
+        self.0.extend_from_slice(b": ");
+        self.0.extend_from_slice(value);
+        self.0.extend_from_slice(b"\r\n");
+    }
+}
+
+/// [`apply`] into any [`FieldSink`].
+pub fn limits<S: FieldSink + ?Sized>(
+    sink: &mut S,
+    decision: &Decision,
+    window_ms: u64,
+    now: Now,
+    policy: Option<&PolicyName>,
+) {
+    let mut digits = itoa::Buffer::new();
+    sink.put(&X_LIMIT, digits.format(decision.limit).as_bytes());
+    sink.put(&X_REMAINING, digits.format(decision.remaining).as_bytes());
+    sink.put(&X_RESET, digits.format(reset_secs(decision, now)).as_bytes());
     let Some(PolicyName(name)) = policy else {
         return;
     };
     let window_secs = window_ms.div_ceil(1000).max(1);
-    let mut quota = String::with_capacity(name.len() + 24);
+    // The name is lowercase letters, digits and `-`; the rest digits, `"`,
+    // `;` and `=`: always valid header bytes.
+    let mut value = String::with_capacity(name.len() + 24);
     // Writing into a String cannot fail.
-    let _ = write!(quota, "\"{name}\";q={};w={window_secs}", decision.limit);
-    let mut state = String::with_capacity(name.len() + 24);
+    let _ = write!(value, "\"{name}\";q={};w={window_secs}", decision.limit);
+    sink.put(&POLICY, value.as_bytes());
+    value.clear();
     let _ = write!(
-        state,
+        value,
         "\"{name}\";r={};t={}",
         decision.remaining,
         retry_after_secs(decision, now)
     );
-    // The name is lowercase letters, digits and `-`; the rest digits, `"`,
-    // `;` and `=`: always valid header bytes.
-    if let (Ok(quota), Ok(state)) = (HeaderValue::try_from(quota), HeaderValue::try_from(state)) {
-        headers.insert(POLICY, quota);
-        headers.insert(RATELIMIT, state);
-    }
+    sink.put(&RATELIMIT, value.as_bytes());
 }
+
+/// The 429's fields after its status line, and its body: the limit fields,
+/// `Retry-After`, the JSON type and length, the exact body. `head` is where
+/// the answer is written (the HTTP/1 front end's write buffer).
+pub fn write_too_many(
+    head: &mut Vec<u8>,
+    decision: &Decision,
+    window_ms: u64,
+    now: Now,
+    policy: Option<&PolicyName>,
+) {
+    let retry = retry_after_secs(decision, now);
+    limits(&mut Head(head), decision, window_ms, now, policy);
+    let mut digits = itoa::Buffer::new();
+    let retry = digits.format(retry);
+    let body_len = TOO_MANY_PREFIX.len() + retry.len() + TOO_MANY_SUFFIX.len();
+    head.extend_from_slice(b"retry-after: ");
+    head.extend_from_slice(retry.as_bytes());
+    head.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+    head.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    head.extend_from_slice(TOO_MANY_PREFIX.as_bytes());
+    head.extend_from_slice(retry.as_bytes());
+    head.extend_from_slice(TOO_MANY_SUFFIX.as_bytes());
+}
+
+/// The 429 body around its one number ([`too_many_requests_body`]).
+const TOO_MANY_PREFIX: &str = r#"{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":"#;
+const TOO_MANY_SUFFIX: &str = "}}}";
 
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
@@ -206,9 +272,7 @@ pub fn retry_after_secs(decision: &Decision, now: Now) -> u64 {
 /// The exact 429 body: `{"error":{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{"retryAfter":N}}}`
 #[must_use]
 pub fn too_many_requests_body(retry_after_secs: u64) -> String {
-    format!(
-        r#"{{"error":{{"code":"RATE_LIMIT_EXCEEDED","message":"Rate limit exceeded. Try again later.","details":{{"retryAfter":{retry_after_secs}}}}}}}"#
-    )
+    format!("{TOO_MANY_PREFIX}{retry_after_secs}{TOO_MANY_SUFFIX}")
 }
 
 /// The 429 of a client with `max_in_flight` requests in flight on the tier:

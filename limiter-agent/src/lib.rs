@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod fields;
 pub mod fleet;
+pub mod front;
 pub mod identity;
 pub mod kernel;
 pub mod limit;

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 mod charge;
 mod descriptors;
 mod forward;
+mod head;
 mod in_flight;
 mod keys;
 mod limited;
@@ -31,10 +32,12 @@ use self::{
     charge::{Charge, Charged},
     forward::Outgoing,
     in_flight::InFlightCaps,
+    respond::too_many,
     state::TierState,
 };
 pub use self::{
     descriptors::{Answer, Verdict},
+    head::{Head, Served, TooMany},
     in_flight::Slots,
     respond::{error, json_response},
     runtime::{BanList, Runtime, RuntimeOverride, unix_ms},

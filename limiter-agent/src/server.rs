@@ -28,7 +28,7 @@ use self::{
 };
 use crate::{
     accept::accept_until,
-    answers,
+    answers, front,
     proxy::{Peer, Proxy},
 };
 
@@ -163,7 +163,7 @@ pub async fn serve(
         let stop = stop.subscribe();
         tokio::spawn(async move {
             let _slots = (permit, source_slot);
-            connection(stream, addr, proxy, &builder, tls, timeouts, stop).await;
+            connection(stream, addr, proxy, &builder, tls, timeouts, max_header_bytes, stop).await;
         });
     })
     .await;
@@ -204,6 +204,7 @@ enum Ended {
     Cut,
 }
 
+#[expect(clippy::too_many_arguments, reason = "a connection's whole setting")]
 async fn connection(
     stream: TcpStream,
     addr: SocketAddr,
@@ -211,6 +212,7 @@ async fn connection(
     builder: &auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
     timeouts: Timeouts,
+    max_header_bytes: usize,
     mut stop: watch::Receiver<()>,
 ) {
     let peer = Peer::new(addr, tls.is_some());
@@ -226,6 +228,17 @@ async fn connection(
         drive(stream, &tracker, peer, proxy, builder, &mut stop).await;
         return;
     }
+    // Plain HTTP/1 is the front end's; what it hands back is hyper's, with
+    // the bytes it read first.
+    let limits = front::Limits {
+        header_read: timeouts.header_read,
+        idle: timeouts.idle,
+        send: timeouts.send,
+        max_head: max_header_bytes,
+    };
+    let Some((stream, read)) = front::serve(stream, &peer, &proxy, limits, &mut stop).await else {
+        return;
+    };
     // A second handle on the socket, to answer 408 after the HTTP connection
     // is dropped for a client that never finished its headers.
     let spare = stream
@@ -236,6 +249,7 @@ async fn connection(
         return;
     };
     let tracker = Tracker::new(timeouts);
+    let stream = front::Rewind::new(stream, read);
     let ended = drive(stream, &tracker, peer, proxy, builder, &mut stop).await;
     if ended == Ended::Cut {
         // A reset, not a FIN: an answer framed by the close (HTTP/1.0, no

@@ -10,7 +10,7 @@ use http::{
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 
-use super::{Body, Peer, Proxy, State, respond::error, upstream::UpstreamBusy, wire};
+use super::{Body, Head, Peer, Proxy, State, respond::error, upstream::UpstreamBusy, wire};
 use crate::body::{ClientBody, ClientBodyError, client_fault};
 
 /// A request on its way upstream: its body streamed from the client as it
@@ -91,6 +91,34 @@ impl Proxy {
                 .map(|sent| sent.map(answer))
         };
         self.answered(started, result)
+    }
+
+    /// [`Self::forward`] for a request without a body read by the HTTP/1
+    /// front end: its head written for the upstream straight from the
+    /// fields it read, the same way [`one_hop`] rewrites a parsed one.
+    pub(super) async fn forward_head(
+        &self,
+        state: &State,
+        head: &Head<'_, '_>,
+        peer: &Peer,
+        cost_header: Option<&HeaderName>,
+    ) -> Response<Body> {
+        let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
+            return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid method");
+        };
+        let mut request = Vec::with_capacity(512);
+        encode_from_fields(&mut request, head, upstream_authority(state), peer, cost_header);
+        let started = Instant::now();
+        let connect_to = connect_to(state);
+        let live = &state.config.live;
+        let sent = tokio::time::timeout(
+            live.upstream_timeout,
+            self.upstreams
+                .send_encoded(&connect_to, &request, &method, live.upstream_wait),
+        )
+        .await
+        .map(|sent| sent.map(answer));
+        self.answered(started, sent)
     }
 
     /// [`Self::forward`] for a body read whole: framed here, whatever the
@@ -307,18 +335,108 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_CONNECTION,
 ];
 
+/// The head of a request the front end read, as it goes upstream (what
+/// [`one_hop`] and [`wire::encode_head`] make of a parsed request): the
+/// origin-form target, HTTP/1.1, no hop-by-hop field nor one `Connection`
+/// names, a `Host`, `X-Forwarded-*`, and no framing but an empty length the
+/// client sent; the tier's cost field taken out.
+fn encode_from_fields(
+    out: &mut Vec<u8>,
+    head: &Head<'_, '_>,
+    authority: &str,
+    peer: &Peer,
+    cost_header: Option<&HeaderName>,
+) {
+    let fields = head.fields.0;
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // Whether `Connection` names a field to drop (rare: most name none, or
+    // only `keep-alive` or `close`).
+    let connection_names = fields.iter().any(|f| {
+        f.name.eq_ignore_ascii_case("connection") && connection_tokens(f.value).next().is_some()
+    });
+    let mut host = false;
+    let mut forwarded = false;
+    for field in fields {
+        let name = field.name;
+        if HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+            || name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case(X_FORWARDED_PROTO.as_str())
+            || cost_header.is_some_and(|cost| name.eq_ignore_ascii_case(cost.as_str()))
+            || (connection_names && named_by_connection(fields, name))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(X_FORWARDED_FOR.as_str()) {
+            forwarded = true;
+            continue;
+        }
+        host |= name.eq_ignore_ascii_case("host");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(field.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authority.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.empty_length {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if forwarded {
+        for field in fields {
+            if field.name.eq_ignore_ascii_case(X_FORWARDED_FOR.as_str()) {
+                out.extend_from_slice(field.value);
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    out.extend_from_slice(peer.forwarded_for.as_bytes());
+    out.extend_from_slice(if peer.tls {
+        b"\r\nx-forwarded-proto: https\r\n\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n\r\n"
+    });
+}
+
+/// The field names a `Connection` value lists, but `close` and `keep-alive`.
+fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+        })
+}
+
+/// Whether a `Connection` field among `fields` names `name`.
+fn named_by_connection(fields: &[httparse::Header<'_>], name: &str) -> bool {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|f| connection_tokens(f.value))
+        .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
+}
+
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
+/// Every line the client sent counts, as one list (as identity reads it).
 fn append_forwarded(headers: &mut HeaderMap, peer: &Peer) {
     let ip = &peer.forwarded_for;
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + ip.len());
+    let value = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut joined = Vec::with_capacity(64);
+        for existing in headers.get_all(&X_FORWARDED_FOR) {
             joined.extend_from_slice(existing.as_bytes());
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(ip.as_bytes());
-            HeaderValue::try_from(joined).ok()
         }
-        None => Some(ip.clone()),
+        joined.extend_from_slice(ip.as_bytes());
+        HeaderValue::try_from(joined).ok()
+    } else {
+        Some(ip.clone())
     };
     if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);

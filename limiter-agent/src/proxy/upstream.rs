@@ -241,14 +241,29 @@ impl Upstreams {
         let mut head = Vec::with_capacity(256 + body.len());
         wire::encode_head(parts, &mut head);
         head.extend_from_slice(body);
+        self.send_encoded(authority, &head, &parts.method, wait).await
+    }
+
+    /// [`Self::send_whole`] for a request already written out whole, head
+    /// and body (`request`).
+    ///
+    /// # Errors
+    /// The upstream could not be reached, or its answer was malformed.
+    pub async fn send_encoded(
+        self: &Arc<Self>,
+        authority: &str,
+        request: &[u8],
+        method: &http::Method,
+        wait: Duration,
+    ) -> Result<Response<WireBody>, BoxError> {
         // A request that must not reach the upstream twice is retried only
         // when it could not be written.
-        let idempotent = parts.method.is_idempotent();
+        let idempotent = method.is_idempotent();
         let (mut wire, reused) = match self.wires.take(authority) {
             Some(wire) => (wire, true),
             None => (self.connect_wire(authority, wait).await?, false),
         };
-        let answer = match wire.exchange(&head, &parts.method).await {
+        let answer = match wire.exchange(request, method).await {
             Err(WireError::NotSent) if reused => None,
             Err(WireError::ClosedEarly) if reused && idempotent => None,
             other => Some(other?),
@@ -258,7 +273,7 @@ impl Upstreams {
         } else {
             drop(wire);
             wire = self.connect_wire(authority, wait).await?;
-            wire.exchange(&head, &parts.method).await?
+            wire.exchange(request, method).await?
         };
         Ok(answer.map(|()| WireBody::new(wire, framing, self.wires.clone())))
     }

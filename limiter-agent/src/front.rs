@@ -1,0 +1,477 @@
+//! The HTTP/1 front end: plain HTTP/1 connections served by the agent's own
+//! loop, the way pingora and nginx do it, for the common case of API
+//! traffic, a request without a body.
+//!
+//! One task per connection with one read buffer and one write buffer for its
+//! whole life. Each head is parsed by `httparse` (the parser hyper uses, so
+//! the bytes accepted are the same), its fields borrowed from the buffer
+//! (no `Request`, `Uri` or `HeaderMap`), its framing checked by one small
+//! module ([`smuggling`]), and it goes through the same decision core as
+//! hyper's requests ([`Proxy::serve_head`]). The answer is written in one
+//! write where it can be: the head and the body's ready frames together; a
+//! 429 from the request's standing, with no response built at all. One
+//! timer per connection covers the head, idle and send deadlines.
+//!
+//! Anything else is handed to hyper with the bytes read so far, for the
+//! rest of the connection: HTTP/2 (the prior-knowledge preface), requests
+//! with a body, `Expect`, `Upgrade`, `CONNECT`, and targets that are not in
+//! origin form. TLS connections never come here (ALPN may pick h2).
+
+mod answer;
+mod rewind;
+pub mod smuggling;
+mod timer;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::StatusCode;
+use tokio::{net::TcpStream, sync::watch, time::Instant};
+
+pub use self::rewind::Rewind;
+use self::{
+    smuggling::{Framing, Refused},
+    timer::Timer,
+};
+use crate::{
+    fields::Raw,
+    proxy::{Head, Peer, Proxy, Served},
+};
+
+/// Most header fields in a head (hyper's limit too): more is a 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// The HTTP/2 connection preface's request line (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// A connection's limits, read from the config when it is accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// From accept to the first head's end, and from a later head's first
+    /// byte to its end: a 408.
+    pub header_read: Duration,
+    /// Between requests: the connection is closed.
+    pub idle: Duration,
+    /// A piece of an answer not taken by the client in this time: the
+    /// connection is cut.
+    pub send: Duration,
+    /// Longest head: a 431.
+    pub max_head: usize,
+}
+
+/// How the loop let go of a connection.
+enum Ended {
+    /// Closed by either side, or after its last answer.
+    Closed,
+    /// Cut with an answer unfinished: reset, so the client can't take a
+    /// part for the whole.
+    Cut,
+    /// To be handed to hyper with these bytes read and not served.
+    Handoff(Bytes),
+}
+
+/// The connection's state as its answers are written.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection {
+    /// Whether the connection stays open after this answer.
+    keep: bool,
+    /// The request was HTTP/1.0 (no chunked answers, keep-alive only when
+    /// asked).
+    http10: bool,
+    send: Duration,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self {
+            keep: true,
+            http10: false,
+            send: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Connection {
+    /// Writes `bytes` whole, each piece within the send timeout.
+    async fn send(&self, stream: &mut TcpStream, bytes: &[u8]) -> Result<(), Ended> {
+        let mut timer: Option<Timer> = None;
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let piece = &bytes[sent..bytes.len().min(sent + answer::PIECE)];
+            match stream.try_write(piece) {
+                Ok(n) => {
+                    sent += n;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Ended::Closed),
+            }
+            let deadline = Instant::now() + self.send;
+            let timer = timer.get_or_insert_with(Timer::new);
+            tokio::select! {
+                biased;
+                ready = stream.writable() => if ready.is_err() {
+                    return Err(Ended::Closed);
+                },
+                () = timer.until(deadline) => return Err(Ended::Cut),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `stream` from its first byte until it closes or is cut; or hands
+/// it back, with the bytes read and not served, for hyper to serve the rest.
+/// `stop` asks it to close once its answer in progress is sent.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: &Peer,
+    proxy: &Arc<Proxy>,
+    limits: Limits,
+    stop: &mut watch::Receiver<()>,
+) -> Option<(TcpStream, Bytes)> {
+    match run(&mut stream, peer, proxy, limits, stop).await {
+        Ended::Closed => None,
+        Ended::Cut => {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            None
+        }
+        Ended::Handoff(read) => Some((stream, read)),
+    }
+}
+
+async fn run(
+    stream: &mut TcpStream,
+    peer: &Peer,
+    proxy: &Arc<Proxy>,
+    limits: Limits,
+    stop: &mut watch::Receiver<()>,
+) -> Ended {
+    let accepted = Instant::now();
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(4096);
+    let mut timer = Timer::new();
+    let mut first = true;
+    let mut last_end = accepted;
+    let max_head = limits.max_head.max(8192);
+    // When the head being read began: at accept for the first, at its
+    // first byte for a later one (`None` while none has).
+    let mut head_began = Some(accepted);
+    loop {
+        // HTTP/2 with prior knowledge starts with its preface: hyper's.
+        let preface = first && {
+            let n = buf.len().min(H2_PREFACE.len());
+            n > 0 && buf[..n] == H2_PREFACE[..n]
+        };
+        if preface && buf.len() >= H2_PREFACE.len() {
+            return Ended::Handoff(buf.freeze());
+        }
+        if !buf.is_empty() && !preface {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut fields);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let step = request(
+                        &req,
+                        stream,
+                        &mut out,
+                        peer,
+                        proxy,
+                        limits,
+                        stop,
+                    )
+                    .await;
+                    match step {
+                        Step::Served => {}
+                        Step::Close => return Ended::Closed,
+                        Step::Cut => return Ended::Cut,
+                        Step::Handoff => return Ended::Handoff(buf.freeze()),
+                    }
+                    buf.advance(len);
+                    first = false;
+                    last_end = Instant::now();
+                    head_began = (!buf.is_empty()).then_some(last_end);
+                    continue;
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => {
+                    let status = if e == httparse::Error::TooManyHeaders {
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    };
+                    return refuse(stream, &mut out, status, limits).await;
+                }
+            }
+            if buf.len() >= max_head {
+                let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                return refuse(stream, &mut out, status, limits).await;
+            }
+        }
+        // More bytes: at once if they are there, else with a deadline.
+        buf.reserve(4096);
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return Ended::Closed,
+            Ok(_) => {
+                head_began.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ended::Closed,
+        }
+        let (deadline, idle) = match head_began {
+            Some(began) => (began + limits.header_read, false),
+            None => (last_end + limits.idle, true),
+        };
+        tokio::select! {
+            biased;
+            ready = stream.readable() => if ready.is_err() {
+                return Ended::Closed;
+            },
+            () = timer.until(deadline) => {
+                if idle {
+                    return Ended::Closed;
+                }
+                return timed_out(stream, &mut out, limits).await;
+            }
+            _ = stop.changed(), if idle => return Ended::Closed,
+        }
+    }
+}
+
+/// What became of one request.
+enum Step {
+    /// Answered; the connection stays open.
+    Served,
+    Close,
+    Cut,
+    /// Not one the front end serves: hyper takes the connection from its
+    /// first byte.
+    Handoff,
+}
+
+/// Serves the request parsed in `req`.
+async fn request(
+    req: &httparse::Request<'_, '_>,
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    peer: &Peer,
+    proxy: &Arc<Proxy>,
+    limits: Limits,
+    stop: &watch::Receiver<()>,
+) -> Step {
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Step::Close;
+    };
+    let http10 = version == 0;
+    let framing = match smuggling::framing(http10, req.headers) {
+        Ok(framing) => framing,
+        Err(refused) => return refuse_framing(stream, out, refused, limits).await,
+    };
+    let Some(target) = origin_form(target) else {
+        return Step::Handoff;
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(()) => {
+            return match refuse(stream, out, StatusCode::BAD_REQUEST, limits).await {
+                Ended::Cut => Step::Cut,
+                _ => Step::Close,
+            };
+        }
+    };
+    let fields = Raw(req.headers);
+    if !matches!(framing, Framing::None | Framing::Length(0))
+        || method.eq_ignore_ascii_case("CONNECT")
+        || fields.0.iter().any(|f| {
+            f.name.eq_ignore_ascii_case("expect") || f.name.eq_ignore_ascii_case("upgrade")
+        })
+    {
+        return Step::Handoff;
+    }
+    let mut conn = Connection {
+        keep: keep_alive(http10, fields),
+        http10,
+        send: limits.send,
+    };
+    let head = Head {
+        method,
+        target,
+        fields,
+        empty_length: framing == Framing::Length(0),
+    };
+    let served = proxy.serve_head(&head, peer).await;
+    // A stopping agent closes each connection after its answer in progress.
+    if conn.keep && stop.has_changed().unwrap_or(true) {
+        conn.keep = false;
+    }
+    let head_request = method == "HEAD";
+    let sent = match served {
+        Served::TooMany(rejected) if !head_request => {
+            out.clear();
+            answer::start(out, StatusCode::TOO_MANY_REQUESTS, None, &conn);
+            rejected.write(proxy, out);
+            conn.send(stream, out).await
+        }
+        Served::TooMany(rejected) => {
+            answer::write(stream, out, rejected.response(proxy), &mut conn, true).await
+        }
+        Served::Answer(response, slots) => {
+            let sent = answer::write(stream, out, response, &mut conn, head_request).await;
+            // The in-flight slots are held until the answer is sent.
+            drop(slots);
+            sent
+        }
+    };
+    match sent {
+        Ok(()) if conn.keep => Step::Served,
+        Ok(()) | Err(Ended::Closed | Ended::Handoff(_)) => Step::Close,
+        Err(Ended::Cut) => {
+            proxy.metrics().answer_cut("send_timeout");
+            Step::Cut
+        }
+    }
+}
+
+/// Whether the client keeps the connection open after this request: HTTP/1.1
+/// unless it says `close`, HTTP/1.0 only when it says `keep-alive`.
+fn keep_alive(http10: bool, fields: Raw<'_, '_>) -> bool {
+    let mut keep = !http10;
+    for field in fields.0 {
+        if field.name.eq_ignore_ascii_case("connection") {
+            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    return false;
+                }
+                if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep = true;
+                }
+            }
+        }
+    }
+    keep
+}
+
+/// The request target in origin form as hyper's `Uri` reads it: `None` for
+/// another form (hyper's to serve), `Err` for a target hyper refuses, else
+/// the path and query without a fragment.
+fn origin_form(target: &str) -> Option<Result<&str, ()>> {
+    if !target.starts_with('/') {
+        return None;
+    }
+    let bytes = target.as_bytes();
+    let mut query = false;
+    for (i, b) in bytes.iter().enumerate() {
+        let ok = match b {
+            b'#' => return Some(Ok(&target[..i])),
+            b'?' if !query => {
+                query = true;
+                true
+            }
+            0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E => true,
+            b'"' | b'{' | b'}' => true,
+            0x3F..=0x7E if query => true,
+            _ => false,
+        };
+        if !ok {
+            return Some(Err(()));
+        }
+    }
+    Some(Ok(target))
+}
+
+/// A 400 for a head whose framing the rules refuse. Two framings at once
+/// get the agent's own JSON answer (as before there was a front end); the
+/// rest the parser's.
+async fn refuse_framing(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    refused: Refused,
+    limits: Limits,
+) -> Step {
+    let ended = if refused == Refused::BothFramings {
+        let response = crate::proxy::error(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            "Content-Length and Transfer-Encoding together are ambiguous.",
+        );
+        let mut conn = Connection {
+            keep: false,
+            http10: false,
+            send: limits.send,
+        };
+        answer::write(stream, out, response, &mut conn, false)
+            .await
+            .err()
+            .unwrap_or(Ended::Closed)
+    } else {
+        refuse(stream, out, StatusCode::BAD_REQUEST, limits).await
+    };
+    match ended {
+        Ended::Cut => Step::Cut,
+        _ => Step::Close,
+    }
+}
+
+/// Answers the parser's refusal and closes.
+async fn refuse(stream: &mut TcpStream, out: &mut Vec<u8>, status: StatusCode, limits: Limits) -> Ended {
+    answer::refusal(out, status);
+    let conn = Connection {
+        keep: false,
+        http10: false,
+        send: limits.send,
+    };
+    let _ = conn.send(stream, out).await;
+    Ended::Closed
+}
+
+/// A head that did not arrive in time: 408, then the close.
+async fn timed_out(stream: &mut TcpStream, out: &mut Vec<u8>, limits: Limits) -> Ended {
+    out.clear();
+    let body = crate::answers::error_body("REQUEST_TIMEOUT", "The request headers took too long.");
+    let conn = Connection {
+        keep: false,
+        http10: false,
+        send: Duration::from_secs(1).min(limits.send),
+    };
+    answer::start(out, StatusCode::REQUEST_TIMEOUT, None, &conn);
+    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    let _ = conn.send(stream, out).await;
+    Ended::Closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_read_as_hyper_reads_them() {
+        assert_eq!(origin_form("/a/b?c=d"), Some(Ok("/a/b?c=d")));
+        assert_eq!(origin_form("/a#frag"), Some(Ok("/a")));
+        assert_eq!(origin_form("/a?b?c"), Some(Ok("/a?b?c")));
+        assert_eq!(origin_form("/{x}\"y\""), Some(Ok("/{x}\"y\"")));
+        assert_eq!(origin_form("/a b"), Some(Err(())));
+        assert_eq!(origin_form("/a\u{7f}"), Some(Err(())));
+        assert_eq!(origin_form("/é"), Some(Err(())));
+        assert_eq!(origin_form("http://a/b"), None);
+        assert_eq!(origin_form("*"), None);
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection() {
+        let fields = |v: &'static str| {
+            vec![httparse::Header {
+                name: "Connection",
+                value: v.as_bytes(),
+            }]
+        };
+        assert!(keep_alive(false, Raw(&[])));
+        assert!(!keep_alive(true, Raw(&[])));
+        assert!(!keep_alive(false, Raw(&fields("close"))));
+        assert!(!keep_alive(false, Raw(&fields("keep-alive, Close"))));
+        assert!(keep_alive(true, Raw(&fields("Keep-Alive"))));
+    }
+}

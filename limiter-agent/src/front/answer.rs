@@ -1,0 +1,255 @@
+//! Answers written to the client by the front end: the head built in the
+//! connection's write buffer (status line, fields, `Date` from a per-second
+//! cache, the framing chosen here), then the body in pieces of at most
+//! [`PIECE`] bytes, each of which the client must take within
+//! `send_timeout`. Body frames that are ready at once go out in the same
+//! write as the head.
+
+use std::{cell::RefCell, pin::Pin, task::Poll, time::SystemTime};
+
+use bytes::Buf as _;
+use http::{Response, StatusCode, header};
+use hyper::body::Body as _;
+use tokio::net::TcpStream;
+
+use super::{Connection, Ended};
+use crate::proxy::Body;
+
+/// Largest piece written with one deadline (as `server::answer` hands hyper).
+pub const PIECE: usize = 16 * 1024;
+
+/// The status line and the fields every answer starts with: `Date`, and
+/// `Connection` when the connection will close (or, to an HTTP/1.0
+/// client, stay open).
+pub fn start(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>, conn: &Connection) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        reason.unwrap_or_else(|| status.canonical_reason().unwrap_or("").as_bytes()),
+    );
+    out.extend_from_slice(b"\r\ndate: ");
+    date(out);
+    out.extend_from_slice(b"\r\n");
+    if !conn.keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if conn.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+}
+
+/// How the body of an answer is delimited on the way to the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delimit {
+    /// No body is sent (HEAD, 204, 304), whatever the fields say.
+    None,
+    /// By a length the fields carry.
+    Length,
+    Chunked,
+    /// By the close (an HTTP/1.0 client and no length).
+    Close,
+}
+
+/// Writes `response` (the head, then its body as it comes). The connection
+/// is kept only if the answer was delimited without the close.
+pub async fn write(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    response: Response<Body>,
+    conn: &mut Connection,
+    head_request: bool,
+) -> Result<(), Ended> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let exact = body.size_hint().exact();
+    let delimit = if bodiless {
+        Delimit::None
+    } else if length || exact.is_some() {
+        Delimit::Length
+    } else if conn.http10 {
+        conn.keep = false;
+        Delimit::Close
+    } else {
+        Delimit::Chunked
+    };
+    out.clear();
+    let reason = parts
+        .extensions
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(hyper::ext::ReasonPhrase::as_bytes);
+    start(out, status, reason, conn);
+    for (name, value) in &parts.headers {
+        if *name == header::DATE || *name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match (delimit, length, exact) {
+        (Delimit::Length, false, Some(n)) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        (Delimit::None, false, Some(n)) if head_request => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        (Delimit::Chunked, ..) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    if delimit == Delimit::None {
+        return conn.send(stream, out).await;
+    }
+    let chunked = delimit == Delimit::Chunked;
+    loop {
+        // Every frame ready now joins what is waiting, up to a piece.
+        let mut waiting = false;
+        let frame = loop {
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut body).poll_frame(cx))
+            })
+            .await;
+            match polled {
+                Poll::Pending => {
+                    waiting = true;
+                    break None;
+                }
+                Poll::Ready(next) => break Some(next),
+            }
+        };
+        let frame = if waiting {
+            if !out.is_empty() {
+                conn.send(stream, out).await?;
+                out.clear();
+            }
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        } else {
+            frame.flatten()
+        };
+        match frame {
+            None => {
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                return conn.send(stream, out).await;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "an answer's body failed; connection cut");
+                return Err(Ended::Cut);
+            }
+            Some(Ok(frame)) => {
+                // Trailers are not passed on (nor by hyper to a client that
+                // did not ask for them).
+                let Ok(mut data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let mut hex = [0u8; 16];
+                    out.extend_from_slice(hex_len(data.len(), &mut hex));
+                    out.extend_from_slice(b"\r\n");
+                }
+                while data.has_remaining() {
+                    let room = PIECE.saturating_sub(out.len()).max(1);
+                    let take = room.min(data.len());
+                    out.extend_from_slice(&data[..take]);
+                    data.advance(take);
+                    if out.len() >= PIECE {
+                        conn.send(stream, out).await?;
+                        out.clear();
+                    }
+                }
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+    }
+}
+
+/// `n` in lowercase hex.
+fn hex_len(n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// An answer the parser gives before any request exists: `status`, no
+/// body, and the connection closed (as hyper answers).
+pub fn refusal(out: &mut Vec<u8>, status: StatusCode) {
+    out.clear();
+    start(
+        out,
+        status,
+        None,
+        &Connection {
+            keep: false,
+            http10: false,
+            ..Connection::default()
+        },
+    );
+    out.extend_from_slice(b"content-length: 0\r\n\r\n");
+}
+
+thread_local! {
+    /// The `Date` value for the current second.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Appends the IMF-fixdate of now, rendered once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            let rendered = httpdate::fmt_http_date(now);
+            if rendered.len() == text.len() {
+                text.copy_from_slice(rendered.as_bytes());
+                *cached = secs;
+            }
+        }
+        out.extend_from_slice(text);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_are_lowercase_hex() {
+        let mut buf = [0; 16];
+        assert_eq!(hex_len(0, &mut buf), b"0");
+        assert_eq!(hex_len(255, &mut buf), b"ff");
+        assert_eq!(hex_len(16 * 1024, &mut buf), b"4000");
+    }
+
+    #[test]
+    fn dates_are_imf_fixdates() {
+        let mut out = Vec::new();
+        date(&mut out);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
+    }
+}

@@ -1,0 +1,256 @@
+//! The framing rules of a request head, in one place: how its body is
+//! delimited, or why the request is refused. Every rule hyper applies is
+//! here (the front end must accept and refuse what hyper does, so a request
+//! it hands over mid-connection is read the same way), and a few stricter
+//! ones that cost nothing.
+//!
+//! - `Content-Length`: digits only (a comma list of equal values, as hyper
+//!   reads it), no sign, no overflow; lines that differ are refused.
+//! - `Transfer-Encoding`: only `chunked`, and last; never with
+//!   `Content-Length` (RFC 9112 §6.1 lets a server refuse what smuggling
+//!   is made of); never in HTTP/1.0, which has no chunked coding.
+//! - Stricter than hyper: a second `Host`, and framing field names spelled
+//!   with `_` (`Content_Length`, which some servers read as the real one).
+
+/// How a request's body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: no framing field at all.
+    None,
+    /// `Content-Length` (0 included).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Why a head's framing is refused (all answered 400).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("invalid Content-Length")]
+    BadLength,
+    #[error("Content-Length lines differ")]
+    DifferingLengths,
+    #[error("unsupported Transfer-Encoding")]
+    BadCoding,
+    #[error("Transfer-Encoding in HTTP/1.0")]
+    CodingInHttp10,
+    #[error("Content-Length and Transfer-Encoding together")]
+    BothFramings,
+    /// Stricter than hyper: a coding beside `chunked`, or a second line.
+    #[error("a transfer coding other than chunked alone")]
+    ExtraCoding,
+    /// Stricter than hyper.
+    #[error("more than one Host")]
+    TwoHosts,
+    /// Stricter than hyper.
+    #[error("a framing field name spelled with an underscore")]
+    Underscore,
+}
+
+impl Refused {
+    /// Refused by a rule hyper does not have (the differential fuzz target
+    /// expects hyper to accept these).
+    #[must_use]
+    pub fn stricter_than_hyper(self) -> bool {
+        matches!(self, Self::TwoHosts | Self::Underscore | Self::ExtraCoding | Self::BothFramings)
+    }
+}
+
+/// The framing of a request with these fields; `http10` for an HTTP/1.0
+/// request line.
+///
+/// # Errors
+/// [`Refused`] when the framing is ambiguous or malformed.
+pub fn framing(http10: bool, fields: &[httparse::Header<'_>]) -> Result<Framing, Refused> {
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut coded = false;
+    let mut host = false;
+    for field in fields {
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let value = parse_length(field.value).ok_or(Refused::BadLength)?;
+            if length.is_some_and(|seen| seen != value) {
+                return Err(Refused::DifferingLengths);
+            }
+            length = Some(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if http10 {
+                return Err(Refused::CodingInHttp10);
+            }
+            // `chunked`, last (hyper reads the last coding of the last
+            // line); and alone, stricter: a body in another coding too is
+            // not one the agent forwards.
+            if coded {
+                return Err(Refused::ExtraCoding);
+            }
+            coded = true;
+            let mut codings = field
+                .value
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|c| !c.is_empty());
+            chunked = codings.next_back().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            if chunked && codings.next().is_some() {
+                return Err(Refused::ExtraCoding);
+            }
+        } else if name.eq_ignore_ascii_case(b"host") {
+            if host {
+                return Err(Refused::TwoHosts);
+            }
+            host = true;
+        } else if name.contains(&b'_') && underscored_framing(name) {
+            return Err(Refused::Underscore);
+        }
+    }
+    match (length, coded) {
+        (Some(_), true) => Err(Refused::BothFramings),
+        (None, true) if chunked => Ok(Framing::Chunked),
+        (None, true) => Err(Refused::BadCoding),
+        (Some(n), false) => Ok(Framing::Length(n)),
+        (None, false) => Ok(Framing::None),
+    }
+}
+
+/// A `Content-Length` value: digits, or a comma list of one value repeated
+/// (as hyper reads it); `None` for anything else.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let mut parsed: Option<u64> = None;
+    for item in value.split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = item
+            .iter()
+            .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?;
+        if parsed.is_some_and(|seen| seen != n) {
+            return None;
+        }
+        parsed = Some(n);
+    }
+    parsed
+}
+
+/// `Content_Length` or `Transfer_Encoding` in any case.
+fn underscored_framing(name: &[u8]) -> bool {
+    let same = |want: &[u8]| {
+        name.len() == want.len()
+            && name
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+    };
+    same(b"content-length") || same(b"transfer-encoding")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields<'a>(pairs: &'a [(&'a str, &'a str)]) -> Vec<httparse::Header<'a>> {
+        pairs
+            .iter()
+            .map(|(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect()
+    }
+
+    fn framed(pairs: &[(&str, &str)]) -> Result<Framing, Refused> {
+        framing(false, &fields(pairs))
+    }
+
+    #[test]
+    fn lengths_are_digits_and_agree() {
+        let table: &[(&[(&str, &str)], Result<Framing, Refused>)] = &[
+            (&[], Ok(Framing::None)),
+            (&[("content-length", "0")], Ok(Framing::Length(0))),
+            (&[("Content-Length", " 42 ")], Ok(Framing::Length(42))),
+            (&[("content-length", "5, 5")], Ok(Framing::Length(5))),
+            (
+                &[("content-length", "5"), ("content-length", "5")],
+                Ok(Framing::Length(5)),
+            ),
+            (
+                &[("content-length", "5"), ("content-length", "6")],
+                Err(Refused::DifferingLengths),
+            ),
+            (&[("content-length", "5, 6")], Err(Refused::BadLength)),
+            (&[("content-length", "-1")], Err(Refused::BadLength)),
+            (&[("content-length", "+1")], Err(Refused::BadLength)),
+            (&[("content-length", "abc")], Err(Refused::BadLength)),
+            (&[("content-length", "")], Err(Refused::BadLength)),
+            (&[("content-length", "0x10")], Err(Refused::BadLength)),
+            (&[("content-length", "1 2")], Err(Refused::BadLength)),
+            (
+                &[("content-length", "99999999999999999999")],
+                Err(Refused::BadLength),
+            ),
+            (
+                &[("content-length", "18446744073709551615")],
+                Ok(Framing::Length(u64::MAX)),
+            ),
+        ];
+        for (pairs, expected) in table {
+            assert_eq!(framed(pairs), *expected, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn codings_are_chunked_last_alone_and_never_in_http_1_0() {
+        let table: &[(&[(&str, &str)], Result<Framing, Refused>)] = &[
+            (&[("transfer-encoding", "chunked")], Ok(Framing::Chunked)),
+            (&[("Transfer-Encoding", "CHUNKED")], Ok(Framing::Chunked)),
+            (&[("transfer-encoding", "gzip")], Err(Refused::BadCoding)),
+            (&[("transfer-encoding", "gzip, chunked")], Err(Refused::ExtraCoding)),
+            (&[("transfer-encoding", "chunked, gzip")], Err(Refused::BadCoding)),
+            (&[("transfer-encoding", "chunked, chunked")], Err(Refused::ExtraCoding)),
+            (
+                &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+                Err(Refused::ExtraCoding),
+            ),
+            (&[("transfer-encoding", "xchunked")], Err(Refused::BadCoding)),
+            (&[("transfer-encoding", "")], Err(Refused::BadCoding)),
+            (
+                &[("transfer-encoding", "chunked"), ("content-length", "4")],
+                Err(Refused::BothFramings),
+            ),
+            (
+                &[("content-length", "0"), ("transfer-encoding", "chunked")],
+                Err(Refused::BothFramings),
+            ),
+        ];
+        for (pairs, expected) in table {
+            assert_eq!(framed(pairs), *expected, "{pairs:?}");
+        }
+        assert_eq!(
+            framing(true, &fields(&[("transfer-encoding", "chunked")])),
+            Err(Refused::CodingInHttp10)
+        );
+        assert_eq!(
+            framing(true, &fields(&[("content-length", "3")])),
+            Ok(Framing::Length(3))
+        );
+    }
+
+    #[test]
+    fn stricter_than_hyper_where_it_is_cheap() {
+        assert_eq!(
+            framed(&[("host", "a"), ("Host", "a")]),
+            Err(Refused::TwoHosts)
+        );
+        assert_eq!(
+            framed(&[("content_length", "5")]),
+            Err(Refused::Underscore)
+        );
+        assert_eq!(
+            framed(&[("Transfer_Encoding", "chunked")]),
+            Err(Refused::Underscore)
+        );
+        assert_eq!(framed(&[("x_api_key", "k")]), Ok(Framing::None));
+        assert!(Refused::TwoHosts.stricter_than_hyper());
+        assert!(!Refused::BadLength.stricter_than_hyper());
+    }
+}

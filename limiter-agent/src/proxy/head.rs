@@ -1,0 +1,98 @@
+//! Requests the HTTP/1 front end read itself: a head without a body, its
+//! fields borrowed from the connection's read buffer. They take the same
+//! way as hyper's requests (`route`, the tier's `gate` and `finish`), and
+//! go upstream on a head written from the fields as they came: no
+//! `Request`, `Uri` or `HeaderMap` on the way in.
+
+use std::sync::Arc;
+
+use super::{Body, Peer, Proxy, Routed, Slots, State, limited::Gated, too_many};
+use crate::{answers, fields::Raw, limit::Decision};
+
+/// A request head the front end parsed, with no body to come.
+pub struct Head<'h, 'b> {
+    pub method: &'b str,
+    /// Origin form: `/path?query`.
+    pub target: &'b str,
+    pub fields: Raw<'h, 'b>,
+    /// The client sent `Content-Length: 0` (forwarded as such; any other
+    /// length is not a request without a body).
+    pub empty_length: bool,
+}
+
+/// How the request path answered a [`Head`].
+pub enum Served {
+    /// The answer, and the in-flight slots a forwarded request holds until
+    /// it is sent.
+    Answer(http::Response<Body>, Option<Slots>),
+    /// Over the tier's limit: the 429, for the front end to write itself.
+    TooMany(TooMany),
+}
+
+/// A request its tier rejected.
+pub struct TooMany {
+    state: Arc<State>,
+    tier: usize,
+    decision: Decision,
+}
+
+impl TooMany {
+    /// The 429's fields after its status line, and its body, stamped with
+    /// both clocks read now.
+    pub fn write(&self, proxy: &Proxy, out: &mut Vec<u8>) {
+        let tier = &self.state.tiers[self.tier];
+        answers::write_too_many(
+            out,
+            &self.decision,
+            tier.window_ms,
+            proxy.clock.now(),
+            tier.policy.as_ref(),
+        );
+    }
+
+    /// The same answer as a response (for an HTTP/1.0 client, or a test).
+    #[must_use]
+    pub fn response(&self, proxy: &Proxy) -> http::Response<Body> {
+        let tier = &self.state.tiers[self.tier];
+        too_many(
+            &self.decision,
+            tier.window_ms,
+            proxy.clock.now(),
+            tier.policy.as_ref(),
+        )
+    }
+}
+
+impl Proxy {
+    /// Serves a request without a body that the HTTP/1 front end read.
+    pub async fn serve_head(&self, head: &Head<'_, '_>, peer: &Peer) -> Served {
+        let state = self.state.load_full();
+        let (tier_index, admitted) = match self.route(&state, &head.fields, head.target, peer) {
+            Routed::Refused(refused) => return Served::Answer(*refused, None),
+            Routed::Unlimited(slots) => {
+                let answer = Box::pin(self.forward_head(&state, head, peer, None)).await;
+                return Served::Answer(answer, Some(slots));
+            }
+            Routed::Limited(tier_index, client) => {
+                let preflight = head.method == "OPTIONS";
+                match self.gate(&state, tier_index, client, preflight, false).await {
+                    Ok(admitted) => (tier_index, admitted),
+                    Err(Gated::TooMany(decision)) => {
+                        return Served::TooMany(TooMany {
+                            state,
+                            tier: tier_index,
+                            decision,
+                        });
+                    }
+                    Err(Gated::Answer(refused)) => return Served::Answer(*refused, None),
+                }
+            }
+        };
+        let tier = &state.tiers[tier_index];
+        let response = self
+            .forward_head(&state, head, peer, tier.cost_header.as_ref())
+            .await;
+        let (response, slots) = self.finish(&state, tier, admitted, None, response).await;
+        Served::Answer(response, slots)
+    }
+}
