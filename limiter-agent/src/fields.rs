@@ -10,6 +10,10 @@ pub trait Fields {
     /// Every value of the field `name`, in the order they came.
     fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]>;
 
+    /// Every field, name (as it came) and value, in the order they came
+    /// (hyper's `HeaderMap` keeps a name's lines together).
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])>;
+
     /// Whether the field `name` is present at all.
     fn has(&self, name: &HeaderName) -> bool {
         self.values(name).next().is_some()
@@ -19,6 +23,10 @@ pub trait Fields {
 impl Fields for HeaderMap {
     fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
         self.get_all(name).iter().map(http::HeaderValue::as_bytes)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.iter().map(|(name, value)| (name.as_str(), value.as_bytes()))
     }
 
     fn has(&self, name: &HeaderName) -> bool {
@@ -38,6 +46,10 @@ impl Fields for Raw<'_, '_> {
             .iter()
             .filter(move |field| field.name.eq_ignore_ascii_case(name))
             .map(|field| field.value)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.0.iter().map(|field| (field.name, field.value))
     }
 }
 
@@ -70,8 +82,9 @@ mod tests {
         }
         let name = HeaderName::from_static("x-api-key");
         let raw = Raw(&raw);
-        assert_eq!(raw.values(&name).collect::<Vec<_>>(), [b"a", b"b"]);
-        assert_eq!(map.values(&name).collect::<Vec<_>>(), [b"a", b"b"]);
+        let want: [&[u8]; 2] = [b"a", b"b"];
+        assert_eq!(raw.values(&name).collect::<Vec<_>>(), want);
+        assert_eq!(Fields::values(&map, &name).collect::<Vec<_>>(), want);
         assert!(raw.has(&http::header::ACCEPT) && map.has(&http::header::ACCEPT));
         assert!(!raw.has(&http::header::HOST) && !map.has(&http::header::HOST));
     }

@@ -19,7 +19,6 @@
 
 mod answer;
 mod rewind;
-pub mod smuggling;
 mod timer;
 
 use std::{sync::Arc, time::Duration};
@@ -29,17 +28,18 @@ use http::StatusCode;
 use tokio::{net::TcpStream, sync::watch, time::Instant};
 
 pub use self::rewind::Rewind;
-use self::{
-    smuggling::{Framing, Refused},
-    timer::Timer,
-};
+use self::timer::Timer;
 use crate::{
     fields::Raw,
     proxy::{Head, Peer, Proxy, Served},
+    smuggling::{self, Framing, Refused},
 };
 
 /// Most header fields in a head (hyper's limit too): more is a 431.
 pub const MAX_HEADERS: usize = 100;
+
+/// Longest request target hyper reads (a 414 beyond).
+const MAX_TARGET: usize = u16::MAX as usize - 1;
 
 /// The HTTP/2 connection preface's request line (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -158,54 +158,33 @@ async fn run(
     // first byte for a later one (`None` while none has).
     let mut head_began = Some(accepted);
     loop {
-        // HTTP/2 with prior knowledge starts with its preface: hyper's.
-        let preface = first && {
-            let n = buf.len().min(H2_PREFACE.len());
-            n > 0 && buf[..n] == H2_PREFACE[..n]
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let read = if buf.is_empty() {
+            Read::Partial
+        } else {
+            read_head(&buf, first, max_head, &mut fields)
         };
-        if preface && buf.len() >= H2_PREFACE.len() {
-            return Ended::Handoff(buf.freeze());
-        }
-        if !buf.is_empty() && !preface {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut fields);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let step = request(
-                        &req,
-                        stream,
-                        &mut out,
-                        peer,
-                        proxy,
-                        limits,
-                        stop,
-                    )
-                    .await;
-                    match step {
-                        Step::Served => {}
-                        Step::Close => return Ended::Closed,
-                        Step::Cut => return Ended::Cut,
-                        Step::Handoff => return Ended::Handoff(buf.freeze()),
-                    }
-                    buf.advance(len);
-                    first = false;
-                    last_end = Instant::now();
-                    head_began = (!buf.is_empty()).then_some(last_end);
-                    continue;
+        match read {
+            Read::Partial => {}
+            Read::Serve(head) => {
+                let len = head.len;
+                match request(&head, stream, &mut out, peer, proxy, limits, stop).await {
+                    Step::Served => {}
+                    Step::Close => return Ended::Closed,
+                    Step::Cut => return Ended::Cut,
                 }
-                Ok(httparse::Status::Partial) => {}
-                Err(e) => {
-                    let status = if e == httparse::Error::TooManyHeaders {
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    };
-                    return refuse(stream, &mut out, status, limits).await;
-                }
+                buf.advance(len);
+                first = false;
+                last_end = Instant::now();
+                head_began = (!buf.is_empty()).then_some(last_end);
+                continue;
             }
-            if buf.len() >= max_head {
-                let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-                return refuse(stream, &mut out, status, limits).await;
+            Read::Handoff(_) => return Ended::Handoff(buf.freeze()),
+            Read::Refused(refusal) => {
+                if matches!(refusal, Refusal::Framing(_)) {
+                    proxy.metrics().refuse("framing");
+                }
+                return refuse(stream, &mut out, refusal, limits).await;
             }
         }
         // More bytes: at once if they are there, else with a deadline.
@@ -223,6 +202,8 @@ async fn run(
             Some(began) => (began + limits.header_read, false),
             None => (last_end + limits.idle, true),
         };
+        // A stopping agent closes a connection with no request begun.
+        let quiet = buf.is_empty();
         tokio::select! {
             biased;
             ready = stream.readable() => if ready.is_err() {
@@ -234,7 +215,7 @@ async fn run(
                 }
                 return timed_out(stream, &mut out, limits).await;
             }
-            _ = stop.changed(), if idle => return Ended::Closed,
+            _ = stop.changed(), if quiet => return Ended::Closed,
         }
     }
 }
@@ -245,14 +226,126 @@ enum Step {
     Served,
     Close,
     Cut,
-    /// Not one the front end serves: hyper takes the connection from its
-    /// first byte.
-    Handoff,
 }
 
-/// Serves the request parsed in `req`.
+/// What the bytes read so far hold.
+#[derive(Debug)]
+pub enum Read<'h, 'b> {
+    /// Not a whole head yet.
+    Partial,
+    /// A head the front end serves.
+    Serve(Parsed<'h, 'b>),
+    /// Hyper's to serve, from the first byte of this head: HTTP/2, a body,
+    /// `Expect`, `Upgrade`, `CONNECT`, a target not in origin form. The
+    /// framing, when the head is a whole HTTP/1 one.
+    Handoff(Option<Framing>),
+    Refused(Refusal),
+}
+
+/// A head the front end serves.
+#[derive(Debug)]
+pub struct Parsed<'h, 'b> {
+    /// Bytes of the head.
+    pub len: usize,
+    pub method: &'b str,
+    /// The path and query (a fragment dropped).
+    pub target: &'b str,
+    pub http10: bool,
+    /// `None`, or an empty `Content-Length`.
+    pub framing: Framing,
+    pub fields: &'h [httparse::Header<'b>],
+}
+
+/// Why a head is refused; the connection closes after the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The parser's: this status, no body.
+    Parser(StatusCode),
+    /// The framing rules'.
+    Framing(Refused),
+}
+
+/// Reads a head from `buf` (`first` on a new connection, where HTTP/2's
+/// preface may come), parsing its fields into `fields`. The one reading of
+/// a head, for the connection loop and for the differential fuzz target
+/// that holds it to hyper's.
+pub fn read_head<'h, 'b>(
+    buf: &'b [u8],
+    first: bool,
+    max_head: usize,
+    fields: &'h mut [httparse::Header<'b>],
+) -> Read<'h, 'b> {
+    // HTTP/2 with prior knowledge starts with its preface: hyper's.
+    if first {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] == H2_PREFACE[..n] {
+            return if n == H2_PREFACE.len() {
+                Read::Handoff(None)
+            } else {
+                Read::Partial
+            };
+        }
+    }
+    let mut req = httparse::Request::new(fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+            return Read::Refused(Refusal::Parser(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        }
+        Ok(httparse::Status::Partial) => return Read::Partial,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Read::Refused(Refusal::Parser(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        }
+        Err(_) => return Read::Refused(Refusal::Parser(StatusCode::BAD_REQUEST)),
+    };
+    if len > max_head {
+        return Read::Refused(Refusal::Parser(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+    }
+    let httparse::Request {
+        method,
+        path,
+        version,
+        headers,
+    } = req;
+    let (Some(method), Some(target), Some(version)) = (method, path, version) else {
+        return Read::Refused(Refusal::Parser(StatusCode::BAD_REQUEST));
+    };
+    if target.len() > MAX_TARGET {
+        return Read::Refused(Refusal::Parser(StatusCode::URI_TOO_LONG));
+    }
+    let http10 = version == 0;
+    let fields: &'h [httparse::Header<'b>] = headers;
+    let framing = match smuggling::framing(http10, &Raw(fields)) {
+        Ok(framing) => framing,
+        Err(refused) => return Read::Refused(Refusal::Framing(refused)),
+    };
+    let Some(target) = origin_form(target) else {
+        return Read::Handoff(Some(framing));
+    };
+    let Ok(target) = target else {
+        return Read::Refused(Refusal::Parser(StatusCode::BAD_REQUEST));
+    };
+    if !matches!(framing, Framing::None | Framing::Length(0))
+        || method.eq_ignore_ascii_case("CONNECT")
+        || fields.iter().any(|f| {
+            f.name.eq_ignore_ascii_case("expect") || f.name.eq_ignore_ascii_case("upgrade")
+        })
+    {
+        return Read::Handoff(Some(framing));
+    }
+    Read::Serve(Parsed {
+        len,
+        method,
+        target,
+        http10,
+        framing,
+        fields,
+    })
+}
+
+/// Serves a request the front end read.
 async fn request(
-    req: &httparse::Request<'_, '_>,
+    parsed: &Parsed<'_, '_>,
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     peer: &Peer,
@@ -260,35 +353,15 @@ async fn request(
     limits: Limits,
     stop: &watch::Receiver<()>,
 ) -> Step {
-    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Step::Close;
-    };
-    let http10 = version == 0;
-    let framing = match smuggling::framing(http10, req.headers) {
-        Ok(framing) => framing,
-        Err(refused) => return refuse_framing(stream, out, refused, limits).await,
-    };
-    let Some(target) = origin_form(target) else {
-        return Step::Handoff;
-    };
-    let target = match target {
-        Ok(target) => target,
-        Err(()) => {
-            return match refuse(stream, out, StatusCode::BAD_REQUEST, limits).await {
-                Ended::Cut => Step::Cut,
-                _ => Step::Close,
-            };
-        }
-    };
-    let fields = Raw(req.headers);
-    if !matches!(framing, Framing::None | Framing::Length(0))
-        || method.eq_ignore_ascii_case("CONNECT")
-        || fields.0.iter().any(|f| {
-            f.name.eq_ignore_ascii_case("expect") || f.name.eq_ignore_ascii_case("upgrade")
-        })
-    {
-        return Step::Handoff;
-    }
+    let &Parsed {
+        method,
+        target,
+        http10,
+        framing,
+        fields,
+        ..
+    } = parsed;
+    let fields = Raw(fields);
     let mut conn = Connection {
         keep: keep_alive(http10, fields),
         http10,
@@ -300,7 +373,14 @@ async fn request(
         fields,
         empty_length: framing == Framing::Length(0),
     };
-    let served = proxy.serve_head(&head, peer).await;
+    // A client that goes away while its request is upstream lets go of
+    // what the request holds at once (its slots, its upstream
+    // connection), as hyper does: the request is dropped.
+    let served = tokio::select! {
+        biased;
+        served = proxy.serve_head(&head, peer) => served,
+        () = gone(stream) => return Step::Close,
+    };
     // A stopping agent closes each connection after its answer in progress.
     if conn.keep && stop.has_changed().unwrap_or(true) {
         conn.keep = false;
@@ -333,6 +413,15 @@ async fn request(
     }
 }
 
+/// Resolves when the client has closed or reset the connection; never
+/// while it is open (bytes of a next request included).
+async fn gone(stream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    if let Ok(1) = stream.peek(&mut byte).await {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Whether the client keeps the connection open after this request: HTTP/1.1
 /// unless it says `close`, HTTP/1.0 only when it says `keep-alive`.
 fn keep_alive(http10: bool, fields: Raw<'_, '_>) -> bool {
@@ -352,7 +441,7 @@ fn keep_alive(http10: bool, fields: Raw<'_, '_>) -> bool {
     keep
 }
 
-/// The request target in origin form as hyper's `Uri` reads it: `None` for
+/// The request target in origin form as `http`'s `PathAndQuery` reads it: `None` for
 /// another form (hyper's to serve), `Err` for a target hyper refuses, else
 /// the path and query without a fragment.
 fn origin_form(target: &str) -> Option<Result<&str, ()>> {
@@ -362,16 +451,19 @@ fn origin_form(target: &str) -> Option<Result<&str, ()>> {
     let bytes = target.as_bytes();
     let mut query = false;
     for (i, b) in bytes.iter().enumerate() {
-        let ok = match b {
-            b'#' => return Some(Ok(&target[..i])),
-            b'?' if !query => {
-                query = true;
-                true
-            }
-            0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | 0x7C | 0x7E => true,
-            b'"' | b'{' | b'}' => true,
-            0x3F..=0x7E if query => true,
-            _ => false,
+        if *b == b'#' {
+            return Some(Ok(&target[..i]));
+        }
+        // Bytes of UTF-8 beyond ASCII too (the target is text): the path
+        // rules refuse them later, with their own answer.
+        let ok = if query {
+            matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E | 0x80..=0xFF)
+        } else if *b == b'?' {
+            query = true;
+            true
+        } else {
+            // `"`, `{` and `}` too, as `http` allows them in a path.
+            matches!(b, 0x21..=0x22 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7E | 0x80..=0xFF)
         };
         if !ok {
             return Some(Err(()));
@@ -380,49 +472,40 @@ fn origin_form(target: &str) -> Option<Result<&str, ()>> {
     Some(Ok(target))
 }
 
-/// A 400 for a head whose framing the rules refuse. Two framings at once
-/// get the agent's own JSON answer (as before there was a front end); the
-/// rest the parser's.
-async fn refuse_framing(
+/// Answers a refused head and closes. What hyper's parser refuses gets
+/// its answer (the status, no body); what only the stricter rules refuse
+/// gets the JSON 400 the proxy gives to the same head read by hyper.
+async fn refuse(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
-    refused: Refused,
+    refusal: Refusal,
     limits: Limits,
-) -> Step {
-    let ended = if refused == Refused::BothFramings {
-        let response = crate::proxy::error(
-            StatusCode::BAD_REQUEST,
-            "BAD_REQUEST",
-            "Content-Length and Transfer-Encoding together are ambiguous.",
-        );
-        let mut conn = Connection {
-            keep: false,
-            http10: false,
-            send: limits.send,
-        };
-        answer::write(stream, out, response, &mut conn, false)
-            .await
-            .err()
-            .unwrap_or(Ended::Closed)
-    } else {
-        refuse(stream, out, StatusCode::BAD_REQUEST, limits).await
-    };
-    match ended {
-        Ended::Cut => Step::Cut,
-        _ => Step::Close,
-    }
-}
-
-/// Answers the parser's refusal and closes.
-async fn refuse(stream: &mut TcpStream, out: &mut Vec<u8>, status: StatusCode, limits: Limits) -> Ended {
-    answer::refusal(out, status);
-    let conn = Connection {
+) -> Ended {
+    let mut conn = Connection {
         keep: false,
         http10: false,
         send: limits.send,
     };
-    let _ = conn.send(stream, out).await;
-    Ended::Closed
+    let status = match refusal {
+        Refusal::Framing(refused) if refused.stricter_than_hyper() => {
+            let response = crate::proxy::error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &refused.to_string(),
+            );
+            return match answer::write(stream, out, response, &mut conn, false).await {
+                Err(Ended::Cut) => Ended::Cut,
+                _ => Ended::Closed,
+            };
+        }
+        Refusal::Parser(status) => status,
+        Refusal::Framing(_) => StatusCode::BAD_REQUEST,
+    };
+    answer::refusal(out, status);
+    match conn.send(stream, out).await {
+        Err(Ended::Cut) => Ended::Cut,
+        _ => Ended::Closed,
+    }
 }
 
 /// A head that did not arrive in time: 408, then the close.
@@ -453,9 +536,10 @@ mod tests {
         assert_eq!(origin_form("/a#frag"), Some(Ok("/a")));
         assert_eq!(origin_form("/a?b?c"), Some(Ok("/a?b?c")));
         assert_eq!(origin_form("/{x}\"y\""), Some(Ok("/{x}\"y\"")));
+        assert_eq!(origin_form("/a?\""), Some(Err(())));
         assert_eq!(origin_form("/a b"), Some(Err(())));
         assert_eq!(origin_form("/a\u{7f}"), Some(Err(())));
-        assert_eq!(origin_form("/é"), Some(Err(())));
+        assert_eq!(origin_form("/é?é"), Some(Ok("/é?é")));
         assert_eq!(origin_form("http://a/b"), None);
         assert_eq!(origin_form("*"), None);
     }

@@ -53,6 +53,11 @@ pub enum IdentityError {
     /// address where the walk needs one (`unknown`, obfuscated, garbage).
     #[error("unparsable client address in {0}")]
     BadClientAddress(HeaderName),
+    /// A field spelled as one identity reads, with `_` for `-`: servers
+    /// that fold `_` into `-` would read a key or address the limiter did
+    /// not count.
+    #[error("{0} is spelled with an underscore")]
+    Underscored(String),
 }
 
 /// Resolves identities with the configured headers, proxies and IPv6 prefix.
@@ -86,6 +91,9 @@ impl IdentityResolver {
     /// [`IdentityError`] when the key headers or the client-address header are
     /// ambiguous or malformed.
     pub fn resolve<F: Fields>(&self, headers: &F, peer: IpAddr) -> Result<Requester, IdentityError> {
+        if let Some(name) = self.underscored(headers) {
+            return Err(IdentityError::Underscored(name.to_owned()));
+        }
         let key = self.api_key(headers)?.map(sha256_hex);
         let ip = net::group(self.client_ip(headers, peer)?, self.ipv6_prefix);
         Ok(Requester { ip, key })
@@ -130,6 +138,37 @@ impl IdentityResolver {
             return Err(IdentityError::ConflictingKeys);
         }
         Ok(found)
+    }
+
+    /// Whether the field `name` is one identity reads (a key header,
+    /// `Authorization`, the client-address header): a field the upstream
+    /// must get as the limiter read it, never one a `Connection` option may
+    /// strip on the way.
+    #[must_use]
+    pub fn reads(&self, name: &[u8]) -> bool {
+        name.eq_ignore_ascii_case(b"authorization")
+            || name.eq_ignore_ascii_case(self.client_ip_header.name().as_str().as_bytes())
+            || self
+                .key_headers
+                .iter()
+                .any(|key| name.eq_ignore_ascii_case(key.as_str().as_bytes()))
+    }
+
+    /// The first field whose name is one identity reads spelled with `_`
+    /// for `-` (`X_Api_Key`): invisible here, read as the key by servers
+    /// that fold `_` into `-` (CGI, WSGI).
+    fn underscored<'h, F: Fields>(&self, headers: &'h F) -> Option<&'h str> {
+        headers
+            .each()
+            .map(|(name, _)| name)
+            .filter(|name| name.contains('_'))
+            .find(|name| {
+                let folded: Vec<u8> = name
+                    .bytes()
+                    .map(|b| if b == b'_' { b'-' } else { b })
+                    .collect();
+                self.reads(&folded)
+            })
     }
 
     /// Whether `peer` is a trusted proxy (its connections carry many clients).

@@ -26,4 +26,5 @@ pub mod rls;
 pub mod route;
 pub mod rt;
 pub mod server;
+pub mod smuggling;
 pub mod tally;

@@ -52,6 +52,7 @@ use crate::{
     metrics::Metrics,
     offenders::Offenders,
     route::canonicalize,
+    smuggling,
 };
 
 /// Response bodies: upstream bodies streamed through, or small local ones.
@@ -283,6 +284,16 @@ impl Proxy {
         peer: &Peer,
     ) -> (Response<Body>, Option<Slots>) {
         let state = self.state.load_full();
+        // The framing rules the front end applies to what it reads, for
+        // what hyper parsed: no head passes one reader and not the other.
+        if let Err(refused) = smuggling::framing(req.version() == http::Version::HTTP_10, req.headers())
+        {
+            self.metrics.refuse("framing");
+            return (
+                error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &refused.to_string()),
+                None,
+            );
+        }
         let target = req.uri().path_and_query().map_or_else(
             || std::borrow::Cow::Owned(req.uri().to_string()),
             |pq| std::borrow::Cow::Borrowed(pq.as_str()),
@@ -301,22 +312,14 @@ impl Proxy {
         }
     }
 
-    /// Where a request goes, from its target and header fields, before any
-    /// store is asked: refused (banned, ambiguous framing, a path or an
-    /// identity that can't be read), forwarded on no tier (its in-flight
-    /// slots taken), or on to its tier as the client it resolved to.
+    /// Where a request goes, from its target and header fields (its framing
+    /// already checked), before any store is asked: refused (banned, a path
+    /// or an identity that can't be read), forwarded on no tier (its
+    /// in-flight slots taken), or on to its tier as the client it resolved
+    /// to.
     fn route<F: Fields>(&self, state: &State, fields: &F, target: &str, peer: &Peer) -> Routed {
         if let Some(refused) = self.banned(state, fields, peer) {
             return Routed::Refused(Box::new(refused));
-        }
-        // Both framings at once is how requests get smuggled past a proxy
-        // (RFC 9112 §6.1 allows rejecting it): refuse rather than pick one.
-        if fields.has(&header::TRANSFER_ENCODING) && fields.has(&header::CONTENT_LENGTH) {
-            return Routed::Refused(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                "Content-Length and Transfer-Encoding together are ambiguous.",
-            )));
         }
         let canonical = match canonicalize(target, state.config.live.path_policy) {
             Ok(path) => path,
@@ -349,7 +352,9 @@ impl Proxy {
             Err(e) => {
                 self.metrics.refuse(match e {
                     IdentityError::BadClientAddress(_) => "client_address",
-                    IdentityError::ConflictingKeys | IdentityError::MalformedKey(_) => "api_key",
+                    IdentityError::ConflictingKeys
+                    | IdentityError::MalformedKey(_)
+                    | IdentityError::Underscored(_) => "api_key",
                 });
                 Routed::Refused(Box::new(error(
                     StatusCode::BAD_REQUEST,

@@ -22,7 +22,8 @@ pub const PIECE: usize = 16 * 1024;
 /// `Connection` when the connection will close (or, to an HTTP/1.0
 /// client, stay open).
 pub fn start(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>, conn: &Connection) {
-    out.extend_from_slice(b"HTTP/1.1 ");
+    // An HTTP/1.0 client is answered in its version, as hyper does.
+    out.extend_from_slice(if conn.http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -59,7 +60,7 @@ pub async fn write(
     conn: &mut Connection,
     head_request: bool,
 ) -> Result<(), Ended> {
-    let (parts, mut body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let status = parts.status;
     let bodiless = head_request
         || status.is_informational()
@@ -98,7 +99,9 @@ pub async fn write(
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        (Delimit::None, false, Some(n)) if head_request => {
+        // As hyper: a known length told for HEAD, but not an empty one
+        // (that is a body's, not the resource's).
+        (Delimit::None, false, Some(n)) if head_request && n > 0 => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -110,31 +113,30 @@ pub async fn write(
     if delimit == Delimit::None {
         return conn.send(stream, out).await;
     }
-    let chunked = delimit == Delimit::Chunked;
+    send_body(stream, out, body, delimit == Delimit::Chunked, conn).await
+}
+
+/// Writes the body after the head waiting in `out`: every frame ready at
+/// once joins what waits, up to a piece; what waits goes out when the body
+/// has nothing more ready (a stream's event is never held back).
+async fn send_body(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    mut body: Body,
+    chunked: bool,
+    conn: &Connection,
+) -> Result<(), Ended> {
     loop {
-        // Every frame ready now joins what is waiting, up to a piece.
-        let mut waiting = false;
-        let frame = loop {
-            let polled = std::future::poll_fn(|cx| {
-                Poll::Ready(Pin::new(&mut body).poll_frame(cx))
-            })
-            .await;
-            match polled {
-                Poll::Pending => {
-                    waiting = true;
-                    break None;
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
+        let frame = match polled.await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    conn.send(stream, out).await?;
+                    out.clear();
                 }
-                Poll::Ready(next) => break Some(next),
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
             }
-        };
-        let frame = if waiting {
-            if !out.is_empty() {
-                conn.send(stream, out).await?;
-                out.clear();
-            }
-            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        } else {
-            frame.flatten()
         };
         match frame {
             None => {
@@ -162,8 +164,7 @@ pub async fn write(
                     out.extend_from_slice(b"\r\n");
                 }
                 while data.has_remaining() {
-                    let room = PIECE.saturating_sub(out.len()).max(1);
-                    let take = room.min(data.len());
+                    let take = PIECE.saturating_sub(out.len()).max(1).min(data.len());
                     out.extend_from_slice(&data[..take]);
                     data.advance(take);
                     if out.len() >= PIECE {

@@ -15,7 +15,7 @@ pub struct Timer {
 
 impl Timer {
     pub fn new() -> Self {
-        let armed = Instant::now() + Duration::from_secs(86_400);
+        let armed = Instant::now() + Duration::from_hours(24);
         Self {
             sleep: Box::pin(sleep_until(armed)),
             armed,

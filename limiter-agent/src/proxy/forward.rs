@@ -11,7 +11,10 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 
 use super::{Body, Head, Peer, Proxy, State, respond::error, upstream::UpstreamBusy, wire};
-use crate::body::{ClientBody, ClientBodyError, client_fault};
+use crate::{
+    body::{ClientBody, ClientBodyError, client_fault},
+    smuggling::MAX_CONNECTION_OPTIONS,
+};
 
 /// A request on its way upstream: its body streamed from the client as it
 /// comes, or read whole first (to find what it costs).
@@ -107,7 +110,7 @@ impl Proxy {
             return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid method");
         };
         let mut request = Vec::with_capacity(512);
-        encode_from_fields(&mut request, head, upstream_authority(state), peer, cost_header);
+        encode_from_fields(&mut request, head, state, peer, cost_header);
         let started = Instant::now();
         let connect_to = connect_to(state);
         let live = &state.config.live;
@@ -240,7 +243,7 @@ fn one_hop(
         parts.headers.insert(header::HOST, value);
     }
     parts.version = http::Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, |name| kept(state, name));
     append_forwarded(&mut parts.headers, peer);
     Ok(())
 }
@@ -253,7 +256,7 @@ where
     B::Error: Into<super::BoxError>,
 {
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, |_| false);
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
@@ -276,9 +279,16 @@ pub(super) fn connect_to(state: &State) -> Cow<'_, str> {
     }
 }
 
+/// Whether a request's field `name` goes upstream whatever `Connection`
+/// says: `Host`, and the fields identity reads (the limiter counted the
+/// request by them; the upstream must see the same).
+fn kept(state: &State, name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"host") || state.identity.reads(name)
+}
+
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
-/// plus every header the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// plus every header the `Connection` header names but those `keep` keeps.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep: impl Fn(&[u8]) -> bool) {
     // One pass over the names notes which hop-by-hop headers are present:
     // most messages carry none, responses often only `Connection: keep-alive`.
     let mut present = 0u16;
@@ -301,6 +311,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter(|t| !keep(t.as_bytes()))
         {
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                 named.push(name);
@@ -343,7 +354,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 fn encode_from_fields(
     out: &mut Vec<u8>,
     head: &Head<'_, '_>,
-    authority: &str,
+    state: &State,
     peer: &Peer,
     cost_header: Option<&HeaderName>,
 ) {
@@ -352,11 +363,21 @@ fn encode_from_fields(
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    // Whether `Connection` names a field to drop (rare: most name none, or
-    // only `keep-alive` or `close`).
-    let connection_names = fields.iter().any(|f| {
-        f.name.eq_ignore_ascii_case("connection") && connection_tokens(f.value).next().is_some()
-    });
+    // The fields `Connection` names, read once (the framing rules bound
+    // how many): most requests name none, or only `keep-alive` or `close`.
+    let mut named: [&[u8]; MAX_CONNECTION_OPTIONS] = [&[]; MAX_CONNECTION_OPTIONS];
+    let mut count = 0;
+    for field in fields {
+        if field.name.eq_ignore_ascii_case("connection") {
+            for token in connection_tokens(field.value) {
+                if count < named.len() && !kept(state, token) {
+                    named[count] = token;
+                    count += 1;
+                }
+            }
+        }
+    }
+    let named = &named[..count];
     let mut host = false;
     let mut forwarded = false;
     for field in fields {
@@ -365,7 +386,7 @@ fn encode_from_fields(
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case(X_FORWARDED_PROTO.as_str())
             || cost_header.is_some_and(|cost| name.eq_ignore_ascii_case(cost.as_str()))
-            || (connection_names && named_by_connection(fields, name))
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
         {
             continue;
         }
@@ -381,7 +402,7 @@ fn encode_from_fields(
     }
     if !host {
         out.extend_from_slice(b"host: ");
-        out.extend_from_slice(authority.as_bytes());
+        out.extend_from_slice(upstream_authority(state).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if head.empty_length {
@@ -412,15 +433,6 @@ fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| {
             !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
         })
-}
-
-/// Whether a `Connection` field among `fields` names `name`.
-fn named_by_connection(fields: &[httparse::Header<'_>], name: &str) -> bool {
-    fields
-        .iter()
-        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|f| connection_tokens(f.value))
-        .any(|token| token.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto`.
@@ -477,7 +489,7 @@ mod tests {
             ("accept", "*/*"),
             ("authorization", "Bearer k"),
         ]);
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, |_| false);
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "authorization"]);
@@ -487,7 +499,7 @@ mod tests {
     fn end_to_end_headers_are_kept_as_they_are() {
         let mut headers = map(&[("accept", "*/*"), ("x-api-key", "k"), ("host", "api")]);
         let before = headers.clone();
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, |_| false);
         assert_eq!(headers, before);
     }
 }

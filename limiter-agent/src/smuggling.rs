@@ -1,16 +1,32 @@
 //! The framing rules of a request head, in one place: how its body is
-//! delimited, or why the request is refused. Every rule hyper applies is
-//! here (the front end must accept and refuse what hyper does, so a request
-//! it hands over mid-connection is read the same way), and a few stricter
-//! ones that cost nothing.
+//! delimited, or why the request is refused. Every rule hyper's parser
+//! applies is here (the HTTP/1 front end must accept and refuse what hyper
+//! does, so a request it hands over mid-connection is read the same way),
+//! and a few stricter ones that cost nothing. Both readers apply the whole
+//! set: the front end as it reads a head, `Proxy::handle` on what hyper
+//! parsed (TLS, HTTP/2, a connection handed to hyper), so no head passes
+//! one that the other refuses.
 //!
 //! - `Content-Length`: digits only (a comma list of equal values, as hyper
 //!   reads it), no sign, no overflow; lines that differ are refused.
 //! - `Transfer-Encoding`: only `chunked`, and last; never with
 //!   `Content-Length` (RFC 9112 §6.1 lets a server refuse what smuggling
 //!   is made of); never in HTTP/1.0, which has no chunked coding.
-//! - Stricter than hyper: a second `Host`, and framing field names spelled
-//!   with `_` (`Content_Length`, which some servers read as the real one).
+//! - Stricter than hyper: a second `Host`; framing field names spelled
+//!   with `_` (`Content_Length`, which some servers read as the real one);
+//!   a transfer coding beside `chunked`; both framings at once (hyper drops
+//!   the length); and more than [`MAX_CONNECTION_OPTIONS`] options in
+//!   `Connection`, each of which names a field to strip.
+
+use crate::fields::Fields;
+
+/// Most options `Connection` may list: each names a field to strip from the
+/// request, looked for in every field.
+pub const MAX_CONNECTION_OPTIONS: usize = 32;
+
+/// The largest length hyper reads (`u64::MAX - 2`: two values mean
+/// "chunked" and "close-delimited" in its decoder).
+const MAX_LENGTH: u64 = u64::MAX - 2;
 
 /// How a request's body is delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,8 +50,12 @@ pub enum Refused {
     BadCoding,
     #[error("Transfer-Encoding in HTTP/1.0")]
     CodingInHttp10,
-    #[error("Content-Length and Transfer-Encoding together")]
+    /// Stricter than hyper (which drops the length).
+    #[error("Content-Length and Transfer-Encoding together are ambiguous.")]
     BothFramings,
+    /// Stricter than hyper.
+    #[error("too many Connection options")]
+    ConnectionOptions,
     /// Stricter than hyper: a coding beside `chunked`, or a second line.
     #[error("a transfer coding other than chunked alone")]
     ExtraCoding,
@@ -52,7 +72,14 @@ impl Refused {
     /// expects hyper to accept these).
     #[must_use]
     pub fn stricter_than_hyper(self) -> bool {
-        matches!(self, Self::TwoHosts | Self::Underscore | Self::ExtraCoding | Self::BothFramings)
+        matches!(
+            self,
+            Self::TwoHosts
+                | Self::Underscore
+                | Self::ExtraCoding
+                | Self::BothFramings
+                | Self::ConnectionOptions
+        )
     }
 }
 
@@ -61,15 +88,16 @@ impl Refused {
 ///
 /// # Errors
 /// [`Refused`] when the framing is ambiguous or malformed.
-pub fn framing(http10: bool, fields: &[httparse::Header<'_>]) -> Result<Framing, Refused> {
+pub fn framing<F: Fields + ?Sized>(http10: bool, fields: &F) -> Result<Framing, Refused> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut coded = false;
     let mut host = false;
-    for field in fields {
-        let name = field.name.as_bytes();
+    let mut options = 0;
+    for (name, value) in fields.each() {
+        let name = name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let value = parse_length(field.value).ok_or(Refused::BadLength)?;
+            let value = parse_length(value).ok_or(Refused::BadLength)?;
             if length.is_some_and(|seen| seen != value) {
                 return Err(Refused::DifferingLengths);
             }
@@ -78,19 +106,17 @@ pub fn framing(http10: bool, fields: &[httparse::Header<'_>]) -> Result<Framing,
             if http10 {
                 return Err(Refused::CodingInHttp10);
             }
-            // `chunked`, last (hyper reads the last coding of the last
-            // line); and alone, stricter: a body in another coding too is
-            // not one the agent forwards.
+            // `chunked` last, as hyper reads it (the last item of the last
+            // line); alone, stricter: a body in another coding too is not
+            // one the agent forwards.
             if coded {
                 return Err(Refused::ExtraCoding);
             }
             coded = true;
-            let mut codings = field
-                .value
-                .split(|b| *b == b',')
-                .map(<[u8]>::trim_ascii)
-                .filter(|c| !c.is_empty());
-            chunked = codings.next_back().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            let mut codings = value.split(|b| *b == b',').map(<[u8]>::trim_ascii);
+            chunked = codings
+                .next_back()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
             if chunked && codings.next().is_some() {
                 return Err(Refused::ExtraCoding);
             }
@@ -99,6 +125,11 @@ pub fn framing(http10: bool, fields: &[httparse::Header<'_>]) -> Result<Framing,
                 return Err(Refused::TwoHosts);
             }
             host = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            options += value.split(|b| *b == b',').count();
+            if options > MAX_CONNECTION_OPTIONS {
+                return Err(Refused::ConnectionOptions);
+            }
         } else if name.contains(&b'_') && underscored_framing(name) {
             return Err(Refused::Underscore);
         }
@@ -124,7 +155,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         let n = item
             .iter()
             .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?;
-        if parsed.is_some_and(|seen| seen != n) {
+        if n > MAX_LENGTH || parsed.is_some_and(|seen| seen != n) {
             return None;
         }
         parsed = Some(n);
@@ -147,6 +178,7 @@ fn underscored_framing(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fields::Raw;
 
     fn fields<'a>(pairs: &'a [(&'a str, &'a str)]) -> Vec<httparse::Header<'a>> {
         pairs
@@ -158,13 +190,15 @@ mod tests {
             .collect()
     }
 
+    type Case<'a> = (&'a [(&'a str, &'a str)], Result<Framing, Refused>);
+
     fn framed(pairs: &[(&str, &str)]) -> Result<Framing, Refused> {
-        framing(false, &fields(pairs))
+        framing(false, &Raw(&fields(pairs)))
     }
 
     #[test]
     fn lengths_are_digits_and_agree() {
-        let table: &[(&[(&str, &str)], Result<Framing, Refused>)] = &[
+        let table: &[Case<'_>] = &[
             (&[], Ok(Framing::None)),
             (&[("content-length", "0")], Ok(Framing::Length(0))),
             (&[("Content-Length", " 42 ")], Ok(Framing::Length(42))),
@@ -189,8 +223,12 @@ mod tests {
                 Err(Refused::BadLength),
             ),
             (
-                &[("content-length", "18446744073709551615")],
-                Ok(Framing::Length(u64::MAX)),
+                &[("content-length", "18446744073709551613")],
+                Ok(Framing::Length(u64::MAX - 2)),
+            ),
+            (
+                &[("content-length", "18446744073709551614")],
+                Err(Refused::BadLength),
             ),
         ];
         for (pairs, expected) in table {
@@ -200,7 +238,7 @@ mod tests {
 
     #[test]
     fn codings_are_chunked_last_alone_and_never_in_http_1_0() {
-        let table: &[(&[(&str, &str)], Result<Framing, Refused>)] = &[
+        let table: &[Case<'_>] = &[
             (&[("transfer-encoding", "chunked")], Ok(Framing::Chunked)),
             (&[("Transfer-Encoding", "CHUNKED")], Ok(Framing::Chunked)),
             (&[("transfer-encoding", "gzip")], Err(Refused::BadCoding)),
@@ -213,6 +251,8 @@ mod tests {
             ),
             (&[("transfer-encoding", "xchunked")], Err(Refused::BadCoding)),
             (&[("transfer-encoding", "")], Err(Refused::BadCoding)),
+            (&[("transfer-encoding", "chunked,")], Err(Refused::BadCoding)),
+            (&[("transfer-encoding", ", chunked")], Err(Refused::ExtraCoding)),
             (
                 &[("transfer-encoding", "chunked"), ("content-length", "4")],
                 Err(Refused::BothFramings),
@@ -226,11 +266,11 @@ mod tests {
             assert_eq!(framed(pairs), *expected, "{pairs:?}");
         }
         assert_eq!(
-            framing(true, &fields(&[("transfer-encoding", "chunked")])),
+            framing(true, &Raw(&fields(&[("transfer-encoding", "chunked")]))),
             Err(Refused::CodingInHttp10)
         );
         assert_eq!(
-            framing(true, &fields(&[("content-length", "3")])),
+            framing(true, &Raw(&fields(&[("content-length", "3")]))),
             Ok(Framing::Length(3))
         );
     }
@@ -250,6 +290,13 @@ mod tests {
             Err(Refused::Underscore)
         );
         assert_eq!(framed(&[("x_api_key", "k")]), Ok(Framing::None));
+        let options = vec!["a"; MAX_CONNECTION_OPTIONS].join(",");
+        assert_eq!(framed(&[("connection", &options)]), Ok(Framing::None));
+        let options = format!("{options},b");
+        assert_eq!(
+            framed(&[("connection", &options)]),
+            Err(Refused::ConnectionOptions)
+        );
         assert!(Refused::TwoHosts.stricter_than_hyper());
         assert!(!Refused::BadLength.stricter_than_hyper());
     }
