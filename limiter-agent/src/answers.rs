@@ -77,7 +77,10 @@ pub fn limits<S: FieldSink + ?Sized>(
     let mut digits = itoa::Buffer::new();
     sink.put(&X_LIMIT, digits.format(decision.limit).as_bytes());
     sink.put(&X_REMAINING, digits.format(decision.remaining).as_bytes());
-    sink.put(&X_RESET, digits.format(reset_secs(decision, now)).as_bytes());
+    sink.put(
+        &X_RESET,
+        digits.format(reset_secs(decision, now)).as_bytes(),
+    );
     let Some(PolicyName(name)) = policy else {
         return;
     };

@@ -26,7 +26,8 @@ impl Fields for HeaderMap {
     }
 
     fn each(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.iter().map(|(name, value)| (name.as_str(), value.as_bytes()))
+        self.iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
     }
 
     fn has(&self, name: &HeaderName) -> bool {

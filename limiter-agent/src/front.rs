@@ -488,11 +488,8 @@ async fn refuse(
     };
     let status = match refusal {
         Refusal::Framing(refused) if refused.stricter_than_hyper() => {
-            let response = crate::proxy::error(
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                &refused.to_string(),
-            );
+            let response =
+                crate::proxy::error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &refused.to_string());
             return match answer::write(stream, out, response, &mut conn, false).await {
                 Err(Ended::Cut) => Ended::Cut,
                 _ => Ended::Closed,

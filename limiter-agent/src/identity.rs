@@ -90,7 +90,11 @@ impl IdentityResolver {
     /// # Errors
     /// [`IdentityError`] when the key headers or the client-address header are
     /// ambiguous or malformed.
-    pub fn resolve<F: Fields>(&self, headers: &F, peer: IpAddr) -> Result<Requester, IdentityError> {
+    pub fn resolve<F: Fields>(
+        &self,
+        headers: &F,
+        peer: IpAddr,
+    ) -> Result<Requester, IdentityError> {
         if let Some(name) = self.underscored(headers) {
             return Err(IdentityError::Underscored(name.to_owned()));
         }
@@ -243,7 +247,9 @@ pub fn hashed_key_in(value: &str) -> Result<Option<String>, IdentityError> {
             Some(Credential::Other) | None => None,
         });
     }
-    Ok(plain_key(header.as_bytes()).map_err(malformed)?.map(sha256_hex))
+    Ok(plain_key(header.as_bytes())
+        .map_err(malformed)?
+        .map(sha256_hex))
 }
 
 /// Lowercase hex SHA-256 of `bytes`: how API keys appear in config, logs and maps.

@@ -286,7 +286,8 @@ impl Proxy {
         let state = self.state.load_full();
         // The framing rules the front end applies to what it reads, for
         // what hyper parsed: no head passes one reader and not the other.
-        if let Err(refused) = smuggling::framing(req.version() == http::Version::HTTP_10, req.headers())
+        if let Err(refused) =
+            smuggling::framing(req.version() == http::Version::HTTP_10, req.headers())
         {
             self.metrics.refuse("framing");
             return (

@@ -163,7 +163,17 @@ pub async fn serve(
         let stop = stop.subscribe();
         tokio::spawn(async move {
             let _slots = (permit, source_slot);
-            connection(stream, addr, proxy, &builder, tls, timeouts, max_header_bytes, stop).await;
+            connection(
+                stream,
+                addr,
+                proxy,
+                &builder,
+                tls,
+                timeouts,
+                max_header_bytes,
+                stop,
+            )
+            .await;
         });
     })
     .await;

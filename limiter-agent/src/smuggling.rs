@@ -152,9 +152,9 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        let n = item
-            .iter()
-            .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?;
+        let n = item.iter().try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })?;
         if n > MAX_LENGTH || parsed.is_some_and(|seen| seen != n) {
             return None;
         }
@@ -242,17 +242,38 @@ mod tests {
             (&[("transfer-encoding", "chunked")], Ok(Framing::Chunked)),
             (&[("Transfer-Encoding", "CHUNKED")], Ok(Framing::Chunked)),
             (&[("transfer-encoding", "gzip")], Err(Refused::BadCoding)),
-            (&[("transfer-encoding", "gzip, chunked")], Err(Refused::ExtraCoding)),
-            (&[("transfer-encoding", "chunked, gzip")], Err(Refused::BadCoding)),
-            (&[("transfer-encoding", "chunked, chunked")], Err(Refused::ExtraCoding)),
             (
-                &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+                &[("transfer-encoding", "gzip, chunked")],
                 Err(Refused::ExtraCoding),
             ),
-            (&[("transfer-encoding", "xchunked")], Err(Refused::BadCoding)),
+            (
+                &[("transfer-encoding", "chunked, gzip")],
+                Err(Refused::BadCoding),
+            ),
+            (
+                &[("transfer-encoding", "chunked, chunked")],
+                Err(Refused::ExtraCoding),
+            ),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                Err(Refused::ExtraCoding),
+            ),
+            (
+                &[("transfer-encoding", "xchunked")],
+                Err(Refused::BadCoding),
+            ),
             (&[("transfer-encoding", "")], Err(Refused::BadCoding)),
-            (&[("transfer-encoding", "chunked,")], Err(Refused::BadCoding)),
-            (&[("transfer-encoding", ", chunked")], Err(Refused::ExtraCoding)),
+            (
+                &[("transfer-encoding", "chunked,")],
+                Err(Refused::BadCoding),
+            ),
+            (
+                &[("transfer-encoding", ", chunked")],
+                Err(Refused::ExtraCoding),
+            ),
             (
                 &[("transfer-encoding", "chunked"), ("content-length", "4")],
                 Err(Refused::BothFramings),
@@ -281,10 +302,7 @@ mod tests {
             framed(&[("host", "a"), ("Host", "a")]),
             Err(Refused::TwoHosts)
         );
-        assert_eq!(
-            framed(&[("content_length", "5")]),
-            Err(Refused::Underscore)
-        );
+        assert_eq!(framed(&[("content_length", "5")]), Err(Refused::Underscore));
         assert_eq!(
             framed(&[("Transfer_Encoding", "chunked")]),
             Err(Refused::Underscore)

@@ -23,7 +23,11 @@ pub const PIECE: usize = 16 * 1024;
 /// client, stay open).
 pub fn start(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>, conn: &Connection) {
     // An HTTP/1.0 client is answered in its version, as hyper does.
-    out.extend_from_slice(if conn.http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.extend_from_slice(if conn.http10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(

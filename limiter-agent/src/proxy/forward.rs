@@ -382,11 +382,15 @@ fn encode_from_fields(
     let mut forwarded = false;
     for field in fields {
         let name = field.name;
-        if HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+        if HOP_BY_HOP
+            .iter()
+            .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case(X_FORWARDED_PROTO.as_str())
             || cost_header.is_some_and(|cost| name.eq_ignore_ascii_case(cost.as_str()))
-            || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+            || named
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
         {
             continue;
         }
@@ -431,7 +435,9 @@ fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|b| *b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| {
-            !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
         })
 }
 

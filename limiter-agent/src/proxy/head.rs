@@ -75,7 +75,10 @@ impl Proxy {
             }
             Routed::Limited(tier_index, client) => {
                 let preflight = head.method == "OPTIONS";
-                match self.gate(&state, tier_index, client, preflight, false).await {
+                match self
+                    .gate(&state, tier_index, client, preflight, false)
+                    .await
+                {
                     Ok(admitted) => (tier_index, admitted),
                     Err(Gated::TooMany(decision)) => {
                         return Served::TooMany(TooMany {

@@ -14,11 +14,11 @@ use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
-    keys::KeyCheck,
     Body, Charge, Charged, Outgoing, Peer, Proxy, Slots, State, TierState,
     charge::store_full,
     forward::{NotSent, client_body_answer},
     in_flight::TierLease,
+    keys::KeyCheck,
     respond::{error, json_response, too_many, unavailable},
     state::TokenState,
     tokens::{self, Metered, Settlement},

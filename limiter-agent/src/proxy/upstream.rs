@@ -241,7 +241,8 @@ impl Upstreams {
         let mut head = Vec::with_capacity(256 + body.len());
         wire::encode_head(parts, &mut head);
         head.extend_from_slice(body);
-        self.send_encoded(authority, &head, &parts.method, wait).await
+        self.send_encoded(authority, &head, &parts.method, wait)
+            .await
     }
 
     /// [`Self::send_whole`] for a request already written out whole, head
