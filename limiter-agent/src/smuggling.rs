@@ -90,6 +90,9 @@ impl Refused {
 /// [`Refused`] when the framing is ambiguous or malformed.
 pub fn framing<F: Fields + ?Sized>(http10: bool, fields: &F) -> Result<Framing, Refused> {
     let mut length: Option<u64> = None;
+    // A length's fault is told only without a coding: with one, the
+    // request is refused for carrying both, whatever the length says.
+    let mut length_fault: Option<Refused> = None;
     let mut chunked = false;
     let mut coded = false;
     let mut host = false;
@@ -97,11 +100,13 @@ pub fn framing<F: Fields + ?Sized>(http10: bool, fields: &F) -> Result<Framing, 
     for (name, value) in fields.each() {
         let name = name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let value = parse_length(value).ok_or(Refused::BadLength)?;
-            if length.is_some_and(|seen| seen != value) {
-                return Err(Refused::DifferingLengths);
+            match parse_length(value) {
+                None => length_fault = length_fault.or(Some(Refused::BadLength)),
+                Some(value) if length.is_some_and(|seen| seen != value) => {
+                    length_fault = length_fault.or(Some(Refused::DifferingLengths));
+                }
+                Some(value) => length = Some(value),
             }
-            length = Some(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if http10 {
                 return Err(Refused::CodingInHttp10);
@@ -133,6 +138,12 @@ pub fn framing<F: Fields + ?Sized>(http10: bool, fields: &F) -> Result<Framing, 
         } else if name.contains(&b'_') && underscored_framing(name) {
             return Err(Refused::Underscore);
         }
+    }
+    if coded && (length.is_some() || length_fault.is_some()) {
+        return Err(Refused::BothFramings);
+    }
+    if let Some(fault) = length_fault {
+        return Err(fault);
     }
     match (length, coded) {
         (Some(_), true) => Err(Refused::BothFramings),
@@ -280,6 +291,10 @@ mod tests {
             ),
             (
                 &[("content-length", "0"), ("transfer-encoding", "chunked")],
+                Err(Refused::BothFramings),
+            ),
+            (
+                &[("transfer-encoding", "chunked"), ("content-length", "x")],
                 Err(Refused::BothFramings),
             ),
         ];
