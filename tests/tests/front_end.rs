@@ -194,7 +194,7 @@ fn a_client_that_goes_away_lets_go_of_its_request() {
         b"GET /api/next HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
     );
     assert_eq!(status(&answer), Some(200), "{answer}");
-    assert!(started.elapsed() >= Duration::from_millis(1000));
+    assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
 
