@@ -25,7 +25,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::StatusCode;
-use tokio::{net::TcpStream, sync::watch, time::Instant};
+use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::watch, time::Instant};
 
 pub use self::rewind::Rewind;
 use self::timer::Timer;
@@ -158,7 +158,7 @@ async fn run(
     // first byte for a later one (`None` while none has).
     let mut head_began = Some(accepted);
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let read = if buf.is_empty() {
             Read::Partial
         } else {
@@ -187,17 +187,12 @@ async fn run(
                 return refuse(stream, &mut out, refusal, limits).await;
             }
         }
-        // More bytes: at once if they are there, else with a deadline.
+        // More bytes, with a deadline. Through `AsyncRead`, whose short
+        // reads clear the socket's readiness: the next wait (for the next
+        // request, or for the client going away while one is upstream)
+        // sleeps until bytes come, instead of asking the socket once more
+        // only to hear it would block.
         buf.reserve(4096);
-        match stream.try_read_buf(&mut buf) {
-            Ok(0) => return Ended::Closed,
-            Ok(_) => {
-                head_began.get_or_insert_with(Instant::now);
-                continue;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Ended::Closed,
-        }
         let (deadline, idle) = match head_began {
             Some(began) => (began + limits.header_read, false),
             None => (last_end + limits.idle, true),
@@ -206,8 +201,11 @@ async fn run(
         let quiet = buf.is_empty();
         tokio::select! {
             biased;
-            ready = stream.readable() => if ready.is_err() {
-                return Ended::Closed;
+            read = stream.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {
+                    head_began.get_or_insert_with(Instant::now);
+                }
             },
             () = timer.until(deadline) => {
                 if idle {
@@ -266,14 +264,15 @@ pub enum Refusal {
 }
 
 /// Reads a head from `buf` (`first` on a new connection, where HTTP/2's
-/// preface may come), parsing its fields into `fields`. The one reading of
+/// preface may come), parsing its fields into `fields` (left uninitialised
+/// by the caller: a head's fields are written, not the whole array). The one reading of
 /// a head, for the connection loop and for the differential fuzz target
 /// that holds it to hyper's.
 pub fn read_head<'h, 'b>(
     buf: &'b [u8],
     first: bool,
     max_head: usize,
-    fields: &'h mut [httparse::Header<'b>],
+    fields: &'h mut [std::mem::MaybeUninit<httparse::Header<'b>>],
 ) -> Read<'h, 'b> {
     // HTTP/2 with prior knowledge starts with its preface: hyper's.
     if first {
@@ -286,8 +285,10 @@ pub fn read_head<'h, 'b>(
             };
         }
     }
-    let mut req = httparse::Request::new(fields);
-    let len = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req, buf, fields,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= max_head => {
             return Read::Refused(Refusal::Parser(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
