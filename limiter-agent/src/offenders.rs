@@ -16,6 +16,9 @@ use crate::{identity::Identity, limit::Decision};
 
 /// Clients the offenders board holds at most.
 pub const OFFENDERS_MAX: usize = 512;
+/// One rejection in this many is noted once a client has had as many in its
+/// window.
+const SAMPLE: u32 = 16;
 /// Offenders shown.
 const OFFENDERS_SHOWN: usize = 10;
 
@@ -41,7 +44,14 @@ struct Row {
 
 impl Offenders {
     /// Notes a rejection (or a would-be one) of `identity` on `route`.
+    /// Sampled: a client's first rejections in a window, then one in
+    /// [`SAMPLE`] (the board shows the store's count as of the last one
+    /// noted), so a flood of 429s costs the board a lock and a hash only
+    /// now and then.
     pub fn note(&self, route: &str, identity: &Identity, decision: &Decision, now_ms: u64) {
+        if decision.rejected > SAMPLE && decision.rejected % SAMPLE != 0 {
+            return;
+        }
         let key = self.hasher.hash_one((route, identity));
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(known) = clients.get_mut(&key) {
@@ -134,6 +144,17 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_is_noted_now_and_then() {
+        let board = Offenders::default();
+        let ip = Identity::Ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
+        for count in 1..=40 {
+            board.note("/a", &ip, &rejected(count, 10_000), 0);
+        }
+        // Every one of the first 16, then the 32nd; not the 40th.
+        assert_eq!(board.top(1_000)[0]["rejected"], 32);
+    }
+
+    #[test]
     fn the_board_ranks_current_offenders_hides_keys_and_forgets_reset_windows() {
         let board = Offenders::default();
         let ip = |last| Identity::Ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, last)));
@@ -169,7 +190,7 @@ mod tests {
             board.note(
                 "/a",
                 &ip(i),
-                &rejected(10 + u32::try_from(i).unwrap(), reset),
+                &rejected(SAMPLE * (1 + u32::try_from(i).unwrap()), reset),
                 0,
             );
         }
@@ -185,7 +206,7 @@ mod tests {
             board.note(
                 "/a",
                 &ip(i),
-                &rejected(10 + u32::try_from(i).unwrap(), 10_000),
+                &rejected(SAMPLE * (1 + u32::try_from(i).unwrap()), 10_000),
                 6_000,
             );
         }

@@ -109,7 +109,8 @@ pub struct Escalation {
     banner: Arc<dyn Banner>,
     metrics: Metrics,
     /// Swapped whole on reload; a rejection takes a reference count.
-    settings: Mutex<Arc<EscalationSettings>>,
+    /// Swapped whole on reload; read without a lock on every rejection.
+    settings: arc_swap::ArcSwap<EscalationSettings>,
     offenders: Mutex<HashMap<IpAddr, Offender>>,
     /// Rejections of keyed clients per (key, sending source, IPv6 grouped
     /// as bans are): a bucket's own count is everyone's who knows the key,
@@ -133,7 +134,7 @@ impl Escalation {
         Self {
             banner,
             metrics,
-            settings: Mutex::new(Arc::new(EscalationSettings::from_config(config))),
+            settings: arc_swap::ArcSwap::from_pointee(EscalationSettings::from_config(config)),
             offenders: Mutex::default(),
             keyed: Mutex::default(),
         }
@@ -141,8 +142,8 @@ impl Escalation {
 
     /// Takes the thresholds and ban lengths of a reloaded config.
     pub fn update(&self, config: &Config) {
-        *self.settings.lock().unwrap_or_else(PoisonError::into_inner) =
-            Arc::new(EscalationSettings::from_config(config));
+        self.settings
+            .store(Arc::new(EscalationSettings::from_config(config)));
     }
 
     /// Forgets offenders whose last ban ended long ago.
@@ -216,8 +217,13 @@ impl RejectionSink for Escalation {
         window_ms: u64,
         tier: &str,
     ) {
-        let settings = Arc::clone(&self.settings.lock().unwrap_or_else(PoisonError::into_inner));
+        let settings = self.settings.load();
         let threshold = settings.threshold(decision.limit);
+        // Most rejections are under the threshold: nothing more to do, and
+        // no lock taken (a key's own count is never above its bucket's).
+        if decision.rejected <= threshold {
+            return;
+        }
         let Some(addr) = Self::target(&settings, peer, identity) else {
             return;
         };
