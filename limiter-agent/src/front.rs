@@ -286,9 +286,9 @@ pub fn read_head<'h, 'b>(
         }
     }
     let mut req = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
-        &mut req, buf, fields,
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, fields)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= max_head => {
             return Read::Refused(Refusal::Parser(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));

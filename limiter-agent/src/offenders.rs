@@ -49,7 +49,7 @@ impl Offenders {
     /// noted), so a flood of 429s costs the board a lock and a hash only
     /// now and then.
     pub fn note(&self, route: &str, identity: &Identity, decision: &Decision, now_ms: u64) {
-        if decision.rejected > SAMPLE && decision.rejected % SAMPLE != 0 {
+        if decision.rejected > SAMPLE && !decision.rejected.is_multiple_of(SAMPLE) {
             return;
         }
         let key = self.hasher.hash_one((route, identity));
