@@ -395,11 +395,19 @@ async fn request(
             conn.send(stream, out).await
         }
         Served::TooMany(rejected) => {
-            answer::write(stream, out, rejected.response(proxy), &mut conn, true).await
+            let response = rejected.response(proxy);
+            answer::write(stream, out, response, &mut conn, true, None).await
         }
         Served::Answer(response, slots) => {
-            let sent = answer::write(stream, out, response, &mut conn, head_request).await;
+            let sent = answer::write(stream, out, response, &mut conn, head_request, None).await;
             // The in-flight slots are held until the answer is sent.
+            drop(slots);
+            sent
+        }
+        Served::Stamped(response, slots, standing) => {
+            let standing = Some(&standing);
+            let sent =
+                answer::write(stream, out, response, &mut conn, head_request, standing).await;
             drop(slots);
             sent
         }
@@ -491,7 +499,7 @@ async fn refuse(
         Refusal::Framing(refused) if refused.stricter_than_hyper() => {
             let response =
                 crate::proxy::error(StatusCode::BAD_REQUEST, "BAD_REQUEST", &refused.to_string());
-            return match answer::write(stream, out, response, &mut conn, false).await {
+            return match answer::write(stream, out, response, &mut conn, false, None).await {
                 Err(Ended::Cut) => Ended::Cut,
                 _ => Ended::Closed,
             };

@@ -37,7 +37,7 @@ use self::{
 };
 pub use self::{
     descriptors::{Answer, Verdict},
-    head::{Head, Served, TooMany},
+    head::{Head, Served, Standing, TooMany},
     in_flight::Slots,
     respond::{error, json_response},
     runtime::{BanList, Runtime, RuntimeOverride, unix_ms},

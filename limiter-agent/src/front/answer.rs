@@ -13,7 +13,7 @@ use hyper::body::Body as _;
 use tokio::net::TcpStream;
 
 use super::{Connection, Ended};
-use crate::proxy::Body;
+use crate::proxy::{Body, Standing};
 
 /// Largest piece written with one deadline (as `server::answer` hands hyper).
 pub const PIECE: usize = 16 * 1024;
@@ -63,6 +63,7 @@ pub async fn write(
     response: Response<Body>,
     conn: &mut Connection,
     head_request: bool,
+    standing: Option<&Standing>,
 ) -> Result<(), Ended> {
     let (parts, body) = response.into_parts();
     let status = parts.status;
@@ -89,13 +90,19 @@ pub async fn write(
         .map(hyper::ext::ReasonPhrase::as_bytes);
     start(out, status, reason, conn);
     for (name, value) in &parts.headers {
-        if *name == header::DATE || *name == header::CONNECTION {
+        if *name == header::DATE
+            || *name == header::CONNECTION
+            || standing.is_some_and(|s| s.writes(name.as_str()))
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(standing) = standing {
+        standing.write(out);
     }
     match (delimit, length, exact) {
         (Delimit::Length, false, Some(n)) => {

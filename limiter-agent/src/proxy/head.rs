@@ -6,7 +6,11 @@
 
 use std::sync::Arc;
 
-use super::{Body, Peer, Proxy, Routed, Slots, State, limited::Gated, too_many};
+use super::{
+    Body, Peer, Proxy, Routed, Slots, State,
+    limited::{Gated, Stamp},
+    too_many,
+};
 use crate::{answers, fields::Raw, limit::Decision};
 
 /// A request head the front end parsed, with no body to come.
@@ -25,8 +29,36 @@ pub enum Served {
     /// The answer, and the in-flight slots a forwarded request holds until
     /// it is sent.
     Answer(http::Response<Body>, Option<Slots>),
+    /// The upstream's answer to a request on a tier, the slots it holds, and
+    /// the tier's standing for the writer to add to the head.
+    Stamped(http::Response<Body>, Option<Slots>, Standing),
     /// Over the tier's limit: the 429, for the front end to write itself.
     TooMany(TooMany),
+}
+
+/// A tier's standing as an answer leaves: its `X-RateLimit-*` fields.
+pub struct Standing {
+    state: Arc<State>,
+    tier: usize,
+    stamp: Stamp,
+}
+
+impl Standing {
+    /// Whether the field `name` (lowercase) is one [`Self::write`] writes:
+    /// an upstream's own of that name is left out.
+    #[must_use]
+    pub fn writes(&self, name: &str) -> bool {
+        let ietf = self.state.tiers[self.tier].policy.is_some();
+        matches!(
+            name,
+            "x-ratelimit-limit" | "x-ratelimit-remaining" | "x-ratelimit-reset"
+        ) || (ietf && matches!(name, "ratelimit-policy" | "ratelimit"))
+    }
+
+    /// Writes the fields as head lines into `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        self.stamp.write(out, &self.state.tiers[self.tier]);
+    }
 }
 
 /// A request its tier rejected.
@@ -95,7 +127,20 @@ impl Proxy {
         let response = self
             .forward_head(&state, head, peer, tier.cost_header.as_ref())
             .await;
-        let (response, slots) = self.finish(&state, tier, admitted, None, response).await;
-        Served::Answer(response, slots)
+        let (response, slots, stamp) = self
+            .finish(&state, tier, admitted, None, response, false)
+            .await;
+        match stamp {
+            Some(stamp) => Served::Stamped(
+                response,
+                slots,
+                Standing {
+                    state,
+                    tier: tier_index,
+                    stamp,
+                },
+            ),
+            None => Served::Answer(response, slots),
+        }
     }
 }

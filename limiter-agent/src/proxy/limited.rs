@@ -65,6 +65,38 @@ pub(super) struct Admitted {
     pub(super) slots: Slots,
 }
 
+/// A request limit's standing as its answer leaves: the `X-RateLimit-*`
+/// fields (and the IETF ones) to add to the answer's head.
+#[derive(Clone, Copy, Debug)]
+pub struct Stamp {
+    decision: Decision,
+    now: crate::limit::Now,
+}
+
+impl Stamp {
+    /// Sets the fields in `headers` (replacing the upstream's own).
+    pub(super) fn apply(&self, headers: &mut HeaderMap, tier: &TierState) {
+        answers::apply(
+            headers,
+            &self.decision,
+            tier.window_ms,
+            self.now,
+            tier.policy.as_ref(),
+        );
+    }
+
+    /// Writes the fields as head lines into `out`.
+    pub(super) fn write(&self, out: &mut Vec<u8>, tier: &TierState) {
+        answers::limits(
+            &mut answers::Head(out),
+            &self.decision,
+            tier.window_ms,
+            self.now,
+            tier.policy.as_ref(),
+        );
+    }
+}
+
 /// A request its tier did not admit.
 pub(super) enum Gated {
     /// Over the tier's limit: the 429, made by whoever writes the answer.
@@ -138,7 +170,10 @@ impl Proxy {
             _ => (outgoing, None, None),
         };
         let response = self.forward(state, outgoing, peer).await;
-        self.finish(state, tier, admitted, reserved, response).await
+        let (response, slots, _) = self
+            .finish(state, tier, admitted, reserved, response, true)
+            .await;
+        (response, slots)
     }
 
     /// A request's way through its tier up to the upstream, whoever parsed
@@ -212,8 +247,10 @@ impl Proxy {
 
     /// The upstream's answer (or the agent's for it) as it goes to the
     /// client: what it teaches about the key, the cost it reports settled,
-    /// the headers that tell the client where it stands, and a token
-    /// reservation's settlement as its body is read.
+    /// the request limit's standing as the answer leaves (the
+    /// `X-RateLimit-*` fields: set in the response's map with `in_map`,
+    /// else returned for whoever writes the head), and a token
+    /// reservation's headers and its settlement as its body is read.
     pub(super) async fn finish(
         &self,
         state: &State,
@@ -221,7 +258,8 @@ impl Proxy {
         admitted: Admitted,
         reserved: Option<Box<Held>>,
         mut response: Response<Body>,
-    ) -> (Response<Body>, Option<Slots>) {
+        in_map: bool,
+    ) -> (Response<Body>, Option<Slots>, Option<Stamp>) {
         let Admitted {
             identity,
             check,
@@ -247,13 +285,13 @@ impl Proxy {
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).
         let now = self.clock.now();
-        answers::apply(
-            response.headers_mut(),
-            &decision,
-            tier.window_ms,
-            now,
-            tier.policy.as_ref(),
-        );
+        let stamp = Stamp { decision, now };
+        let stamp = if in_map {
+            stamp.apply(response.headers_mut(), tier);
+            None
+        } else {
+            Some(stamp)
+        };
         let not_sent = response.extensions().get::<NotSent>().is_some();
         match (reserved, &tier.tokens) {
             // The agent answered for an upstream it could not reach with the
@@ -289,7 +327,7 @@ impl Proxy {
             }
             _ => {}
         }
-        (response, Some(slots))
+        (response, Some(slots), stamp)
     }
 
     /// The client's in-flight slot on `tier` when the tier caps them
