@@ -199,13 +199,13 @@ fn a_client_that_goes_away_lets_go_of_its_request() {
 }
 
 #[test]
-fn http_1_0_and_head_are_answered_as_hyper_answers_them() {
+fn http_1_0_head_and_limit_fields_are_answered_as_hyper_answers_them() {
     let chunks = Arc::new(AtomicUsize::new(0));
     let count = chunks.clone();
     let (upstream, _) = scripted::upstream(move |_| {
         count.fetch_add(1, Ordering::SeqCst);
         (
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nx-ratelimit-limit: 999\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                 .to_vec(),
             After::KeepOpen,
         )
@@ -233,12 +233,15 @@ fn http_1_0_and_head_are_answered_as_hyper_answers_them() {
     assert!(answer.ends_with("\r\n\r\nhello"), "{answer}");
     assert!(!answer.contains("transfer-encoding"), "{answer}");
     assert!(answer.contains("connection: close"), "{answer}");
-    // HTTP/1.1: chunked.
+    // HTTP/1.1: chunked; the upstream's own limit field replaced by the
+    // agent's.
     let answer = http::exchange(
         &mut TcpStream::connect(agent.addr).unwrap(),
         b"GET /api/a HTTP/1.1\r\nconnection: close\r\n\r\n",
     );
     assert!(answer.contains("transfer-encoding: chunked"), "{answer}");
+    assert_eq!(answer.matches("x-ratelimit-limit").count(), 1, "{answer}");
+    assert!(answer.contains("x-ratelimit-limit: 1000\r\n"), "{answer}");
     assert!(answer.ends_with("5\r\nhello\r\n0\r\n\r\n"), "{answer}");
     // HEAD: no body, and no length made up for it.
     let answer = http::exchange(
