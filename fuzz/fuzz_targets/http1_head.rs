@@ -121,6 +121,11 @@ fuzz_target!(|bytes: &[u8]| {
             let mut ours: Vec<(String, Vec<u8>)> = Vec::new();
             for field in parsed.fields {
                 let name = field.name.to_ascii_lowercase();
+                // hyper keeps one `Content-Length` of equal repeats (the
+                // front end forwards none: it writes the framing itself).
+                if name == "content-length" && ours.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
                 let at = ours
                     .iter()
                     .rposition(|(n, _)| *n == name)

@@ -92,13 +92,22 @@ impl Default for Connection {
 }
 
 impl Connection {
-    /// Writes `bytes` whole, each piece within the send timeout.
+    /// Writes `bytes` whole, each piece of at most [`answer::PIECE`] bytes
+    /// taken by the client within the send timeout of when it first had to
+    /// wait for it (as hyper's path times a piece it was handed).
     async fn send(&self, stream: &mut TcpStream, bytes: &[u8]) -> Result<(), Ended> {
         let mut timer: Option<Timer> = None;
         let mut sent = 0;
+        // The piece being written: where it ends, and its deadline once it
+        // has waited.
+        let mut piece_end = 0;
+        let mut deadline: Option<Instant> = None;
         while sent < bytes.len() {
-            let piece = &bytes[sent..bytes.len().min(sent + answer::PIECE)];
-            match stream.try_write(piece) {
+            if sent >= piece_end {
+                piece_end = bytes.len().min(sent + answer::PIECE);
+                deadline = None;
+            }
+            match stream.try_write(&bytes[sent..piece_end]) {
                 Ok(n) => {
                     sent += n;
                     continue;
@@ -106,7 +115,7 @@ impl Connection {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return Err(Ended::Closed),
             }
-            let deadline = Instant::now() + self.send;
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.send);
             let timer = timer.get_or_insert_with(Timer::new);
             tokio::select! {
                 biased;
@@ -157,6 +166,8 @@ async fn run(
     // When the head being read began: at accept for the first, at its
     // first byte for a later one (`None` while none has).
     let mut head_began = Some(accepted);
+    // The requests being served came in one read with others.
+    let mut batched = false;
     loop {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let read = if buf.is_empty() {
@@ -168,7 +179,14 @@ async fn run(
             Read::Partial => {}
             Read::Serve(head) => {
                 let len = head.len;
-                match request(&head, stream, &mut out, peer, proxy, limits, stop).await {
+                // Requests that came together are answered together, even
+                // if the client shut its side after sending them.
+                batched |= buf.len() > len;
+                let pipelined = batched;
+                let serving = request(
+                    &head, stream, &mut out, peer, proxy, limits, stop, pipelined,
+                );
+                match serving.await {
                     Step::Served => {}
                     Step::Close => return Ended::Closed,
                     Step::Cut => return Ended::Cut,
@@ -205,6 +223,7 @@ async fn run(
                 Ok(0) | Err(_) => return Ended::Closed,
                 Ok(_) => {
                     head_began.get_or_insert_with(Instant::now);
+                    batched = false;
                 }
             },
             () = timer.until(deadline) => {
@@ -344,7 +363,12 @@ pub fn read_head<'h, 'b>(
     })
 }
 
-/// Serves a request the front end read.
+/// Serves a request the front end read; `pipelined` when the client sent
+/// more after it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a request and its connection's whole state"
+)]
 async fn request(
     parsed: &Parsed<'_, '_>,
     stream: &mut TcpStream,
@@ -353,6 +377,7 @@ async fn request(
     proxy: &Arc<Proxy>,
     limits: Limits,
     stop: &watch::Receiver<()>,
+    pipelined: bool,
 ) -> Step {
     let &Parsed {
         method,
@@ -376,11 +401,12 @@ async fn request(
     };
     // A client that goes away while its request is upstream lets go of
     // what the request holds at once (its slots, its upstream
-    // connection), as hyper does: the request is dropped.
+    // connection), as hyper does: the request is dropped. Not one that sent
+    // more requests first and then shut its side: those are served.
     let served = tokio::select! {
         biased;
         served = proxy.serve_head(&head, peer) => served,
-        () = gone(stream) => return Step::Close,
+        () = gone(stream), if !pipelined => return Step::Close,
     };
     // A stopping agent closes each connection after its answer in progress.
     if conn.keep && stop.has_changed().unwrap_or(true) {

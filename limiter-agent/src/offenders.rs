@@ -24,8 +24,9 @@ const OFFENDERS_SHOWN: usize = 10;
 
 /// The clients rejected in their current windows, by tier, with the store's
 /// own count of their rejections.
-#[derive(Default)]
 pub struct Offenders {
+    /// One rejection in this many is noted (see [`Offenders::note`]).
+    sample: u32,
     /// Keyed by a keyed hash of (route, identity), so a rejection of a client
     /// already on the board allocates nothing.
     clients: Mutex<HashMap<u64, Row>>,
@@ -42,14 +43,32 @@ struct Row {
     reset_ms: u64,
 }
 
+impl Default for Offenders {
+    fn default() -> Self {
+        Self {
+            sample: SAMPLE,
+            clients: Mutex::default(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
 impl Offenders {
     /// Notes a rejection (or a would-be one) of `identity` on `route`.
-    /// Sampled: a client's first rejections in a window, then one in
-    /// [`SAMPLE`] (the board shows the store's count as of the last one
-    /// noted), so a flood of 429s costs the board a lock and a hash only
-    /// now and then.
+    /// Sampled: a client's first [`SAMPLE`] rejections in a window, then
+    /// one in [`SAMPLE`] of the rejections this thread sees (the board
+    /// shows the store's count as of the last one noted), so a flood of
+    /// 429s costs the board a lock and a hash only now and then.
     pub fn note(&self, route: &str, identity: &Identity, decision: &Decision, now_ms: u64) {
-        if decision.rejected > SAMPLE && !decision.rejected.is_multiple_of(SAMPLE) {
+        thread_local! {
+            static SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let seen = SEEN.with(|seen| {
+            let n = seen.get().wrapping_add(1);
+            seen.set(n);
+            n
+        });
+        if decision.rejected > self.sample && !seen.is_multiple_of(self.sample) {
             return;
         }
         let key = self.hasher.hash_one((route, identity));
@@ -150,8 +169,9 @@ mod tests {
         for count in 1..=40 {
             board.note("/a", &ip, &rejected(count, 10_000), 0);
         }
-        // Every one of the first 16, then the 32nd; not the 40th.
-        assert_eq!(board.top(1_000)[0]["rejected"], 32);
+        // Every one of the first 16, then one in 16 of the thread's.
+        let noted = board.top(1_000)[0]["rejected"].as_u64().unwrap();
+        assert!((17..40).contains(&noted), "{noted}");
     }
 
     #[test]
@@ -178,7 +198,10 @@ mod tests {
 
     #[test]
     fn a_full_board_forgets_reset_windows_then_the_least_rejected_half() {
-        let board = Offenders::default();
+        let board = Offenders {
+            sample: 1,
+            ..Offenders::default()
+        };
         let ip = |i: usize| Identity::Ip(IpAddr::from(u32::try_from(i).unwrap().to_be_bytes()));
         let shown = |board: &Offenders| -> Vec<String> {
             let clients = board.clients.lock().unwrap();
@@ -190,7 +213,7 @@ mod tests {
             board.note(
                 "/a",
                 &ip(i),
-                &rejected(SAMPLE * (1 + u32::try_from(i).unwrap()), reset),
+                &rejected(10 + u32::try_from(i).unwrap(), reset),
                 0,
             );
         }
@@ -206,7 +229,7 @@ mod tests {
             board.note(
                 "/a",
                 &ip(i),
-                &rejected(SAMPLE * (1 + u32::try_from(i).unwrap()), 10_000),
+                &rejected(10 + u32::try_from(i).unwrap(), 10_000),
                 6_000,
             );
         }

@@ -105,6 +105,29 @@ fn pipelined_requests_are_answered_in_order_across_a_handoff() {
     assert!(all[0].header("x-ratelimit-remaining").is_some());
 }
 
+/// A client that sends its requests and shuts its side (`nc -N`) gets
+/// every answer: only one that leaves with nothing more sent is dropped.
+#[test]
+fn pipelined_requests_before_a_half_close_are_all_answered() {
+    let (agent, _) = start(Duration::from_millis(200), "");
+    let mut stream = TcpStream::connect(agent.addr).unwrap();
+    stream
+        .write_all(
+            b"GET /api/one HTTP/1.1\r\nhost: a\r\n\r\nGET /api/two HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let all = responses(&answer);
+    assert_eq!(all.len(), 2, "{answer}");
+    assert!(all.iter().all(|r| r.status == 200), "{answer}");
+}
+
 #[test]
 fn the_framing_rules_hold_on_both_readers() {
     let (agent, seen) = start(Duration::ZERO, "");

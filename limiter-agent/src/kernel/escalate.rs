@@ -219,9 +219,11 @@ impl RejectionSink for Escalation {
     ) {
         let settings = self.settings.load();
         let threshold = settings.threshold(decision.limit);
-        // Most rejections are under the threshold: nothing more to do, and
-        // no lock taken (a key's own count is never above its bucket's).
-        if decision.rejected <= threshold {
+        // Most rejections of an address are under the threshold: nothing
+        // more to do, and no lock taken. A key's are counted per sender
+        // below (its own count starts with its first rejection), so they
+        // go on.
+        if matches!(identity, Identity::Ip(_)) && decision.rejected <= threshold {
             return;
         }
         let Some(addr) = Self::target(&settings, peer, identity) else {
