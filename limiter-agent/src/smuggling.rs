@@ -7,8 +7,8 @@
 //! parsed (TLS, HTTP/2, a connection handed to hyper), so no head passes
 //! one that the other refuses.
 //!
-//! - `Content-Length`: digits only (a comma list of equal values, as hyper
-//!   reads it), no sign, no overflow; lines that differ are refused.
+//! - `Content-Length`: digits only (no list, as hyper's server reads it), no
+//!   sign, no overflow; lines that differ are refused.
 //! - `Transfer-Encoding`: only `chunked`, and last; never with
 //!   `Content-Length` (RFC 9112 §6.1 lets a server refuse what smuggling
 //!   is made of); never in HTTP/1.0, which has no chunked coding.
@@ -154,24 +154,18 @@ pub fn framing<F: Fields + ?Sized>(http10: bool, fields: &F) -> Result<Framing, 
     }
 }
 
-/// A `Content-Length` value: digits, or a comma list of one value repeated
-/// (as hyper reads it); `None` for anything else.
+/// A `Content-Length` value: digits only (no sign, no list: hyper's server
+/// reads one number per line), at most [`MAX_LENGTH`]; `None` for anything
+/// else.
 fn parse_length(value: &[u8]) -> Option<u64> {
-    let mut parsed: Option<u64> = None;
-    for item in value.split(|b| *b == b',') {
-        let item = item.trim_ascii();
-        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = item.iter().try_fold(0u64, |n, d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })?;
-        if n > MAX_LENGTH || parsed.is_some_and(|seen| seen != n) {
-            return None;
-        }
-        parsed = Some(n);
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    parsed
+    digits
+        .iter()
+        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+        .filter(|n| *n <= MAX_LENGTH)
 }
 
 /// `Content_Length` or `Transfer_Encoding` in any case.
@@ -213,7 +207,8 @@ mod tests {
             (&[], Ok(Framing::None)),
             (&[("content-length", "0")], Ok(Framing::Length(0))),
             (&[("Content-Length", " 42 ")], Ok(Framing::Length(42))),
-            (&[("content-length", "5, 5")], Ok(Framing::Length(5))),
+            (&[("content-length", "5, 5")], Err(Refused::BadLength)),
+            (&[("content-length", "000,0")], Err(Refused::BadLength)),
             (
                 &[("content-length", "5"), ("content-length", "5")],
                 Ok(Framing::Length(5)),
