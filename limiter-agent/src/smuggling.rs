@@ -164,7 +164,9 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     }
     digits
         .iter()
-        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .filter(|n| *n <= MAX_LENGTH)
 }
 
