@@ -449,12 +449,27 @@ async fn request(
 }
 
 /// Resolves when the client has closed or reset the connection; never
-/// while it is open (bytes of a next request included).
+/// while it is open (bytes of a next request included). Waits on the
+/// socket's readiness, which the last short read cleared: no system call
+/// until the client sends or closes.
 async fn gone(stream: &TcpStream) {
     let mut byte = [0u8; 1];
-    if let Ok(1) = stream.peek(&mut byte).await {
-        std::future::pending::<()>().await;
-    }
+    let mut open = false;
+    std::future::poll_fn(|cx| {
+        if open {
+            return std::task::Poll::Pending;
+        }
+        let mut probe = tokio::io::ReadBuf::new(&mut byte);
+        match stream.poll_peek(cx, &mut probe) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(Ok(n)) if n > 0 => {
+                open = true;
+                std::task::Poll::Pending
+            }
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(()),
+        }
+    })
+    .await;
 }
 
 /// Whether the client keeps the connection open after this request: HTTP/1.1

@@ -267,7 +267,7 @@ impl Proxy {
             .store_healthy
             .set(i64::from(self.store.healthy()));
         let state = self.state.load();
-        self.upstreams.sweep(&forward::connect_to(&state));
+        self.upstreams.sweep(forward::connect_to(&state));
         self.metrics
             .upstream_idle
             .set(i64::try_from(self.upstreams.idle()).unwrap_or(i64::MAX));

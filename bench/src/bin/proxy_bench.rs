@@ -17,7 +17,14 @@
 //! The allowed scenario also runs two floors: `tcp_relay`, a byte relay with
 //! no HTTP (`proxy-bench --relay`), the floor of a proxy on this runtime and
 //! kernel path; and `hyper_floor`, hyper's HTTP/1 server and client and
-//! nothing else (`proxy-bench --hyper`), the floor with HTTP.
+//! nothing else (`proxy-bench --hyper`), the floor with HTTP; and
+//! `http_floor`, the least an HTTP-aware relay does (`proxy-bench --http`):
+//! each request head and answer head parsed by `httparse` and relayed as it
+//! came, the answer's body by its length. The rejected
+//! scenario runs `answer_floor`: a server that answers every request with
+//! the same pre-rendered 429, as long as the limiter's (`proxy-bench
+//! --answer`), the floor of a sent 429: one receive and one send on this
+//! runtime, no parsing and no decision.
 //!
 //! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
 
@@ -57,8 +64,17 @@ struct Args {
     relay: Option<Vec<SocketAddr>>,
     /// Serve as the `hyper_floor` floor instead: hyper's HTTP/1 server and
     /// client and nothing else (the bench starts itself so).
-    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"], conflicts_with = "answer")]
     hyper: Option<Vec<SocketAddr>>,
+    /// Serve as the `http_floor` floor instead: heads parsed and relayed
+    /// as they came, nothing else (the bench starts itself so).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"], conflicts_with = "answer")]
+    http: Option<Vec<SocketAddr>>,
+    /// Serve as the `answer_floor` floor instead: every request answered
+    /// with the same pre-rendered 429, nothing else (the bench starts itself
+    /// so; UPSTREAM is not used).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    answer: Option<Vec<SocketAddr>>,
 }
 
 const CONTENDER_CPU: u32 = 1;
@@ -386,6 +402,29 @@ fn xdp_done(
     unpin(instance);
 }
 
+/// The floors a scenario runs beside its contenders, each on a port of its
+/// own: with the upstream `direct`ly reachable, `tcp_relay` (bytes relayed,
+/// no HTTP: see [`relay`]), `http_floor` (the least an HTTP-aware relay
+/// does: see [`http_floor`]) and `hyper_floor` (hyper's server and client,
+/// nothing else); where every request is rejected (`scale` 1),
+/// `answer_floor` (the floor of a sent 429: see [`answer_floor`]).
+fn floors(direct: bool, scale: u32, place: Place, up_port: u16) -> Vec<(&'static str, u16, Peer)> {
+    let mut floors = Vec::new();
+    let mut add = |name, mode| {
+        let port = free_port();
+        floors.push((name, port, floor_peer(mode, place, port, up_port)));
+    };
+    if direct {
+        add("tcp_relay", "--relay");
+        add("http_floor", "--http");
+        add("hyper_floor", "--hyper");
+    }
+    if scale == 1 {
+        add("answer_floor", "--answer");
+    }
+    floors
+}
+
 /// One scenario: every contender up at once at `place`, `rounds` interleaved wrk runs.
 fn scenario(
     name: &str,
@@ -452,18 +491,9 @@ fn scenario(
     if let Some(quiet) = &limiter_quiet {
         contenders.push(("limiter_no_dashboard", quiet_port, quiet.pid(), true));
     }
-    // The floor under any proxy on this runtime and kernel path: bytes
-    // relayed, no HTTP (see `relay`).
-    let relay_port = free_port();
-    let relay = direct.then(|| floor_peer("--relay", place, relay_port, up_port));
-    if let Some(relay) = &relay {
-        contenders.push(("tcp_relay", relay_port, relay.pid(), true));
-    }
-    // The floor with HTTP: hyper's server and client, nothing else.
-    let hyper_port = free_port();
-    let hyper = direct.then(|| floor_peer("--hyper", place, hyper_port, up_port));
-    if let Some(hyper) = &hyper {
-        contenders.push(("hyper_floor", hyper_port, hyper.pid(), true));
+    let floors = floors(direct, scale, place, up_port);
+    for (floor, port, peer) in &floors {
+        contenders.push((floor, *port, peer.pid(), true));
     }
     if direct {
         contenders.push(("direct", up_port, upstream.pid(), false));
@@ -793,6 +823,66 @@ fn relay(listen: SocketAddr, upstream: SocketAddr) {
     });
 }
 
+/// `proxy-bench --http LISTEN UPSTREAM`: the `http_floor` contender
+/// ([`floor`]: one upstream connection per client connection): each
+/// request head read whole and parsed by `httparse`, written upstream as it
+/// came; the answer's head read and parsed, its body read by its
+/// `Content-Length`, and the answer written to the client as it came. The
+/// least a proxy that reads HTTP does per request (requests without a
+/// body, answers with a length: the allowed scenario's), with no header
+/// rewritten, no decision and no limit fields.
+fn http_floor(listen: SocketAddr, upstream: SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    floor(listen, upstream, |mut client, mut server| async move {
+        let (mut request, mut answer) = (Vec::with_capacity(4096), Vec::with_capacity(16384));
+        loop {
+            let head = loop {
+                let mut fields = [httparse::EMPTY_HEADER; 64];
+                match httparse::Request::new(&mut fields).parse(&request) {
+                    Ok(httparse::Status::Complete(len)) => break len,
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => return,
+                }
+                request.reserve(4096);
+                if !matches!(client.read_buf(&mut request).await, Ok(n) if n > 0) {
+                    return;
+                }
+            };
+            if server.write_all(&request[..head]).await.is_err() {
+                return;
+            }
+            request.drain(..head);
+            let whole = loop {
+                let mut fields = [httparse::EMPTY_HEADER; 64];
+                let mut parsed = httparse::Response::new(&mut fields);
+                match parsed.parse(&answer) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let length = parsed
+                            .headers
+                            .iter()
+                            .find(|f| f.name.eq_ignore_ascii_case("content-length"))
+                            .and_then(|f| std::str::from_utf8(f.value).ok()?.parse::<usize>().ok());
+                        let Some(length) = length else { return };
+                        if answer.len() >= len + length {
+                            break len + length;
+                        }
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(_) => return,
+                }
+                answer.reserve(16384);
+                if !matches!(server.read_buf(&mut answer).await, Ok(n) if n > 0) {
+                    return;
+                }
+            };
+            if client.write_all(&answer[..whole]).await.is_err() {
+                return;
+            }
+            answer.drain(..whole);
+        }
+    });
+}
+
 /// `proxy-bench --hyper LISTEN UPSTREAM`: the `hyper_floor` contender, a
 /// reverse proxy of hyper's HTTP/1 server and client and nothing else
 /// ([`floor`]: one upstream connection per client connection, no pool at
@@ -820,19 +910,89 @@ fn hyper_floor(listen: SocketAddr, upstream: SocketAddr) {
     });
 }
 
+/// The 429 `answer_floor` sends: the limiter's answer to the rejected
+/// scenario's client, byte for byte in length (its `Date` a fixed one).
+const ANSWER_429: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\
+date: Mon, 07 Dec 2026 14:00:00 GMT\r\n\
+x-ratelimit-limit: 60\r\nx-ratelimit-remaining: 0\r\nx-ratelimit-reset: 1796653022\r\n\
+retry-after: 55\r\ncontent-type: application/json\r\ncontent-length: 118\r\n\r\n\
+{\"error\":{\"code\":\"RATE_LIMIT_EXCEEDED\",\"message\":\"Rate limit exceeded. Try again later.\",\"details\":{\"retryAfter\":55}}}";
+
+/// `proxy-bench --answer LISTEN UPSTREAM`: the `answer_floor` contender
+/// ([`floor`], its upstream connection unused): reads what a client sends
+/// and answers each head (each blank line that ends one) with
+/// [`ANSWER_429`], all of a read's answers in one write. One receive and
+/// one send per request on the agent's runtime, and nothing else: what a
+/// sent 429 costs before any HTTP handling or deciding.
+fn answer_floor(listen: SocketAddr, upstream: SocketAddr) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    floor(listen, upstream, |mut client, server| async move {
+        drop(server);
+        let mut buf = Vec::with_capacity(4096);
+        let mut out = Vec::with_capacity(4096);
+        loop {
+            match client.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let mut start = 0;
+            while let Some(end) = buf[start..].windows(4).position(|w| w == b"\r\n\r\n") {
+                start += end + 4;
+                out.extend_from_slice(ANSWER_429);
+            }
+            buf.drain(..start);
+            if !out.is_empty() {
+                if client.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+            buf.reserve(4096);
+        }
+    });
+}
+
+/// The CPU per request of `ours` against that of `theirs` in `scenario`
+/// (0 when either is missing).
+fn cpu_of(scenario: &serde_json::Value, ours: &str, theirs: &str) -> f64 {
+    let cpu = |key: &str| scenario[key]["cpu_us_per_request"].as_f64().unwrap_or(0.0);
+    let (ours, theirs) = (cpu(ours), cpu(theirs));
+    if ours > 0.0 && theirs > 0.0 {
+        ours / theirs
+    } else {
+        0.0
+    }
+}
+
+/// A floor contender's server: `LISTEN`, `UPSTREAM`.
+type FloorServer = fn(SocketAddr, SocketAddr);
+
+/// Serves as the floor `args` names, if it names one (until killed);
+/// whether it did.
+fn serve_floor(args: &Args) -> bool {
+    let floors: [(&Option<Vec<SocketAddr>>, FloorServer); 4] = [
+        (&args.relay, relay),
+        (&args.http, http_floor),
+        (&args.hyper, hyper_floor),
+        (&args.answer, answer_floor),
+    ];
+    for (addrs, serve) in floors {
+        if let Some([listen, upstream]) = addrs.as_deref() {
+            serve(*listen, *upstream);
+            return true;
+        }
+    }
+    false
+}
+
 fn main() {
+    let args = Args::parse();
+    if serve_floor(&args) {
+        return;
+    }
     let Args {
-        rounds,
-        seconds,
-        relay: relay_addrs,
-        hyper: hyper_addrs,
-    } = Args::parse();
-    if let Some([listen, upstream]) = relay_addrs.as_deref() {
-        return relay(*listen, *upstream);
-    }
-    if let Some([listen, upstream]) = hyper_addrs.as_deref() {
-        return hyper_floor(*listen, *upstream);
-    }
+        rounds, seconds, ..
+    } = args;
     limiter_tests::require_root("the proxy benchmark (XDP on lo and on a veth)");
     // Limits far above what the run can send, then the reference limits.
     let allowed = scenario(
@@ -851,13 +1011,7 @@ fn main() {
         let theirs = scenario[key]["rps"].as_f64().unwrap_or(0.0);
         if theirs > 0.0 { ours / theirs } else { 0.0 }
     };
-    let cpu_ratio = |scenario: &serde_json::Value, key: &str| {
-        let ours = scenario["limiter"]["cpu_us_per_request"]
-            .as_f64()
-            .unwrap_or(0.0);
-        let theirs = scenario[key]["cpu_us_per_request"].as_f64().unwrap_or(0.0);
-        if theirs > 0.0 { ours / theirs } else { 0.0 }
-    };
+    let cpu_ratio = |scenario: &serde_json::Value, key: &str| cpu_of(scenario, "limiter", key);
     let p99_ratio = |scenario: &serde_json::Value, key: &str| {
         let ours = scenario["limiter"]["p99_ms"].as_f64().unwrap_or(0.0);
         let theirs = scenario[key]["p99_ms"].as_f64().unwrap_or(0.0);
@@ -886,10 +1040,7 @@ fn main() {
         "escalation": escalation,
         "tokens": tokens,
         "ratios": {
-            "tokens_cpu_vs_post": tokens["limiter_tokens"]["cpu_us_per_request"]
-                .as_f64()
-                .zip(tokens["limiter_post"]["cpu_us_per_request"].as_f64())
-                .map_or(0.0, |(metered, plain)| if plain > 0.0 { metered / plain } else { 0.0 }),
+            "tokens_cpu_vs_post": cpu_of(&tokens, "limiter_tokens", "limiter_post"),
             "allowed_vs_nginx": ratio(&allowed, "nginx"),
             "allowed_vs_haproxy": ratio(&allowed, "haproxy"),
             "rejected_vs_nginx": ratio(&rejected, "nginx"),
@@ -903,14 +1054,12 @@ fn main() {
             "allowed_cpu_with_dashboard_vs_without": cpu_ratio(&allowed, "limiter_no_dashboard"),
             "allowed_cpu_vs_tcp_relay": cpu_ratio(&allowed, "tcp_relay"),
             "allowed_cpu_vs_hyper_floor": cpu_ratio(&allowed, "hyper_floor"),
-            "hyper_floor_cpu_vs_nginx": allowed["hyper_floor"]["cpu_us_per_request"]
-                .as_f64()
-                .zip(allowed["nginx"]["cpu_us_per_request"].as_f64())
-                .map_or(0.0, |(floor, nginx)| if nginx > 0.0 { floor / nginx } else { 0.0 }),
-            "tcp_relay_cpu_vs_nginx": allowed["tcp_relay"]["cpu_us_per_request"]
-                .as_f64()
-                .zip(allowed["nginx"]["cpu_us_per_request"].as_f64())
-                .map_or(0.0, |(relay, nginx)| if nginx > 0.0 { relay / nginx } else { 0.0 }),
+            "hyper_floor_cpu_vs_nginx": cpu_of(&allowed, "hyper_floor", "nginx"),
+            "answer_floor_cpu_vs_nginx": cpu_of(&rejected, "answer_floor", "nginx"),
+            "rejected_cpu_vs_answer_floor": cpu_ratio(&rejected, "answer_floor"),
+            "http_floor_cpu_vs_nginx": cpu_of(&allowed, "http_floor", "nginx"),
+            "allowed_cpu_vs_http_floor": cpu_ratio(&allowed, "http_floor"),
+            "tcp_relay_cpu_vs_nginx": cpu_of(&allowed, "tcp_relay", "nginx"),
             "allowed_veth_vs_nginx": ratio(&allowed_veth, "nginx"),
             "allowed_veth_vs_haproxy": ratio(&allowed_veth, "haproxy"),
             "allowed_veth_cpu_vs_nginx": cpu_ratio(&allowed_veth, "nginx"),
@@ -923,4 +1072,17 @@ fn main() {
     let path = write_json("proxy", &result);
     print_verdicts(&result);
     println!("{}", path.display());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_floor_answer_is_as_long_as_the_limiters() {
+        assert_eq!(super::ANSWER_429.len(), 339);
+        let body = super::ANSWER_429
+            .split(|b| *b == b'\n')
+            .next_back()
+            .unwrap();
+        assert_eq!(body.len(), 118);
+    }
 }

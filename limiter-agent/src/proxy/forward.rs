@@ -1,7 +1,7 @@
 //! Forwarding to the upstream: the request rewritten for one hop, bodies
 //! streamed both ways, and the upstream's failures turned into JSON errors.
 
-use std::{borrow::Cow, time::Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{
@@ -80,7 +80,7 @@ impl Proxy {
             drop(body);
             tokio::time::timeout(
                 timeout,
-                self.upstreams.send_whole(&connect_to, &parts, &[], wait),
+                self.upstreams.send_whole(connect_to, &parts, &[], wait),
             )
             .await
             .map(|sent| sent.map(answer))
@@ -89,7 +89,7 @@ impl Proxy {
                 parts,
                 ClientBody::new(body, live.body_read_timeout, live.body_min_rate),
             );
-            tokio::time::timeout(timeout, self.upstreams.send(&connect_to, request, wait))
+            tokio::time::timeout(timeout, self.upstreams.send(connect_to, request, wait))
                 .await
                 .map(|sent| sent.map(answer))
         };
@@ -117,7 +117,7 @@ impl Proxy {
         let sent = tokio::time::timeout(
             live.upstream_timeout,
             self.upstreams
-                .send_encoded(&connect_to, &request, &method, live.upstream_wait),
+                .send_encoded(connect_to, &request, &method, live.upstream_wait),
         )
         .await
         .map(|sent| sent.map(answer));
@@ -145,7 +145,7 @@ impl Proxy {
         let sent = tokio::time::timeout(
             live.upstream_timeout,
             self.upstreams
-                .send_whole(&connect_to, &parts, &body, live.upstream_wait),
+                .send_whole(connect_to, &parts, &body, live.upstream_wait),
         )
         .await
         .map(|sent| sent.map(answer));
@@ -262,21 +262,12 @@ where
 
 /// The configured upstream's authority (`host[:port]`).
 pub(super) fn upstream_authority(state: &State) -> &str {
-    state
-        .config
-        .live
-        .upstream
-        .authority()
-        .map_or("127.0.0.1", http::uri::Authority::as_str)
+    &state.upstream_authority
 }
 
 /// `host:port` of the configured upstream to connect to; port 80 when it names none.
-pub(super) fn connect_to(state: &State) -> Cow<'_, str> {
-    let upstream = &state.config.live.upstream;
-    match (upstream.port(), upstream.host()) {
-        (None, Some(host)) => Cow::Owned(format!("{host}:80")),
-        _ => Cow::Borrowed(upstream_authority(state)),
-    }
+pub(super) fn connect_to(state: &State) -> &str {
+    &state.connect_to
 }
 
 /// Whether a request's field `name` goes upstream whatever `Connection`

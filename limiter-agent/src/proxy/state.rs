@@ -26,6 +26,10 @@ pub struct State {
     /// `[rls] envoy_config` domains.
     pub(super) envoy: Vec<EnvoyRules>,
     pub(super) unlimited: Counter,
+    /// The configured upstream's authority (`host[:port]`), read once.
+    pub(super) upstream_authority: Box<str>,
+    /// `host:port` to connect to (port 80 when the upstream names none).
+    pub(super) connect_to: Box<str>,
 }
 
 /// A tier ready for the hot path.
@@ -231,8 +235,19 @@ impl State {
             .iter()
             .map(|domain| EnvoyRules::new(domain, hasher, metrics, ietf))
             .collect();
+        let upstream = &config.live.upstream;
+        let upstream_authority: Box<str> = upstream
+            .authority()
+            .map_or("127.0.0.1", http::uri::Authority::as_str)
+            .into();
+        let connect_to = match (upstream.port(), upstream.host()) {
+            (None, Some(host)) => format!("{host}:80").into(),
+            _ => upstream_authority.clone(),
+        };
         Ok(Self {
             unlimited: metrics.request_counter("none", "unlimited"),
+            upstream_authority,
+            connect_to,
             config,
             routes,
             identity,

@@ -17,7 +17,8 @@
 //! end with no byte after it, HTTP/1.1 without `Connection: close`, and not
 //! an answer whose body the method or status suppresses (HEAD, 204, 304),
 //! which a broken upstream may still send, late. Before a pooled connection
-//! takes a request, the socket itself is asked whether anything arrived.
+//! takes a request, the reactor (and, when it saw something, the socket
+//! itself) is asked whether anything arrived.
 //! Anything else (a body that runs to the close, a stray byte, a framing
 //! error, a body the client left unread) closes it, so one exchange's bytes
 //! can never be read as another's answer.
@@ -99,22 +100,43 @@ impl Wire {
     /// Whether the connection can take a request: nothing arrived while it
     /// was idle (an upstream's close, or bytes no request asked for).
     ///
-    /// Asks the socket itself, just before the request is written: tokio's
-    /// readiness tells only what the reactor saw at its last turn, and a
-    /// stray byte an upstream writes late (a body after its answer to HEAD,
-    /// 204 or 304, sent in a write of its own) could land after that turn and
-    /// be read as the next request's answer. What arrives after this look and
-    /// before the request is written (microseconds) can't be told from the
-    /// answer: HTTP/1.1 has no way to.
+    /// Asks the reactor first, which costs no system call: the last read
+    /// of an exchange was short, which cleared the socket's readiness, so
+    /// readiness now means the reactor saw something arrive since. Only
+    /// then is the socket itself asked (readiness may also stand from a
+    /// read that filled its buffer exactly). What arrived after the
+    /// reactor's last turn (under load, one turn of the event loop; idle,
+    /// none, as the reactor wakes for it) is not seen here, as nginx and
+    /// hyper don't see it either: an answer whose body its method or status
+    /// suppresses (HEAD, 204, 304), which a broken upstream may still send
+    /// late, never comes back to the pool, and a close that races the
+    /// request is retried when the request is idempotent.
     fn quiet(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
+        }
+        if !self.seen_readable() {
+            return true;
         }
         let mut probe = [std::mem::MaybeUninit::uninit()];
         matches!(
             socket2::SockRef::from(&self.stream).peek(&mut probe),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock
         )
+    }
+
+    /// Whether the reactor has marked the socket readable (or closed) since
+    /// its readiness was last cleared; outside the task's budget, which
+    /// must not make a closed socket look quiet.
+    fn seen_readable(&self) -> bool {
+        let readable = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+            Poll::Ready(self.stream.poll_read_ready(cx).is_ready())
+        }));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(readable).poll(&mut cx) {
+            Poll::Ready(readable) => readable,
+            Poll::Pending => true,
+        }
     }
 
     /// Writes the head of a request without a body and reads the head of its
@@ -325,6 +347,51 @@ mod tests {
             .exchange(b"GET / HTTP/1.1\r\n\r\n", &Method::GET)
             .await;
         assert!(matches!(closed, Err(WireError::ClosedEarly)));
+    }
+
+    /// A connection to a server that writes `sent` at once and then, if
+    /// `close`, closes; and what the server is left holding.
+    async fn greeted(sent: &'static [u8], close: bool) -> Wire {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(sent).await.unwrap();
+            if !close {
+                std::future::pending::<()>().await;
+            }
+        });
+        Wire::new(
+            TcpStream::connect(addr).await.unwrap(),
+            "a".into(),
+            spare_permit(),
+        )
+    }
+
+    /// A pooled connection is unfit once the reactor has seen the upstream
+    /// close it or write to it unasked; a readiness that stands with
+    /// nothing to read (a read that filled its buffer exactly) is asked of
+    /// the socket, and the connection stays fit.
+    #[tokio::test]
+    async fn a_pooled_connection_is_quiet_until_the_upstream_speaks() {
+        let idle = greeted(b"", false).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(idle.quiet(), "nothing arrived");
+        let closed = greeted(b"", true).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!closed.quiet(), "the upstream closed it");
+        let stray = greeted(b"X", false).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!stray.quiet(), "a byte no request asked for");
+        let mut exact = greeted(b"four", false).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut four = [0u8; 4];
+        exact.stream.read_exact(&mut four).await.unwrap();
+        assert!(
+            exact.seen_readable(),
+            "a read that filled its buffer leaves readiness"
+        );
+        assert!(exact.quiet(), "and the socket says nothing is there");
     }
 
     /// The sweep finds every pooled connection the upstream closed, however

@@ -12,6 +12,8 @@ use super::WireError;
 /// Most header fields in an upstream's answer or its trailers (hyper's
 /// client allows 100).
 pub(super) const MAX_HEADERS: usize = 100;
+/// Fields of an answer head noted on the stack; more are noted on the heap.
+const INLINE_FIELDS: usize = 24;
 /// Most informational (1xx) answers before the final one.
 const MAX_INFORMATIONAL: usize = 16;
 
@@ -36,7 +38,6 @@ pub(super) fn parse_head(
             Err(_) => return Err(WireError::Malformed("invalid answer head")),
         };
         let code = response.code.unwrap_or(0);
-        let reason: Box<str> = response.reason.unwrap_or("").into();
         if (100..200).contains(&code) {
             // No upgrade was asked for (`Upgrade` is not forwarded).
             if code == 101 {
@@ -52,19 +53,40 @@ pub(super) fn parse_head(
         let status =
             StatusCode::from_u16(code).map_err(|_| WireError::Malformed("invalid status code"))?;
         let http11 = response.version == Some(1);
+        // A reason phrase of the upstream's own reaches the client, as
+        // through hyper's client.
+        let reason = response.reason.unwrap_or("");
+        let phrase = (status.canonical_reason() != Some(reason))
+            .then(|| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok())
+            .flatten();
         // Where each field's name and value sit in the head, so the head
-        // can be split off and the values share its bytes.
+        // can be split off and the names and values read from its bytes.
         let base = buf.as_ptr() as usize;
-        let mut fields = Vec::with_capacity(response.headers.len());
-        for field in response.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| WireError::Malformed("invalid header name"))?;
-            let start = field.value.as_ptr() as usize - base;
-            fields.push((name, start, start + field.value.len()));
+        let count = response.headers.len();
+        // On the stack for the usual answer; a longer head spills.
+        let mut inline = [(0, 0, 0, 0); INLINE_FIELDS];
+        let mut spilled = Vec::new();
+        let spans: &mut [(usize, usize, usize, usize)] = if count <= INLINE_FIELDS {
+            &mut inline[..count]
+        } else {
+            spilled.resize(count, (0, 0, 0, 0));
+            &mut spilled
+        };
+        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            );
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(fields.len());
-        for (name, start, end) in fields {
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_start, name_end, start, end) in &*spans {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|_| WireError::Malformed("invalid header name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                 .map_err(|_| WireError::Malformed("invalid header value"))?;
             headers.append(name, value);
@@ -79,11 +101,7 @@ pub(super) fn parse_head(
         let mut answer = Response::new(());
         *answer.status_mut() = status;
         *answer.headers_mut() = headers;
-        // A reason phrase of the upstream's own reaches the client, as
-        // through hyper's client.
-        if status.canonical_reason() != Some(&*reason)
-            && let Ok(phrase) = hyper::ext::ReasonPhrase::try_from(reason.as_bytes())
-        {
+        if let Some(phrase) = phrase {
             answer.extensions_mut().insert(phrase);
         }
         return Ok(Some((answer, framing)));
@@ -334,6 +352,27 @@ mod tests {
             (BodyState::ChunkSize, false)
         );
         assert_eq!(&buf[..], b"rest", "the body's bytes stay in the buffer");
+    }
+
+    /// Heads with fewer fields than are noted on the stack, as many, and
+    /// more (noted on the heap) keep every field, in order.
+    #[test]
+    fn every_field_of_a_long_head_is_kept() {
+        for count in [0, INLINE_FIELDS, INLINE_FIELDS + 1, MAX_HEADERS] {
+            let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..count {
+                std::fmt::Write::write_fmt(&mut raw, format_args!("x-f{i}: v{i}\r\n")).unwrap();
+            }
+            raw.push_str("\r\n");
+            let (answer, _) = head(&raw).unwrap().unwrap();
+            assert_eq!(answer.headers().len(), count);
+            for (i, (name, value)) in answer.headers().iter().enumerate() {
+                assert_eq!(
+                    (name.as_str(), value.to_str().unwrap()),
+                    (&*format!("x-f{i}"), &*format!("v{i}"))
+                );
+            }
+        }
     }
 
     #[test]
