@@ -204,7 +204,9 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             "nginx",
             "haproxy",
             "tcp_relay",
+            "http_floor",
             "hyper_floor",
+            "answer_floor",
             "direct",
         ] {
             let c = &s[contender];
@@ -242,19 +244,8 @@ fn proxy_section(out: &mut String, proxy: &Value) {
     escalation_table(out, &proxy["escalation"]);
     tokens_table(out, proxy);
     proxy_verdicts(out, proxy);
-    let relay = &proxy["ratios"]["tcp_relay_cpu_vs_nginx"];
-    if !relay.is_null() {
-        let _ = writeln!(
-            out,
-            "- the floors, CPU per request against nginx's: `tcp_relay` (bytes relayed on the same \
-             runtime, no HTTP) {:.2}×, `hyper_floor` (hyper's HTTP/1 server and client, nothing \
-             else) {:.2}×; the limiter spends {:.2}× the relay's and {:.2}× hyper's alone\n",
-            f(relay),
-            f(&proxy["ratios"]["hyper_floor_cpu_vs_nginx"]),
-            f(&proxy["ratios"]["allowed_cpu_vs_tcp_relay"]),
-            f(&proxy["ratios"]["allowed_cpu_vs_hyper_floor"])
-        );
-    }
+    floor_lines(out, proxy);
+    let _ = writeln!(out);
     placement_and_escalation_verdicts(out, proxy);
     let _ = writeln!(
         out,
@@ -272,6 +263,38 @@ fn proxy_section(out: &mut String, proxy: &Value) {
 }
 
 /// The proxy's lines against the design's targets.
+/// The floors measured beside the contenders, against nginx and the limiter.
+fn floor_lines(out: &mut String, proxy: &Value) {
+    let relay = &proxy["ratios"]["tcp_relay_cpu_vs_nginx"];
+    if !relay.is_null() {
+        let _ = writeln!(
+            out,
+            "- the floors of the allowed path, CPU per request against nginx's: `tcp_relay` \
+             (bytes relayed on the same runtime, no HTTP) {:.2}×, `http_floor` (heads parsed by \
+             httparse and relayed as they came, nothing else) {:.2}×, `hyper_floor` (hyper's \
+             HTTP/1 server and client, nothing else) {:.2}×; the limiter spends {:.2}× the \
+             relay's, {:.2}× the least HTTP-aware relay's and {:.2}× hyper's alone",
+            f(relay),
+            f(&proxy["ratios"]["http_floor_cpu_vs_nginx"]),
+            f(&proxy["ratios"]["hyper_floor_cpu_vs_nginx"]),
+            f(&proxy["ratios"]["allowed_cpu_vs_tcp_relay"]),
+            f(&proxy["ratios"]["allowed_cpu_vs_http_floor"]),
+            f(&proxy["ratios"]["allowed_cpu_vs_hyper_floor"])
+        );
+    }
+    let answer = &proxy["ratios"]["answer_floor_cpu_vs_nginx"];
+    if !answer.is_null() {
+        let _ = writeln!(
+            out,
+            "- the floor of the 429 path: `answer_floor` (the limiter's 429, pre-rendered, sent \
+             for each request read: one receive and one send, nothing else) {:.2}× nginx's CPU \
+             per request; the limiter spends {:.2}× it",
+            f(answer),
+            f(&proxy["ratios"]["rejected_cpu_vs_answer_floor"])
+        );
+    }
+}
+
 fn proxy_verdicts(out: &mut String, proxy: &Value) {
     let allowed = f(&proxy["ratios"]["allowed_vs_nginx"]);
     let rejected = f(&proxy["ratios"]["rejected_vs_nginx"]);

@@ -758,6 +758,13 @@ fn print_verdicts(result: &serde_json::Value) {
         at_most(cpu("rejected_cpu_vs_nginx"), 0.7)
     );
     println!(
+        "proxy floors, CPU per request against nginx's: http_floor {:.2}x, tcp_relay {:.2}x \
+         (allowed); answer_floor {:.2}x (rejected)",
+        cpu("http_floor_cpu_vs_nginx"),
+        cpu("tcp_relay_cpu_vs_nginx"),
+        cpu("answer_floor_cpu_vs_nginx")
+    );
+    println!(
         "proxy allowed: the dashboard's sampler on vs off: {:.2}x the throughput, {:.2}x the CPU \
          per request",
         result["ratios"]["allowed_with_dashboard_vs_without"]
