@@ -430,6 +430,12 @@ async fn request(
             drop(slots);
             sent
         }
+        Served::Relayed(relayed, slots, standing) => {
+            let standing = standing.as_ref();
+            let sent = answer::relay(stream, out, relayed, &mut conn, head_request, standing).await;
+            drop(slots);
+            sent
+        }
         Served::Stamped(response, slots, standing) => {
             let standing = Some(&standing);
             let sent =

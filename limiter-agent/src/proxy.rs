@@ -37,6 +37,7 @@ use self::{
 };
 pub use self::{
     descriptors::{Answer, Verdict},
+    forward::Relayed,
     head::{Head, Served, Standing, TooMany},
     in_flight::Slots,
     respond::{error, json_response},

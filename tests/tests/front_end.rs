@@ -276,3 +276,92 @@ fn http_1_0_head_and_limit_fields_are_answered_as_hyper_answers_them() {
     assert!(!answer.contains("content-length"), "{answer}");
     assert!(chunks.load(Ordering::SeqCst) >= 3);
 }
+
+/// The field names of an answer's head, lowercased and sorted, and how
+/// many times each came; its `Date` aside (each reader writes its own).
+fn field_names(answer: &str) -> Vec<String> {
+    let head = answer.split("\r\n\r\n").next().unwrap_or("");
+    let mut names: Vec<String> = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, _)| name.trim().to_ascii_lowercase())
+        .filter(|name| name != "date")
+        .collect();
+    names.sort();
+    names
+}
+
+/// An upstream's answer goes to the client as it came, less what belongs
+/// to one hop: the hop-by-hop fields and those its `Connection` names (in
+/// any case), its `Date` and its limit fields (the agent writes its own),
+/// and the tier's cost field. The front end relays it from the bytes it
+/// read; hyper's path (a request with a body) from a parsed head: both
+/// leave the same fields.
+#[test]
+fn an_upstream_answer_is_relayed_less_what_one_hop_carries() {
+    let (upstream, _) = scripted::upstream(|_| {
+        (
+            b"HTTP/1.1 299 Custom Reason\r\nContent-Type: text/plain\r\n\
+              Connection: keep-alive, X-Hop\r\nx-HOP: secret\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Authenticate: Basic\r\nX-Request-Cost: 1\r\n\
+              Date: Mon, 01 Jan 2001 00:00:00 GMT\r\nX-RateLimit-Remaining: 12345\r\n\
+              X-Kept: a\r\nX-Kept: b\r\nContent-Length: 5\r\n\r\nhello"
+                .to_vec(),
+            After::KeepOpen,
+        )
+    });
+    let config = format!(
+        "{}cost_header = \"x-request-cost\"\n",
+        small_config(
+            "/api/:name",
+            1000,
+            "1m",
+            &format!("upstream = \"http://{upstream}\"\n"),
+        )
+    );
+    let agent = agent(&config, None, &[]);
+    let relayed = http::exchange(
+        &mut TcpStream::connect(agent.addr).unwrap(),
+        b"GET /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(
+        relayed.starts_with("HTTP/1.1 299 Custom Reason\r\n"),
+        "{relayed}"
+    );
+    assert!(relayed.ends_with("\r\n\r\nhello"), "{relayed}");
+    assert!(!relayed.contains("2001"), "the upstream's Date: {relayed}");
+    assert!(relayed.contains("X-Kept: a\r\nX-Kept: b\r\n"), "{relayed}");
+    assert_eq!(
+        field_names(&relayed),
+        [
+            "connection",
+            "content-length",
+            "content-type",
+            "x-kept",
+            "x-kept",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset"
+        ],
+        "{relayed}"
+    );
+    assert!(
+        !relayed.contains("12345"),
+        "the upstream's own limit field: {relayed}"
+    );
+    let parsed = http::exchange(
+        &mut TcpStream::connect(agent.addr).unwrap(),
+        b"POST /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi",
+    );
+    assert!(
+        parsed.starts_with("HTTP/1.1 299 Custom Reason\r\n"),
+        "{parsed}"
+    );
+    assert!(parsed.ends_with("\r\n\r\nhello"), "{parsed}");
+    assert_eq!(
+        field_names(&parsed),
+        field_names(&relayed),
+        "{parsed}\n{relayed}"
+    );
+}

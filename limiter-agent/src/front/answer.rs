@@ -7,13 +7,13 @@
 
 use std::{cell::RefCell, pin::Pin, task::Poll, time::SystemTime};
 
-use bytes::Buf as _;
+use bytes::{Buf as _, Bytes};
 use http::{Response, StatusCode, header};
 use hyper::body::Body as _;
 use tokio::net::TcpStream;
 
 use super::{Connection, Ended};
-use crate::proxy::{Body, Standing};
+use crate::proxy::{Body, Relayed, Standing};
 
 /// Largest piece written with one deadline (as `server::answer` hands hyper).
 pub const PIECE: usize = 16 * 1024;
@@ -67,22 +67,9 @@ pub async fn write(
 ) -> Result<(), Ended> {
     let (parts, body) = response.into_parts();
     let status = parts.status;
-    let bodiless = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
     let length = parts.headers.contains_key(header::CONTENT_LENGTH);
     let exact = body.size_hint().exact();
-    let delimit = if bodiless {
-        Delimit::None
-    } else if length || exact.is_some() {
-        Delimit::Length
-    } else if conn.http10 {
-        conn.keep = false;
-        Delimit::Close
-    } else {
-        Delimit::Chunked
-    };
+    let delimit = delimit(status, head_request, length, exact, conn);
     out.clear();
     let reason = parts
         .extensions
@@ -104,6 +91,87 @@ pub async fn write(
     if let Some(standing) = standing {
         standing.write(out);
     }
+    end_head(out, delimit, length, exact, head_request);
+    if delimit == Delimit::None {
+        return conn.send(stream, out).await;
+    }
+    send_body(stream, out, body, delimit == Delimit::Chunked, conn).await
+}
+
+/// Writes an upstream's answer as it came ([`Relayed::fields`]: the
+/// hop-by-hop fields and the hidden one left out), its `Date` and
+/// `Connection` written here and its limit fields from `standing`; then its
+/// body, read off the upstream connection as it is written.
+pub async fn relay(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    relayed: Relayed,
+    conn: &mut Connection,
+    head_request: bool,
+    standing: Option<&Standing>,
+) -> Result<(), Ended> {
+    let status = relayed.head.status();
+    let length = relayed.has_length();
+    let exact = relayed.body.size_hint().exact();
+    let delimit = delimit(status, head_request, length, exact, conn);
+    out.clear();
+    start(out, status, relayed.head.reason(), conn);
+    for (name, value) in relayed.fields() {
+        if name.eq_ignore_ascii_case("date")
+            || name.eq_ignore_ascii_case("connection")
+            || standing.is_some_and(|s| s.writes(name))
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(standing) = standing {
+        standing.write(out);
+    }
+    end_head(out, delimit, length, exact, head_request);
+    if delimit == Delimit::None {
+        return conn.send(stream, out).await;
+    }
+    send_body(stream, out, relayed.body, delimit == Delimit::Chunked, conn).await
+}
+
+/// How an answer of `status` goes to the client: without a body (HEAD, 1xx,
+/// 204, 304), by a length (its own, or one known), by the close (an
+/// HTTP/1.0 client, the connection not kept), or chunked.
+fn delimit(
+    status: StatusCode,
+    head_request: bool,
+    length: bool,
+    exact: Option<u64>,
+    conn: &mut Connection,
+) -> Delimit {
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if bodiless {
+        Delimit::None
+    } else if length || exact.is_some() {
+        Delimit::Length
+    } else if conn.http10 {
+        conn.keep = false;
+        Delimit::Close
+    } else {
+        Delimit::Chunked
+    }
+}
+
+/// The framing fields the answer lacks, and the head's end.
+fn end_head(
+    out: &mut Vec<u8>,
+    delimit: Delimit,
+    length: bool,
+    exact: Option<u64>,
+    head_request: bool,
+) {
     match (delimit, length, exact) {
         (Delimit::Length, false, Some(n)) => {
             out.extend_from_slice(b"content-length: ");
@@ -121,22 +189,22 @@ pub async fn write(
         _ => {}
     }
     out.extend_from_slice(b"\r\n");
-    if delimit == Delimit::None {
-        return conn.send(stream, out).await;
-    }
-    send_body(stream, out, body, delimit == Delimit::Chunked, conn).await
 }
 
 /// Writes the body after the head waiting in `out`: every frame ready at
 /// once joins what waits, up to a piece; what waits goes out when the body
 /// has nothing more ready (a stream's event is never held back).
-async fn send_body(
+async fn send_body<B>(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
-    mut body: Body,
+    mut body: B,
     chunked: bool,
     conn: &Connection,
-) -> Result<(), Ended> {
+) -> Result<(), Ended>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
         let frame = match polled.await {

@@ -13,6 +13,7 @@ use hyper::body::{Body as _, Incoming};
 use super::{Body, Head, Peer, Proxy, State, respond::error, upstream::UpstreamBusy, wire};
 use crate::{
     body::{ClientBody, ClientBodyError, client_fault},
+    fields::Fields,
     smuggling::MAX_CONNECTION_OPTIONS,
 };
 
@@ -21,6 +22,86 @@ use crate::{
 pub(super) enum Outgoing {
     Streamed(Request<Incoming>),
     Whole(request::Parts, Bytes),
+}
+
+/// What became of a request the front end forwarded.
+pub enum Forwarded {
+    /// The upstream's answer, to relay as it came.
+    Relayed(Relayed),
+    /// An answer the agent made (the upstream failed, or the request could
+    /// not go).
+    Made(Response<Body>),
+}
+
+/// An upstream's answer relayed as it came: its head as read, its body
+/// read off the connection as it is written.
+pub struct Relayed {
+    pub head: wire::RawHead,
+    pub body: wire::WireBody,
+    /// A field the writer leaves out (the tier's cost field: the agent's,
+    /// not the client's).
+    pub hidden: Option<HeaderName>,
+}
+
+impl Relayed {
+    /// Whether the answer's own `Content-Length` goes to the client: it has
+    /// one and no transfer coding (by which its body is read, RFC 9112
+    /// §6.3, 3).
+    #[must_use]
+    pub fn has_length(&self) -> bool {
+        has_length(&self.head)
+    }
+
+    /// The answer's fields as they go to the client, as hyper's path strips
+    /// them ([`strip_hop_by_hop`]): no hop-by-hop field nor one its
+    /// `Connection` names, no length beside a transfer coding, not the
+    /// hidden field.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        relayed_fields(&self.head, self.hidden.as_ref())
+    }
+}
+
+fn has_length(head: &impl Fields) -> bool {
+    head.has(&header::CONTENT_LENGTH) && !head.has(&header::TRANSFER_ENCODING)
+}
+
+/// [`Relayed::fields`] of `head`, less `hidden`.
+fn relayed_fields<'a, F: Fields>(
+    head: &'a F,
+    hidden: Option<&'a HeaderName>,
+) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+    let named = connection_named(head);
+    let length = has_length(head);
+    head.each().filter(move |(name, _)| {
+        let name = name.as_bytes();
+        !(HOP_BY_HOP
+            .iter()
+            .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
+            || (!length && name.eq_ignore_ascii_case(b"content-length"))
+            || hidden.is_some_and(|hidden| name.eq_ignore_ascii_case(hidden.as_str().as_bytes()))
+            || named
+                .binary_search_by(|token| caseless_cmp(token, name))
+                .is_ok())
+    })
+}
+
+/// The field names `head`'s `Connection` lists (but `close` and
+/// `keep-alive`), sorted without regard to case for a binary search: an
+/// upstream may list many, and each field is looked up once.
+fn connection_named<F: Fields>(head: &F) -> Vec<&[u8]> {
+    let mut named: Vec<&[u8]> = head
+        .values(&header::CONNECTION)
+        .flat_map(connection_tokens)
+        .collect();
+    named.sort_unstable_by(|a, b| caseless_cmp(a, b));
+    named
+}
+
+/// `a` against `b`, ASCII letters compared without regard to case.
+fn caseless_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.iter()
+        .map(u8::to_ascii_lowercase)
+        .cmp(b.iter().map(u8::to_ascii_lowercase))
 }
 
 /// Marks an answer the agent gave because the request never reached the
@@ -98,30 +179,43 @@ impl Proxy {
 
     /// [`Self::forward`] for a request without a body read by the HTTP/1
     /// front end: its head written for the upstream straight from the
-    /// fields it read, the same way [`one_hop`] rewrites a parsed one.
+    /// fields it read, the same way [`one_hop`] rewrites a parsed one; the
+    /// upstream's answer kept as it came, for the front end to relay.
     pub(super) async fn forward_head(
         &self,
         state: &State,
         head: &Head<'_, '_>,
         peer: &Peer,
         cost_header: Option<&HeaderName>,
-    ) -> Response<Body> {
+    ) -> Forwarded {
         let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
-            return error(StatusCode::BAD_REQUEST, "BAD_REQUEST", "invalid method");
+            return Forwarded::Made(error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "invalid method",
+            ));
         };
         let mut request = Vec::with_capacity(512);
         encode_from_fields(&mut request, head, state, peer, cost_header);
-        let started = Instant::now();
-        let connect_to = connect_to(state);
+        // One clock read for the deadline and the upstream's time.
+        let started = tokio::time::Instant::now();
         let live = &state.config.live;
-        let sent = tokio::time::timeout(
-            live.upstream_timeout,
+        let sent = tokio::time::timeout_at(
+            started + live.upstream_timeout,
             self.upstreams
-                .send_encoded(connect_to, &request, &method, live.upstream_wait),
+                .send_encoded(connect_to(state), &request, &method, live.upstream_wait),
         )
-        .await
-        .map(|sent| sent.map(answer));
-        self.answered(started, sent)
+        .await;
+        self.observe_upstream(started.into_std());
+        match sent {
+            Ok(Ok((head, body))) => Forwarded::Relayed(Relayed {
+                head,
+                body,
+                hidden: cost_header.cloned(),
+            }),
+            Ok(Err(e)) => Forwarded::Made(self.failed(Ok(e))),
+            Err(elapsed) => Forwarded::Made(self.failed(Err(elapsed))),
+        }
     }
 
     /// [`Self::forward`] for a body read whole: framed here, whatever the
@@ -158,16 +252,34 @@ impl Proxy {
         started: Instant,
         result: Result<Result<Response<Body>, super::BoxError>, tokio::time::error::Elapsed>,
     ) -> Response<Body> {
+        self.observe_upstream(started);
+        match result {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => self.failed(Ok(e)),
+            Err(elapsed) => self.failed(Err(elapsed)),
+        }
+    }
+
+    /// How long the upstream took, from `started`.
+    fn observe_upstream(&self, started: Instant) {
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
-        match result {
+    }
+
+    /// The error that stands for an upstream's answer that did not come:
+    /// the request failed, or it timed out.
+    fn failed(
+        &self,
+        failure: Result<super::BoxError, tokio::time::error::Elapsed>,
+    ) -> Response<Body> {
+        match failure {
             Err(_) => error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "UPSTREAM_TIMEOUT",
                 "The upstream did not answer in time.",
             ),
-            Ok(Err(e)) if e.is::<UpstreamBusy>() => {
+            Ok(e) if e.is::<UpstreamBusy>() => {
                 self.metrics.refuse("max_upstream_connections");
                 let mut busy = error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -177,7 +289,7 @@ impl Proxy {
                 busy.extensions_mut().insert(NotSent);
                 busy
             }
-            Ok(Err(e)) => {
+            Ok(e) => {
                 if let Some(fault) = client_fault(&*e) {
                     return client_body_answer(fault);
                 }
@@ -188,7 +300,6 @@ impl Proxy {
                     "The upstream could not be reached.",
                 )
             }
-            Ok(Ok(response)) => response,
         }
     }
 }
@@ -490,6 +601,86 @@ mod tests {
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "authorization"]);
+    }
+
+    /// An answer relayed as it came loses what hyper's path strips: the
+    /// hop-by-hop fields and those `Connection` names (in any case), a
+    /// length beside a transfer coding, and the hidden field.
+    #[test]
+    fn a_relayed_answer_loses_what_hyper_strips() {
+        let raw = [
+            httparse::Header {
+                name: "Connection",
+                value: b"keep-alive, X-Secret, x-other",
+            },
+            httparse::Header {
+                name: "X-SECRET",
+                value: b"1",
+            },
+            httparse::Header {
+                name: "X-Other",
+                value: b"2",
+            },
+            httparse::Header {
+                name: "Keep-Alive",
+                value: b"timeout=5",
+            },
+            httparse::Header {
+                name: "Transfer-Encoding",
+                value: b"chunked",
+            },
+            httparse::Header {
+                name: "Content-Length",
+                value: b"5",
+            },
+            httparse::Header {
+                name: "Upgrade",
+                value: b"h2c",
+            },
+            httparse::Header {
+                name: "Proxy-Authenticate",
+                value: b"Basic",
+            },
+            httparse::Header {
+                name: "X-Cost",
+                value: b"7",
+            },
+            httparse::Header {
+                name: "Content-Type",
+                value: b"application/json",
+            },
+            httparse::Header {
+                name: "x-ratelimit-limit",
+                value: b"9",
+            },
+        ];
+        let cost = HeaderName::from_static("x-cost");
+        let head = crate::fields::Raw(&raw);
+        let left: Vec<_> = relayed_fields(&head, Some(&cost)).collect();
+        assert_eq!(
+            left,
+            [
+                ("Content-Type", &b"application/json"[..]),
+                ("x-ratelimit-limit", &b"9"[..])
+            ]
+        );
+        let plain = [
+            httparse::Header {
+                name: "content-length",
+                value: b"5",
+            },
+            httparse::Header {
+                name: "x-cost",
+                value: b"7",
+            },
+        ];
+        let plain = crate::fields::Raw(&plain);
+        assert_eq!(
+            relayed_fields(&plain, None).count(),
+            2,
+            "a length alone is kept"
+        );
+        assert!(has_length(&plain));
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use super::{
     Body, Peer, Proxy, Routed, Slots, State,
-    limited::{Gated, Stamp},
+    forward::{Forwarded, Relayed},
+    limited::{Gated, Stamp, reported_cost},
     too_many,
 };
 use crate::{answers, fields::Raw, limit::Decision};
@@ -29,9 +30,13 @@ pub enum Served {
     /// The answer, and the in-flight slots a forwarded request holds until
     /// it is sent.
     Answer(http::Response<Body>, Option<Slots>),
-    /// The upstream's answer to a request on a tier, the slots it holds, and
-    /// the tier's standing for the writer to add to the head.
+    /// An answer the agent made for a request on a tier (the upstream
+    /// failed), the slots it holds, and the tier's standing for the writer
+    /// to add to the head.
     Stamped(http::Response<Body>, Option<Slots>, Standing),
+    /// The upstream's answer, to relay as it came, the slots it holds, and
+    /// its tier's standing (none off every tier).
+    Relayed(Relayed, Slots, Option<Standing>),
     /// Over the tier's limit: the 429, for the front end to write itself.
     TooMany(TooMany),
 }
@@ -44,15 +49,16 @@ pub struct Standing {
 }
 
 impl Standing {
-    /// Whether the field `name` (lowercase) is one [`Self::write`] writes:
+    /// Whether the field `name` (in any case) is one [`Self::write`] writes:
     /// an upstream's own of that name is left out.
     #[must_use]
     pub fn writes(&self, name: &str) -> bool {
         let ietf = self.state.tiers[self.tier].policy.is_some();
-        matches!(
-            name,
-            "x-ratelimit-limit" | "x-ratelimit-remaining" | "x-ratelimit-reset"
-        ) || (ietf && matches!(name, "ratelimit-policy" | "ratelimit"))
+        let is = |field: &str| name.eq_ignore_ascii_case(field);
+        is("x-ratelimit-limit")
+            || is("x-ratelimit-remaining")
+            || is("x-ratelimit-reset")
+            || (ietf && (is("ratelimit-policy") || is("ratelimit")))
     }
 
     /// Writes the fields as head lines into `out`.
@@ -102,8 +108,11 @@ impl Proxy {
         let (tier_index, admitted) = match self.route(&state, &head.fields, head.target, peer) {
             Routed::Refused(refused) => return Served::Answer(*refused, None),
             Routed::Unlimited(slots) => {
-                let answer = Box::pin(self.forward_head(&state, head, peer, None)).await;
-                return Served::Answer(answer, Some(slots));
+                let forwarded = Box::pin(self.forward_head(&state, head, peer, None)).await;
+                return match forwarded {
+                    Forwarded::Relayed(relayed) => Served::Relayed(relayed, slots, None),
+                    Forwarded::Made(answer) => Served::Answer(answer, Some(slots)),
+                };
             }
             Routed::Limited(tier_index, client) => {
                 let preflight = head.method == "OPTIONS";
@@ -124,9 +133,28 @@ impl Proxy {
             }
         };
         let tier = &state.tiers[tier_index];
-        let response = self
+        let forwarded = self
             .forward_head(&state, head, peer, tier.cost_header.as_ref())
             .await;
+        let response = match forwarded {
+            Forwarded::Relayed(relayed) => {
+                let reported = tier
+                    .cost_header
+                    .as_ref()
+                    .and_then(|name| reported_cost(&relayed.head, name));
+                let status = relayed.head.status();
+                let (slots, stamp) = self
+                    .finish_relayed(&state, tier, admitted, status, reported)
+                    .await;
+                let standing = Standing {
+                    state,
+                    tier: tier_index,
+                    stamp,
+                };
+                return Served::Relayed(relayed, slots, Some(standing));
+            }
+            Forwarded::Made(response) => response,
+        };
         let (response, slots, stamp) = self
             .finish(&state, tier, admitted, None, response, false)
             .await;

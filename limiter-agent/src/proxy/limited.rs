@@ -8,7 +8,7 @@
 use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
@@ -27,6 +27,7 @@ use crate::{
     answers,
     body::{ClientBody, client_fault},
     config::OnError,
+    fields::Fields,
     identity::{Identity, Requester},
     limit::{Algorithm, Ask, Decision, LeaseAsk, Settle, Spend, Store},
 };
@@ -269,18 +270,18 @@ impl Proxy {
             slots,
         } = admitted;
         self.learn(state, tier, check, response.status()).await;
-        let decision = if tier.cost_header.is_some() {
-            let settling = self.settle_cost(
-                tier,
-                &identity,
-                limit,
-                decision,
-                &decider,
-                response.headers_mut(),
-            );
-            Box::pin(settling).await
-        } else {
-            decision
+        // The cost field is taken out whatever it holds.
+        let reported = tier.cost_header.as_ref().and_then(|name| {
+            let reported = reported_cost(response.headers(), name);
+            response.headers_mut().remove(name);
+            reported
+        });
+        let decision = match reported {
+            Some(cost) => {
+                let settling = self.settle_cost(tier, &identity, limit, decision, &decider, cost);
+                Box::pin(settling).await
+            }
+            None => decision,
         };
         // Both clocks read as the answer leaves: the reset is told as the wall
         // clock now plus the monotonic time left (the upstream took some of it).
@@ -328,6 +329,38 @@ impl Proxy {
             _ => {}
         }
         (response, Some(slots), stamp)
+    }
+
+    /// [`Self::finish`] for an upstream's answer the front end relays as it
+    /// came (`status`, and the cost its `cost_header` reported): no token
+    /// budget rides on it (the request had no body to reserve by), and the
+    /// writer leaves the cost field out and adds the limit fields.
+    pub(super) async fn finish_relayed(
+        &self,
+        state: &State,
+        tier: &TierState,
+        admitted: Admitted,
+        status: StatusCode,
+        reported: Option<u32>,
+    ) -> (Slots, Stamp) {
+        let Admitted {
+            identity,
+            check,
+            limit,
+            decision,
+            decider,
+            slots,
+        } = admitted;
+        self.learn(state, tier, check, status).await;
+        let decision = match reported {
+            Some(cost) => {
+                let settling = self.settle_cost(tier, &identity, limit, decision, &decider, cost);
+                Box::pin(settling).await
+            }
+            None => decision,
+        };
+        let now = self.clock.now();
+        (slots, Stamp { decision, now })
     }
 
     /// The client's in-flight slot on `tier` when the tier caps them
@@ -579,9 +612,9 @@ impl Proxy {
         });
     }
 
-    /// Charges or refunds what the upstream says the request cost beyond or
-    /// below the tier's `cost` (in the answer's `cost_header`, which is taken
-    /// out whatever it holds); the request limit's state after.
+    /// Charges or refunds what the upstream says the request cost (`cost`,
+    /// from the answer's `cost_header`) beyond or below the tier's `cost`;
+    /// the request limit's state after.
     async fn settle_cost(
         &self,
         tier: &TierState,
@@ -589,21 +622,8 @@ impl Proxy {
         limit: u32,
         decision: Decision,
         store: &Arc<dyn Store>,
-        headers: &mut HeaderMap,
+        cost: u32,
     ) -> Decision {
-        let Some(name) = &tier.cost_header else {
-            return decision;
-        };
-        let reported = headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|v| v.parse::<u32>().ok());
-        headers.remove(name);
-        let Some(cost) = reported else {
-            return decision;
-        };
         let delta = i64::from(cost) - i64::from(tier.cost);
         // A dry run's rejection charged nothing to correct.
         if delta == 0 || !decision.allowed {
@@ -630,6 +650,17 @@ impl Proxy {
             }
         }
     }
+}
+
+/// The cost an answer reports in its field `name`: digits, nothing else.
+pub(super) fn reported_cost(fields: &impl Fields, name: &HeaderName) -> Option<u32> {
+    fields
+        .values(name)
+        .next()
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u32>().ok())
 }
 
 /// Bytes of request bodies the agent holds at once to read their cost, in

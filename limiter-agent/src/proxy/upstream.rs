@@ -44,7 +44,7 @@ use tower_service::Service as _;
 use super::{
     BoxError,
     pool::{Pool, Pooled},
-    wire::{self, Wire, WireBody, WireError},
+    wire::{self, RawHead, Wire, WireBody, WireError},
 };
 use crate::body::ClientBody;
 
@@ -241,8 +241,10 @@ impl Upstreams {
         let mut head = Vec::with_capacity(256 + body.len());
         wire::encode_head(parts, &mut head);
         head.extend_from_slice(body);
-        self.send_encoded(authority, &head, &parts.method, wait)
-            .await
+        let (answer, body) = self
+            .send_encoded(authority, &head, &parts.method, wait)
+            .await?;
+        Ok(answer.into_response()?.map(|()| body))
     }
 
     /// [`Self::send_whole`] for a request already written out whole, head
@@ -256,7 +258,7 @@ impl Upstreams {
         request: &[u8],
         method: &http::Method,
         wait: Duration,
-    ) -> Result<Response<WireBody>, BoxError> {
+    ) -> Result<(RawHead, WireBody), BoxError> {
         // A request that must not reach the upstream twice is retried only
         // when it could not be written.
         let idempotent = method.is_idempotent();
@@ -276,7 +278,7 @@ impl Upstreams {
             wire = self.connect_wire(authority, wait).await?;
             wire.exchange(request, method).await?
         };
-        Ok(answer.map(|()| WireBody::new(wire, framing, self.wires.clone())))
+        Ok((answer, WireBody::new(wire, framing, self.wires.clone())))
     }
 
     /// A new connection to `authority` for requests written here.

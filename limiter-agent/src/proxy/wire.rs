@@ -34,16 +34,16 @@ use std::{
 };
 
 use bytes::{Buf as _, BytesMut};
-use http::{HeaderMap, Method, Response};
+use http::{HeaderMap, Method};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     sync::OwnedSemaphorePermit,
 };
 
-pub use self::body::WireBody;
 use self::framing::{Framing, MAX_HEADERS, trailer_map};
 pub(super) use self::framing::{carries, encode_head};
+pub use self::{body::WireBody, framing::RawHead};
 use super::pool::Pooled;
 
 /// Longest answer head, informational answers included.
@@ -145,7 +145,7 @@ impl Wire {
         &mut self,
         head: &[u8],
         method: &Method,
-    ) -> Result<(Response<()>, Framing), WireError> {
+    ) -> Result<(RawHead, Framing), WireError> {
         if let Err(e) = self.stream.write_all(head).await {
             return Err(match e.kind() {
                 io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => WireError::NotSent,

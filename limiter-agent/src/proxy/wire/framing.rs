@@ -4,27 +4,100 @@
 //! whether the connection may carry another exchange after it. Table tests
 //! below; the reading itself is in [`super::body`].
 
-use bytes::{Buf as _, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header, request};
 
 use super::WireError;
+use crate::fields::Fields;
 
 /// Most header fields in an upstream's answer or its trailers (hyper's
 /// client allows 100).
 pub(super) const MAX_HEADERS: usize = 100;
-/// Fields of an answer head noted on the stack; more are noted on the heap.
-const INLINE_FIELDS: usize = 24;
 /// Most informational (1xx) answers before the final one.
 const MAX_INFORMATIONAL: usize = 16;
 
+/// An answer's head as it came from the upstream: its bytes, and where
+/// each field's name and value sit in them. Read through [`Fields`]; made
+/// into a `Response` only for hyper's path ([`RawHead::into_response`]).
+pub struct RawHead {
+    head: Bytes,
+    status: StatusCode,
+    /// The upstream's own reason phrase, where it is not the status's
+    /// canonical one.
+    reason: Option<(usize, usize)>,
+    /// Name start and end, value start and end, in `head`.
+    fields: Vec<[usize; 4]>,
+}
+
+impl RawHead {
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The upstream's own reason phrase, when it is not the canonical one.
+    #[must_use]
+    pub fn reason(&self) -> Option<&[u8]> {
+        self.reason.map(|(start, end)| &self.head[start..end])
+    }
+
+    /// The head as a `Response` with its fields in a `HeaderMap` (values
+    /// sharing the head's bytes); a length beside a transfer coding left
+    /// out, as the framing reads the body by the coding (RFC 9112 §6.3, 3).
+    pub fn into_response(self) -> Result<Response<()>, WireError> {
+        let mut headers = HeaderMap::with_capacity(self.fields.len());
+        for &[name_start, name_end, start, end] in &self.fields {
+            let name = HeaderName::from_bytes(&self.head[name_start..name_end])
+                .map_err(|_| WireError::Malformed("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(self.head.slice(start..end))
+                .map_err(|_| WireError::Malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        let mut answer = Response::new(());
+        *answer.status_mut() = self.status;
+        *answer.headers_mut() = headers;
+        // A reason phrase of the upstream's own reaches the client, as
+        // through hyper's client.
+        if let Some(phrase) = self
+            .reason()
+            .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason).ok())
+        {
+            answer.extensions_mut().insert(phrase);
+        }
+        Ok(answer)
+    }
+}
+
+impl Fields for RawHead {
+    fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        let name = name.as_str().as_bytes();
+        self.fields
+            .iter()
+            .filter(move |f| self.head[f[0]..f[1]].eq_ignore_ascii_case(name))
+            .map(|f| &self.head[f[2]..f[3]])
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.fields.iter().map(|f| {
+            // httparse took the name as a token: ASCII.
+            let name = std::str::from_utf8(&self.head[f[0]..f[1]]).unwrap_or("");
+            (name, &self.head[f[2]..f[3]])
+        })
+    }
+}
+
 /// The answer's head when `buf` holds all of it, taken off the buffer;
 /// informational answers are consumed and skipped (`informational` counts
-/// them across calls). The header values share the head's bytes.
+/// them across calls). Names are tokens and values hold no control byte
+/// but a tab: httparse's rules, which are `http`'s.
 pub(super) fn parse_head(
     buf: &mut BytesMut,
     method: &Method,
     informational: &mut usize,
-) -> Result<Option<(Response<()>, Framing)>, WireError> {
+) -> Result<Option<(RawHead, Framing)>, WireError> {
     loop {
         let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
@@ -53,58 +126,32 @@ pub(super) fn parse_head(
         let status =
             StatusCode::from_u16(code).map_err(|_| WireError::Malformed("invalid status code"))?;
         let http11 = response.version == Some(1);
-        // A reason phrase of the upstream's own reaches the client, as
-        // through hyper's client.
-        let reason = response.reason.unwrap_or("");
-        let phrase = (status.canonical_reason() != Some(reason))
-            .then(|| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok())
-            .flatten();
-        // Where each field's name and value sit in the head, so the head
-        // can be split off and the names and values read from its bytes.
         let base = buf.as_ptr() as usize;
-        let count = response.headers.len();
-        // On the stack for the usual answer; a longer head spills.
-        let mut inline = [(0, 0, 0, 0); INLINE_FIELDS];
-        let mut spilled = Vec::new();
-        let spans: &mut [(usize, usize, usize, usize)] = if count <= INLINE_FIELDS {
-            &mut inline[..count]
-        } else {
-            spilled.resize(count, (0, 0, 0, 0));
-            &mut spilled
+        let span = |bytes: &[u8]| {
+            let start = bytes.as_ptr() as usize - base;
+            (start, start + bytes.len())
         };
-        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            *span = (
-                name,
-                name + field.name.len(),
-                value,
-                value + field.value.len(),
-            );
-        }
-        let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(name_start, name_end, start, end) in &*spans {
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
-                .map_err(|_| WireError::Malformed("invalid header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                .map_err(|_| WireError::Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-        let framing = Framing::of(&headers, status, method, http11)?;
-        // Read by its transfer coding, an answer that also carries a
-        // length goes on without it (RFC 9112 §6.3, 3): the client must
-        // not frame it by a length the body does not have.
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            headers.remove(header::CONTENT_LENGTH);
-        }
-        let mut answer = Response::new(());
-        *answer.status_mut() = status;
-        *answer.headers_mut() = headers;
-        if let Some(phrase) = phrase {
-            answer.extensions_mut().insert(phrase);
-        }
-        return Ok(Some((answer, framing)));
+        let reason = response
+            .reason
+            .filter(|reason| status.canonical_reason() != Some(*reason))
+            .map(|reason| span(reason.as_bytes()));
+        let fields = response
+            .headers
+            .iter()
+            .map(|field| {
+                let (name_start, name_end) = span(field.name.as_bytes());
+                let (start, end) = span(field.value);
+                [name_start, name_end, start, end]
+            })
+            .collect();
+        let head = RawHead {
+            head: buf.split_to(len).freeze(),
+            status,
+            reason,
+            fields,
+        };
+        let framing = Framing::of(&head, status, method, http11)?;
+        return Ok(Some((head, framing)));
     }
 }
 
@@ -118,15 +165,14 @@ pub(in crate::proxy) struct Framing {
 
 impl Framing {
     pub(super) fn of(
-        headers: &HeaderMap,
+        headers: &impl Fields,
         status: StatusCode,
         method: &Method,
         http11: bool,
     ) -> Result<Self, WireError> {
         let close = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), b"close"));
+            .values(&header::CONNECTION)
+            .any(|v| has_token(v, b"close"));
         let reusable = http11 && !close;
         if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
@@ -141,7 +187,7 @@ impl Framing {
                 reusable: false,
             });
         }
-        let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+        let mut codings = headers.values(&header::TRANSFER_ENCODING).peekable();
         if codings.peek().is_some() && !http11 {
             // HTTP/1.0 has no transfer codings (RFC 9112 §6.1).
             return Err(WireError::Malformed(
@@ -154,9 +200,9 @@ impl Framing {
             // by the transfer coding, never reused (§6.3, 3).
             let chunked = codings
                 .last()
-                .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+                .and_then(|v| v.rsplit(|b| *b == b',').next())
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            let both = headers.contains_key(header::CONTENT_LENGTH);
+            let both = headers.has(&header::CONTENT_LENGTH);
             return Ok(Self {
                 body: if chunked {
                     BodyState::ChunkSize
@@ -167,8 +213,8 @@ impl Framing {
             });
         }
         let mut length = None;
-        for value in headers.get_all(header::CONTENT_LENGTH) {
-            for item in value.as_bytes().split(|b| *b == b',') {
+        for value in headers.values(&header::CONTENT_LENGTH) {
+            for item in value.split(|b| *b == b',') {
                 let n = parse_length(item.trim_ascii())
                     .ok_or(WireError::Malformed("invalid Content-Length"))?;
                 if length.is_some_and(|seen| seen != n) {
@@ -289,10 +335,14 @@ mod tests {
     fn head(raw: &str) -> Result<Option<(Response<()>, Framing)>, &'static str> {
         let mut buf = BytesMut::from(raw);
         let mut informational = 0;
-        parse_head(&mut buf, &Method::GET, &mut informational).map_err(|e| match e {
+        let why = |e| match e {
             WireError::Malformed(why) => why,
             _ => "other",
-        })
+        };
+        match parse_head(&mut buf, &Method::GET, &mut informational).map_err(why)? {
+            Some((head, framing)) => Ok(Some((head.into_response().map_err(why)?, framing))),
+            None => Ok(None),
+        }
     }
 
     #[test]
@@ -341,6 +391,7 @@ mod tests {
         let (answer, framing) = parse_head(&mut buf, &Method::GET, &mut informational)
             .unwrap()
             .unwrap();
+        let answer = answer.into_response().unwrap();
         assert_eq!((answer.status(), informational), (StatusCode::OK, 1));
         assert_eq!(answer.headers()["x-a"], "1");
         assert!(
@@ -354,11 +405,11 @@ mod tests {
         assert_eq!(&buf[..], b"rest", "the body's bytes stay in the buffer");
     }
 
-    /// Heads with fewer fields than are noted on the stack, as many, and
-    /// more (noted on the heap) keep every field, in order.
+    /// Heads of none, one, some and the most fields keep every field, in
+    /// order.
     #[test]
     fn every_field_of_a_long_head_is_kept() {
-        for count in [0, INLINE_FIELDS, INLINE_FIELDS + 1, MAX_HEADERS] {
+        for count in [0, 1, 24, MAX_HEADERS] {
             let mut raw = String::from("HTTP/1.1 200 OK\r\n");
             for i in 0..count {
                 std::fmt::Write::write_fmt(&mut raw, format_args!("x-f{i}: v{i}\r\n")).unwrap();
