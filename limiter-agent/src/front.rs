@@ -161,13 +161,22 @@ async fn run(
     let mut out = Vec::with_capacity(4096);
     let mut timer = Timer::new();
     let mut first = true;
-    let mut last_end = accepted;
     let max_head = limits.max_head.max(8192);
-    // When the head being read began: at accept for the first, at its
-    // first byte for a later one (`None` while none has).
+    // When the head being read began: at accept for the first, about its
+    // first byte for a later one; when the last answer ended. Each is read
+    // from the clock at the first wait that needs it (`None` until then):
+    // a head that came whole needs no clock at all.
     let mut head_began = Some(accepted);
+    let mut last_end = None;
     // The requests being served came in one read with others.
     let mut batched = false;
+    // The agent's stop, watched by one waiter for the connection's life
+    // (not one registered and dropped per wait).
+    let mut watcher = stop.clone();
+    let stopped = async move {
+        let _ = watcher.changed().await;
+    };
+    let mut stopped = std::pin::pin!(stopped);
     loop {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let read = if buf.is_empty() {
@@ -193,8 +202,8 @@ async fn run(
                 }
                 buf.advance(len);
                 first = false;
-                last_end = Instant::now();
-                head_began = (!buf.is_empty()).then_some(last_end);
+                last_end = None;
+                head_began = None;
                 continue;
             }
             Read::Handoff(_) => return Ended::Handoff(buf.freeze()),
@@ -213,7 +222,14 @@ async fn run(
         buf.reserve(4096);
         let (deadline, idle) = match head_began {
             Some(began) => (began + limits.header_read, false),
-            None => (last_end + limits.idle, true),
+            None if !buf.is_empty() => {
+                let began = *head_began.insert(Instant::now());
+                (began + limits.header_read, false)
+            }
+            None => (
+                *last_end.get_or_insert_with(Instant::now) + limits.idle,
+                true,
+            ),
         };
         // A stopping agent closes a connection with no request begun.
         let quiet = buf.is_empty();
@@ -221,10 +237,7 @@ async fn run(
             biased;
             read = stream.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return Ended::Closed,
-                Ok(_) => {
-                    head_began.get_or_insert_with(Instant::now);
-                    batched = false;
-                }
+                Ok(_) => batched = false,
             },
             () = timer.until(deadline) => {
                 if idle {
@@ -232,7 +245,7 @@ async fn run(
                 }
                 return timed_out(stream, &mut out, limits).await;
             }
-            _ = stop.changed(), if quiet => return Ended::Closed,
+            () = &mut stopped, if quiet => return Ended::Closed,
         }
     }
 }
@@ -416,8 +429,11 @@ async fn request(
     let sent = match served {
         Served::TooMany(rejected) if !head_request => {
             out.clear();
-            answer::start(out, StatusCode::TOO_MANY_REQUESTS, None, &conn);
-            rejected.write(proxy, out);
+            // One read of the wall clock, for `Date` and the reset.
+            let now = rejected.now(proxy);
+            let secs = now.unix_ms / 1000;
+            answer::start_at(out, StatusCode::TOO_MANY_REQUESTS, None, &conn, secs);
+            rejected.write(out, now);
             conn.send(stream, out).await
         }
         Served::TooMany(rejected) => {
@@ -497,6 +513,31 @@ fn keep_alive(http10: bool, fields: Raw<'_, '_>) -> bool {
     keep
 }
 
+/// The bytes `http` allows in a path: `"`, `{` and `}` too, and bytes of
+/// UTF-8 beyond ASCII (the target is text: the path rules refuse them
+/// later, with their own answer).
+const PATH_BYTES: [bool; 256] = byte_table(false);
+
+/// The bytes `http` allows in a query (`?` among them).
+const QUERY_BYTES: [bool; 256] = byte_table(true);
+
+/// Which bytes a path (or a `query`) allows.
+const fn byte_table(query: bool) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        #[expect(clippy::cast_possible_truncation, reason = "i < 256")]
+        let b = i as u8;
+        table[i] = if query {
+            matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E | 0x80..=0xFF)
+        } else {
+            matches!(b, 0x21..=0x22 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7E | 0x80..=0xFF)
+        };
+        i += 1;
+    }
+    table
+}
+
 /// The request target in origin form as `http`'s `PathAndQuery` reads it: `None` for
 /// another form (hyper's to serve), `Err` for a target hyper refuses, else
 /// the path and query without a fragment.
@@ -506,20 +547,17 @@ fn origin_form(target: &str) -> Option<Result<&str, ()>> {
     }
     let bytes = target.as_bytes();
     let mut query = false;
-    for (i, b) in bytes.iter().enumerate() {
-        if *b == b'#' {
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'#' {
             return Some(Ok(&target[..i]));
         }
-        // Bytes of UTF-8 beyond ASCII too (the target is text): the path
-        // rules refuse them later, with their own answer.
         let ok = if query {
-            matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E | 0x80..=0xFF)
-        } else if *b == b'?' {
+            QUERY_BYTES[usize::from(b)]
+        } else if b == b'?' {
             query = true;
             true
         } else {
-            // `"`, `{` and `}` too, as `http` allows them in a path.
-            matches!(b, 0x21..=0x22 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7E | 0x80..=0xFF)
+            PATH_BYTES[usize::from(b)]
         };
         if !ok {
             return Some(Err(()));

@@ -22,6 +22,17 @@ pub const PIECE: usize = 16 * 1024;
 /// `Connection` when the connection will close (or, to an HTTP/1.0
 /// client, stay open).
 pub fn start(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>, conn: &Connection) {
+    start_at(out, status, reason, conn, unix_secs(SystemTime::now()));
+}
+
+/// [`start`] with the wall clock read by the caller: `unix_secs` for `Date`.
+pub fn start_at(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    reason: Option<&[u8]>,
+    conn: &Connection,
+    unix_secs: u64,
+) {
     // An HTTP/1.0 client is answered in its version, as hyper does.
     out.extend_from_slice(if conn.http10 {
         b"HTTP/1.0 "
@@ -34,7 +45,7 @@ pub fn start(out: &mut Vec<u8>, status: StatusCode, reason: Option<&[u8]>, conn:
         reason.unwrap_or_else(|| status.canonical_reason().unwrap_or("").as_bytes()),
     );
     out.extend_from_slice(b"\r\ndate: ");
-    date(out);
+    date(out, unix_secs);
     out.extend_from_slice(b"\r\n");
     if !conn.keep {
         out.extend_from_slice(b"connection: close\r\n");
@@ -115,7 +126,11 @@ pub async fn relay(
     let exact = relayed.body.size_hint().exact();
     let delimit = delimit(status, head_request, length, exact, conn);
     out.clear();
-    start(out, status, relayed.head.reason(), conn);
+    let reason = relayed.head.reason();
+    match standing {
+        Some(standing) => start_at(out, status, reason, conn, standing.unix_secs()),
+        None => start(out, status, reason, conn),
+    }
     for (name, value) in relayed.fields() {
         if name.eq_ignore_ascii_case("date")
             || name.eq_ignore_ascii_case("connection")
@@ -295,15 +310,18 @@ thread_local! {
     static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
 }
 
-/// Appends the IMF-fixdate of now, rendered once a second per thread.
-fn date(out: &mut Vec<u8>) {
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+fn unix_secs(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Appends the IMF-fixdate of `secs` (Unix seconds), rendered once a
+/// second per thread.
+fn date(out: &mut Vec<u8>, secs: u64) {
     DATE.with_borrow_mut(|(cached, text)| {
         if *cached != secs {
-            let rendered = httpdate::fmt_http_date(now);
+            let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let rendered = httpdate::fmt_http_date(at);
             if rendered.len() == text.len() {
                 text.copy_from_slice(rendered.as_bytes());
                 *cached = secs;
@@ -328,7 +346,7 @@ mod tests {
     #[test]
     fn dates_are_imf_fixdates() {
         let mut out = Vec::new();
-        date(&mut out);
+        date(&mut out, unix_secs(SystemTime::now()));
         let text = std::str::from_utf8(&out).unwrap();
         assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
     }

@@ -17,6 +17,14 @@ pub trait Clock: Send + Sync + 'static {
     /// is the clock's own, not the Unix epoch: never send it to a client.
     fn now_ms(&self) -> u64;
 
+    /// [`now_ms`](Self::now_ms) at `at`, an instant read a moment ago: a
+    /// caller that already read the clock need not read it again. A clock
+    /// that does not run on [`Instant`]s reads itself now.
+    fn now_ms_at(&self, at: Instant) -> u64 {
+        let _ = at;
+        self.now_ms()
+    }
+
     /// The wall clock, milliseconds since the Unix epoch, read now. It may step
     /// either way (NTP, an operator), so nothing is timed with it.
     fn unix_ms(&self) -> u64;
@@ -85,8 +93,13 @@ fn wall_ms() -> u64 {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.origin_ms.saturating_add(elapsed)
+        self.now_ms_at(Instant::now())
+    }
+
+    fn now_ms_at(&self, at: Instant) -> u64 {
+        let elapsed = at.saturating_duration_since(self.start).as_millis();
+        self.origin_ms
+            .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX))
     }
 
     fn unix_ms(&self) -> u64 {

@@ -12,7 +12,11 @@ use super::{
     limited::{Gated, Stamp, reported_cost},
     too_many,
 };
-use crate::{answers, fields::Raw, limit::Decision};
+use crate::{
+    answers,
+    fields::Raw,
+    limit::{Decision, Now},
+};
 
 /// A request head the front end parsed, with no body to come.
 pub struct Head<'h, 'b> {
@@ -65,6 +69,13 @@ impl Standing {
     pub fn write(&self, out: &mut Vec<u8>) {
         self.stamp.write(out, &self.state.tiers[self.tier]);
     }
+
+    /// The wall clock the standing was stamped with, in Unix seconds (the
+    /// answer's `Date` shares it).
+    #[must_use]
+    pub fn unix_secs(&self) -> u64 {
+        self.stamp.unix_ms() / 1000
+    }
 }
 
 /// A request its tier rejected.
@@ -72,18 +83,30 @@ pub struct TooMany {
     state: Arc<State>,
     tier: usize,
     decision: Decision,
+    /// The monotonic time it was decided at (microseconds before its answer
+    /// is written: the answer is stamped with it, not with another read).
+    decided_ms: u64,
 }
 
 impl TooMany {
-    /// The 429's fields after its status line, and its body, stamped with
-    /// both clocks read now.
-    pub fn write(&self, proxy: &Proxy, out: &mut Vec<u8>) {
+    /// Both clocks for the answer: the decision's monotonic time, and the
+    /// wall clock read now (which the `Date` field can share).
+    #[must_use]
+    pub fn now(&self, proxy: &Proxy) -> Now {
+        Now {
+            mono_ms: self.decided_ms,
+            unix_ms: proxy.clock.unix_ms(),
+        }
+    }
+
+    /// The 429's fields after its status line, and its body, stamped `now`.
+    pub fn write(&self, out: &mut Vec<u8>, now: Now) {
         let tier = &self.state.tiers[self.tier];
         answers::write_too_many(
             out,
             &self.decision,
             tier.window_ms,
-            proxy.clock.now(),
+            now,
             tier.policy.as_ref(),
         );
     }
@@ -95,7 +118,7 @@ impl TooMany {
         too_many(
             &self.decision,
             tier.window_ms,
-            proxy.clock.now(),
+            self.now(proxy),
             tier.policy.as_ref(),
         )
     }
@@ -121,11 +144,12 @@ impl Proxy {
                     .await
                 {
                     Ok(admitted) => (tier_index, admitted),
-                    Err(Gated::TooMany(decision)) => {
+                    Err(Gated::TooMany(decision, decided_ms)) => {
                         return Served::TooMany(TooMany {
                             state,
                             tier: tier_index,
                             decision,
+                            decided_ms,
                         });
                     }
                     Err(Gated::Answer(refused)) => return Served::Answer(*refused, None),

@@ -86,6 +86,11 @@ impl Stamp {
         );
     }
 
+    /// The wall clock it was stamped with, Unix ms.
+    pub(super) fn unix_ms(&self) -> u64 {
+        self.now.unix_ms
+    }
+
     /// Writes the fields as head lines into `out`.
     pub(super) fn write(&self, out: &mut Vec<u8>, tier: &TierState) {
         answers::limits(
@@ -100,8 +105,9 @@ impl Stamp {
 
 /// A request its tier did not admit.
 pub(super) enum Gated {
-    /// Over the tier's limit: the 429, made by whoever writes the answer.
-    TooMany(Decision),
+    /// Over the tier's limit: the 429, made by whoever writes the answer;
+    /// and the monotonic time it was decided at.
+    TooMany(Decision, u64),
     /// Any other refusal, whole.
     Answer(Box<Response<Body>>),
 }
@@ -131,7 +137,7 @@ impl Proxy {
             .await
         {
             Ok(admitted) => admitted,
-            Err(Gated::TooMany(decision)) => {
+            Err(Gated::TooMany(decision, _)) => {
                 let now = self.clock.now();
                 return (
                     too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
@@ -192,7 +198,7 @@ impl Proxy {
         let started = Instant::now();
         let tier = &state.tiers[tier_index];
         let source = client.ip;
-        let now_ms = self.clock.now_ms();
+        let now_ms = self.clock.now_ms_at(started);
         let (identity, check) = self.identify(state, client, tier, preflight, now_ms).await;
         let limit = state.effective_limit(&self.runtime.load(), &identity, tier_index);
         // What only some tiers do is boxed, and only built where it is
@@ -226,7 +232,7 @@ impl Proxy {
             Charged::Unavailable => return Err(Gated::Answer(Box::new(unavailable()))),
         };
         if !decision.allowed && !tier.observe {
-            return Err(Gated::TooMany(decision));
+            return Err(Gated::TooMany(decision, now_ms));
         }
         // Only what goes upstream takes a slot (a 429 holds nothing there),
         // before a body is read whole: the caps bound what bodies held at
