@@ -416,9 +416,11 @@ async fn request(
     // what the request holds at once (its slots, its upstream
     // connection), as hyper does: the request is dropped. Not one that sent
     // more requests first and then shut its side: those are served.
+    // Pinned where it is made: the select borrows it, not moves it.
+    let serving = std::pin::pin!(proxy.serve_head(&head, peer));
     let served = tokio::select! {
         biased;
-        served = proxy.serve_head(&head, peer) => served,
+        served = serving => served,
         () = gone(stream), if !pipelined => return Step::Close,
     };
     // A stopping agent closes each connection after its answer in progress.

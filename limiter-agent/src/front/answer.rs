@@ -90,7 +90,7 @@ pub async fn write(
     for (name, value) in &parts.headers {
         if *name == header::DATE
             || *name == header::CONNECTION
-            || standing.is_some_and(|s| s.writes(name.as_str()))
+            || standing.is_some_and(|s| s.writes(name.as_str().as_bytes()))
         {
             continue;
         }
@@ -132,13 +132,10 @@ pub async fn relay(
         None => start(out, status, reason, conn),
     }
     for (name, value) in relayed.fields() {
-        if name.eq_ignore_ascii_case("date")
-            || name.eq_ignore_ascii_case("connection")
-            || standing.is_some_and(|s| s.writes(name))
-        {
+        if name.eq_ignore_ascii_case(b"date") || standing.is_some_and(|s| s.writes(name)) {
             continue;
         }
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");

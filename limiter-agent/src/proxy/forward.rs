@@ -49,31 +49,32 @@ impl Relayed {
     /// §6.3, 3).
     #[must_use]
     pub fn has_length(&self) -> bool {
-        has_length(&self.head)
+        self.head.length_stands()
     }
 
     /// The answer's fields as they go to the client, as hyper's path strips
     /// them ([`strip_hop_by_hop`]): no hop-by-hop field nor one its
     /// `Connection` names, no length beside a transfer coding, not the
     /// hidden field.
-    pub fn fields(&self) -> impl Iterator<Item = (&str, &[u8])> {
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         relayed_fields(&self.head, self.hidden.as_ref())
     }
 }
 
-fn has_length(head: &impl Fields) -> bool {
-    head.has(&header::CONTENT_LENGTH) && !head.has(&header::TRANSFER_ENCODING)
-}
-
 /// [`Relayed::fields`] of `head`, less `hidden`.
-fn relayed_fields<'a, F: Fields>(
-    head: &'a F,
+fn relayed_fields<'a>(
+    head: &'a wire::RawHead,
     hidden: Option<&'a HeaderName>,
-) -> impl Iterator<Item = (&'a str, &'a [u8])> {
-    let named = connection_named(head);
-    let length = has_length(head);
-    head.each().filter(move |(name, _)| {
-        let name = name.as_bytes();
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    // The names `Connection` lists, sorted for a binary search (an upstream
+    // may list many): most answers have none, or only `keep-alive`.
+    let mut named: Vec<&[u8]> = Vec::new();
+    if head.has_connection() {
+        named.extend(head.values(&header::CONNECTION).flat_map(connection_tokens));
+        named.sort_unstable_by(|a, b| caseless_cmp(a, b));
+    }
+    let length = head.length_stands();
+    head.fields().filter(move |(name, _)| {
         !(HOP_BY_HOP
             .iter()
             .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
@@ -83,18 +84,6 @@ fn relayed_fields<'a, F: Fields>(
                 .binary_search_by(|token| caseless_cmp(token, name))
                 .is_ok())
     })
-}
-
-/// The field names `head`'s `Connection` lists (but `close` and
-/// `keep-alive`), sorted without regard to case for a binary search: an
-/// upstream may list many, and each field is looked up once.
-fn connection_named<F: Fields>(head: &F) -> Vec<&[u8]> {
-    let mut named: Vec<&[u8]> = head
-        .values(&header::CONNECTION)
-        .flat_map(connection_tokens)
-        .collect();
-    named.sort_unstable_by(|a, b| caseless_cmp(a, b));
-    named
 }
 
 /// `a` against `b`, ASCII letters compared without regard to case.
@@ -608,79 +597,31 @@ mod tests {
     /// length beside a transfer coding, and the hidden field.
     #[test]
     fn a_relayed_answer_loses_what_hyper_strips() {
-        let raw = [
-            httparse::Header {
-                name: "Connection",
-                value: b"keep-alive, X-Secret, x-other",
-            },
-            httparse::Header {
-                name: "X-SECRET",
-                value: b"1",
-            },
-            httparse::Header {
-                name: "X-Other",
-                value: b"2",
-            },
-            httparse::Header {
-                name: "Keep-Alive",
-                value: b"timeout=5",
-            },
-            httparse::Header {
-                name: "Transfer-Encoding",
-                value: b"chunked",
-            },
-            httparse::Header {
-                name: "Content-Length",
-                value: b"5",
-            },
-            httparse::Header {
-                name: "Upgrade",
-                value: b"h2c",
-            },
-            httparse::Header {
-                name: "Proxy-Authenticate",
-                value: b"Basic",
-            },
-            httparse::Header {
-                name: "X-Cost",
-                value: b"7",
-            },
-            httparse::Header {
-                name: "Content-Type",
-                value: b"application/json",
-            },
-            httparse::Header {
-                name: "x-ratelimit-limit",
-                value: b"9",
-            },
-        ];
+        let head = wire::RawHead::parsed(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret, x-other\r\n\
+              X-SECRET: 1\r\nX-Other: 2\r\nKeep-Alive: timeout=5\r\n\
+              Transfer-Encoding: chunked\r\nContent-Length: 5\r\nUpgrade: h2c\r\n\
+              Proxy-Authenticate: Basic\r\nX-Cost: 7\r\nContent-Type: application/json\r\n\
+              x-ratelimit-limit: 9\r\n\r\n",
+        );
         let cost = HeaderName::from_static("x-cost");
-        let head = crate::fields::Raw(&raw);
         let left: Vec<_> = relayed_fields(&head, Some(&cost)).collect();
         assert_eq!(
             left,
             [
-                ("Content-Type", &b"application/json"[..]),
-                ("x-ratelimit-limit", &b"9"[..])
+                (&b"Content-Type"[..], &b"application/json"[..]),
+                (&b"x-ratelimit-limit"[..], &b"9"[..])
             ]
         );
-        let plain = [
-            httparse::Header {
-                name: "content-length",
-                value: b"5",
-            },
-            httparse::Header {
-                name: "x-cost",
-                value: b"7",
-            },
-        ];
-        let plain = crate::fields::Raw(&plain);
+        assert!(!head.length_stands());
+        let plain =
+            wire::RawHead::parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-cost: 7\r\n\r\n");
         assert_eq!(
             relayed_fields(&plain, None).count(),
             2,
             "a length alone is kept"
         );
-        assert!(has_length(&plain));
+        assert!(plain.length_stands());
     }
 
     #[test]

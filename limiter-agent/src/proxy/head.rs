@@ -56,9 +56,9 @@ impl Standing {
     /// Whether the field `name` (in any case) is one [`Self::write`] writes:
     /// an upstream's own of that name is left out.
     #[must_use]
-    pub fn writes(&self, name: &str) -> bool {
+    pub fn writes(&self, name: &[u8]) -> bool {
         let ietf = self.state.tiers[self.tier].policy.is_some();
-        let is = |field: &str| name.eq_ignore_ascii_case(field);
+        let is = |field: &str| name.eq_ignore_ascii_case(field.as_bytes());
         is("x-ratelimit-limit")
             || is("x-ratelimit-remaining")
             || is("x-ratelimit-reset")

@@ -27,6 +27,12 @@ pub struct RawHead {
     reason: Option<(usize, usize)>,
     /// Name start and end, value start and end, in `head`.
     fields: Vec<[usize; 4]>,
+    /// Which framing fields it has: `Connection`, `Content-Length`,
+    /// `Transfer-Encoding` (noted as it is parsed, so the relay need not
+    /// look again).
+    connection: bool,
+    length: bool,
+    coding: bool,
 }
 
 impl RawHead {
@@ -39,6 +45,36 @@ impl RawHead {
     #[must_use]
     pub fn reason(&self) -> Option<&[u8]> {
         self.reason.map(|(start, end)| &self.head[start..end])
+    }
+
+    /// Whether it has a `Connection` field.
+    #[must_use]
+    pub fn has_connection(&self) -> bool {
+        self.connection
+    }
+
+    /// Whether its own `Content-Length` stands: it has one and no transfer
+    /// coding (by which its body is read, RFC 9112 §6.3, 3).
+    #[must_use]
+    pub fn length_stands(&self) -> bool {
+        self.length && !self.coding
+    }
+
+    /// Every field, name and value as bytes, in the order they came.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|f| (&self.head[f[0]..f[1]], &self.head[f[2]..f[3]]))
+    }
+
+    /// The head of `raw` (a test's).
+    #[cfg(test)]
+    #[must_use]
+    pub fn parsed(raw: &[u8]) -> Self {
+        parse_head(&mut BytesMut::from(raw), &Method::GET, &mut 0)
+            .unwrap()
+            .unwrap()
+            .0
     }
 
     /// The head as a `Response` with its fields in a `HeaderMap` (values
@@ -135,11 +171,16 @@ pub(super) fn parse_head(
             .reason
             .filter(|reason| status.canonical_reason() != Some(*reason))
             .map(|reason| span(reason.as_bytes()));
+        let (mut connection, mut length, mut coding) = (false, false, false);
         let fields = response
             .headers
             .iter()
             .map(|field| {
-                let (name_start, name_end) = span(field.name.as_bytes());
+                let name = field.name;
+                connection |= name.eq_ignore_ascii_case("connection");
+                length |= name.eq_ignore_ascii_case("content-length");
+                coding |= name.eq_ignore_ascii_case("transfer-encoding");
+                let (name_start, name_end) = span(name.as_bytes());
                 let (start, end) = span(field.value);
                 [name_start, name_end, start, end]
             })
@@ -149,6 +190,9 @@ pub(super) fn parse_head(
             status,
             reason,
             fields,
+            connection,
+            length,
+            coding,
         };
         let framing = Framing::of(&head, status, method, http11)?;
         return Ok(Some((head, framing)));
