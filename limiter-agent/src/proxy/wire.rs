@@ -109,20 +109,26 @@ impl Wire {
     /// none, as the reactor wakes for it) is not seen here, as nginx and
     /// hyper don't see it either: an answer whose body its method or status
     /// suppresses (HEAD, 204, 304), which a broken upstream may still send
-    /// late, never comes back to the pool, and a close that races the
-    /// request is retried when the request is idempotent.
+    /// late, never comes back to the pool, a close that races the request
+    /// is retried when the request is idempotent, and one that can't be
+    /// sent twice asks the socket too ([`Self::asked_quiet`]).
     fn quiet(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        if !self.seen_readable() {
-            return true;
-        }
+        !self.seen_readable() || self.asked_quiet()
+    }
+
+    /// Whether the socket itself says nothing arrived (a `MSG_PEEK`): for a
+    /// request that can't be sent twice, which a close racing its reuse
+    /// would fail for good.
+    pub(in crate::proxy) fn asked_quiet(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::uninit()];
-        matches!(
-            socket2::SockRef::from(&self.stream).peek(&mut probe),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock
-        )
+        self.buf.is_empty()
+            && matches!(
+                socket2::SockRef::from(&self.stream).peek(&mut probe),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            )
     }
 
     /// Whether the reactor has marked the socket readable (or closed) since
