@@ -365,3 +365,52 @@ fn an_upstream_answer_is_relayed_less_what_one_hop_carries() {
         "{parsed}\n{relayed}"
     );
 }
+
+/// Heads a broken upstream writes still reach the client framed: a
+/// `Connection` that names `Content-Length` (the length is the agent's,
+/// from the body's framing), a status line with no reason, and a reason
+/// beyond ASCII (both answered with the canonical one); the connection
+/// stays in step, so the next answer on it is read as its own.
+#[test]
+fn a_broken_upstream_head_still_reaches_the_client_framed() {
+    let (upstream, _) = scripted::upstream(|asked| {
+        let answer: &[u8] = match asked.target.as_str() {
+            "/api/a" => {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello"
+            }
+            "/api/b" => b"HTTP/1.1 200\r\ncontent-length: 2\r\n\r\nok",
+            _ => b"HTTP/1.1 200 Tr\xc3\xa8s bien\r\ncontent-length: 3\r\n\r\nyes",
+        };
+        (answer.to_vec(), After::KeepOpen)
+    });
+    let config = small_config(
+        "/api/:name",
+        1000,
+        "1m",
+        &format!("upstream = \"http://{upstream}\"\n"),
+    );
+    let agent = agent(&config, None, &[]);
+    let mut stream = TcpStream::connect(agent.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    for (target, body) in [("/api/a", "hello"), ("/api/b", "ok"), ("/api/c", "yes")] {
+        stream
+            .write_all(format!("GET {target} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).ends_with(&format!("\r\n\r\n{body}")) {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains(&format!("content-length: {}\r\n", body.len())),
+            "{answer}"
+        );
+        assert_eq!(answer.matches("ontent-").count(), 1, "{answer}");
+    }
+}

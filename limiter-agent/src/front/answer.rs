@@ -122,9 +122,11 @@ pub async fn relay(
     standing: Option<&Standing>,
 ) -> Result<(), Ended> {
     let status = relayed.head.status();
-    let length = relayed.has_length();
+    // The body's length is the framing's (the upstream's own field is
+    // never relayed: one that `Connection` named, or a list, would frame
+    // it wrong); HEAD and 304 tell the resource's, as the upstream did.
     let exact = relayed.body.size_hint().exact();
-    let delimit = delimit(status, head_request, length, exact, conn);
+    let delimit = delimit(status, head_request, false, exact, conn);
     out.clear();
     let reason = relayed.head.reason();
     match standing {
@@ -143,7 +145,15 @@ pub async fn relay(
     if let Some(standing) = standing {
         standing.write(out);
     }
-    end_head(out, delimit, length, exact, head_request);
+    let told = (head_request || status == StatusCode::NOT_MODIFIED)
+        .then(|| relayed.head.declared_length())
+        .flatten();
+    if let Some(n) = told {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    end_head(out, delimit, false, exact, head_request);
     if delimit == Delimit::None {
         return conn.send(stream, out).await;
     }

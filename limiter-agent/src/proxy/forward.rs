@@ -44,18 +44,10 @@ pub struct Relayed {
 }
 
 impl Relayed {
-    /// Whether the answer's own `Content-Length` goes to the client: it has
-    /// one and no transfer coding (by which its body is read, RFC 9112
-    /// §6.3, 3).
-    #[must_use]
-    pub fn has_length(&self) -> bool {
-        self.head.length_stands()
-    }
-
     /// The answer's fields as they go to the client, as hyper's path strips
     /// them ([`strip_hop_by_hop`]): no hop-by-hop field nor one its
-    /// `Connection` names, no length beside a transfer coding, not the
-    /// hidden field.
+    /// `Connection` names, not the hidden field; and no `Content-Length`,
+    /// which the writer writes from the framing the body is read by.
     pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         relayed_fields(&self.head, self.hidden.as_ref())
     }
@@ -73,12 +65,11 @@ fn relayed_fields<'a>(
         named.extend(head.values(&header::CONNECTION).flat_map(connection_tokens));
         named.sort_unstable_by(|a, b| caseless_cmp(a, b));
     }
-    let length = head.length_stands();
     head.fields().filter(move |(name, _)| {
         !(HOP_BY_HOP
             .iter()
             .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
-            || (!length && name.eq_ignore_ascii_case(b"content-length"))
+            || name.eq_ignore_ascii_case(b"content-length")
             || hidden.is_some_and(|hidden| name.eq_ignore_ascii_case(hidden.as_str().as_bytes()))
             || named
                 .binary_search_by(|token| caseless_cmp(token, name))
@@ -395,16 +386,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep: impl Fn(&[u8]) -> bool) {
     // options, not headers to look for.
     if present & 1 != 0 {
         let mut named: Vec<HeaderName> = Vec::new();
+        // Read as bytes: a value with a byte beyond ASCII still names the
+        // fields it lists (as the front end's relay reads it).
         for token in headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter(|t| !keep(t.as_bytes()))
+            .flat_map(|v| connection_tokens(v.as_bytes()))
+            .filter(|t| !keep(t))
         {
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            if let Ok(name) = HeaderName::from_bytes(token) {
                 named.push(name);
             }
         }
@@ -576,6 +566,8 @@ mod tests {
     fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
         let mut headers = map(&[
             ("connection", "keep-alive, X-Secret"),
+            ("connection", "x-other, \u{e9}"),
+            ("x-other", "2"),
             ("x-secret", "1"),
             ("keep-alive", "timeout=5"),
             ("proxy-connection", "keep-alive"),
@@ -613,15 +605,35 @@ mod tests {
                 (&b"x-ratelimit-limit"[..], &b"9"[..])
             ]
         );
-        assert!(!head.length_stands());
+        assert_eq!(head.declared_length(), None, "a length beside a coding");
         let plain =
             wire::RawHead::parsed(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-cost: 7\r\n\r\n");
         assert_eq!(
-            relayed_fields(&plain, None).count(),
-            2,
-            "a length alone is kept"
+            relayed_fields(&plain, None).collect::<Vec<_>>(),
+            [(&b"x-cost"[..], &b"7"[..])],
+            "the length is the writer's, from the framing"
         );
-        assert!(plain.length_stands());
+        assert_eq!(plain.declared_length(), Some(5));
+        for (raw, declared) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n"[..],
+                Some(5),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+                None,
+            ),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: abc\r\n\r\n", None),
+        ] {
+            let mut buf = bytes::BytesMut::from(raw);
+            let head = wire::RawHead::parsed_for(&mut buf, &http::Method::HEAD);
+            assert_eq!(
+                head.declared_length(),
+                declared,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     #[test]

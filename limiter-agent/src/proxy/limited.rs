@@ -106,7 +106,7 @@ impl Stamp {
 /// A request its tier did not admit.
 pub(super) enum Gated {
     /// Over the tier's limit: the 429, made by whoever writes the answer;
-    /// and the monotonic time it was decided at.
+    /// and the monotonic time it was decided at (when the store answered).
     TooMany(Decision, u64),
     /// Any other refusal, whole.
     Answer(Box<Response<Body>>),
@@ -137,8 +137,11 @@ impl Proxy {
             .await
         {
             Ok(admitted) => admitted,
-            Err(Gated::TooMany(decision, _)) => {
-                let now = self.clock.now();
+            Err(Gated::TooMany(decision, decided_ms)) => {
+                let now = crate::limit::Now {
+                    mono_ms: decided_ms,
+                    unix_ms: self.clock.unix_ms(),
+                };
                 return (
                     too_many(&decision, tier.window_ms, now, tier.policy.as_ref()),
                     None,
@@ -223,16 +226,19 @@ impl Proxy {
             source: Some((source, &identity)),
         };
         let charged = self.charge(state, tier, charge, now_ms).await;
+        // When the store answered: the decision's time, which its 429 is
+        // stamped with (after a shared store's round trip, not before it).
+        let answered_at = Instant::now();
         self.metrics
             .decision_seconds
-            .observe(started.elapsed().as_secs_f64());
+            .observe(answered_at.saturating_duration_since(started).as_secs_f64());
         let (decision, decider) = match charged {
             Charged::Decided(decision, decider) => (decision, decider),
             Charged::Full => return Err(Gated::Answer(Box::new(store_full()))),
             Charged::Unavailable => return Err(Gated::Answer(Box::new(unavailable()))),
         };
         if !decision.allowed && !tier.observe {
-            return Err(Gated::TooMany(decision, now_ms));
+            return Err(Gated::TooMany(decision, self.clock.now_ms_at(answered_at)));
         }
         // Only what goes upstream takes a slot (a 429 holds nothing there),
         // before a body is read whole: the caps bound what bodies held at

@@ -262,13 +262,7 @@ impl Upstreams {
         // A request that must not reach the upstream twice is retried only
         // when it could not be written.
         let idempotent = method.is_idempotent();
-        // A request that can't be sent twice also asks the socket itself:
-        // a close the reactor has not seen yet would fail it for good.
-        let pooled = self
-            .wires
-            .take(authority)
-            .filter(|wire| idempotent || wire.asked_quiet());
-        let (mut wire, reused) = match pooled {
+        let (mut wire, reused) = match self.wires.take(authority) {
             Some(wire) => (wire, true),
             None => (self.connect_wire(authority, wait).await?, false),
         };

@@ -17,8 +17,7 @@
 //! end with no byte after it, HTTP/1.1 without `Connection: close`, and not
 //! an answer whose body the method or status suppresses (HEAD, 204, 304),
 //! which a broken upstream may still send, late. Before a pooled connection
-//! takes a request, the reactor (and, when it saw something, the socket
-//! itself) is asked whether anything arrived.
+//! takes a request, the socket itself is asked whether anything arrived.
 //! Anything else (a body that runs to the close, a stray byte, a framing
 //! error, a body the client left unread) closes it, so one exchange's bytes
 //! can never be read as another's answer.
@@ -100,49 +99,22 @@ impl Wire {
     /// Whether the connection can take a request: nothing arrived while it
     /// was idle (an upstream's close, or bytes no request asked for).
     ///
-    /// Asks the reactor first, which costs no system call: the last read
-    /// of an exchange was short, which cleared the socket's readiness, so
-    /// readiness now means the reactor saw something arrive since. Only
-    /// then is the socket itself asked (readiness may also stand from a
-    /// read that filled its buffer exactly). What arrived after the
-    /// reactor's last turn (under load, one turn of the event loop; idle,
-    /// none, as the reactor wakes for it) is not seen here, as nginx and
-    /// hyper don't see it either: an answer whose body its method or status
-    /// suppresses (HEAD, 204, 304), which a broken upstream may still send
-    /// late, never comes back to the pool, a close that races the request
-    /// is retried when the request is idempotent, and one that can't be
-    /// sent twice asks the socket too ([`Self::asked_quiet`]).
+    /// Asks the socket itself, just before the request is written: tokio's
+    /// readiness tells only what the reactor saw at its last turn, and a
+    /// stray byte an upstream writes late (a body after its answer to HEAD,
+    /// 204 or 304, sent in a write of its own) could land after that turn and
+    /// be read as the next request's answer. What arrives after this look and
+    /// before the request is written (microseconds) can't be told from the
+    /// answer: HTTP/1.1 has no way to.
     fn quiet(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        !self.seen_readable() || self.asked_quiet()
-    }
-
-    /// Whether the socket itself says nothing arrived (a `MSG_PEEK`): for a
-    /// request that can't be sent twice, which a close racing its reuse
-    /// would fail for good.
-    pub(in crate::proxy) fn asked_quiet(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::uninit()];
-        self.buf.is_empty()
-            && matches!(
-                socket2::SockRef::from(&self.stream).peek(&mut probe),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            )
-    }
-
-    /// Whether the reactor has marked the socket readable (or closed) since
-    /// its readiness was last cleared; outside the task's budget, which
-    /// must not make a closed socket look quiet.
-    fn seen_readable(&self) -> bool {
-        let readable = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
-            Poll::Ready(self.stream.poll_read_ready(cx).is_ready())
-        }));
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match std::pin::pin!(readable).poll(&mut cx) {
-            Poll::Ready(readable) => readable,
-            Poll::Pending => true,
-        }
+        matches!(
+            socket2::SockRef::from(&self.stream).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     /// Writes the head of a request without a body and reads the head of its
@@ -374,10 +346,9 @@ mod tests {
         )
     }
 
-    /// A pooled connection is unfit once the reactor has seen the upstream
-    /// close it or write to it unasked; a readiness that stands with
-    /// nothing to read (a read that filled its buffer exactly) is asked of
-    /// the socket, and the connection stays fit.
+    /// A pooled connection is unfit once the upstream closed it or wrote to
+    /// it unasked, and fit while nothing came or everything that came was
+    /// read.
     #[tokio::test]
     async fn a_pooled_connection_is_quiet_until_the_upstream_speaks() {
         let idle = greeted(b"", false).await;
@@ -393,11 +364,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut four = [0u8; 4];
         exact.stream.read_exact(&mut four).await.unwrap();
-        assert!(
-            exact.seen_readable(),
-            "a read that filled its buffer leaves readiness"
-        );
-        assert!(exact.quiet(), "and the socket says nothing is there");
+        assert!(exact.quiet(), "everything that came was read");
     }
 
     /// The sweep finds every pooled connection the upstream closed, however

@@ -53,11 +53,26 @@ impl RawHead {
         self.connection
     }
 
-    /// Whether its own `Content-Length` stands: it has one and no transfer
-    /// coding (by which its body is read, RFC 9112 §6.3, 3).
+    /// The length its `Content-Length` declares, when it has one, every
+    /// line and item the same number, and no transfer coding: what a HEAD
+    /// or 304 answer says of the resource (the body's own length is the
+    /// framing's, [`Framing`]).
     #[must_use]
-    pub fn length_stands(&self) -> bool {
-        self.length && !self.coding
+    pub fn declared_length(&self) -> Option<u64> {
+        if !self.length || self.coding {
+            return None;
+        }
+        let mut length = None;
+        for value in self.values(&header::CONTENT_LENGTH) {
+            for item in value.split(|b| *b == b',') {
+                let n = parse_length(item.trim_ascii())?;
+                if length.is_some_and(|seen| seen != n) {
+                    return None;
+                }
+                length = Some(n);
+            }
+        }
+        length
     }
 
     /// Every field, name and value as bytes, in the order they came.
@@ -67,14 +82,18 @@ impl RawHead {
             .map(|f| (&self.head[f[0]..f[1]], &self.head[f[2]..f[3]]))
     }
 
-    /// The head of `raw` (a test's).
+    /// The head of `raw`, an answer to a GET (a test's).
     #[cfg(test)]
     #[must_use]
     pub fn parsed(raw: &[u8]) -> Self {
-        parse_head(&mut BytesMut::from(raw), &Method::GET, &mut 0)
-            .unwrap()
-            .unwrap()
-            .0
+        Self::parsed_for(&mut BytesMut::from(raw), &Method::GET)
+    }
+
+    /// The head in `buf`, an answer to `method` (a test's).
+    #[cfg(test)]
+    #[must_use]
+    pub fn parsed_for(buf: &mut BytesMut, method: &Method) -> Self {
+        parse_head(buf, method, &mut 0).unwrap().unwrap().0
     }
 
     /// The head as a `Response` with its fields in a `HeaderMap` (values
@@ -167,9 +186,12 @@ pub(super) fn parse_head(
             let start = bytes.as_ptr() as usize - base;
             (start, start + bytes.len())
         };
+        // No reason, or one httparse does not give as text (bytes beyond
+        // ASCII: it gives a constant "" then, not a slice of the head): the
+        // canonical one is written.
         let reason = response
             .reason
-            .filter(|reason| status.canonical_reason() != Some(*reason))
+            .filter(|reason| !reason.is_empty() && status.canonical_reason() != Some(*reason))
             .map(|reason| span(reason.as_bytes()));
         let (mut connection, mut length, mut coding) = (false, false, false);
         let fields = response
@@ -489,6 +511,15 @@ mod tests {
             phrase("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
             None
         );
+        // No reason at all, an empty one, and one beyond ASCII (which
+        // httparse does not give as a slice of the head): the canonical one.
+        assert_eq!(phrase("HTTP/1.1 200\r\ncontent-length: 0\r\n\r\n"), None);
+        assert_eq!(phrase("HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n"), None);
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 Tr\xc3\xa8s bien\r\ncontent-length: 0\r\n\r\n"[..]);
+        let (head, _) = parse_head(&mut buf, &Method::GET, &mut 0).unwrap().unwrap();
+        assert_eq!(head.reason(), None);
+        assert_eq!(head.status(), StatusCode::OK);
     }
 
     #[test]
