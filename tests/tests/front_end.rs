@@ -414,3 +414,43 @@ fn a_broken_upstream_head_still_reaches_the_client_framed() {
         assert_eq!(answer.matches("ontent-").count(), 1, "{answer}");
     }
 }
+
+/// An answer framed by chunks that also carries a (wrong) length reaches
+/// the client whole and without the length, on both paths: the front end's
+/// relay (a `GET`) and hyper's client (a request with a body).
+#[test]
+fn a_chunked_answer_with_a_length_goes_on_without_it_on_both_paths() {
+    let (upstream, _) = scripted::upstream(|_| {
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            After::Close,
+        )
+    });
+    let config = small_config(
+        "/api/:name",
+        1000,
+        "1m",
+        &format!("upstream = \"http://{upstream}\"\n"),
+    );
+    let agent = agent(&config, None, &[]);
+    for request in [
+        &b"GET /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"[..],
+        b"POST /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi",
+    ] {
+        let answer = http::exchange(&mut TcpStream::connect(agent.addr).unwrap(), request);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("content-length"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("transfer-encoding: chunked\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+            "{answer}"
+        );
+    }
+}

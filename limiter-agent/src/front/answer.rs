@@ -145,7 +145,8 @@ pub async fn relay(
     if let Some(standing) = standing {
         standing.write(out);
     }
-    let told = (head_request || status == StatusCode::NOT_MODIFIED)
+    let told = ((head_request || status == StatusCode::NOT_MODIFIED)
+        && status != StatusCode::NO_CONTENT)
         .then(|| relayed.head.declared_length())
         .flatten();
     if let Some(n) = told {

@@ -347,6 +347,11 @@ where
     B::Error: Into<super::BoxError>,
 {
     let (mut parts, body) = response.into_parts();
+    // Read by its transfer coding, an answer that also carries a length goes
+    // on without it (RFC 9112 §6.3, 3), as the front end's relay sends it.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers, |_| false);
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }

@@ -163,8 +163,9 @@ impl Wire {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
-        // Through `AsyncRead`, whose short reads clear the readiness that
-        // `quiet` relies on.
+        // Through `AsyncRead`, whose short reads clear the socket's
+        // readiness: the next exchange waits for its answer instead of
+        // first asking the socket only to hear it would block.
         let read = self.stream.read_buf(&mut self.buf);
         std::pin::pin!(read).poll(cx)
     }
@@ -365,6 +366,29 @@ mod tests {
         let mut four = [0u8; 4];
         exact.stream.read_exact(&mut four).await.unwrap();
         assert!(exact.quiet(), "everything that came was read");
+    }
+
+    /// A byte the reactor has not seen yet (the runtime blocked, its event
+    /// loop not turned since the byte came) still makes the connection
+    /// unfit: the socket itself is asked.
+    #[tokio::test]
+    async fn a_stray_byte_the_reactor_has_not_seen_retires_the_connection() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            io::Write::write_all(&mut stream, b"X").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        });
+        let wire = Wire::new(
+            TcpStream::connect(addr).await.unwrap(),
+            "a".into(),
+            spare_permit(),
+        );
+        // Blocks the runtime's only thread: no reactor turn.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!wire.quiet());
+        server.join().unwrap();
     }
 
     /// The sweep finds every pooled connection the upstream closed, however
