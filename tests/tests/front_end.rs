@@ -53,6 +53,23 @@ fn start(delay: Duration, server: &str) -> (Process, Arc<Mutex<Vec<String>>>) {
     (agent(&config, None, &[]), seen)
 }
 
+/// The agent on a tier `/api/:name` of 1000 a minute (`tier_extra` added
+/// to the tier's table) in front of a scripted upstream answering with
+/// `answer`.
+fn in_front_of(
+    answer: impl Fn(&scripted::Asked) -> (Vec<u8>, After) + Send + Sync + 'static,
+    tier_extra: &str,
+) -> Process {
+    let (upstream, _) = scripted::upstream(answer);
+    let config = small_config(
+        "/api/:name",
+        1000,
+        "1m",
+        &format!("upstream = \"http://{upstream}\"\n"),
+    );
+    agent(&format!("{config}{tier_extra}"), None, &[])
+}
+
 /// Every response in `raw`, split by their `Content-Length`.
 fn responses(raw: &str) -> Vec<http::Response> {
     let mut left = raw;
@@ -225,21 +242,17 @@ fn a_client_that_goes_away_lets_go_of_its_request() {
 fn http_1_0_head_and_limit_fields_are_answered_as_hyper_answers_them() {
     let chunks = Arc::new(AtomicUsize::new(0));
     let count = chunks.clone();
-    let (upstream, _) = scripted::upstream(move |_| {
-        count.fetch_add(1, Ordering::SeqCst);
-        (
+    let agent = in_front_of(
+        move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            (
             b"HTTP/1.1 200 OK\r\nx-ratelimit-limit: 999\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                 .to_vec(),
             After::KeepOpen,
         )
-    });
-    let config = small_config(
-        "/api/:name",
-        1000,
-        "1m",
-        &format!("upstream = \"http://{upstream}\"\n"),
+        },
+        "",
     );
-    let agent = agent(&config, None, &[]);
     // HTTP/1.0 asking to stay open: answered in its version, kept open,
     // and a body of unknown length delimited by the close.
     let mut stream = TcpStream::connect(agent.addr).unwrap();
@@ -300,27 +313,20 @@ fn field_names(answer: &str) -> Vec<String> {
 /// leave the same fields.
 #[test]
 fn an_upstream_answer_is_relayed_less_what_one_hop_carries() {
-    let (upstream, _) = scripted::upstream(|_| {
-        (
-            b"HTTP/1.1 299 Custom Reason\r\nContent-Type: text/plain\r\n\
+    let agent = in_front_of(
+        |_| {
+            (
+                b"HTTP/1.1 299 Custom Reason\r\nContent-Type: text/plain\r\n\
               Connection: keep-alive, X-Hop\r\nx-HOP: secret\r\nKeep-Alive: timeout=5\r\n\
               Proxy-Authenticate: Basic\r\nX-Request-Cost: 1\r\n\
               Date: Mon, 01 Jan 2001 00:00:00 GMT\r\nX-RateLimit-Remaining: 12345\r\n\
               X-Kept: a\r\nX-Kept: b\r\nContent-Length: 5\r\n\r\nhello"
-                .to_vec(),
-            After::KeepOpen,
-        )
-    });
-    let config = format!(
-        "{}cost_header = \"x-request-cost\"\n",
-        small_config(
-            "/api/:name",
-            1000,
-            "1m",
-            &format!("upstream = \"http://{upstream}\"\n"),
-        )
+                    .to_vec(),
+                After::KeepOpen,
+            )
+        },
+        "cost_header = \"x-request-cost\"\n",
     );
-    let agent = agent(&config, None, &[]);
     let relayed = http::exchange(
         &mut TcpStream::connect(agent.addr).unwrap(),
         b"GET /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
@@ -373,23 +379,19 @@ fn an_upstream_answer_is_relayed_less_what_one_hop_carries() {
 /// stays in step, so the next answer on it is read as its own.
 #[test]
 fn a_broken_upstream_head_still_reaches_the_client_framed() {
-    let (upstream, _) = scripted::upstream(|asked| {
-        let answer: &[u8] = match asked.target.as_str() {
+    let agent = in_front_of(
+        |asked| {
+            let answer: &[u8] = match asked.target.as_str() {
             "/api/a" => {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: content-length\r\n\r\nhello"
             }
             "/api/b" => b"HTTP/1.1 200\r\ncontent-length: 2\r\n\r\nok",
             _ => b"HTTP/1.1 200 Tr\xc3\xa8s bien\r\ncontent-length: 3\r\n\r\nyes",
         };
-        (answer.to_vec(), After::KeepOpen)
-    });
-    let config = small_config(
-        "/api/:name",
-        1000,
-        "1m",
-        &format!("upstream = \"http://{upstream}\"\n"),
+            (answer.to_vec(), After::KeepOpen)
+        },
+        "",
     );
-    let agent = agent(&config, None, &[]);
     let mut stream = TcpStream::connect(agent.addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -420,20 +422,16 @@ fn a_broken_upstream_head_still_reaches_the_client_framed() {
 /// relay (a `GET`) and hyper's client (a request with a body).
 #[test]
 fn a_chunked_answer_with_a_length_goes_on_without_it_on_both_paths() {
-    let (upstream, _) = scripted::upstream(|_| {
-        (
+    let agent = in_front_of(
+        |_| {
+            (
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
                 .to_vec(),
             After::Close,
         )
-    });
-    let config = small_config(
-        "/api/:name",
-        1000,
-        "1m",
-        &format!("upstream = \"http://{upstream}\"\n"),
+        },
+        "",
     );
-    let agent = agent(&config, None, &[]);
     for request in [
         &b"GET /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"[..],
         b"POST /api/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi",

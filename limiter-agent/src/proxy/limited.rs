@@ -273,32 +273,16 @@ impl Proxy {
         mut response: Response<Body>,
         in_map: bool,
     ) -> (Response<Body>, Option<Slots>, Option<Stamp>) {
-        let Admitted {
-            identity,
-            check,
-            limit,
-            decision,
-            decider,
-            slots,
-        } = admitted;
-        self.learn(state, tier, check, response.status()).await;
         // The cost field is taken out whatever it holds.
         let reported = tier.cost_header.as_ref().and_then(|name| {
             let reported = reported_cost(response.headers(), name);
             response.headers_mut().remove(name);
             reported
         });
-        let decision = match reported {
-            Some(cost) => {
-                let settling = self.settle_cost(tier, &identity, limit, decision, &decider, cost);
-                Box::pin(settling).await
-            }
-            None => decision,
-        };
-        // Both clocks read as the answer leaves: the reset is told as the wall
-        // clock now plus the monotonic time left (the upstream took some of it).
-        let now = self.clock.now();
-        let stamp = Stamp { decision, now };
+        let (slots, stamp) = self
+            .finish_relayed(state, tier, admitted, response.status(), reported)
+            .await;
+        let Stamp { decision, now } = stamp;
         let stamp = if in_map {
             stamp.apply(response.headers_mut(), tier);
             None
@@ -343,10 +327,14 @@ impl Proxy {
         (response, Some(slots), stamp)
     }
 
-    /// [`Self::finish`] for an upstream's answer the front end relays as it
-    /// came (`status`, and the cost its `cost_header` reported): no token
-    /// budget rides on it (the request had no body to reserve by), and the
-    /// writer leaves the cost field out and adds the limit fields.
+    /// What [`Self::finish`] does for any answer (`status`, and the cost its
+    /// `cost_header` reported): the lesson about the key, the cost settled,
+    /// and the standing, stamped with both clocks read as the answer leaves
+    /// (the reset is told as the wall clock now plus the monotonic time
+    /// left: the upstream took some of it). All of it for an answer the
+    /// front end relays as it came: no token budget rides on one (the
+    /// request had no body to reserve by), and the writer leaves the cost
+    /// field out and adds the limit fields.
     pub(super) async fn finish_relayed(
         &self,
         state: &State,
