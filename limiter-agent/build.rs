@@ -81,6 +81,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     cargo.env("CARGO_ENCODED_RUSTFLAGS", RUSTFLAGS.join("\x1f"));
+    // The workspace's release profile links the agent with fat LTO; the XDP
+    // object is linked by bpf-linker, as before (and as `cargo xtask
+    // build-ebpf` builds it: the same setting, the same object).
+    cargo.env("CARGO_PROFILE_RELEASE_LTO", "false");
+    cargo.env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16");
     let status = cargo
         .status()
         .context("running `rustup run nightly cargo` (run `cargo xtask setup` if it is missing)")?;

@@ -19,7 +19,6 @@
 
 mod answer;
 mod rewind;
-mod timer;
 
 use std::{sync::Arc, time::Duration};
 
@@ -28,11 +27,11 @@ use http::StatusCode;
 use tokio::{io::AsyncReadExt as _, net::TcpStream, sync::watch, time::Instant};
 
 pub use self::rewind::Rewind;
-use self::timer::Timer;
 use crate::{
     fields::Raw,
     proxy::{Head, Peer, Proxy, Served},
     smuggling::{self, Framing, Refused},
+    timer::Timer,
 };
 
 /// Most header fields in a head (hyper's limit too): more is a 431.
@@ -160,6 +159,9 @@ async fn run(
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
     let mut timer = Timer::new();
+    // The deadlines of the connection's requests upstream: each later than
+    // the last, so one timer stays armed across them.
+    let mut upstream = Timer::new();
     let mut first = true;
     let max_head = limits.max_head.max(8192);
     // When the head being read began: at accept for the first, about its
@@ -193,7 +195,15 @@ async fn run(
                 batched |= buf.len() > len;
                 let pipelined = batched;
                 let serving = request(
-                    &head, stream, &mut out, peer, proxy, limits, stop, pipelined,
+                    &head,
+                    stream,
+                    &mut out,
+                    peer,
+                    proxy,
+                    limits,
+                    stop,
+                    pipelined,
+                    &mut upstream,
                 );
                 match serving.await {
                     Step::Served => {}
@@ -391,6 +401,7 @@ async fn request(
     limits: Limits,
     stop: &watch::Receiver<()>,
     pipelined: bool,
+    upstream: &mut Timer,
 ) -> Step {
     let &Parsed {
         method,
@@ -417,7 +428,7 @@ async fn request(
     // connection), as hyper does: the request is dropped. Not one that sent
     // more requests first and then shut its side: those are served.
     // Pinned where it is made: the select borrows it, not moves it.
-    let serving = std::pin::pin!(proxy.serve_head(&head, peer));
+    let serving = std::pin::pin!(proxy.serve_head(&head, peer, upstream));
     let served = tokio::select! {
         biased;
         served = serving => served,

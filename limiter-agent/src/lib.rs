@@ -28,3 +28,4 @@ pub mod rt;
 pub mod server;
 pub mod smuggling;
 pub mod tally;
+pub mod timer;

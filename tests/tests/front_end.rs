@@ -452,3 +452,52 @@ fn a_chunked_answer_with_a_length_goes_on_without_it_on_both_paths() {
         );
     }
 }
+
+/// Each request upstream is timed from its own start, however the
+/// connection's earlier requests left its timer: on one connection, fast
+/// answers and then a slow one, which gets its 504 at its own
+/// `upstream_timeout` (not at the deadline an earlier request armed, nor
+/// later); and the connection goes on serving after it.
+#[test]
+fn each_request_upstream_is_timed_from_its_own_start() {
+    let (upstream, _) = scripted::upstream(|asked| {
+        if asked.target.ends_with("/slow") {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            After::KeepOpen,
+        )
+    });
+    let config = small_config(
+        "/api/:name",
+        1000,
+        "1m",
+        &format!("upstream = \"http://{upstream}\"\nupstream_timeout = \"800ms\"\n"),
+    );
+    let agent = agent(&config, None, &[]);
+    let mut stream = TcpStream::connect(agent.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut ask = |path: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let sent = Instant::now();
+        let answer = http::read_response(&mut stream).unwrap();
+        (status(&answer), sent.elapsed())
+    };
+    // Fast answers, the last of them 500 ms before the slow request: the
+    // timer they armed would fire 300 ms into it.
+    for _ in 0..3 {
+        assert_eq!(ask("/api/fast").0, Some(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, took) = ask("/api/slow");
+    assert_eq!(code, Some(504));
+    assert!(
+        took >= Duration::from_millis(750) && took < Duration::from_millis(2500),
+        "timed out after {took:?}, not its own 800 ms"
+    );
+    assert_eq!(ask("/api/fast").0, Some(200), "the connection goes on");
+}

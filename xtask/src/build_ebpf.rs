@@ -34,6 +34,10 @@ pub fn build(debug: bool) -> anyhow::Result<PathBuf> {
     if !debug {
         command.arg("--release");
     }
+    // The profile settings of `limiter-agent/build.rs` (the workspace's
+    // release LTO is the agent's, not the XDP object's).
+    command.env("CARGO_PROFILE_RELEASE_LTO", "false");
+    command.env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16");
     // The flags of `limiter-agent/build.rs`, so both builds produce the same object.
     command.env(
         "CARGO_ENCODED_RUSTFLAGS",

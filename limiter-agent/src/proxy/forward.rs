@@ -15,6 +15,7 @@ use crate::{
     body::{ClientBody, ClientBodyError, client_fault},
     fields::Fields,
     smuggling::MAX_CONNECTION_OPTIONS,
+    timer::Timer,
 };
 
 /// A request on its way upstream: its body streamed from the client as it
@@ -66,9 +67,7 @@ fn relayed_fields<'a>(
         named.sort_unstable_by(|a, b| caseless_cmp(a, b));
     }
     head.fields().filter(move |(name, _)| {
-        !(HOP_BY_HOP
-            .iter()
-            .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
+        !(hop_by_hop(name)
             || name.eq_ignore_ascii_case(b"content-length")
             || hidden.is_some_and(|hidden| name.eq_ignore_ascii_case(hidden.as_str().as_bytes()))
             || named
@@ -167,6 +166,7 @@ impl Proxy {
         head: &Head<'_, '_>,
         peer: &Peer,
         cost_header: Option<&HeaderName>,
+        timer: &mut Timer,
     ) -> Forwarded {
         let Ok(method) = http::Method::from_bytes(head.method.as_bytes()) else {
             return Forwarded::Made(error(
@@ -180,21 +180,23 @@ impl Proxy {
         // One clock read for the deadline and the upstream's time.
         let started = tokio::time::Instant::now();
         let live = &state.config.live;
-        let sent = tokio::time::timeout_at(
-            started + live.upstream_timeout,
+        let sending =
             self.upstreams
-                .send_encoded(connect_to(state), &request, &method, live.upstream_wait),
-        )
-        .await;
+                .send_encoded(connect_to(state), &request, &method, live.upstream_wait);
+        let sent = tokio::select! {
+            biased;
+            sent = sending => Some(sent),
+            () = timer.until(started + live.upstream_timeout) => None,
+        };
         self.observe_upstream(started.into_std());
         match sent {
-            Ok(Ok((head, body))) => Forwarded::Relayed(Relayed {
+            Some(Ok((head, body))) => Forwarded::Relayed(Relayed {
                 head,
                 body,
                 hidden: cost_header.cloned(),
             }),
-            Ok(Err(e)) => Forwarded::Made(self.failed(Ok(e))),
-            Err(elapsed) => Forwarded::Made(self.failed(Err(elapsed))),
+            Some(Err(e)) => Forwarded::Made(self.failed(Some(e))),
+            None => Forwarded::Made(self.failed(None)),
         }
     }
 
@@ -235,8 +237,8 @@ impl Proxy {
         self.observe_upstream(started);
         match result {
             Ok(Ok(response)) => response,
-            Ok(Err(e)) => self.failed(Ok(e)),
-            Err(elapsed) => self.failed(Err(elapsed)),
+            Ok(Err(e)) => self.failed(Some(e)),
+            Err(_elapsed) => self.failed(None),
         }
     }
 
@@ -249,38 +251,33 @@ impl Proxy {
 
     /// The error that stands for an upstream's answer that did not come:
     /// the request failed, or it timed out.
-    fn failed(
-        &self,
-        failure: Result<super::BoxError, tokio::time::error::Elapsed>,
-    ) -> Response<Body> {
-        match failure {
-            Err(_) => error(
+    fn failed(&self, failure: Option<super::BoxError>) -> Response<Body> {
+        let Some(e) = failure else {
+            return error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "UPSTREAM_TIMEOUT",
                 "The upstream did not answer in time.",
-            ),
-            Ok(e) if e.is::<UpstreamBusy>() => {
-                self.metrics.refuse("max_upstream_connections");
-                let mut busy = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "OVERLOADED",
-                    "Every upstream connection is busy; try again later.",
-                );
-                busy.extensions_mut().insert(NotSent);
-                busy
-            }
-            Ok(e) => {
-                if let Some(fault) = client_fault(&*e) {
-                    return client_body_answer(fault);
-                }
-                tracing::warn!(error = %e, "upstream request failed");
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    "UPSTREAM_UNAVAILABLE",
-                    "The upstream could not be reached.",
-                )
-            }
+            );
+        };
+        if e.is::<UpstreamBusy>() {
+            self.metrics.refuse("max_upstream_connections");
+            let mut busy = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "OVERLOADED",
+                "Every upstream connection is busy; try again later.",
+            );
+            busy.extensions_mut().insert(NotSent);
+            return busy;
         }
+        if let Some(fault) = client_fault(&*e) {
+            return client_body_answer(fault);
+        }
+        tracing::warn!(error = %e, "upstream request failed");
+        error(
+            StatusCode::BAD_GATEWAY,
+            "UPSTREAM_UNAVAILABLE",
+            "The upstream could not be reached.",
+        )
     }
 }
 
@@ -419,8 +416,9 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// The hop-by-hop headers; `Connection` names any others.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// The hop-by-hop headers; `Connection` names any others. A `static`: one
+/// array, not a copy made (and dropped) wherever it is named.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -431,6 +429,22 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     KEEP_ALIVE,
     PROXY_CONNECTION,
 ];
+
+/// Whether `name` (in any case) is one of [`HOP_BY_HOP`], told by its
+/// length first: a field of another length costs one comparison.
+fn hop_by_hop(name: &[u8]) -> bool {
+    let is = |hop: &str| name.eq_ignore_ascii_case(hop.as_bytes());
+    match name.len() {
+        2 => is("te"),
+        7 => is("trailer") || is("upgrade"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
+}
 
 /// The head of a request the front end read, as it goes upstream (what
 /// [`one_hop`] and [`wire::encode_head`] make of a parsed request): the
@@ -468,9 +482,7 @@ fn encode_from_fields(
     let mut forwarded = false;
     for field in fields {
         let name = field.name;
-        if HOP_BY_HOP
-            .iter()
-            .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+        if hop_by_hop(name.as_bytes())
             || name.eq_ignore_ascii_case("content-length")
             || name.eq_ignore_ascii_case(X_FORWARDED_PROTO.as_str())
             || cost_header.is_some_and(|cost| name.eq_ignore_ascii_case(cost.as_str()))
@@ -554,6 +566,28 @@ fn append_forwarded(headers: &mut HeaderMap, peer: &Peer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_knows_each_name_in_any_case_and_no_other() {
+        for hop in &HOP_BY_HOP {
+            assert!(hop_by_hop(hop.as_str().as_bytes()), "{hop}");
+            assert!(
+                hop_by_hop(hop.as_str().to_ascii_uppercase().as_bytes()),
+                "{hop}"
+            );
+        }
+        for other in [
+            "",
+            "host",
+            "content-length",
+            "tee",
+            "trailers",
+            "connections",
+            "x-forwarded-for",
+        ] {
+            assert!(!hop_by_hop(other.as_bytes()), "{other}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs

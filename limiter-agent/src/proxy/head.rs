@@ -16,6 +16,7 @@ use crate::{
     answers,
     fields::Raw,
     limit::{Decision, Now},
+    timer::Timer,
 };
 
 /// A request head the front end parsed, with no body to come.
@@ -125,13 +126,21 @@ impl TooMany {
 }
 
 impl Proxy {
-    /// Serves a request without a body that the HTTP/1 front end read.
-    pub async fn serve_head(&self, head: &Head<'_, '_>, peer: &Peer) -> Served {
+    /// Serves a request without a body that the HTTP/1 front end read;
+    /// `upstream` times its wait for the upstream (the connection's timer
+    /// for its requests' upstream deadlines).
+    pub async fn serve_head(
+        &self,
+        head: &Head<'_, '_>,
+        peer: &Peer,
+        upstream: &mut Timer,
+    ) -> Served {
         let state = self.state.load_full();
         let (tier_index, admitted) = match self.route(&state, &head.fields, head.target, peer) {
             Routed::Refused(refused) => return Served::Answer(*refused, None),
             Routed::Unlimited(slots) => {
-                let forwarded = Box::pin(self.forward_head(&state, head, peer, None)).await;
+                let forwarded =
+                    Box::pin(self.forward_head(&state, head, peer, None, upstream)).await;
                 return match forwarded {
                     Forwarded::Relayed(relayed) => Served::Relayed(relayed, slots, None),
                     Forwarded::Made(answer) => Served::Answer(answer, Some(slots)),
@@ -158,7 +167,7 @@ impl Proxy {
         };
         let tier = &state.tiers[tier_index];
         let forwarded = self
-            .forward_head(&state, head, peer, tier.cost_header.as_ref())
+            .forward_head(&state, head, peer, tier.cost_header.as_ref(), upstream)
             .await;
         let response = match forwarded {
             Forwarded::Relayed(relayed) => {
