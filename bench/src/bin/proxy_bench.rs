@@ -12,7 +12,11 @@
 //! Core budget: every contender is pinned to CPU 1 with one worker (nginx
 //! `worker_processes 1`, `HAProxy` `nbthread 1`, the agent's runtime sized by
 //! its affinity mask); wrk and the upstream share CPU 0. Rounds are interleaved
-//! across contenders and the median round is reported.
+//! across contenders and the median round is reported. Each round starts
+//! with the next contender (the order turns by one a round), and each
+//! measured run follows a short unmeasured one against the same contender:
+//! the run after CPU 1 sat idle (`direct` leaves it so) cost up to a third
+//! more CPU a request, and the same contender always paid it.
 //!
 //! The allowed scenario also runs two floors: `tcp_relay`, a byte relay with
 //! no HTTP (`proxy-bench --relay`), the floor of a proxy on this runtime and
@@ -53,7 +57,7 @@ use serde_json::json;
 #[derive(clap::Parser)]
 struct Args {
     /// Interleaved rounds of every contender; the median round is reported.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 5)]
     rounds: u32,
     /// Seconds of each wrk run.
     #[arg(long, value_name = "S", default_value_t = 8)]
@@ -425,6 +429,16 @@ fn floors(direct: bool, scale: u32, place: Place, up_port: u16) -> Vec<(&'static
     floors
 }
 
+/// Seconds of the unmeasured wrk run before each measured one.
+const WARM_UP_SECONDS: u32 = 1;
+
+/// The order `count` contenders run in, in round `round` (from 1): from
+/// the `round - 1`th on, so each takes each place in turn.
+fn turned(count: usize, round: u32) -> impl Iterator<Item = usize> {
+    let first = usize::try_from(round.saturating_sub(1)).unwrap_or(0);
+    (0..count).map(move |k| (first + k) % count.max(1))
+}
+
 /// One scenario: every contender up at once at `place`, `rounds` interleaved wrk runs.
 fn scenario(
     name: &str,
@@ -500,10 +514,19 @@ fn scenario(
     }
     let mut runs: Vec<Vec<WrkResult>> = vec![Vec::new(); contenders.len()];
     for round in 1..=rounds {
-        for (i, (contender, port, pid, own_cpu)) in contenders.iter().enumerate() {
+        for i in turned(contenders.len(), round) {
+            let (contender, port, pid, own_cpu) = &contenders[i];
             eprintln!("proxy/{name}: round {round}/{rounds}: {contender}…");
             let url = format!("http://{}:{port}{BENCH_PATH}", place.dial);
             let run = || wrk(place.wrk_prefix, LOAD_CPU, &url, CONNECTIONS, seconds);
+            // Warms CPU 1 and the contender; not counted.
+            let _ = wrk(
+                place.wrk_prefix,
+                LOAD_CPU,
+                &url,
+                CONNECTIONS,
+                WARM_UP_SECONDS,
+            );
             let result = if *own_cpu {
                 with_cpu_cost(CONTENDER_CPU, *pid, run)
             } else {
@@ -593,10 +616,18 @@ fn tokens(rounds: u32, seconds: u32) -> serde_json::Value {
     ];
     let mut runs: Vec<Vec<WrkResult>> = vec![Vec::new(); contenders.len()];
     for round in 1..=rounds {
-        for (i, (contender, port, pid)) in contenders.iter().enumerate() {
+        for i in turned(contenders.len(), round) {
+            let (contender, at, process) = &contenders[i];
             eprintln!("proxy/tokens: round {round}/{rounds}: {contender}…");
-            let url = format!("http://127.0.0.1:{port}{BENCH_PATH}");
-            let result = with_cpu_cost(CONTENDER_CPU, *pid, || {
+            let url = format!("http://127.0.0.1:{at}{BENCH_PATH}");
+            let _ = wrk_post(
+                &[],
+                LOAD_CPU,
+                &url,
+                (CONNECTIONS, WARM_UP_SECONDS),
+                CHAT_BODY,
+            );
+            let result = with_cpu_cost(CONTENDER_CPU, *process, || {
                 wrk_post(&[], LOAD_CPU, &url, (CONNECTIONS, seconds), CHAT_BODY)
             });
             eprintln!(
@@ -1083,6 +1114,12 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_contender_takes_each_place_in_turn() {
+        let orders: Vec<Vec<usize>> = (1..=4).map(|r| super::turned(3, r).collect()).collect();
+        assert_eq!(orders, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
+    }
+
     #[test]
     fn the_floor_answer_is_as_long_as_the_limiters() {
         assert_eq!(super::ANSWER_429.len(), 339);
