@@ -191,9 +191,15 @@ fn start_nginx(
 }
 
 /// nginx with one `limit_req` zone per tier, keyed by client address.
+/// Its rejections are logged at `notice`, under the error log's `warn`: by
+/// default nginx writes a line for each one, a write a request the agent
+/// does not do (it counts them, and notes offenders by sample).
 fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32, place: Place) -> Peer {
     let mut http = nginx_temp(dir);
-    let _ = writeln!(http, "keepalive_requests 1000000;\nlimit_req_status 429;");
+    let _ = writeln!(
+        http,
+        "keepalive_requests 1000000;\nlimit_req_status 429;\nlimit_req_log_level notice;"
+    );
     let _ = writeln!(
         http,
         "upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}"
