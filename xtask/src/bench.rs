@@ -32,6 +32,20 @@ pub fn smoke() -> anyhow::Result<()> {
     })
 }
 
+/// The profile the programs are built in: `release` (what is shipped), or
+/// `smoke` for a smoke run (the same code without the LTO link).
+pub fn profile(quick: bool) -> &'static str {
+    if quick { "smoke" } else { "release" }
+}
+
+/// Where a built program is: `target/<profile>/<name>`.
+fn built(name: &str, quick: bool) -> std::path::PathBuf {
+    cmd::workspace_root()
+        .join("target")
+        .join(profile(quick))
+        .join(name)
+}
+
 /// Where results go: `target/bench/`, or `target/bench/quick/` for smoke runs
 /// (which must not replace a real run's figures).
 fn out_dir(quick: bool) -> std::path::PathBuf {
@@ -55,7 +69,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     // The agent and the benchmark programs, optimised.
     cmd::run(cmd::cargo().args([
         "build",
-        "--release",
+        "--profile",
+        profile(options.quick),
         "--package",
         "limiter-agent",
         "--package",
@@ -121,7 +136,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
 /// Runs one of the release benchmark programs built above (they write their
 /// JSON to `LIMITER_BENCH_OUT`).
 fn bench_bin(name: &str, args: &[&str], quick: bool) -> anyhow::Result<()> {
-    let binary = cmd::workspace_root().join("target/release").join(name);
+    let binary = built(name, quick);
     cmd::run(
         std::process::Command::new(binary)
             .args(args)
@@ -137,7 +152,7 @@ fn report(quick: bool) -> anyhow::Result<()> {
     if quick {
         let dir = out_dir(true);
         return cmd::run(
-            std::process::Command::new(root.join("target/release/bench-report"))
+            std::process::Command::new(built("bench-report", true))
                 .arg(&dir)
                 .arg(&dir),
         );
@@ -167,7 +182,7 @@ fn report(quick: bool) -> anyhow::Result<()> {
         }
     }
     cmd::run(
-        std::process::Command::new(root.join("target/release/bench-report"))
+        std::process::Command::new(built("bench-report", false))
             .arg(root.join("target/bench"))
             .arg(&out),
     )
@@ -180,7 +195,8 @@ fn xdp(quick: bool) -> anyhow::Result<()> {
     command.args([
         "run",
         "--quiet",
-        "--release",
+        "--profile",
+        profile(quick),
         "--package",
         "limiter-bench",
         "--bin",

@@ -44,7 +44,7 @@ pub struct Options {
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
-    let deb = build()?;
+    let deb = build("release")?;
     println!("{}", deb.display());
     if options.check {
         check(&deb)?;
@@ -59,12 +59,14 @@ struct Entry {
     content: Vec<u8>,
 }
 
-/// Builds the package from a release build; returns its path.
-pub fn build() -> anyhow::Result<PathBuf> {
+/// Builds the package from a build in `profile` (`release`, what is
+/// shipped; the test command's check uses its `smoke` build, the same code
+/// without the LTO link); returns its path.
+pub fn build(profile: &str) -> anyhow::Result<PathBuf> {
     setup::ensure_apt(&["dpkg-dev", "binutils", "gzip"])?;
     let root = cmd::workspace_root();
-    cmd::run(cmd::cargo().args(["build", "--release", "--package", "limiter-agent"]))?;
-    let binary = root.join("target/release/limiter-agent");
+    cmd::run(cmd::cargo().args(["build", "--profile", profile, "--package", "limiter-agent"]))?;
+    let binary = root.join("target").join(profile).join("limiter-agent");
     let version = env!("CARGO_PKG_VERSION");
     let arch = cmd::output(Command::new("dpkg").arg("--print-architecture"))
         .map(|a| a.trim().to_owned())

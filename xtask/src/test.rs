@@ -41,9 +41,10 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     if let Err(e) = &smoke {
         eprintln!("{e:#}");
     }
-    // The Debian package, built from the release build the benchmarks made,
-    // checked with lintian, installed, used, removed and purged.
-    let packaged = package::build().and_then(|deb| package::check(&deb));
+    // The Debian package, built from the build the smoke run made (release
+    // code without the LTO link: `cargo xtask package` links the shipped one
+    // with it), checked with lintian, installed, used, removed and purged.
+    let packaged = package::build(bench::profile(true)).and_then(|deb| package::check(&deb));
     if let Err(e) = &packaged {
         eprintln!("{e:#}");
     }
