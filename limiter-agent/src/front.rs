@@ -95,7 +95,8 @@ impl Connection {
     /// taken by the client within the send timeout of when it first had to
     /// wait for it (as hyper's path times a piece it was handed).
     async fn send(&self, stream: &mut TcpStream, bytes: &[u8]) -> Result<(), Ended> {
-        let mut timer: Option<Timer> = None;
+        // Unarmed until a piece has to wait.
+        let mut timer = Timer::new();
         let mut sent = 0;
         // The piece being written: where it ends, and its deadline once it
         // has waited.
@@ -115,7 +116,6 @@ impl Connection {
                 Err(_) => return Err(Ended::Closed),
             }
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.send);
-            let timer = timer.get_or_insert_with(Timer::new);
             tokio::select! {
                 biased;
                 ready = stream.writable() => if ready.is_err() {

@@ -66,21 +66,16 @@ mod tests {
     async fn a_wait_given_up_leaves_the_next_one_exact() {
         let start = Instant::now();
         let mut timer = Timer::new();
-        let gave_up = tokio::time::timeout(
-            Duration::from_secs(1),
-            timer.until(start + Duration::from_secs(30)),
-        )
-        .await;
-        assert!(gave_up.is_err());
-        timer.until(start + Duration::from_secs(31)).await;
-        assert_eq!(start.elapsed(), Duration::from_secs(31));
-        let gave_up = tokio::time::timeout(
-            Duration::from_secs(1),
-            timer.until(start + Duration::from_secs(90)),
-        )
-        .await;
-        assert!(gave_up.is_err());
-        timer.until(start + Duration::from_secs(40)).await;
-        assert_eq!(start.elapsed(), Duration::from_secs(40));
+        // (the deadline given up after a second, the next one), in seconds.
+        for (given_up, next) in [(30, 31), (90, 40)] {
+            let gave_up = tokio::time::timeout(
+                Duration::from_secs(1),
+                timer.until(start + Duration::from_secs(given_up)),
+            )
+            .await;
+            assert!(gave_up.is_err());
+            timer.until(start + Duration::from_secs(next)).await;
+            assert_eq!(start.elapsed(), Duration::from_secs(next));
+        }
     }
 }
