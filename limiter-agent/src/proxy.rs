@@ -52,7 +52,7 @@ use crate::{
     limit::{Clock, Decision, LapsingSet, MemoryStore, Store},
     metrics::Metrics,
     offenders::Offenders,
-    route::canonicalize,
+    route::canonical,
     smuggling,
 };
 
@@ -323,7 +323,7 @@ impl Proxy {
         if let Some(refused) = self.banned(state, fields, peer) {
             return Routed::Refused(Box::new(refused));
         }
-        let canonical = match canonicalize(target, state.config.live.path_policy) {
+        let canonical = match canonical(target, state.config.live.path_policy) {
             Ok(path) => path,
             Err(e) => {
                 self.metrics.refuse("path");

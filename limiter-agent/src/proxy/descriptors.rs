@@ -21,7 +21,7 @@ use crate::{
     identity::{Identity, Requester, hashed_key_in, sha256_hex},
     limit::{Decision, Spend},
     metrics::Metrics,
-    route::canonicalize,
+    route::canonical,
 };
 
 /// What a descriptor came to.
@@ -313,7 +313,7 @@ impl Proxy {
             Ok(None) => return Answer::NoLimit,
             Err(message) => return refused("BAD_REQUEST", message),
         };
-        let canonical = match canonicalize(path, state.config.live.path_policy) {
+        let canonical = match canonical(path, state.config.live.path_policy) {
             Ok(canonical) => canonical,
             Err(e) => {
                 self.metrics.refuse("path");

@@ -89,6 +89,15 @@ pub enum PathError {
 /// # Errors
 /// Any [`PathError`]: the request should be answered with 400 rather than routed.
 pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathError> {
+    canonical(target, policy).map(Cow::into_owned)
+}
+
+/// [`canonicalize`], borrowing from `target` when its path is already
+/// canonical (the request path's common case: no copy).
+///
+/// # Errors
+/// As [`canonicalize`].
+pub fn canonical(target: &str, policy: PathPolicy) -> Result<Cow<'_, str>, PathError> {
     if target.len() > MAX_TARGET_LEN {
         return Err(PathError::TooLong);
     }
@@ -96,7 +105,7 @@ pub fn canonicalize(target: &str, policy: PathPolicy) -> Result<String, PathErro
     if let Some(plain) = plain(target, lenient) {
         return Ok(plain);
     }
-    whole(target, lenient)
+    whole(target, lenient).map(Cow::Owned)
 }
 
 /// [`canonicalize`] for every spelling.
@@ -157,35 +166,70 @@ fn whole(target: &str, lenient: bool) -> Result<String, PathError> {
 /// The canonical form of the most common spelling, in one pass: an
 /// origin-form path of letters, digits, `-`, `_` and `~` between single
 /// slashes (query aside), which [`canonicalize`] would return as it is
-/// (lowercased when lenient). `None` for anything else, which takes the
-/// whole algorithm.
-fn plain(target: &str, lenient: bool) -> Option<String> {
-    let path = target.as_bytes();
-    let end = path
-        .iter()
-        .position(|b| matches!(b, b'?' | b'#'))
-        .unwrap_or(path.len());
-    let path = &path[..end];
-    if path.first() != Some(&b'/') {
+/// (lowercased when lenient): borrowed unless it has to be lowercased.
+/// `None` for anything else, which takes the whole algorithm.
+fn plain(target: &str, lenient: bool) -> Option<Cow<'_, str>> {
+    let bytes = target.as_bytes();
+    if bytes.first() != Some(&b'/') {
         return None;
     }
+    let mut end = bytes.len();
+    let mut upper = false;
     let mut previous = 0u8;
-    for &b in path {
-        let ok = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'_' | b'~')
-            || b == b'/' && previous != b'/';
-        if !ok {
-            return None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match PLAIN[usize::from(b)] {
+            Plain::Kept => {}
+            Plain::Upper => upper = true,
+            Plain::Slash if previous != b'/' => {}
+            Plain::End => {
+                end = i;
+                break;
+            }
+            Plain::Slash | Plain::Other => return None,
         }
         previous = b;
     }
-    // ASCII only, so the bytes are a `str` as they are.
-    let mut out = String::from_utf8(path.to_vec()).ok()?;
-    if lenient {
-        out.make_ascii_lowercase();
-    }
-    Some(out)
+    // ASCII only up to `end`, so it is a `str` boundary.
+    let path = &target[..end];
+    Some(if lenient && upper {
+        Cow::Owned(path.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(path)
+    })
 }
+
+/// What one byte is to [`plain`].
+#[derive(Clone, Copy)]
+enum Plain {
+    /// A lowercase letter, a digit, `-`, `_` or `~`.
+    Kept,
+    /// An uppercase letter.
+    Upper,
+    Slash,
+    /// `?` or `#`: the path ends before it.
+    End,
+    /// Anything else: not the plain spelling.
+    Other,
+}
+
+/// [`Plain`] of each byte.
+static PLAIN: [Plain; 256] = {
+    let mut table = [Plain::Other; 256];
+    let mut b = 0;
+    while b < 256 {
+        #[expect(clippy::cast_possible_truncation, reason = "b < 256")]
+        let byte = b as u8;
+        table[b] = match byte {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' => Plain::Kept,
+            b'A'..=b'Z' => Plain::Upper,
+            b'/' => Plain::Slash,
+            b'?' | b'#' => Plain::End,
+            _ => Plain::Other,
+        };
+        b += 1;
+    }
+    table
+};
 
 /// The path part of an origin-form, absolute-form or asterisk-form target (query already cut).
 fn origin_path(target: &str) -> Result<&str, PathError> {
@@ -303,7 +347,7 @@ mod tests {
             for lenient in [true, false] {
                 if let Some(fast) = plain(target, lenient) {
                     assert_eq!(
-                        Ok(fast),
+                        Ok(fast.into_owned()),
                         whole(target, lenient),
                         "{target:?} lenient={lenient}"
                     );
@@ -344,6 +388,13 @@ mod tests {
             Some("/API/v1/Chat/")
         );
         assert_eq!(plain("/", true).as_deref(), Some("/"));
+        assert!(
+            matches!(
+                plain("/api/v1/chat?x=1", true),
+                Some(Cow::Borrowed("/api/v1/chat"))
+            ),
+            "a path already canonical is not copied"
+        );
         assert_eq!(plain("", true), None);
         assert_eq!(plain("/a//b", true), None);
         assert_eq!(plain("/a/./b", true), None);

@@ -6,7 +6,7 @@ mod pattern;
 
 use std::collections::HashMap;
 
-pub use self::canonical::{MAX_TARGET_LEN, PathError, PathPolicy, canonicalize};
+pub use self::canonical::{MAX_TARGET_LEN, PathError, PathPolicy, canonical, canonicalize};
 use self::pattern::{Pattern, Seg, parse_pattern, specificity};
 
 /// Why a route table could not be built (a configuration error).
