@@ -337,6 +337,32 @@ mod tests {
         assert_eq!(message, "encoded slash or backslash");
     }
 
+    /// The byte table is the rule it stands for, for each of the 256 bytes.
+    #[test]
+    fn the_plain_table_is_its_rule() {
+        for b in 0..=u8::MAX {
+            let kind = match PLAIN[usize::from(b)] {
+                Plain::Kept => "kept",
+                Plain::Upper => "upper",
+                Plain::Slash => "slash",
+                Plain::End => "end",
+                Plain::Other => "other",
+            };
+            let rule = if b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_~".contains(&b) {
+                "kept"
+            } else if b.is_ascii_uppercase() {
+                "upper"
+            } else if b == b'/' {
+                "slash"
+            } else if b == b'?' || b == b'#' {
+                "end"
+            } else {
+                "other"
+            };
+            assert_eq!(kind, rule, "byte {b:#04x}");
+        }
+    }
+
     /// The one-pass spelling agrees with the whole algorithm wherever it
     /// answers: every target of up to 5 characters over an alphabet of the
     /// characters that matter, and longer pseudo-random ones.
@@ -365,6 +391,15 @@ mod tests {
             }
         }
         every(&mut Vec::new(), 5);
+        // Every ASCII character between two letters, and the multibyte
+        // spellings routers disagree on, in the path and in the query.
+        for c in (0u8..0x80).map(char::from) {
+            check(&format!("/x{c}y"));
+            check(&format!("/x?{c}"));
+        }
+        for target in ["/é", "/\u{212A}", "/a\u{FF0F}b", "/a?é", "/A?é"] {
+            check(target);
+        }
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = || {
             seed ^= seed << 13;
@@ -394,6 +429,10 @@ mod tests {
                 Some(Cow::Borrowed("/api/v1/chat"))
             ),
             "a path already canonical is not copied"
+        );
+        assert!(
+            matches!(plain("/API", false), Some(Cow::Borrowed("/API"))),
+            "strict keeps the case, uncopied"
         );
         assert_eq!(plain("", true), None);
         assert_eq!(plain("/a//b", true), None);
