@@ -207,6 +207,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             "http_floor",
             "hyper_floor",
             "answer_floor",
+            "epoll_floor",
             "direct",
         ] {
             let c = &s[contender];
@@ -292,6 +293,23 @@ fn floor_lines(out: &mut String, proxy: &Value) {
              per request; the limiter spends {:.2}× it",
             f(answer),
             f(&proxy["ratios"]["rejected_cpu_vs_answer_floor"])
+        );
+    }
+    let epoll = &proxy["ratios"]["epoll_floor_cpu_vs_nginx"];
+    if f(epoll) > 0.0 {
+        let cpu = |c: &str| f(&proxy["rejected"][c]["cpu_us_per_request"]);
+        let _ = writeln!(
+            out,
+            "- the same 429 from a loop on `epoll` with no runtime (`epoll_floor`: what the \
+             kernel's receive and send cost alone) {:.2}× nginx's CPU per request; the limiter \
+             spends {:.2}× it. The 0.7× target leaves {:.1} µs per 429 beyond it for the \
+             runtime's wake-up and everything the limiter does (parse, route, decide, count, \
+             write the answer); the runtime's wake-up alone (`answer_floor` less \
+             `epoll_floor`) costs {:.1} µs",
+            f(epoll),
+            f(&proxy["ratios"]["rejected_cpu_vs_epoll_floor"]),
+            0.7 * cpu("nginx") - cpu("epoll_floor"),
+            cpu("answer_floor") - cpu("epoll_floor")
         );
     }
 }

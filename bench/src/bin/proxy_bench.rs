@@ -28,7 +28,9 @@
 //! scenario runs `answer_floor`: a server that answers every request with
 //! the same pre-rendered 429, as long as the limiter's (`proxy-bench
 //! --answer`), the floor of a sent 429: one receive and one send on this
-//! runtime, no parsing and no decision.
+//! runtime, no parsing and no decision; and `epoll_floor`, the same
+//! answers from a loop on `epoll` with no runtime at all (`proxy-bench
+//! --epoll`), what the kernel's receive and send cost alone.
 //!
 //! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
 
@@ -77,8 +79,13 @@ struct Args {
     /// Serve as the `answer_floor` floor instead: every request answered
     /// with the same pre-rendered 429, nothing else (the bench starts itself
     /// so; UPSTREAM is not used).
-    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"], conflicts_with = "epoll")]
     answer: Option<Vec<SocketAddr>>,
+    /// Serve as the `epoll_floor` floor instead: the same answers from a
+    /// loop on `epoll`, no runtime (the bench starts itself so; UPSTREAM is
+    /// not used).
+    #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    epoll: Option<Vec<SocketAddr>>,
 }
 
 const CONTENDER_CPU: u32 = 1;
@@ -417,7 +424,8 @@ fn xdp_done(
 /// no HTTP: see [`relay`]), `http_floor` (the least an HTTP-aware relay
 /// does: see [`http_floor`]) and `hyper_floor` (hyper's server and client,
 /// nothing else); where every request is rejected (`scale` 1),
-/// `answer_floor` (the floor of a sent 429: see [`answer_floor`]).
+/// `answer_floor` (the floor of a sent 429: see [`answer_floor`]) and
+/// `epoll_floor` (the same with no runtime: see [`epoll_floor`]).
 fn floors(direct: bool, scale: u32, place: Place, up_port: u16) -> Vec<(&'static str, u16, Peer)> {
     let mut floors = Vec::new();
     let mut add = |name, mode| {
@@ -431,6 +439,7 @@ fn floors(direct: bool, scale: u32, place: Place, up_port: u16) -> Vec<(&'static
     }
     if scale == 1 {
         add("answer_floor", "--answer");
+        add("epoll_floor", "--epoll");
     }
     floors
 }
@@ -796,10 +805,11 @@ fn print_verdicts(result: &serde_json::Value) {
     );
     println!(
         "proxy floors, CPU per request against nginx's: http_floor {:.2}x, tcp_relay {:.2}x \
-         (allowed); answer_floor {:.2}x (rejected)",
+         (allowed); answer_floor {:.2}x, epoll_floor {:.2}x (rejected)",
         cpu("http_floor_cpu_vs_nginx"),
         cpu("tcp_relay_cpu_vs_nginx"),
-        cpu("answer_floor_cpu_vs_nginx")
+        cpu("answer_floor_cpu_vs_nginx"),
+        cpu("epoll_floor_cpu_vs_nginx")
     );
     println!(
         "proxy allowed: the dashboard's sampler on vs off: {:.2}x the throughput, {:.2}x the CPU \
@@ -996,6 +1006,136 @@ fn answer_floor(listen: SocketAddr, upstream: SocketAddr) {
     });
 }
 
+/// `proxy-bench --epoll LISTEN UPSTREAM`: the `epoll_floor` contender, the
+/// same answers as [`answer_floor`] from a loop on `epoll` itself, with no
+/// runtime (UPSTREAM is not used): one thread, level-triggered interest in
+/// each connection, one `read` when a connection is ready and one `write`
+/// of every answer it completed. What a sent 429 costs in the kernel
+/// alone, with no task, no waker and no HTTP: the least any server on this
+/// kernel spends per 429 on one connection at a time.
+fn epoll_floor(listen: SocketAddr, _upstream: SocketAddr) {
+    use std::os::fd::{AsRawFd as _, RawFd};
+
+    let listener = std::net::TcpListener::bind(listen).expect("floor listen");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    // SAFETY: a plain system call with no pointers.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(
+        epoll >= 0,
+        "epoll_create1: {}",
+        std::io::Error::last_os_error()
+    );
+    let listening = listener.as_raw_fd();
+    interest(epoll, listening, true, false);
+    let mut clients = std::collections::HashMap::<RawFd, FloorClient>::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
+    let mut chunk = vec![0u8; 65536];
+    loop {
+        // SAFETY: `events` has room for the count passed.
+        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 512, -1) };
+        let Ok(ready) = usize::try_from(ready) else {
+            continue; // EINTR
+        };
+        for event in &events[..ready] {
+            let fd = RawFd::try_from(event.u64).expect("a descriptor we added");
+            if fd == listening {
+                while let Ok((stream, _)) = listener.accept() {
+                    let _ = stream.set_nonblocking(true);
+                    let _ = stream.set_nodelay(true);
+                    let fd = stream.as_raw_fd();
+                    interest(epoll, fd, true, false);
+                    let client = FloorClient {
+                        stream,
+                        read: Vec::with_capacity(4096),
+                        unsent: Vec::new(),
+                    };
+                    clients.insert(fd, client);
+                }
+                continue;
+            }
+            let Some(client) = clients.get_mut(&fd) else {
+                continue;
+            };
+            let waited = !client.unsent.is_empty();
+            let readable = event.events & libc::EPOLLIN.cast_unsigned() != 0;
+            if !client.ready(readable, &mut chunk) {
+                // Dropping the stream closes it, which takes it out of the set.
+                clients.remove(&fd);
+            } else if waited == client.unsent.is_empty() {
+                interest(epoll, fd, false, !client.unsent.is_empty());
+            }
+        }
+    }
+}
+
+/// One client of [`epoll_floor`]: what it sent of a head not yet whole,
+/// what it has not yet taken of its answers.
+struct FloorClient {
+    stream: std::net::TcpStream,
+    read: Vec<u8>,
+    unsent: Vec<u8>,
+}
+
+impl FloorClient {
+    /// Reads once when `readable` (through `chunk`), queues a 429 for each
+    /// head completed, writes what it can; whether the connection is open.
+    fn ready(&mut self, readable: bool, chunk: &mut [u8]) -> bool {
+        use std::io::{Read as _, Write as _};
+        if readable {
+            match self.stream.read(chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.read.extend_from_slice(&chunk[..n]);
+                    let mut start = 0;
+                    while let Some(end) =
+                        self.read[start..].windows(4).position(|w| w == b"\r\n\r\n")
+                    {
+                        start += end + 4;
+                        self.unsent.extend_from_slice(ANSWER_429);
+                    }
+                    self.read.drain(..start);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
+        while !self.unsent.is_empty() {
+            match self.stream.write(&self.unsent) {
+                Ok(n) => {
+                    self.unsent.drain(..n);
+                }
+                Err(e) => return e.kind() == std::io::ErrorKind::WouldBlock,
+            }
+        }
+        true
+    }
+}
+
+/// Sets `fd`'s interest in `epoll` (added when `add`): readable, and
+/// writable while answers wait.
+fn interest(epoll: std::os::fd::RawFd, fd: std::os::fd::RawFd, add: bool, writable: bool) {
+    let events = if writable {
+        libc::EPOLLIN | libc::EPOLLOUT
+    } else {
+        libc::EPOLLIN
+    };
+    let mut event = libc::epoll_event {
+        events: events.cast_unsigned(),
+        u64: u64::try_from(fd).expect("a descriptor is not negative"),
+    };
+    let op = if add {
+        libc::EPOLL_CTL_ADD
+    } else {
+        libc::EPOLL_CTL_MOD
+    };
+    // SAFETY: both descriptors are open (the caller owns them), and `event`
+    // lives across the call.
+    let done = unsafe { libc::epoll_ctl(epoll, op, fd, &raw mut event) };
+    assert_eq!(done, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+}
+
 /// The CPU per request of `ours` against that of `theirs` in `scenario`
 /// (0 when either is missing).
 fn cpu_of(scenario: &serde_json::Value, ours: &str, theirs: &str) -> f64 {
@@ -1014,11 +1154,12 @@ type FloorServer = fn(SocketAddr, SocketAddr);
 /// Serves as the floor `args` names, if it names one (until killed);
 /// whether it did.
 fn serve_floor(args: &Args) -> bool {
-    let floors: [(&Option<Vec<SocketAddr>>, FloorServer); 4] = [
+    let floors: [(&Option<Vec<SocketAddr>>, FloorServer); 5] = [
         (&args.relay, relay),
         (&args.http, http_floor),
         (&args.hyper, hyper_floor),
         (&args.answer, answer_floor),
+        (&args.epoll, epoll_floor),
     ];
     for (addrs, serve) in floors {
         if let Some([listen, upstream]) = addrs.as_deref() {
@@ -1101,6 +1242,8 @@ fn main() {
             "hyper_floor_cpu_vs_nginx": cpu_of(&allowed, "hyper_floor", "nginx"),
             "answer_floor_cpu_vs_nginx": cpu_of(&rejected, "answer_floor", "nginx"),
             "rejected_cpu_vs_answer_floor": cpu_ratio(&rejected, "answer_floor"),
+            "epoll_floor_cpu_vs_nginx": cpu_of(&rejected, "epoll_floor", "nginx"),
+            "rejected_cpu_vs_epoll_floor": cpu_ratio(&rejected, "epoll_floor"),
             "http_floor_cpu_vs_nginx": cpu_of(&allowed, "http_floor", "nginx"),
             "allowed_cpu_vs_http_floor": cpu_ratio(&allowed, "http_floor"),
             "tcp_relay_cpu_vs_nginx": cpu_of(&allowed, "tcp_relay", "nginx"),
