@@ -34,6 +34,9 @@
 //!
 //! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
 
+// The report's figures are one `json!` literal, deeper than the default allows.
+#![recursion_limit = "256"]
+
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
@@ -197,8 +200,9 @@ fn start_nginx(
     )
 }
 
-/// nginx with one `limit_req` zone per tier, keyed by client address.
-/// Its rejections are logged at `notice`, under the error log's `warn`: by
+/// nginx with one `limit_req` zone per tier, keyed by client address: an
+/// exact location for a route with no parameter, a regex (compiled by
+/// PCRE's JIT) for the others. Its rejections are logged at `notice`, under the error log's `warn`: by
 /// default nginx writes a line for each one, a write a request the agent
 /// does not do (it counts them, and notes offenders by sample).
 fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32, place: Place) -> Peer {
@@ -224,14 +228,23 @@ fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32, place
     let proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";";
     for (i, tier) in tiers.iter().enumerate() {
         let burst = scaled(tier, scale);
+        // A route with no parameter is an exact location, as an operator
+        // would write it: no regex run for it.
+        let exact = !tier.route.contains(['*', ':']);
+        let location = if exact {
+            format!("= {}", tier.route)
+        } else {
+            format!("~ {}", route_regex(&tier.route))
+        };
         let _ = writeln!(
             http,
-            "location ~ {} {{ limit_req zone=t{i} burst={burst} nodelay; {proxy} }}",
-            route_regex(&tier.route)
+            "location {location} {{ limit_req zone=t{i} burst={burst} nodelay; {proxy} }}"
         );
     }
     let _ = writeln!(http, "location / {{ {proxy} }}\n}}");
-    let conf = format!("{}http {{\n{http}}}\n", nginx_common(dir));
+    // The regexes left compiled to machine code (Debian's nginx has the JIT
+    // off unless asked).
+    let conf = format!("{}pcre_jit on;\nhttp {{\n{http}}}\n", nginx_common(dir));
     start_nginx(
         "nginx limit_req",
         CONTENDER_CPU,
@@ -376,6 +389,18 @@ fn entry(result: &WrkResult) -> serde_json::Value {
         "cpu_us_per_request": (result.cpu_us_per_request * 100.0).round() / 100.0,
         "process_cpu_us_per_request": (result.process_cpu_us_per_request * 100.0).round() / 100.0,
     })
+}
+
+/// A contender's runs, one a round: the median run's figures, and each
+/// round's CPU per request in round order (ratios between contenders can be
+/// taken within a round, where they ran minutes apart).
+fn rounds_entry(runs: &[WrkResult]) -> serde_json::Value {
+    let mut entry = entry(&median_run(runs));
+    entry["cpu_us_per_request_by_round"] = runs
+        .iter()
+        .map(|run| (run.cpu_us_per_request * 100.0).round() / 100.0)
+        .collect();
+    entry
 }
 
 /// What the program did during the XDP contender's runs, from its metrics.
@@ -562,7 +587,7 @@ fn scenario(
     }
     let mut out = serde_json::Map::new();
     for (i, (contender, ..)) in contenders.iter().enumerate() {
-        out.insert((*contender).to_owned(), entry(&median_run(&runs[i])));
+        out.insert((*contender).to_owned(), rounds_entry(&runs[i]));
     }
     xdp_done(&mut out, place, (limiter_xdp, xdp_admin), &instance);
     serde_json::Value::Object(out)
@@ -1010,9 +1035,10 @@ fn answer_floor(listen: SocketAddr, upstream: SocketAddr) {
 /// same answers as [`answer_floor`] from a loop on `epoll` itself, with no
 /// runtime (UPSTREAM is not used): one thread, level-triggered interest in
 /// each connection, one `read` when a connection is ready and one `write`
-/// of every answer it completed. What a sent 429 costs in the kernel
-/// alone, with no task, no waker and no HTTP: the least any server on this
-/// kernel spends per 429 on one connection at a time.
+/// of every answer it completed, written from the constant when nothing
+/// else waits. What a sent 429 costs an `epoll` server that does one
+/// receive and one send per request and nothing else, on this kernel: no
+/// task, no waker, no HTTP.
 fn epoll_floor(listen: SocketAddr, _upstream: SocketAddr) {
     use std::os::fd::{AsRawFd as _, RawFd};
 
@@ -1029,9 +1055,12 @@ fn epoll_floor(listen: SocketAddr, _upstream: SocketAddr) {
     );
     let listening = listener.as_raw_fd();
     interest(epoll, listening, true, false);
-    let mut clients = std::collections::HashMap::<RawFd, FloorClient>::new();
+    // By descriptor: one index per event, no hashing.
+    let mut clients: Vec<Option<FloorClient>> = Vec::new();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
     let mut chunk = vec![0u8; 65536];
+    // An error or a hang-up is read as readable: the read then sees it.
+    let readable = (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP).cast_unsigned();
     loop {
         // SAFETY: `events` has room for the count passed.
         let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 512, -1) };
@@ -1041,28 +1070,33 @@ fn epoll_floor(listen: SocketAddr, _upstream: SocketAddr) {
         for event in &events[..ready] {
             let fd = RawFd::try_from(event.u64).expect("a descriptor we added");
             if fd == listening {
+                // Until the queue is empty (or accepting fails: the listener
+                // stays ready, and the next turn tries again).
                 while let Ok((stream, _)) = listener.accept() {
                     let _ = stream.set_nonblocking(true);
                     let _ = stream.set_nodelay(true);
                     let fd = stream.as_raw_fd();
                     interest(epoll, fd, true, false);
-                    let client = FloorClient {
+                    let slot = usize::try_from(fd).expect("a descriptor is not negative");
+                    if clients.len() <= slot {
+                        clients.resize_with(slot + 1, || None);
+                    }
+                    clients[slot] = Some(FloorClient {
                         stream,
                         read: Vec::with_capacity(4096),
                         unsent: Vec::new(),
-                    };
-                    clients.insert(fd, client);
+                    });
                 }
                 continue;
             }
-            let Some(client) = clients.get_mut(&fd) else {
+            let slot = usize::try_from(fd).expect("a descriptor we added");
+            let Some(client) = clients.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
             let waited = !client.unsent.is_empty();
-            let readable = event.events & libc::EPOLLIN.cast_unsigned() != 0;
-            if !client.ready(readable, &mut chunk) {
+            if !client.ready(event.events & readable != 0, &mut chunk) {
                 // Dropping the stream closes it, which takes it out of the set.
-                clients.remove(&fd);
+                clients[slot] = None;
             } else if waited == client.unsent.is_empty() {
                 interest(epoll, fd, false, !client.unsent.is_empty());
             }
@@ -1079,37 +1113,80 @@ struct FloorClient {
 }
 
 impl FloorClient {
-    /// Reads once when `readable` (through `chunk`), queues a 429 for each
-    /// head completed, writes what it can; whether the connection is open.
+    /// Reads once when `readable` (through `chunk`), answers each head
+    /// completed, writes what it can; whether the connection is open.
     fn ready(&mut self, readable: bool, chunk: &mut [u8]) -> bool {
-        use std::io::{Read as _, Write as _};
+        use std::io::{ErrorKind, Read as _};
+        let mut heads = 0;
         if readable {
-            match self.stream.read(chunk) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    self.read.extend_from_slice(&chunk[..n]);
-                    let mut start = 0;
-                    while let Some(end) =
-                        self.read[start..].windows(4).position(|w| w == b"\r\n\r\n")
-                    {
-                        start += end + 4;
-                        self.unsent.extend_from_slice(ANSWER_429);
-                    }
-                    self.read.drain(..start);
+            let n = loop {
+                match self.stream.read(chunk) {
+                    Ok(0) => return false,
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    // Nothing after all: what waits is still written.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break 0,
+                    Err(_) => return false,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return false,
+            };
+            // Scanned where it was read when no head was begun before it.
+            if self.read.is_empty() {
+                let end = count_heads(&chunk[..n], &mut heads);
+                self.read.extend_from_slice(&chunk[end..n]);
+            } else {
+                self.read.extend_from_slice(&chunk[..n]);
+                let end = count_heads(&self.read, &mut heads);
+                self.read.drain(..end);
             }
         }
+        if heads == 1 && self.unsent.is_empty() {
+            return match write_some(&mut self.stream, ANSWER_429) {
+                Some(n) => {
+                    self.unsent.extend_from_slice(&ANSWER_429[n..]);
+                    true
+                }
+                None => false,
+            };
+        }
+        for _ in 0..heads {
+            self.unsent.extend_from_slice(ANSWER_429);
+        }
         while !self.unsent.is_empty() {
-            match self.stream.write(&self.unsent) {
-                Ok(n) => {
+            match write_some(&mut self.stream, &self.unsent) {
+                Some(0) => break,
+                Some(n) => {
                     self.unsent.drain(..n);
                 }
-                Err(e) => return e.kind() == std::io::ErrorKind::WouldBlock,
+                None => return false,
             }
         }
         true
+    }
+}
+
+/// Counts the heads `bytes` completes (each blank line that ends one) into
+/// `heads`; where the last one ends.
+fn count_heads(bytes: &[u8], heads: &mut usize) -> usize {
+    let mut start = 0;
+    while let Some(end) = bytes[start..].windows(4).position(|w| w == b"\r\n\r\n") {
+        start += end + 4;
+        *heads += 1;
+    }
+    start
+}
+
+/// Writes what the socket takes of `bytes`: how much (0 when it would
+/// block), or `None` when the connection failed.
+fn write_some(stream: &mut std::net::TcpStream, bytes: &[u8]) -> Option<usize> {
+    use std::io::{ErrorKind, Write as _};
+    loop {
+        match stream.write(bytes) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(0),
+            Err(_) => return None,
+        }
     }
 }
 
@@ -1146,6 +1223,32 @@ fn cpu_of(scenario: &serde_json::Value, ours: &str, theirs: &str) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The CPU per request of `ours` against that of `theirs` in `scenario`
+/// within each round: the median, the least and the most (zeros when
+/// either is missing).
+fn cpu_by_round(scenario: &serde_json::Value, ours: &str, theirs: &str) -> serde_json::Value {
+    let rounds = |key: &str| -> Vec<f64> {
+        scenario[key]["cpu_us_per_request_by_round"]
+            .as_array()
+            .map(|r| r.iter().filter_map(serde_json::Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let ratios: Vec<f64> = rounds(ours)
+        .iter()
+        .zip(rounds(theirs))
+        .filter(|(o, t)| **o > 0.0 && *t > 0.0)
+        .map(|(o, t)| o / t)
+        .collect();
+    let least = ratios.iter().copied().reduce(f64::min).unwrap_or(0.0);
+    let most = ratios.iter().copied().reduce(f64::max).unwrap_or(0.0);
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({
+        "median": round(limiter_bench::median(ratios)),
+        "min": round(least),
+        "max": round(most),
+    })
 }
 
 /// A floor contender's server: `LISTEN`, `UPSTREAM`.
@@ -1243,6 +1346,10 @@ fn main() {
             "answer_floor_cpu_vs_nginx": cpu_of(&rejected, "answer_floor", "nginx"),
             "rejected_cpu_vs_answer_floor": cpu_ratio(&rejected, "answer_floor"),
             "epoll_floor_cpu_vs_nginx": cpu_of(&rejected, "epoll_floor", "nginx"),
+            "rejected_cpu_vs_nginx_by_round": cpu_by_round(&rejected, "limiter", "nginx"),
+            "answer_floor_cpu_vs_nginx_by_round": cpu_by_round(&rejected, "answer_floor", "nginx"),
+            "epoll_floor_cpu_vs_nginx_by_round": cpu_by_round(&rejected, "epoll_floor", "nginx"),
+            "allowed_cpu_vs_nginx_by_round": cpu_by_round(&allowed, "limiter", "nginx"),
             "rejected_cpu_vs_epoll_floor": cpu_ratio(&rejected, "epoll_floor"),
             "http_floor_cpu_vs_nginx": cpu_of(&allowed, "http_floor", "nginx"),
             "allowed_cpu_vs_http_floor": cpu_ratio(&allowed, "http_floor"),
