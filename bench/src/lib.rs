@@ -284,7 +284,8 @@ fn wrk_with(
 }
 
 /// CPU time of `cpu` since boot in clock ticks: (busy, softirq). Busy is
-/// every state but idle and iowait.
+/// every state but idle, iowait and steal (time the hypervisor gave this
+/// virtual CPU's host core to another guest: no work of the contender's).
 #[must_use]
 pub fn cpu_ticks(cpu: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
@@ -300,7 +301,7 @@ pub fn cpu_ticks(cpu: u32) -> (u64, u64) {
         .collect();
     // user nice system idle iowait irq softirq steal (guest counted in user).
     let total: u64 = n.iter().take(8).sum();
-    (total - n[3] - n[4], n[6])
+    (total - n[3] - n[4] - n[7], n[6])
 }
 
 /// Softirq ticks of every CPU together since boot (the receive path of

@@ -254,7 +254,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
          Each contender is pinned to CPU 1 with one worker; wrk and the static upstream (nginx) \
          share CPU 0. Each round starts with the next contender, and each measured run follows \
          an unmeasured second against the same contender. CPU µs/req: busy time of CPU 1 (from `/proc/stat`, so the kernel's work \
-         there counts) over the run, per answered request; process µs/req: the contender's own \
+         there counts; steal time does not) over the run, per answered request; process µs/req: the contender's own \
          user + system time (`/proc/<pid>/stat`, workers included). Configs: \
          [`bench/configs/`](configs/).\n",
         proxy["rounds"],
