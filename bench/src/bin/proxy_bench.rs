@@ -30,7 +30,7 @@
 //! --answer`), the floor of a sent 429: one receive and one send on this
 //! runtime, no parsing and no decision; and `epoll_floor`, the same
 //! answers from a loop on `epoll` with no runtime at all (`proxy-bench
-//! --epoll`), what the kernel's receive and send cost alone.
+//! --epoll`), what one receive and one send cost an `epoll` server.
 //!
 //! Usage: `proxy-bench [--rounds N] [--seconds S]`; writes `target/bench/proxy.json`.
 
@@ -202,9 +202,10 @@ fn start_nginx(
 
 /// nginx with one `limit_req` zone per tier, keyed by client address: an
 /// exact location for a route with no parameter, a regex (compiled by
-/// PCRE's JIT) for the others. Its rejections are logged at `notice`, under the error log's `warn`: by
-/// default nginx writes a line for each one, a write a request the agent
-/// does not do (it counts them, and notes offenders by sample).
+/// PCRE's JIT) for the others. Its rejections are logged at `notice`,
+/// under the error log's `warn`: by default nginx writes a line for each
+/// one, a write a request the agent does not do (it counts them, and notes
+/// offenders by sample).
 fn nginx(dir: &Path, port: u16, upstream: u16, tiers: &[Tier], scale: u32, place: Place) -> Peer {
     let mut http = nginx_temp(dir);
     let _ = writeln!(
@@ -1014,12 +1015,11 @@ fn answer_floor(listen: SocketAddr, upstream: SocketAddr) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let mut start = 0;
-            while let Some(end) = buf[start..].windows(4).position(|w| w == b"\r\n\r\n") {
-                start += end + 4;
+            let (end, heads) = whole_heads(&buf);
+            for _ in 0..heads {
                 out.extend_from_slice(ANSWER_429);
             }
-            buf.drain(..start);
+            buf.drain(..end);
             if !out.is_empty() {
                 if client.write_all(&out).await.is_err() {
                     return;
@@ -1117,8 +1117,7 @@ impl FloorClient {
     /// completed, writes what it can; whether the connection is open.
     fn ready(&mut self, readable: bool, chunk: &mut [u8]) -> bool {
         use std::io::{ErrorKind, Read as _};
-        let mut heads = 0;
-        if readable {
+        let heads = if readable {
             let n = loop {
                 match self.stream.read(chunk) {
                     Ok(0) => return false,
@@ -1131,14 +1130,18 @@ impl FloorClient {
             };
             // Scanned where it was read when no head was begun before it.
             if self.read.is_empty() {
-                let end = count_heads(&chunk[..n], &mut heads);
+                let (end, heads) = whole_heads(&chunk[..n]);
                 self.read.extend_from_slice(&chunk[end..n]);
+                heads
             } else {
                 self.read.extend_from_slice(&chunk[..n]);
-                let end = count_heads(&self.read, &mut heads);
+                let (end, heads) = whole_heads(&self.read);
                 self.read.drain(..end);
+                heads
             }
-        }
+        } else {
+            0
+        };
         if heads == 1 && self.unsent.is_empty() {
             return match write_some(&mut self.stream, ANSWER_429) {
                 Some(n) => {
@@ -1164,15 +1167,15 @@ impl FloorClient {
     }
 }
 
-/// Counts the heads `bytes` completes (each blank line that ends one) into
-/// `heads`; where the last one ends.
-fn count_heads(bytes: &[u8], heads: &mut usize) -> usize {
-    let mut start = 0;
-    while let Some(end) = bytes[start..].windows(4).position(|w| w == b"\r\n\r\n") {
-        start += end + 4;
-        *heads += 1;
+/// The whole heads at the start of `bytes` (each ended by a blank line):
+/// where the last one ends, and how many there are.
+fn whole_heads(bytes: &[u8]) -> (usize, usize) {
+    let (mut end, mut heads) = (0, 0);
+    while let Some(at) = bytes[end..].windows(4).position(|w| w == b"\r\n\r\n") {
+        end += at + 4;
+        heads += 1;
     }
-    start
+    (end, heads)
 }
 
 /// Writes what the socket takes of `bytes`: how much (0 when it would
