@@ -11,13 +11,14 @@ use std::{
 /// Holdings by key.
 #[derive(Debug)]
 pub struct Tally<K> {
-    held: Mutex<HashMap<K, usize>>,
+    /// Hashed with a process-random seed: the keys are clients'.
+    held: Mutex<HashMap<K, usize, foldhash::fast::RandomState>>,
 }
 
 impl<K> Default for Tally<K> {
     fn default() -> Self {
         Self {
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::default()),
         }
     }
 }

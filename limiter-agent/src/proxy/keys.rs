@@ -93,9 +93,14 @@ impl Proxy {
         check: KeyCheck,
         status: StatusCode,
     ) {
+        let refused = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+        if matches!(check, KeyCheck::None) && !refused {
+            // Nothing to learn: the common request, which reads no clock.
+            return;
+        }
         let now = self.clock.now_ms();
         let ttl = state.config.startup.verified_key_ttl;
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        if refused {
             self.authenticating.mark(tier.authenticates, now);
         }
         match check {

@@ -30,7 +30,9 @@ pub enum RouteError {
 #[derive(Clone, Debug)]
 pub struct RouteTable {
     /// All-literal patterns, keyed by canonical path: they beat any pattern matching the same path.
-    exact: HashMap<String, usize>,
+    /// Looked up with every request's path (the table never grows after
+    /// it is built).
+    exact: HashMap<String, usize, foldhash::fast::RandomState>,
     /// Patterns with a `:param` or `*`, sorted by [`specificity`].
     patterns: Vec<Pattern>,
     /// Lenient routing: a trailing slash is optional, as in Express's default (non-strict)
@@ -47,7 +49,7 @@ impl RouteTable {
     pub fn new(routes: &[(&str, usize)], policy: PathPolicy) -> Result<Self, RouteError> {
         let mut shapes: HashMap<Vec<Seg>, &str> = HashMap::new();
         let mut table = RouteTable {
-            exact: HashMap::new(),
+            exact: HashMap::default(),
             patterns: Vec::new(),
             optional_slash: policy == PathPolicy::Lenient,
         };

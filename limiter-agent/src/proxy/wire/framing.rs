@@ -128,8 +128,13 @@ impl RawHead {
 
 impl Fields for RawHead {
     fn values<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        // The framing fields the parse saw none of are not looked for again.
+        let absent = (*name == header::CONNECTION && !self.connection)
+            || (*name == header::CONTENT_LENGTH && !self.length)
+            || (*name == header::TRANSFER_ENCODING && !self.coding);
+        let fields = if absent { &[][..] } else { &self.fields[..] };
         let name = name.as_str().as_bytes();
-        self.fields
+        fields
             .iter()
             .filter(move |f| self.head[f[0]..f[1]].eq_ignore_ascii_case(name))
             .map(|f| &self.head[f[2]..f[3]])
