@@ -559,24 +559,25 @@ fn origin_form(target: &str) -> Option<Result<&str, ()>> {
         return None;
     }
     let bytes = target.as_bytes();
-    let mut query = false;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'#' {
-            return Some(Ok(&target[..i]));
-        }
-        let ok = if query {
-            QUERY_BYTES[usize::from(b)]
-        } else if b == b'?' {
-            query = true;
-            true
-        } else {
-            PATH_BYTES[usize::from(b)]
-        };
-        if !ok {
-            return Some(Err(()));
-        }
+    // The path's bytes, then the query's: neither table allows `#`, nor
+    // the path's `?`, so each loop stops at the byte that ends its part.
+    let mut i = bytes
+        .iter()
+        .position(|&b| !PATH_BYTES[usize::from(b)])
+        .unwrap_or(bytes.len());
+    if bytes.get(i) == Some(&b'?') {
+        i += 1;
+        i += bytes[i..]
+            .iter()
+            .position(|&b| !QUERY_BYTES[usize::from(b)])
+            .unwrap_or(bytes.len() - i);
     }
-    Some(Ok(target))
+    Some(match bytes.get(i) {
+        None => Ok(target),
+        // ASCII: a `str` boundary.
+        Some(b'#') => Ok(&target[..i]),
+        Some(_) => Err(()),
+    })
 }
 
 /// Answers a refused head and closes. What hyper's parser refuses gets
@@ -639,6 +640,10 @@ mod tests {
         assert_eq!(origin_form("/a/b?c=d"), Some(Ok("/a/b?c=d")));
         assert_eq!(origin_form("/a#frag"), Some(Ok("/a")));
         assert_eq!(origin_form("/a?b?c"), Some(Ok("/a?b?c")));
+        assert_eq!(origin_form("/a?b#c d"), Some(Ok("/a?b")));
+        assert_eq!(origin_form("/a?#"), Some(Ok("/a?")));
+        assert_eq!(origin_form("/#"), Some(Ok("/")));
+        assert_eq!(origin_form("/a?b c#d"), Some(Err(())));
         assert_eq!(origin_form("/{x}\"y\""), Some(Ok("/{x}\"y\"")));
         assert_eq!(origin_form("/a?\""), Some(Err(())));
         assert_eq!(origin_form("/a b"), Some(Err(())));

@@ -177,12 +177,17 @@ impl Proxy {
         };
         let mut request = Vec::with_capacity(512);
         encode_from_fields(&mut request, head, state, peer, cost_header);
-        // One clock read for the deadline and the upstream's time.
+        // One clock read for the deadline, the pooled connections' idle
+        // time and the upstream's time.
         let started = tokio::time::Instant::now();
         let live = &state.config.live;
-        let sending =
-            self.upstreams
-                .send_encoded(connect_to(state), &request, &method, live.upstream_wait);
+        let sending = self.upstreams.send_encoded(
+            connect_to(state),
+            &request,
+            &method,
+            live.upstream_wait,
+            started.into_std(),
+        );
         // The deadline is polled outside the task's budget, as tokio's own
         // `timeout` polls it: an exchange that used the budget up cannot
         // keep it from firing.

@@ -59,7 +59,11 @@ impl<C: Pooled> Pool<C> {
     /// The newest connection to `authority` fit for a request; the unfit
     /// ones met on the way are closed.
     pub(super) fn take(&self, authority: &str) -> Option<C> {
-        let now = Instant::now();
+        self.take_at(authority, Instant::now())
+    }
+
+    /// [`Self::take`] with the clock read a moment ago (`now`).
+    pub(super) fn take_at(&self, authority: &str, now: Instant) -> Option<C> {
         loop {
             let idle = self.lock().pop_back()?;
             if fresh(&idle, authority, now) && idle.conn.fit() {

@@ -28,7 +28,7 @@ use std::{
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -242,13 +242,13 @@ impl Upstreams {
         wire::encode_head(parts, &mut head);
         head.extend_from_slice(body);
         let (answer, body) = self
-            .send_encoded(authority, &head, &parts.method, wait)
+            .send_encoded(authority, &head, &parts.method, wait, Instant::now())
             .await?;
         Ok(answer.into_response()?.map(|()| body))
     }
 
     /// [`Self::send_whole`] for a request already written out whole, head
-    /// and body (`request`).
+    /// and body (`request`); `now` is the clock read a moment ago.
     ///
     /// # Errors
     /// The upstream could not be reached, or its answer was malformed.
@@ -258,11 +258,12 @@ impl Upstreams {
         request: &[u8],
         method: &http::Method,
         wait: Duration,
+        now: Instant,
     ) -> Result<(RawHead, WireBody), BoxError> {
         // A request that must not reach the upstream twice is retried only
         // when it could not be written.
         let idempotent = method.is_idempotent();
-        let (mut wire, reused) = match self.wires.take(authority) {
+        let (mut wire, reused) = match self.wires.take_at(authority, now) {
             Some(wire) => (wire, true),
             None => (self.connect_wire(authority, wait).await?, false),
         };

@@ -307,11 +307,14 @@ impl Framing {
     }
 }
 
+/// A length of 1 to 19 digits (any such number fits a `u64`).
 fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() || digits.len() > 19 {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    digits.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 fn has_token(list: &[u8], token: &[u8]) -> bool {
@@ -539,6 +542,32 @@ mod tests {
             value: b"1",
         }];
         assert!(trailer_map(&bad).is_err());
+    }
+
+    #[test]
+    fn a_length_is_one_to_nineteen_digits_and_nothing_else() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"0042"), Some(42));
+        assert_eq!(
+            parse_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        for bad in [
+            &b""[..],
+            b"18446744073709551615",
+            b"+1",
+            b"-1",
+            b"1a",
+            b"1 2",
+            b"\xd9\xa1",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
