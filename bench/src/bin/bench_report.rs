@@ -205,6 +205,7 @@ fn proxy_section(out: &mut String, proxy: &Value) {
             "haproxy",
             "tcp_relay",
             "http_floor",
+            "epoll_http_floor",
             "hyper_floor",
             "answer_floor",
             "epoll_floor",
@@ -284,6 +285,23 @@ fn floor_lines(out: &mut String, proxy: &Value) {
             f(&proxy["ratios"]["allowed_cpu_vs_hyper_floor"])
         );
     }
+    let epoll_http = &proxy["ratios"]["epoll_http_floor_cpu_vs_nginx"];
+    if f(epoll_http) > 0.0 {
+        let cpu = |c: &str| f(&proxy["allowed"][c]["cpu_us_per_request"]);
+        let room = 0.85 * cpu("nginx") - cpu("epoll_http_floor");
+        let _ = writeln!(
+            out,
+            "- the same relay as `http_floor` from a loop on `epoll` with no runtime \
+             (`epoll_http_floor`) {:.2}× nginx's CPU per request: what the runtime adds to a \
+             relayed request in this run (`http_floor` less `epoll_http_floor`) is {:.1} µs. \
+             The 0.85× target leaves {room:.1} µs per request above it for the runtime and \
+             everything the limiter does",
+            f(epoll_http),
+            cpu("http_floor") - cpu("epoll_http_floor")
+        );
+    } else if !proxy["allowed"].is_null() {
+        let _ = writeln!(out, "- `epoll_http_floor`: not measured in this run");
+    }
     let answer = &proxy["ratios"]["answer_floor_cpu_vs_nginx"];
     if !answer.is_null() {
         let _ = writeln!(
@@ -334,8 +352,17 @@ fn floor_lines(out: &mut String, proxy: &Value) {
             out,
             "- within each round (every contender of a round runs minutes apart), CPU per \
              request against nginx's, median (least–most) over the rounds: allowed, the limiter \
-             {}; rejected, the limiter {}, `answer_floor` {}, `epoll_floor` {}",
+             {}{}; rejected, the limiter {}, `answer_floor` {}, `epoll_floor` {}",
             rounds("allowed_cpu_vs_nginx_by_round"),
+            if f(&proxy["ratios"]["epoll_http_floor_cpu_vs_nginx_by_round"]["median"]) <= 0.0 {
+                String::new()
+            } else {
+                format!(
+                    ", `http_floor` {}, `epoll_http_floor` {}",
+                    rounds("http_floor_cpu_vs_nginx_by_round"),
+                    rounds("epoll_http_floor_cpu_vs_nginx_by_round")
+                )
+            },
             rounds("rejected_cpu_vs_nginx_by_round"),
             rounds("answer_floor_cpu_vs_nginx_by_round"),
             rounds("epoll_floor_cpu_vs_nginx_by_round")

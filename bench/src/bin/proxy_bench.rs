@@ -24,7 +24,9 @@
 //! nothing else (`proxy-bench --hyper`), the floor with HTTP; and
 //! `http_floor`, the least an HTTP-aware relay does (`proxy-bench --http`):
 //! each request head and answer head parsed by `httparse` and relayed as it
-//! came, the answer's body by its length. The rejected
+//! came, the answer's body by its length; and `epoll_http_floor`, the same
+//! relay from a loop on `epoll` with no runtime (`proxy-bench
+//! --epoll-http`), what the runtime adds to it. The rejected
 //! scenario runs `answer_floor`: a server that answers every request with
 //! the same pre-rendered 429, as long as the limiter's (`proxy-bench
 //! --answer`), the floor of a sent 429: one receive and one send on this
@@ -89,6 +91,10 @@ struct Args {
     /// not used).
     #[arg(long, num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
     epoll: Option<Vec<SocketAddr>>,
+    /// Serve as the `epoll_http_floor` floor instead: `http_floor`'s
+    /// relay from a loop on `epoll`, no runtime (the bench starts itself so).
+    #[arg(long = "epoll-http", num_args = 2, value_names = ["LISTEN", "UPSTREAM"])]
+    epoll_http: Option<Vec<SocketAddr>>,
 }
 
 const CONTENDER_CPU: u32 = 1;
@@ -448,7 +454,8 @@ fn xdp_done(
 /// The floors a scenario runs beside its contenders, each on a port of its
 /// own: with the upstream `direct`ly reachable, `tcp_relay` (bytes relayed,
 /// no HTTP: see [`relay`]), `http_floor` (the least an HTTP-aware relay
-/// does: see [`http_floor`]) and `hyper_floor` (hyper's server and client,
+/// does: see [`http_floor`]), `epoll_http_floor` (the same with no runtime:
+/// see [`epoll_http_floor`]) and `hyper_floor` (hyper's server and client,
 /// nothing else); where every request is rejected (`scale` 1),
 /// `answer_floor` (the floor of a sent 429: see [`answer_floor`]) and
 /// `epoll_floor` (the same with no runtime: see [`epoll_floor`]).
@@ -461,6 +468,7 @@ fn floors(direct: bool, scale: u32, place: Place, up_port: u16) -> Vec<(&'static
     if direct {
         add("tcp_relay", "--relay");
         add("http_floor", "--http");
+        add("epoll_http_floor", "--epoll-http");
         add("hyper_floor", "--hyper");
     }
     if scale == 1 {
@@ -830,9 +838,10 @@ fn print_verdicts(result: &serde_json::Value) {
         at_most(cpu("rejected_cpu_vs_nginx"), 0.7)
     );
     println!(
-        "proxy floors, CPU per request against nginx's: http_floor {:.2}x, tcp_relay {:.2}x \
-         (allowed); answer_floor {:.2}x, epoll_floor {:.2}x (rejected)",
+        "proxy floors, CPU per request against nginx's: http_floor {:.2}x, epoll_http_floor \
+         {:.2}x, tcp_relay {:.2}x (allowed); answer_floor {:.2}x, epoll_floor {:.2}x (rejected)",
         cpu("http_floor_cpu_vs_nginx"),
+        cpu("epoll_http_floor_cpu_vs_nginx"),
         cpu("tcp_relay_cpu_vs_nginx"),
         cpu("answer_floor_cpu_vs_nginx"),
         cpu("epoll_floor_cpu_vs_nginx")
@@ -1040,6 +1049,51 @@ fn answer_floor(listen: SocketAddr, upstream: SocketAddr) {
 /// receive and one send per request and nothing else, on this kernel: no
 /// task, no waker, no HTTP.
 fn epoll_floor(listen: SocketAddr, _upstream: SocketAddr) {
+    // By descriptor: one index per event, no hashing.
+    let clients = std::cell::RefCell::new(Vec::<Option<FloorClient>>::new());
+    let mut chunk = vec![0u8; 65536];
+    // An error or a hang-up is read as readable: the read then sees it.
+    let readable = (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP).cast_unsigned();
+    epoll_loop(
+        listen,
+        |_, stream, slot| {
+            let mut clients = clients.borrow_mut();
+            if clients.len() <= slot {
+                clients.resize_with(slot + 1, || None);
+            }
+            clients[slot] = Some(FloorClient {
+                stream,
+                read: Vec::with_capacity(4096),
+                unsent: Vec::new(),
+            });
+        },
+        |epoll, fd, events| {
+            let mut clients = clients.borrow_mut();
+            let slot = usize::try_from(fd).expect("a descriptor we added");
+            let Some(client) = clients.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            let waited = !client.unsent.is_empty();
+            if !client.ready(events & readable != 0, &mut chunk) {
+                // Dropping the stream closes it, which takes it out of the set.
+                clients[slot] = None;
+            } else if waited == client.unsent.is_empty() {
+                interest(epoll, fd, false, !client.unsent.is_empty());
+            }
+        },
+    );
+}
+
+/// The loop of the `epoll` floors: one thread, level-triggered interest in
+/// the listener and each connection. Each accepted connection is made
+/// non-blocking with `TCP_NODELAY`, added to the set and handed to
+/// `accepted` with the set and its descriptor's index; each event on a
+/// connection goes to `ready` with the set, the descriptor and its events.
+fn epoll_loop(
+    listen: SocketAddr,
+    mut accepted: impl FnMut(std::os::fd::RawFd, std::net::TcpStream, usize),
+    mut ready: impl FnMut(std::os::fd::RawFd, std::os::fd::RawFd, u32),
+) {
     use std::os::fd::{AsRawFd as _, RawFd};
 
     let listener = std::net::TcpListener::bind(listen).expect("floor listen");
@@ -1055,53 +1109,186 @@ fn epoll_floor(listen: SocketAddr, _upstream: SocketAddr) {
     );
     let listening = listener.as_raw_fd();
     interest(epoll, listening, true, false);
-    // By descriptor: one index per event, no hashing.
-    let mut clients: Vec<Option<FloorClient>> = Vec::new();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
-    let mut chunk = vec![0u8; 65536];
-    // An error or a hang-up is read as readable: the read then sees it.
-    let readable = (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP).cast_unsigned();
     loop {
         // SAFETY: `events` has room for the count passed.
-        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 512, -1) };
-        let Ok(ready) = usize::try_from(ready) else {
+        let count = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 512, -1) };
+        let Ok(count) = usize::try_from(count) else {
             continue; // EINTR
         };
-        for event in &events[..ready] {
+        for event in &events[..count] {
             let fd = RawFd::try_from(event.u64).expect("a descriptor we added");
-            if fd == listening {
-                // Until the queue is empty (or accepting fails: the listener
-                // stays ready, and the next turn tries again).
-                while let Ok((stream, _)) = listener.accept() {
-                    let _ = stream.set_nonblocking(true);
-                    let _ = stream.set_nodelay(true);
-                    let fd = stream.as_raw_fd();
-                    interest(epoll, fd, true, false);
-                    let slot = usize::try_from(fd).expect("a descriptor is not negative");
-                    if clients.len() <= slot {
-                        clients.resize_with(slot + 1, || None);
-                    }
-                    clients[slot] = Some(FloorClient {
-                        stream,
-                        read: Vec::with_capacity(4096),
-                        unsent: Vec::new(),
-                    });
-                }
+            if fd != listening {
+                ready(epoll, fd, event.events);
                 continue;
             }
-            let slot = usize::try_from(fd).expect("a descriptor we added");
-            let Some(client) = clients.get_mut(slot).and_then(Option::as_mut) else {
-                continue;
-            };
-            let waited = !client.unsent.is_empty();
-            if !client.ready(event.events & readable != 0, &mut chunk) {
-                // Dropping the stream closes it, which takes it out of the set.
-                clients[slot] = None;
-            } else if waited == client.unsent.is_empty() {
-                interest(epoll, fd, false, !client.unsent.is_empty());
+            // Until the queue is empty (or accepting fails: the listener
+            // stays ready, and the next turn tries again).
+            while let Ok((stream, _)) = listener.accept() {
+                let _ = stream.set_nonblocking(true);
+                let _ = stream.set_nodelay(true);
+                let fd = stream.as_raw_fd();
+                interest(epoll, fd, true, false);
+                let slot = usize::try_from(fd).expect("a descriptor is not negative");
+                accepted(epoll, stream, slot);
             }
         }
     }
+}
+
+/// `proxy-bench --epoll-http LISTEN UPSTREAM`: the `epoll_http_floor`
+/// contender, [`http_floor`]'s work from a loop on `epoll` itself, with no
+/// runtime: one thread, level-triggered interest in each connection, one
+/// upstream connection per client connection (opened at accept, as
+/// [`floor`] does), each head and answer head parsed by `httparse`, the
+/// request head written upstream and the whole answer to the client, each
+/// in one `write`. What relaying a request costs an `epoll` proxy with no
+/// task, no waker and no decision: against `http_floor`, what the runtime
+/// costs the allowed path.
+fn epoll_http_floor(listen: SocketAddr, upstream: SocketAddr) {
+    use std::os::fd::{AsRawFd as _, RawFd};
+
+    // A pair by its client's descriptor; an upstream descriptor's client.
+    let pairs = std::cell::RefCell::new(Vec::<Option<FloorPair>>::new());
+    let client_of = std::cell::RefCell::new(Vec::<RawFd>::new());
+    let mut chunk = vec![0u8; 65536];
+    let slot = |fd: RawFd| usize::try_from(fd).expect("a descriptor is not negative");
+    epoll_loop(
+        listen,
+        |epoll, client, c| {
+            let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                return;
+            };
+            let _ = server.set_nonblocking(true);
+            let _ = server.set_nodelay(true);
+            let u = server.as_raw_fd();
+            interest(epoll, u, true, false);
+            let (mut pairs, mut client_of) = (pairs.borrow_mut(), client_of.borrow_mut());
+            let top = c.max(slot(u)) + 1;
+            if pairs.len() < top {
+                pairs.resize_with(top, || None);
+                client_of.resize(top, -1);
+            }
+            client_of[slot(u)] = client.as_raw_fd();
+            pairs[c] = Some(FloorPair {
+                client,
+                server,
+                request: Vec::with_capacity(4096),
+                answer: Vec::with_capacity(16384),
+                waiting: false,
+            });
+        },
+        |_, fd, _| {
+            let (mut pairs, mut client_of) = (pairs.borrow_mut(), client_of.borrow_mut());
+            let Some(&owner) = client_of.get(slot(fd)) else {
+                return;
+            };
+            let (c, from_client) = if owner >= 0 {
+                (owner, false)
+            } else {
+                (fd, true)
+            };
+            let Some(pair) = pairs.get_mut(slot(c)).and_then(Option::as_mut) else {
+                return;
+            };
+            if !pair.ready(from_client, &mut chunk) {
+                client_of[slot(pair.server.as_raw_fd())] = -1;
+                // Dropping the streams closes them, which takes them out of
+                // the set.
+                pairs[slot(c)] = None;
+            }
+        },
+    );
+}
+
+/// A client connection of [`epoll_http_floor`] and its own upstream
+/// connection: what the client sent not yet relayed, what the upstream sent
+/// of an answer not yet whole, whether a request is upstream.
+struct FloorPair {
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    request: Vec<u8>,
+    answer: Vec<u8>,
+    waiting: bool,
+}
+
+impl FloorPair {
+    /// Reads once from the side that is ready (the client when
+    /// `from_client`), relays what became whole; whether both are open.
+    fn ready(&mut self, from_client: bool, chunk: &mut [u8]) -> bool {
+        let (stream, buf) = if from_client {
+            (&mut self.client, &mut self.request)
+        } else {
+            (&mut self.server, &mut self.answer)
+        };
+        if !read_some(stream, buf, chunk) {
+            return false;
+        }
+        if !from_client {
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut fields);
+            let whole = match parsed.parse(&self.answer) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let Some(length) = parsed
+                        .headers
+                        .iter()
+                        .find(|f| f.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|f| std::str::from_utf8(f.value).ok()?.parse::<usize>().ok())
+                    else {
+                        return false;
+                    };
+                    (self.answer.len() >= len + length).then_some(len + length)
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return false,
+            };
+            let Some(whole) = whole else { return true };
+            if !write_whole(&mut self.client, &self.answer[..whole]) {
+                return false;
+            }
+            self.answer.drain(..whole);
+            self.waiting = false;
+        }
+        if self.waiting {
+            return true;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        match httparse::Request::new(&mut fields).parse(&self.request) {
+            Ok(httparse::Status::Complete(head)) => {
+                if !write_whole(&mut self.server, &self.request[..head]) {
+                    return false;
+                }
+                self.request.drain(..head);
+                self.waiting = true;
+                true
+            }
+            Ok(httparse::Status::Partial) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+/// Reads once (through `chunk`) onto the end of `buf`; false at the close
+/// or on an error.
+fn read_some(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>, chunk: &mut [u8]) -> bool {
+    use std::io::{ErrorKind, Read as _};
+    loop {
+        match stream.read(chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return true;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return e.kind() == ErrorKind::WouldBlock,
+        }
+    }
+}
+
+/// Writes all of `bytes`, which a socket on `lo` takes at once (a floor
+/// that finds it full closes the connection instead of waiting).
+fn write_whole(stream: &mut std::net::TcpStream, bytes: &[u8]) -> bool {
+    write_some(stream, bytes) == Some(bytes.len())
 }
 
 /// One client of [`epoll_floor`]: what it sent of a head not yet whole,
@@ -1260,9 +1447,10 @@ type FloorServer = fn(SocketAddr, SocketAddr);
 /// Serves as the floor `args` names, if it names one (until killed);
 /// whether it did.
 fn serve_floor(args: &Args) -> bool {
-    let floors: [(&Option<Vec<SocketAddr>>, FloorServer); 5] = [
+    let floors: [(&Option<Vec<SocketAddr>>, FloorServer); 6] = [
         (&args.relay, relay),
         (&args.http, http_floor),
+        (&args.epoll_http, epoll_http_floor),
         (&args.hyper, hyper_floor),
         (&args.answer, answer_floor),
         (&args.epoll, epoll_floor),
@@ -1356,6 +1544,9 @@ fn main() {
             "rejected_cpu_vs_epoll_floor": cpu_ratio(&rejected, "epoll_floor"),
             "http_floor_cpu_vs_nginx": cpu_of(&allowed, "http_floor", "nginx"),
             "allowed_cpu_vs_http_floor": cpu_ratio(&allowed, "http_floor"),
+            "epoll_http_floor_cpu_vs_nginx": cpu_of(&allowed, "epoll_http_floor", "nginx"),
+            "http_floor_cpu_vs_nginx_by_round": cpu_by_round(&allowed, "http_floor", "nginx"),
+            "epoll_http_floor_cpu_vs_nginx_by_round": cpu_by_round(&allowed, "epoll_http_floor", "nginx"),
             "tcp_relay_cpu_vs_nginx": cpu_of(&allowed, "tcp_relay", "nginx"),
             "allowed_veth_vs_nginx": ratio(&allowed_veth, "nginx"),
             "allowed_veth_vs_haproxy": ratio(&allowed_veth, "haproxy"),
