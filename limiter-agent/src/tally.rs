@@ -11,7 +11,10 @@ use std::{
 /// Holdings by key.
 #[derive(Debug)]
 pub struct Tally<K> {
-    /// Hashed with a process-random seed: the keys are clients'.
+    /// Hashed with a process-random seed: the keys are clients'. `foldhash`
+    /// resists a flood of colliding keys less than `SipHash` does, but only
+    /// keys that hold something have an entry, so the map is as large as
+    /// the connection and in-flight caps at most.
     held: Mutex<HashMap<K, usize, foldhash::fast::RandomState>>,
 }
 
