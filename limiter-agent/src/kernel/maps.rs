@@ -180,6 +180,13 @@ impl Maps {
                 Ok(true)
             }
             Err(MapError::KeyNotFound) => Ok(false),
+            // A trie's missing key comes back as the system call's ENOENT:
+            // a ban that expired and was swept, or was never written.
+            Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(map_err(map_names::BANS)(e)),
         }
     }

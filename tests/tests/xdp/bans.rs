@@ -65,6 +65,20 @@ fn a_ban_on_a_known_source_applies_from_the_next_packet() {
     assert_eq!(s.packets, 2, "the banned packet is not counted");
 }
 
+/// A ban that is not there (swept after it expired, or never written) is
+/// no error to lift: the fleet lifts bans the kernel may have swept, and
+/// `limiter-agent unban` says the net is not banned.
+#[test]
+fn lifting_a_ban_that_is_not_there_says_so_without_an_error() {
+    let mut h = Harness::new();
+    let src = [203, 0, 113, 9];
+    assert!(!h.lift(host(src)), "never banned");
+    h.ban(host(src), monotonic_ns() + MINUTE);
+    assert!(h.lift(host(src)), "banned");
+    assert!(!h.lift(host(src)), "lifted already");
+    send(&h, &api4(src, SYN), XDP_PASS);
+}
+
 #[test]
 fn unban_lifts_a_ban() {
     let mut h = Harness::new();
